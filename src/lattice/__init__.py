@@ -1,0 +1,3 @@
+"""Lattice: peer-to-peer networking for decentralized AI."""
+
+__version__ = "0.1.0"

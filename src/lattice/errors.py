@@ -1,0 +1,55 @@
+"""The exception hierarchy: every error Lattice raises on purpose is a LatticeError."""
+
+from __future__ import annotations
+
+
+class LatticeError(Exception):
+    """Base class of all Lattice errors."""
+
+
+class ConfigError(LatticeError):
+    """Invalid configuration: bad value, unreadable file, malformed multiaddr."""
+
+
+class IdentityError(LatticeError):
+    """Unusable key or peer id (bad file permissions, malformed key, wrong type)."""
+
+
+class TransportError(LatticeError):
+    """A connection could not be made or was lost."""
+
+
+class DialError(TransportError):
+    """Dialing a peer failed (refused, unreachable, handshake failed, wrong peer id)."""
+
+
+class HandshakeError(TransportError):
+    """The security or muxer handshake failed."""
+
+
+class ProtocolError(TransportError):
+    """The remote peer violated a wire protocol; the connection is closed."""
+
+
+class StreamError(TransportError):
+    """A stream failed: reset by the peer, or its connection was lost."""
+
+
+class StreamReset(StreamError):
+    """The peer (or we) reset the stream; data may be lost."""
+
+
+class ConnectionLost(StreamError):
+    """The underlying connection closed before the stream finished."""
+
+
+class NegotiationError(TransportError):
+    """The peer does not support any of the requested protocols."""
+
+
+class ControlError(LatticeError):
+    """The local control API failed: daemon not running, bad request, remote error."""
+
+
+class NodeError(LatticeError):
+    """A node operation failed (not started, already closed, ...)."""

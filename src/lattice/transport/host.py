@@ -1,0 +1,453 @@
+"""The libp2p host: TCP listeners and dials, Noise + Yamux upgrades, protocol handlers, peerstore.
+
+Only Noise and Yamux are offered (py-libp2p defects 1 and 6: no Mplex, plaintext or SECIO), dials
+go straight to the socket (no happy-eyeballs pause), every upgrade step has a timeout, and the number
+of connections and of handshakes in progress is capped so silent or hostile sockets cannot pile up.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import trio
+
+from lattice.errors import (
+    ConnectionLost,
+    DialError,
+    HandshakeError,
+    NegotiationError,
+    ProtocolError,
+    TransportError,
+)
+from lattice.identity import KeyPair, PeerId, PublicKey
+from lattice.transport import multistream, noise, yamux
+from lattice.transport.multiaddr import Multiaddr, MultiaddrError
+
+log = logging.getLogger(__name__)
+
+StreamHandler = Callable[[yamux.YamuxStream], Awaitable[None]]
+
+
+@dataclass
+class HostConfig:
+    """Transport limits and identities; the node fills it from NodeConfig and the swarm profile."""
+
+    agent_version: str = "lattice/0.1.0"
+    protocol_version: str = "lattice/1.0.0"
+    max_connections: int = 512
+    max_pending_handshakes: int = 64
+    dial_timeout: float = 10.0
+    handshake_timeout: float = 10.0
+    negotiate_timeout: float = 10.0
+    stream_window: int = 4 * 1024 * 1024
+    max_inbound_streams: int = 512
+    write_timeout: float = 30.0
+
+
+@dataclass
+class PeerInfo:
+    """What we know about a peer: addresses it listens on, protocols, agent."""
+
+    peer_id: PeerId
+    addrs: list[Multiaddr] = field(default_factory=list)
+    protocols: list[str] = field(default_factory=list)
+    agent_version: str = ""
+    protocol_version: str = ""
+    public_key: PublicKey | None = None
+    last_seen: float = 0.0
+
+
+@dataclass
+class Connection:
+    """A live, secured, multiplexed connection to one peer."""
+
+    session: yamux.YamuxSession
+    remote_peer: PeerId
+    remote_addr: Multiaddr
+    local_addr: Multiaddr | None
+    direction: str  # "inbound" | "outbound"
+    opened_at: float = field(default_factory=time.time)
+    rtt: float | None = None
+
+    @property
+    def closed(self) -> bool:
+        return self.session.closed
+
+    @property
+    def relayed(self) -> bool:
+        return self.remote_addr.is_relayed
+
+    async def close(self) -> None:
+        await self.session.aclose()
+
+
+def _interface_ips(net: str) -> list[str]:
+    import ifaddr  # lazily: only needed when listening on a wildcard address
+
+    ips = []
+    for adapter in ifaddr.get_adapters():
+        for ip in adapter.ips:
+            if net == "ip4" and isinstance(ip.ip, str):
+                ips.append(ip.ip)
+            elif net == "ip6" and isinstance(ip.ip, tuple) and not ip.ip[0].startswith("fe80"):
+                ips.append(ip.ip[0])
+    return sorted(set(ips), key=lambda a: (not a.startswith("127.") and a != "::1", a))
+
+
+def _sock_addr_to_multiaddr(sockaddr) -> Multiaddr:
+    host, port = sockaddr[0], sockaddr[1]
+    proto = "ip6" if ":" in host else "ip4"
+    return Multiaddr(((proto, host.split("%")[0]), ("tcp", str(port))))
+
+
+class Host:
+    """Use through :func:`open_host`; all tasks live in the host's nursery."""
+
+    def __init__(self, keypair: KeyPair, config: HostConfig, nursery: trio.Nursery) -> None:
+        self.keypair = keypair
+        self.peer_id = keypair.peer_id
+        self.config = config
+        self._nursery = nursery
+        self._handlers: dict[str, StreamHandler] = {}
+        self._conns: dict[PeerId, list[Connection]] = {}
+        self._dialing: dict[PeerId, trio.Event] = {}
+        self._listeners: list[trio.SocketListener] = []
+        self.listen_addrs: list[Multiaddr] = []
+        self.peerstore: dict[PeerId, PeerInfo] = {}
+        self.observed_addrs: Counter[Multiaddr] = Counter()
+        self._pending_handshakes = 0
+        self._connect_callbacks: list[Callable[[Connection], None]] = []
+        self._disconnect_callbacks: list[Callable[[Connection], None]] = []
+        self._closed = False
+        self._identified: dict[PeerId, trio.Event] = {}
+        self.stats = Counter()
+
+    # -- handlers and events
+    def set_stream_handler(self, protocol: str, handler: StreamHandler) -> None:
+        self._handlers[protocol] = handler
+
+    def remove_stream_handler(self, protocol: str) -> None:
+        self._handlers.pop(protocol, None)
+
+    @property
+    def protocols(self) -> list[str]:
+        return sorted(self._handlers)
+
+    def on_connect(self, callback: Callable[[Connection], None]) -> None:
+        self._connect_callbacks.append(callback)
+
+    def on_disconnect(self, callback: Callable[[Connection], None]) -> None:
+        self._disconnect_callbacks.append(callback)
+
+    def identified(self, peer: PeerId) -> None:
+        """Called by identify when a peer's info is fresh; wakes :meth:`wait_identified`."""
+        self._identified.setdefault(peer, trio.Event()).set()
+
+    async def wait_identified(self, peer: PeerId, timeout: float = 10.0) -> PeerInfo:
+        with trio.fail_after(timeout):
+            await self._identified.setdefault(peer, trio.Event()).wait()
+        return self.peerstore[peer]
+
+    def advertised_addrs(self) -> list[Multiaddr]:
+        """Listen addresses as peers can dial them: wildcard addresses expanded to interfaces."""
+        out: list[Multiaddr] = []
+        for addr in self.listen_addrs:
+            net, ip = addr.parts[0]
+            if ip in ("0.0.0.0", "::"):
+                port = addr.parts[1][1]
+                for iface_ip in _interface_ips(net):
+                    out.append(Multiaddr(((net, iface_ip), ("tcp", port))))
+            else:
+                out.append(addr)
+        return out
+
+    # -- listening
+    async def listen(self, addr: Multiaddr | str) -> list[Multiaddr]:
+        addr = Multiaddr.parse(str(addr))
+        target = addr.tcp_target()
+        if target is None or addr.parts[0][0] not in ("ip4", "ip6"):
+            raise MultiaddrError(f"cannot listen on {addr}: only /ip4|ip6/.../tcp/PORT is supported")
+        host, port = target
+        try:
+            listeners = await trio.open_tcp_listeners(port, host=host, backlog=256)
+        except OSError as exc:
+            raise TransportError(f"cannot listen on {addr}: {exc.strerror or exc}") from None
+        bound = []
+        for listener in listeners:
+            self._listeners.append(listener)
+            maddr = _sock_addr_to_multiaddr(listener.socket.getsockname())
+            bound.append(maddr)
+            self.listen_addrs.append(maddr)
+            self._nursery.start_soon(self._serve, listener)
+        return bound
+
+    async def _serve(self, listener: trio.SocketListener) -> None:
+        while not self._closed:
+            try:
+                stream = await listener.accept()
+            except (trio.ClosedResourceError, trio.BrokenResourceError):
+                return
+            except OSError as exc:  # EMFILE and friends: back off instead of spinning
+                log.warning("accept failed: %s", exc)
+                await trio.sleep(0.1)
+                continue
+            if (
+                self._pending_handshakes >= self.config.max_pending_handshakes
+                or self.num_connections >= self.config.max_connections
+            ):
+                self.stats["inbound_refused"] += 1
+                await trio.aclose_forcefully(stream)
+                continue
+            self._pending_handshakes += 1
+            self._nursery.start_soon(self._handle_inbound, stream)
+
+    async def _handle_inbound(self, stream: trio.SocketStream) -> None:
+        try:
+            remote = _sock_addr_to_multiaddr(stream.socket.getpeername())
+            local = _sock_addr_to_multiaddr(stream.socket.getsockname())
+        except OSError:
+            self._pending_handshakes -= 1
+            await trio.aclose_forcefully(stream)
+            return
+        try:
+            with trio.fail_after(self.config.handshake_timeout):
+                raw_buf = bytearray()
+                await multistream.select_inbound(stream, lambda p: p == noise.PROTOCOL_ID, raw_buf)
+                secure = await noise.secure_inbound(stream, self.keypair, raw_buf)
+                reader = _SecureReader(secure)
+                await multistream.select_inbound(reader, lambda p: p == yamux.PROTOCOL_ID, reader.buf)
+                leftover = bytes(reader.buf)
+        except (trio.TooSlowError, TransportError, OSError, trio.BrokenResourceError) as exc:
+            self.stats["inbound_handshake_failed"] += 1
+            log.debug("inbound handshake from %s failed: %s", remote, exc)
+            await trio.aclose_forcefully(stream)
+            return
+        finally:
+            self._pending_handshakes -= 1
+        conn = self._make_connection(secure, False, remote, local, leftover)
+        await self._run_connection(conn)
+
+    # -- dialing
+    async def connect(self, addr: Multiaddr | str, timeout: float | None = None) -> Connection:
+        """Connect to ``addr`` (reusing a live connection to its peer if there is one)."""
+        addr = Multiaddr.parse(str(addr))
+        expected = addr.peer_id
+        if expected == self.peer_id:
+            raise DialError("cannot dial ourselves")
+        if expected is not None:
+            conn = self.connection_to(expected)
+            if conn is not None:
+                return conn
+            pending = self._dialing.get(expected)
+            if pending is not None:  # someone is dialing this peer already: share the result
+                with trio.fail_after(timeout or self.config.dial_timeout):
+                    await pending.wait()
+                conn = self.connection_to(expected)
+                if conn is not None:
+                    return conn
+        target = addr.tcp_target()
+        if target is None:
+            raise DialError(f"cannot dial {addr}: no direct TCP address (relayed dials need the relay service)")
+        event = trio.Event()
+        if expected is not None:
+            self._dialing[expected] = event
+        try:
+            return await self._dial(addr, target, expected, timeout or self.config.dial_timeout)
+        finally:
+            event.set()
+            if expected is not None and self._dialing.get(expected) is event:
+                del self._dialing[expected]
+
+    async def _dial(self, addr: Multiaddr, target, expected: PeerId | None, timeout: float) -> Connection:
+        host, port = target
+        stream = None
+        try:
+            with trio.fail_after(timeout):
+                try:
+                    stream = await trio.open_tcp_stream(host, port)
+                except OSError as exc:
+                    raise DialError(f"cannot connect to {addr}: {exc.strerror or exc}") from None
+                raw_buf = bytearray()
+                await multistream.select_outbound(stream, [noise.PROTOCOL_ID], raw_buf)
+                secure = await noise.secure_outbound(stream, self.keypair, expected, raw_buf)
+                reader = _SecureReader(secure)
+                await multistream.select_outbound(reader, [yamux.PROTOCOL_ID], reader.buf)
+                leftover = bytes(reader.buf)
+        except trio.TooSlowError:
+            if stream is not None:
+                await trio.aclose_forcefully(stream)
+            raise DialError(f"dialing {addr} timed out after {timeout:.1f}s") from None
+        except (HandshakeError, NegotiationError, ProtocolError, ConnectionLost) as exc:
+            if stream is not None:
+                await trio.aclose_forcefully(stream)
+            raise DialError(f"handshake with {addr} failed: {exc}") from None
+        except (OSError, trio.BrokenResourceError) as exc:
+            if stream is not None:
+                await trio.aclose_forcefully(stream)
+            raise DialError(f"connection to {addr} failed: {exc}") from None
+        try:
+            local = _sock_addr_to_multiaddr(stream.socket.getsockname())
+        except OSError:
+            local = None
+        conn = self._make_connection(secure, True, addr.without_peer(), local, leftover)
+        ready = trio.Event()
+
+        async def run() -> None:
+            ready.set()
+            await self._run_connection(conn)
+
+        self._nursery.start_soon(run)
+        await ready.wait()
+        return conn
+
+    # -- connections
+    def _make_connection(self, secure, outbound: bool, remote, local, leftover: bytes) -> Connection:
+        cfg = self.config
+        conn_ref: list[Connection] = []
+        session = yamux.YamuxSession(
+            secure,
+            is_client=outbound,
+            on_stream=lambda s: self._nursery.start_soon(self._handle_stream, conn_ref[0], s),
+            window=cfg.stream_window,
+            max_inbound_streams=cfg.max_inbound_streams,
+            write_timeout=cfg.write_timeout,
+            initial_data=leftover,
+        )
+        conn = Connection(session, secure.remote_peer, remote, local, "outbound" if outbound else "inbound")
+        conn_ref.append(conn)
+        self._conns.setdefault(conn.remote_peer, []).append(conn)
+        info = self.peerstore.setdefault(conn.remote_peer, PeerInfo(conn.remote_peer))
+        info.public_key = secure.remote_public_key
+        info.last_seen = time.time()
+        self.stats["connections_opened"] += 1
+        for callback in self._connect_callbacks:
+            callback(conn)
+        return conn
+
+    async def _run_connection(self, conn: Connection) -> None:
+        try:
+            await conn.session.run()
+        finally:
+            conns = self._conns.get(conn.remote_peer, [])
+            if conn in conns:
+                conns.remove(conn)
+            if not conns:
+                self._conns.pop(conn.remote_peer, None)
+            for callback in self._disconnect_callbacks:
+                callback(conn)
+
+    def connection_to(self, peer: PeerId) -> Connection | None:
+        for conn in self._conns.get(peer, ()):
+            if not conn.closed:
+                return conn
+        return None
+
+    def connections(self) -> list[Connection]:
+        return [c for conns in self._conns.values() for c in conns if not c.closed]
+
+    @property
+    def num_connections(self) -> int:
+        return sum(len(c) for c in self._conns.values())
+
+    def connected_peers(self) -> list[PeerId]:
+        return [p for p, conns in self._conns.items() if any(not c.closed for c in conns)]
+
+    async def disconnect(self, peer: PeerId) -> None:
+        for conn in list(self._conns.get(peer, ())):
+            await conn.close()
+
+    # -- streams
+    async def new_stream(
+        self, peer: PeerId | Connection, protocols: Sequence[str], timeout: float | None = None
+    ) -> yamux.YamuxStream:
+        """Open a stream to a connected peer and negotiate the first protocol it accepts."""
+        conn = peer if isinstance(peer, Connection) else self.connection_to(peer)
+        if conn is None:
+            raise DialError(f"not connected to {peer}")
+        stream = await conn.session.open_stream()
+        try:
+            with trio.fail_after(timeout or self.config.negotiate_timeout):
+                buf = bytearray()
+                stream.protocol = await multistream.select_outbound(stream, protocols, buf)
+        except BaseException as exc:
+            await stream.reset()
+            if isinstance(exc, trio.TooSlowError):
+                raise NegotiationError(f"protocol negotiation with {conn.remote_peer} timed out") from None
+            raise
+        stream.unread(bytes(buf))
+        return stream
+
+    async def _handle_stream(self, conn: Connection, stream: yamux.YamuxStream) -> None:
+        buf = bytearray()
+        try:
+            with trio.fail_after(self.config.negotiate_timeout):
+                proto = await multistream.select_inbound(stream, self._handlers.__contains__, buf)
+        except (trio.TooSlowError, TransportError) as exc:
+            log.debug("stream negotiation with %s failed: %s", conn.remote_peer, exc)
+            await stream.reset()
+            return
+        stream.protocol = proto
+        stream.unread(bytes(buf))
+        handler = self._handlers.get(proto)
+        if handler is None:
+            await stream.reset()
+            return
+        try:
+            await handler(stream)
+        except TransportError as exc:
+            log.debug("handler %s with %s ended: %s", proto, conn.remote_peer, exc)
+            await stream.reset()
+        except Exception:
+            log.exception("handler for %s crashed (peer %s)", proto, conn.remote_peer)
+            await stream.reset()
+        else:
+            await stream.close()
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for listener in self._listeners:
+            await trio.aclose_forcefully(listener)
+        with trio.move_on_after(1.0) as scope:
+            scope.shield = True
+            for conn in self.connections():
+                await conn.close()
+
+
+class _SecureReader:
+    """Adapts a SecureStream to multistream's reader: bytes already decrypted come first."""
+
+    def __init__(self, secure: noise.SecureStream) -> None:
+        self.secure = secure
+        self.buf = bytearray()  # decrypted bytes read past the negotiation go to the muxer
+
+    async def send_all(self, data: bytes) -> None:
+        await self.secure.send_all(data)
+
+    async def receive_some(self, max_bytes: int = 65536) -> bytes:
+        data = await self.secure.receive_some()
+        if not data:
+            raise ConnectionLost("connection closed during negotiation")
+        return data
+
+
+@asynccontextmanager
+async def open_host(keypair: KeyPair, config: HostConfig | None = None) -> AsyncIterator[Host]:
+    """Run a host for the duration of the block; on exit every connection is closed."""
+    from lattice.transport import identify, ping
+
+    async with trio.open_nursery() as nursery:
+        host = Host(keypair, config or HostConfig(), nursery)
+        identify.install(host)
+        ping.install(host)
+        try:
+            yield host
+        finally:
+            await host.aclose()
+            nursery.cancel_scope.cancel()

@@ -1,0 +1,143 @@
+"""libp2p identify (``/ipfs/id/1.0.0``): exchange public key, listen addresses, protocols, agent.
+
+Both sides request it on every new connection. What the peer says it observed as our address is
+counted in ``host.observed_addrs`` (the input to reachability detection).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import trio
+
+from lattice import _proto
+from lattice.errors import IdentityError, LatticeError, ProtocolError, TransportError
+from lattice.identity import PublicKey
+from lattice.transport.host import Connection, Host, PeerInfo
+from lattice.transport.multiaddr import Multiaddr, MultiaddrError
+from lattice.transport.yamux import YamuxStream
+
+log = logging.getLogger(__name__)
+
+PROTOCOL_ID = "/ipfs/id/1.0.0"
+MAX_MESSAGE = 64 * 1024
+MAX_MESSAGES = 4
+MAX_ADDRS = 64
+MAX_PROTOCOLS = 256
+TIMEOUT = 10.0
+
+
+def encode(host: Host, observed: Multiaddr | None) -> bytes:
+    fields: list[tuple[int, bytes | str | None]] = [(5, host.config.protocol_version), (6, host.config.agent_version)]
+    fields.append((1, host.keypair.public_key.to_protobuf()))
+    fields += [(2, a.to_bytes()) for a in host.advertised_addrs()]
+    fields.append((4, observed.to_bytes() if observed is not None else None))
+    fields += [(3, p) for p in host.protocols]
+    return _proto.encode(fields)
+
+
+def decode(data: bytes, info: PeerInfo) -> Multiaddr | None:
+    """Fill ``info`` from an identify message; return the address the peer observed for us."""
+    fields = _proto.decode(data, max_fields=MAX_ADDRS + MAX_PROTOCOLS + 16)
+    key = _proto.one_bytes(fields, 1)
+    if key is not None:
+        public_key = PublicKey.from_protobuf(key)
+        if public_key.peer_id() != info.peer_id:
+            raise ProtocolError("identify public key does not match the connection's peer id")
+        info.public_key = public_key
+    addrs = []
+    for raw in _proto.all_bytes(fields, 2)[:MAX_ADDRS]:
+        try:
+            addrs.append(Multiaddr.from_bytes(raw))
+        except MultiaddrError:
+            continue  # an address kind we do not speak (e.g. webrtc): skip it, keep the rest
+    info.addrs = addrs
+    info.protocols = [p.decode("utf-8", "replace")[:256] for p in _proto.all_bytes(fields, 3)[:MAX_PROTOCOLS]]
+    version = _proto.one_bytes(fields, 5)
+    agent = _proto.one_bytes(fields, 6)
+    info.protocol_version = version.decode("utf-8", "replace")[:256] if version else ""
+    info.agent_version = agent.decode("utf-8", "replace")[:256] if agent else ""
+    info.last_seen = time.time()
+    observed = _proto.one_bytes(fields, 4)
+    if observed:
+        try:
+            return Multiaddr.from_bytes(observed)
+        except MultiaddrError:
+            return None
+    return None
+
+
+async def read_delimited(stream: YamuxStream, max_size: int) -> bytes | None:
+    """One uvarint-length-prefixed message, or None at a clean end of stream."""
+    prefix = bytearray()
+    while True:
+        byte = await stream.read(1)
+        if not byte:
+            if prefix:
+                raise ProtocolError("stream ended inside a length prefix")
+            return None
+        prefix += byte
+        try:
+            length, _ = _proto.decode_uvarint(prefix)
+            break
+        except _proto.TruncatedError:
+            continue
+    if length > max_size:
+        raise ProtocolError(f"message of {length} bytes exceeds the limit of {max_size}")
+    return await stream.read_exactly(length)
+
+
+def install(host: Host) -> None:
+    async def handler(stream: YamuxStream) -> None:
+        conn = _conn_of(host, stream)
+        observed = conn.remote_addr if conn is not None else None
+        message = encode(host, observed)
+        await stream.write(_proto.encode_uvarint(len(message)) + message)
+
+    def on_connect(conn: Connection) -> None:
+        host._nursery.start_soon(_identify_quietly, host, conn)
+
+    host.set_stream_handler(PROTOCOL_ID, handler)
+    host.on_connect(on_connect)
+
+
+def _conn_of(host: Host, stream: YamuxStream) -> Connection | None:
+    for conn in host.connections():
+        if conn.session is stream.session:
+            return conn
+    return None
+
+
+async def _identify_quietly(host: Host, conn: Connection) -> None:
+    try:
+        await identify(host, conn)
+    except (LatticeError, trio.TooSlowError) as exc:
+        log.debug("identify with %s failed: %s", conn.remote_peer, exc)
+
+
+async def identify(host: Host, conn: Connection) -> PeerInfo:
+    """Ask the peer on ``conn`` who it is; update the peerstore and our observed addresses."""
+    info = host.peerstore.setdefault(conn.remote_peer, PeerInfo(conn.remote_peer))
+    with trio.fail_after(TIMEOUT):
+        stream = await host.new_stream(conn, [PROTOCOL_ID])
+        try:
+            merged = bytearray()
+            for _ in range(MAX_MESSAGES):
+                message = await read_delimited(stream, MAX_MESSAGE)
+                if message is None:
+                    break
+                merged += message  # protobuf: concatenation merges (repeated fields append)
+            try:
+                observed = decode(bytes(merged), info)
+            except (_proto.DecodeError, IdentityError) as exc:
+                raise ProtocolError(f"malformed identify message: {exc}") from None
+        finally:
+            await stream.close()
+    if observed is not None:
+        host.observed_addrs[observed] += 1
+    host.identified(conn.remote_peer)
+    return info
+
+
+__all__ = ["PROTOCOL_ID", "TransportError", "identify", "install"]

@@ -1,0 +1,91 @@
+"""multistream-select 1.0: protocol negotiation on a connection or a stream.
+
+Messages are uvarint-length-prefixed lines ending in ``\\n``. The dialer pipelines the header and its
+first proposal in one write (one round trip when the proposal is accepted). Reads are bounded, and
+bytes read past the negotiation are left in the caller's buffer (the peer may pipeline data).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+from lattice import _proto
+from lattice.errors import NegotiationError
+
+HEADER = "/multistream/1.0.0"
+NA = "na"
+MAX_MESSAGE = 1024
+MAX_ATTEMPTS = 16
+
+
+class ByteStream(Protocol):
+    async def send_all(self, data: bytes) -> None: ...
+    async def receive_some(self, max_bytes: int = ...) -> bytes: ...
+
+
+def encode(message: str) -> bytes:
+    data = message.encode() + b"\n"
+    return _proto.encode_uvarint(len(data)) + data
+
+
+async def read_message(stream: ByteStream, buf: bytearray) -> str:
+    while True:
+        try:
+            length, pos = _proto.decode_uvarint(buf)
+        except _proto.TruncatedError:
+            pass
+        except _proto.DecodeError:
+            raise NegotiationError("malformed multistream message") from None
+        else:
+            if length > MAX_MESSAGE or length == 0:
+                raise NegotiationError(f"multistream message of invalid length {length}")
+            if len(buf) - pos >= length:
+                raw = bytes(buf[pos : pos + length])
+                del buf[: pos + length]
+                if not raw.endswith(b"\n"):
+                    raise NegotiationError("multistream message without trailing newline")
+                try:
+                    return raw[:-1].decode()
+                except UnicodeDecodeError:
+                    raise NegotiationError("multistream message is not UTF-8") from None
+        if len(buf) > MAX_MESSAGE + 16:
+            raise NegotiationError("multistream message too long")
+        chunk = await stream.receive_some(MAX_MESSAGE)
+        if not chunk:
+            raise NegotiationError("stream closed during protocol negotiation")
+        buf += chunk
+
+
+async def select_outbound(stream: ByteStream, protocols: Sequence[str], buf: bytearray) -> str:
+    """Propose ``protocols`` in order; return the first the listener accepts."""
+    if not protocols:
+        raise ValueError("no protocols to propose")
+    await stream.send_all(encode(HEADER) + encode(protocols[0]))
+    header = await read_message(stream, buf)
+    if header != HEADER:
+        raise NegotiationError(f"peer does not speak multistream 1.0 (got {header[:64]!r})")
+    for i, proto in enumerate(protocols):
+        if i:
+            await stream.send_all(encode(proto))
+        answer = await read_message(stream, buf)
+        if answer == proto:
+            return proto
+        if answer != NA:
+            raise NegotiationError(f"unexpected multistream answer {answer[:64]!r}")
+    raise NegotiationError(f"peer supports none of {list(protocols)}")
+
+
+async def select_inbound(stream: ByteStream, supported: Callable[[str], bool], buf: bytearray) -> str:
+    """Answer proposals until one is supported; return it."""
+    await stream.send_all(encode(HEADER))
+    header = await read_message(stream, buf)
+    if header != HEADER:
+        raise NegotiationError(f"peer does not speak multistream 1.0 (got {header[:64]!r})")
+    for _ in range(MAX_ATTEMPTS):
+        proposal = await read_message(stream, buf)
+        if proposal != "ls" and supported(proposal):
+            await stream.send_all(encode(proposal))
+            return proposal
+        await stream.send_all(encode(NA))
+    raise NegotiationError("too many rejected protocol proposals")

@@ -1,0 +1,330 @@
+"""libp2p Noise: Noise_XX_25519_ChaChaPoly_SHA256 with the libp2p identity payload.
+
+Wire-compatible with go-libp2p, rust-libp2p and py-libp2p (spec: libp2p/specs noise/README.md).
+The handshake is a sans-IO state machine (:class:`XXHandshake`); :class:`SecureStream` frames the
+transport messages (2-byte length, at most 65535 bytes each) over a trio stream.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import struct
+
+import trio
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from lattice import _proto
+from lattice.errors import ConnectionLost, HandshakeError, IdentityError, ProtocolError
+from lattice.identity import KeyPair, PeerId, PublicKey
+
+PROTOCOL_ID = "/noise"
+_PROTOCOL_NAME = b"Noise_XX_25519_ChaChaPoly_SHA256"
+_SIG_PREFIX = b"noise-libp2p-static-key:"
+MAX_MESSAGE = 65535
+TAG_LEN = 16
+MAX_PLAINTEXT = MAX_MESSAGE - TAG_LEN
+_DH_LEN = 32
+_MAX_NONCE = 2**64 - 1
+
+
+def _hkdf2(chaining_key: bytes, ikm: bytes) -> tuple[bytes, bytes]:
+    temp = hmac.digest(chaining_key, ikm, "sha256")
+    out1 = hmac.digest(temp, b"\x01", "sha256")
+    out2 = hmac.digest(temp, out1 + b"\x02", "sha256")
+    return out1, out2
+
+
+def _nonce(n: int) -> bytes:
+    return b"\0\0\0\0" + n.to_bytes(8, "little")
+
+
+class CipherState:
+    """A ChaCha20-Poly1305 key with its message counter (one direction of a session)."""
+
+    __slots__ = ("_aead", "n")
+
+    def __init__(self, key: bytes) -> None:
+        self._aead = ChaCha20Poly1305(key)
+        self.n = 0
+
+    def encrypt(self, plaintext: bytes | memoryview, ad: bytes = b"") -> bytes:
+        if self.n >= _MAX_NONCE:
+            raise ProtocolError("noise nonce exhausted")
+        out = self._aead.encrypt(_nonce(self.n), plaintext, ad or None)
+        self.n += 1
+        return out
+
+    def decrypt(self, ciphertext: bytes | memoryview, ad: bytes = b"") -> bytes:
+        if self.n >= _MAX_NONCE:
+            raise ProtocolError("noise nonce exhausted")
+        try:
+            out = self._aead.decrypt(_nonce(self.n), ciphertext, ad or None)
+        except InvalidTag:
+            raise ProtocolError("noise frame failed authentication") from None
+        self.n += 1
+        return out
+
+
+class XXHandshake:
+    """The XX pattern as a sans-IO state machine: three messages, then two CipherStates."""
+
+    def __init__(self, identity: KeyPair, initiator: bool) -> None:
+        self.identity = identity
+        self.initiator = initiator
+        self._s = X25519PrivateKey.generate()
+        self._e: X25519PrivateKey | None = None
+        self._re: bytes | None = None
+        self.remote_static: bytes | None = None
+        self.remote_identity: PublicKey | None = None
+        self._h = _PROTOCOL_NAME  # exactly HASHLEN bytes: used as is
+        self._ck = self._h
+        self._k: CipherState | None = None
+        self._mix_hash(b"")  # empty prologue
+        self._step = 0
+
+    # -- symmetric state
+    def _mix_hash(self, data: bytes) -> None:
+        self._h = hashlib.sha256(self._h + data).digest()
+
+    def _mix_key(self, ikm: bytes) -> None:
+        self._ck, temp = _hkdf2(self._ck, ikm)
+        self._k = CipherState(temp)
+
+    def _encrypt_and_hash(self, plaintext: bytes) -> bytes:
+        out = self._k.encrypt(plaintext, self._h) if self._k else plaintext
+        self._mix_hash(out)
+        return out
+
+    def _decrypt_and_hash(self, ciphertext: bytes) -> bytes:
+        out = self._k.decrypt(ciphertext, self._h) if self._k else ciphertext
+        self._mix_hash(ciphertext)
+        return out
+
+    @staticmethod
+    def _pub(key: X25519PrivateKey) -> bytes:
+        return key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+
+    @staticmethod
+    def _dh(key: X25519PrivateKey, remote: bytes) -> bytes:
+        try:
+            return key.exchange(X25519PublicKey.from_public_bytes(remote))
+        except ValueError:
+            raise HandshakeError("invalid Diffie-Hellman public key") from None
+
+    def _payload(self) -> bytes:
+        sig = self.identity.sign(_SIG_PREFIX + self._pub(self._s))
+        return _proto.encode([(1, self.identity.public_key.to_protobuf()), (2, sig)])
+
+    def _check_payload(self, payload: bytes) -> None:
+        try:
+            fields = _proto.decode(payload, max_fields=16)
+            key_bytes = _proto.one_bytes(fields, 1, required=True)
+            sig = _proto.one_bytes(fields, 2, required=True)
+            key = PublicKey.from_protobuf(key_bytes)  # type: ignore[arg-type]
+        except (_proto.DecodeError, IdentityError) as exc:
+            raise HandshakeError(f"bad noise handshake payload: {exc}") from None
+        assert self.remote_static is not None and sig is not None
+        if not key.verify(sig, _SIG_PREFIX + self.remote_static):
+            raise HandshakeError("noise static key is not signed by the peer's identity key")
+        self.remote_identity = key
+
+    # -- messages
+    def write_message(self) -> bytes:
+        if self.initiator and self._step == 0:  # -> e
+            self._e = X25519PrivateKey.generate()
+            e_pub = self._pub(self._e)
+            self._mix_hash(e_pub)
+            out = e_pub + self._encrypt_and_hash(b"")
+        elif not self.initiator and self._step == 1:  # <- e, ee, s, es
+            assert self._re is not None
+            self._e = X25519PrivateKey.generate()
+            e_pub = self._pub(self._e)
+            self._mix_hash(e_pub)
+            self._mix_key(self._dh(self._e, self._re))
+            out = e_pub + self._encrypt_and_hash(self._pub(self._s))
+            self._mix_key(self._dh(self._s, self._re))
+            out += self._encrypt_and_hash(self._payload())
+        elif self.initiator and self._step == 2:  # -> s, se
+            assert self._re is not None
+            out = self._encrypt_and_hash(self._pub(self._s))
+            self._mix_key(self._dh(self._s, self._re))
+            out += self._encrypt_and_hash(self._payload())
+        else:
+            raise HandshakeError("noise handshake: write out of order")
+        self._step += 1
+        return out
+
+    def read_message(self, message: bytes) -> None:
+        if not self.initiator and self._step == 0:  # -> e
+            if len(message) < _DH_LEN:
+                raise HandshakeError("noise message 1 too short")
+            self._re = message[:_DH_LEN]
+            self._mix_hash(self._re)
+            self._decrypt_and_hash(message[_DH_LEN:])
+        elif self.initiator and self._step == 1:  # <- e, ee, s, es
+            if len(message) < 2 * _DH_LEN + TAG_LEN + TAG_LEN:
+                raise HandshakeError("noise message 2 too short")
+            assert self._e is not None
+            self._re = message[:_DH_LEN]
+            self._mix_hash(self._re)
+            self._mix_key(self._dh(self._e, self._re))
+            self.remote_static = self._decrypt_static(message[_DH_LEN : 2 * _DH_LEN + TAG_LEN])
+            self._mix_key(self._dh(self._e, self.remote_static))
+            self._check_payload(self._decrypt_payload(message[2 * _DH_LEN + TAG_LEN :]))
+        elif not self.initiator and self._step == 2:  # -> s, se
+            if len(message) < _DH_LEN + 2 * TAG_LEN:
+                raise HandshakeError("noise message 3 too short")
+            assert self._e is not None
+            self.remote_static = self._decrypt_static(message[: _DH_LEN + TAG_LEN])
+            self._mix_key(self._dh(self._e, self.remote_static))
+            self._check_payload(self._decrypt_payload(message[_DH_LEN + TAG_LEN :]))
+        else:
+            raise HandshakeError("noise handshake: read out of order")
+        self._step += 1
+
+    def _decrypt_static(self, data: bytes) -> bytes:
+        try:
+            return self._decrypt_and_hash(data)
+        except ProtocolError:
+            raise HandshakeError("noise handshake decryption failed") from None
+
+    def _decrypt_payload(self, data: bytes) -> bytes:
+        try:
+            return self._decrypt_and_hash(data)
+        except ProtocolError:
+            raise HandshakeError("noise handshake payload decryption failed") from None
+
+    @property
+    def complete(self) -> bool:
+        return self._step == 3
+
+    def split(self) -> tuple[CipherState, CipherState]:
+        """(send, receive) cipher states once the three messages are done."""
+        if not self.complete:
+            raise HandshakeError("noise handshake not complete")
+        k1, k2 = _hkdf2(self._ck, b"")
+        first, second = CipherState(k1), CipherState(k2)
+        return (first, second) if self.initiator else (second, first)
+
+
+class SecureStream:
+    """Encrypted byte stream over a trio stream, in libp2p Noise transport framing.
+
+    ``send_all`` is not cancel-safe by itself; the muxer above serialises writes and shields them so
+    a frame is never cut half-way (py-libp2p defect 2).
+    """
+
+    def __init__(self, raw: trio.abc.Stream, send: CipherState, recv: CipherState, remote: PublicKey):
+        self.raw = raw
+        self._send = send
+        self._recv = recv
+        self.remote_public_key = remote
+        self.remote_peer: PeerId = remote.peer_id()
+        self._buf = bytearray()
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data)
+        total = len(view)
+        if total <= MAX_PLAINTEXT:
+            ct = self._send.encrypt(view)
+            await self.raw.send_all(struct.pack(">H", len(ct)) + ct)
+            return
+        parts = []
+        for off in range(0, total, MAX_PLAINTEXT):
+            ct = self._send.encrypt(view[off : off + MAX_PLAINTEXT])
+            parts.append(struct.pack(">H", len(ct)))
+            parts.append(ct)
+        await self.raw.send_all(b"".join(parts))
+
+    async def receive_some(self, max_bytes: int = 262144) -> bytes:
+        """Decrypted bytes of one or more whole frames; b"" on clean EOF at a frame boundary."""
+        buf = self._buf
+        while True:
+            out = []
+            pos = 0
+            n = len(buf)
+            view = memoryview(buf)
+            try:
+                while n - pos >= 2:
+                    length = (buf[pos] << 8) | buf[pos + 1]
+                    if n - pos - 2 < length:
+                        break
+                    if length < TAG_LEN:
+                        raise ProtocolError("noise frame shorter than its tag")
+                    out.append(self._recv.decrypt(view[pos + 2 : pos + 2 + length]))
+                    pos += 2 + length
+            finally:
+                view.release()
+            if pos:
+                del buf[:pos]
+            if out:
+                return out[0] if len(out) == 1 else b"".join(out)
+            try:
+                chunk = await self.raw.receive_some(max_bytes)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                raise ConnectionLost(f"connection lost: {exc}") from None
+            if not chunk:
+                if buf:
+                    raise ConnectionLost("connection closed in the middle of a noise frame")
+                return b""
+            buf += chunk
+
+    async def aclose(self) -> None:
+        await self.raw.aclose()
+
+
+async def _read_handshake_frame(stream: trio.abc.Stream, buf: bytearray) -> bytes:
+    while len(buf) < 2 or len(buf) < 2 + ((buf[0] << 8) | buf[1]):
+        chunk = await stream.receive_some(65536 + 2)
+        if not chunk:
+            raise HandshakeError("connection closed during noise handshake")
+        buf += chunk
+    length = (buf[0] << 8) | buf[1]
+    frame = bytes(buf[2 : 2 + length])
+    del buf[: 2 + length]
+    return frame
+
+
+async def secure_outbound(
+    stream: trio.abc.Stream, identity: KeyPair, expected: PeerId | None = None, buf: bytearray | None = None
+) -> SecureStream:
+    """Run the initiator side of the handshake; verify the peer is ``expected`` if given.
+
+    ``buf`` holds bytes already read from ``stream`` (after protocol negotiation).
+    """
+    hs = XXHandshake(identity, initiator=True)
+    buf = buf if buf is not None else bytearray()
+    msg = hs.write_message()
+    await stream.send_all(struct.pack(">H", len(msg)) + msg)
+    hs.read_message(await _read_handshake_frame(stream, buf))
+    msg = hs.write_message()
+    await stream.send_all(struct.pack(">H", len(msg)) + msg)
+    assert hs.remote_identity is not None
+    remote_peer = hs.remote_identity.peer_id()
+    if expected is not None and remote_peer != expected:
+        raise HandshakeError(f"peer id mismatch: dialed {expected}, got {remote_peer}")
+    send, recv = hs.split()
+    secure = SecureStream(stream, send, recv, hs.remote_identity)
+    secure._buf = buf
+    return secure
+
+
+async def secure_inbound(
+    stream: trio.abc.Stream, identity: KeyPair, buf: bytearray | None = None
+) -> SecureStream:
+    """Run the responder side of the handshake."""
+    hs = XXHandshake(identity, initiator=False)
+    buf = buf if buf is not None else bytearray()
+    hs.read_message(await _read_handshake_frame(stream, buf))
+    msg = hs.write_message()
+    await stream.send_all(struct.pack(">H", len(msg)) + msg)
+    hs.read_message(await _read_handshake_frame(stream, buf))
+    send, recv = hs.split()
+    assert hs.remote_identity is not None
+    secure = SecureStream(stream, send, recv, hs.remote_identity)
+    secure._buf = buf  # the initiator may pipeline its first transport frame after message 3
+    return secure

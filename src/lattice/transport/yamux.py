@@ -1,0 +1,536 @@
+"""Yamux stream multiplexer (hashicorp/yamux spec, libp2p id ``/yamux/1.0.0``).
+
+Design choices, each fixing a measured py-libp2p defect (see shared/notes):
+- every write of a frame is shielded from cancellation and serialised by one lock, so a caller's
+  timeout can never leave half a frame on the wire; a write stuck for ``write_timeout`` kills the
+  whole connection instead of corrupting it;
+- the reader task never awaits a send: control frames (ACK, window updates, pong, RST) are queued and
+  go out with the next write or through a small flusher task, so two busy peers cannot deadlock;
+- no idle timeout on a stream: a reader that pauses (a long GPU step) just stops granting window;
+- a lost connection is an error on every unfinished stream, never a clean EOF;
+- received data is bounded by the window we granted; a peer that overruns it is a protocol error.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from collections import deque
+from collections.abc import Awaitable, Callable
+
+import trio
+from trio.lowlevel import ParkingLot
+
+from lattice.errors import ConnectionLost, ProtocolError, StreamError, StreamReset, TransportError
+
+log = logging.getLogger(__name__)
+
+PROTOCOL_ID = "/yamux/1.0.0"
+
+_HDR = struct.Struct(">BBHII")
+HEADER_LEN = 12
+TYPE_DATA, TYPE_WINDOW_UPDATE, TYPE_PING, TYPE_GO_AWAY = 0, 1, 2, 3
+FLAG_SYN, FLAG_ACK, FLAG_FIN, FLAG_RST = 1, 2, 4, 8
+INITIAL_WINDOW = 256 * 1024
+GO_AWAY_NORMAL, GO_AWAY_PROTOCOL_ERROR, GO_AWAY_INTERNAL_ERROR = 0, 1, 2
+
+
+def header(ftype: int, flags: int, stream_id: int, length: int) -> bytes:
+    return _HDR.pack(0, ftype, flags, stream_id, length)
+
+
+class YamuxStream:
+    """One bidirectional stream. ``read`` returns b"" only after the peer closed its side cleanly."""
+
+    def __init__(self, session: YamuxSession, stream_id: int, outbound: bool) -> None:
+        self.session = session
+        self.id = stream_id
+        self.outbound = outbound
+        self.protocol: str | None = None
+        self._buf: deque[bytes] = deque()
+        self._buf_len = 0
+        # We grant our full window up front: on the SYN (outbound) or the ACK (inbound).
+        self._recv_window = session.window  # bytes the peer may still send
+        self._unacked = 0  # consumed bytes not yet returned to the peer as window
+        self._send_window = INITIAL_WINDOW
+        self._syn_pending = outbound
+        self._remote_fin = False
+        self._local_fin = False
+        self._error: StreamError | None = None
+        self._read_lot = ParkingLot()
+        self._window_lot = ParkingLot()
+        self._write_lock = trio.Lock()
+
+    @property
+    def remote_peer(self):
+        return self.session.remote_peer
+
+    # -- reading
+    async def read(self, max_bytes: int = 65536) -> bytes:
+        while not self._buf:
+            if self._remote_fin:
+                return b""  # the peer finished cleanly; a later connection loss does not matter
+            if self._error is not None:
+                raise self._error
+            await self._read_lot.park()
+        chunk = self._buf[0]
+        if len(chunk) <= max_bytes:
+            self._buf.popleft()
+        else:
+            self._buf[0] = chunk[max_bytes:]
+            chunk = chunk[:max_bytes]
+        self._consumed(len(chunk))
+        return chunk
+
+    async def receive_some(self, max_bytes: int = 65536) -> bytes:
+        return await self.read(max_bytes)
+
+    async def read_exactly(self, n: int) -> bytes:
+        """Exactly ``n`` bytes, or StreamError if the stream ends first (never a short result)."""
+        if n == 0:
+            return b""
+        while self._buf_len < n:
+            if self._error is not None:
+                raise self._error
+            if self._remote_fin:
+                raise StreamError(f"stream ended after {self._buf_len} of {n} expected bytes")
+            await self._read_lot.park()
+        first = self._buf[0]
+        if len(first) >= n:  # fast path: no join
+            if len(first) == n:
+                self._buf.popleft()
+            else:
+                self._buf[0] = first[n:]
+            self._consumed(n)
+            return first[:n] if len(first) != n else first
+        parts = []
+        need = n
+        while need:
+            chunk = self._buf[0]
+            if len(chunk) <= need:
+                parts.append(self._buf.popleft())
+                need -= len(chunk)
+            else:
+                parts.append(chunk[:need])
+                self._buf[0] = chunk[need:]
+                need = 0
+        self._consumed(n)
+        return b"".join(parts)
+
+    def unread(self, data: bytes) -> None:
+        """Push bytes back in front of the buffer (read past a negotiation); not counted again."""
+        if data:
+            self._buf.appendleft(bytes(data))
+            self._buf_len += len(data)
+            self._unacked -= len(data)
+
+    def _consumed(self, n: int) -> None:
+        self._buf_len -= n
+        self._unacked += n
+        if self._unacked >= self.session.window // 2 and self._error is None and not self._remote_fin:
+            delta = self._unacked
+            self._unacked = 0
+            self._recv_window += delta
+            self.session._queue_control(header(TYPE_WINDOW_UPDATE, 0, self.id, delta))
+
+    # -- writing
+    async def write(self, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data)
+        total = len(view)
+        async with self._write_lock:
+            off = 0
+            while off < total:
+                if self._error is not None:
+                    raise self._error
+                if self._local_fin:
+                    raise StreamError("write after close")
+                while self._send_window == 0:
+                    await self._window_lot.park()
+                    if self._error is not None:
+                        raise self._error
+                n = min(self._send_window, total - off, self.session.max_frame)
+                hdr = header(TYPE_DATA, 0, self.id, n)
+                if self._syn_pending:
+                    hdr = self._syn_frame(0) + hdr
+                    self._syn_pending = False
+                self._send_window -= n
+                await self.session._send_frame(hdr, view[off : off + n])
+                off += n
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.write(data)
+
+    def _syn_frame(self, flags: int) -> bytes:
+        """Open the stream and grant our window beyond the spec's initial 256 KiB in one frame."""
+        return header(TYPE_WINDOW_UPDATE, FLAG_SYN | flags, self.id, self.session.window - INITIAL_WINDOW)
+
+    async def close(self) -> None:
+        """Half-close: we send no more data (FIN); reading continues."""
+        if self._local_fin or self._error is not None:
+            return
+        async with self._write_lock:
+            if self._local_fin or self._error is not None:
+                return
+            self._local_fin = True
+            frame = header(TYPE_WINDOW_UPDATE, FLAG_FIN, self.id, 0)
+            if self._syn_pending:
+                frame = self._syn_frame(0) + frame
+                self._syn_pending = False
+            try:
+                await self.session._send_frame(frame)
+            except TransportError:
+                pass
+        self._maybe_forget()
+
+    async def aclose(self) -> None:
+        await self.close()
+
+    async def reset(self) -> None:
+        """Abort both directions (RST); pending data is discarded."""
+        if self._error is not None:
+            return
+        self._fail(StreamReset("stream reset locally"))
+        self.session._queue_control(header(TYPE_WINDOW_UPDATE, FLAG_RST, self.id, 0))
+        self.session._forget(self.id)
+
+    # -- events from the session
+    def _on_data(self, data: bytes) -> None:
+        if self._error is not None:
+            return
+        if len(data) > self._recv_window:
+            raise ProtocolError(f"peer overran the stream window ({len(data)} > {self._recv_window})")
+        self._recv_window -= len(data)
+        self._buf.append(data)
+        self._buf_len += len(data)
+        self._read_lot.unpark_all()
+
+    def _on_window(self, delta: int) -> None:
+        self._send_window += delta
+        if self._send_window > 1 << 31:
+            raise ProtocolError("peer granted an absurd window")
+        self._window_lot.unpark_all()
+
+    def _on_fin(self) -> None:
+        self._remote_fin = True
+        self._read_lot.unpark_all()
+        self._maybe_forget()
+
+    def _fail(self, error: StreamError) -> None:
+        if self._error is None:
+            self._error = error
+        self._read_lot.unpark_all()
+        self._window_lot.unpark_all()
+
+    def _maybe_forget(self) -> None:
+        if self._local_fin and self._remote_fin:
+            self.session._forget(self.id)
+
+
+StreamHandler = Callable[[YamuxStream], Awaitable[None]]
+
+
+class YamuxSession:
+    """A multiplexed connection over a secure byte stream. Run it with :meth:`run`."""
+
+    def __init__(
+        self,
+        secure,
+        *,
+        is_client: bool,
+        on_stream: Callable[[YamuxStream], None],
+        window: int = 4 * 1024 * 1024,
+        max_frame: int = 256 * 1024,
+        max_inbound_streams: int = 512,
+        write_timeout: float = 30.0,
+        initial_data: bytes = b"",
+    ) -> None:
+        self.secure = secure
+        self.remote_peer = secure.remote_peer
+        self.is_client = is_client
+        self.window = max(window, INITIAL_WINDOW)
+        self.max_frame = max_frame
+        self.max_inbound_streams = max_inbound_streams
+        self.write_timeout = write_timeout
+        self._on_stream = on_stream
+        self._streams: dict[int, YamuxStream] = {}
+        self._next_id = 1 if is_client else 2
+        self._inbound_count = 0
+        self._send_lock = trio.Lock()
+        self._control: list[bytes] = []
+        self._control_lot = ParkingLot()
+        self._pings: dict[int, trio.Event] = {}
+        self._ping_id = 0
+        self._go_away_received = False
+        self.closed = False
+        self.close_reason: str | None = None
+        self._closed_event = trio.Event()
+        self._initial = initial_data
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        # parser state
+        self._hdr_buf = bytearray()
+        self._data_left = 0
+        self._data_stream: YamuxStream | None = None
+        self._data_flags = 0
+        self._data_stream_id = 0
+
+    # -- public API
+    async def open_stream(self) -> YamuxStream:
+        if self.closed:
+            raise ConnectionLost("connection is closed")
+        if self._go_away_received:
+            raise ConnectionLost("peer is going away")
+        stream_id = self._next_id
+        self._next_id += 2
+        if stream_id >= 1 << 32:
+            raise ConnectionLost("stream ids exhausted")
+        stream = YamuxStream(self, stream_id, outbound=True)
+        self._streams[stream_id] = stream
+        return stream
+
+    @property
+    def num_streams(self) -> int:
+        return len(self._streams)
+
+    async def ping(self, timeout: float = 10.0) -> float:
+        """Yamux-level ping; round-trip time in seconds."""
+        self._ping_id = (self._ping_id + 1) & 0xFFFFFFFF
+        pid = self._ping_id
+        event = self._pings[pid] = trio.Event()
+        start = trio.current_time()
+        try:
+            await self._send_frame(header(TYPE_PING, FLAG_SYN, 0, pid))
+            with trio.fail_after(timeout):
+                await event.wait()
+        finally:
+            self._pings.pop(pid, None)
+        if self.closed:
+            raise ConnectionLost("connection closed during ping")
+        return trio.current_time() - start
+
+    async def wait_closed(self) -> None:
+        await self._closed_event.wait()
+
+    async def aclose(self, code: int = GO_AWAY_NORMAL) -> None:
+        if self.closed:
+            return
+        with trio.move_on_after(1.0) as scope:
+            scope.shield = True
+            try:
+                await self._send_frame(header(TYPE_GO_AWAY, 0, 0, code))
+            except TransportError:
+                pass
+        self._terminate("closed locally")
+        with trio.CancelScope(shield=True):
+            try:
+                await self.secure.aclose()
+            except Exception:
+                pass
+
+    # -- sending
+    def _queue_control(self, frame: bytes) -> None:
+        if self.closed:
+            return
+        self._control.append(frame)
+        self._control_lot.unpark_all()
+
+    async def _send_frame(self, hdr: bytes, payload: bytes | memoryview = b"") -> None:
+        if self.closed:
+            raise ConnectionLost(self.close_reason or "connection is closed")
+        async with self._send_lock:
+            if self.closed:
+                raise ConnectionLost(self.close_reason or "connection is closed")
+            if self._control:
+                parts = [*self._control, hdr, payload]
+                self._control.clear()
+                data = b"".join(parts)
+            elif payload:
+                data = b"".join((hdr, payload))
+            else:
+                data = hdr
+            await self._write_shielded(data)
+
+    async def _write_shielded(self, data: bytes) -> None:
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(self.write_timeout) as scope:
+                try:
+                    await self.secure.send_all(data)
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                    self._terminate(f"write failed: {exc}")
+                    raise ConnectionLost(f"connection lost: {exc}") from None
+            if scope.cancelled_caught:
+                self._terminate("write timed out")
+                await trio.aclose_forcefully(self.secure.raw)
+                raise ConnectionLost("write timed out; connection closed")
+        self.bytes_sent += len(data)
+
+    async def _flush_control(self) -> None:
+        while not self.closed:
+            if not self._control:
+                await self._control_lot.park()
+                continue
+            async with self._send_lock:
+                if not self._control or self.closed:
+                    continue
+                data = b"".join(self._control)
+                self._control.clear()
+                try:
+                    await self._write_shielded(data)
+                except ConnectionLost:
+                    return
+
+    # -- receiving
+    async def run(self) -> None:
+        """Read frames until the connection ends; then fail every unfinished stream."""
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._flush_control)
+                try:
+                    if self._initial:
+                        self._feed(self._initial)
+                        self._initial = b""
+                    while not self.closed:
+                        chunk = await self.secure.receive_some()
+                        if not chunk:
+                            self._terminate("connection closed by peer")
+                            break
+                        self.bytes_received += len(chunk)
+                        self._feed(chunk)
+                except ProtocolError as exc:
+                    log.info("yamux protocol error from %s: %s", self.remote_peer, exc)
+                    self.close_reason = f"protocol error: {exc}"
+                    with trio.move_on_after(0.5) as scope:
+                        scope.shield = True
+                        self._control.clear()
+                        try:
+                            await self._send_frame(header(TYPE_GO_AWAY, 0, 0, GO_AWAY_PROTOCOL_ERROR))
+                        except TransportError:
+                            pass
+                    self._terminate(self.close_reason)
+                except ConnectionLost as exc:
+                    self._terminate(str(exc))
+                finally:
+                    self._terminate(self.close_reason or "session ended")
+                    self._control_lot.unpark_all()
+                    nursery.cancel_scope.cancel()
+        finally:
+            with trio.CancelScope(shield=True):
+                try:
+                    await self.secure.aclose()
+                except Exception:
+                    pass
+
+    def _terminate(self, reason: str) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.close_reason = reason
+        error = ConnectionLost(f"connection lost: {reason}")
+        for stream in list(self._streams.values()):
+            stream._fail(error)
+        self._streams.clear()
+        for event in self._pings.values():
+            event.set()
+        self._control_lot.unpark_all()
+        self._closed_event.set()
+
+    def _forget(self, stream_id: int) -> None:
+        stream = self._streams.pop(stream_id, None)
+        if stream is not None and not stream.outbound:
+            self._inbound_count -= 1
+
+    def _feed(self, chunk: bytes) -> None:
+        """Parse frames from ``chunk``; large data frames are delivered as they arrive."""
+        pos = 0
+        n = len(chunk)
+        while pos < n:
+            if self._data_left:
+                take = min(self._data_left, n - pos)
+                piece = chunk if (pos == 0 and take == n) else chunk[pos : pos + take]
+                pos += take
+                self._data_left -= take
+                if self._data_stream is not None:
+                    self._data_stream._on_data(piece)
+                if not self._data_left:
+                    self._after_data()
+                continue
+            if self._hdr_buf:
+                need = HEADER_LEN - len(self._hdr_buf)
+                self._hdr_buf += chunk[pos : pos + need]
+                pos += need
+                if len(self._hdr_buf) < HEADER_LEN:
+                    return
+                hdr = bytes(self._hdr_buf)
+                self._hdr_buf.clear()
+            elif n - pos >= HEADER_LEN:
+                hdr = chunk[pos : pos + HEADER_LEN]
+                pos += HEADER_LEN
+            else:
+                self._hdr_buf += chunk[pos:]
+                return
+            self._on_header(*_HDR.unpack(hdr))
+
+    def _on_header(self, version: int, ftype: int, flags: int, stream_id: int, length: int) -> None:
+        if version != 0:
+            raise ProtocolError(f"unsupported yamux version {version}")
+        if ftype == TYPE_DATA or ftype == TYPE_WINDOW_UPDATE:
+            stream = self._stream_for(stream_id, flags)
+            if ftype == TYPE_DATA:
+                if length > self.window:
+                    raise ProtocolError(f"data frame of {length} bytes exceeds the window")
+                self._data_stream = stream
+                self._data_flags = flags
+                self._data_stream_id = stream_id
+                self._data_left = length
+                if length == 0:
+                    self._after_data()
+                return
+            if stream is not None:
+                if length:
+                    stream._on_window(length)
+                self._apply_close_flags(stream, flags)
+        elif ftype == TYPE_PING:
+            if flags & FLAG_SYN:
+                self._queue_control(header(TYPE_PING, FLAG_ACK, 0, length))
+            elif flags & FLAG_ACK:
+                event = self._pings.get(length)
+                if event is not None:
+                    event.set()
+        elif ftype == TYPE_GO_AWAY:
+            self._go_away_received = True
+            if length != GO_AWAY_NORMAL:
+                log.info("peer %s sent go-away code %d", self.remote_peer, length)
+        else:
+            raise ProtocolError(f"unknown yamux frame type {ftype}")
+
+    def _after_data(self) -> None:
+        stream = self._data_stream
+        self._data_stream = None
+        if stream is not None:
+            self._apply_close_flags(stream, self._data_flags)
+
+    def _apply_close_flags(self, stream: YamuxStream, flags: int) -> None:
+        if flags & FLAG_RST:
+            stream._fail(StreamReset("stream reset by peer"))
+            self._forget(stream.id)
+        elif flags & FLAG_FIN:
+            stream._on_fin()
+
+    def _stream_for(self, stream_id: int, flags: int) -> YamuxStream | None:
+        stream = self._streams.get(stream_id)
+        if flags & FLAG_SYN:
+            if stream is not None:
+                raise ProtocolError(f"duplicate SYN for stream {stream_id}")
+            if stream_id == 0 or (stream_id % 2 == 1) == self.is_client:
+                raise ProtocolError(f"peer opened stream {stream_id} with our parity")
+            if self._go_away_received or self.closed:
+                return None
+            if self._inbound_count >= self.max_inbound_streams:
+                self._queue_control(header(TYPE_WINDOW_UPDATE, FLAG_RST, stream_id, 0))
+                return None
+            stream = YamuxStream(self, stream_id, outbound=False)
+            self._streams[stream_id] = stream
+            self._inbound_count += 1
+            self._queue_control(header(TYPE_WINDOW_UPDATE, FLAG_ACK, stream_id, self.window - INITIAL_WINDOW))
+            self._on_stream(stream)
+        return stream
