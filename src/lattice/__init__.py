@@ -1,3 +1,42 @@
-"""Lattice: peer-to-peer networking for decentralized AI."""
+"""Lattice: peer-to-peer networking for decentralized AI.
+
+The public API is re-exported here; submodules load on first use so that ``import lattice`` (and the
+``lattice.Client`` of a training script) stays light.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "Node": "lattice.node",
+    "BlockingNode": "lattice.node",
+    "NodeConfig": "lattice.config",
+    "Client": "lattice.control.client",
+    "RemoteError": "lattice.control.client",
+    "KeyPair": "lattice.identity",
+    "PeerId": "lattice.identity",
+    "Multiaddr": "lattice.transport.multiaddr",
+    "LatticeError": "lattice.errors",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+if TYPE_CHECKING:
+    from lattice.config import NodeConfig
+    from lattice.control.client import Client, RemoteError
+    from lattice.errors import LatticeError
+    from lattice.identity import KeyPair, PeerId
+    from lattice.node import BlockingNode, Node
+    from lattice.transport.multiaddr import Multiaddr
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'lattice' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(module), name)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-__all__ = ["DecodeError", "TruncatedError", "decode", "encode", "encode_uvarint", "decode_uvarint", "Field"]
+__all__ = ["DecodeError", "Field", "TruncatedError", "decode", "decode_uvarint", "encode", "encode_uvarint"]
 
 VARINT = 0
 I64 = 1

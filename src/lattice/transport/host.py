@@ -252,7 +252,9 @@ class Host:
                     return conn
         target = addr.tcp_target()
         if target is None:
-            raise DialError(f"cannot dial {addr}: no direct TCP address (relayed dials need the relay service)")
+            raise DialError(
+                f"cannot dial {addr}: no direct TCP address (relayed dials need the relay service)"
+            )
         event = trio.Event()
         if expected is not None:
             self._dialing[expected] = event
@@ -332,6 +334,9 @@ class Host:
     async def _run_connection(self, conn: Connection) -> None:
         try:
             await conn.session.run()
+        except Exception:  # a bug handling one peer must not take the host down
+            log.exception("connection to %s failed unexpectedly", conn.remote_peer)
+            await trio.aclose_forcefully(conn.session.secure.raw)
         finally:
             conns = self._conns.get(conn.remote_peer, [])
             if conn in conns:

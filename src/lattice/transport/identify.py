@@ -29,7 +29,10 @@ TIMEOUT = 10.0
 
 
 def encode(host: Host, observed: Multiaddr | None) -> bytes:
-    fields: list[tuple[int, bytes | str | None]] = [(5, host.config.protocol_version), (6, host.config.agent_version)]
+    fields: list[tuple[int, bytes | str | None]] = [
+        (5, host.config.protocol_version),
+        (6, host.config.agent_version),
+    ]
     fields.append((1, host.keypair.public_key.to_protobuf()))
     fields += [(2, a.to_bytes()) for a in host.advertised_addrs()]
     fields.append((4, observed.to_bytes() if observed is not None else None))

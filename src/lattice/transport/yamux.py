@@ -473,7 +473,7 @@ class YamuxSession:
     def _on_header(self, version: int, ftype: int, flags: int, stream_id: int, length: int) -> None:
         if version != 0:
             raise ProtocolError(f"unsupported yamux version {version}")
-        if ftype == TYPE_DATA or ftype == TYPE_WINDOW_UPDATE:
+        if ftype in (TYPE_DATA, TYPE_WINDOW_UPDATE):
             stream = self._stream_for(stream_id, flags)
             if ftype == TYPE_DATA:
                 if length > self.window:

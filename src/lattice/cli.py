@@ -1,0 +1,312 @@
+"""``lattice-node``: run the daemon, or talk to a running one through its control socket.
+
+Bad input never shows a traceback: every expected failure prints one line
+``lattice-node: error: ...`` and exits with code 2. Heavy modules are imported only by the commands
+that need them, so the daemon is ready fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2 (argparse prints usage + error)
+        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+
+
+def _add_control(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--control", metavar="SOCKET", help="control socket of the daemon (default: from config)")
+    p.add_argument("--config", metavar="FILE", help="TOML config file (to find the control socket)")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="lattice-node", description="Lattice peer-to-peer node for decentralized AI.")
+    parser.add_argument("--version", action="version", version=_version())
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    run = sub.add_parser(
+        "run", help="run the node daemon", description="Run the node daemon in the foreground."
+    )
+    run.add_argument("--config", metavar="FILE", help="TOML config file")
+    run.add_argument("--listen", metavar="MULTIADDR", action="append", help="listen address (repeatable)")
+    run.add_argument("--bootstrap", metavar="MULTIADDR", action="append", help="bootstrap peer (repeatable)")
+    run.add_argument("--key", metavar="FILE", help="identity key file (created with mode 0600 if missing)")
+    run.add_argument("--data-dir", metavar="DIR", help="directory for all persistent state")
+    run.add_argument("--control", metavar="SOCKET", help="control socket path")
+    run.add_argument(
+        "--ready-file", metavar="FILE", help="write {peer_id, addrs, control} as JSON when ready"
+    )
+    run.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    run.add_argument("--max-connections", type=int, metavar="N")
+
+    ident = sub.add_parser("id", help="print this node's peer id", description="Print the peer id.")
+    ident.add_argument("--key", metavar="FILE", help="read the peer id from a key file (no daemon needed)")
+    _add_control(ident)
+
+    peers = sub.add_parser("peers", help="list connected peers", description="List connected peers.")
+    _add_control(peers)
+
+    ping = sub.add_parser("ping", help="ping a peer", description="Ping a peer by multiaddr or peer id.")
+    ping.add_argument("target", metavar="MULTIADDR", help="multiaddr (or peer id of a connected peer)")
+    ping.add_argument("-c", "--count", type=int, default=3, help="number of pings (default 3)")
+    _add_control(ping)
+
+    connect = sub.add_parser(
+        "connect", help="connect to a peer", description="Connect to a peer by multiaddr."
+    )
+    connect.add_argument("target", metavar="MULTIADDR")
+    _add_control(connect)
+
+    status = sub.add_parser("status", help="show node status", description="Show the node's status.")
+    _add_control(status)
+
+    stop = sub.add_parser("stop", help="stop the daemon", description="Ask the running daemon to shut down.")
+    _add_control(stop)
+    return parser
+
+
+def _version() -> str:
+    from lattice import __version__
+
+    return f"lattice-node {__version__}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_USAGE
+    from lattice.errors import LatticeError
+
+    try:
+        return _COMMANDS[args.command](args)
+    except LatticeError as exc:
+        print(f"lattice-node: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+# -- the daemon
+def cmd_run(args: argparse.Namespace) -> int:
+    import logging
+
+    import trio
+
+    from lattice.config import NodeConfig
+
+    config = NodeConfig.load(
+        args.config,
+        listen=args.listen,
+        bootstrap=args.bootstrap,
+        key_file=args.key,
+        data_dir=args.data_dir,
+        control_socket=args.control,
+        log_level=args.log_level,
+        max_connections=args.max_connections,
+    )
+    logging.basicConfig(
+        level=config.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    return trio.run(_run_daemon, config, args.ready_file)
+
+
+async def _run_daemon(config, ready_file: str | None) -> int:
+    import signal
+
+    import trio
+
+    from lattice.node import Node
+
+    async with Node(config) as node:
+        info = await node.id()
+        info["control"] = str(node.control_path) if node.control_path else None
+        info["pid"] = os.getpid()
+        print(f"lattice-node ready\npeer id: {info['peer_id']}", flush=True)
+        for addr in info["addrs"]:
+            print(f"listening: {addr}", flush=True)
+        if info["control"]:
+            print(f"control: {info['control']}", flush=True)
+        if ready_file:
+            _write_atomic(ready_file, json.dumps(info))
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with trio.open_nursery() as nursery:
+
+                async def on_signal() -> None:
+                    async for _ in signals:
+                        break
+                    nursery.cancel_scope.cancel()
+
+                async def on_shutdown() -> None:
+                    await node.wait_shutdown()
+                    await trio.sleep(0.05)  # let the control reply go out
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(on_signal)
+                nursery.start_soon(on_shutdown)
+    if ready_file:
+        try:
+            os.unlink(ready_file)
+        except OSError:
+            pass
+    print("lattice-node stopped", file=sys.stderr, flush=True)
+    return 0
+
+
+def _write_atomic(path: str, text: str) -> None:
+    from lattice.errors import ConfigError
+
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise ConfigError(f"cannot write ready file {path}: {exc.strerror}") from None
+
+
+# -- client commands
+def _client(args: argparse.Namespace):
+    from lattice.config import NodeConfig
+    from lattice.control.client import Client
+
+    path = args.control or NodeConfig.load(args.config).control_path
+    return Client(path)
+
+
+def _print(args: argparse.Namespace, data: Any, render) -> None:
+    if args.json:
+        print(json.dumps(data, indent=2))
+    else:
+        render(data)
+
+
+def cmd_id(args: argparse.Namespace) -> int:
+    if args.key:
+        from lattice.identity import load_or_create_key
+
+        print(load_or_create_key(args.key, create=False).peer_id)
+        return 0
+    with _client(args) as client:
+        info = client.id()
+    _print(args, info, lambda d: print(d["peer_id"]))
+    return 0
+
+
+def cmd_peers(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        peers = client.peers()
+
+    def render(rows: list[dict]) -> None:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=f"{len(rows)} connected peer(s)")
+        for col in ("peer id", "address", "dir", "path", "rtt ms", "agent"):
+            table.add_column(col, overflow="fold")
+        for p in rows:
+            rtt = "" if p["rtt_ms"] is None else f"{p['rtt_ms']:.2f}"
+            path = "relayed" if p["relayed"] else "direct"
+            table.add_row(p["peer_id"], p["addr"], p["direction"], path, rtt, p["agent"])
+        Console().print(table)
+
+    _print(args, peers, render)
+    return 0
+
+
+def cmd_ping(args: argparse.Namespace) -> int:
+    if args.count < 1 or args.count > 1000:
+        from lattice.errors import ConfigError
+
+        raise ConfigError("--count must be between 1 and 1000")
+    target = args.target
+    if target.startswith("/"):
+        from lattice.transport.multiaddr import Multiaddr
+
+        Multiaddr.parse(target)  # a clear error before contacting the daemon
+    with _client(args) as client:
+        rtts = client.ping(target, count=args.count)
+    ms = [r * 1000 for r in rtts]
+
+    def render(values: list[float]) -> None:
+        for i, v in enumerate(values, 1):
+            print(f"pong {i} from {target}: {v:.3f} ms")
+        print(
+            f"min/median/max = {min(values):.3f}/{sorted(values)[len(values) // 2]:.3f}/{max(values):.3f} ms"
+        )
+
+    _print(args, {"rtt_ms": ms}, lambda d: render(d["rtt_ms"]))
+    return 0
+
+
+def cmd_connect(args: argparse.Namespace) -> int:
+    from lattice.transport.multiaddr import Multiaddr
+
+    Multiaddr.parse(args.target)
+    with _client(args) as client:
+        peer = client.connect(args.target)
+    _print(args, {"peer_id": peer}, lambda d: print(f"connected to {d['peer_id']}"))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        status = client.status()
+
+    def render(s: dict) -> None:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title="lattice-node status", show_header=False)
+        table.add_column("key", style="bold")
+        table.add_column("value", overflow="fold")
+        table.add_row("peer id", s["peer_id"])
+        table.add_row("version", s["version"])
+        table.add_row("uptime", f"{s['uptime_s']:.0f} s")
+        table.add_row("reachability", s["reachability"])
+        table.add_row("addresses", "\n".join(s["addrs"]) or "-")
+        table.add_row("observed", "\n".join(s["observed_addrs"]) or "-")
+        table.add_row("peers / connections", f"{s['peers']} / {s['connections']}")
+        boot = [f"{b['addr']} ({'up' if b['connected'] else 'down'})" for b in s["bootstrap"]]
+        table.add_row("bootstrap", "\n".join(boot) or "-")
+        table.add_row("traffic", f"sent {s['bytes_sent']} B, received {s['bytes_received']} B")
+        table.add_row("services", ", ".join(s["services"]) or "-")
+        table.add_row("control", s["control"] or "-")
+        Console().print(table)
+
+    _print(args, status, render)
+    return 0
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        client.shutdown()
+    if not args.json:
+        print("daemon is stopping")
+    return 0
+
+
+_COMMANDS = {
+    "run": cmd_run,
+    "id": cmd_id,
+    "peers": cmd_peers,
+    "ping": cmd_ping,
+    "connect": cmd_connect,
+    "status": cmd_status,
+    "stop": cmd_stop,
+}
+
+if __name__ == "__main__":
+    raise SystemExit(main())

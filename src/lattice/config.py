@@ -1,0 +1,167 @@
+"""Node configuration: defaults < TOML file < environment (LATTICE_*) < explicit overrides (CLI flags).
+
+Every value is validated when the config is built, so a typo in a file or a malformed multiaddr is a
+clear ConfigError at start-up, not a failure later inside the network code.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from lattice.errors import ConfigError
+from lattice.transport.multiaddr import Multiaddr
+
+__all__ = ["NodeConfig", "default_data_dir"]
+
+_LOG_LEVELS = ("debug", "info", "warning", "error")
+_UNIX_PATH_MAX = 107
+
+
+def default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return Path(base) / "lattice"
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """Everything a node needs to start. Paths left as None derive from ``data_dir``.
+
+    ``listen`` defaults to an OS-chosen port on all interfaces; give a fixed port
+    (``/ip4/0.0.0.0/tcp/4001``) to a node other peers should find again after a restart.
+    """
+
+    listen: tuple[str, ...] = ("/ip4/0.0.0.0/tcp/0",)
+    bootstrap: tuple[str, ...] = ()
+    data_dir: Path = field(default_factory=default_data_dir)
+    key_file: Path | None = None
+    control_socket: Path | None = None
+    control: bool = True  # serve the local control API (the daemon always does)
+    max_connections: int = 512
+    keepalive_interval: float = 30.0
+    dial_timeout: float = 10.0
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        for name in ("listen", "bootstrap"):
+            value = getattr(self, name)
+            if isinstance(value, str) or not isinstance(value, list | tuple):
+                raise ConfigError(f"{name} must be a list of multiaddrs")
+            object.__setattr__(self, name, tuple(str(Multiaddr.parse(a)) for a in value))
+        for addr in self.listen:
+            ma = Multiaddr.parse(addr)
+            if ma.tcp_target() is None or ma.parts[0][0] not in ("ip4", "ip6") or ma.peer_id is not None:
+                raise ConfigError(f"cannot listen on {addr}: expected /ip4|ip6/ADDRESS/tcp/PORT")
+        for addr in self.bootstrap:
+            if Multiaddr.parse(addr).tcp_target() is None:
+                raise ConfigError(
+                    f"bootstrap address {addr} is not a direct /ip4|ip6|dns/.../tcp/PORT address"
+                )
+        for name in ("data_dir", "key_file", "control_socket"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, Path):
+                if not isinstance(value, str) or not value:
+                    raise ConfigError(f"{name} must be a path")
+                value = Path(os.path.expanduser(value))
+            if value is not None:  # absolute: the daemon's paths are shared with other processes
+                object.__setattr__(self, name, Path(os.path.abspath(value)))
+        if self.control_path is not None and len(os.fsencode(str(self.control_path))) > _UNIX_PATH_MAX:
+            raise ConfigError(
+                f"control socket path {self.control_path} is longer than {_UNIX_PATH_MAX} bytes; "
+                "choose a shorter one"
+            )
+        if not isinstance(self.max_connections, int) or self.max_connections < 1:
+            raise ConfigError("max_connections must be a positive integer")
+        for name in ("keepalive_interval", "dial_timeout"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or value <= 0:
+                raise ConfigError(f"{name} must be a positive number of seconds")
+        if self.log_level not in _LOG_LEVELS:
+            raise ConfigError(f"log_level must be one of {', '.join(_LOG_LEVELS)}")
+
+    @property
+    def key_path(self) -> Path:
+        return self.key_file if self.key_file is not None else self.data_dir / "identity.key"
+
+    @property
+    def control_path(self) -> Path | None:
+        if not self.control:
+            return None
+        return self.control_socket if self.control_socket is not None else self.data_dir / "control.sock"
+
+    def with_overrides(self, **overrides: Any) -> NodeConfig:
+        """A copy with the given fields replaced (None values are ignored)."""
+        values = {k: v for k, v in overrides.items() if v is not None}
+        unknown = set(values) - {f.name for f in fields(self)}
+        if unknown:
+            raise ConfigError(f"unknown config keys: {', '.join(sorted(unknown))}")
+        return replace(self, **values)
+
+    @classmethod
+    def load(
+        cls,
+        file: str | os.PathLike[str] | None = None,
+        env: dict[str, str] | None = None,
+        **overrides: Any,
+    ) -> NodeConfig:
+        """Build the config from defaults, then ``file`` (or $LATTICE_CONFIG), the environment, overrides."""
+        env = dict(os.environ) if env is None else env
+        values: dict[str, Any] = {}
+        file = file or env.get("LATTICE_CONFIG")
+        if file:
+            values.update(_read_toml(Path(file)))
+        values.update(_from_env(env))
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        known = {f.name for f in fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ConfigError(f"unknown config keys: {', '.join(sorted(unknown))}")
+        try:
+            return cls(**values)
+        except TypeError as exc:
+            raise ConfigError(f"invalid configuration: {exc}") from None
+
+
+_ENV_LISTS = {"LATTICE_LISTEN": "listen", "LATTICE_BOOTSTRAP": "bootstrap"}
+_ENV_SCALARS = {
+    "LATTICE_DATA_DIR": ("data_dir", str),
+    "LATTICE_KEY_FILE": ("key_file", str),
+    "LATTICE_CONTROL_SOCKET": ("control_socket", str),
+    "LATTICE_MAX_CONNECTIONS": ("max_connections", int),
+    "LATTICE_KEEPALIVE_INTERVAL": ("keepalive_interval", float),
+    "LATTICE_DIAL_TIMEOUT": ("dial_timeout", float),
+    "LATTICE_LOG_LEVEL": ("log_level", str),
+}
+
+
+def _from_env(env: dict[str, str]) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for var, name in _ENV_LISTS.items():
+        if env.get(var):
+            values[name] = [a.strip() for a in env[var].split(",") if a.strip()]
+    for var, (name, kind) in _ENV_SCALARS.items():
+        if env.get(var):
+            try:
+                values[name] = kind(env[var])
+            except ValueError:
+                raise ConfigError(f"{var}={env[var]!r} is not a valid {kind.__name__}") from None
+    return values
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    node = data.get("node", data)  # keys may sit at top level or under [node]
+    if not isinstance(node, dict):
+        raise ConfigError(f"config file {path}: [node] must be a table")
+    return {k.replace("-", "_"): v for k, v in node.items()}

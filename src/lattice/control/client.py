@@ -1,0 +1,135 @@
+"""``lattice.Client``: drive a running ``lattice-node`` daemon from another process.
+
+Blocking and dependency-light (plain sockets + msgpack, no trio), so any script can use it::
+
+    from lattice import Client
+    with Client("/path/to/control.sock") as c:
+        print(c.id()["peer_id"], c.peers())
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from lattice.control import protocol
+from lattice.errors import ControlError
+
+__all__ = ["Client", "RemoteError"]
+
+
+class RemoteError(ControlError):
+    """The daemon ran the operation and it failed; ``type`` names the daemon-side error."""
+
+    def __init__(self, type_name: str, message: str) -> None:
+        super().__init__(message)
+        self.type = type_name
+
+
+class Client:
+    def __init__(self, socket_path: str | os.PathLike[str] | None = None, timeout: float = 60.0) -> None:
+        if socket_path is None:
+            from lattice.config import NodeConfig
+
+            socket_path = NodeConfig.load().control_path
+        self.path = Path(socket_path)  # type: ignore[arg-type]
+        self.timeout = timeout
+        self._ids = itertools.count(1)
+        self._buf = bytearray()
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock.settimeout(timeout)
+        try:
+            self._sock.connect(str(self.path))
+        except (FileNotFoundError, ConnectionRefusedError):
+            self._sock.close()
+            raise ControlError(
+                f"no daemon is listening on control socket {self.path} (is `lattice-node run` running?)"
+            ) from None
+        except OSError as exc:
+            self._sock.close()
+            raise ControlError(f"cannot connect to control socket {self.path}: {exc.strerror}") from None
+
+    # -- generic calls
+    def call(self, op: str, **args: Any) -> Any:
+        """Run ``op`` on the daemon and return its result (RemoteError if it failed)."""
+        items = list(self._request(op, args))
+        return items[-1][1]
+
+    def stream(self, op: str, **args: Any) -> Iterator[Any]:
+        """Items of a streaming operation as they arrive."""
+        for kind, value in self._request(op, args):
+            if kind == "item":
+                yield value
+
+    def _request(self, op: str, args: dict) -> Iterator[tuple[str, Any]]:
+        req_id = next(self._ids)
+        try:
+            self._sock.sendall(protocol.encode({"id": req_id, "op": op, "args": args}))
+            while True:
+                reply = self._read()
+                if reply.get("id") != req_id:
+                    continue
+                if "item" in reply:
+                    yield "item", reply["item"]
+                    continue
+                if reply.get("ok"):
+                    yield "result", reply.get("result")
+                    return
+                error = reply.get("error") or {}
+                raise RemoteError(str(error.get("type", "Error")), str(error.get("message", "unknown error")))
+        except TimeoutError:
+            raise ControlError(f"daemon did not answer {op!r} within {self.timeout:.0f}s") from None
+        except (BrokenPipeError, ConnectionResetError):
+            raise ControlError("the daemon closed the control connection") from None
+
+    def _read(self) -> dict:
+        while len(self._buf) < 4:
+            self._fill()
+        length = protocol.frame_length(bytes(self._buf[:4]))
+        while len(self._buf) < 4 + length:
+            self._fill()
+        body = bytes(self._buf[4 : 4 + length])
+        del self._buf[: 4 + length]
+        return protocol.decode(body)
+
+    def _fill(self) -> None:
+        chunk = self._sock.recv(1 << 20)
+        if not chunk:
+            raise ControlError("the daemon closed the control connection")
+        self._buf += chunk
+
+    # -- the node's operations (same names as Node's methods)
+    def id(self) -> dict:
+        return self.call("id")
+
+    def peers(self) -> list[dict]:
+        return self.call("peers")
+
+    def status(self) -> dict:
+        return self.call("status")
+
+    def connect(self, addr: str, timeout: float | None = None) -> str:
+        return self.call("connect", addr=str(addr), timeout=timeout)
+
+    def ping(self, target: str, count: int = 1, timeout: float | None = None) -> list[float]:
+        return self.call("ping", target=str(target), count=count, timeout=timeout)
+
+    def disconnect(self, peer: str) -> None:
+        self.call("disconnect", peer=str(peer))
+
+    def shutdown(self) -> None:
+        """Ask the daemon to stop (it answers first, then shuts down)."""
+        self.call("shutdown")
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

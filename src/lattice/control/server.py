@@ -1,0 +1,179 @@
+"""The daemon's local control API: a Unix socket (mode 0600) serving registered operations.
+
+Operations are plain async functions taking keyword arguments and returning msgpack-able values (or
+async generators, whose items are streamed). Services register their own operations, so later layers
+(DHT, CRDT, RPC) extend the API without touching this module.
+"""
+
+from __future__ import annotations
+
+import errno
+import inspect
+import logging
+import os
+import socket as stdsocket
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from lattice.control import protocol
+from lattice.errors import ConfigError, ControlError, LatticeError
+
+log = logging.getLogger(__name__)
+
+Operation = Callable[..., Any]
+MAX_CLIENTS = 64
+
+
+class ControlServer:
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.ops: dict[str, Operation] = {}
+        self._listener: trio.SocketListener | None = None
+        self._clients = 0
+
+    def register(self, name: str, op: Operation) -> None:
+        if name in self.ops:
+            raise ValueError(f"control operation {name!r} is already registered")
+        self.ops[name] = op
+
+    async def bind(self) -> None:
+        """Create the socket (refusing to steal one a live daemon is using)."""
+        path = self.path
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if path.exists() or path.is_symlink():
+            if _socket_is_live(path):
+                raise ConfigError(f"control socket {path} is in use by another running daemon")
+            path.unlink()
+        sock = trio.socket.socket(stdsocket.AF_UNIX, stdsocket.SOCK_STREAM)
+        old_umask = os.umask(0o177)  # the socket is born 0600: no window where others can connect
+        try:
+            await sock.bind(str(path))
+        except OSError as exc:
+            sock.close()
+            raise ConfigError(f"cannot create control socket {path}: {exc.strerror}") from None
+        finally:
+            os.umask(old_umask)
+        os.chmod(path, 0o600)
+        sock.listen(16)
+        self._listener = trio.SocketListener(sock)
+
+    async def serve(self) -> None:
+        assert self._listener is not None, "bind() first"
+        try:
+            async with trio.open_nursery() as nursery:
+                while True:
+                    stream = await self._listener.accept()
+                    if self._clients >= MAX_CLIENTS:
+                        await trio.aclose_forcefully(stream)
+                        continue
+                    self._clients += 1
+                    nursery.start_soon(self._serve_client, stream)
+        finally:
+            with trio.CancelScope(shield=True):
+                await trio.aclose_forcefully(self._listener)
+                try:
+                    self.path.unlink()
+                except OSError:
+                    pass
+
+    async def _serve_client(self, stream: trio.SocketStream) -> None:
+        buf = bytearray()
+        try:
+            async with stream, trio.open_nursery() as nursery:
+                send_lock = trio.Lock()
+                while True:
+                    message = await _read_frame(stream, buf)
+                    if message is None:
+                        return
+                    nursery.start_soon(self._dispatch, stream, send_lock, message)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        except protocol.FrameError as exc:
+            log.info("control client sent a bad frame: %s", exc)
+        except Exception:  # a bug handling one client must not take the daemon down
+            log.exception("control client handler failed")
+        finally:
+            self._clients -= 1
+
+    async def _dispatch(self, stream, send_lock: trio.Lock, message: dict) -> None:
+        req_id = message.get("id")
+        op_name = message.get("op")
+        args = message.get("args") or {}
+
+        async def send(reply: dict) -> None:
+            async with send_lock:
+                try:
+                    await stream.send_all(protocol.encode({"id": req_id, **reply}))
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass
+
+        op = self.ops.get(op_name) if isinstance(op_name, str) else None
+        if op is None:
+            await send(
+                {"ok": False, "error": {"type": "ControlError", "message": f"unknown operation {op_name!r}"}}
+            )
+            return
+        if not isinstance(args, dict):
+            await send({"ok": False, "error": {"type": "ControlError", "message": "args must be a map"}})
+            return
+        try:
+            result = op(**args)
+            if inspect.isasyncgen(result):
+                async for item in result:
+                    await send({"item": item})
+                result = None
+            elif inspect.isawaitable(result):
+                result = await result
+            await send({"ok": True, "result": result})
+        except TypeError as exc:
+            await send(
+                {
+                    "ok": False,
+                    "error": {"type": "ControlError", "message": f"bad arguments for {op_name}: {exc}"},
+                }
+            )
+        except LatticeError as exc:
+            await send({"ok": False, "error": {"type": type(exc).__name__, "message": str(exc)}})
+        except trio.TooSlowError:
+            await send({"ok": False, "error": {"type": "TimeoutError", "message": f"{op_name} timed out"}})
+        except Exception as exc:
+            log.exception("control operation %s failed", op_name)
+            await send(
+                {"ok": False, "error": {"type": "InternalError", "message": f"{type(exc).__name__}: {exc}"}}
+            )
+
+
+async def _read_frame(stream: trio.SocketStream, buf: bytearray) -> dict | None:
+    while len(buf) < 4:
+        chunk = await stream.receive_some(65536)
+        if not chunk:
+            if buf:
+                raise protocol.FrameError("control connection closed inside a frame")
+            return None
+        buf += chunk
+    length = protocol.frame_length(bytes(buf[:4]))
+    while len(buf) < 4 + length:
+        chunk = await stream.receive_some(max(65536, min(length, 1 << 20)))
+        if not chunk:
+            raise protocol.FrameError("control connection closed inside a frame")
+        buf += chunk
+    body = bytes(buf[4 : 4 + length])
+    del buf[: 4 + length]
+    return protocol.decode(body)
+
+
+def _socket_is_live(path: Path) -> bool:
+    probe = stdsocket.socket(stdsocket.AF_UNIX, stdsocket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(str(path))
+    except OSError as exc:
+        if exc.errno in (errno.ECONNREFUSED, errno.ENOENT, errno.ENOTSOCK):
+            return False
+        raise ControlError(f"cannot check control socket {path}: {exc.strerror}") from None
+    finally:
+        probe.close()
+    return True

@@ -1,0 +1,330 @@
+"""The node: composes the host, connection manager, services and the local control API.
+
+Async (trio)::
+
+    async with Node(NodeConfig(listen=["/ip4/127.0.0.1/tcp/0"], control=False)) as node:
+        await node.connect("/ip4/127.0.0.1/tcp/4001/p2p/12D3KooW...")
+        print(await node.peers())
+
+Blocking, for ordinary scripts (the trio loop runs in a background thread; same method names)::
+
+    node = Node.start(NodeConfig(control=False))
+    node.connect(addr); node.peers(); node.close()
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+import trio
+
+from lattice import __version__
+from lattice.config import NodeConfig
+from lattice.errors import DialError, NodeError
+from lattice.identity import KeyPair, PeerId, load_or_create_key
+from lattice.transport import ping as ping_protocol
+from lattice.transport.connmgr import ConnectionManager
+from lattice.transport.host import Host, HostConfig, open_host
+from lattice.transport.multiaddr import Multiaddr
+
+__all__ = ["BlockingNode", "Node", "Service"]
+
+log = logging.getLogger(__name__)
+
+
+class Service(Protocol):
+    """A plug-in service (DHT, CRDT, RPC, apps): started with the node, stopped with it."""
+
+    name: str
+
+    async def run(self, node: Node, task_status: trio.TaskStatus = ...) -> None:
+        """Run until cancelled; call ``task_status.started()`` once usable."""
+
+
+class Node:
+    def __init__(self, config: NodeConfig | None = None, *, keypair: KeyPair | None = None) -> None:
+        self.config = config or NodeConfig()
+        self._keypair = keypair
+        self.host: Host | None = None
+        self.services: dict[str, Service] = {}
+        self.control_ops: dict[str, Callable[..., Any]] = {}
+        self.control_path = self.config.control_path
+        self._stack: Any = None
+        self._nursery: trio.Nursery | None = None
+        self._shutdown = trio.Event()
+        self._started_at = 0.0
+        self.connmgr: ConnectionManager | None = None
+        self._register_core_ops()
+
+    # -- lifecycle
+    async def __aenter__(self) -> Node:
+        from contextlib import AsyncExitStack
+
+        keypair = self._keypair or load_or_create_key(self.config.key_path)
+        cfg = self.config
+        host_config = HostConfig(
+            agent_version=f"lattice/{__version__}",
+            max_connections=cfg.max_connections,
+            dial_timeout=cfg.dial_timeout,
+        )
+        self._stack = AsyncExitStack()
+        await self._stack.__aenter__()
+        try:
+            self.host = await self._stack.enter_async_context(open_host(keypair, host_config))
+            self._nursery = await self._stack.enter_async_context(trio.open_nursery())
+            self._stack.callback(self._nursery.cancel_scope.cancel)  # runs before the nursery exits
+            for addr in cfg.listen:
+                await self.host.listen(addr)
+            control = None
+            if self.control_path is not None:
+                from lattice.control.server import ControlServer
+
+                control = ControlServer(self.control_path)
+                await control.bind()
+            bootstrap = [Multiaddr.parse(a) for a in cfg.bootstrap]
+            self.connmgr = ConnectionManager(self.host, bootstrap, keepalive_interval=cfg.keepalive_interval)
+            self._nursery.start_soon(self.connmgr.run)
+            for service in self.services.values():
+                await self._nursery.start(service.run, self)
+            if control is not None:
+                control.ops = self.control_ops
+                self._nursery.start_soon(control.serve)
+        except BaseException:
+            await self._stack.__aexit__(None, None, None)
+            raise
+        self._started_at = time.time()
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> bool:
+        stack, self._stack = self._stack, None
+        if stack is None:
+            return False
+        return bool(await stack.__aexit__(*exc_info))
+
+    async def aclose(self) -> None:
+        await self.__aexit__(None, None, None)
+
+    def add_service(self, service: Service) -> None:
+        """Register a service before the node starts (it starts with the node)."""
+        if self.host is not None:
+            raise NodeError("add services before the node starts")
+        if service.name in self.services:
+            raise NodeError(f"service {service.name!r} is already registered")
+        self.services[service.name] = service
+
+    def add_control_op(self, name: str, op: Callable[..., Any]) -> None:
+        """Expose an operation on the daemon's control API (and so to ``lattice.Client``)."""
+        if name in self.control_ops:
+            raise NodeError(f"control operation {name!r} is already registered")
+        self.control_ops[name] = op
+
+    def request_shutdown(self) -> None:
+        self._shutdown.set()
+
+    async def wait_shutdown(self) -> None:
+        await self._shutdown.wait()
+
+    # -- identity and addresses
+    def _require_host(self) -> Host:
+        if self.host is None:
+            raise NodeError("the node is not running (use `async with Node(...)` or Node.start())")
+        return self.host
+
+    @property
+    def peer_id(self) -> PeerId:
+        return self._require_host().peer_id
+
+    @property
+    def addrs(self) -> list[str]:
+        """Full multiaddrs other peers can dial (``.../p2p/<peer id>``)."""
+        host = self._require_host()
+        return [str(a.with_peer(host.peer_id)) for a in host.advertised_addrs()]
+
+    # -- operations (each is also a control op and a BlockingNode method)
+    async def id(self) -> dict:
+        host = self._require_host()
+        return {"peer_id": str(host.peer_id), "addrs": self.addrs, "agent": host.config.agent_version}
+
+    async def connect(self, addr: str, timeout: float | None = None) -> str:
+        """Connect to a peer by multiaddr; returns its peer id."""
+        conn = await self._require_host().connect(addr, timeout=timeout or self.config.dial_timeout)
+        return str(conn.remote_peer)
+
+    async def disconnect(self, peer: str | PeerId) -> None:
+        await self._require_host().disconnect(_as_peer(peer))
+
+    async def ping(self, target: str | PeerId, count: int = 1, timeout: float | None = None) -> list[float]:
+        """Ping a peer (peer id of a connected peer, or a multiaddr to dial); RTTs in seconds."""
+        host = self._require_host()
+        timeout = timeout or 10.0
+        if isinstance(target, str) and target.startswith("/"):
+            peer = _as_peer(await self.connect(target, timeout=timeout))
+        else:
+            peer = _as_peer(target)
+            if host.connection_to(peer) is None:
+                raise DialError(f"not connected to {peer}; give a multiaddr to dial it")
+        return await ping_protocol.ping(host, peer, count=count, timeout=timeout)
+
+    async def peers(self) -> list[dict]:
+        """Connected peers with their connection details."""
+        host = self._require_host()
+        out = []
+        for peer in host.connected_peers():
+            conn = host.connection_to(peer)
+            info = host.peerstore.get(peer)
+            if conn is None:
+                continue
+            out.append(
+                {
+                    "peer_id": str(peer),
+                    "addr": str(conn.remote_addr),
+                    "direction": conn.direction,
+                    "relayed": conn.relayed,
+                    "rtt_ms": round(conn.rtt * 1000, 3) if conn.rtt is not None else None,
+                    "agent": info.agent_version if info else "",
+                    "listen_addrs": [str(a) for a in info.addrs] if info else [],
+                    "protocols": info.protocols if info else [],
+                    "streams": conn.session.num_streams,
+                    "connected_for_s": round(time.time() - conn.opened_at, 1),
+                }
+            )
+        return out
+
+    async def status(self) -> dict:
+        host = self._require_host()
+        conns = host.connections()
+        boot = self.connmgr.bootstrap_peers if self.connmgr else {}
+        return {
+            "peer_id": str(host.peer_id),
+            "version": __version__,
+            "addrs": self.addrs,
+            "listen": [str(a) for a in host.listen_addrs],
+            "uptime_s": round(time.time() - self._started_at, 1),
+            "peers": len(host.connected_peers()),
+            "connections": len(conns),
+            "reachability": "unknown",
+            "observed_addrs": [str(a) for a, _ in host.observed_addrs.most_common(4)],
+            "bootstrap": [
+                {
+                    "addr": str(a),
+                    "peer_id": str(p) if p else None,
+                    "connected": bool(p and host.connection_to(p)),
+                }
+                for a, p in boot.items()
+            ],
+            "bytes_sent": sum(c.session.bytes_sent for c in conns),
+            "bytes_received": sum(c.session.bytes_received for c in conns),
+            "services": sorted(self.services),
+            "control": str(self.control_path) if self.control_path else None,
+        }
+
+    async def shutdown(self) -> None:
+        """Stop the daemon (control op): the reply goes out first, then the node stops."""
+        self.request_shutdown()
+
+    def _register_core_ops(self) -> None:
+        for name in ("id", "connect", "disconnect", "ping", "peers", "status", "shutdown"):
+            self.control_ops[name] = getattr(self, name)
+
+    # -- blocking facade
+    @classmethod
+    def start(cls, config: NodeConfig | None = None, *, keypair: KeyPair | None = None) -> BlockingNode:
+        """Start a node on a background thread and return its blocking facade."""
+        return BlockingNode(cls(config, keypair=keypair))
+
+
+def _as_peer(peer: str | PeerId) -> PeerId:
+    return peer if isinstance(peer, PeerId) else PeerId.from_string(str(peer))
+
+
+class BlockingNode:
+    """The same node and method names, blocking: for training scripts and notebooks."""
+
+    def __init__(self, node: Node, start_timeout: float = 30.0) -> None:
+        self.node = node
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._error: BaseException | None = None
+        self._ready = threading.Event()
+        self._stop: trio.Event | None = None
+        self._thread = threading.Thread(target=self._main, name="lattice-node", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(start_timeout):
+            raise NodeError(f"node did not start within {start_timeout:.0f}s")
+        if self._error is not None:
+            raise self._error
+
+    def _main(self) -> None:
+        async def run() -> None:
+            self._token = trio.lowlevel.current_trio_token()
+            self._stop = trio.Event()
+            try:
+                async with self.node:
+                    self._ready.set()
+                    await self._stop.wait()
+            except BaseException as exc:  # surfaced to the caller of start()
+                self._error = exc
+                self._ready.set()
+
+        trio.run(run)
+
+    def _call(self, fn: Callable[..., Awaitable[Any]], *args: Any, **kwargs: Any) -> Any:
+        if self._token is None or not self._thread.is_alive():
+            raise NodeError("the node is closed")
+        return trio.from_thread.run(functools.partial(fn, *args, **kwargs), trio_token=self._token)
+
+    @property
+    def peer_id(self) -> PeerId:
+        return self.node.peer_id
+
+    @property
+    def addrs(self) -> list[str]:
+        return self._call(_sync_to_async(lambda: self.node.addrs))
+
+    def run(self, fn: Callable[..., Awaitable[Any]], *args: Any, **kwargs: Any) -> Any:
+        """Run any coroutine function on the node's trio loop (for services' async APIs)."""
+        return self._call(fn, *args, **kwargs)
+
+    def id(self) -> dict:
+        return self._call(self.node.id)
+
+    def connect(self, addr: str, timeout: float | None = None) -> str:
+        return self._call(self.node.connect, addr, timeout)
+
+    def disconnect(self, peer: str | PeerId) -> None:
+        return self._call(self.node.disconnect, peer)
+
+    def ping(self, target: str | PeerId, count: int = 1, timeout: float | None = None) -> list[float]:
+        return self._call(self.node.ping, target, count, timeout)
+
+    def peers(self) -> list[dict]:
+        return self._call(self.node.peers)
+
+    def status(self) -> dict:
+        return self._call(self.node.status)
+
+    def close(self) -> None:
+        """Stop the node and its thread (idempotent)."""
+        if self._token is not None and self._thread.is_alive() and self._stop is not None:
+            try:
+                trio.from_thread.run_sync(self._stop.set, trio_token=self._token)
+            except trio.RunFinishedError:
+                pass
+        self._thread.join(timeout=10)
+
+    def __enter__(self) -> BlockingNode:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _sync_to_async(fn: Callable[[], Any]) -> Callable[[], Awaitable[Any]]:
+    async def wrapper() -> Any:
+        return fn()
+
+    return wrapper
