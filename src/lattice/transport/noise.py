@@ -58,6 +58,21 @@ class CipherState:
         self.n += 1
         return out
 
+    def encrypt_into(self, plaintext: memoryview, out: memoryview) -> None:
+        if self.n >= _MAX_NONCE:
+            raise ProtocolError("noise nonce exhausted")
+        self._aead.encrypt_into(_nonce(self.n), plaintext, None, out)
+        self.n += 1
+
+    def decrypt_into(self, ciphertext: memoryview, out: memoryview) -> None:
+        if self.n >= _MAX_NONCE:
+            raise ProtocolError("noise nonce exhausted")
+        try:
+            self._aead.decrypt_into(_nonce(self.n), ciphertext, None, out)
+        except InvalidTag:
+            raise ProtocolError("noise frame failed authentication") from None
+        self.n += 1
+
     def decrypt(self, ciphertext: bytes | memoryview, ad: bytes = b"") -> bytes:
         if self.n >= _MAX_NONCE:
             raise ProtocolError("noise nonce exhausted")
@@ -214,9 +229,13 @@ class XXHandshake:
 class SecureStream:
     """Encrypted byte stream over a trio stream, in libp2p Noise transport framing.
 
-    ``send_all`` is not cancel-safe by itself; the muxer above serialises writes and shields them so
-    a frame is never cut half-way (py-libp2p defect 2).
+    Hot path: ``send_all`` encrypts every 65519-byte slice straight into one preallocated output
+    buffer (one ``send_all`` per batch); ``receive_some`` reads into a reusable buffer and decrypts
+    every complete frame into one plaintext buffer. ``send_all`` is not cancel-safe by itself; the
+    muxer above serialises writes and shields them so a frame is never cut half-way.
     """
+
+    RECV_BUFFER = 1 << 21
 
     def __init__(self, raw: trio.abc.Stream, send: CipherState, recv: CipherState, remote: PublicKey):
         self.raw = raw
@@ -224,7 +243,11 @@ class SecureStream:
         self._recv = recv
         self.remote_public_key = remote
         self.remote_peer: PeerId = remote.peer_id()
-        self._buf = bytearray()
+        self._buf = bytearray()  # bytes read during the handshake, not yet consumed
+        self._rbuf = bytearray(self.RECV_BUFFER)
+        self._rstart = 0
+        self._rend = 0
+        self._sock = getattr(raw, "socket", None)
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data)
@@ -233,45 +256,84 @@ class SecureStream:
             ct = self._send.encrypt(view)
             await self.raw.send_all(struct.pack(">H", len(ct)) + ct)
             return
-        parts = []
+        nframes = -(-total // MAX_PLAINTEXT)
+        out = bytearray(total + nframes * (2 + TAG_LEN))
+        outv = memoryview(out)
+        pos = 0
+        enc = self._send
         for off in range(0, total, MAX_PLAINTEXT):
-            ct = self._send.encrypt(view[off : off + MAX_PLAINTEXT])
-            parts.append(struct.pack(">H", len(ct)))
-            parts.append(ct)
-        await self.raw.send_all(b"".join(parts))
+            chunk = view[off : off + MAX_PLAINTEXT]
+            n = len(chunk) + TAG_LEN
+            outv[pos] = n >> 8
+            outv[pos + 1] = n & 0xFF
+            enc.encrypt_into(chunk, outv[pos + 2 : pos + 2 + n])
+            pos += 2 + n
+        outv.release()
+        await self.raw.send_all(out)
 
-    async def receive_some(self, max_bytes: int = 262144) -> bytes:
+    async def receive_some(self, max_bytes: int = 262144) -> bytes | bytearray:
         """Decrypted bytes of one or more whole frames; b"" on clean EOF at a frame boundary."""
-        buf = self._buf
+        if self._buf:  # handshake leftovers go through the ring buffer like everything else
+            self._absorb(bytes(self._buf))
+            self._buf.clear()
         while True:
-            out = []
-            pos = 0
-            n = len(buf)
-            view = memoryview(buf)
+            out = self._decrypt_ready()
+            if out is not None:
+                return out
+            if self._rend == len(self._rbuf):  # compact before reading more
+                live = self._rend - self._rstart
+                self._rbuf[:live] = self._rbuf[self._rstart : self._rend]
+                self._rstart, self._rend = 0, live
             try:
-                while n - pos >= 2:
-                    length = (buf[pos] << 8) | buf[pos + 1]
-                    if n - pos - 2 < length:
-                        break
-                    if length < TAG_LEN:
-                        raise ProtocolError("noise frame shorter than its tag")
-                    out.append(self._recv.decrypt(view[pos + 2 : pos + 2 + length]))
-                    pos += 2 + length
-            finally:
-                view.release()
-            if pos:
-                del buf[:pos]
-            if out:
-                return out[0] if len(out) == 1 else b"".join(out)
-            try:
-                chunk = await self.raw.receive_some(max_bytes)
+                if self._sock is not None:
+                    with memoryview(self._rbuf) as view:
+                        n = await self._sock.recv_into(view[self._rend :])
+                else:
+                    chunk = await self.raw.receive_some(len(self._rbuf) - self._rend)
+                    n = len(chunk)
+                    self._rbuf[self._rend : self._rend + n] = chunk
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                 raise ConnectionLost(f"connection lost: {exc}") from None
-            if not chunk:
-                if buf:
+            if not n:
+                if self._rend > self._rstart:
                     raise ConnectionLost("connection closed in the middle of a noise frame")
                 return b""
-            buf += chunk
+            self._rend += n
+
+    def _absorb(self, data: bytes) -> None:
+        need = self._rend + len(data)
+        if need > len(self._rbuf):
+            self._rbuf.extend(bytes(need - len(self._rbuf)))
+        self._rbuf[self._rend : need] = data
+        self._rend = need
+
+    def _decrypt_ready(self) -> bytearray | None:
+        """Decrypt every complete frame in the receive buffer into one plaintext buffer."""
+        buf = self._rbuf
+        pos, end = self._rstart, self._rend
+        frames = []
+        while end - pos >= 2:
+            length = (buf[pos] << 8) | buf[pos + 1]
+            if length < TAG_LEN:
+                raise ProtocolError("noise frame shorter than its tag")
+            if end - pos - 2 < length:
+                break
+            frames.append((pos + 2, length))
+            pos += 2 + length
+        if not frames:
+            return None
+        out = bytearray(sum(length - TAG_LEN for _, length in frames))
+        with memoryview(buf) as src, memoryview(out) as dst:
+            at = 0
+            dec = self._recv
+            for start, length in frames:
+                size = length - TAG_LEN
+                dec.decrypt_into(src[start : start + length], dst[at : at + size])
+                at += size
+        self._rstart = pos
+        if pos == end:
+            self._rstart = self._rend = 0
+        return out
 
     async def aclose(self) -> None:
         await self.raw.aclose()

@@ -80,21 +80,24 @@ class YamuxStream:
             self._buf[0] = chunk[max_bytes:]
             chunk = chunk[:max_bytes]
         self._consumed(len(chunk))
-        return chunk
+        return bytes(chunk)
 
     async def receive_some(self, max_bytes: int = 65536) -> bytes:
         return await self.read(max_bytes)
+
+    async def _wait_for(self, n: int) -> None:
+        while self._buf_len < n:
+            if self._error is not None and not self._remote_fin:
+                raise self._error
+            if self._remote_fin:
+                raise StreamError(f"stream ended after {self._buf_len} of {n} expected bytes")
+            await self._read_lot.park()
 
     async def read_exactly(self, n: int) -> bytes:
         """Exactly ``n`` bytes, or StreamError if the stream ends first (never a short result)."""
         if n == 0:
             return b""
-        while self._buf_len < n:
-            if self._error is not None:
-                raise self._error
-            if self._remote_fin:
-                raise StreamError(f"stream ended after {self._buf_len} of {n} expected bytes")
-            await self._read_lot.park()
+        await self._wait_for(n)
         first = self._buf[0]
         if len(first) >= n:  # fast path: no join
             if len(first) == n:
@@ -102,7 +105,7 @@ class YamuxStream:
             else:
                 self._buf[0] = first[n:]
             self._consumed(n)
-            return first[:n] if len(first) != n else first
+            return bytes(first[:n])
         parts = []
         need = n
         while need:
@@ -117,10 +120,31 @@ class YamuxStream:
         self._consumed(n)
         return b"".join(parts)
 
+    async def read_into(self, dest: memoryview) -> None:
+        """Fill ``dest`` completely (one copy from the decrypted frames), or raise StreamError.
+
+        Consumes the stream as data arrives, so the window keeps moving for transfers far larger
+        than the window.
+        """
+        dest = dest.cast("B") if dest.format != "B" or dest.ndim != 1 else dest
+        pos, total = 0, len(dest)
+        while pos < total:
+            await self._wait_for(1)
+            while self._buf and pos < total:
+                chunk = self._buf[0]
+                take = min(len(chunk), total - pos)
+                dest[pos : pos + take] = chunk[:take]
+                if take == len(chunk):
+                    self._buf.popleft()
+                else:
+                    self._buf[0] = chunk[take:]
+                pos += take
+                self._consumed(take)
+
     def unread(self, data: bytes) -> None:
         """Push bytes back in front of the buffer (read past a negotiation); not counted again."""
         if data:
-            self._buf.appendleft(bytes(data))
+            self._buf.appendleft(memoryview(bytes(data)))
             self._buf_len += len(data)
             self._unacked -= len(data)
 
@@ -134,28 +158,44 @@ class YamuxStream:
             self.session._queue_control(header(TYPE_WINDOW_UPDATE, 0, self.id, delta))
 
     # -- writing
-    async def write(self, data: bytes | bytearray | memoryview) -> None:
-        view = memoryview(data)
+    async def write(self, data: bytes | bytearray | memoryview, fin: bool = False) -> None:
+        """Send ``data`` (waiting for window as needed); ``fin=True`` half-closes in the same frame."""
+        view = memoryview(data).cast("B") if not isinstance(data, bytes) else memoryview(data)
         total = len(view)
+        session = self.session
         async with self._write_lock:
             off = 0
-            while off < total:
+            while off < total or (fin and not self._local_fin):
                 if self._error is not None:
                     raise self._error
                 if self._local_fin:
                     raise StreamError("write after close")
-                while self._send_window == 0:
+                while self._send_window == 0 and off < total:
                     await self._window_lot.park()
                     if self._error is not None:
                         raise self._error
-                n = min(self._send_window, total - off, self.session.max_frame)
-                hdr = header(TYPE_DATA, 0, self.id, n)
+                batch = min(self._send_window, total - off, session.max_batch)
+                parts: list[bytes | memoryview] = []
                 if self._syn_pending:
-                    hdr = self._syn_frame(0) + hdr
+                    parts.append(self._syn_frame(0))
                     self._syn_pending = False
-                self._send_window -= n
-                await self.session._send_frame(hdr, view[off : off + n])
-                off += n
+                end = off + batch
+                while True:
+                    n = min(session.max_frame, end - off)
+                    last = off + n >= end
+                    flags = FLAG_FIN if (fin and last and end == total) else 0
+                    parts.append(header(TYPE_DATA, flags, self.id, n))
+                    if n:
+                        parts.append(view[off : off + n])
+                    off += n
+                    if last:
+                        break
+                self._send_window -= batch
+                if fin and off == total:
+                    self._local_fin = True
+                await session._send_frame(*parts)
+        if self._local_fin:
+            self._maybe_forget()
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         await self.write(data)
@@ -194,7 +234,7 @@ class YamuxStream:
         self.session._forget(self.id)
 
     # -- events from the session
-    def _on_data(self, data: bytes) -> None:
+    def _on_data(self, data: memoryview) -> None:
         if self._error is not None:
             return
         if len(data) > self._recv_window:
@@ -240,6 +280,7 @@ class YamuxSession:
         on_stream: Callable[[YamuxStream], None],
         window: int = 4 * 1024 * 1024,
         max_frame: int = 256 * 1024,
+        max_batch: int = 1024 * 1024,
         max_inbound_streams: int = 512,
         write_timeout: float = 30.0,
         initial_data: bytes = b"",
@@ -249,6 +290,7 @@ class YamuxSession:
         self.is_client = is_client
         self.window = max(window, INITIAL_WINDOW)
         self.max_frame = max_frame
+        self.max_batch = max_batch  # bytes of one stream sent per lock hold: others interleave
         self.max_inbound_streams = max_inbound_streams
         self.write_timeout = write_timeout
         self._on_stream = on_stream
@@ -334,23 +376,23 @@ class YamuxSession:
         self._control.append(frame)
         self._control_lot.unpark_all()
 
-    async def _send_frame(self, hdr: bytes, payload: bytes | memoryview = b"") -> None:
+    async def _send_frame(self, *parts: bytes | memoryview) -> None:
+        """Send frames (pre-built headers and payload views) in one write, after queued control."""
         if self.closed:
             raise ConnectionLost(self.close_reason or "connection is closed")
         async with self._send_lock:
             if self.closed:
                 raise ConnectionLost(self.close_reason or "connection is closed")
             if self._control:
-                parts = [*self._control, hdr, payload]
+                data = b"".join([*self._control, *parts])
                 self._control.clear()
-                data = b"".join(parts)
-            elif payload:
-                data = b"".join((hdr, payload))
+            elif len(parts) == 1:
+                data = parts[0]
             else:
-                data = hdr
+                data = b"".join(parts)
             await self._write_shielded(data)
 
-    async def _write_shielded(self, data: bytes) -> None:
+    async def _write_shielded(self, data: bytes | bytearray | memoryview) -> None:
         with trio.CancelScope(shield=True):
             with trio.move_on_after(self.write_timeout) as scope:
                 try:
@@ -439,36 +481,39 @@ class YamuxSession:
         if stream is not None and not stream.outbound:
             self._inbound_count -= 1
 
-    def _feed(self, chunk: bytes) -> None:
-        """Parse frames from ``chunk``; large data frames are delivered as they arrive."""
+    def _feed(self, chunk: bytes | bytearray) -> None:
+        """Parse frames from ``chunk``; large data frames are delivered (as views) as they arrive."""
+        view = memoryview(chunk)
         pos = 0
-        n = len(chunk)
+        n = len(view)
         while pos < n:
             if self._data_left:
                 take = min(self._data_left, n - pos)
-                piece = chunk if (pos == 0 and take == n) else chunk[pos : pos + take]
+                piece = view[pos : pos + take]
                 pos += take
                 self._data_left -= take
                 if self._data_stream is not None:
+                    if take < 4096:  # do not let a small unread piece pin a whole decrypt batch
+                        piece = memoryview(bytes(piece))
                     self._data_stream._on_data(piece)
                 if not self._data_left:
                     self._after_data()
                 continue
             if self._hdr_buf:
                 need = HEADER_LEN - len(self._hdr_buf)
-                self._hdr_buf += chunk[pos : pos + need]
+                self._hdr_buf += view[pos : pos + need]
                 pos += need
                 if len(self._hdr_buf) < HEADER_LEN:
                     return
-                hdr = bytes(self._hdr_buf)
+                fields = _HDR.unpack(self._hdr_buf)
                 self._hdr_buf.clear()
             elif n - pos >= HEADER_LEN:
-                hdr = chunk[pos : pos + HEADER_LEN]
+                fields = _HDR.unpack_from(view, pos)
                 pos += HEADER_LEN
             else:
-                self._hdr_buf += chunk[pos:]
+                self._hdr_buf += view[pos:]
                 return
-            self._on_header(*_HDR.unpack(hdr))
+            self._on_header(*fields)
 
     def _on_header(self, version: int, ftype: int, flags: int, stream_id: int, length: int) -> None:
         if version != 0:
