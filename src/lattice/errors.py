@@ -53,3 +53,7 @@ class ControlError(LatticeError):
 
 class NodeError(LatticeError):
     """A node operation failed (not started, already closed, ...)."""
+
+
+class PayloadError(LatticeError):
+    """A value cannot be encoded, or a received message is malformed or over a limit."""

@@ -47,11 +47,19 @@ class Service(Protocol):
 
 
 class Node:
-    def __init__(self, config: NodeConfig | None = None, *, keypair: KeyPair | None = None) -> None:
+    def __init__(
+        self,
+        config: NodeConfig | None = None,
+        *,
+        keypair: KeyPair | None = None,
+        services: list[Service] | None = None,
+    ) -> None:
         self.config = config or NodeConfig()
         self._keypair = keypair
         self.host: Host | None = None
         self.services: dict[str, Service] = {}
+        for service in services if services is not None else default_services():
+            self.services[service.name] = service
         self.control_ops: dict[str, Callable[..., Any]] = {}
         self.control_path = self.config.control_path
         self._stack: Any = None
@@ -128,6 +136,14 @@ class Node:
 
     async def wait_shutdown(self) -> None:
         await self._shutdown.wait()
+
+    @property
+    def rpc(self):  # -> lattice.rpc.RPC
+        """The tensor RPC service (``node.rpc.call(peer, "svc.method", payload)``)."""
+        try:
+            return self.services["rpc"]
+        except KeyError:
+            raise NodeError("this node runs without the RPC service") from None
 
     # -- identity and addresses
     def _require_host(self) -> Host:
@@ -238,6 +254,17 @@ class Node:
         return BlockingNode(cls(config, keypair=keypair))
 
 
+def default_services() -> list[Service]:
+    """The services every node runs unless told otherwise.
+
+    node.py is the composition root: this is the one place where the node layer names the services
+    above it (imported here, lazily, so the layers stay one-way everywhere else).
+    """
+    from lattice.rpc import RPC
+
+    return [RPC()]
+
+
 def _as_peer(peer: str | PeerId) -> PeerId:
     return peer if isinstance(peer, PeerId) else PeerId.from_string(str(peer))
 
@@ -280,6 +307,11 @@ class BlockingNode:
     @property
     def peer_id(self) -> PeerId:
         return self.node.peer_id
+
+    @property
+    def rpc(self) -> BlockingRPC:
+        """The RPC service, blocking (same method names as ``Node.rpc``)."""
+        return BlockingRPC(self, self.node.rpc)
 
     @property
     def addrs(self) -> list[str]:
@@ -328,3 +360,36 @@ def _sync_to_async(fn: Callable[[], Any]) -> Callable[[], Awaitable[Any]]:
         return fn()
 
     return wrapper
+
+
+class BlockingRPC:
+    """``node.rpc`` for blocking code: calls block; plain (sync) handlers run in worker threads."""
+
+    def __init__(self, owner: BlockingNode, rpc: Any) -> None:
+        self._owner = owner
+        self._rpc = rpc
+
+    def register(self, name: str, fn: Callable[..., Any], **kwargs: Any) -> None:
+        self._rpc.register(name, fn, **kwargs)
+
+    def method(self, name: str, **kwargs: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        return self._rpc.method(name, **kwargs)
+
+    @property
+    def methods(self) -> list[str]:
+        return self._rpc.methods
+
+    def call(self, peer: Any, method: str, payload: Any = None, **kwargs: Any) -> Any:
+        return self._owner._call(self._rpc.call, peer, method, payload, **kwargs)
+
+    def call_client_stream(self, peer: Any, method: str, values: Any, **kwargs: Any) -> Any:
+        return self._owner._call(self._rpc.call_client_stream, peer, method, list(values), **kwargs)
+
+    def call_stream(self, peer: Any, method: str, payload: Any = None, **kwargs: Any) -> list[Any]:
+        """All values of a server-streaming call (use the async API to consume them one by one)."""
+
+        async def collect() -> list[Any]:
+            async with self._rpc.call_stream(peer, method, payload, **kwargs) as items:
+                return [item async for item in items]
+
+        return self._owner._call(collect)

@@ -1,0 +1,1 @@
+"""Serialization shared by every layer: tensors inside msgpack values, and tensor compression."""

@@ -1,0 +1,28 @@
+"""RPC errors."""
+
+from __future__ import annotations
+
+from lattice.errors import LatticeError, PayloadError
+
+__all__ = ["MethodNotFound", "PayloadError", "RPCError", "RPCTimeout", "RemoteError"]
+
+
+class RPCError(LatticeError):
+    """An RPC failed."""
+
+
+class RPCTimeout(RPCError, TimeoutError):
+    """The call did not complete within its timeout (the stream was reset; the connection is fine)."""
+
+
+class MethodNotFound(RPCError):
+    """The peer serves no such method."""
+
+
+class RemoteError(RPCError):
+    """The handler on the peer raised; ``type`` is its exception's class name."""
+
+    def __init__(self, type_name: str, message: str) -> None:
+        super().__init__(f"{type_name}: {message}")
+        self.type = type_name
+        self.remote_message = message

@@ -1,0 +1,502 @@
+"""The RPC service: named methods, unary and streaming calls, tensors as payloads.
+
+Serving::
+
+    @node.rpc.method("math.add")
+    async def add(payload, ctx):            # sync functions work too (run in a worker thread)
+        return payload["a"] + payload["b"]
+
+    @node.rpc.method("data.chunks", stream="server")
+    async def chunks(payload, ctx):         # server streaming: an async generator
+        for i in range(payload):
+            yield np.full(4, i)
+
+Calling::
+
+    await node.rpc.call(peer, "math.add", {"a": x, "b": y}, timeout=10)
+    async with node.rpc.call_stream(peer, "data.chunks", 3) as chunks:
+        async for chunk in chunks: ...
+    await node.rpc.call_client_stream(peer, "sum", async_iterable_of_tensors)
+    async with node.rpc.open_stream(peer, "chat") as s: await s.send(x); y = await s.receive()
+
+Each call is one Yamux stream; the caller's protocol negotiation, request and half-close travel in
+one write. A timeout or cancellation resets that stream only (the connection stays usable) and the
+handler on the other side is cancelled.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from lattice.errors import LatticeError, NegotiationError, PayloadError, StreamError
+from lattice.identity import PeerId
+from lattice.rpc import wire
+from lattice.rpc.errors import MethodNotFound, RemoteError, RPCError, RPCTimeout
+from lattice.transport import multistream
+from lattice.transport.yamux import YamuxStream
+
+log = logging.getLogger(__name__)
+
+PROTOCOL_ID = "/lattice/rpc/1.0.0"
+STREAM_KINDS = ("unary", "server", "client", "bidi")
+
+
+@dataclass
+class RPCConfig:
+    max_message: int = 4 << 30  # largest message accepted (checked before allocating)
+    max_inflight_per_peer: int = 256  # calls beyond this wait for a free slot instead of failing
+    max_inbound_calls: int = 2048
+    default_timeout: float = 60.0
+
+
+@dataclass
+class CallContext:
+    """What a handler knows about the call."""
+
+    peer: PeerId
+    method: str
+
+
+@dataclass
+class _Method:
+    fn: Callable[..., Any]
+    kind: str
+    takes_ctx: bool
+    is_async: bool
+    codec: str | None
+
+
+class RPCStream:
+    """A bidirectional message stream (``open_stream`` on the caller, ``stream="bidi"`` handlers)."""
+
+    def __init__(self, stream: YamuxStream, max_message: int, codec: str | None, as_torch: bool | None):
+        self._stream = stream
+        self._max = max_message
+        self._codec = codec
+        self._as_torch = as_torch
+        self._sent_end = False
+        self._got_end = False
+        self._prefix = b""  # lazy protocol negotiation rides on the first write
+
+    async def send(self, value: Any, codec: str | None = None) -> None:
+        if self._sent_end:
+            raise RPCError("send after done_sending()")
+        prefix, self._prefix = self._prefix, b""
+        await wire.send(
+            self._stream, wire.MSG, value, has_value=True, codec=codec or self._codec, prefix=prefix
+        )
+
+    async def done_sending(self) -> None:
+        if not self._sent_end:
+            self._sent_end = True
+            prefix, self._prefix = self._prefix, b""
+            await wire.send_end(self._stream, prefix=prefix)
+
+    async def receive(self) -> Any:
+        """The next value; raises EndOfStream when the peer is done sending."""
+        if self._got_end:
+            raise trio.EndOfChannel
+        message = await _receive(self._stream, self._max, self._as_torch)
+        if message.kind == wire.END:
+            self._got_end = True
+            raise trio.EndOfChannel
+        if message.kind != wire.MSG:
+            raise PayloadError(f"unexpected {message.kind!r} message")
+        return message.value
+
+    def __aiter__(self) -> AsyncIterator[Any]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[Any]:
+        while True:
+            try:
+                yield await self.receive()
+            except trio.EndOfChannel:
+                return
+
+
+class RPC:
+    """The RPC service of a node (``node.rpc``)."""
+
+    name = "rpc"
+
+    def __init__(self, config: RPCConfig | None = None, protocol_id: str = PROTOCOL_ID) -> None:
+        self.config = config or RPCConfig()
+        self.protocol_id = protocol_id
+        self._methods: dict[str, _Method] = {}
+        self._node: Any = None
+        self._slots: dict[PeerId, trio.Semaphore] = {}
+        self._inbound = 0
+        self.stats = {"calls_out": 0, "calls_in": 0, "errors_out": 0, "errors_in": 0, "rejected": 0}
+
+    # -- lifecycle
+    async def run(self, node: Any, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
+        self._node = node
+        node.host.set_stream_handler(self.protocol_id, self._serve)
+        task_status.started()
+        await trio.sleep_forever()
+
+    # -- registration
+    def register(
+        self, name: str, fn: Callable[..., Any], *, stream: str | None = None, codec: str | None = None
+    ) -> None:
+        """Serve ``fn`` as ``name``. ``stream``: None/"unary", "server", "client" or "bidi".
+
+        ``fn(payload)`` or ``fn(payload, ctx)``; for "client" the payload is an async iterator of the
+        caller's values; for "bidi" the first argument is an :class:`RPCStream`. ``codec`` compresses
+        the float tensors of replies.
+        """
+        kind = stream or "unary"
+        if kind not in STREAM_KINDS:
+            raise ValueError(f"stream must be one of {STREAM_KINDS}")
+        if not name or len(name) > 256:
+            raise ValueError("method names are 1-256 characters")
+        if name in self._methods:
+            raise ValueError(f"method {name!r} is already registered")
+        params = [
+            p
+            for p in inspect.signature(fn).parameters.values()
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        ]
+        is_gen = inspect.isasyncgenfunction(fn)
+        if kind == "server" and not is_gen:
+            raise ValueError("a server-streaming method must be an async generator")
+        is_async = inspect.iscoroutinefunction(fn) or is_gen
+        if kind in ("client", "bidi") and not is_async:
+            raise ValueError("client-streaming and bidirectional methods must be async")
+        self._methods[name] = _Method(fn, kind, len(params) >= 2, is_async, codec)
+
+    def method(self, name: str, *, stream: str | None = None, codec: str | None = None):
+        """Decorator form of :meth:`register`."""
+
+        def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+            self.register(name, fn, stream=stream, codec=codec)
+            return fn
+
+        return decorate
+
+    @property
+    def methods(self) -> list[str]:
+        return sorted(self._methods)
+
+    # -- client side
+    async def _open(self, peer: PeerId | str) -> tuple[YamuxStream, trio.Semaphore]:
+        node = self._node
+        if node is None:
+            raise RPCError("the RPC service is not running")
+        host = node.host
+        if isinstance(peer, str) and peer.startswith("/"):
+            conn = await host.connect(peer)
+            peer_id = conn.remote_peer
+        else:
+            peer_id = peer if isinstance(peer, PeerId) else PeerId.from_string(str(peer))
+            conn = host.connection_to(peer_id)
+            if conn is None:
+                known = host.peerstore.get(peer_id)
+                addrs = [a for a in (known.addrs if known else []) if a.tcp_target()]
+                if not addrs:
+                    raise RPCError(f"not connected to {peer_id} and no known address")
+                conn = await host.connect(addrs[0].with_peer(peer_id))
+        slots = self._slots.get(peer_id)
+        if slots is None:
+            slots = self._slots[peer_id] = trio.Semaphore(self.config.max_inflight_per_peer)
+        await slots.acquire()
+        try:
+            stream = await conn.session.open_stream()
+        except BaseException:
+            slots.release()
+            raise
+        return stream, slots
+
+    def _negotiation(self) -> bytes:
+        return multistream.encode(multistream.HEADER) + multistream.encode(self.protocol_id)
+
+    async def _check_negotiation(self, stream: YamuxStream) -> None:
+        buf = bytearray()
+        header = await multistream.read_message(stream, buf)
+        answer = await multistream.read_message(stream, buf)
+        stream.unread(bytes(buf))
+        if header != multistream.HEADER or answer != self.protocol_id:
+            raise RPCError("the peer does not serve Lattice RPC")
+
+    @asynccontextmanager
+    async def _call_scope(self, method: str, timeout: float | None):
+        timeout = self.config.default_timeout if timeout is None else timeout
+        self.stats["calls_out"] += 1
+        try:
+            with trio.fail_after(timeout):
+                yield
+        except trio.TooSlowError:
+            self.stats["errors_out"] += 1
+            raise RPCTimeout(f"{method} timed out after {timeout:g}s") from None
+        except (StreamError, NegotiationError) as exc:
+            self.stats["errors_out"] += 1
+            raise RPCError(f"{method} failed: {exc}") from None
+        except LatticeError:
+            self.stats["errors_out"] += 1
+            raise
+
+    async def call(
+        self,
+        peer: PeerId | str,
+        method: str,
+        payload: Any = None,
+        *,
+        timeout: float | None = None,
+        codec: str | None = None,
+        as_torch: bool | None = None,
+    ) -> Any:
+        """Unary call: send ``payload`` (values, bytes, arrays, tensors), return the reply."""
+        async with self._call_scope(method, timeout):
+            stream, slots = await self._open(peer)
+            try:
+                await wire.send(
+                    stream,
+                    wire.CALL,
+                    payload,
+                    has_value=True,
+                    codec=codec,
+                    prefix=self._negotiation(),
+                    method=method,
+                )
+                await wire.send_end(stream)
+                await self._check_negotiation(stream)
+                reply = await _receive(stream, self.config.max_message, as_torch)
+                if reply.kind != wire.MSG:
+                    raise PayloadError(f"unexpected {reply.kind!r} reply")
+                end = await _receive(stream, self.config.max_message, as_torch)
+                if end.kind != wire.END:
+                    raise PayloadError("reply not followed by end")
+                return reply.value
+            except BaseException:
+                await stream.reset()
+                raise
+            finally:
+                slots.release()
+
+    @asynccontextmanager
+    async def call_stream(
+        self,
+        peer: PeerId | str,
+        method: str,
+        payload: Any = None,
+        *,
+        timeout: float | None = None,
+        codec: str | None = None,
+        as_torch: bool | None = None,
+    ) -> AsyncIterator[RPCStream]:
+        """Server-streaming call: ``async with rpc.call_stream(...) as items: async for x in items``.
+
+        ``timeout`` covers the whole exchange; leaving the block early resets the stream.
+        """
+        async with self._call_scope(method, timeout):
+            stream, slots = await self._open(peer)
+            try:
+                await wire.send(
+                    stream,
+                    wire.CALL,
+                    payload,
+                    has_value=True,
+                    codec=codec,
+                    prefix=self._negotiation(),
+                    method=method,
+                )
+                await wire.send_end(stream)
+                await self._check_negotiation(stream)
+                rpc_stream = RPCStream(stream, self.config.max_message, codec, as_torch)
+                rpc_stream._sent_end = True
+                yield rpc_stream
+                if not rpc_stream._got_end:
+                    await stream.reset()  # the caller stopped early
+            except BaseException:
+                await stream.reset()
+                raise
+            finally:
+                slots.release()
+
+    async def call_client_stream(
+        self,
+        peer: PeerId | str,
+        method: str,
+        values: Iterable[Any] | AsyncIterator[Any],
+        *,
+        timeout: float | None = None,
+        codec: str | None = None,
+        as_torch: bool | None = None,
+    ) -> Any:
+        """Client-streaming call: send every value of ``values``, return the peer's single reply."""
+        async with self.open_stream(peer, method, timeout=timeout, codec=codec, as_torch=as_torch) as s:
+            if hasattr(values, "__aiter__"):
+                async for value in values:  # type: ignore[union-attr]
+                    await s.send(value)
+            else:
+                for value in values:  # type: ignore[union-attr]
+                    await s.send(value)
+            await s.done_sending()
+            return await s.receive()
+
+    @asynccontextmanager
+    async def open_stream(
+        self,
+        peer: PeerId | str,
+        method: str,
+        *,
+        timeout: float | None = None,
+        codec: str | None = None,
+        as_torch: bool | None = None,
+    ) -> AsyncIterator[RPCStream]:
+        """Bidirectional call; ``timeout`` covers the whole exchange."""
+        async with self._call_scope(method, timeout):
+            stream, slots = await self._open(peer)
+            try:
+                call_header = self._negotiation() + wire.encode_header(wire.CALL, method=method)
+                rpc_stream = RPCStream(stream, self.config.max_message, codec, as_torch)
+                rpc_stream._prefix = call_header
+                checked = False
+
+                async def ensure_negotiated() -> None:
+                    nonlocal checked
+                    if not checked:
+                        checked = True
+                        if rpc_stream._prefix:  # nothing sent yet: open the call now
+                            prefix, rpc_stream._prefix = rpc_stream._prefix, b""
+                            await stream.write(prefix)
+                        await self._check_negotiation(stream)
+
+                original_receive = rpc_stream.receive
+
+                async def receive() -> Any:
+                    await ensure_negotiated()
+                    return await original_receive()
+
+                rpc_stream.receive = receive  # type: ignore[method-assign]
+                yield rpc_stream
+                await rpc_stream.done_sending()
+                await ensure_negotiated()
+                while not rpc_stream._got_end:  # drain: the peer must finish cleanly
+                    try:
+                        await rpc_stream.receive()
+                    except trio.EndOfChannel:
+                        break
+                await stream.close()
+            except BaseException:
+                await stream.reset()
+                raise
+            finally:
+                slots.release()
+
+    # -- server side
+    async def _serve(self, stream: YamuxStream) -> None:
+        if self._inbound >= self.config.max_inbound_calls:
+            self.stats["rejected"] += 1
+            await wire.send_error(stream, "Overloaded", "too many calls in progress")
+            return
+        self._inbound += 1
+        try:
+            await self._serve_call(stream)
+        finally:
+            self._inbound -= 1
+
+    async def _serve_call(self, stream: YamuxStream) -> None:
+        limit = self.config.max_message
+        peer = stream.remote_peer
+        try:
+            first = await wire.receive(stream, limit)
+        except PayloadError as exc:
+            self.stats["errors_in"] += 1
+            await wire.send_error(stream, "PayloadError", str(exc))
+            return
+        if first.kind != wire.CALL or not first.method:
+            await wire.send_error(stream, "PayloadError", "a call must start with a call message")
+            return
+        entry = self._methods.get(first.method)
+        if entry is None:
+            await wire.send_error(stream, "MethodNotFound", f"no method {first.method!r}")
+            return
+        self.stats["calls_in"] += 1
+        ctx = CallContext(peer, first.method)
+        try:
+            async with trio.open_nursery() as nursery:
+                if entry.kind in ("unary", "server"):
+                    if not first.has_value:
+                        raise PayloadError("call without a payload")
+                    end = await wire.receive(stream, limit)
+                    if end.kind != wire.END:
+                        raise PayloadError("unary request not followed by end")
+                    nursery.start_soon(_cancel_on_reset, stream, nursery.cancel_scope)
+                    if entry.kind == "unary":
+                        result = await self._invoke(entry, first.value, ctx)
+                        await wire.send(stream, wire.MSG, result, has_value=True, codec=entry.codec)
+                    else:
+                        async for item in _call(entry, first.value, ctx):
+                            await wire.send(stream, wire.MSG, item, has_value=True, codec=entry.codec)
+                    await wire.send_end(stream)
+                else:
+                    rpc_stream = RPCStream(stream, limit, entry.codec, None)
+                    if first.has_value:
+                        raise PayloadError("streaming calls send values as messages")
+                    if entry.kind == "client":
+                        result = await _call(entry, rpc_stream._iterate(), ctx)
+                        await wire.send(stream, wire.MSG, result, has_value=True, codec=entry.codec)
+                        await wire.send_end(stream)
+                    else:
+                        await _call(entry, rpc_stream, ctx)
+                        await rpc_stream.done_sending()
+                nursery.cancel_scope.cancel()
+        except StreamError:
+            return  # the caller went away or reset: nothing to answer
+        except PayloadError as exc:
+            self.stats["errors_in"] += 1
+            await _try_send_error(stream, "PayloadError", str(exc))
+        except RPCError as exc:
+            self.stats["errors_in"] += 1
+            await _try_send_error(stream, type(exc).__name__, str(exc))
+        except Exception as exc:
+            self.stats["errors_in"] += 1
+            log.info("handler %s raised %s: %s", first.method, type(exc).__name__, exc)
+            await _try_send_error(stream, type(exc).__name__, str(exc))
+
+    async def _invoke(self, entry: _Method, payload: Any, ctx: CallContext) -> Any:
+        args = (payload, ctx) if entry.takes_ctx else (payload,)
+        if entry.is_async:
+            return await entry.fn(*args)
+        return await trio.to_thread.run_sync(lambda: entry.fn(*args), abandon_on_cancel=True)
+
+
+def _call(entry: _Method, first: Any, ctx: CallContext) -> Any:
+    return entry.fn(first, ctx) if entry.takes_ctx else entry.fn(first)
+
+
+async def _receive(stream: YamuxStream, limit: int, as_torch: bool | None) -> wire.Message:
+    message = await wire.receive(stream, limit, as_torch)
+    if message.kind == wire.ERR:
+        if message.error_type == "MethodNotFound":
+            raise MethodNotFound(message.error_message or "")
+        raise RemoteError(message.error_type or "Error", message.error_message or "")
+    return message
+
+
+async def _cancel_on_reset(stream: YamuxStream, scope: trio.CancelScope) -> None:
+    """Cancel the handler if the caller resets the stream (timeout, cancellation)."""
+    try:
+        while await stream.read(1 << 16):
+            pass
+    except StreamError:
+        scope.cancel()
+
+
+async def _try_send_error(stream: YamuxStream, type_name: str, message: str) -> None:
+    try:
+        await wire.send_error(stream, type_name, message)
+    except StreamError:
+        pass
+
+
+Handler = Callable[..., Awaitable[Any]]

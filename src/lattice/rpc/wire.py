@@ -1,0 +1,150 @@
+"""RPC messages on a stream: length-framed msgpack header, tensor payload, crc32 trailer.
+
+    message := u32 header_len | header | payload (header["n"] bytes) | u32 crc32(payload) if n > 0
+    header  := {"k": kind, "m": method (call), "d": value document, "n": payload bytes,
+                "t"/"e": error type/message (err)}
+    kinds   := "call" (opens a call, may carry the first value) | "msg" | "end" | "err"
+
+Every call ends with an explicit "end" (or "err"), so a stream that stops early is an error, never a
+short result. The payload is written and read in slices so the checksum is computed while the bytes
+are hot in cache, and the receiver fills preallocated tensors directly (one copy after decryption).
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from lattice.codec import tensors
+from lattice.errors import PayloadError, StreamError
+from lattice.transport.yamux import YamuxStream
+
+CALL, MSG, END, ERR = "call", "msg", "end", "err"
+MAX_HEADER = 1 << 20
+SLICE = 4 << 20
+SMALL = 64 << 10  # payloads up to this size are coalesced with the header into one write
+_U32 = struct.Struct(">I")
+
+
+@dataclass
+class Message:
+    kind: str
+    value: Any = None
+    method: str | None = None
+    error_type: str | None = None
+    error_message: str | None = None
+    has_value: bool = False
+
+
+def encode_header(
+    kind: str,
+    doc: bytes | None = None,
+    n: int = 0,
+    *,
+    method: str | None = None,
+    error_type: str | None = None,
+    error_message: str | None = None,
+) -> bytes:
+    header: dict[str, Any] = {"k": kind, "n": n}
+    for key, value in (("d", doc), ("m", method), ("t", error_type), ("e", error_message)):
+        if value is not None:
+            header[key] = value
+    body = msgpack.packb(header, use_bin_type=True)
+    return _U32.pack(len(body)) + body
+
+
+async def send(
+    stream: YamuxStream,
+    kind: str,
+    value: Any = None,
+    *,
+    has_value: bool = False,
+    codec: str | None = None,
+    prefix: bytes = b"",
+    fin: bool = False,
+    method: str | None = None,
+) -> None:
+    """Send one message; ``prefix`` (e.g. protocol negotiation) and ``fin`` ride in the same write."""
+    doc, buffers = tensors.encode(value, codec) if has_value else (None, [])
+    n = sum(b.nbytes for b in buffers)
+    head = prefix + encode_header(kind, doc, n, method=method)
+    if n <= SMALL:
+        if not n:
+            await stream.write(head, fin=fin)
+            return
+        crc = 0
+        for b in buffers:
+            crc = zlib.crc32(b, crc)
+        await stream.write(b"".join([head, *buffers, _U32.pack(crc)]), fin=fin)
+        return
+    await stream.write(head)
+    crc = 0
+    for buf in buffers:
+        for off in range(0, buf.nbytes, SLICE):
+            piece = buf[off : off + SLICE]
+            crc = zlib.crc32(piece, crc)
+            await stream.write(piece)
+    await stream.write(_U32.pack(crc), fin=fin)
+
+
+async def send_end(stream: YamuxStream, fin: bool = True, prefix: bytes = b"") -> None:
+    await stream.write(prefix + encode_header(END), fin=fin)
+
+
+async def send_error(stream: YamuxStream, type_name: str, message: str) -> None:
+    await stream.write(encode_header(ERR, error_type=type_name[:128], error_message=message[:4096]), fin=True)
+
+
+async def receive(stream: YamuxStream, max_payload: int, as_torch: bool | None = None) -> Message:
+    """Read one message (validated, bounded); raises StreamError if the stream ends first."""
+    try:
+        (length,) = _U32.unpack(await stream.read_exactly(4))
+    except StreamError:
+        raise
+    if length > MAX_HEADER:
+        raise PayloadError(f"message header of {length} bytes exceeds {MAX_HEADER}")
+    try:
+        header = msgpack.unpackb(await stream.read_exactly(length), raw=False, max_bin_len=MAX_HEADER)
+    except Exception as exc:
+        if isinstance(exc, StreamError):
+            raise
+        raise PayloadError(f"malformed message header: {exc}") from None
+    if not isinstance(header, dict) or header.get("k") not in (CALL, MSG, END, ERR):
+        raise PayloadError("malformed message header")
+    kind = header["k"]
+    n = header.get("n", 0)
+    if not isinstance(n, int) or n < 0 or n > max_payload:
+        raise PayloadError(f"message payload of {n} bytes is over the limit of {max_payload}")
+    if kind == ERR:
+        return Message(
+            ERR, error_type=str(header.get("t", "Error"))[:128], error_message=str(header.get("e", ""))[:4096]
+        )
+    method = header.get("m")
+    if method is not None and (not isinstance(method, str) or len(method) > 256):
+        raise PayloadError("invalid method name")
+    doc = header.get("d")
+    if doc is None:
+        if n:
+            raise PayloadError("payload without a value document")
+        return Message(kind, method=method)
+    if not isinstance(doc, bytes):
+        raise PayloadError("value document must be bytes")
+    value, specs = tensors.parse(doc, max_payload)
+    if sum(s.nbytes for s in specs) != n:
+        raise PayloadError("declared payload size does not match the tensors")
+    crc = 0
+    for spec in specs:  # allocation happens only now, after every size was checked
+        dest = tensors.allocate(spec)
+        for off in range(0, spec.nbytes, SLICE):
+            piece = dest[off : off + SLICE]
+            await stream.read_into(piece)
+            crc = zlib.crc32(piece, crc)
+    if n:
+        (expected,) = _U32.unpack(await stream.read_exactly(4))
+        if expected != crc:
+            raise PayloadError("payload checksum mismatch (corrupted transfer)")
+    return Message(kind, value=tensors.finish(value, as_torch), method=method, has_value=True)
