@@ -265,8 +265,8 @@ class RPC:
                     codec=codec,
                     prefix=self._negotiation(),
                     method=method,
+                    end=True,
                 )
-                await wire.send_end(stream)
                 await self._check_negotiation(stream)
                 reply = await _receive(stream, self.config.max_message, as_torch)
                 if reply.kind != wire.MSG:
@@ -307,8 +307,8 @@ class RPC:
                     codec=codec,
                     prefix=self._negotiation(),
                     method=method,
+                    end=True,
                 )
-                await wire.send_end(stream)
                 await self._check_negotiation(stream)
                 rpc_stream = RPCStream(stream, self.config.max_message, codec, as_torch)
                 rpc_stream._sent_end = True
@@ -433,19 +433,18 @@ class RPC:
                     nursery.start_soon(_cancel_on_reset, stream, nursery.cancel_scope)
                     if entry.kind == "unary":
                         result = await self._invoke(entry, first.value, ctx)
-                        await wire.send(stream, wire.MSG, result, has_value=True, codec=entry.codec)
+                        await wire.send(stream, wire.MSG, result, has_value=True, codec=entry.codec, end=True)
                     else:
                         async for item in _call(entry, first.value, ctx):
                             await wire.send(stream, wire.MSG, item, has_value=True, codec=entry.codec)
-                    await wire.send_end(stream)
+                        await wire.send_end(stream)
                 else:
                     rpc_stream = RPCStream(stream, limit, entry.codec, None)
                     if first.has_value:
                         raise PayloadError("streaming calls send values as messages")
                     if entry.kind == "client":
                         result = await _call(entry, rpc_stream._iterate(), ctx)
-                        await wire.send(stream, wire.MSG, result, has_value=True, codec=entry.codec)
-                        await wire.send_end(stream)
+                        await wire.send(stream, wire.MSG, result, has_value=True, codec=entry.codec, end=True)
                     else:
                         await _call(entry, rpc_stream, ctx)
                         await rpc_stream.done_sending()

@@ -40,6 +40,10 @@ class Message:
     has_value: bool = False
 
 
+def _end_header() -> bytes:
+    return encode_header(END)
+
+
 def encode_header(
     kind: str,
     doc: bytes | None = None,
@@ -65,21 +69,24 @@ async def send(
     has_value: bool = False,
     codec: str | None = None,
     prefix: bytes = b"",
-    fin: bool = False,
+    end: bool = False,
     method: str | None = None,
 ) -> None:
-    """Send one message; ``prefix`` (e.g. protocol negotiation) and ``fin`` ride in the same write."""
+    """Send one message; ``prefix`` (protocol negotiation) rides in front, and with ``end`` the
+    end-of-messages marker and the half-close ride behind, in the same write."""
+    fin = end
     doc, buffers = tensors.encode(value, codec) if has_value else (None, [])
     n = sum(b.nbytes for b in buffers)
     head = prefix + encode_header(kind, doc, n, method=method)
+    tail = _END if end else b""
     if n <= SMALL:
         if not n:
-            await stream.write(head, fin=fin)
+            await stream.write(head + tail, fin=fin)
             return
         crc = 0
         for b in buffers:
             crc = zlib.crc32(b, crc)
-        await stream.write(b"".join([head, *buffers, _U32.pack(crc)]), fin=fin)
+        await stream.write(b"".join([head, *buffers, _U32.pack(crc), tail]), fin=fin)
         return
     await stream.write(head)
     crc = 0
@@ -88,7 +95,10 @@ async def send(
             piece = buf[off : off + SLICE]
             crc = zlib.crc32(piece, crc)
             await stream.write(piece)
-    await stream.write(_U32.pack(crc), fin=fin)
+    await stream.write(_U32.pack(crc) + tail, fin=fin)
+
+
+_END = _end_header()
 
 
 async def send_end(stream: YamuxStream, fin: bool = True, prefix: bytes = b"") -> None:

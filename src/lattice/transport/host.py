@@ -217,10 +217,14 @@ class Host:
         try:
             with trio.fail_after(self.config.handshake_timeout):
                 raw_buf = bytearray()
-                await multistream.select_inbound(stream, lambda p: p == noise.PROTOCOL_ID, raw_buf)
+                await multistream.select_inbound(
+                    stream, lambda p: p == noise.PROTOCOL_ID, raw_buf, header_first=True
+                )
                 secure = await noise.secure_inbound(stream, self.keypair, raw_buf)
                 reader = _SecureReader(secure)
-                await multistream.select_inbound(reader, lambda p: p == yamux.PROTOCOL_ID, reader.buf)
+                await multistream.select_inbound(
+                    reader, lambda p: p == yamux.PROTOCOL_ID, reader.buf, header_first=True
+                )
                 leftover = bytes(reader.buf)
         except (trio.TooSlowError, TransportError, OSError, trio.BrokenResourceError) as exc:
             self.stats["inbound_handshake_failed"] += 1
@@ -391,7 +395,15 @@ class Host:
         buf = bytearray()
         try:
             with trio.fail_after(self.config.negotiate_timeout):
-                proto = await multistream.select_inbound(stream, self._handlers.__contains__, buf)
+                proto, accept = await multistream.select_inbound(
+                    stream, self._handlers.__contains__, buf, defer_accept=True
+                )
+                # A dialer that pipelined data after its proposal is not waiting for our answer: let
+                # the answer ride on the handler's first write. Otherwise answer now.
+                if buf:
+                    stream.pending_prefix = accept
+                else:
+                    await stream.write(accept)
         except (trio.TooSlowError, TransportError) as exc:
             log.debug("stream negotiation with %s failed: %s", conn.remote_peer, exc)
             await stream.reset()

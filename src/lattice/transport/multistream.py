@@ -76,16 +76,37 @@ async def select_outbound(stream: ByteStream, protocols: Sequence[str], buf: byt
     raise NegotiationError(f"peer supports none of {list(protocols)}")
 
 
-async def select_inbound(stream: ByteStream, supported: Callable[[str], bool], buf: bytearray) -> str:
-    """Answer proposals until one is supported; return it."""
-    await stream.send_all(encode(HEADER))
+async def select_inbound(
+    stream: ByteStream,
+    supported: Callable[[str], bool],
+    buf: bytearray,
+    defer_accept: bool = False,
+    header_first: bool = False,
+) -> tuple[str, bytes]:
+    """Answer proposals until one is supported; return (protocol, unsent acceptance bytes).
+
+    Our header goes out with the first answer (or at once with ``header_first``, or when the dialer
+    waits for it). With ``defer_accept`` the acceptance is returned instead of sent, for the caller
+    to put in front of its first write (saves a write and a wake-up per stream).
+    """
+    pending = encode(HEADER)
+    if header_first:  # connection level: speak first, in case the dialer waits for us
+        await stream.send_all(pending)
+        pending = b""
     header = await read_message(stream, buf)
     if header != HEADER:
         raise NegotiationError(f"peer does not speak multistream 1.0 (got {header[:64]!r})")
+    if pending and not buf:  # the dialer may be waiting for our header before it proposes
+        await stream.send_all(pending)
+        pending = b""
     for _ in range(MAX_ATTEMPTS):
         proposal = await read_message(stream, buf)
         if proposal != "ls" and supported(proposal):
-            await stream.send_all(encode(proposal))
-            return proposal
-        await stream.send_all(encode(NA))
+            pending += encode(proposal)
+            if defer_accept:
+                return proposal, pending
+            await stream.send_all(pending)
+            return proposal, b""
+        await stream.send_all(pending + encode(NA))
+        pending = b""
     raise NegotiationError("too many rejected protocol proposals")

@@ -54,6 +54,8 @@ class YamuxStream:
         self._unacked = 0  # consumed bytes not yet returned to the peer as window
         self._send_window = INITIAL_WINDOW
         self._syn_pending = outbound
+        self._ack_pending = False  # inbound: ACK + window grant ride on our first frame
+        self.pending_prefix = b""  # bytes to put before our first data (deferred negotiation reply)
         self._remote_fin = False
         self._local_fin = False
         self._error: StreamError | None = None
@@ -66,12 +68,25 @@ class YamuxStream:
         return self.session.remote_peer
 
     # -- reading
+    def _flush_ack(self) -> None:
+        """The app waits for data: the peer may be waiting for our ACK/window or negotiation reply.
+
+        Queued control frames go out before any later data, so the stream's byte order holds.
+        """
+        if (self._ack_pending or self.pending_prefix) and self._error is None:
+            for frame in self._opening_frames():
+                self.session._queue_control(bytes(frame))
+
+    def _ack_frame(self) -> bytes:
+        return header(TYPE_WINDOW_UPDATE, FLAG_ACK, self.id, self.session.window - INITIAL_WINDOW)
+
     async def read(self, max_bytes: int = 65536) -> bytes:
         while not self._buf:
             if self._remote_fin:
                 return b""  # the peer finished cleanly; a later connection loss does not matter
             if self._error is not None:
                 raise self._error
+            self._flush_ack()
             await self._read_lot.park()
         chunk = self._buf[0]
         if len(chunk) <= max_bytes:
@@ -91,6 +106,7 @@ class YamuxStream:
                 raise self._error
             if self._remote_fin:
                 raise StreamError(f"stream ended after {self._buf_len} of {n} expected bytes")
+            self._flush_ack()
             await self._read_lot.park()
 
     async def read_exactly(self, n: int) -> bytes:
@@ -175,10 +191,7 @@ class YamuxStream:
                     if self._error is not None:
                         raise self._error
                 batch = min(self._send_window, total - off, session.max_batch)
-                parts: list[bytes | memoryview] = []
-                if self._syn_pending:
-                    parts.append(self._syn_frame(0))
-                    self._syn_pending = False
+                parts: list[bytes | memoryview] = self._opening_frames()
                 end = off + batch
                 while True:
                     n = min(session.max_frame, end - off)
@@ -200,6 +213,22 @@ class YamuxStream:
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         await self.write(data)
 
+    def _opening_frames(self) -> list[bytes | memoryview]:
+        """SYN or ACK not yet sent, and a deferred negotiation reply: they lead our first write."""
+        parts: list[bytes | memoryview] = []
+        if self._syn_pending:
+            parts.append(self._syn_frame(0))
+            self._syn_pending = False
+        if self._ack_pending:
+            parts.append(self._ack_frame())
+            self._ack_pending = False
+        if self.pending_prefix:
+            prefix, self.pending_prefix = self.pending_prefix, b""
+            parts.append(header(TYPE_DATA, 0, self.id, len(prefix)))
+            parts.append(prefix)
+            self._send_window -= len(prefix)
+        return parts
+
     def _syn_frame(self, flags: int) -> bytes:
         """Open the stream and grant our window beyond the spec's initial 256 KiB in one frame."""
         return header(TYPE_WINDOW_UPDATE, FLAG_SYN | flags, self.id, self.session.window - INITIAL_WINDOW)
@@ -212,12 +241,10 @@ class YamuxStream:
             if self._local_fin or self._error is not None:
                 return
             self._local_fin = True
-            frame = header(TYPE_WINDOW_UPDATE, FLAG_FIN, self.id, 0)
-            if self._syn_pending:
-                frame = self._syn_frame(0) + frame
-                self._syn_pending = False
+            parts = self._opening_frames()
+            parts.append(header(TYPE_WINDOW_UPDATE, FLAG_FIN, self.id, 0))
             try:
-                await self.session._send_frame(frame)
+                await self.session._send_frame(*parts)
             except TransportError:
                 pass
         self._maybe_forget()
@@ -576,6 +603,6 @@ class YamuxSession:
             stream = YamuxStream(self, stream_id, outbound=False)
             self._streams[stream_id] = stream
             self._inbound_count += 1
-            self._queue_control(header(TYPE_WINDOW_UPDATE, FLAG_ACK, stream_id, self.window - INITIAL_WINDOW))
+            stream._ack_pending = True
             self._on_stream(stream)
         return stream
