@@ -104,7 +104,13 @@ def test_control_api_through_client(tmp_path):
             with pytest.raises(RemoteError, match="bad arguments"):
                 client.call("ping", nonsense=1)
         # garbage and an oversized frame on the socket: the daemon survives
-        for junk in (os.urandom(64), struct.pack(">I", 2**31) + b"x", struct.pack(">I", 3) + b"\xc1\xc1\xc1"):
+        junk_frames = (
+            os.urandom(64),
+            struct.pack(">Q", 2**40) + b"x",  # over the size limit: refused before allocating
+            struct.pack(">QI", 7, 3) + b"\xc1\xc1\xc1",  # invalid msgpack
+            struct.pack(">QI", 6, 9) + b"\x80\x80",  # document overruns the frame
+        )
+        for junk in junk_frames:
             with socket.socket(socket.AF_UNIX) as s:
                 s.connect(str(sock_path))
                 s.sendall(junk)

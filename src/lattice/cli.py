@@ -47,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     run.add_argument("--max-connections", type=int, metavar="N")
+    run.add_argument("--enable-bench", action="store_true", help="serve the lattice.bench.* RPC methods")
 
     ident = sub.add_parser("id", help="print this node's peer id", description="Print the peer id.")
     ident.add_argument("--key", metavar="FILE", help="read the peer id from a key file (no daemon needed)")
@@ -120,17 +121,22 @@ def cmd_run(args: argparse.Namespace) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    return trio.run(_run_daemon, config, args.ready_file)
+    return trio.run(_run_daemon, config, args.ready_file, args.enable_bench)
 
 
-async def _run_daemon(config, ready_file: str | None) -> int:
+async def _run_daemon(config, ready_file: str | None, enable_bench: bool = False) -> int:
     import signal
 
     import trio
 
     from lattice.node import Node
 
-    async with Node(config) as node:
+    node = Node(config)
+    if enable_bench:
+        from lattice.rpc import bench
+
+        bench.install(node.rpc)
+    async with node:
         info = await node.id()
         info["control"] = str(node.control_path) if node.control_path else None
         info["pid"] = os.getpid()

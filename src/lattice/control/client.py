@@ -68,7 +68,8 @@ class Client:
     def _request(self, op: str, args: dict) -> Iterator[tuple[str, Any]]:
         req_id = next(self._ids)
         try:
-            self._sock.sendall(protocol.encode({"id": req_id, "op": op, "args": args}))
+            for part in protocol.encode_parts({"id": req_id, "op": op, "args": args}):
+                self._sock.sendall(part)
             while True:
                 reply = self._read()
                 if reply.get("id") != req_id:
@@ -87,17 +88,17 @@ class Client:
             raise ControlError("the daemon closed the control connection") from None
 
     def _read(self) -> dict:
-        while len(self._buf) < 4:
+        while len(self._buf) < 8:
             self._fill()
-        length = protocol.frame_length(bytes(self._buf[:4]))
-        while len(self._buf) < 4 + length:
+        length = protocol.frame_length(bytes(self._buf[:8]))
+        while len(self._buf) < 8 + length:
             self._fill()
-        body = bytes(self._buf[4 : 4 + length])
-        del self._buf[: 4 + length]
-        return protocol.decode(body)
+        message = protocol.decode(memoryview(self._buf)[8 : 8 + length])
+        del self._buf[: 8 + length]
+        return message
 
     def _fill(self) -> None:
-        chunk = self._sock.recv(1 << 20)
+        chunk = self._sock.recv(4 << 20)
         if not chunk:
             raise ControlError("the daemon closed the control connection")
         self._buf += chunk
@@ -121,6 +122,11 @@ class Client:
     def disconnect(self, peer: str) -> None:
         self.call("disconnect", peer=str(peer))
 
+    @property
+    def rpc(self) -> _ClientRPC:
+        """RPC through the daemon: ``client.rpc.call(peer, "svc.method", payload)`` (tensors allowed)."""
+        return _ClientRPC(self)
+
     def shutdown(self) -> None:
         """Ask the daemon to stop (it answers first, then shuts down)."""
         self.call("shutdown")
@@ -133,3 +139,31 @@ class Client:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class _ClientRPC:
+    def __init__(self, client: Client) -> None:
+        self._client = client
+
+    def call(
+        self,
+        peer: str,
+        method: str,
+        payload: Any = None,
+        *,
+        timeout: float | None = None,
+        codec: str | None = None,
+    ) -> Any:
+        return self._client.call(
+            "rpc.call", peer=str(peer), method=method, payload=payload, timeout=timeout, codec=codec
+        )
+
+    def methods(self) -> list[str]:
+        return self._client.call("rpc.methods")
+
+    def bench(
+        self, peer: str, size: int, count: int = 5, direction: str = "up", concurrency: int = 1
+    ) -> dict:
+        return self._client.call(
+            "rpc.bench", peer=str(peer), size=size, count=count, direction=direction, concurrency=concurrency
+        )

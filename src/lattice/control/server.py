@@ -19,7 +19,7 @@ from typing import Any
 import trio
 
 from lattice.control import protocol
-from lattice.errors import ConfigError, ControlError, LatticeError
+from lattice.errors import ConfigError, ControlError, LatticeError, PayloadError
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +93,8 @@ class ControlServer:
             pass
         except protocol.FrameError as exc:
             log.info("control client sent a bad frame: %s", exc)
+        except PayloadError as exc:
+            log.info("control reply could not be encoded: %s", exc)
         except Exception:  # a bug handling one client must not take the daemon down
             log.exception("control client handler failed")
         finally:
@@ -106,7 +108,8 @@ class ControlServer:
         async def send(reply: dict) -> None:
             async with send_lock:
                 try:
-                    await stream.send_all(protocol.encode({"id": req_id, **reply}))
+                    for part in protocol.encode_parts({"id": req_id, **reply}):
+                        await stream.send_all(part)
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     pass
 
@@ -147,22 +150,22 @@ class ControlServer:
 
 
 async def _read_frame(stream: trio.SocketStream, buf: bytearray) -> dict | None:
-    while len(buf) < 4:
+    while len(buf) < 8:
         chunk = await stream.receive_some(65536)
         if not chunk:
             if buf:
                 raise protocol.FrameError("control connection closed inside a frame")
             return None
         buf += chunk
-    length = protocol.frame_length(bytes(buf[:4]))
-    while len(buf) < 4 + length:
-        chunk = await stream.receive_some(max(65536, min(length, 1 << 20)))
+    length = protocol.frame_length(bytes(buf[:8]))
+    while len(buf) < 8 + length:
+        chunk = await stream.receive_some(1 << 20)
         if not chunk:
             raise protocol.FrameError("control connection closed inside a frame")
         buf += chunk
-    body = bytes(buf[4 : 4 + length])
-    del buf[: 4 + length]
-    return protocol.decode(body)
+    message = protocol.decode(memoryview(buf)[8 : 8 + length])
+    del buf[: 8 + length]
+    return message
 
 
 def _socket_is_live(path: Path) -> bool:

@@ -109,6 +109,7 @@ class RPCStream:
             raise trio.EndOfChannel
         if message.kind != wire.MSG:
             raise PayloadError(f"unexpected {message.kind!r} message")
+        self._got_end = message.last
         return message.value
 
     def __aiter__(self) -> AsyncIterator[Any]:
@@ -140,8 +141,32 @@ class RPC:
     async def run(self, node: Any, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
         self._node = node
         node.host.set_stream_handler(self.protocol_id, self._serve)
+        node.add_control_op("rpc.call", self._op_call)
+        node.add_control_op("rpc.methods", self._op_methods)
+        node.add_control_op("rpc.bench", self._op_bench)
         task_status.started()
         await trio.sleep_forever()
+
+    # -- control operations (lattice.Client.rpc)
+    async def _op_call(
+        self,
+        peer: str,
+        method: str,
+        payload: Any = None,
+        timeout: float | None = None,
+        codec: str | None = None,
+    ) -> Any:
+        return await self.call(peer, method, payload, timeout=timeout, codec=codec, as_torch=False)
+
+    async def _op_methods(self) -> list[str]:
+        return self.methods
+
+    async def _op_bench(
+        self, peer: str, size: int, count: int = 5, direction: str = "up", concurrency: int = 1
+    ):
+        from lattice.rpc import bench
+
+        return await bench.run(self, peer, size, count, direction, concurrency)
 
     # -- registration
     def register(
@@ -226,6 +251,17 @@ class RPC:
         if header != multistream.HEADER or answer != self.protocol_id:
             raise RPCError("the peer does not serve Lattice RPC")
 
+    async def _peer_error(self, stream: YamuxStream) -> None:
+        """After our write failed: if the peer explained why before resetting, raise that instead."""
+        try:
+            with trio.move_on_after(0.5):
+                await self._check_negotiation(stream)
+                await _receive(stream, self.config.max_message, False)
+        except (RemoteError, MethodNotFound):
+            raise
+        except (StreamError, PayloadError, RPCError, NegotiationError):
+            pass
+
     @asynccontextmanager
     async def _call_scope(self, method: str, timeout: float | None):
         timeout = self.config.default_timeout if timeout is None else timeout
@@ -266,14 +302,12 @@ class RPC:
                     prefix=self._negotiation(),
                     method=method,
                     end=True,
+                    on_error=lambda: self._peer_error(stream),
                 )
                 await self._check_negotiation(stream)
                 reply = await _receive(stream, self.config.max_message, as_torch)
-                if reply.kind != wire.MSG:
-                    raise PayloadError(f"unexpected {reply.kind!r} reply")
-                end = await _receive(stream, self.config.max_message, as_torch)
-                if end.kind != wire.END:
-                    raise PayloadError("reply not followed by end")
+                if reply.kind != wire.MSG or not reply.last:
+                    raise PayloadError("a unary reply must be a single final message")
                 return reply.value
             except BaseException:
                 await stream.reset()
@@ -308,6 +342,7 @@ class RPC:
                     prefix=self._negotiation(),
                     method=method,
                     end=True,
+                    on_error=lambda: self._peer_error(stream),
                 )
                 await self._check_negotiation(stream)
                 rpc_stream = RPCStream(stream, self.config.max_message, codec, as_torch)
@@ -411,26 +446,23 @@ class RPC:
             first = await wire.receive(stream, limit)
         except PayloadError as exc:
             self.stats["errors_in"] += 1
-            await wire.send_error(stream, "PayloadError", str(exc))
+            await _reject(stream, "PayloadError", str(exc))
             return
         if first.kind != wire.CALL or not first.method:
-            await wire.send_error(stream, "PayloadError", "a call must start with a call message")
+            await _reject(stream, "PayloadError", "a call must start with a call message")
             return
         entry = self._methods.get(first.method)
         if entry is None:
-            await wire.send_error(stream, "MethodNotFound", f"no method {first.method!r}")
+            await _reject(stream, "MethodNotFound", f"no method {first.method!r}")
             return
         self.stats["calls_in"] += 1
         ctx = CallContext(peer, first.method)
         try:
-            async with trio.open_nursery() as nursery:
+            with trio.CancelScope() as scope:
+                stream.cancel_on_reset(scope)  # the caller timed out or gave up: stop the handler
                 if entry.kind in ("unary", "server"):
-                    if not first.has_value:
-                        raise PayloadError("call without a payload")
-                    end = await wire.receive(stream, limit)
-                    if end.kind != wire.END:
-                        raise PayloadError("unary request not followed by end")
-                    nursery.start_soon(_cancel_on_reset, stream, nursery.cancel_scope)
+                    if not first.has_value or not first.last:
+                        raise PayloadError("a unary or server-streaming call sends one final message")
                     if entry.kind == "unary":
                         result = await self._invoke(entry, first.value, ctx)
                         await wire.send(stream, wire.MSG, result, has_value=True, codec=entry.codec, end=True)
@@ -442,25 +474,27 @@ class RPC:
                     rpc_stream = RPCStream(stream, limit, entry.codec, None)
                     if first.has_value:
                         raise PayloadError("streaming calls send values as messages")
+                    rpc_stream._got_end = first.last
                     if entry.kind == "client":
                         result = await _call(entry, rpc_stream._iterate(), ctx)
                         await wire.send(stream, wire.MSG, result, has_value=True, codec=entry.codec, end=True)
                     else:
                         await _call(entry, rpc_stream, ctx)
                         await rpc_stream.done_sending()
-                nursery.cancel_scope.cancel()
+            if scope.cancelled_caught:
+                return
         except StreamError:
             return  # the caller went away or reset: nothing to answer
         except PayloadError as exc:
             self.stats["errors_in"] += 1
-            await _try_send_error(stream, "PayloadError", str(exc))
+            await _reject(stream, "PayloadError", str(exc))
         except RPCError as exc:
             self.stats["errors_in"] += 1
-            await _try_send_error(stream, type(exc).__name__, str(exc))
+            await _reject(stream, type(exc).__name__, str(exc))
         except Exception as exc:
             self.stats["errors_in"] += 1
             log.info("handler %s raised %s: %s", first.method, type(exc).__name__, exc)
-            await _try_send_error(stream, type(exc).__name__, str(exc))
+            await _reject(stream, type(exc).__name__, str(exc))
 
     async def _invoke(self, entry: _Method, payload: Any, ctx: CallContext) -> Any:
         args = (payload, ctx) if entry.takes_ctx else (payload,)
@@ -482,20 +516,14 @@ async def _receive(stream: YamuxStream, limit: int, as_torch: bool | None) -> wi
     return message
 
 
-async def _cancel_on_reset(stream: YamuxStream, scope: trio.CancelScope) -> None:
-    """Cancel the handler if the caller resets the stream (timeout, cancellation)."""
-    try:
-        while await stream.read(1 << 16):
-            pass
-    except StreamError:
-        scope.cancel()
-
-
-async def _try_send_error(stream: YamuxStream, type_name: str, message: str) -> None:
+async def _reject(stream: YamuxStream, type_name: str, message: str) -> None:
+    """Tell the caller why, then reset if it is still sending (so its write fails instead of stalling)."""
     try:
         await wire.send_error(stream, type_name, message)
     except StreamError:
         pass
+    if not stream.remote_closed:
+        await stream.reset()
 
 
 Handler = Callable[..., Awaitable[Any]]

@@ -4,8 +4,9 @@
     header  := {"k": kind, "m": method (call), "d": value document, "n": payload bytes,
                 "t"/"e": error type/message (err)}
     kinds   := "call" (opens a call, may carry the first value) | "msg" | "end" | "err"
+    "z": 1 marks a call/msg as the sender's last (an "end" folded into it: one message, one parse)
 
-Every call ends with an explicit "end" (or "err"), so a stream that stops early is an error, never a
+Every call ends with an explicit end (or "err"), so a stream that stops early is an error, never a
 short result. The payload is written and read in slices so the checksum is computed while the bytes
 are hot in cache, and the receiver fills preallocated tensors directly (one copy after decryption).
 """
@@ -38,10 +39,7 @@ class Message:
     error_type: str | None = None
     error_message: str | None = None
     has_value: bool = False
-
-
-def _end_header() -> bytes:
-    return encode_header(END)
+    last: bool = False  # the sender's final message (carries the end marker)
 
 
 def encode_header(
@@ -52,8 +50,11 @@ def encode_header(
     method: str | None = None,
     error_type: str | None = None,
     error_message: str | None = None,
+    last: bool = False,
 ) -> bytes:
     header: dict[str, Any] = {"k": kind, "n": n}
+    if last:
+        header["z"] = 1
     for key, value in (("d", doc), ("m", method), ("t", error_type), ("e", error_message)):
         if value is not None:
             header[key] = value
@@ -71,14 +72,27 @@ async def send(
     prefix: bytes = b"",
     end: bool = False,
     method: str | None = None,
+    on_error: Any = None,
 ) -> None:
     """Send one message; ``prefix`` (protocol negotiation) rides in front, and with ``end`` the
-    end-of-messages marker and the half-close ride behind, in the same write."""
+    end-of-messages marker and the half-close ride behind, in the same write.
+
+    ``on_error`` (an async callable) runs if the write fails, e.g. to read the peer's refusal.
+    """
+    try:
+        await _send(stream, kind, value, has_value, codec, prefix, end, method)
+    except StreamError:
+        if on_error is not None:
+            await on_error()
+        raise
+
+
+async def _send(stream, kind, value, has_value, codec, prefix, end, method) -> None:
     fin = end
     doc, buffers = tensors.encode(value, codec) if has_value else (None, [])
     n = sum(b.nbytes for b in buffers)
-    head = prefix + encode_header(kind, doc, n, method=method)
-    tail = _END if end else b""
+    head = prefix + encode_header(kind, doc, n, method=method, last=end)
+    tail = b""
     if n <= SMALL:
         if not n:
             await stream.write(head + tail, fin=fin)
@@ -98,9 +112,6 @@ async def send(
     await stream.write(_U32.pack(crc) + tail, fin=fin)
 
 
-_END = _end_header()
-
-
 async def send_end(stream: YamuxStream, fin: bool = True, prefix: bytes = b"") -> None:
     await stream.write(prefix + encode_header(END), fin=fin)
 
@@ -110,7 +121,20 @@ async def send_error(stream: YamuxStream, type_name: str, message: str) -> None:
 
 
 async def receive(stream: YamuxStream, max_payload: int, as_torch: bool | None = None) -> Message:
-    """Read one message (validated, bounded); raises StreamError if the stream ends first."""
+    """Read one message (validated, bounded).
+
+    A peer that half-closes in the middle of a message gets PayloadError ("truncated"); a lost
+    connection or a reset stays a StreamError. Either way no partial value is ever returned.
+    """
+    try:
+        return await _receive(stream, max_payload, as_torch)
+    except StreamError as exc:
+        if stream.remote_closed:
+            raise PayloadError(f"truncated message: {exc}") from None
+        raise
+
+
+async def _receive(stream: YamuxStream, max_payload: int, as_torch: bool | None) -> Message:
     try:
         (length,) = _U32.unpack(await stream.read_exactly(4))
     except StreamError:
@@ -140,7 +164,7 @@ async def receive(stream: YamuxStream, max_payload: int, as_torch: bool | None =
     if doc is None:
         if n:
             raise PayloadError("payload without a value document")
-        return Message(kind, method=method)
+        return Message(kind, method=method, last=bool(header.get("z")))
     if not isinstance(doc, bytes):
         raise PayloadError("value document must be bytes")
     value, specs = tensors.parse(doc, max_payload)
@@ -157,4 +181,6 @@ async def receive(stream: YamuxStream, max_payload: int, as_torch: bool | None =
         (expected,) = _U32.unpack(await stream.read_exactly(4))
         if expected != crc:
             raise PayloadError("payload checksum mismatch (corrupted transfer)")
-    return Message(kind, value=tensors.finish(value, as_torch), method=method, has_value=True)
+    return Message(
+        kind, value=tensors.finish(value, as_torch), method=method, has_value=True, last=bool(header.get("z"))
+    )

@@ -248,28 +248,64 @@ class SecureStream:
         self._rstart = 0
         self._rend = 0
         self._sock = getattr(raw, "socket", None)
+        self._out = bytearray()
+        self._stage = bytearray(MAX_PLAINTEXT)
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        view = memoryview(data)
-        total = len(view)
+        await self.send_parts((data,))
+
+    async def send_parts(self, parts: tuple | list) -> None:
+        """Encrypt the concatenation of ``parts`` into Noise frames and send them in one write.
+
+        Large slices are encrypted straight from the caller's buffers; small pieces (headers) are
+        gathered in a reused 64 KiB staging frame. The output buffer is reused too (the muxer
+        serialises writes), so a bulk transfer allocates nothing per batch.
+        """
+        total = 0
+        for part in parts:
+            total += len(part) if not isinstance(part, memoryview) else part.nbytes
         if total <= MAX_PLAINTEXT:
-            ct = self._send.encrypt(view)
+            plain = parts[0] if len(parts) == 1 else b"".join(parts)
+            ct = self._send.encrypt(plain)
             await self.raw.send_all(struct.pack(">H", len(ct)) + ct)
             return
-        nframes = -(-total // MAX_PLAINTEXT)
-        out = bytearray(total + nframes * (2 + TAG_LEN))
-        outv = memoryview(out)
-        pos = 0
+        size = total + -(-total // MAX_PLAINTEXT) * (2 + TAG_LEN)
+        if len(self._out) < size:
+            self._out = bytearray(max(size, 2 * len(self._out)))
         enc = self._send
-        for off in range(0, total, MAX_PLAINTEXT):
-            chunk = view[off : off + MAX_PLAINTEXT]
-            n = len(chunk) + TAG_LEN
-            outv[pos] = n >> 8
-            outv[pos + 1] = n & 0xFF
-            enc.encrypt_into(chunk, outv[pos + 2 : pos + 2 + n])
-            pos += 2 + n
-        outv.release()
-        await self.raw.send_all(out)
+        pos = 0
+        staged = 0
+        stage = self._stage
+        with memoryview(self._out) as out, memoryview(stage) as st:
+
+            def emit(src: memoryview) -> None:
+                nonlocal pos
+                n = len(src) + TAG_LEN
+                out[pos] = n >> 8
+                out[pos + 1] = n & 0xFF
+                enc.encrypt_into(src, out[pos + 2 : pos + 2 + n])
+                pos += 2 + n
+
+            for part in parts:
+                view = part if isinstance(part, memoryview) else memoryview(part)
+                if view.format != "B" or view.ndim != 1:
+                    view = view.cast("B")
+                off, length = 0, len(view)
+                while off < length:
+                    if staged == 0 and length - off >= MAX_PLAINTEXT:
+                        emit(view[off : off + MAX_PLAINTEXT])  # zero-copy
+                        off += MAX_PLAINTEXT
+                        continue
+                    take = min(MAX_PLAINTEXT - staged, length - off)
+                    st[staged : staged + take] = view[off : off + take]
+                    staged += take
+                    off += take
+                    if staged == MAX_PLAINTEXT:
+                        emit(st)
+                        staged = 0
+            if staged:
+                emit(st[:staged])
+            await self.raw.send_all(out[:pos])
 
     async def receive_some(self, max_bytes: int = 262144) -> bytes | bytearray:
         """Decrypted bytes of one or more whole frames; b"" on clean EOF at a frame boundary."""

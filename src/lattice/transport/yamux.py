@@ -56,6 +56,7 @@ class YamuxStream:
         self._syn_pending = outbound
         self._ack_pending = False  # inbound: ACK + window grant ride on our first frame
         self.pending_prefix = b""  # bytes to put before our first data (deferred negotiation reply)
+        self._reset_scopes: list[trio.CancelScope] = []
         self._remote_fin = False
         self._local_fin = False
         self._error: StreamError | None = None
@@ -66,6 +67,11 @@ class YamuxStream:
     @property
     def remote_peer(self):
         return self.session.remote_peer
+
+    @property
+    def remote_closed(self) -> bool:
+        """The peer has finished sending (FIN received)."""
+        return self._remote_fin
 
     # -- reading
     def _flush_ack(self) -> None:
@@ -282,9 +288,19 @@ class YamuxStream:
         self._read_lot.unpark_all()
         self._maybe_forget()
 
+    def cancel_on_reset(self, scope: trio.CancelScope) -> None:
+        """Cancel ``scope`` if the stream is reset or its connection is lost (no watcher task needed)."""
+        if self._error is not None:
+            scope.cancel()
+        else:
+            self._reset_scopes.append(scope)
+
     def _fail(self, error: StreamError) -> None:
         if self._error is None:
             self._error = error
+            for scope in self._reset_scopes:
+                scope.cancel()
+            self._reset_scopes.clear()
         self._read_lot.unpark_all()
         self._window_lot.unpark_all()
 
@@ -411,19 +427,15 @@ class YamuxSession:
             if self.closed:
                 raise ConnectionLost(self.close_reason or "connection is closed")
             if self._control:
-                data = b"".join([*self._control, *parts])
+                parts = (*self._control, *parts)
                 self._control.clear()
-            elif len(parts) == 1:
-                data = parts[0]
-            else:
-                data = b"".join(parts)
-            await self._write_shielded(data)
+            await self._write_shielded(parts)
 
-    async def _write_shielded(self, data: bytes | bytearray | memoryview) -> None:
+    async def _write_shielded(self, parts: tuple | list) -> None:
         with trio.CancelScope(shield=True):
             with trio.move_on_after(self.write_timeout) as scope:
                 try:
-                    await self.secure.send_all(data)
+                    await self.secure.send_parts(parts)
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                     self._terminate(f"write failed: {exc}")
                     raise ConnectionLost(f"connection lost: {exc}") from None
@@ -431,7 +443,7 @@ class YamuxSession:
                 self._terminate("write timed out")
                 await trio.aclose_forcefully(self.secure.raw)
                 raise ConnectionLost("write timed out; connection closed")
-        self.bytes_sent += len(data)
+        self.bytes_sent += sum(len(p) if not isinstance(p, memoryview) else p.nbytes for p in parts)
 
     async def _flush_control(self) -> None:
         while not self.closed:
@@ -441,7 +453,7 @@ class YamuxSession:
             async with self._send_lock:
                 if not self._control or self.closed:
                     continue
-                data = b"".join(self._control)
+                data = tuple(self._control)
                 self._control.clear()
                 try:
                     await self._write_shielded(data)
