@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -23,29 +21,13 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from _common import emit as _emit  # noqa: E402
+from _common import tree_rss_mib  # noqa: E402
 
 
-def tree_rss_mib(pid: int) -> float:
-    """RSS of a process and its descendants, from /proc (no psutil needed)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as fh:
-                    ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
-            except OSError:
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    total_pages, stack = 0, [pid]
-    while stack:
-        p = stack.pop()
-        try:
-            with open(f"/proc/{p}/statm") as fh:
-                total_pages += int(fh.read().split()[1])
-        except OSError:
-            continue
-        stack.extend(children.get(p, []))
-    return total_pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+def emit(system: str, metric: str, runs: list[float], **extra) -> dict:
+    return _emit("startup", system, metric, runs, **extra)
 
 
 def one_lattice_run(workdir: Path, idle_s: float) -> tuple[float, float]:
@@ -84,19 +66,6 @@ def python_floor() -> float:
     start = time.perf_counter()
     subprocess.run([sys.executable, "-c", "pass"], check=True)
     return time.perf_counter() - start
-
-
-def emit(system: str, metric: str, runs: list[float], **extra) -> dict:
-    line = {
-        "bench": "startup",
-        "system": system,
-        "metric": metric,
-        "median": round(statistics.median(runs), 4),
-        "runs": [round(r, 4) for r in runs],
-        **extra,
-    }
-    print(json.dumps(line), flush=True)
-    return line
 
 
 def main() -> None:
