@@ -114,10 +114,17 @@ class PeerId:
 
     @classmethod
     def from_string(cls, text: str) -> PeerId:
+        cached = _PARSED.get(text)
+        if cached is not None:
+            return cached
         try:
-            return cls(b58decode(text))
+            peer = cls(b58decode(text))
         except (ValueError, _proto.DecodeError) as exc:
             raise IdentityError(f"invalid peer id {text!r}: {exc}") from None
+        if len(_PARSED) >= 4096:  # peer ids recur (every call names its peer): keep a bounded cache
+            _PARSED.clear()
+        _PARSED[text] = peer
+        return peer
 
     def public_key(self) -> PublicKey | None:
         """The public key inlined in an identity-multihash peer id (Ed25519 ids), else None."""
@@ -148,6 +155,9 @@ class PeerId:
 
     def __hash__(self) -> int:
         return hash(self.multihash)
+
+
+_PARSED: dict[str, PeerId] = {}
 
 
 def peer_id_from_public_key(key: PublicKey) -> PeerId:

@@ -135,6 +135,7 @@ class RPC:
         self._node: Any = None
         self._slots: dict[PeerId, trio.Semaphore] = {}
         self._inbound = 0
+        self._negotiation_bytes: bytes | None = None
         self.stats = {"calls_out": 0, "calls_in": 0, "errors_out": 0, "errors_in": 0, "rejected": 0}
 
     # -- lifecycle
@@ -232,7 +233,10 @@ class RPC:
         slots = self._slots.get(peer_id)
         if slots is None:
             slots = self._slots[peer_id] = trio.Semaphore(self.config.max_inflight_per_peer)
-        await slots.acquire()
+        try:
+            slots.acquire_nowait()  # uncontended: no scheduler round trip
+        except trio.WouldBlock:
+            await slots.acquire()
         try:
             stream = await conn.session.open_stream()
         except BaseException:
@@ -241,9 +245,19 @@ class RPC:
         return stream, slots
 
     def _negotiation(self) -> bytes:
-        return multistream.encode(multistream.HEADER) + multistream.encode(self.protocol_id)
+        if self._negotiation_bytes is None:
+            self._negotiation_bytes = multistream.encode(multistream.HEADER) + multistream.encode(
+                self.protocol_id
+            )
+        return self._negotiation_bytes
 
     async def _check_negotiation(self, stream: YamuxStream) -> None:
+        expected = self._negotiation()
+        got = await stream.read_exactly(len(expected)) if stream._buf_len >= len(expected) else None
+        if got == expected:  # the usual case: compare bytes, no parsing
+            return
+        if got is not None:
+            stream.unread(got)
         buf = bytearray()
         header = await multistream.read_message(stream, buf)
         answer = await multistream.read_message(stream, buf)
@@ -290,30 +304,42 @@ class RPC:
         as_torch: bool | None = None,
     ) -> Any:
         """Unary call: send ``payload`` (values, bytes, arrays, tensors), return the reply."""
-        async with self._call_scope(method, timeout):
-            stream, slots = await self._open(peer)
-            try:
-                await wire.send(
-                    stream,
-                    wire.CALL,
-                    payload,
-                    has_value=True,
-                    codec=codec,
-                    prefix=self._negotiation(),
-                    method=method,
-                    end=True,
-                    on_error=lambda: self._peer_error(stream),
-                )
-                await self._check_negotiation(stream)
-                reply = await _receive(stream, self.config.max_message, as_torch)
-                if reply.kind != wire.MSG or not reply.last:
-                    raise PayloadError("a unary reply must be a single final message")
-                return reply.value
-            except BaseException:
-                await stream.reset()
-                raise
-            finally:
-                slots.release()
+        timeout = self.config.default_timeout if timeout is None else timeout
+        self.stats["calls_out"] += 1
+        try:
+            with trio.fail_after(timeout):  # the hot path: no context-manager helpers
+                stream, slots = await self._open(peer)
+                try:
+                    await wire.send(
+                        stream,
+                        wire.CALL,
+                        payload,
+                        has_value=True,
+                        codec=codec,
+                        prefix=self._negotiation(),
+                        method=method,
+                        end=True,
+                        on_error=lambda: self._peer_error(stream),
+                    )
+                    await self._check_negotiation(stream)
+                    reply = await _receive(stream, self.config.max_message, as_torch)
+                    if reply.kind != wire.MSG or not reply.last:
+                        raise PayloadError("a unary reply must be a single final message")
+                    return reply.value
+                except BaseException:
+                    await stream.reset()
+                    raise
+                finally:
+                    slots.release()
+        except trio.TooSlowError:
+            self.stats["errors_out"] += 1
+            raise RPCTimeout(f"{method} timed out after {timeout:g}s") from None
+        except (StreamError, NegotiationError) as exc:
+            self.stats["errors_out"] += 1
+            raise RPCError(f"{method} failed: {exc}") from None
+        except LatticeError:
+            self.stats["errors_out"] += 1
+            raise
 
     @asynccontextmanager
     async def call_stream(

@@ -35,6 +35,14 @@ INITIAL_WINDOW = 256 * 1024
 GO_AWAY_NORMAL, GO_AWAY_PROTOCOL_ERROR, GO_AWAY_INTERNAL_ERROR = 0, 1, 2
 
 
+async def _acquire(lock: trio.Lock) -> None:
+    """Take an uncontended lock without a scheduler round trip (trio's acquire always yields)."""
+    try:
+        lock.acquire_nowait()
+    except trio.WouldBlock:
+        await lock.acquire()
+
+
 def header(ftype: int, flags: int, stream_id: int, length: int) -> bytes:
     return _HDR.pack(0, ftype, flags, stream_id, length)
 
@@ -185,7 +193,8 @@ class YamuxStream:
         view = memoryview(data).cast("B") if not isinstance(data, bytes) else memoryview(data)
         total = len(view)
         session = self.session
-        async with self._write_lock:
+        await _acquire(self._write_lock)
+        try:
             off = 0
             while off < total or (fin and not self._local_fin):
                 if self._error is not None:
@@ -213,6 +222,8 @@ class YamuxStream:
                 if fin and off == total:
                     self._local_fin = True
                 await session._send_frame(*parts)
+        finally:
+            self._write_lock.release()
         if self._local_fin:
             self._maybe_forget()
 
@@ -423,26 +434,30 @@ class YamuxSession:
         """Send frames (pre-built headers and payload views) in one write, after queued control."""
         if self.closed:
             raise ConnectionLost(self.close_reason or "connection is closed")
-        async with self._send_lock:
+        await _acquire(self._send_lock)
+        try:
             if self.closed:
                 raise ConnectionLost(self.close_reason or "connection is closed")
             if self._control:
                 parts = (*self._control, *parts)
                 self._control.clear()
             await self._write_shielded(parts)
+        finally:
+            self._send_lock.release()
 
     async def _write_shielded(self, parts: tuple | list) -> None:
-        with trio.CancelScope(shield=True):
-            with trio.move_on_after(self.write_timeout) as scope:
-                try:
-                    await self.secure.send_parts(parts)
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                    self._terminate(f"write failed: {exc}")
-                    raise ConnectionLost(f"connection lost: {exc}") from None
-            if scope.cancelled_caught:
-                self._terminate("write timed out")
+        # The secure stream shields every wait and bounds it by write_timeout (see _send_bytes).
+        self.secure.write_timeout = self.write_timeout
+        try:
+            await self.secure.send_parts(parts)
+        except ConnectionLost as exc:  # includes the write timeout
+            self._terminate(str(exc))
+            with trio.CancelScope(shield=True):
                 await trio.aclose_forcefully(self.secure.raw)
-                raise ConnectionLost("write timed out; connection closed")
+            raise ConnectionLost(f"connection lost: {exc}") from None
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            self._terminate(f"write failed: {exc}")
+            raise ConnectionLost(f"connection lost: {exc}") from None
         self.bytes_sent += sum(len(p) if not isinstance(p, memoryview) else p.nbytes for p in parts)
 
     async def _flush_control(self) -> None:
