@@ -203,3 +203,44 @@ async def test_inbound_stream_limit(host_factory):
         await b.new_stream(a.peer_id, [SINK])
     hold.set()
     assert len(opened) == 4
+
+
+async def test_bulk_transfer_does_not_starve_other_streams(host_factory):
+    """Control traffic (here: pings) keeps flowing while one stream moves 256 MiB."""
+    a, b = await host_factory(), await host_factory()
+    received = []
+
+    async def sink(stream):
+        total = 0
+        while chunk := await stream.read(1 << 22):
+            total += len(chunk)
+        received.append(total)
+
+    a.set_stream_handler(SINK, sink)
+    await b.connect(full_addr(a))
+    bulk = await b.new_stream(a.peer_id, [SINK])
+    rtts = []
+    done = trio.Event()
+
+    async def pinger():
+        while not done.is_set():
+            rtts.extend(await ping.ping(b, a.peer_id, count=1))
+            await trio.sleep(0.01)
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pinger)
+            await stream_write_all(bulk, 256 << 20)
+            await bulk.close()
+            while not received:
+                await trio.sleep(0.01)
+            done.set()
+    assert received == [256 << 20]
+    assert len(rtts) >= 5, "pings were starved during the transfer"
+    assert sorted(rtts)[len(rtts) // 2] < 0.05 and max(rtts) < 0.5, rtts
+
+
+async def stream_write_all(stream, nbytes: int) -> None:
+    chunk = bytes(4 << 20)
+    for _ in range(nbytes // len(chunk)):
+        await stream.write(chunk)
