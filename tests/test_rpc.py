@@ -354,3 +354,47 @@ def test_error_feedback_carries_dropped_mass():
 def test_malformed_codec_metadata_is_rejected(meta):
     with pytest.raises(PayloadError):
         compression.decompress("topk", np.zeros(8, np.uint8), meta, 1 << 20)
+
+
+async def test_resumable_call_survives_dropped_connections(pair):
+    a, b, peer = pair
+    seen = []
+
+    @a.rpc.method("apply")
+    async def apply(t):
+        seen.append(t)
+        return float(t.sum())
+
+    x = np.random.default_rng(5).standard_normal(6 << 20).astype(np.float32)  # 24 MiB, 3 chunks of 8 MiB
+    chunk_calls = []
+    original = b.rpc.call
+
+    async def flaky_call(p, method, payload=None, **kw):
+        if method == "lattice.upload.chunk":
+            chunk_calls.append(payload["index"])
+            if len(chunk_calls) == 2:  # the link drops while chunk 1 is in flight: it is lost
+                await b.host.disconnect(PeerId.from_string(peer))
+                raise RPCError("connection lost during the chunk")
+        return await original(p, method, payload, **kw)
+
+    b.rpc.call = flaky_call
+    try:
+        result = await original(peer, "apply", x, resumable=True, timeout=60)
+    finally:
+        b.rpc.call = original
+    assert len(seen) == 1 and np.array_equal(seen[0], x) and result == pytest.approx(float(x.sum()), rel=1e-4)
+    assert b.rpc.stats["resumed"] >= 1
+    assert chunk_calls == [0, 1, 1, 2]  # after reconnecting, only the lost chunk is sent again
+    assert a.rpc.uploads.staged_bytes == 0
+
+
+async def test_upload_staging_is_bounded_and_owned(pair):
+    a, b, peer = pair
+    with pytest.raises(RemoteError, match="staging limit"):
+        await b.rpc.call(peer, "lattice.upload.begin", {"id": b"0" * 16, "dtype": "uint8", "shape": [1 << 40],
+                                                         "chunk": 8 << 20})  # fmt: skip
+    with pytest.raises(RemoteError, match="unknown or expired"):
+        await b.rpc.call(
+            peer, "lattice.upload.chunk", {"id": b"1" * 16, "index": 0, "data": np.zeros(4, np.uint8)}
+        )
+    assert a.rpc.uploads.staged_bytes == 0

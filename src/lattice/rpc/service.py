@@ -136,6 +136,9 @@ class RPC:
         self._slots: dict[PeerId, trio.Semaphore] = {}
         self._inbound = 0
         self._negotiation_bytes: bytes | None = None
+        from lattice.rpc.resumable import Uploads
+
+        self.uploads = Uploads(self, max_bytes=2 * self.config.max_message)
         self.stats = {"calls_out": 0, "calls_in": 0, "errors_out": 0, "errors_in": 0, "rejected": 0}
 
     # -- lifecycle
@@ -302,8 +305,17 @@ class RPC:
         timeout: float | None = None,
         codec: str | None = None,
         as_torch: bool | None = None,
+        resumable: bool = False,
     ) -> Any:
-        """Unary call: send ``payload`` (values, bytes, arrays, tensors), return the reply."""
+        """Unary call: send ``payload`` (values, bytes, arrays, tensors), return the reply.
+
+        ``resumable=True`` (payload: one large tensor) uploads in chunks that survive dropped
+        connections; the handler still receives the whole tensor (see lattice.rpc.resumable).
+        """
+        if resumable:
+            from lattice.rpc import resumable as _resumable
+
+            return await _resumable.call(self, peer, method, payload, timeout=timeout, as_torch=as_torch)
         timeout = self.config.default_timeout if timeout is None else timeout
         self.stats["calls_out"] += 1
         try:
