@@ -241,3 +241,22 @@ def _to_torch(arr: np.ndarray, dtype_name: str) -> Any:
     if dtype_name == "bfloat16":
         return torch.from_numpy(np.ascontiguousarray(arr).view(np.int16)).view(torch.bfloat16)
     return torch.from_numpy(arr) if arr.flags.writeable else torch.from_numpy(arr.copy())
+
+
+def retype(value: Any, as_torch: bool) -> Any:
+    """Convert every array/tensor in a decoded value to torch (True) or numpy (False)."""
+
+    def walk(obj: Any, depth: int = 0) -> Any:
+        if depth > MAX_DEPTH:
+            raise PayloadError("value nested too deeply")
+        if isinstance(obj, np.ndarray):
+            return _to_torch(obj, obj.dtype.name) if as_torch else obj
+        if _is_torch(obj):
+            return obj if as_torch else obj.numpy()
+        if isinstance(obj, list):
+            return [walk(x, depth + 1) for x in obj]
+        if isinstance(obj, dict):
+            return {k: walk(v, depth + 1) for k, v in obj.items()}
+        return obj
+
+    return walk(value)

@@ -35,9 +35,10 @@ from typing import Any
 
 import trio
 
+from lattice.codec import tensors
 from lattice.errors import LatticeError, NegotiationError, PayloadError, StreamError
 from lattice.identity import PeerId
-from lattice.rpc import wire
+from lattice.rpc import lane, wire
 from lattice.rpc.errors import MethodNotFound, RemoteError, RPCError, RPCTimeout
 from lattice.transport import multistream
 from lattice.transport.yamux import YamuxStream
@@ -136,6 +137,10 @@ class RPC:
         self._slots: dict[PeerId, trio.Semaphore] = {}
         self._inbound = 0
         self._negotiation_bytes: bytes | None = None
+        self._nursery: trio.Nursery | None = None
+        self._lanes: dict[PeerId, lane.Lane] = {}
+        self._lane_locks: dict[PeerId, trio.Lock] = {}
+        self._no_lane: set[PeerId] = set()
         from lattice.rpc.resumable import Uploads
 
         self.uploads = Uploads(self, max_bytes=2 * self.config.max_message)
@@ -145,11 +150,14 @@ class RPC:
     async def run(self, node: Any, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
         self._node = node
         node.host.set_stream_handler(self.protocol_id, self._serve)
+        node.host.set_stream_handler(lane.PROTOCOL_ID, self._serve_lane)
         node.add_control_op("rpc.call", self._op_call)
         node.add_control_op("rpc.methods", self._op_methods)
         node.add_control_op("rpc.bench", self._op_bench)
-        task_status.started()
-        await trio.sleep_forever()
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery  # the lanes' reply readers
+            task_status.started()
+            await trio.sleep_forever()
 
     # -- control operations (lattice.Client.rpc)
     async def _op_call(
@@ -216,23 +224,26 @@ class RPC:
         return sorted(self._methods)
 
     # -- client side
-    async def _open(self, peer: PeerId | str) -> tuple[YamuxStream, trio.Semaphore]:
+    async def _resolve(self, peer: PeerId | str) -> tuple[PeerId, Any]:
+        """(peer id, live connection), dialing a multiaddr or a known address if needed."""
         node = self._node
         if node is None:
             raise RPCError("the RPC service is not running")
         host = node.host
         if isinstance(peer, str) and peer.startswith("/"):
             conn = await host.connect(peer)
-            peer_id = conn.remote_peer
-        else:
-            peer_id = peer if isinstance(peer, PeerId) else PeerId.from_string(str(peer))
-            conn = host.connection_to(peer_id)
-            if conn is None:
-                known = host.peerstore.get(peer_id)
-                addrs = [a for a in (known.addrs if known else []) if a.tcp_target()]
-                if not addrs:
-                    raise RPCError(f"not connected to {peer_id} and no known address")
-                conn = await host.connect(addrs[0].with_peer(peer_id))
+            return conn.remote_peer, conn
+        peer_id = peer if isinstance(peer, PeerId) else PeerId.from_string(str(peer))
+        conn = host.connection_to(peer_id)
+        if conn is None:
+            known = host.peerstore.get(peer_id)
+            addrs = [a for a in (known.addrs if known else []) if a.tcp_target()]
+            if not addrs:
+                raise RPCError(f"not connected to {peer_id} and no known address")
+            conn = await host.connect(addrs[0].with_peer(peer_id))
+        return peer_id, conn
+
+    async def _slot(self, peer_id: PeerId) -> trio.Semaphore:
         slots = self._slots.get(peer_id)
         if slots is None:
             slots = self._slots[peer_id] = trio.Semaphore(self.config.max_inflight_per_peer)
@@ -240,12 +251,38 @@ class RPC:
             slots.acquire_nowait()  # uncontended: no scheduler round trip
         except trio.WouldBlock:
             await slots.acquire()
+        return slots
+
+    async def _open(self, peer: PeerId | str) -> tuple[YamuxStream, trio.Semaphore]:
+        peer_id, conn = await self._resolve(peer)
+        slots = await self._slot(peer_id)
         try:
             stream = await conn.session.open_stream()
         except BaseException:
             slots.release()
             raise
         return stream, slots
+
+    async def _lane_to(self, peer_id: PeerId, conn: Any) -> lane.Lane | None:
+        """The peer's fast lane (opened on first use), or None if the peer has none."""
+        current = self._lanes.get(peer_id)
+        if current is not None and not current.closed and current.stream.session is conn.session:
+            return current
+        if peer_id in self._no_lane or self._nursery is None:
+            return None
+        lock = self._lane_locks.setdefault(peer_id, trio.Lock())
+        async with lock:
+            current = self._lanes.get(peer_id)
+            if current is not None and not current.closed and current.stream.session is conn.session:
+                return current
+            try:
+                stream = await self._node.host.new_stream(conn, [lane.PROTOCOL_ID])
+            except NegotiationError:
+                self._no_lane.add(peer_id)  # an older peer: per-call streams only
+                return None
+            current = self._lanes[peer_id] = lane.Lane(stream, self.config.max_message)
+            self._nursery.start_soon(current.read_replies)
+            return current
 
     def _negotiation(self) -> bytes:
         if self._negotiation_bytes is None:
@@ -318,16 +355,20 @@ class RPC:
             return await _resumable.call(self, peer, method, payload, timeout=timeout, as_torch=as_torch)
         timeout = self.config.default_timeout if timeout is None else timeout
         self.stats["calls_out"] += 1
+        encoded = tensors.encode(payload, codec)
         try:
             with trio.fail_after(timeout):  # the hot path: no context-manager helpers
+                if len(encoded[0]) + sum(b.nbytes for b in encoded[1]) <= lane.SMALL_CALL:
+                    peer_id, conn = await self._resolve(peer)
+                    fast = await self._lane_to(peer_id, conn)
+                    if fast is not None:
+                        return await self._lane_call(fast, peer_id, method, encoded, as_torch)
                 stream, slots = await self._open(peer)
                 try:
                     await wire.send(
                         stream,
                         wire.CALL,
-                        payload,
-                        has_value=True,
-                        codec=codec,
+                        encoded=encoded,
                         prefix=self._negotiation(),
                         method=method,
                         end=True,
@@ -352,6 +393,25 @@ class RPC:
         except LatticeError:
             self.stats["errors_out"] += 1
             raise
+
+    async def _lane_call(self, fast: lane.Lane, peer_id: PeerId, method: str, encoded, as_torch) -> Any:
+        slots = await self._slot(peer_id)
+        cid, slot = fast.new_call()
+        try:
+            await wire.send(
+                fast.stream, wire.CALL, encoded=encoded, method=method, end=True, fin=False, call_id=cid
+            )
+            await slot[0].wait()
+        except BaseException:  # timed out or cancelled: tell the callee to stop the handler
+            with trio.CancelScope(shield=True), trio.move_on_after(1.0):
+                await fast.cancel(cid)
+            raise
+        finally:
+            slots.release()
+        message = slot[1]
+        if as_torch is not None and not isinstance(message, Exception) and message.kind == wire.MSG:
+            message.value = tensors.retype(message.value, as_torch)
+        return lane.result_of(message)
 
     @asynccontextmanager
     async def call_stream(
@@ -466,6 +526,9 @@ class RPC:
                 slots.release()
 
     # -- server side
+    async def _serve_lane(self, stream: YamuxStream) -> None:
+        await lane.serve(self, stream)
+
     async def _serve(self, stream: YamuxStream) -> None:
         if self._inbound >= self.config.max_inbound_calls:
             self.stats["rejected"] += 1

@@ -24,7 +24,7 @@ from lattice.codec import tensors
 from lattice.errors import PayloadError, StreamError
 from lattice.transport.yamux import YamuxStream
 
-CALL, MSG, END, ERR = "call", "msg", "end", "err"
+CALL, MSG, END, ERR, CANCEL = "call", "msg", "end", "err", "cancel"
 MAX_HEADER = 1 << 20
 SLICE = 4 << 20
 SMALL = 64 << 10  # payloads up to this size are coalesced with the header into one write
@@ -40,6 +40,7 @@ class Message:
     error_message: str | None = None
     has_value: bool = False
     last: bool = False  # the sender's final message (carries the end marker)
+    call_id: int | None = None  # fast lane: which call a message belongs to
 
 
 def encode_header(
@@ -51,10 +52,13 @@ def encode_header(
     error_type: str | None = None,
     error_message: str | None = None,
     last: bool = False,
+    call_id: int | None = None,
 ) -> bytes:
     header: dict[str, Any] = {"k": kind, "n": n}
     if last:
         header["z"] = 1
+    if call_id is not None:
+        header["i"] = call_id
     for key, value in (("d", doc), ("m", method), ("t", error_type), ("e", error_message)):
         if value is not None:
             header[key] = value
@@ -71,53 +75,65 @@ async def send(
     codec: str | None = None,
     prefix: bytes = b"",
     end: bool = False,
+    fin: bool | None = None,
     method: str | None = None,
+    call_id: int | None = None,
+    encoded: tuple[bytes, list] | None = None,
     on_error: Any = None,
 ) -> None:
-    """Send one message; ``prefix`` (protocol negotiation) rides in front, and with ``end`` the
-    end-of-messages marker and the half-close ride behind, in the same write.
+    """Send one message; ``prefix`` (protocol negotiation) rides in front. ``end`` marks it as the
+    sender's last and (unless ``fin=False``, as on the shared fast lane) half-closes in the same write.
 
-    ``on_error`` (an async callable) runs if the write fails, e.g. to read the peer's refusal.
+    ``encoded`` passes a value already encoded by ``tensors.encode``; ``on_error`` (an async callable)
+    runs if the write fails, e.g. to read the peer's refusal.
     """
+    if encoded is None:
+        encoded = tensors.encode(value, codec) if has_value else (None, [])
     try:
-        await _send(stream, kind, value, has_value, codec, prefix, end, method)
+        await _send(stream, kind, encoded, prefix, end, end if fin is None else fin, method, call_id)
     except StreamError:
         if on_error is not None:
             await on_error()
         raise
 
 
-async def _send(stream, kind, value, has_value, codec, prefix, end, method) -> None:
-    fin = end
-    doc, buffers = tensors.encode(value, codec) if has_value else (None, [])
+async def _send(stream, kind, encoded, prefix, last, fin, method, call_id) -> None:
+    doc, buffers = encoded
     n = sum(b.nbytes for b in buffers)
-    head = prefix + encode_header(kind, doc, n, method=method, last=end)
-    tail = b""
-    if n <= SMALL:
-        if not n:
-            await stream.write(head + tail, fin=fin)
-            return
-        crc = 0
-        for b in buffers:
-            crc = zlib.crc32(b, crc)
-        await stream.write(b"".join([head, *buffers, _U32.pack(crc), tail]), fin=fin)
+    head = prefix + encode_header(kind, doc, n, method=method, last=last, call_id=call_id)
+    if n <= SMALL:  # one write: atomic with respect to other writers of the stream (fast lane)
+        data = head
+        if n:
+            crc = 0
+            for b in buffers:
+                crc = zlib.crc32(b, crc)
+            data = b"".join([head, *buffers, _U32.pack(crc)])
+        if stream.exclusive_held:  # a large message is being written on this stream: wait for it
+            async with stream.exclusive():
+                await stream.write(data, fin=fin)
+        else:
+            await stream.write(data, fin=fin)
         return
-    await stream.write(head)
-    crc = 0
-    for buf in buffers:
-        for off in range(0, buf.nbytes, SLICE):
-            piece = buf[off : off + SLICE]
-            crc = zlib.crc32(piece, crc)
-            await stream.write(piece)
-    await stream.write(_U32.pack(crc) + tail, fin=fin)
+    async with stream.exclusive():  # large: several writes, kept together on a shared stream
+        await stream.write(head)
+        crc = 0
+        for buf in buffers:
+            for off in range(0, buf.nbytes, SLICE):
+                piece = buf[off : off + SLICE]
+                crc = zlib.crc32(piece, crc)
+                await stream.write(piece)
+        await stream.write(_U32.pack(crc), fin=fin)
 
 
 async def send_end(stream: YamuxStream, fin: bool = True, prefix: bytes = b"") -> None:
     await stream.write(prefix + encode_header(END), fin=fin)
 
 
-async def send_error(stream: YamuxStream, type_name: str, message: str) -> None:
-    await stream.write(encode_header(ERR, error_type=type_name[:128], error_message=message[:4096]), fin=True)
+async def send_error(
+    stream: YamuxStream, type_name: str, message: str, call_id: int | None = None, fin: bool = True
+) -> None:
+    header = encode_header(ERR, error_type=type_name[:128], error_message=message[:4096], call_id=call_id)
+    await stream.write(header, fin=fin)
 
 
 async def receive(stream: YamuxStream, max_payload: int, as_torch: bool | None = None) -> Message:
@@ -147,15 +163,21 @@ async def _receive(stream: YamuxStream, max_payload: int, as_torch: bool | None)
         if isinstance(exc, StreamError):
             raise
         raise PayloadError(f"malformed message header: {exc}") from None
-    if not isinstance(header, dict) or header.get("k") not in (CALL, MSG, END, ERR):
+    if not isinstance(header, dict) or header.get("k") not in (CALL, MSG, END, ERR, CANCEL):
         raise PayloadError("malformed message header")
     kind = header["k"]
+    call_id = header.get("i")
+    if call_id is not None and (not isinstance(call_id, int) or not 0 <= call_id < 1 << 63):
+        raise PayloadError("invalid call id")
     n = header.get("n", 0)
     if not isinstance(n, int) or n < 0 or n > max_payload:
         raise PayloadError(f"message payload of {n} bytes is over the limit of {max_payload}")
     if kind == ERR:
         return Message(
-            ERR, error_type=str(header.get("t", "Error"))[:128], error_message=str(header.get("e", ""))[:4096]
+            ERR,
+            error_type=str(header.get("t", "Error"))[:128],
+            error_message=str(header.get("e", ""))[:4096],
+            call_id=call_id,
         )
     method = header.get("m")
     if method is not None and (not isinstance(method, str) or len(method) > 256):
@@ -164,7 +186,7 @@ async def _receive(stream: YamuxStream, max_payload: int, as_torch: bool | None)
     if doc is None:
         if n:
             raise PayloadError("payload without a value document")
-        return Message(kind, method=method, last=bool(header.get("z")))
+        return Message(kind, method=method, last=bool(header.get("z")), call_id=call_id)
     if not isinstance(doc, bytes):
         raise PayloadError("value document must be bytes")
     value, specs = tensors.parse(doc, max_payload)
@@ -182,5 +204,10 @@ async def _receive(stream: YamuxStream, max_payload: int, as_torch: bool | None)
         if expected != crc:
             raise PayloadError("payload checksum mismatch (corrupted transfer)")
     return Message(
-        kind, value=tensors.finish(value, as_torch), method=method, has_value=True, last=bool(header.get("z"))
+        kind,
+        value=tensors.finish(value, as_torch),
+        method=method,
+        has_value=True,
+        last=bool(header.get("z")),
+        call_id=call_id,
     )

@@ -16,7 +16,8 @@ from __future__ import annotations
 import logging
 import struct
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 
 import trio
 from trio.lowlevel import ParkingLot
@@ -71,6 +72,7 @@ class YamuxStream:
         self._read_lot = ParkingLot()
         self._window_lot = ParkingLot()
         self._write_lock = trio.Lock()
+        self._exclusive = trio.Lock()
 
     @property
     def remote_peer(self):
@@ -82,6 +84,16 @@ class YamuxStream:
         return self._remote_fin
 
     # -- reading
+    @property
+    def exclusive_held(self) -> bool:
+        return self._exclusive.locked()
+
+    @asynccontextmanager
+    async def exclusive(self) -> AsyncIterator[None]:
+        """Keep several writes together (no other writer of this stream interleaves)."""
+        async with self._exclusive:
+            yield
+
     def _flush_ack(self) -> None:
         """The app waits for data: the peer may be waiting for our ACK/window or negotiation reply.
 
