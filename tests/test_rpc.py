@@ -398,3 +398,40 @@ async def test_upload_staging_is_bounded_and_owned(pair):
             peer, "lattice.upload.chunk", {"id": b"1" * 16, "index": 0, "data": np.zeros(4, np.uint8)}
         )
     assert a.rpc.uploads.staged_bytes == 0
+
+
+async def test_fast_lane_carries_small_calls_and_survives_garbage(pair):
+    from lattice.rpc import lane
+
+    _a, b, peer = pair
+    pid = PeerId.from_string(peer)
+    assert await b.rpc.call(peer, "echo", 1) == 1
+    fast = b.rpc._lanes[pid]
+    streams_before = fast.stream.session.num_streams
+    for i in range(50):
+        assert await b.rpc.call(peer, "echo", i) == i
+    assert b.rpc._lanes[pid] is fast and fast.stream.session.num_streams == streams_before  # no new streams
+    # a hostile peer writes garbage on its own lane: that lane is dropped, nothing else is hurt
+    rogue = await b.host.new_stream(pid, [lane.PROTOCOL_ID])
+    await rogue.write(b"\x00\x00\x00\x04\xc1\xc1\xc1\xc1")
+    got = bytearray()
+    with trio.fail_after(5):
+        try:
+            while chunk := await rogue.read():
+                got += chunk
+        except StreamError:
+            pass  # ended by a reset after the explanation
+    (length,) = struct.unpack(">I", got[:4])
+    assert msgpack.unpackb(bytes(got[4 : 4 + length]))["k"] == "err"
+    assert await b.rpc.call(peer, "echo", "still fine") == "still fine"
+
+
+async def test_lane_reopens_after_connection_loss(pair):
+    _a, b, peer = pair
+    pid = PeerId.from_string(peer)
+    assert await b.rpc.call(peer, "echo", 1) == 1
+    first = b.rpc._lanes[pid]
+    await b.host.disconnect(pid)
+    with trio.fail_after(10):
+        assert await b.rpc.call(peer, "echo", 2) == 2  # redials from the peerstore, opens a new lane
+    assert b.rpc._lanes[pid] is not first
