@@ -435,3 +435,37 @@ async def test_lane_reopens_after_connection_loss(pair):
     with trio.fail_after(10):
         assert await b.rpc.call(peer, "echo", 2) == 2  # redials from the peerstore, opens a new lane
     assert b.rpc._lanes[pid] is not first
+
+
+TORCH_DTYPES = [
+    "float32",
+    "float64",
+    "float16",
+    "bfloat16",
+    "int8",
+    "uint8",
+    "int16",
+    "int32",
+    "int64",
+    "bool",
+]
+
+
+async def test_torch_tensors_roundtrip_including_bfloat16(pair):
+    torch = pytest.importorskip("torch")
+    _a, b, peer = pair
+    for name in TORCH_DTYPES:
+        dtype = getattr(torch, name)
+        x = (torch.randn(4, 5) * 10).to(dtype)
+        y = await b.rpc.call(peer, "echo", x)
+        assert isinstance(y, torch.Tensor) and y.dtype == dtype and torch.equal(x, y), name
+    strided = torch.arange(60, dtype=torch.float32).reshape(6, 10)[:, ::3].t()  # not contiguous
+    assert torch.equal(await b.rpc.call(peer, "echo", strided), strided)
+    as_numpy = await b.rpc.call(peer, "echo", torch.ones(3), as_torch=False)
+    assert isinstance(as_numpy, np.ndarray) and as_numpy.tolist() == [1.0, 1.0, 1.0]
+    as_tensor = await b.rpc.call(peer, "echo", np.ones(2), as_torch=True)
+    assert isinstance(as_tensor, torch.Tensor)
+    big = torch.randn(1 << 20, dtype=torch.bfloat16)  # 2 MiB: takes the per-call stream, not the lane
+    assert torch.equal(await b.rpc.call(peer, "echo", big), big)
+    approx = await b.rpc.call(peer, "echo", torch.randn(100), codec="bf16")
+    assert approx.dtype == torch.float32
