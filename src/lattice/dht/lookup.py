@@ -1,0 +1,83 @@
+"""Iterative Kademlia lookup as a sans-IO state machine (the same code runs in the simulator and on
+the network). At most ``alpha`` queries in flight; it ends when the ``k`` closest peers seen so far
+have all answered (or failed) and nothing closer is pending.
+
+Hops: a seed is at hop 1; a peer first learned from a hop-h peer is at hop h+1. ``hops`` is the hop of
+the closest peer found, i.e. how many sequential round trips reaching it took.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Iterable
+
+WAITING, QUERYING, DONE, FAILED = range(4)
+
+
+class Lookup:
+    def __init__(
+        self, target: int, seeds: Iterable[tuple[Hashable, int]], k: int = 20, alpha: int = 3
+    ) -> None:
+        self.target = target
+        self.k = k
+        self.alpha = alpha
+        self.state: dict[Hashable, int] = {}
+        self.keys: dict[Hashable, int] = {}
+        self.hop: dict[Hashable, int] = {}
+        self.queries = 0
+        for peer, key in seeds:
+            self._learn(peer, key, 1)
+
+    def _learn(self, peer: Hashable, key: int, hop: int) -> None:
+        if peer not in self.state:
+            self.state[peer] = WAITING
+            self.keys[peer] = key
+            self.hop[peer] = hop
+
+    def _ranked(self) -> list[Hashable]:
+        return sorted(
+            (p for p, s in self.state.items() if s != FAILED), key=lambda p: self.keys[p] ^ self.target
+        )
+
+    def next_queries(self) -> list[Hashable]:
+        """Peers to query now (marks them in flight)."""
+        in_flight = sum(1 for s in self.state.values() if s == QUERYING)
+        out = []
+        for peer in self._ranked()[: self.k]:
+            if in_flight + len(out) >= self.alpha:
+                break
+            if self.state[peer] == WAITING:
+                out.append(peer)
+        for peer in out:
+            self.state[peer] = QUERYING
+        self.queries += len(out)
+        return out
+
+    def on_response(self, peer: Hashable, closer: Iterable[tuple[Hashable, int]]) -> None:
+        if self.state.get(peer) != QUERYING:
+            return
+        self.state[peer] = DONE
+        hop = self.hop[peer] + 1
+        for other, key in closer:
+            self._learn(other, key, hop)
+
+    def on_failure(self, peer: Hashable) -> None:
+        if self.state.get(peer) == QUERYING:
+            self.state[peer] = FAILED
+
+    @property
+    def done(self) -> bool:
+        closest = self._ranked()[: self.k]
+        return all(self.state[p] == DONE for p in closest) or not closest
+
+    @property
+    def in_flight(self) -> int:
+        return sum(1 for s in self.state.values() if s == QUERYING)
+
+    def closest(self, count: int | None = None) -> list[Hashable]:
+        """The closest peers that answered."""
+        return [p for p in self._ranked() if self.state[p] == DONE][: count or self.k]
+
+    @property
+    def hops(self) -> int:
+        best = self.closest(1)
+        return self.hop[best[0]] if best else 0

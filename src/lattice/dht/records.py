@@ -1,0 +1,143 @@
+"""Signed, expiring DHT records with subkeys, ownership and per-namespace validators.
+
+A record lives in a slot ``(key, subkey)``. The subkey defaults to the publisher's peer id, so every
+writer has its own entry under a shared key (a dictionary value, one entry per writer) and nobody can
+overwrite somebody else's. Keys under ``/owned/<peer id>/`` accept records from that peer only. A
+record replaces the one in its slot only if it comes from the same publisher and is newer. Every hop
+verifies the signature (domain-separated, over a canonical msgpack encoding); values above
+``MAX_VALUE`` are refused at ``put`` with a clear error, never stored and silently dropped.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import msgpack
+
+from lattice.errors import IdentityError, LatticeError
+from lattice.identity import KeyPair, PeerId, PublicKey, verify_for
+
+MAX_KEY = 512
+MAX_SUBKEY = 128
+MAX_VALUE = 64 * 1024
+MAX_TTL = 30 * 24 * 3600.0
+CLOCK_SKEW = 120.0
+SIGN_CONTEXT = "dht-record"
+OWNED_PREFIX = b"/owned/"
+
+
+class RecordError(LatticeError):
+    """A record is invalid (bad signature, expired, too large, not allowed by its namespace)."""
+
+
+@dataclass(frozen=True)
+class Record:
+    key: bytes
+    subkey: bytes
+    value: bytes
+    publisher: bytes  # raw Ed25519 public key (32 bytes)
+    published_at: float
+    expires_at: float
+    signature: bytes
+
+    @property
+    def publisher_id(self) -> PeerId:
+        return PublicKey(self.publisher).peer_id()
+
+    def encode(self) -> bytes:
+        return msgpack.packb(
+            [
+                self.key,
+                self.subkey,
+                self.value,
+                self.publisher,
+                self.published_at,
+                self.expires_at,
+                self.signature,
+            ],
+            use_bin_type=True,
+        )
+
+    @classmethod
+    def decode(cls, data: bytes) -> Record:
+        try:
+            fields = msgpack.unpackb(data, raw=True, max_bin_len=MAX_VALUE + MAX_KEY + 256, max_array_len=8)
+        except Exception:
+            raise RecordError("malformed record") from None
+        if not isinstance(fields, list) or len(fields) != 7:
+            raise RecordError("malformed record")
+        key, subkey, value, publisher, published_at, expires_at, signature = fields
+        if not all(isinstance(x, bytes) for x in (key, subkey, value, publisher, signature)):
+            raise RecordError("malformed record fields")
+        if not all(isinstance(x, float | int) for x in (published_at, expires_at)):
+            raise RecordError("malformed record times")
+        return cls(key, subkey, value, publisher, float(published_at), float(expires_at), signature)
+
+
+def _signed_bytes(key: bytes, subkey: bytes, value: bytes, published_at: float, expires_at: float) -> bytes:
+    return msgpack.packb([key, subkey, value, published_at, expires_at], use_bin_type=True)
+
+
+def create(
+    keypair: KeyPair,
+    key: bytes,
+    value: bytes,
+    expires_at: float,
+    subkey: bytes | None = None,
+    now: float | None = None,
+) -> Record:
+    """A signed record; raises RecordError (clear message) if it would not be accepted."""
+    now = time.time() if now is None else now
+    subkey = keypair.peer_id.multihash if subkey is None else subkey
+    if len(value) > MAX_VALUE:
+        raise RecordError(f"value of {len(value)} bytes is over the limit of {MAX_VALUE} bytes")
+    signature = keypair.sign_for(SIGN_CONTEXT, _signed_bytes(key, subkey, value, now, expires_at))
+    record = Record(key, subkey, value, keypair.public_key.raw, now, expires_at, signature)
+    validate(record, now)
+    return record
+
+
+Validator = Callable[[Record], None]
+_VALIDATORS: dict[bytes, Validator] = {}
+
+
+def register_validator(prefix: bytes, validator: Validator) -> None:
+    """Extra checks for keys starting with ``prefix`` (raise RecordError to reject)."""
+    _VALIDATORS[prefix] = validator
+
+
+def validate(record: Record, now: float | None = None) -> None:
+    """Every check a node makes before storing or returning a record."""
+    now = time.time() if now is None else now
+    if not 0 < len(record.key) <= MAX_KEY or len(record.subkey) > MAX_SUBKEY:
+        raise RecordError("record key or subkey has an invalid length")
+    if len(record.value) > MAX_VALUE:
+        raise RecordError(f"value of {len(record.value)} bytes is over the limit of {MAX_VALUE} bytes")
+    if record.expires_at <= now:
+        raise RecordError("record has expired")
+    if record.expires_at > now + MAX_TTL or record.published_at > now + CLOCK_SKEW:
+        raise RecordError("record times are out of range")
+    try:
+        public = PublicKey(record.publisher)
+    except (IdentityError, ValueError):
+        raise RecordError("record publisher key is invalid") from None
+    signed = _signed_bytes(record.key, record.subkey, record.value, record.published_at, record.expires_at)
+    if not verify_for(public, SIGN_CONTEXT, signed, record.signature):
+        raise RecordError("record signature is invalid")
+    if record.key.startswith(OWNED_PREFIX):
+        owner = record.key[len(OWNED_PREFIX) :].split(b"/", 1)[0]
+        if owner.decode("ascii", "replace") != public.peer_id().to_base58():
+            raise RecordError("only the owner may write an owned key")
+    for prefix, validator in _VALIDATORS.items():
+        if record.key.startswith(prefix):
+            validator(record)
+
+
+def may_replace(old: Record | None, new: Record, now: float | None = None) -> bool:
+    """Whether ``new`` may take the slot of ``old`` (same slot assumed)."""
+    now = time.time() if now is None else now
+    if old is None or old.expires_at <= now:
+        return True
+    return old.publisher == new.publisher and new.published_at > old.published_at
