@@ -86,19 +86,20 @@ class Node:
             self.host = await self._stack.enter_async_context(open_host(keypair, host_config))
             self._nursery = await self._stack.enter_async_context(trio.open_nursery())
             self._stack.callback(self._nursery.cancel_scope.cancel)  # runs before the nursery exits
-            for addr in cfg.listen:
-                await self.host.listen(addr)
+            for addr in cfg.listen:  # bind now (a busy port fails fast), accept once services are up
+                await self.host.listen(addr, accept=False)
             control = None
             if self.control_path is not None:
                 from lattice.control.server import ControlServer
 
                 control = ControlServer(self.control_path)
                 await control.bind()
+            for service in self.services.values():  # handlers exist before any peer can identify us
+                await self._nursery.start(service.run, self)
+            self.host.start_accepting()
             bootstrap = [Multiaddr.parse(a) for a in cfg.bootstrap]
             self.connmgr = ConnectionManager(self.host, bootstrap, keepalive_interval=cfg.keepalive_interval)
             self._nursery.start_soon(self.connmgr.run)
-            for service in self.services.values():
-                await self._nursery.start(service.run, self)
             if control is not None:
                 control.ops = self.control_ops
                 self._nursery.start_soon(control.serve)
@@ -144,6 +145,14 @@ class Node:
             return self.services["rpc"]
         except KeyError:
             raise NodeError("this node runs without the RPC service") from None
+
+    @property
+    def dht(self):  # -> lattice.dht.DHT
+        """The Kademlia DHT (``node.dht.put(key, value)``, ``get``, ``provide``, ``find_providers``)."""
+        try:
+            return self.services["dht"]
+        except KeyError:
+            raise NodeError("this node runs without the DHT service") from None
 
     # -- identity and addresses
     def _require_host(self) -> Host:
@@ -260,9 +269,10 @@ def default_services() -> list[Service]:
     node.py is the composition root: this is the one place where the node layer names the services
     above it (imported here, lazily, so the layers stay one-way everywhere else).
     """
+    from lattice.dht.service import DHT
     from lattice.rpc import RPC
 
-    return [RPC()]
+    return [RPC(), DHT()]
 
 
 def _as_peer(peer: str | PeerId) -> PeerId:
@@ -307,6 +317,11 @@ class BlockingNode:
     @property
     def peer_id(self) -> PeerId:
         return self.node.peer_id
+
+    @property
+    def dht(self) -> BlockingService:
+        """The DHT, blocking (same method names as ``Node.dht``)."""
+        return BlockingService(self, self.node.dht, ("put", "get", "provide", "find_providers"))
 
     @property
     def rpc(self) -> BlockingRPC:
@@ -393,3 +408,18 @@ class BlockingRPC:
                 return [item async for item in items]
 
         return self._owner._call(collect)
+
+
+class BlockingService:
+    """A service's async methods as blocking calls on the node's loop (same names)."""
+
+    def __init__(self, owner: BlockingNode, service: Any, names: tuple[str, ...]) -> None:
+        self._owner = owner
+        self._service = service
+        self._names = names
+
+    def __getattr__(self, name: str) -> Any:
+        if name not in self._names:
+            raise AttributeError(name)
+        method = getattr(self._service, name)
+        return lambda *args, **kwargs: self._owner._call(method, *args, **kwargs)

@@ -117,6 +117,7 @@ class Host:
         self._conns: dict[PeerId, list[Connection]] = {}
         self._dialing: dict[PeerId, trio.Event] = {}
         self._listeners: list[trio.SocketListener] = []
+        self._paused: list[trio.SocketListener] = []
         self.listen_addrs: list[Multiaddr] = []
         self.peerstore: dict[PeerId, PeerInfo] = {}
         self.observed_addrs: Counter[Multiaddr] = Counter()
@@ -125,6 +126,7 @@ class Host:
         self._disconnect_callbacks: list[Callable[[Connection], None]] = []
         self._closed = False
         self._identified: dict[PeerId, trio.Event] = {}
+        self._identify_callbacks: list[Callable[[PeerInfo], None]] = []
         self.stats = Counter()
 
     # -- handlers and events
@@ -144,9 +146,17 @@ class Host:
     def on_disconnect(self, callback: Callable[[Connection], None]) -> None:
         self._disconnect_callbacks.append(callback)
 
+    def on_identify(self, callback: Callable[[PeerInfo], None]) -> None:
+        """Call ``callback(info)`` each time a peer's identify info arrives (protocols, addresses)."""
+        self._identify_callbacks.append(callback)
+
     def identified(self, peer: PeerId) -> None:
         """Called by identify when a peer's info is fresh; wakes :meth:`wait_identified`."""
         self._identified.setdefault(peer, trio.Event()).set()
+        info = self.peerstore.get(peer)
+        if info is not None:
+            for callback in self._identify_callbacks:
+                callback(info)
 
     async def wait_identified(self, peer: PeerId, timeout: float = 10.0) -> PeerInfo:
         with trio.fail_after(timeout):
@@ -167,7 +177,9 @@ class Host:
         return out
 
     # -- listening
-    async def listen(self, addr: Multiaddr | str) -> list[Multiaddr]:
+    async def listen(self, addr: Multiaddr | str, accept: bool = True) -> list[Multiaddr]:
+        """Bind ``addr``; with ``accept=False`` connections queue until :meth:`start_accepting`
+        (a node binds first, so a busy port fails fast, and accepts once its services are ready)."""
         addr = Multiaddr.parse(str(addr))
         target = addr.tcp_target()
         if target is None or addr.parts[0][0] not in ("ip4", "ip6"):
@@ -183,8 +195,16 @@ class Host:
             maddr = _sock_addr_to_multiaddr(listener.socket.getsockname())
             bound.append(maddr)
             self.listen_addrs.append(maddr)
-            self._nursery.start_soon(self._serve, listener)
+            if accept:
+                self._nursery.start_soon(self._serve, listener)
+            else:
+                self._paused.append(listener)
         return bound
+
+    def start_accepting(self) -> None:
+        for listener in self._paused:
+            self._nursery.start_soon(self._serve, listener)
+        self._paused.clear()
 
     async def _serve(self, listener: trio.SocketListener) -> None:
         while not self._closed:

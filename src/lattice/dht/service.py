@@ -1,0 +1,508 @@
+"""The DHT service (``node.dht``): Kademlia over libp2p streams, signed records, providers.
+
+    n = await node.dht.put(b"model/llama/shard-3", b"...", ttl=3600)      # replicas that stored it
+    entries = await node.dht.get(b"model/llama/shard-3")                   # one Entry per subkey
+    await node.dht.provide(b"tensor:abc123");  await node.dht.find_providers(b"tensor:abc123")
+
+Wire: libp2p Kademlia messages (varint-delimited protobuf) under a configurable protocol id
+(default ``/lattice/kad/1.0.0``). Streams to a peer are pooled and reused across requests, so a
+lookup pays no protocol negotiation per hop. Every record is verified on every hop (signature,
+expiry, size, ownership); rejections are counted in ``stats``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+import trio
+
+from lattice import _proto
+from lattice.dht import protocol, records
+from lattice.dht.keys import key_id, peer_key
+from lattice.dht.lookup import Lookup
+from lattice.dht.records import Record, RecordError
+from lattice.dht.routing import RoutingTable
+from lattice.dht.store import Store
+from lattice.errors import LatticeError, PayloadError, TransportError
+from lattice.identity import PeerId
+from lattice.transport.host import PeerInfo
+from lattice.transport.identify import read_delimited
+from lattice.transport.multiaddr import Multiaddr
+from lattice.transport.yamux import YamuxStream
+
+log = logging.getLogger(__name__)
+
+PROTOCOL_ID = "/lattice/kad/1.0.0"
+MAX_REQUESTS_PER_STREAM = 10_000
+IDLE_STREAM_TIMEOUT = 60.0
+MAX_IDLE_STREAMS = 4
+MAX_REPLY_RECORDS = 64 * 1024 * 3  # bytes of records in one GET_VALUE reply
+
+
+@dataclass
+class DHTConfig:
+    protocol_id: str = PROTOCOL_ID
+    k: int = 20
+    alpha: int = 3
+    request_timeout: float = 5.0
+    refresh_interval: float = 600.0
+    republish_interval: float = 3600.0
+    persist: bool = True
+
+
+@dataclass
+class Entry:
+    """One value found under a key: its subkey, publisher and lifetime."""
+
+    key: bytes
+    subkey: bytes
+    value: bytes
+    publisher: str
+    published_at: float
+    expires_at: float
+
+    def as_dict(self) -> dict:
+        return self.__dict__.copy()
+
+
+def _entry(record: Record) -> Entry:
+    return Entry(record.key, record.subkey, record.value, str(record.publisher_id), record.published_at,
+                 record.expires_at)  # fmt: skip
+
+
+def _as_key(key: bytes | str) -> bytes:
+    return key.encode() if isinstance(key, str) else bytes(key)
+
+
+class DHT:
+    name = "dht"
+
+    def __init__(self, config: DHTConfig | None = None) -> None:
+        self.config = config or DHTConfig()
+        self.node: Any = None
+        self.table: RoutingTable | None = None
+        self.store: Store | None = None
+        self._pools: dict[PeerId, list[YamuxStream]] = {}
+        self._published: dict[tuple[bytes, bytes], Record] = {}
+        self._table_changed = trio.Event()
+        self.stats = {"requests_in": 0, "requests_out": 0, "rejected_records": 0, "malformed": 0,
+                      "failed_requests": 0}  # fmt: skip
+
+    # -- lifecycle
+    async def run(self, node: Any, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
+        self.node = node
+        host = node.host
+        self.table = RoutingTable(host.peer_id, self.config.k)
+        path = node.config.data_dir / "dht.sqlite" if self.config.persist else None
+        self.store = await trio.to_thread.run_sync(Store, path)
+        for peer, raw_addrs in self.store.load_routing():
+            addrs = _parse_addrs(raw_addrs)
+            self._remember(peer, addrs)
+            self.table.add(peer, addrs)
+        host.set_stream_handler(self.config.protocol_id, self._handle)
+        host.on_identify(self._on_identified)
+        ops = {"dht.put": self._op_put, "dht.get": self._op_get, "dht.provide": self._op_provide,
+               "dht.providers": self._op_providers, "dht.status": self._op_status}  # fmt: skip
+        for name, op in ops.items():
+            node.add_control_op(name, op)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._maintain)
+                task_status.started()
+                await trio.sleep_forever()
+        finally:
+            with trio.CancelScope(shield=True):
+                self.store.save_routing(
+                    [(c.peer, [a.to_bytes() for a in c.addrs]) for c in self.table.contacts()]
+                )
+                self.store.close()
+
+    def _on_identified(self, info: PeerInfo) -> None:
+        if self.config.protocol_id in info.protocols and self.table is not None:
+            self._add_contact(info.peer_id, [a for a in info.addrs if a.tcp_target()])
+
+    def _add_contact(self, peer: PeerId, addrs: list[Multiaddr]) -> None:
+        assert self.table is not None
+        candidate = self.table.add(peer, addrs)
+        if candidate is not None and candidate.failures:  # prefer live old peers; replace a failing one
+            self.table.remove(candidate.peer)
+            self.table.add(peer, addrs)
+        self._table_changed.set()
+
+    def _remember(self, peer: PeerId, addrs: list[Multiaddr]) -> None:
+        if addrs and peer != self.node.host.peer_id:
+            info = self.node.host.peerstore.setdefault(peer, PeerInfo(peer))
+            if not info.addrs:
+                info.addrs = addrs[:8]
+
+    async def _maintain(self) -> None:
+        """Bootstrap (self-lookup once we know a peer), then refresh and republish periodically."""
+        while self.table is not None and len(self.table) == 0:
+            await self._table_changed.wait()
+            self._table_changed = trio.Event()
+        await self._safe_lookup(self.node.host.peer_id.multihash)
+        last_refresh = last_republish = trio.current_time()
+        while True:
+            await trio.sleep(min(self.config.refresh_interval, self.config.republish_interval, 60.0))
+            now = trio.current_time()
+            if now - last_refresh >= self.config.refresh_interval:
+                last_refresh = now
+                await self._safe_lookup(os.urandom(32))
+            if now - last_republish >= self.config.republish_interval:
+                last_republish = now
+                await self._republish()
+            self.store.expire()
+
+    async def _safe_lookup(self, key: bytes) -> None:
+        try:
+            await self._lookup(key, protocol.FIND_NODE)
+        except LatticeError as exc:
+            log.debug("DHT maintenance lookup failed: %s", exc)
+
+    async def _republish(self) -> None:
+        now = time.time()
+        for slot, record in list(self._published.items()):
+            if record.expires_at <= now:
+                del self._published[slot]
+                continue
+            await self._replicate(record)
+
+    # -- requests to other peers
+    async def _request(self, peer: PeerId, message: protocol.Message) -> protocol.Message:
+        host = self.node.host
+        self.stats["requests_out"] += 1
+        with trio.fail_after(self.config.request_timeout):
+            pool = self._pools.setdefault(peer, [])
+            stream = pool.pop() if pool else None
+            if stream is None or stream._error is not None or stream.remote_closed:
+                conn = host.connection_to(peer)
+                if conn is None:
+                    info = host.peerstore.get(peer)
+                    addrs = [a for a in (info.addrs if info else []) if a.tcp_target()]
+                    if not addrs:
+                        raise TransportError(f"no address for {peer}")
+                    conn = await host.connect(addrs[0].with_peer(peer), timeout=self.config.request_timeout)
+                stream = await host.new_stream(conn, [self.config.protocol_id])
+            try:
+                body = protocol.encode(message)
+                await stream.write(_proto.encode_uvarint(len(body)) + body)
+                raw = await read_delimited(stream, protocol.MAX_MESSAGE)
+                if raw is None:
+                    raise TransportError("peer closed the DHT stream")
+                reply = protocol.decode(raw)
+            except BaseException:
+                await stream.reset()
+                raise
+        if len(pool) < MAX_IDLE_STREAMS:
+            pool.append(stream)
+        else:
+            await stream.close()
+        return reply
+
+    async def _lookup(self, key: bytes, mtype: int, on_reply: Any = None) -> Lookup:
+        """Iterative lookup; ``on_reply(peer, reply)`` may return True to stop early."""
+        assert self.table is not None
+        target = key_id(key)
+        me = self.node.host.peer_id
+        look = Lookup(target, [(c.peer, c.key) for c in self.table.closest(target)], self.config.k,
+                      self.config.alpha)  # fmt: skip
+        send, receive = trio.open_memory_channel[tuple[PeerId, protocol.Message | None]](1024)
+
+        async def query(peer: PeerId) -> None:
+            try:
+                reply: protocol.Message | None = await self._request(peer, protocol.Message(mtype, key))
+            except (LatticeError, trio.TooSlowError, OSError) as exc:
+                log.debug("DHT request to %s failed: %s", peer, exc)
+                reply = None
+            await send.send((peer, reply))
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(10_000):  # bounded: each round answers one query
+                for peer in look.next_queries():
+                    nursery.start_soon(query, peer)
+                if not look.in_flight:
+                    break
+                peer, reply = await receive.receive()
+                if reply is None:
+                    self.stats["failed_requests"] += 1
+                    look.on_failure(peer)
+                    self.table.failed(peer)
+                    continue
+                self._add_contact(peer, self.table.get(peer).addrs if self.table.get(peer) else [])
+                closer = []
+                for entry in reply.closer:
+                    if entry.peer != me:
+                        self._remember(entry.peer, entry.addrs)
+                        closer.append((entry.peer, peer_key(entry.peer)))
+                look.on_response(peer, closer)
+                if on_reply is not None and on_reply(peer, reply):
+                    break
+                if look.done:
+                    break
+            nursery.cancel_scope.cancel()
+        return look
+
+    # -- the public API
+    async def put(
+        self,
+        key: bytes | str,
+        value: bytes | str,
+        ttl: float | None = 3600.0,
+        *,
+        expires_at: float | None = None,
+        subkey: bytes | str | None = None,
+    ) -> int:
+        """Store a signed record on the k closest peers; returns how many stored it (incl. this node).
+
+        Raises RecordError at once for a value over 64 KiB or a key this node may not write.
+        """
+        key = _as_key(key)
+        value = _as_key(value)
+        expires = expires_at if expires_at is not None else time.time() + (ttl or 3600.0)
+        sub = _as_key(subkey) if subkey is not None else None
+        record = records.create(self.node.host.keypair, key, value, expires, sub)
+        self._published[(record.key, record.subkey)] = record
+        return await self._replicate(record)
+
+    async def _replicate(self, record: Record) -> int:
+        stored = 0
+        look = await self._lookup(record.key, protocol.FIND_NODE)
+        closest = look.closest(self.config.k)
+        me_key = peer_key(self.node.host.peer_id)
+        target = key_id(record.key)
+        far = max((peer_key(p) ^ target for p in closest), default=0)
+        if len(closest) < self.config.k or me_key ^ target <= far:  # we are among the k closest
+            stored += self.store.put(record)
+        message = protocol.Message(protocol.PUT_VALUE, record.key, record.key, record.encode())
+
+        async def put_one(peer: PeerId) -> None:
+            nonlocal stored
+            try:
+                reply = await self._request(peer, message)
+                stored += reply.record_value == message.record_value
+            except (LatticeError, trio.TooSlowError, OSError):
+                self.stats["failed_requests"] += 1
+
+        async with trio.open_nursery() as nursery:
+            for peer in closest:
+                nursery.start_soon(put_one, peer)
+        return stored
+
+    async def get(self, key: bytes | str, latest: bool = True) -> list[Entry]:
+        """Values under ``key``, one Entry per subkey (newest version), newest first.
+
+        ``latest=False`` returns as soon as one peer answered with records (fastest);
+        ``latest=True`` collects from up to 3 of the closest peers that hold the key.
+        """
+        key = _as_key(key)
+        found: dict[bytes, Record] = {}
+        holders: set[PeerId] = set()
+        now = time.time()
+
+        def merge(record: Record) -> None:
+            old = found.get(record.subkey)
+            if old is None or record.published_at > old.published_at:
+                found[record.subkey] = record
+
+        for record in self.store.get(key, now):
+            merge(record)
+
+        def on_reply(peer: PeerId, reply: protocol.Message) -> bool:
+            got = self._records_from(reply, key, now)
+            for record in got:
+                merge(record)
+            if got:
+                holders.add(peer)
+            return len(holders) >= (3 if latest else 1)
+
+        if not found or latest:
+            await self._lookup(key, protocol.GET_VALUE, on_reply)
+        return sorted((_entry(r) for r in found.values()), key=lambda e: -e.published_at)
+
+    def _records_from(self, reply: protocol.Message, key: bytes, now: float) -> list[Record]:
+        if not reply.record_value:
+            return []
+        try:
+            blobs = msgpack.unpackb(reply.record_value, raw=True, max_array_len=1024)
+            if not isinstance(blobs, list):
+                raise PayloadError("records must be a list")
+        except Exception:
+            self.stats["malformed"] += 1
+            return []
+        out = []
+        for blob in blobs:
+            try:
+                record = Record.decode(blob) if isinstance(blob, bytes) else None
+                if record is None or record.key != key:
+                    raise RecordError("record for another key")
+                records.validate(record, now)
+            except RecordError:
+                self.stats["rejected_records"] += 1
+                continue
+            out.append(record)
+        return out
+
+    async def provide(self, key: bytes | str) -> int:
+        """Announce that this node holds ``key`` (content, a capability) to the k closest peers."""
+        key = _as_key(key)
+        host = self.node.host
+        me = protocol.PeerEntry(host.peer_id, [a for a in host.advertised_addrs() if a.tcp_target()])
+        self.store.add_provider(key, host.peer_id, [a.to_bytes() for a in me.addrs])
+        look = await self._lookup(key, protocol.FIND_NODE)
+        message = protocol.Message(protocol.ADD_PROVIDER, key, providers=[me])
+        sent = 0
+
+        async def announce(peer: PeerId) -> None:
+            nonlocal sent
+            try:  # ADD_PROVIDER has no reply in libp2p: write and move on
+                await self._send_only(peer, message)
+                sent += 1
+            except (LatticeError, trio.TooSlowError, OSError):
+                self.stats["failed_requests"] += 1
+
+        async with trio.open_nursery() as nursery:
+            for peer in look.closest(self.config.k):
+                nursery.start_soon(announce, peer)
+        return sent
+
+    async def _send_only(self, peer: PeerId, message: protocol.Message) -> None:
+        host = self.node.host
+        with trio.fail_after(self.config.request_timeout):
+            conn = host.connection_to(peer)
+            if conn is None:
+                info = host.peerstore.get(peer)
+                addrs = [a for a in (info.addrs if info else []) if a.tcp_target()]
+                if not addrs:
+                    raise TransportError(f"no address for {peer}")
+                conn = await host.connect(addrs[0].with_peer(peer))
+            stream = await host.new_stream(conn, [self.config.protocol_id])
+            body = protocol.encode(message)
+            await stream.write(_proto.encode_uvarint(len(body)) + body, fin=True)
+
+    async def find_providers(self, key: bytes | str, count: int = 20) -> list[tuple[str, list[str]]]:
+        """Peers that announced ``key``: [(peer id, [multiaddrs])]."""
+        key = _as_key(key)
+        found: dict[PeerId, list[Multiaddr]] = {}
+        for peer, raw in self.store.get_providers(key):
+            found[peer] = _parse_addrs(raw)
+
+        def on_reply(peer: PeerId, reply: protocol.Message) -> bool:
+            for entry in reply.providers:
+                found.setdefault(entry.peer, entry.addrs)
+                self._remember(entry.peer, entry.addrs)
+            return len(found) >= count
+
+        if len(found) < count:
+            await self._lookup(key, protocol.GET_PROVIDERS, on_reply)
+        return [(str(p), [str(a) for a in addrs]) for p, addrs in list(found.items())[:count]]
+
+    # -- serving
+    async def _handle(self, stream: YamuxStream) -> None:
+        peer = stream.remote_peer
+        host = self.node.host
+        conn = host.connection_to(peer)
+        info = host.peerstore.get(peer)
+        self._add_contact(
+            peer,
+            [a for a in (info.addrs if info else []) if a.tcp_target()]
+            or ([conn.remote_addr] if conn is not None and conn.direction == "outbound" else []),
+        )
+        for _ in range(MAX_REQUESTS_PER_STREAM):
+            raw = None
+            with trio.move_on_after(IDLE_STREAM_TIMEOUT):
+                raw = await read_delimited(stream, protocol.MAX_MESSAGE)
+            if raw is None:
+                return
+            self.stats["requests_in"] += 1
+            try:
+                request = protocol.decode(raw)
+            except PayloadError:
+                self.stats["malformed"] += 1
+                await stream.reset()
+                return
+            reply = self._answer(request, peer)
+            if reply is None:
+                continue
+            body = protocol.encode(reply)
+            await stream.write(_proto.encode_uvarint(len(body)) + body)
+
+    def _closer(self, key: bytes, requester: PeerId) -> list[protocol.PeerEntry]:
+        assert self.table is not None
+        return [protocol.PeerEntry(c.peer, c.addrs[:4]) for c in
+                self.table.closest(key_id(key), self.config.k, exclude={requester})]  # fmt: skip
+
+    def _answer(self, req: protocol.Message, requester: PeerId) -> protocol.Message | None:
+        key = req.key
+        if req.type == protocol.PING:
+            return protocol.Message(protocol.PING)
+        if req.type == protocol.FIND_NODE:
+            return protocol.Message(protocol.FIND_NODE, key, closer=self._closer(key, requester))
+        if req.type == protocol.GET_VALUE:
+            blobs, size = [], 0
+            for record in self.store.get(key):
+                blob = record.encode()
+                if size + len(blob) > MAX_REPLY_RECORDS:
+                    break
+                blobs.append(blob)
+                size += len(blob)
+            value = msgpack.packb(blobs) if blobs else None
+            return protocol.Message(protocol.GET_VALUE, key, key if blobs else None, value,
+                                    closer=self._closer(key, requester))  # fmt: skip
+        if req.type == protocol.PUT_VALUE:
+            try:
+                record = Record.decode(req.record_value or b"")
+                if record.key != key:
+                    raise RecordError("record key does not match the request key")
+                stored = self.store.put(record)
+            except RecordError as exc:
+                self.stats["rejected_records"] += 1
+                log.debug("rejected record from %s: %s", requester, exc)
+                stored = False
+            if not stored:
+                return protocol.Message(protocol.PUT_VALUE, key)
+            return protocol.Message(protocol.PUT_VALUE, key, key, req.record_value)
+        if req.type == protocol.ADD_PROVIDER:
+            for entry in req.providers:
+                if entry.peer == requester:  # a peer may only announce itself
+                    self.store.add_provider(key, entry.peer, [a.to_bytes() for a in entry.addrs])
+                    self._remember(entry.peer, entry.addrs)
+            return None
+        if req.type == protocol.GET_PROVIDERS:
+            providers = [protocol.PeerEntry(p, _parse_addrs(a)) for p, a in self.store.get_providers(key)]
+            return protocol.Message(protocol.GET_PROVIDERS, key, providers=providers[: protocol.MAX_PEERS],
+                                    closer=self._closer(key, requester))  # fmt: skip
+        return None
+
+    # -- control operations
+    async def _op_put(
+        self, key: str, value: bytes | str, ttl: float = 3600.0, subkey: str | None = None
+    ) -> int:
+        return await self.put(key, value, ttl, subkey=subkey)
+
+    async def _op_get(self, key: str, latest: bool = True) -> list[dict]:
+        return [e.as_dict() for e in await self.get(key, latest)]
+
+    async def _op_provide(self, key: str) -> int:
+        return await self.provide(key)
+
+    async def _op_providers(self, key: str, count: int = 20) -> list:
+        return [list(p) for p in await self.find_providers(key, count)]
+
+    async def _op_status(self) -> dict:
+        return {"routing_table": len(self.table) if self.table else 0,
+                "records": self.store.record_count if self.store else 0, **self.stats}  # fmt: skip
+
+
+def _parse_addrs(raw: list) -> list[Multiaddr]:
+    out = []
+    for a in raw[:8]:
+        try:
+            out.append(Multiaddr.from_bytes(a))
+        except LatticeError:
+            continue
+    return out
