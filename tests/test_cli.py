@@ -155,3 +155,29 @@ def test_bad_input_gives_one_line_errors(tmp_path):
 def test_help_everywhere(cmd):
     result = run_cli(*cmd)
     assert result.returncode == 0 and "usage" in result.stdout
+
+
+def test_dht_commands_between_two_daemons(tmp_path):
+    a, a_info = start_daemon(tmp_path, "a")
+    b = None
+    try:
+        b, b_info = start_daemon(tmp_path, "b", "--bootstrap", a_info["addrs"][0])
+        put = run_cli(
+            "dht", "put", "greeting", "hello swarm", "--ttl", "60", "--json", "--control", a_info["control"]
+        )
+        assert put.returncode == 0 and json.loads(put.stdout)["replicas"] >= 1, put.stderr
+        got = run_cli("dht", "get", "greeting", "--json", "--control", b_info["control"])
+        rows = json.loads(got.stdout)
+        assert rows[0]["value"] == "hello swarm" and rows[0]["publisher"] == a_info["peer_id"]
+        assert run_cli("dht", "provide", "dataset:fmnist", "--control", b_info["control"]).returncode == 0
+        found = json.loads(run_cli("dht", "providers", "dataset:fmnist", "--json", "--control",
+                                   a_info["control"]).stdout)  # fmt: skip
+        assert [p for p, _ in found] == [b_info["peer_id"]]
+        assert_one_line_error(run_cli("dht", "put", "k", "v", "--ttl", "-1", "--control", a_info["control"]))
+        big = run_cli("dht", "put", "k", "x" * 70000, "--control", a_info["control"])
+        assert_one_line_error(big)
+        assert "over the limit" in big.stderr
+    finally:
+        stop(a)
+        if b is not None:
+            stop(b)

@@ -72,6 +72,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     stop = sub.add_parser("stop", help="stop the daemon", description="Ask the running daemon to shut down.")
     _add_control(stop)
+
+    dht = sub.add_parser(
+        "dht", help="DHT records and providers", description="Use the DHT of a running daemon."
+    )
+    dht_sub = dht.add_subparsers(dest="dht_command", metavar="ACTION", parser_class=_Parser, required=True)
+    put = dht_sub.add_parser("put", help="store a signed record", description="Store KEY=VALUE (signed).")
+    put.add_argument("key")
+    put.add_argument("value")
+    put.add_argument("--ttl", type=float, default=3600.0, help="seconds until it expires (default 3600)")
+    put.add_argument("--subkey", help="entry name under the key (default: this node's peer id)")
+    get = dht_sub.add_parser("get", help="read a key", description="Read every entry stored under KEY.")
+    get.add_argument("key")
+    get.add_argument("--fast", action="store_true", help="return the first answer (may miss newer entries)")
+    provide = dht_sub.add_parser("provide", help="announce that this node holds KEY")
+    provide.add_argument("key")
+    providers = dht_sub.add_parser("providers", help="find peers that announced KEY")
+    providers.add_argument("key")
+    dht_status = dht_sub.add_parser("status", help="routing table and store sizes, counters")
+    for p in (put, get, provide, providers, dht_status):
+        _add_control(p)
     return parser
 
 
@@ -304,6 +324,51 @@ def cmd_stop(args: argparse.Namespace) -> int:
     return 0
 
 
+def _printable_entry(entry: dict) -> dict:
+    import time
+
+    return {
+        "value": entry["value"].decode("utf-8", "replace"),
+        "publisher": entry["publisher"],
+        "subkey": entry["subkey"].hex(),
+        "expires_in_s": round(entry["expires_at"] - time.time(), 1),
+    }
+
+
+def cmd_dht(args: argparse.Namespace) -> int:
+    from lattice.errors import ConfigError
+
+    if args.dht_command in ("put", "get", "provide", "providers") and not 0 < len(args.key.encode()) <= 512:
+        raise ConfigError("a DHT key has 1 to 512 bytes")
+    with _client(args) as client:
+        if args.dht_command == "put":
+            if args.ttl <= 0:
+                raise ConfigError("--ttl must be positive")
+            n = client.dht.put(args.key, args.value.encode(), ttl=args.ttl, subkey=args.subkey)
+            _print(args, {"replicas": n}, lambda d: print(f"stored on {d['replicas']} peer(s)"))
+        elif args.dht_command == "get":
+            rows = [_printable_entry(e) for e in client.dht.get(args.key, latest=not args.fast)]
+
+            def show(rows: list[dict]) -> None:
+                for e in rows:
+                    print(f"{e['value']}\t(publisher {e['publisher']}, expires in {e['expires_in_s']:.0f} s)")
+                if not rows:
+                    print("(nothing stored under this key)")
+
+            _print(args, rows, show)
+        elif args.dht_command == "provide":
+            n = client.dht.provide(args.key)
+            _print(args, {"announced_to": n}, lambda d: print(f"announced to {d['announced_to']} peer(s)"))
+        elif args.dht_command == "providers":
+            found = client.dht.providers(args.key)
+            _print(
+                args, found, lambda rows: print("\n".join(f"{p}  {' '.join(a)}" for p, a in rows) or "(none)")
+            )
+        else:
+            _print(args, client.dht.status(), lambda d: print("\n".join(f"{k}: {v}" for k, v in d.items())))
+    return 0
+
+
 _COMMANDS = {
     "run": cmd_run,
     "id": cmd_id,
@@ -312,6 +377,7 @@ _COMMANDS = {
     "connect": cmd_connect,
     "status": cmd_status,
     "stop": cmd_stop,
+    "dht": cmd_dht,
 }
 
 if __name__ == "__main__":

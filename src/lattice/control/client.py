@@ -123,6 +123,11 @@ class Client:
         self.call("disconnect", peer=str(peer))
 
     @property
+    def dht(self) -> _ClientDHT:
+        """The daemon's DHT: ``client.dht.put(key, value)``, ``get``, ``provide``, ``providers``."""
+        return _ClientDHT(self)
+
+    @property
     def rpc(self) -> _ClientRPC:
         """RPC through the daemon: ``client.rpc.call(peer, "svc.method", payload)`` (tensors allowed)."""
         return _ClientRPC(self)
@@ -167,3 +172,23 @@ class _ClientRPC:
         return self._client.call(
             "rpc.bench", peer=str(peer), size=size, count=count, direction=direction, concurrency=concurrency
         )
+
+
+class _ClientDHT:
+    def __init__(self, client: Client) -> None:
+        self._client = client
+
+    def put(self, key: str, value: bytes | str, ttl: float = 3600.0, subkey: str | None = None) -> int:
+        return self._client.call("dht.put", key=key, value=value, ttl=ttl, subkey=subkey)
+
+    def get(self, key: str, latest: bool = True) -> list[dict]:
+        return self._client.call("dht.get", key=key, latest=latest)
+
+    def provide(self, key: str) -> int:
+        return self._client.call("dht.provide", key=key)
+
+    def providers(self, key: str, count: int = 20) -> list:
+        return self._client.call("dht.providers", key=key, count=count)
+
+    def status(self) -> dict:
+        return self._client.call("dht.status")
