@@ -95,6 +95,9 @@ def main() -> None:
                 ok += bool(entries) and entries[0]["value"] == key.encode()
             ours["store_ms"] = emit("dht", "lattice", "store_ms", put_ms, target="<= 10", nodes=args.nodes,
                                     replicas_median=statistics.median(replicas))["median"]  # fmt: skip
+            phases = clients[0].dht.status()
+            put_phases = {k: v for k, v in phases.items() if k.startswith("put_")}
+            print(json.dumps({"bench": "dht", "system": "lattice", "put_phases_ewma": put_phases}))
             ours["get_ms"] = emit("dht", "lattice", "get_ms", get_ms, target="<= 5", nodes=args.nodes,
                                   success=ok / len(keys))["median"]  # fmt: skip
             latest_ms = []

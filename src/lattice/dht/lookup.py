@@ -1,6 +1,8 @@
 """Iterative Kademlia lookup as a sans-IO state machine (the same code runs in the simulator and on
-the network). At most ``alpha`` queries in flight; it ends when the ``k`` closest peers seen so far
-have all answered (or failed) and nothing closer is pending.
+the network). At most ``alpha`` queries in flight; it ends when the ``beta`` closest live peers seen
+so far have all answered and nothing closer is pending (go-libp2p's "resiliency" rule; beta = k is
+classic Kademlia). ``closest_known`` then gives the k closest live peers seen, queried or not: the
+targets for storing a record.
 
 Hops: a seed is at hop 1; a peer first learned from a hop-h peer is at hop h+1. ``hops`` is the hop of
 the closest peer found, i.e. how many sequential round trips reaching it took.
@@ -15,11 +17,17 @@ WAITING, QUERYING, DONE, FAILED = range(4)
 
 class Lookup:
     def __init__(
-        self, target: int, seeds: Iterable[tuple[Hashable, int]], k: int = 20, alpha: int = 3
+        self,
+        target: int,
+        seeds: Iterable[tuple[Hashable, int]],
+        k: int = 20,
+        alpha: int = 3,
+        beta: int | None = None,
     ) -> None:
         self.target = target
         self.k = k
         self.alpha = alpha
+        self.beta = k if beta is None else beta
         self.state: dict[Hashable, int] = {}
         self.keys: dict[Hashable, int] = {}
         self.hop: dict[Hashable, int] = {}
@@ -42,7 +50,7 @@ class Lookup:
         """Peers to query now (marks them in flight)."""
         in_flight = sum(1 for s in self.state.values() if s == QUERYING)
         out = []
-        for peer in self._ranked()[: self.k]:
+        for peer in self._ranked()[: self.beta]:
             if in_flight + len(out) >= self.alpha:
                 break
             if self.state[peer] == WAITING:
@@ -66,8 +74,12 @@ class Lookup:
 
     @property
     def done(self) -> bool:
-        closest = self._ranked()[: self.k]
+        closest = self._ranked()[: self.beta]
         return all(self.state[p] == DONE for p in closest) or not closest
+
+    def closest_known(self, count: int | None = None) -> list[Hashable]:
+        """The closest peers seen that have not failed (answered, pending or never asked)."""
+        return self._ranked()[: count or self.k]
 
     @property
     def in_flight(self) -> int:

@@ -36,7 +36,25 @@ class Message:
     providers: list[PeerEntry] = field(default_factory=list)
 
 
+_ENTRY_CACHE: dict[bytes, PeerEntry] = {}  # replies repeat the same peers: decode each once
+_CACHE_MAX = 8192
+
+
+_ENCODED: dict[tuple, bytes] = {}
+
+
 def _encode_peer(entry: PeerEntry) -> bytes:
+    cache_key = (entry.peer, tuple(entry.addrs[:MAX_ADDRS]), entry.connection)
+    cached = _ENCODED.get(cache_key)
+    if cached is None:
+        cached = _build_peer(entry)
+        if len(_ENCODED) >= _CACHE_MAX:
+            _ENCODED.clear()
+        _ENCODED[cache_key] = cached
+    return cached
+
+
+def _build_peer(entry: PeerEntry) -> bytes:
     fields: list = [(1, entry.peer.multihash)]
     fields += [(2, a.to_bytes()) for a in entry.addrs[:MAX_ADDRS]]
     if entry.connection:
@@ -45,6 +63,18 @@ def _encode_peer(entry: PeerEntry) -> bytes:
 
 
 def _decode_peer(data: bytes) -> PeerEntry | None:
+    cached = _ENTRY_CACHE.get(data)
+    if cached is not None:
+        return PeerEntry(cached.peer, cached.addrs, cached.connection)
+    entry = _parse_peer(data)
+    if entry is not None:
+        if len(_ENTRY_CACHE) >= _CACHE_MAX:
+            _ENTRY_CACHE.clear()
+        _ENTRY_CACHE[bytes(data)] = entry
+    return entry
+
+
+def _parse_peer(data: bytes) -> PeerEntry | None:
     fields = _proto.decode(data, max_fields=MAX_ADDRS * 4 + 8)
     raw = _proto.one_bytes(fields, 1, required=True)
     try:

@@ -49,6 +49,7 @@ class DHTConfig:
     protocol_id: str = PROTOCOL_ID
     k: int = 20
     alpha: int = 3
+    beta: int = 3  # a store/provide lookup ends when the 3 closest live peers answered
     request_timeout: float = 5.0
     refresh_interval: float = 600.0
     republish_interval: float = 3600.0
@@ -204,13 +205,13 @@ class DHT:
             await stream.close()
         return reply
 
-    async def _lookup(self, key: bytes, mtype: int, on_reply: Any = None) -> Lookup:
+    async def _lookup(self, key: bytes, mtype: int, on_reply: Any = None, beta: int | None = None) -> Lookup:
         """Iterative lookup; ``on_reply(peer, reply)`` may return True to stop early."""
         assert self.table is not None
         target = key_id(key)
         me = self.node.host.peer_id
-        look = Lookup(target, [(c.peer, c.key) for c in self.table.closest(target)], self.config.k,
-                      self.config.alpha)  # fmt: skip
+        seeds = [(c.peer, c.key) for c in self.table.closest(target)]
+        look = Lookup(target, seeds, self.config.k, self.config.alpha, beta)
         send, receive = trio.open_memory_channel[tuple[PeerId, protocol.Message | None]](1024)
 
         async def query(peer: PeerId) -> None:
@@ -271,8 +272,10 @@ class DHT:
 
     async def _replicate(self, record: Record) -> int:
         stored = 0
-        look = await self._lookup(record.key, protocol.FIND_NODE)
-        closest = look.closest(self.config.k)
+        t0 = trio.current_time()
+        look = await self._lookup(record.key, protocol.FIND_NODE, beta=self.config.beta)
+        t1 = trio.current_time()
+        closest = look.closest_known(self.config.k)
         me_key = peer_key(self.node.host.peer_id)
         target = key_id(record.key)
         far = max((peer_key(p) ^ target for p in closest), default=0)
@@ -291,7 +294,15 @@ class DHT:
         async with trio.open_nursery() as nursery:
             for peer in closest:
                 nursery.start_soon(put_one, peer)
+        self._timing("put_lookup_ms", (t1 - t0) * 1000)
+        self._timing("put_store_ms", (trio.current_time() - t1) * 1000)
+        self._timing("put_lookup_queries", look.queries)
         return stored
+
+    def _timing(self, name: str, value: float) -> None:
+        """Exponentially weighted average of a phase's duration (shown by `lattice-node dht status`)."""
+        old = self.stats.get(name)
+        self.stats[name] = round(value if old is None else 0.9 * old + 0.1 * value, 3)
 
     async def get(self, key: bytes | str, latest: bool = True) -> list[Entry]:
         """Values under ``key``, one Entry per subkey (newest version), newest first.
@@ -353,7 +364,7 @@ class DHT:
         host = self.node.host
         me = protocol.PeerEntry(host.peer_id, [a for a in host.advertised_addrs() if a.tcp_target()])
         self.store.add_provider(key, host.peer_id, [a.to_bytes() for a in me.addrs])
-        look = await self._lookup(key, protocol.FIND_NODE)
+        look = await self._lookup(key, protocol.FIND_NODE, beta=self.config.beta)
         message = protocol.Message(protocol.ADD_PROVIDER, key, providers=[me])
         sent = 0
 
@@ -366,7 +377,7 @@ class DHT:
                 self.stats["failed_requests"] += 1
 
         async with trio.open_nursery() as nursery:
-            for peer in look.closest(self.config.k):
+            for peer in look.closest_known(self.config.k):
                 nursery.start_soon(announce, peer)
         return sent
 
@@ -430,6 +441,7 @@ class DHT:
                 continue
             body = protocol.encode(reply)
             await stream.write(_proto.encode_uvarint(len(body)) + body)
+            self.store.flush()
 
     def _closer(self, key: bytes, requester: PeerId) -> list[protocol.PeerEntry]:
         assert self.table is not None
@@ -458,7 +470,7 @@ class DHT:
                 record = Record.decode(req.record_value or b"")
                 if record.key != key:
                     raise RecordError("record key does not match the request key")
-                stored = self.store.put(record)
+                stored = self.store.put(record, defer=True)  # persisted right after the reply
             except RecordError as exc:
                 self.stats["rejected_records"] += 1
                 log.debug("rejected record from %s: %s", requester, exc)

@@ -28,6 +28,7 @@ class Store:
             bytes, dict[PeerId, tuple[list[bytes], float]]
         ] = {}  # key -> peer -> (addrs, exp)
         self._db: sqlite3.Connection | None = None
+        self._pending: list[tuple] = []
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
@@ -65,7 +66,7 @@ class Store:
     def record_count(self) -> int:
         return sum(len(s) for s in self.records.values())
 
-    def put(self, record: Record, now: float | None = None) -> bool:
+    def put(self, record: Record, now: float | None = None, defer: bool = False) -> bool:
         """Validate and store; False if the slot holds a record this one may not replace."""
         now = time.time() if now is None else now
         validate(record, now)
@@ -78,11 +79,16 @@ class Store:
                 raise RecordError("this node's record store is full")
         slots[record.subkey] = record
         if self._db is not None:
-            self._db.execute(
-                "INSERT OR REPLACE INTO records VALUES (?, ?, ?, ?)",
-                (record.key, record.subkey, record.encode(), record.expires_at),
-            )
+            self._pending.append((record.key, record.subkey, record.encode(), record.expires_at))
+            if not defer:
+                self.flush()
         return True
+
+    def flush(self) -> None:
+        """Write deferred records to disk (a replica answers a PUT first, then persists)."""
+        if self._db is not None and self._pending:
+            self._db.executemany("INSERT OR REPLACE INTO records VALUES (?, ?, ?, ?)", self._pending)
+            self._pending.clear()
 
     def get(self, key: bytes, now: float | None = None) -> list[Record]:
         now = time.time() if now is None else now
@@ -143,6 +149,7 @@ class Store:
         return out
 
     def close(self) -> None:
+        self.flush()
         if self._db is not None:
             self._db.close()
             self._db = None

@@ -82,6 +82,15 @@ class Multiaddr:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Multiaddr:
+        cached = _FROM_BYTES.get(data)
+        if cached is not None:
+            return cached
+        parsed = cls._from_bytes(data)
+        _remember(_FROM_BYTES, bytes(data), parsed)
+        return parsed
+
+    @classmethod
+    def _from_bytes(cls, data: bytes) -> Multiaddr:
         if len(data) > MAX_BINARY_LEN:
             raise MultiaddrError("binary multiaddr too long")
         parts: list[tuple[str, str | None]] = []
@@ -124,6 +133,13 @@ class Multiaddr:
         return cls(tuple(parts))
 
     def to_bytes(self) -> bytes:
+        cached = _TO_BYTES.get(self)
+        if cached is None:
+            cached = self._to_bytes()
+            _remember(_TO_BYTES, self, cached)
+        return cached
+
+    def _to_bytes(self) -> bytes:
         out = bytearray()
         for name, value in self.parts:
             code, kind = _PROTOCOLS[name]
@@ -197,6 +213,18 @@ class Multiaddr:
         if net in ("ip4", "ip6") and host is not None:
             return ipaddress.ip_address(host).is_loopback
         return host == "localhost"
+
+
+# Peers exchange the same addresses over and over (identify, DHT replies): parse each once.
+_FROM_BYTES: dict[bytes, Multiaddr] = {}
+_TO_BYTES: dict[Multiaddr, bytes] = {}
+_CACHE_MAX = 16384
+
+
+def _remember(cache: dict, key, value) -> None:
+    if len(cache) >= _CACHE_MAX:
+        cache.clear()
+    cache[key] = value
 
 
 def _check_value(name: str, kind: str, value: str, text: str) -> str:
