@@ -145,3 +145,20 @@ def test_simulator_meets_targets_small():
 def test_keys_are_deterministic():
     me = KeyPair.from_seed(b"\x05" * 32).peer_id
     assert peer_key(me) == key_id(me.multihash) and 0 <= peer_key(me) < 1 << 256
+
+
+def test_store_counts_expiry_and_limit(tmp_path, monkeypatch):
+    from lattice.dht import store as store_mod
+
+    monkeypatch.setattr(store_mod, "MAX_RECORDS", 3)
+    store = store_mod.Store(tmp_path / "s.sqlite")
+    me = KeyPair.generate()
+    for i in range(3):
+        assert store.put(records.create(me, b"k%d" % i, b"v", NOW + 10 + i, now=NOW), now=NOW)
+    assert store.record_count == 3
+    with pytest.raises(RecordError, match="full"):
+        store.put(records.create(me, b"k9", b"v", NOW + 60, now=NOW), now=NOW)
+    store.expire(NOW + 11)  # records expiring at NOW+10 and NOW+11 are gone
+    assert store.record_count == 1
+    assert store.put(records.create(me, b"k9", b"v", NOW + 60, now=NOW), now=NOW + 11)
+    store.close()

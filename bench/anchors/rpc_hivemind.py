@@ -207,7 +207,7 @@ async def raw_download(p2p: P2P, peer: PeerID, nbytes: int) -> bytes:
 
 def path_for(nbytes: int) -> str:
     if nbytes > MAX_UNARY_PAYLOAD_SIZE:
-        return "protobuf stream, float32 tensor, 4 MiB parts (split_for_streaming + deserialize_tensor_stream)"
+        return "protobuf stream, float32 tensor, 4 MiB parts (split_for_streaming, deserialize_tensor_stream)"
     return "unary protobuf, float32 tensor in one ExpertRequest/ExpertResponse (<= 2 MiB, as hivemind MoE)"
 
 

@@ -29,6 +29,7 @@ class Store:
         ] = {}  # key -> peer -> (addrs, exp)
         self._db: sqlite3.Connection | None = None
         self._pending: list[tuple] = []
+        self._count = 0  # records held (kept up to date: put is on the hot path)
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
@@ -54,7 +55,9 @@ class Store:
                 validate(record, now)
             except RecordError:
                 continue
-            self.records.setdefault(record.key, {})[record.subkey] = record
+            slots = self.records.setdefault(record.key, {})
+            self._count += record.subkey not in slots
+            slots[record.subkey] = record
         for key, peer, addrs, expires in self._db.execute(
             "SELECT key, peer, addrs, expires FROM providers WHERE expires > ?", (now,)
         ):
@@ -64,7 +67,7 @@ class Store:
 
     @property
     def record_count(self) -> int:
-        return sum(len(s) for s in self.records.values())
+        return self._count
 
     def put(self, record: Record, now: float | None = None, defer: bool = False) -> bool:
         """Validate and store; False if the slot holds a record this one may not replace."""
@@ -73,10 +76,12 @@ class Store:
         slots = self.records.setdefault(record.key, {})
         if not may_replace(slots.get(record.subkey), record, now):
             return False
-        if record.subkey not in slots and self.record_count >= MAX_RECORDS:
-            self.expire(now)
-            if self.record_count >= MAX_RECORDS:
-                raise RecordError("this node's record store is full")
+        if record.subkey not in slots:
+            if self._count >= MAX_RECORDS:
+                self.expire(now)
+                if self._count >= MAX_RECORDS:
+                    raise RecordError("this node's record store is full")
+            self._count += 1
         slots[record.subkey] = record
         if self._db is not None:
             self._pending.append((record.key, record.subkey, record.encode(), record.expires_at))
@@ -117,6 +122,7 @@ class Store:
             slots = self.records[key]
             for sub in [s for s, r in slots.items() if r.expires_at <= now]:
                 del slots[sub]
+                self._count -= 1
             if not slots:
                 del self.records[key]
         for key in list(self.providers):
