@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import subprocess
 import sys
 import tempfile
@@ -23,7 +22,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from _common import emit as _emit  # noqa: E402
-from _common import tree_rss_mib  # noqa: E402
+from _common import start_daemon, stop, tree_rss_mib  # noqa: E402
 
 
 def emit(system: str, metric: str, runs: list[float], **extra) -> dict:
@@ -31,34 +30,13 @@ def emit(system: str, metric: str, runs: list[float], **extra) -> dict:
 
 
 def one_lattice_run(workdir: Path, idle_s: float) -> tuple[float, float]:
-    ready = workdir / "ready.json"
-    cmd = [
-        "lattice-node",
-        "run",
-        "--listen",
-        "/ip4/127.0.0.1/tcp/0",
-        "--data-dir",
-        str(workdir / "data"),
-        "--ready-file",
-        str(ready),
-        "--log-level",
-        "warning",
-    ]
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    """Seconds from spawn to ready, and RSS after ``idle_s`` seconds idle, of one daemon."""
+    proc, _, ready_s = start_daemon(workdir, "data")
     try:
-        deadline = start + 30
-        while not ready.exists():
-            if proc.poll() is not None or time.perf_counter() > deadline:
-                raise RuntimeError("lattice-node did not become ready")
-            time.sleep(0.002)
-        ready_s = time.perf_counter() - start
         time.sleep(idle_s)
         rss = tree_rss_mib(proc.pid)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(10)
-    ready.unlink(missing_ok=True)
+        stop(proc)
     return ready_s, rss
 
 

@@ -17,8 +17,9 @@ does both). Roles:
         local). Each operation is timed alone. Prints
         {"role": "driver", "metric": "store_ms" | "get_ms", "samples": [...], "success": ...}.
         With --churn it then prints {"role": "driver", "event": "churn_ready"}, waits for a line
-        on stdin (the runner kills nodes meanwhile), and a third, fresh client node retries every
-        key for up to --churn-window seconds: {"role": "driver", "metric": "churn_retrievable", ...}.
+        on stdin (the runner kills nodes meanwhile), shuts its two nodes down, starts a fresh client
+        node (no cache) and retries every key for up to --churn-window seconds, counted from the
+        "go" line and including the join: {"role": "driver", "metric": "churn_retrievable", ...}.
 
 JSON goes to the original stdout only; everything else the process writes to fd 1 lands on stderr.
 hivemind keeps `bucket_size=20`, `num_replicas=5` and its other defaults.
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import sys
 import threading
@@ -49,8 +51,6 @@ def json_out():
     stream = os.fdopen(fd, "w", buffering=1)
 
     def emit(line: dict) -> None:
-        import json
-
         stream.write(json.dumps(line) + "\n")
         stream.flush()
 
@@ -105,7 +105,7 @@ async def run_nodes(args, emit) -> int:
         emit({"role": "node", "ready": len(nodes)})
         try:
             await asyncio.wait_for(stop.wait(), args.lifetime)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
     finally:
         for node in nodes:
@@ -133,10 +133,9 @@ async def run_driver(args, emit) -> int:
     loop = asyncio.get_running_loop()
     boot = [args.bootstrap]
     kw = dict(initial_peers=boot, client_mode=True, **P2P_KW)
-    count = 3 if args.churn else 2
     clients = []
     try:
-        for _ in range(count):
+        for _ in range(2):
             clients.append(await DHTNode.create(**kw))
         writer, reader = clients[0], clients[1]
         want = min(args.nodes, 20)
@@ -164,10 +163,15 @@ async def run_driver(args, emit) -> int:
             go = stdin_closed_event(loop)
             emit({"role": "driver", "event": "churn_ready"})
             await asyncio.wait_for(go.wait(), 120)
-            fresh = clients[2]
             t0 = time.monotonic()
-            missing = list(keys)
-            rounds = 0
+            for c in clients:  # they cache what they stored or fetched; the fresh node below does not
+                await c.shutdown()
+            clients.clear()
+            fresh = await DHTNode.create(**kw)
+            clients.append(fresh)
+            await wait_for_peers(clients, 1, args.churn_window)
+            join_s = time.monotonic() - t0
+            missing, rounds = list(keys), 0
             while missing and time.monotonic() - t0 < args.churn_window:
                 rounds += 1
                 still = []
@@ -185,6 +189,7 @@ async def run_driver(args, emit) -> int:
                     "metric": "churn_retrievable",
                     "value": 1 - len(missing) / len(keys),
                     "seconds": round(time.monotonic() - t0, 3),
+                    "join_s": round(join_s, 3),
                     "rounds": rounds,
                 }
             )

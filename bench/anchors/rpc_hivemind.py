@@ -31,7 +31,7 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import AsyncIterator
+from typing import AsyncIterator  # noqa: UP035  hivemind finds stream handlers by typing's alias
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common

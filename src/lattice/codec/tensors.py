@@ -219,18 +219,7 @@ def finish(value: Any, as_torch: bool | None = None, max_elements: int = 1 << 31
             return _to_torch(arr, dtype_name)
         return arr
 
-    def walk(obj: Any, depth: int = 0) -> Any:
-        if depth > MAX_DEPTH:
-            raise PayloadError("value nested too deeply")
-        if isinstance(obj, TensorSpec):
-            return build(obj)
-        if isinstance(obj, list):
-            return [walk(x, depth + 1) for x in obj]
-        if isinstance(obj, dict):
-            return {k: walk(v, depth + 1) for k, v in obj.items()}
-        return obj
-
-    return walk(value)
+    return _map(value, lambda obj: build(obj) if isinstance(obj, TensorSpec) else obj)
 
 
 def _to_torch(arr: np.ndarray, dtype_name: str) -> Any:
@@ -246,17 +235,22 @@ def _to_torch(arr: np.ndarray, dtype_name: str) -> Any:
 def retype(value: Any, as_torch: bool) -> Any:
     """Convert every array/tensor in a decoded value to torch (True) or numpy (False)."""
 
-    def walk(obj: Any, depth: int = 0) -> Any:
-        if depth > MAX_DEPTH:
-            raise PayloadError("value nested too deeply")
+    def convert(obj: Any) -> Any:
         if isinstance(obj, np.ndarray):
             return _to_torch(obj, obj.dtype.name) if as_torch else obj
-        if _is_torch(obj):
-            return obj if as_torch else obj.numpy()
-        if isinstance(obj, list):
-            return [walk(x, depth + 1) for x in obj]
-        if isinstance(obj, dict):
-            return {k: walk(v, depth + 1) for k, v in obj.items()}
+        if _is_torch(obj) and not as_torch:
+            return obj.numpy()
         return obj
 
-    return walk(value)
+    return _map(value, convert)
+
+
+def _map(value: Any, leaf: Any, depth: int = 0) -> Any:
+    """Apply ``leaf`` to every non-container in a decoded value (lists and maps, bounded depth)."""
+    if depth > MAX_DEPTH:
+        raise PayloadError("value nested too deeply")
+    if isinstance(value, list):
+        return [_map(x, leaf, depth + 1) for x in value]
+    if isinstance(value, dict):
+        return {k: _map(v, leaf, depth + 1) for k, v in value.items()}
+    return leaf(value)

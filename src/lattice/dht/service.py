@@ -181,13 +181,7 @@ class DHT:
             pool = self._pools.setdefault(peer, [])
             stream = pool.pop() if pool else None
             if stream is None or stream._error is not None or stream.remote_closed:
-                conn = host.connection_to(peer)
-                if conn is None:
-                    info = host.peerstore.get(peer)
-                    addrs = [a for a in (info.addrs if info else []) if a.tcp_target()]
-                    if not addrs:
-                        raise TransportError(f"no address for {peer}")
-                    conn = await host.connect(addrs[0].with_peer(peer), timeout=self.config.request_timeout)
+                conn = await host.connect_peer(peer, timeout=self.config.request_timeout)
                 stream = await host.new_stream(conn, [self.config.protocol_id])
             try:
                 body = protocol.encode(message)
@@ -384,13 +378,7 @@ class DHT:
     async def _send_only(self, peer: PeerId, message: protocol.Message) -> None:
         host = self.node.host
         with trio.fail_after(self.config.request_timeout):
-            conn = host.connection_to(peer)
-            if conn is None:
-                info = host.peerstore.get(peer)
-                addrs = [a for a in (info.addrs if info else []) if a.tcp_target()]
-                if not addrs:
-                    raise TransportError(f"no address for {peer}")
-                conn = await host.connect(addrs[0].with_peer(peer))
+            conn = await host.connect_peer(peer, timeout=self.config.request_timeout)
             stream = await host.new_stream(conn, [self.config.protocol_id])
             body = protocol.encode(message)
             await stream.write(_proto.encode_uvarint(len(body)) + body, fin=True)

@@ -234,14 +234,7 @@ class RPC:
             conn = await host.connect(peer)
             return conn.remote_peer, conn
         peer_id = peer if isinstance(peer, PeerId) else PeerId.from_string(str(peer))
-        conn = host.connection_to(peer_id)
-        if conn is None:
-            known = host.peerstore.get(peer_id)
-            addrs = [a for a in (known.addrs if known else []) if a.tcp_target()]
-            if not addrs:
-                raise RPCError(f"not connected to {peer_id} and no known address")
-            conn = await host.connect(addrs[0].with_peer(peer_id))
-        return peer_id, conn
+        return peer_id, await host.connect_peer(peer_id)
 
     async def _slot(self, peer_id: PeerId) -> trio.Semaphore:
         slots = self._slots.get(peer_id)
@@ -305,6 +298,15 @@ class RPC:
         if header != multistream.HEADER or answer != self.protocol_id:
             raise RPCError("the peer does not serve Lattice RPC")
 
+    def _call_failed(self, method: str, timeout: float, exc: BaseException) -> BaseException:
+        """The error a caller sees: timeouts and lost streams named after the call."""
+        self.stats["errors_out"] += 1
+        if isinstance(exc, trio.TooSlowError):
+            return RPCTimeout(f"{method} timed out after {timeout:g}s")
+        if isinstance(exc, StreamError | NegotiationError):
+            return RPCError(f"{method} failed: {exc}")
+        return exc
+
     async def _peer_error(self, stream: YamuxStream) -> None:
         """After our write failed: if the peer explained why before resetting, raise that instead."""
         try:
@@ -323,15 +325,8 @@ class RPC:
         try:
             with trio.fail_after(timeout):
                 yield
-        except trio.TooSlowError:
-            self.stats["errors_out"] += 1
-            raise RPCTimeout(f"{method} timed out after {timeout:g}s") from None
-        except (StreamError, NegotiationError) as exc:
-            self.stats["errors_out"] += 1
-            raise RPCError(f"{method} failed: {exc}") from None
-        except LatticeError:
-            self.stats["errors_out"] += 1
-            raise
+        except (trio.TooSlowError, LatticeError) as exc:
+            raise self._call_failed(method, timeout, exc) from None
 
     async def call(
         self,
@@ -384,15 +379,8 @@ class RPC:
                     raise
                 finally:
                     slots.release()
-        except trio.TooSlowError:
-            self.stats["errors_out"] += 1
-            raise RPCTimeout(f"{method} timed out after {timeout:g}s") from None
-        except (StreamError, NegotiationError) as exc:
-            self.stats["errors_out"] += 1
-            raise RPCError(f"{method} failed: {exc}") from None
-        except LatticeError:
-            self.stats["errors_out"] += 1
-            raise
+        except (trio.TooSlowError, LatticeError) as exc:
+            raise self._call_failed(method, timeout, exc) from None
 
     async def _lane_call(self, fast: lane.Lane, peer_id: PeerId, method: str, encoded, as_torch) -> Any:
         slots = await self._slot(peer_id)

@@ -370,6 +370,24 @@ class Host:
             for callback in self._disconnect_callbacks:
                 callback(conn)
 
+    async def connect_peer(self, peer: PeerId, timeout: float | None = None) -> Connection:
+        """A live connection to ``peer``: the existing one, or a dial of an address we know for it."""
+        conn = self.connection_to(peer)
+        if conn is not None:
+            return conn
+        info = self.peerstore.get(peer)
+        addrs = [a for a in (info.addrs if info else []) if a.tcp_target()]
+        if not addrs:
+            raise DialError(f"not connected to {peer} and no known address")
+        last: DialError | None = None
+        for addr in addrs[:3]:
+            try:
+                return await self.connect(addr.with_peer(peer), timeout=timeout)
+            except DialError as exc:
+                last = exc
+        assert last is not None
+        raise last
+
     def connection_to(self, peer: PeerId) -> Connection | None:
         for conn in self._conns.get(peer, ()):
             if not conn.closed:
