@@ -180,7 +180,9 @@ class ControlClient:
         return [_peer_record(raw) for raw in _proto.all_bytes(fields, 6)]
 
     @asynccontextmanager
-    async def stream_open(self, peer: PeerId, protocols: list[str], timeout: int = 10) -> AsyncIterator[_Conn]:
+    async def stream_open(
+        self, peer: PeerId, protocols: list[str], timeout: int = 10
+    ) -> AsyncIterator[_Conn]:
         """A libp2p stream from the daemon to ``peer``: ``send_all`` / ``read_exactly`` on it."""
         body = [(1, peer.multihash)] + [(2, p) for p in protocols] + [(3, timeout)]
         conn = await self._open()
@@ -193,10 +195,12 @@ class ControlClient:
         finally:
             await conn.aclose()
 
-    async def dht(self, dht_type: int, *, peer: PeerId | None = None, key: bytes | None = None,
-                  count: int | None = None, timeout: int = 10) -> list[dict[int, list[int | bytes]]]:  # fmt: skip
+    async def dht(self, dht_type: int, *, peer: PeerId | None = None, cid: bytes | None = None,
+                  key: bytes | None = None, count: int | None = None,
+                  timeout: int = 10) -> list[dict[int, list[int | bytes]]]:  # fmt: skip
         """A DHT request; the DHTResponse messages (one, or the VALUEs between BEGIN and END)."""
-        body = [(1, dht_type), (2, peer.multihash if peer else None), (4, key), (6, count), (7, timeout)]
+        body = [(1, dht_type), (2, peer.multihash if peer else None), (3, cid), (4, key), (6, count),
+                (7, timeout)]  # fmt: skip
         conn = await self._open()
         try:
             await conn.send_msg(_proto.encode([(1, DHT), (5, _proto.encode(body))]))
@@ -221,6 +225,14 @@ class ControlClient:
     async def get_closest_peers(self, key: bytes, timeout: int = 10) -> list[PeerId]:
         replies = await self.dht(DHT_GET_CLOSEST_PEERS, key=key, timeout=timeout)
         return [PeerId(_proto.one_bytes(r, 3, required=True)) for r in replies]
+
+    async def provide(self, cid: bytes, timeout: int = 10) -> None:
+        """Announce ``cid`` (binary CID; a bare sha2-256 multihash is a CIDv0) to the closest peers."""
+        await self.dht(DHT_PROVIDE, cid=cid, timeout=timeout)
+
+    async def find_providers(self, cid: bytes, count: int = 20, timeout: int = 10) -> list[PeerRecord]:
+        replies = await self.dht(DHT_FIND_PROVIDERS, cid=cid, count=count, timeout=timeout)
+        return [_peer_record(_proto.one_bytes(r, 2, required=True)) for r in replies]
 
 
 @dataclass
@@ -281,7 +293,12 @@ async def start_p2pd(
     try:
         with open(log_path, "wb") as log_file:
             process = await trio.lowlevel.open_process(
-                args, stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file, env=env, start_new_session=True
+                args,
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=log_file,
+                env=env,
+                start_new_session=True,
             )
         control = ControlClient(socket_path)
         me = None

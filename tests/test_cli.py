@@ -181,3 +181,35 @@ def test_dht_commands_between_two_daemons(tmp_path):
         stop(a)
         if b is not None:
             stop(b)
+
+
+def test_rpc_commands(tmp_path):
+    a, a_info = start_daemon(tmp_path, "a", "--enable-bench")
+    b = None
+    try:
+        b, b_info = start_daemon(tmp_path, "b", "--enable-bench")
+        methods = run_cli("rpc", "methods", "--json", "--control", a_info["control"])
+        assert "lattice.bench.echo" in json.loads(methods.stdout)
+        echo = run_cli("rpc", "call", b_info["addrs"][0], "lattice.bench.echo", '{"x": [1, 2]}', "--json",
+                       "--control", a_info["control"])  # fmt: skip
+        assert json.loads(echo.stdout) == {"x": [1, 2]}, echo.stderr
+        src = run_cli(
+            "rpc", "call", b_info["peer_id"], "lattice.bench.source", "1024", "--control", a_info["control"]
+        )
+        assert json.loads(src.stdout) == {"tensor": "float32", "shape": [256]}, src.stderr
+        bench = run_cli("rpc", "bench", b_info["peer_id"], "--size", "4MiB", "--count", "3", "--json",
+                        "--control", a_info["control"])  # fmt: skip
+        assert json.loads(bench.stdout)["mib_per_s"] > 0, bench.stderr
+        assert_one_line_error(
+            run_cli("rpc", "bench", b_info["peer_id"], "--size", "lots", "--control", a_info["control"])
+        )
+        assert_one_line_error(
+            run_cli("rpc", "call", b_info["peer_id"], "x", "{bad json", "--control", a_info["control"])
+        )
+        missing = run_cli("rpc", "call", b_info["peer_id"], "no.such", "--control", a_info["control"])
+        assert_one_line_error(missing)
+        assert "no method" in missing.stderr
+    finally:
+        stop(a)
+        if b is not None:
+            stop(b)

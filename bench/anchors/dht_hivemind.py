@@ -7,7 +7,7 @@ does both). Roles:
         K hivemind `DHTNode`s (asyncio, one go-libp2p `p2pd` each) in this one process, on
         127.0.0.1. With `none` the first of them is the swarm's first node and the others bootstrap
         from it; otherwise all bootstrap from ADDR. Prints one JSON line per node:
-        {"role": "node", "index": i, "maddr": ..., "pid": ..., "p2pd_pid": ..., "socket": ...}
+        {"role": "node", "index": i, "maddr": ..., "pid": ..., "p2pd_pid": ..., "sockets": [...]}
         then {"role": "node", "ready": K}, and serves until stdin reaches EOF (or --lifetime).
         The runner kills a node by SIGKILLing its p2pd: all of a node's traffic goes through it.
     --role driver --bootstrap ADDR --ops N [--churn] [--nodes M]
@@ -72,6 +72,12 @@ def stdin_closed_event(loop: asyncio.AbstractEventLoop) -> asyncio.Event:
     return ev
 
 
+def sockets_of(node) -> list[str]:
+    """The unix control sockets hivemind made for this node's p2pd (left in /tmp if p2pd is SIGKILLed)."""
+    p2p = node.protocol.p2p
+    return [p2p._daemon_listen_maddr["unix"], p2p._client_listen_maddr["unix"]]
+
+
 def value_for(key: str) -> bytes:
     return key.encode().ljust(VALUE_BYTES, b".")
 
@@ -99,7 +105,7 @@ async def run_nodes(args, emit) -> int:
                     "maddr": maddr,
                     "pid": os.getpid(),
                     "p2pd_pid": p2p._child.pid,
-                    "socket": p2p._daemon_listen_maddr["unix"],
+                    "sockets": sockets_of(node),
                 }
             )
         emit({"role": "node", "ready": len(nodes)})
@@ -137,6 +143,7 @@ async def run_driver(args, emit) -> int:
     try:
         for _ in range(2):
             clients.append(await DHTNode.create(**kw))
+            emit({"role": "driver", "event": "node", "sockets": sockets_of(clients[-1])})
         writer, reader = clients[0], clients[1]
         want = min(args.nodes, 20)
         seen = await wait_for_peers(clients, want, args.peer_wait)
@@ -169,6 +176,7 @@ async def run_driver(args, emit) -> int:
             clients.clear()
             fresh = await DHTNode.create(**kw)
             clients.append(fresh)
+            emit({"role": "driver", "event": "node", "sockets": sockets_of(fresh)})
             await wait_for_peers(clients, 1, args.churn_window)
             join_s = time.monotonic() - t0
             missing, rounds = list(keys), 0

@@ -146,15 +146,16 @@ def client(server: str, data_dir: str, runs: int, rtt_calls: int) -> int:
         time.sleep(0.002)
     stub = svc.get_stub(server_id)
 
-    # warm-up: unary, and one call of each large path at each size
+    # warm-up: unary, then each large path: 5 calls at 1 MiB, 1 at 64 MiB
     small = b"ping1234"
     for _ in range(50):
         stub.echo(small).result(timeout=CALL_TIMEOUT_S)
-    for size in (MIB, 64 * MIB):
+    for size, calls in ((MIB, 5), (64 * MIB, 1)):
         data = payload(size)
         try:
-            stub.sink(data).result(timeout=CALL_TIMEOUT_S)
-            stub.source(size).result(timeout=CALL_TIMEOUT_S)
+            for _ in range(calls):
+                stub.sink(data).result(timeout=CALL_TIMEOUT_S)
+                stub.source(size).result(timeout=CALL_TIMEOUT_S)
         except Exception:
             pass  # reported by the measured calls below
 

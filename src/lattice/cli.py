@@ -73,6 +73,22 @@ def build_parser() -> argparse.ArgumentParser:
     stop = sub.add_parser("stop", help="stop the daemon", description="Ask the running daemon to shut down.")
     _add_control(stop)
 
+    rpc = sub.add_parser("rpc", help="call peers' methods, measure transfers", description="Tensor RPC.")
+    rpc_sub = rpc.add_subparsers(dest="rpc_command", metavar="ACTION", parser_class=_Parser, required=True)
+    methods = rpc_sub.add_parser("methods", help="methods the daemon serves")
+    call = rpc_sub.add_parser("call", help="call a method on a peer", description="Call METHOD on PEER.")
+    call.add_argument("peer", metavar="PEER", help="peer id or multiaddr")
+    call.add_argument("method")
+    call.add_argument("payload", nargs="?", default="null", help="JSON payload (default: null)")
+    call.add_argument("--timeout", type=float, default=30.0)
+    bench = rpc_sub.add_parser("bench", help="measure transfers to a peer started with --enable-bench")
+    bench.add_argument("peer", metavar="PEER", help="peer id or multiaddr")
+    bench.add_argument("--size", default="64MiB", help="bytes per call: 8, 1MiB, 64MiB, 1GiB (default 64MiB)")
+    bench.add_argument("--count", type=int, default=5)
+    bench.add_argument("--direction", choices=["up", "down", "echo"], default="up")
+    for p in (methods, call, bench):
+        _add_control(p)
+
     dht = sub.add_parser(
         "dht", help="DHT records and providers", description="Use the DHT of a running daemon."
     )
@@ -324,6 +340,63 @@ def cmd_stop(args: argparse.Namespace) -> int:
     return 0
 
 
+_UNITS = {"": 1, "b": 1, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "kb": 1000, "mb": 10**6, "gb": 10**9}
+
+
+def _parse_size(text: str) -> int:
+    import re
+
+    from lattice.errors import ConfigError
+
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
+    if not match or match.group(2).lower() not in _UNITS:
+        raise ConfigError(f"invalid size {text!r} (examples: 8, 1MiB, 64MiB, 1GiB)")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+def _summarise(value: Any) -> Any:
+    """JSON-printable view of a reply: tensors become their dtype and shape."""
+    if hasattr(value, "shape") and hasattr(value, "dtype"):
+        return {"tensor": str(value.dtype), "shape": list(value.shape)}
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, list | tuple):
+        return [_summarise(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _summarise(v) for k, v in value.items()}
+    return value
+
+
+def cmd_rpc(args: argparse.Namespace) -> int:
+    from lattice.errors import ConfigError
+
+    with _client(args) as client:
+        if args.rpc_command == "methods":
+            methods = client.rpc.methods()
+            _print(args, methods, lambda rows: print("\n".join(rows)))
+        elif args.rpc_command == "call":
+            try:
+                payload = json.loads(args.payload)
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"payload is not valid JSON: {exc}") from None
+            reply = client.rpc.call(args.peer, args.method, payload, timeout=args.timeout)
+            print(json.dumps(_summarise(reply), indent=2 if not args.json else None))
+        else:
+            size = _parse_size(args.size)
+            if not 1 <= args.count <= 10_000:
+                raise ConfigError("--count must be between 1 and 10000")
+            result = client.rpc.bench(args.peer, size, count=args.count, direction=args.direction)
+
+            def show(r: dict) -> None:
+                speed = f", {r['mib_per_s']:.0f} MiB/s" if r.get("mib_per_s") else ""
+                print(
+                    f"{args.direction} {args.size} x{args.count}: median {r['median_s'] * 1000:.3f} ms{speed}"
+                )
+
+            _print(args, result, show)
+    return 0
+
+
 def _printable_entry(entry: dict) -> dict:
     import time
 
@@ -378,6 +451,7 @@ _COMMANDS = {
     "status": cmd_status,
     "stop": cmd_stop,
     "dht": cmd_dht,
+    "rpc": cmd_rpc,
 }
 
 if __name__ == "__main__":

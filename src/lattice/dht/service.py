@@ -436,12 +436,37 @@ class DHT:
         return [protocol.PeerEntry(c.peer, c.addrs[:4]) for c in
                 self.table.closest(key_id(key), self.config.k, exclude={requester})]  # fmt: skip
 
+    def _find_node(self, key: bytes, requester: PeerId) -> list[protocol.PeerEntry]:
+        """Closest contacts; the peer named by ``key`` leads if we know it (ourselves included).
+
+        go-libp2p-kad-dht adds a new DHT server to its table only if FIND_NODE(server's own id) lists
+        somebody: a lone node (a bootstrap node) must list itself (found by tests/test_interop_go.py).
+        """
+        closer = self._closer(key, requester)
+        host = self.node.host
+        named: protocol.PeerEntry | None = None
+        if key == host.peer_id.multihash:
+            named = protocol.PeerEntry(
+                host.peer_id, [a for a in host.advertised_addrs() if a.tcp_target()][:4]
+            )
+        else:
+            try:
+                peer = PeerId(key)
+            except LatticeError:
+                peer = None
+            info = host.peerstore.get(peer) if peer is not None and peer != requester else None
+            if info is not None and info.addrs:
+                named = protocol.PeerEntry(peer, [a for a in info.addrs if a.tcp_target()][:4])
+        if named is not None:
+            closer = [named, *(e for e in closer if e.peer != named.peer)][: self.config.k]
+        return closer
+
     def _answer(self, req: protocol.Message, requester: PeerId) -> protocol.Message | None:
         key = req.key
         if req.type == protocol.PING:
             return protocol.Message(protocol.PING)
         if req.type == protocol.FIND_NODE:
-            return protocol.Message(protocol.FIND_NODE, key, closer=self._closer(key, requester))
+            return protocol.Message(protocol.FIND_NODE, key, closer=self._find_node(key, requester))
         if req.type == protocol.GET_VALUE:
             blobs, size = [], 0
             for record in self.store.get(key):
