@@ -39,6 +39,7 @@ import shutil
 import signal
 import statistics
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -81,8 +82,10 @@ def pct(xs: list[float], q: float) -> float:
 class Netns:
     """A named network namespace with loopback up; deleted (after killing what is left in it) on close."""
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, create: bool = True):
         self.name = name
+        if not create:  # an existing one, to be closed
+            return
         subprocess.run(["ip", "netns", "add", name], check=True, capture_output=True, timeout=10)
         try:
             self.run(["ip", "link", "set", "lo", "up"])
@@ -393,6 +396,17 @@ def report(system: str, version: str | None, args, results: list[dict], per_proc
     )
 
 
+def remove_stale_namespaces() -> None:
+    """Delete lattice-dht-PID-* namespaces whose runner PID is gone (a runner killed by SIGKILL)."""
+    r = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=10)
+    for entry in r.stdout.split("\n"):
+        name = entry.split(" ")[0]
+        parts = name.split("-")
+        stale = len(parts) > 2 and parts[2].isdigit() and not os.path.exists(f"/proc/{parts[2]}")
+        if name.startswith("lattice-dht-") and stale:
+            Netns(name, create=False).close()
+
+
 def netns_ok() -> str | None:
     if not shutil.which("ip"):
         return "ip (iproute2) not found"
@@ -417,6 +431,9 @@ def main() -> int:
         ap.error("need --nodes >= 4 and --ops >= 1")
 
     why_not = netns_ok()
+    if why_not is None:
+        remove_stale_namespaces()
+    signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))  # clean up on SIGTERM too
     for system in [s.strip() for s in args.only.split(",") if s.strip()]:
         if system not in SYSTEMS:
             out({"bench": "dht", "system": system, "error": "unknown anchor"})

@@ -8,6 +8,7 @@ of connections and of handshakes in progress is capped so silent or hostile sock
 from __future__ import annotations
 
 import logging
+import socket
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -19,9 +20,7 @@ import trio
 from lattice.errors import (
     ConnectionLost,
     DialError,
-    HandshakeError,
     NegotiationError,
-    ProtocolError,
     TransportError,
 )
 from lattice.identity import KeyPair, PeerId, PublicKey
@@ -47,6 +46,7 @@ class HostConfig:
     stream_window: int = 4 * 1024 * 1024
     max_inbound_streams: int = 512
     write_timeout: float = 30.0
+    relay_delay: float = 0.3  # head start of direct addresses over relayed ones when dialing a peer
 
 
 @dataclass
@@ -186,7 +186,7 @@ class Host:
             raise MultiaddrError(f"cannot listen on {addr}: only /ip4|ip6/.../tcp/PORT is supported")
         host, port = target
         try:
-            listeners = await trio.open_tcp_listeners(port, host=host, backlog=256)
+            listeners = [await _open_listener(host, port)]
         except OSError as exc:
             raise TransportError(f"cannot listen on {addr}: {exc.strerror or exc}") from None
         bound = []
@@ -236,16 +236,7 @@ class Host:
             return
         try:
             with trio.fail_after(self.config.handshake_timeout):
-                raw_buf = bytearray()
-                await multistream.select_inbound(
-                    stream, lambda p: p == noise.PROTOCOL_ID, raw_buf, header_first=True
-                )
-                secure = await noise.secure_inbound(stream, self.keypair, raw_buf)
-                reader = _SecureReader(secure)
-                await multistream.select_inbound(
-                    reader, lambda p: p == yamux.PROTOCOL_ID, reader.buf, header_first=True
-                )
-                leftover = bytes(reader.buf)
+                secure, leftover = await upgrade(stream, self.keypair, outbound=False)
         except (trio.TooSlowError, TransportError, OSError, trio.BrokenResourceError) as exc:
             self.stats["inbound_handshake_failed"] += 1
             log.debug("inbound handshake from %s failed: %s", remote, exc)
@@ -263,64 +254,83 @@ class Host:
         expected = addr.peer_id
         if expected == self.peer_id:
             raise DialError("cannot dial ourselves")
-        if expected is not None:
-            conn = self.connection_to(expected)
+        return await self._shared_dial(expected, lambda: self._connect_addr(addr, expected, timeout), timeout)
+
+    async def _shared_dial(
+        self, peer: PeerId | None, dial: Callable[[], Awaitable[Connection]], timeout: float | None
+    ) -> Connection:
+        """Reuse a live connection to ``peer``, or join a dial already under way, or run ``dial``."""
+        if peer is None:
+            return await dial()
+        conn = self.connection_to(peer)
+        if conn is not None:
+            return conn
+        pending = self._dialing.get(peer)
+        if pending is not None:  # someone is dialing this peer already: share the result
+            with trio.fail_after(timeout or self.config.dial_timeout):
+                await pending.wait()
+            conn = self.connection_to(peer)
             if conn is not None:
                 return conn
-            pending = self._dialing.get(expected)
-            if pending is not None:  # someone is dialing this peer already: share the result
-                with trio.fail_after(timeout or self.config.dial_timeout):
-                    await pending.wait()
-                conn = self.connection_to(expected)
-                if conn is not None:
-                    return conn
-        target = addr.tcp_target()
-        if target is None:
-            raise DialError(
-                f"cannot dial {addr}: no direct TCP address (relayed dials need the relay service)"
-            )
         event = trio.Event()
-        if expected is not None:
-            self._dialing[expected] = event
+        self._dialing[peer] = event
         try:
-            return await self._dial(addr, target, expected, timeout or self.config.dial_timeout)
+            return await dial()
         finally:
             event.set()
-            if expected is not None and self._dialing.get(expected) is event:
-                del self._dialing[expected]
+            if self._dialing.get(peer) is event:
+                del self._dialing[peer]
+
+    async def _connect_addr(
+        self, addr: Multiaddr, expected: PeerId | None, timeout: float | None
+    ) -> Connection:
+        target = addr.tcp_target()
+        if target is None and not addr.is_relayed:
+            raise DialError(f"cannot dial {addr}: neither a TCP address nor a relayed one")
+        if target is None:
+            from lattice.transport import circuit  # circuit builds on the host
+
+            return await circuit.dial(self, addr, timeout)
+        return await self._dial(addr, target, expected, timeout or self.config.dial_timeout)
 
     async def _dial(self, addr: Multiaddr, target, expected: PeerId | None, timeout: float) -> Connection:
         host, port = target
-        stream = None
         try:
             with trio.fail_after(timeout):
-                try:
-                    stream = await trio.open_tcp_stream(host, port)
-                except OSError as exc:
-                    raise DialError(f"cannot connect to {addr}: {exc.strerror or exc}") from None
-                raw_buf = bytearray()
-                await multistream.select_outbound(stream, [noise.PROTOCOL_ID], raw_buf)
-                secure = await noise.secure_outbound(stream, self.keypair, expected, raw_buf)
-                reader = _SecureReader(secure)
-                await multistream.select_outbound(reader, [yamux.PROTOCOL_ID], reader.buf)
-                leftover = bytes(reader.buf)
+                stream = await trio.open_tcp_stream(host, port)
         except trio.TooSlowError:
-            if stream is not None:
-                await trio.aclose_forcefully(stream)
             raise DialError(f"dialing {addr} timed out after {timeout:.1f}s") from None
-        except (HandshakeError, NegotiationError, ProtocolError, ConnectionLost) as exc:
-            if stream is not None:
-                await trio.aclose_forcefully(stream)
-            raise DialError(f"handshake with {addr} failed: {exc}") from None
-        except (OSError, trio.BrokenResourceError) as exc:
-            if stream is not None:
-                await trio.aclose_forcefully(stream)
-            raise DialError(f"connection to {addr} failed: {exc}") from None
+        except OSError as exc:
+            raise DialError(f"cannot connect to {addr}: {exc.strerror or exc}") from None
+        return await self.adopt(stream, True, addr.without_peer(), expected, timeout)
+
+    async def adopt(
+        self,
+        stream: trio.abc.Stream,
+        outbound: bool,
+        remote: Multiaddr,
+        expected: PeerId | None = None,
+        timeout: float | None = None,
+    ) -> Connection:
+        """Secure and multiplex an open byte stream (a TCP socket, a relayed circuit, a hole-punched
+        socket), then run it as a connection of this host. ``outbound`` picks the Noise initiator
+        and Yamux client role; on failure the stream is closed and DialError raised."""
+        timeout = timeout or self.config.handshake_timeout
         try:
-            local = _sock_addr_to_multiaddr(stream.socket.getsockname())
+            with trio.fail_after(timeout):
+                secure, leftover = await upgrade(stream, self.keypair, outbound, expected)
+        except trio.TooSlowError:
+            await trio.aclose_forcefully(stream)
+            raise DialError(f"handshake with {remote} timed out after {timeout:.1f}s") from None
+        except (TransportError, OSError, trio.BrokenResourceError) as exc:
+            await trio.aclose_forcefully(stream)
+            raise DialError(f"handshake with {remote} failed: {exc}") from None
+        sock = getattr(stream, "socket", None)
+        try:
+            local = _sock_addr_to_multiaddr(sock.getsockname()) if sock is not None else None
         except OSError:
             local = None
-        conn = self._make_connection(secure, True, addr.without_peer(), local, leftover)
+        conn = self._make_connection(secure, outbound, remote, local, leftover)
         ready = trio.Event()
 
         async def run() -> None:
@@ -371,28 +381,58 @@ class Host:
                 callback(conn)
 
     async def connect_peer(self, peer: PeerId, timeout: float | None = None) -> Connection:
-        """A live connection to ``peer``: the existing one, or a dial of an address we know for it."""
+        """A live connection to ``peer``: the existing one, or a dial of the addresses we know.
+
+        Direct addresses are tried at once, relayed ones after ``relay_delay`` (a NATed peer's
+        private addresses may only time out), all in parallel; the first connection made wins."""
+        if peer == self.peer_id:
+            raise DialError("cannot dial ourselves")
         conn = self.connection_to(peer)
         if conn is not None:
             return conn
         info = self.peerstore.get(peer)
-        addrs = [a for a in (info.addrs if info else []) if a.tcp_target()]
+        addrs = [a for a in (info.addrs if info else []) if a.tcp_target() or a.is_relayed]
         if not addrs:
             raise DialError(f"not connected to {peer} and no known address")
-        last: DialError | None = None
-        for addr in addrs[:3]:
-            try:
-                return await self.connect(addr.with_peer(peer), timeout=timeout)
-            except DialError as exc:
-                last = exc
-        assert last is not None
-        raise last
+        direct = [a for a in addrs if not a.is_relayed][:4]
+        relayed = [a for a in addrs if a.is_relayed][:2]
+
+        async def race() -> Connection:
+            errors: list[str] = []
+            won: list[Connection] = []
+            async with trio.open_nursery() as nursery:
+
+                async def attempt(addr: Multiaddr, delay: float) -> None:
+                    await trio.sleep(delay)
+                    try:
+                        conn = await self._connect_addr(addr.with_peer(peer), peer, timeout)
+                    except DialError as exc:
+                        errors.append(str(exc))
+                        return
+                    won.append(conn)
+                    nursery.cancel_scope.cancel()
+
+                for addr in direct:
+                    nursery.start_soon(attempt, addr, 0.0)
+                for addr in relayed:
+                    nursery.start_soon(attempt, addr, self.config.relay_delay if direct else 0.0)
+            if won:
+                return won[0]
+            if len(errors) == 1:
+                raise DialError(errors[0])
+            raise DialError(f"cannot reach {peer}: " + "; ".join(errors[:3]))
+
+        return await self._shared_dial(peer, race, timeout)
 
     def connection_to(self, peer: PeerId) -> Connection | None:
+        """The connection streams should use: a direct one if there is one, else a relayed one."""
+        relayed = None
         for conn in self._conns.get(peer, ()):
             if not conn.closed:
-                return conn
-        return None
+                if not conn.relayed:
+                    return conn
+                relayed = relayed or conn
+        return relayed
 
     def connections(self) -> list[Connection]:
         return [c for conns in self._conns.values() for c in conns if not c.closed]
@@ -473,6 +513,66 @@ class Host:
             scope.shield = True
             for conn in self.connections():
                 await conn.close()
+
+
+async def _open_listener(host: str, port: int) -> trio.SocketListener:
+    """A TCP listener whose port outbound hole-punch dials can share (SO_REUSEPORT, set after bind
+    so that binding a port another process holds still fails as "address in use")."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = trio.socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        await sock.bind((host, port))
+        sock.listen(256)
+        if hasattr(socket, "SO_REUSEPORT"):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    except BaseException:
+        sock.close()
+        raise
+    return trio.SocketListener(sock)
+
+
+async def open_from_port(local: tuple[str, int], remote: tuple[str, int]) -> trio.SocketStream:
+    """A TCP connection from a fixed local port (our listen port): what a hole punch needs, since a
+    NAT maps that port to the public one peers were told about. Raises OSError."""
+    family = socket.AF_INET6 if ":" in remote[0] else socket.AF_INET
+    sock = trio.socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if hasattr(socket, "SO_REUSEPORT"):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        await sock.bind(local)
+        await sock.connect(remote)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except BaseException:
+        sock.close()
+        raise
+    return trio.SocketStream(sock)
+
+
+async def upgrade(
+    stream: trio.abc.Stream, keypair: KeyPair, outbound: bool, expected: PeerId | None = None
+) -> tuple[noise.SecureStream, bytes]:
+    """multistream-select Noise, handshake, multistream-select Yamux: the libp2p connection upgrade.
+
+    Returns the secured stream and the decrypted bytes read past the negotiation (they belong to
+    the muxer). The caller bounds the time."""
+    raw_buf = bytearray()
+    if outbound:
+        await multistream.select_outbound(stream, [noise.PROTOCOL_ID], raw_buf)
+        secure = await noise.secure_outbound(stream, keypair, expected, raw_buf)
+        reader = _SecureReader(secure)
+        await multistream.select_outbound(reader, [yamux.PROTOCOL_ID], reader.buf)
+    else:
+        await multistream.select_inbound(stream, lambda p: p == noise.PROTOCOL_ID, raw_buf, header_first=True)
+        secure = await noise.secure_inbound(stream, keypair, raw_buf)
+        reader = _SecureReader(secure)
+        await multistream.select_inbound(
+            reader, lambda p: p == yamux.PROTOCOL_ID, reader.buf, header_first=True
+        )
+    return secure, bytes(reader.buf)
 
 
 class _SecureReader:

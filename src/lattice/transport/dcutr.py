@@ -1,0 +1,238 @@
+"""DCUtR hole punching (``/libp2p/dcutr``): turn a relayed connection into a direct one.
+
+libp2p's protocol (specs/relay/DCUtR.md). B, the peer that *received* a relayed connection, starts:
+it sends CONNECT with its public addresses and times the round trip; A answers CONNECT with its
+own; B sends SYNC and waits half a round trip while the SYNC travels; then both dial each other at
+once from their listen ports. Two NATs that keep a port mapping for any destination (cone NATs)
+each see an outgoing SYN first, so the other's SYN passes: a TCP simultaneous open. Upgrade roles
+are fixed by the spec: A is the Noise initiator and Yamux client, B the responder.
+
+Once the direct connection exists the host prefers it for new streams (``Host.connection_to``), and
+the relayed one is closed after ``relayed_grace`` seconds (streams already on it may finish).
+Behind a symmetric NAT the punch cannot work; after ``attempts`` tries the peers stay relayed and
+the outcome is recorded per peer for ``lattice-node status``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+import trio
+
+from lattice import _proto
+from lattice.errors import DialError, LatticeError, ProtocolError, TransportError
+from lattice.identity import PeerId
+from lattice.transport.host import Connection, Host, open_from_port
+from lattice.transport.identify import read_delimited
+from lattice.transport.multiaddr import Multiaddr, MultiaddrError
+from lattice.transport.yamux import YamuxStream
+
+log = logging.getLogger(__name__)
+
+PROTOCOL_ID = "/libp2p/dcutr"
+CONNECT, SYNC = 100, 300
+MAX_MESSAGE = 4096
+MAX_ADDRS = 8
+TIMEOUT = 10.0
+
+
+def encode(mtype: int, addrs: list[Multiaddr] = ()) -> bytes:  # type: ignore[assignment]
+    body = _proto.encode([(1, mtype), *((2, a.to_bytes()) for a in addrs[:MAX_ADDRS])])
+    return _proto.encode_uvarint(len(body)) + body
+
+
+async def read(stream: YamuxStream, expect: int) -> list[Multiaddr]:
+    data = await read_delimited(stream, MAX_MESSAGE)
+    if data is None:
+        raise ProtocolError("hole punch stream closed early")
+    try:
+        fields = _proto.decode(data, max_fields=64)
+        mtype = _proto.one_int(fields, 1)
+        raw = _proto.all_bytes(fields, 2)
+    except _proto.DecodeError as exc:
+        raise ProtocolError(f"malformed hole punch message: {exc}") from None
+    if mtype != expect:
+        raise ProtocolError(f"expected hole punch message {expect}, got {mtype}")
+    addrs = []
+    for item in raw[:MAX_ADDRS]:
+        try:
+            addr = Multiaddr.from_bytes(item)
+        except MultiaddrError:
+            continue
+        if addr.tcp_target():
+            addrs.append(addr.without_peer())
+    return addrs
+
+
+class HolePuncher:
+    """Upgrades relayed connections to direct ones; install on every node."""
+
+    def __init__(
+        self,
+        host: Host,
+        public_addrs: Callable[[], list[Multiaddr]],
+        attempts: int = 3,
+        dial_timeout: float = 5.0,
+        relayed_grace: float = 10.0,
+    ) -> None:
+        self.host = host
+        self.public_addrs = public_addrs
+        self.attempts = attempts
+        self.dial_timeout = dial_timeout
+        self.relayed_grace = relayed_grace
+        self.results: dict[PeerId, dict] = {}  # last outcome per peer, for status
+        self._busy: set[PeerId] = set()
+
+    def install(self) -> None:
+        self.host.set_stream_handler(PROTOCOL_ID, self._handle)
+        self.host.on_connect(self._on_connect)
+
+    def _on_connect(self, conn: Connection) -> None:
+        if conn.relayed and conn.direction == "inbound":
+            self.host._nursery.start_soon(self.punch, conn)
+        elif not conn.relayed and any(c.relayed for c in self.host._conns.get(conn.remote_peer, ())):
+            self.host._nursery.start_soon(self._retire_relayed, conn.remote_peer)
+
+    def _our_addrs(self) -> list[Multiaddr]:
+        return [a for a in self.public_addrs() if a.tcp_target()][:MAX_ADDRS]
+
+    async def punch(self, conn: Connection) -> bool:
+        """B's side: coordinate over the relayed ``conn`` and dial; True once direct."""
+        peer = conn.remote_peer
+        if peer in self._busy:
+            return False
+        self._busy.add(peer)
+        start = time.monotonic()
+        error = "no attempt made"
+        try:
+            for attempt in range(1, self.attempts + 1):
+                if self._direct(peer) is not None:
+                    return True
+                if conn.closed:
+                    error = "relayed connection closed"
+                    break
+                try:
+                    await self._punch_once(conn)
+                    self._record(peer, "direct", start, attempt)
+                    return True
+                except (LatticeError, trio.TooSlowError, OSError) as exc:
+                    if self._direct(peer) is not None:  # A's SYN reached our listener instead
+                        self._record(peer, "direct", start, attempt)
+                        return True
+                    error = str(exc) or type(exc).__name__
+                    log.debug("hole punch %d to %s failed: %s", attempt, peer, error)
+            self._record(peer, f"failed: {error}", start, self.attempts)
+            return False
+        finally:
+            self._busy.discard(peer)
+
+    async def _punch_once(self, conn: Connection) -> None:
+        peer = conn.remote_peer
+        with trio.fail_after(TIMEOUT):
+            stream = await self.host.new_stream(conn, [PROTOCOL_ID])
+            try:
+                sent = trio.current_time()
+                await stream.write(encode(CONNECT, self._our_addrs()))
+                theirs = await read(stream, CONNECT)
+                rtt = trio.current_time() - sent
+                await stream.write(encode(SYNC))
+            finally:
+                await stream.close()
+        if not theirs:
+            raise DialError("the peer has no public address to punch to")
+        await trio.sleep(rtt / 2)
+        await self._dial_any(peer, theirs, outbound=False)
+
+    async def _handle(self, stream: YamuxStream) -> None:
+        """A's side: answer CONNECT, then dial the moment SYNC arrives."""
+        peer = stream.remote_peer
+        start = time.monotonic()
+        try:
+            with trio.fail_after(TIMEOUT):
+                theirs = await read(stream, CONNECT)
+                await stream.write(encode(CONNECT, self._our_addrs()))
+                await read(stream, SYNC)
+        except (trio.TooSlowError, TransportError) as exc:
+            log.debug("hole punch coordination with %s failed: %s", peer, exc)
+            await stream.reset()
+            return
+        if not theirs:
+            return
+        try:
+            await self._dial_any(peer, theirs, outbound=True)
+            self._record(peer, "direct", start, 1)
+        except (LatticeError, trio.TooSlowError, OSError) as exc:
+            self._record(peer, f"failed: {exc or type(exc).__name__}", start, 1)
+
+    def _local_port(self, remote: tuple[str, int]) -> tuple[str, int] | None:
+        want_v6 = ":" in remote[0]
+        for addr in self.host.listen_addrs:
+            target = addr.tcp_target()
+            if target and (":" in target[0]) == want_v6:
+                return target
+        return None
+
+    async def _dial_any(self, peer: PeerId, addrs: list[Multiaddr], outbound: bool) -> Connection:
+        """Dial every address at once from our listen port; the first socket that connects wins."""
+        won: list[trio.SocketStream] = []
+        errors: list[str] = []
+        async with trio.open_nursery() as nursery:
+
+            async def attempt(target: tuple[str, int]) -> None:
+                local = self._local_port(target)
+                try:
+                    if local is None:
+                        sock = await trio.open_tcp_stream(*target)
+                    else:
+                        sock = await open_from_port(local, target)
+                except OSError as exc:
+                    errors.append(f"{target[0]}:{target[1]}: {exc.strerror or exc}")
+                    return
+                if won:
+                    await trio.aclose_forcefully(sock)
+                    return
+                won.append(sock)
+                nursery.cancel_scope.cancel()
+
+            with trio.move_on_after(self.dial_timeout):
+                for addr in addrs:
+                    target = addr.tcp_target()
+                    if target is not None:
+                        nursery.start_soon(attempt, target)
+        if not won:
+            raise DialError("no punched connection: " + ("; ".join(errors[:3]) or "timed out"))
+        sock = won[0]
+        remote = _sock_remote(sock)
+        return await self.host.adopt(sock, outbound, remote, expected=peer)
+
+    def _direct(self, peer: PeerId) -> Connection | None:
+        conn = self.host.connection_to(peer)
+        return conn if conn is not None and not conn.relayed else None
+
+    def _record(self, peer: PeerId, outcome: str, start: float, attempts: int) -> None:
+        self.results[peer] = {
+            "outcome": outcome,
+            "seconds": round(time.monotonic() - start, 3),
+            "attempts": attempts,
+            "at": time.time(),
+        }
+        log.info("hole punch with %s: %s", peer, outcome)
+
+    async def _retire_relayed(self, peer: PeerId) -> None:
+        """Close relayed connections to a peer we now reach directly, after a grace period."""
+        await trio.sleep(self.relayed_grace)
+        if self._direct(peer) is None:
+            return
+        for conn in list(self.host._conns.get(peer, ())):
+            if conn.relayed and not conn.closed:
+                await conn.close()
+
+
+def _sock_remote(sock: trio.SocketStream) -> Multiaddr:
+    host, port = sock.socket.getpeername()[:2]
+    return Multiaddr((("ip6" if ":" in host else "ip4", host), ("tcp", str(port))))
+
+
+__all__ = ["PROTOCOL_ID", "HolePuncher"]

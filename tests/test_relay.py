@@ -1,0 +1,223 @@
+"""Circuit relay v2 over loopback: reservations, relayed connections, limits and refusals."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import pytest
+import trio
+
+from conftest import full_addr
+from lattice.errors import DialError
+from lattice.transport import circuit, ping
+from lattice.transport.circuit import CircuitListener, CircuitMessage
+from lattice.transport.multiaddr import Multiaddr
+from lattice.transport.relay import RelayLimits, RelayServer
+
+ECHO = "/test/echo/1.0.0"
+
+
+async def echo_handler(stream):
+    while True:
+        data = await stream.read(1 << 20)
+        if not data:
+            await stream.close()
+            return
+        await stream.write(data)
+
+
+async def relay_setup(host_factory, limits: RelayLimits | None = None):
+    """A relay R, a listener B with a reservation on R, a dialer A; returns (r, a, b, server, rsvp)."""
+    r, a, b = await host_factory(), await host_factory(), await host_factory()
+    server = RelayServer(r, limits)
+    server.install()
+    listener = CircuitListener(b)
+    listener.install()
+    b.set_stream_handler(ECHO, echo_handler)
+    conn = await b.connect(full_addr(r))
+    rsvp = await circuit.reserve(b, conn)
+    listener.relays.add(r.peer_id)
+    return r, a, b, server, rsvp
+
+
+def circuit_addr(rsvp, target) -> Multiaddr:
+    return rsvp.addrs[0].with_peer(target.peer_id)
+
+
+async def test_reserve_dial_and_stream_over_a_relay(host_factory):
+    r, a, b, server, rsvp = await relay_setup(host_factory)
+    assert rsvp.relay == r.peer_id and rsvp.addrs and rsvp.expire > 0
+    assert str(rsvp.addrs[0]).endswith(f"/p2p/{r.peer_id}/p2p-circuit")
+    conn = await a.connect(circuit_addr(rsvp, b))
+    assert conn.relayed and conn.remote_peer == b.peer_id
+    assert (await a.wait_identified(b.peer_id)).agent_version.startswith("lattice/")
+    assert len(await ping.ping(a, b.peer_id, count=3)) == 3
+    payload = os.urandom(3 * 1024 * 1024 + 7)
+    stream = await a.new_stream(b.peer_id, [ECHO])
+    got = bytearray()
+
+    async def reader():
+        while True:
+            chunk = await stream.read(1 << 20)
+            if not chunk:
+                return
+            got.extend(chunk)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(reader)
+        await stream.write(payload)
+        await stream.close()
+    assert hashlib.sha256(got).digest() == hashlib.sha256(payload).digest()
+    assert server.status()["circuits"] == 1 and server.stats["relayed_bytes"] >= 2 * len(payload)
+    # the relayed connection ending frees the circuit on the relay
+    await conn.close()
+    with trio.fail_after(5):
+        while server.status()["circuits"]:
+            await trio.sleep(0.02)
+
+
+async def test_connect_peer_falls_back_to_the_relayed_address(host_factory):
+    r, a, b, server, rsvp = await relay_setup(host_factory)
+    from lattice.transport.host import PeerInfo
+
+    # B's direct address is a black hole (nothing answers), its relayed one works
+    dead = Multiaddr.parse("/ip4/10.255.255.1/tcp/9")
+    a.peerstore[b.peer_id] = PeerInfo(b.peer_id, addrs=[dead, rsvp.addrs[0]])
+    start = trio.current_time()
+    conn = await a.connect_peer(b.peer_id, timeout=5)
+    assert conn.relayed and trio.current_time() - start < 2.0
+
+
+async def test_dial_without_reservation_is_refused(host_factory):
+    r, a, b, server, rsvp = await relay_setup(host_factory)
+    c = await host_factory()
+    await c.connect(full_addr(r))  # connected to the relay but holds no reservation
+    addr = rsvp.addrs[0].with_peer(c.peer_id)
+    with pytest.raises(DialError, match="no reservation"):
+        await a.connect(addr)
+    assert server.stats["refused"] == 1
+
+
+async def test_listener_refuses_circuits_from_relays_it_did_not_choose(host_factory):
+    r, a, b, server, rsvp = await relay_setup(host_factory)
+    b_listener_relays = set()
+    # a second relay that B is connected to but never reserved on cannot push circuits to B
+    r2 = await host_factory()
+    RelayServer(r2).install()
+    await b.connect(full_addr(r2))
+    server2_rsvp = await circuit.reserve(b, b.connection_to(r2.peer_id))  # reserved...
+    assert server2_rsvp.addrs and not b_listener_relays
+    with pytest.raises(DialError, match="connection to the target failed"):  # ...but not accepted
+        await a.connect(server2_rsvp.addrs[0].with_peer(b.peer_id))
+
+
+async def test_reservation_limits(host_factory):
+    limits = RelayLimits(max_reservations=2, max_reservations_per_ip=8)
+    r = await host_factory()
+    RelayServer(r, limits).install()
+    peers = [await host_factory() for _ in range(3)]
+    conns = [await p.connect(full_addr(r)) for p in peers]
+    await circuit.reserve(peers[0], conns[0])
+    await circuit.reserve(peers[1], conns[1])
+    await circuit.reserve(peers[0], conns[0])  # renewing is always allowed
+    with pytest.raises(DialError, match="resource limit exceeded"):
+        await circuit.reserve(peers[2], conns[2])
+
+
+async def test_circuit_byte_limit_resets_the_relayed_connection(host_factory):
+    r, a, b, server, rsvp = await relay_setup(host_factory, RelayLimits(circuit_bytes=256 * 1024))
+    conn = await a.connect(circuit_addr(rsvp, b))
+    stream = await a.new_stream(conn, [ECHO])
+    with pytest.raises(Exception):
+        with trio.fail_after(10):
+            await stream.write(os.urandom(1024 * 1024))
+            while await stream.read(1 << 20):
+                pass
+    with trio.fail_after(5):
+        while not conn.closed:
+            await trio.sleep(0.02)
+
+
+async def test_garbage_hop_requests_get_an_error_and_the_relay_keeps_serving(host_factory):
+    r, a, b, server, rsvp = await relay_setup(host_factory)
+    await a.connect(full_addr(r))
+    for junk in (b"\x05hello", b"\xff\xff\xff\xff\x0f", circuit.encode(CircuitMessage(7), hop=True)):
+        stream = await a.new_stream(r.peer_id, [circuit.HOP])
+        await stream.write(junk if junk[0] in (5, 0xFF) else bytes([len(junk)]) + junk)
+        with trio.fail_after(5):
+            try:
+                reply = await circuit.read_message(stream, hop=True)
+                assert reply.status in (circuit.MALFORMED_MESSAGE, circuit.UNEXPECTED_MESSAGE)
+            except Exception:
+                pass  # a reset is an acceptable answer to garbage
+    conn = await a.connect(circuit_addr(rsvp, b))
+    assert conn.relayed and len(await ping.ping(a, conn, count=2)) == 2
+
+
+def test_message_round_trip_and_malformed_input():
+    from lattice.identity import KeyPair
+
+    peer = KeyPair.generate().peer_id
+    msg = CircuitMessage(
+        circuit.HOP_STATUS,
+        peer=peer,
+        peer_addrs=[Multiaddr.parse("/ip4/1.2.3.4/tcp/5")],
+        expire=123456,
+        reservation_addrs=[Multiaddr.parse("/ip4/1.2.3.4/tcp/5")],
+        limit=circuit.Limit(60, 1 << 20),
+        status=circuit.OK,
+    )
+    back = circuit.decode(circuit.encode(msg, hop=True), hop=True)
+    assert back == msg
+    stop = CircuitMessage(circuit.STOP_CONNECT, peer=peer, limit=circuit.Limit(5, 6))
+    assert circuit.decode(circuit.encode(stop, hop=False), hop=False) == stop
+    for junk in (b"", b"\x12\x03abc", b"\x08", os.urandom(64)):
+        try:
+            circuit.decode(junk, hop=True)
+        except Exception as exc:
+            from lattice.errors import ProtocolError
+
+            assert isinstance(exc, ProtocolError)
+
+
+async def test_hole_punch_upgrades_a_relayed_connection_to_a_direct_one(host_factory):
+    from lattice.transport.dcutr import HolePuncher
+
+    r, a, b, server, rsvp = await relay_setup(host_factory)
+    punchers = {}
+    for h in (a, b):
+        punchers[h] = HolePuncher(h, h.advertised_addrs, relayed_grace=0.5)
+        punchers[h].install()
+    relayed = await a.connect(circuit_addr(rsvp, b))
+    assert relayed.relayed
+    with trio.fail_after(10):
+        while a.connection_to(b.peer_id) is None or a.connection_to(b.peer_id).relayed:
+            await trio.sleep(0.02)
+    direct = a.connection_to(b.peer_id)
+    assert not direct.relayed and direct.direction == "outbound"  # A is the client, as the spec says
+    assert punchers[b].results[a.peer_id]["outcome"] == "direct"
+    stream = await a.new_stream(b.peer_id, [ECHO])
+    await stream.write(b"over the punched path")
+    assert await stream.read_exactly(21) == b"over the punched path"
+    with trio.fail_after(5):  # the relayed connection is retired after its grace period
+        while not relayed.closed:
+            await trio.sleep(0.05)
+    assert server.status()["circuits"] == 0 or not relayed.session.num_streams
+
+
+async def test_hole_punch_failure_is_recorded_and_the_relay_keeps_working(host_factory):
+    from lattice.transport.dcutr import HolePuncher
+
+    r, a, b, server, rsvp = await relay_setup(host_factory)
+    dead = [Multiaddr.parse("/ip4/10.255.255.1/tcp/9")]  # addresses nobody can reach (a symmetric NAT)
+    HolePuncher(a, lambda: dead, dial_timeout=0.3).install()
+    pb = HolePuncher(b, lambda: dead, attempts=2, dial_timeout=0.3)
+    pb.install()
+    relayed = await a.connect(circuit_addr(rsvp, b))
+    with trio.fail_after(10):
+        while a.peer_id not in pb.results:
+            await trio.sleep(0.05)
+    assert pb.results[a.peer_id]["outcome"].startswith("failed")
+    assert a.connection_to(b.peer_id) is relayed and not relayed.closed
+    assert len(await ping.ping(a, b.peer_id, count=2)) == 2
