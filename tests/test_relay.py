@@ -9,7 +9,7 @@ import pytest
 import trio
 
 from conftest import full_addr
-from lattice.errors import DialError
+from lattice.errors import DialError, TransportError
 from lattice.transport import circuit, ping
 from lattice.transport.circuit import CircuitListener, CircuitMessage
 from lattice.transport.multiaddr import Multiaddr
@@ -78,7 +78,7 @@ async def test_reserve_dial_and_stream_over_a_relay(host_factory):
 
 
 async def test_connect_peer_falls_back_to_the_relayed_address(host_factory):
-    r, a, b, server, rsvp = await relay_setup(host_factory)
+    _r, a, b, _server, rsvp = await relay_setup(host_factory)
     from lattice.transport.host import PeerInfo
 
     # B's direct address is a black hole (nothing answers), its relayed one works
@@ -90,7 +90,7 @@ async def test_connect_peer_falls_back_to_the_relayed_address(host_factory):
 
 
 async def test_dial_without_reservation_is_refused(host_factory):
-    r, a, b, server, rsvp = await relay_setup(host_factory)
+    r, a, _b, server, rsvp = await relay_setup(host_factory)
     c = await host_factory()
     await c.connect(full_addr(r))  # connected to the relay but holds no reservation
     addr = rsvp.addrs[0].with_peer(c.peer_id)
@@ -100,14 +100,13 @@ async def test_dial_without_reservation_is_refused(host_factory):
 
 
 async def test_listener_refuses_circuits_from_relays_it_did_not_choose(host_factory):
-    r, a, b, server, rsvp = await relay_setup(host_factory)
-    b_listener_relays = set()
+    _r, a, b, _server, _rsvp = await relay_setup(host_factory)
     # a second relay that B is connected to but never reserved on cannot push circuits to B
     r2 = await host_factory()
     RelayServer(r2).install()
     await b.connect(full_addr(r2))
     server2_rsvp = await circuit.reserve(b, b.connection_to(r2.peer_id))  # reserved...
-    assert server2_rsvp.addrs and not b_listener_relays
+    assert server2_rsvp.addrs
     with pytest.raises(DialError, match="connection to the target failed"):  # ...but not accepted
         await a.connect(server2_rsvp.addrs[0].with_peer(b.peer_id))
 
@@ -126,10 +125,10 @@ async def test_reservation_limits(host_factory):
 
 
 async def test_circuit_byte_limit_resets_the_relayed_connection(host_factory):
-    r, a, b, server, rsvp = await relay_setup(host_factory, RelayLimits(circuit_bytes=256 * 1024))
+    _r, a, b, _server, rsvp = await relay_setup(host_factory, RelayLimits(circuit_bytes=256 * 1024))
     conn = await a.connect(circuit_addr(rsvp, b))
     stream = await a.new_stream(conn, [ECHO])
-    with pytest.raises(Exception):
+    with pytest.raises(TransportError):  # the relay reset the circuit
         with trio.fail_after(10):
             await stream.write(os.urandom(1024 * 1024))
             while await stream.read(1 << 20):
@@ -140,7 +139,7 @@ async def test_circuit_byte_limit_resets_the_relayed_connection(host_factory):
 
 
 async def test_garbage_hop_requests_get_an_error_and_the_relay_keeps_serving(host_factory):
-    r, a, b, server, rsvp = await relay_setup(host_factory)
+    r, a, b, _server, rsvp = await relay_setup(host_factory)
     await a.connect(full_addr(r))
     for junk in (b"\x05hello", b"\xff\xff\xff\xff\x0f", circuit.encode(CircuitMessage(7), hop=True)):
         stream = await a.new_stream(r.peer_id, [circuit.HOP])
@@ -184,7 +183,7 @@ def test_message_round_trip_and_malformed_input():
 async def test_hole_punch_upgrades_a_relayed_connection_to_a_direct_one(host_factory):
     from lattice.transport.dcutr import HolePuncher
 
-    r, a, b, server, rsvp = await relay_setup(host_factory)
+    _r, a, b, server, rsvp = await relay_setup(host_factory)
     punchers = {}
     for h in (a, b):
         punchers[h] = HolePuncher(h, h.advertised_addrs, relayed_grace=0.5)
@@ -209,7 +208,7 @@ async def test_hole_punch_upgrades_a_relayed_connection_to_a_direct_one(host_fac
 async def test_hole_punch_failure_is_recorded_and_the_relay_keeps_working(host_factory):
     from lattice.transport.dcutr import HolePuncher
 
-    r, a, b, server, rsvp = await relay_setup(host_factory)
+    _r, a, b, _server, rsvp = await relay_setup(host_factory)
     dead = [Multiaddr.parse("/ip4/10.255.255.1/tcp/9")]  # addresses nobody can reach (a symmetric NAT)
     HolePuncher(a, lambda: dead, dial_timeout=0.3).install()
     pb = HolePuncher(b, lambda: dead, attempts=2, dial_timeout=0.3)

@@ -407,10 +407,11 @@ async def test_fast_lane_carries_small_calls_and_survives_garbage(pair):
     pid = PeerId.from_string(peer)
     assert await b.rpc.call(peer, "echo", 1) == 1
     fast = b.rpc._lanes[pid]
-    streams_before = fast.stream.session.num_streams
+    opened_before = fast.stream.session._next_id
     for i in range(50):
         assert await b.rpc.call(peer, "echo", i) == i
-    assert b.rpc._lanes[pid] is fast and fast.stream.session.num_streams == streams_before  # no new streams
+    # no stream per call (background protocols such as identify push may open one or two)
+    assert b.rpc._lanes[pid] is fast and (fast.stream.session._next_id - opened_before) // 2 < 5
     # a hostile peer writes garbage on its own lane: that lane is dropped, nothing else is hurt
     rogue = await b.host.new_stream(pid, [lane.PROTOCOL_ID])
     await rogue.write(b"\x00\x00\x00\x04\xc1\xc1\xc1\xc1")

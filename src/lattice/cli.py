@@ -48,6 +48,31 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     run.add_argument("--max-connections", type=int, metavar="N")
     run.add_argument("--enable-bench", action="store_true", help="serve the lattice.bench.* RPC methods")
+    nat = run.add_argument_group("NAT traversal")
+    nat.add_argument(
+        "--relay", action="store_true", default=None, help="serve as a circuit relay for NATed peers"
+    )
+    nat.add_argument(
+        "--use-relay",
+        metavar="MULTIADDR",
+        action="append",
+        help="relay to reserve on when private (repeatable)",
+    )
+    nat.add_argument(
+        "--reachability",
+        choices=["auto", "public", "private"],
+        help="skip detection if you know (default auto)",
+    )
+    nat.add_argument(
+        "--upnp", action="store_true", default=None, help="map the listen port on the gateway (UPnP/NAT-PMP)"
+    )
+    nat.add_argument(
+        "--mdns", action="store_true", default=None, help="find peers on the LAN (multicast DNS)"
+    )
+    nat.add_argument(
+        "--no-hole-punching", dest="hole_punching", action="store_false", default=None,
+        help="stay on relayed connections (no DCUtR)",
+    )  # fmt: skip
 
     ident = sub.add_parser("id", help="print this node's peer id", description="Print the peer id.")
     ident.add_argument("--key", metavar="FILE", help="read the peer id from a key file (no daemon needed)")
@@ -62,9 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_control(ping)
 
     connect = sub.add_parser(
-        "connect", help="connect to a peer", description="Connect to a peer by multiaddr."
+        "connect",
+        help="connect to a peer",
+        description="Connect to a peer by multiaddr, or by peer id (found through the DHT, via its relay).",
     )
-    connect.add_argument("target", metavar="MULTIADDR")
+    connect.add_argument("target", metavar="MULTIADDR|PEER_ID")
     _add_control(connect)
 
     status = sub.add_parser("status", help="show node status", description="Show the node's status.")
@@ -151,6 +178,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         control_socket=args.control,
         log_level=args.log_level,
         max_connections=args.max_connections,
+        relay=args.relay,
+        relays=args.use_relay,
+        reachability=args.reachability,
+        hole_punching=args.hole_punching,
+        upnp=args.upnp,
+        mdns=args.mdns,
     )
     logging.basicConfig(
         level=config.log_level.upper(),
@@ -261,6 +294,9 @@ def cmd_peers(args: argparse.Namespace) -> int:
         for p in rows:
             rtt = "" if p["rtt_ms"] is None else f"{p['rtt_ms']:.2f}"
             path = "relayed" if p["relayed"] else "direct"
+            punch = p.get("hole_punch")
+            if p["relayed"] and punch and punch["outcome"] != "direct":
+                path += " (hole punch failed: NAT likely symmetric)"
             table.add_row(p["peer_id"], p["addr"], p["direction"], path, rtt, p["agent"])
         Console().print(table)
 
@@ -294,9 +330,13 @@ def cmd_ping(args: argparse.Namespace) -> int:
 
 
 def cmd_connect(args: argparse.Namespace) -> int:
+    from lattice.identity import PeerId
     from lattice.transport.multiaddr import Multiaddr
 
-    Multiaddr.parse(args.target)
+    if args.target.startswith("/"):
+        Multiaddr.parse(args.target)
+    else:
+        PeerId.from_string(args.target)  # a clear error before contacting the daemon
     with _client(args) as client:
         peer = client.connect(args.target)
     _print(args, {"peer_id": peer}, lambda d: print(f"connected to {d['peer_id']}"))
@@ -318,9 +358,24 @@ def cmd_status(args: argparse.Namespace) -> int:
         table.add_row("version", s["version"])
         table.add_row("uptime", f"{s['uptime_s']:.0f} s")
         table.add_row("reachability", s["reachability"])
+        nat = s.get("nat") or {}
+        relays = [f"{r['relay']} (expires in {r['expires_in']} s)" for r in nat.get("relays", [])]
+        table.add_row("relays", "\n".join(relays) or "-")
+        if nat.get("relay_service"):
+            rs = nat["relay_service"]
+            table.add_row("relay server", f"{rs['reservations']} reservations, {rs['circuits']} circuits")
+        table.add_row("direct/relayed", f"{s['direct_peers']} / {s['relayed_peers']}")
+        mapping = nat.get("port_mapping")
+        if mapping is not None:
+            text = f"{mapping['external']} via {mapping['method']}" if mapping["mapped"] else mapping["error"]
+            table.add_row("port mapping", text or "-")
+        punches = nat.get("hole_punches", {})
+        failed = sum(1 for r in punches.values() if r["outcome"] != "direct")
+        if punches:
+            table.add_row("hole punches", f"{len(punches) - failed} direct, {failed} failed")
         table.add_row("addresses", "\n".join(s["addrs"]) or "-")
         table.add_row("observed", "\n".join(s["observed_addrs"]) or "-")
-        table.add_row("peers / connections", f"{s['peers']} / {s['connections']}")
+        table.add_row("peers/conns", f"{s['peers']} / {s['connections']}")
         boot = [f"{b['addr']} ({'up' if b['connected'] else 'down'})" for b in s["bootstrap"]]
         table.add_row("bootstrap", "\n".join(boot) or "-")
         table.add_row("traffic", f"sent {s['bytes_sent']} B, received {s['bytes_received']} B")

@@ -44,9 +44,20 @@ class NodeConfig:
     keepalive_interval: float = 30.0
     dial_timeout: float = 10.0
     log_level: str = "info"
+    # NAT traversal (lattice.transport.nat)
+    relay: bool = False  # serve as a circuit relay for NATed peers
+    relays: tuple[str, ...] = ()  # relays to reserve on when private (default: bootstrap peers that relay)
+    reachability: str = "auto"  # auto (detect) | public | private
+    hole_punching: bool = True
+    relay_max_reservations: int = 128
+    relay_max_circuits: int = 64
+    relay_circuit_duration: int = 3600  # seconds
+    relay_circuit_bytes: int = 1 << 30  # per direction
+    upnp: bool = False  # map the listen port on the LAN gateway (UPnP IGD / NAT-PMP)
+    mdns: bool = False  # find peers on the LAN by multicast DNS
 
     def __post_init__(self) -> None:
-        for name in ("listen", "bootstrap"):
+        for name in ("listen", "bootstrap", "relays"):
             value = getattr(self, name)
             if isinstance(value, str) or not isinstance(value, list | tuple):
                 raise ConfigError(f"{name} must be a list of multiaddrs")
@@ -79,8 +90,25 @@ class NodeConfig:
             value = getattr(self, name)
             if not isinstance(value, int | float) or value <= 0:
                 raise ConfigError(f"{name} must be a positive number of seconds")
+        for addr in self.relays:
+            ma = Multiaddr.parse(addr)
+            if ma.tcp_target() is None or ma.peer_id is None:
+                raise ConfigError(f"relay address {addr} must be /ip4|ip6|dns/.../tcp/PORT/p2p/PEER")
+        if self.reachability not in ("auto", "public", "private"):
+            raise ConfigError("reachability must be one of auto, public, private")
+        for name in ("relay_max_reservations", "relay_max_circuits", "relay_circuit_duration"):
+            self._positive_int(name)
+        self._positive_int("relay_circuit_bytes")
+        for name in ("relay", "hole_punching", "upnp", "mdns", "control"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false")
         if self.log_level not in _LOG_LEVELS:
             raise ConfigError(f"log_level must be one of {', '.join(_LOG_LEVELS)}")
+
+    def _positive_int(self, name: str) -> None:
+        value = getattr(self, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"{name} must be a positive integer")
 
     @property
     def key_path(self) -> Path:
@@ -125,7 +153,7 @@ class NodeConfig:
             raise ConfigError(f"invalid configuration: {exc}") from None
 
 
-_ENV_LISTS = {"LATTICE_LISTEN": "listen", "LATTICE_BOOTSTRAP": "bootstrap"}
+_ENV_LISTS = {"LATTICE_LISTEN": "listen", "LATTICE_BOOTSTRAP": "bootstrap", "LATTICE_RELAYS": "relays"}
 _ENV_SCALARS = {
     "LATTICE_DATA_DIR": ("data_dir", str),
     "LATTICE_KEY_FILE": ("key_file", str),
@@ -134,7 +162,17 @@ _ENV_SCALARS = {
     "LATTICE_KEEPALIVE_INTERVAL": ("keepalive_interval", float),
     "LATTICE_DIAL_TIMEOUT": ("dial_timeout", float),
     "LATTICE_LOG_LEVEL": ("log_level", str),
+    "LATTICE_REACHABILITY": ("reachability", str),
+    "LATTICE_RELAY": ("relay", lambda v: _bool(v, "LATTICE_RELAY")),
 }
+
+
+def _bool(value: str, var: str) -> bool:
+    if value.lower() in ("1", "true", "yes", "on"):
+        return True
+    if value.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(var)
 
 
 def _from_env(env: dict[str, str]) -> dict[str, Any]:
@@ -147,7 +185,8 @@ def _from_env(env: dict[str, str]) -> dict[str, Any]:
             try:
                 values[name] = kind(env[var])
             except ValueError:
-                raise ConfigError(f"{var}={env[var]!r} is not a valid {kind.__name__}") from None
+                kind_name = getattr(kind, "__name__", "value") if kind in (int, float, str) else "boolean"
+                raise ConfigError(f"{var}={env[var]!r} is not a valid {kind_name}") from None
     return values
 
 

@@ -29,8 +29,10 @@ from lattice.errors import DialError, NodeError
 from lattice.identity import KeyPair, PeerId, load_or_create_key
 from lattice.transport import ping as ping_protocol
 from lattice.transport.connmgr import ConnectionManager
-from lattice.transport.host import Host, HostConfig, open_host
+from lattice.transport.host import Connection, Host, HostConfig, open_host
 from lattice.transport.multiaddr import Multiaddr
+from lattice.transport.nat import NATConfig, NATManager
+from lattice.transport.relay import RelayLimits
 
 __all__ = ["BlockingNode", "Node", "Service"]
 
@@ -44,6 +46,34 @@ class Service(Protocol):
 
     async def run(self, node: Node, task_status: trio.TaskStatus = ...) -> None:
         """Run until cancelled; call ``task_status.started()`` once usable."""
+
+
+def _conn_row(conn: Connection) -> dict:
+    return {
+        "addr": str(conn.remote_addr),
+        "direction": conn.direction,
+        "relayed": conn.relayed,
+        "streams": conn.session.num_streams,
+        "age_s": round(time.time() - conn.opened_at, 1),
+    }
+
+
+def _nat_config(cfg: NodeConfig) -> NATConfig:
+    limits = RelayLimits(
+        max_reservations=cfg.relay_max_reservations,
+        max_circuits=cfg.relay_max_circuits,
+        circuit_duration=cfg.relay_circuit_duration,
+        circuit_bytes=cfg.relay_circuit_bytes,
+    )
+    return NATConfig(
+        reachability=cfg.reachability,
+        relay_service=cfg.relay,
+        relay_limits=limits,
+        relays=[Multiaddr.parse(a) for a in cfg.relays],
+        hole_punching=cfg.hole_punching,
+        upnp=cfg.upnp,
+        mdns=cfg.mdns,
+    )
 
 
 class Node:
@@ -67,6 +97,7 @@ class Node:
         self._shutdown = trio.Event()
         self._started_at = 0.0
         self.connmgr: ConnectionManager | None = None
+        self.nat: NATManager | None = None
         self._register_core_ops()
 
     # -- lifecycle
@@ -88,6 +119,9 @@ class Node:
             self._stack.callback(self._nursery.cancel_scope.cancel)  # runs before the nursery exits
             for addr in cfg.listen:  # bind now (a busy port fails fast), accept once services are up
                 await self.host.listen(addr, accept=False)
+            self.nat = NATManager(self.host, _nat_config(cfg))
+            self.nat.install()
+            await self._nursery.start(self.nat.run)
             control = None
             if self.control_path is not None:
                 from lattice.control.server import ControlServer
@@ -175,9 +209,15 @@ class Node:
         host = self._require_host()
         return {"peer_id": str(host.peer_id), "addrs": self.addrs, "agent": host.config.agent_version}
 
-    async def connect(self, addr: str, timeout: float | None = None) -> str:
-        """Connect to a peer by multiaddr; returns its peer id."""
-        conn = await self._require_host().connect(addr, timeout=timeout or self.config.dial_timeout)
+    async def connect(self, addr: str | PeerId, timeout: float | None = None) -> str:
+        """Connect to a peer by multiaddr, or by peer id (addresses found through the DHT, reached
+        directly or through its relay); returns its peer id."""
+        host = self._require_host()
+        timeout = timeout or self.config.dial_timeout
+        if isinstance(addr, str) and addr.startswith("/"):
+            conn = await host.connect(addr, timeout=timeout)
+        else:
+            conn = await host.connect_peer(_as_peer(addr), timeout=timeout)
         return str(conn.remote_peer)
 
     async def disconnect(self, peer: str | PeerId) -> None:
@@ -198,6 +238,7 @@ class Node:
     async def peers(self) -> list[dict]:
         """Connected peers with their connection details."""
         host = self._require_host()
+        punches = self.nat.puncher.results if self.nat and self.nat.puncher else {}
         out = []
         for peer in host.connected_peers():
             conn = host.connection_to(peer)
@@ -210,11 +251,13 @@ class Node:
                     "addr": str(conn.remote_addr),
                     "direction": conn.direction,
                     "relayed": conn.relayed,
+                    "hole_punch": punches.get(peer),
                     "rtt_ms": round(conn.rtt * 1000, 3) if conn.rtt is not None else None,
                     "agent": info.agent_version if info else "",
                     "listen_addrs": [str(a) for a in info.addrs] if info else [],
                     "protocols": info.protocols if info else [],
                     "streams": conn.session.num_streams,
+                    "connections": [_conn_row(c) for c in host._conns.get(peer, ()) if not c.closed],
                     "connected_for_s": round(time.time() - conn.opened_at, 1),
                 }
             )
@@ -223,6 +266,7 @@ class Node:
     async def status(self) -> dict:
         host = self._require_host()
         conns = host.connections()
+        direct = {c.remote_peer for c in conns if not c.relayed}
         boot = self.connmgr.bootstrap_peers if self.connmgr else {}
         return {
             "peer_id": str(host.peer_id),
@@ -232,7 +276,10 @@ class Node:
             "uptime_s": round(time.time() - self._started_at, 1),
             "peers": len(host.connected_peers()),
             "connections": len(conns),
-            "reachability": "unknown",
+            "reachability": self.nat.reachability if self.nat else "unknown",
+            "nat": self.nat.status() if self.nat else None,
+            "direct_peers": len(direct),
+            "relayed_peers": len({c.remote_peer for c in conns if c.relayed} - direct),
             "observed_addrs": [str(a) for a, _ in host.observed_addrs.most_common(4)],
             "bootstrap": [
                 {

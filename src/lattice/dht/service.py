@@ -32,7 +32,7 @@ from lattice.errors import LatticeError, PayloadError, TransportError
 from lattice.identity import PeerId
 from lattice.transport.host import PeerInfo
 from lattice.transport.identify import read_delimited
-from lattice.transport.multiaddr import Multiaddr
+from lattice.transport.multiaddr import Multiaddr, dialable
 from lattice.transport.yamux import YamuxStream
 
 log = logging.getLogger(__name__)
@@ -107,6 +107,7 @@ class DHT:
             self.table.add(peer, addrs)
         host.set_stream_handler(self.config.protocol_id, self._handle)
         host.on_identify(self._on_identified)
+        host.peer_router = self._route_peer
         ops = {"dht.put": self._op_put, "dht.get": self._op_get, "dht.provide": self._op_provide,
                "dht.providers": self._op_providers, "dht.status": self._op_status}  # fmt: skip
         for name, op in ops.items():
@@ -125,7 +126,7 @@ class DHT:
 
     def _on_identified(self, info: PeerInfo) -> None:
         if self.config.protocol_id in info.protocols and self.table is not None:
-            self._add_contact(info.peer_id, [a for a in info.addrs if a.tcp_target()])
+            self._add_contact(info.peer_id, dialable(info.addrs))
 
     def _add_contact(self, peer: PeerId, addrs: list[Multiaddr]) -> None:
         assert self.table is not None
@@ -356,7 +357,7 @@ class DHT:
         """Announce that this node holds ``key`` (content, a capability) to the k closest peers."""
         key = _as_key(key)
         host = self.node.host
-        me = protocol.PeerEntry(host.peer_id, [a for a in host.advertised_addrs() if a.tcp_target()])
+        me = protocol.PeerEntry(host.peer_id, dialable(host.advertised_addrs()))
         self.store.add_provider(key, host.peer_id, [a.to_bytes() for a in me.addrs])
         look = await self._lookup(key, protocol.FIND_NODE, beta=self.config.beta)
         message = protocol.Message(protocol.ADD_PROVIDER, key, providers=[me])
@@ -400,6 +401,33 @@ class DHT:
             await self._lookup(key, protocol.GET_PROVIDERS, on_reply)
         return [(str(p), [str(a) for a in addrs]) for p, addrs in list(found.items())[:count]]
 
+    async def find_peer(self, peer: PeerId | str) -> list[Multiaddr]:
+        """The addresses the network knows for ``peer`` (FIND_NODE of its id), fresh from the peers
+        closest to it; they replace what our peerstore had (a NATed peer's relays change)."""
+        target = PeerId.from_string(peer) if isinstance(peer, str) else peer
+        found: list[Multiaddr] = []
+
+        def on_reply(_from: PeerId, reply: protocol.Message) -> bool:
+            for entry in reply.closer:
+                if entry.peer == target and entry.addrs:
+                    found.extend(a for a in entry.addrs if a not in found)
+            # enough once an address reachable from anywhere shows up (a relayed or public one);
+            # private addresses alone may be stale news from a peer that missed an update
+            return any(a.is_relayed or (a.tcp_target() is not None and _is_public(a)) for a in found)
+
+        await self._lookup(target.multihash, protocol.FIND_NODE, on_reply)
+        if found:
+            info = self.node.host.peerstore.setdefault(target, PeerInfo(target))
+            info.addrs = dialable(found + info.addrs)
+        return found
+
+    async def _route_peer(self, peer: PeerId) -> list[Multiaddr]:
+        try:
+            return await self.find_peer(peer)
+        except (LatticeError, trio.TooSlowError) as exc:
+            log.debug("peer lookup of %s failed: %s", peer, exc)
+            return []
+
     # -- serving
     async def _handle(self, stream: YamuxStream) -> None:
         peer = stream.remote_peer
@@ -408,7 +436,7 @@ class DHT:
         info = host.peerstore.get(peer)
         self._add_contact(
             peer,
-            [a for a in (info.addrs if info else []) if a.tcp_target()]
+            dialable(info.addrs if info else [])
             or ([conn.remote_addr] if conn is not None and conn.direction == "outbound" else []),
         )
         for _ in range(MAX_REQUESTS_PER_STREAM):
@@ -446,9 +474,7 @@ class DHT:
         host = self.node.host
         named: protocol.PeerEntry | None = None
         if key == host.peer_id.multihash:
-            named = protocol.PeerEntry(
-                host.peer_id, [a for a in host.advertised_addrs() if a.tcp_target()][:4]
-            )
+            named = protocol.PeerEntry(host.peer_id, dialable(host.advertised_addrs(), 6))
         else:
             try:
                 peer = PeerId(key)
@@ -456,7 +482,7 @@ class DHT:
                 peer = None
             info = host.peerstore.get(peer) if peer is not None and peer != requester else None
             if info is not None and info.addrs:
-                named = protocol.PeerEntry(peer, [a for a in info.addrs if a.tcp_target()][:4])
+                named = protocol.PeerEntry(peer, dialable(info.addrs, 6))
         if named is not None:
             closer = [named, *(e for e in closer if e.peer != named.peer)][: self.config.k]
         return closer
@@ -521,6 +547,17 @@ class DHT:
     async def _op_status(self) -> dict:
         return {"routing_table": len(self.table) if self.table else 0,
                 "records": self.store.record_count if self.store else 0, **self.stats}  # fmt: skip
+
+
+def _is_public(addr: Multiaddr) -> bool:
+    """A direct address that is neither private nor loopback."""
+    import ipaddress
+
+    net, host = addr.parts[0]
+    if net not in ("ip4", "ip6") or host is None:
+        return True
+    ip = ipaddress.ip_address(host)
+    return not (ip.is_private or ip.is_loopback or ip.is_link_local)
 
 
 def _parse_addrs(raw: list) -> list[Multiaddr]:

@@ -214,6 +214,9 @@ async def dial(host: Host, addr: Multiaddr, timeout: float | None = None) -> Con
         await stream.reset()
         why = "timed out" if isinstance(exc, trio.TooSlowError) else str(exc)
         raise DialError(f"relayed dial of {target} via {relay_addr.peer_id} failed: {why}") from None
+    except BaseException:  # cancelled: do not leave a circuit open that the target thinks is live
+        await stream.reset()
+        raise
     if reply.type != HOP_STATUS or reply.status != OK:
         await stream.reset()
         raise DialError(

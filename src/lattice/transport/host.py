@@ -25,7 +25,7 @@ from lattice.errors import (
 )
 from lattice.identity import KeyPair, PeerId, PublicKey
 from lattice.transport import multistream, noise, yamux
-from lattice.transport.multiaddr import Multiaddr, MultiaddrError
+from lattice.transport.multiaddr import Multiaddr, MultiaddrError, dialable
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +128,9 @@ class Host:
         self._identified: dict[PeerId, trio.Event] = {}
         self._identify_callbacks: list[Callable[[PeerInfo], None]] = []
         self.stats = Counter()
+        # Finds a peer's current addresses when ours fail or are missing (the DHT installs one).
+        self.peer_router: Callable[[PeerId], Awaitable[list[Multiaddr]]] | None = None
+        self._address_sources: list[Callable[[], list[Multiaddr]]] = []
 
     # -- handlers and events
     def set_stream_handler(self, protocol: str, handler: StreamHandler) -> None:
@@ -163,8 +166,14 @@ class Host:
             await self._identified.setdefault(peer, trio.Event()).wait()
         return self.peerstore[peer]
 
+    def add_address_source(self, source: Callable[[], list[Multiaddr]]) -> None:
+        """Addresses to advertise beyond the listen ones (public ones found by NAT detection or port
+        mapping, relayed ones)."""
+        self._address_sources.append(source)
+
     def advertised_addrs(self) -> list[Multiaddr]:
-        """Listen addresses as peers can dial them: wildcard addresses expanded to interfaces."""
+        """Listen addresses as peers can dial them (wildcards expanded to interfaces), then those
+        of the address sources."""
         out: list[Multiaddr] = []
         for addr in self.listen_addrs:
             net, ip = addr.parts[0]
@@ -174,6 +183,8 @@ class Host:
                     out.append(Multiaddr(((net, iface_ip), ("tcp", port))))
             else:
                 out.append(addr)
+        for source in self._address_sources:
+            out.extend(a for a in source() if a not in out)
         return out
 
     # -- listening
@@ -325,6 +336,9 @@ class Host:
         except (TransportError, OSError, trio.BrokenResourceError) as exc:
             await trio.aclose_forcefully(stream)
             raise DialError(f"handshake with {remote} failed: {exc}") from None
+        except BaseException:  # cancelled half-way (a lost dial race): the peer must see it end too
+            await trio.aclose_forcefully(stream)
+            raise
         sock = getattr(stream, "socket", None)
         try:
             local = _sock_addr_to_multiaddr(sock.getsockname()) if sock is not None else None
@@ -381,7 +395,8 @@ class Host:
                 callback(conn)
 
     async def connect_peer(self, peer: PeerId, timeout: float | None = None) -> Connection:
-        """A live connection to ``peer``: the existing one, or a dial of the addresses we know.
+        """A live connection to ``peer``: the existing one, or a dial of the addresses we know; if
+        those fail or there are none, of the addresses the peer router (DHT) finds.
 
         Direct addresses are tried at once, relayed ones after ``relay_delay`` (a NATed peer's
         private addresses may only time out), all in parallel; the first connection made wins."""
@@ -391,9 +406,21 @@ class Host:
         if conn is not None:
             return conn
         info = self.peerstore.get(peer)
-        addrs = [a for a in (info.addrs if info else []) if a.tcp_target() or a.is_relayed]
-        if not addrs:
-            raise DialError(f"not connected to {peer} and no known address")
+        known = [a for a in (info.addrs if info else []) if a.tcp_target() or a.is_relayed]
+        try:
+            if not known:
+                raise DialError(f"not connected to {peer} and no known address")
+            return await self._connect_addrs(peer, known, timeout)
+        except DialError:
+            if self.peer_router is None:
+                raise
+            fresh = [a for a in await self.peer_router(peer) if a not in known]
+            if not fresh:
+                raise
+        return await self._connect_addrs(peer, fresh, timeout)
+
+    async def _connect_addrs(self, peer: PeerId, addrs: list[Multiaddr], timeout: float | None) -> Connection:
+        addrs = dialable(addrs)
         direct = [a for a in addrs if not a.is_relayed][:4]
         relayed = [a for a in addrs if a.is_relayed][:2]
 

@@ -21,6 +21,7 @@ from lattice.transport.yamux import YamuxStream
 log = logging.getLogger(__name__)
 
 PROTOCOL_ID = "/ipfs/id/1.0.0"
+PUSH_ID = "/ipfs/id/push/1.0.0"  # the same message, sent unasked when our addresses change
 MAX_MESSAGE = 64 * 1024
 MAX_MESSAGES = 4
 MAX_ADDRS = 64
@@ -98,10 +99,28 @@ def install(host: Host) -> None:
         message = encode(host, observed)
         await stream.write(_proto.encode_uvarint(len(message)) + message)
 
+    async def push_handler(stream: YamuxStream) -> None:
+        peer = stream.remote_peer
+        info = host.peerstore.setdefault(peer, PeerInfo(peer))
+        try:
+            with trio.fail_after(TIMEOUT):
+                message = await read_delimited(stream, MAX_MESSAGE)
+            if message is None:
+                return
+            protocols = info.protocols
+            decode(message, info)
+            if not info.protocols:  # a push may carry only what changed
+                info.protocols = protocols
+        except (trio.TooSlowError, _proto.DecodeError, IdentityError, TransportError) as exc:
+            log.debug("bad identify push from %s: %s", peer, exc)
+            return
+        host.identified(peer)
+
     def on_connect(conn: Connection) -> None:
         host._nursery.start_soon(_identify_quietly, host, conn)
 
     host.set_stream_handler(PROTOCOL_ID, handler)
+    host.set_stream_handler(PUSH_ID, push_handler)
     host.on_connect(on_connect)
 
 
@@ -143,4 +162,29 @@ async def identify(host: Host, conn: Connection) -> PeerInfo:
     return info
 
 
-__all__ = ["PROTOCOL_ID", "TransportError", "identify", "install"]
+async def push(host: Host) -> int:
+    """Tell every connected peer that supports it our current identify info (new addresses after
+    a relay reservation or a reachability change); returns how many peers took it."""
+    done = 0
+
+    async def push_one(conn: Connection) -> None:
+        nonlocal done
+        try:
+            with trio.fail_after(TIMEOUT):
+                stream = await host.new_stream(conn, [PUSH_ID])
+                message = encode(host, conn.remote_addr)
+                await stream.write(_proto.encode_uvarint(len(message)) + message)
+                await stream.close()
+            done += 1
+        except (LatticeError, trio.TooSlowError) as exc:
+            log.debug("identify push to %s failed: %s", conn.remote_peer, exc)
+
+    async with trio.open_nursery() as nursery:
+        for conn in host.connections():
+            info = host.peerstore.get(conn.remote_peer)
+            if info is not None and PUSH_ID in info.protocols:
+                nursery.start_soon(push_one, conn)
+    return done
+
+
+__all__ = ["PROTOCOL_ID", "PUSH_ID", "TransportError", "identify", "install", "push"]

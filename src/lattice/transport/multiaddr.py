@@ -6,6 +6,7 @@ tls, noise. Anything else is an error (clear message), never silently dropped in
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from dataclasses import dataclass
 
@@ -219,6 +220,26 @@ class Multiaddr:
 _FROM_BYTES: dict[bytes, Multiaddr] = {}
 _TO_BYTES: dict[Multiaddr, bytes] = {}
 _CACHE_MAX = 16384
+
+
+@functools.lru_cache(maxsize=4096)
+def _rank(addr: Multiaddr) -> int:
+    if addr.is_relayed:
+        return 1
+    net, host = addr.parts[0]
+    if net not in ("ip4", "ip6") or host is None:
+        return 0  # a DNS name: meant to be dialed from anywhere
+    ip = ipaddress.ip_address(host)
+    if ip.is_loopback:
+        return 3
+    return 2 if ip.is_private or ip.is_link_local else 0
+
+
+def dialable(addrs: list[Multiaddr], limit: int = 8) -> list[Multiaddr]:
+    """The addresses others can dial (TCP or relayed), best first: public, relayed, private,
+    loopback. What we tell other peers is cut to ``limit``, so the order decides what survives."""
+    usable = [a for a in addrs if a.tcp_target() or a.is_relayed]
+    return sorted(dict.fromkeys(usable), key=_rank)[:limit]
 
 
 def _remember(cache: dict, key, value) -> None:

@@ -1,0 +1,297 @@
+"""Reachability detection: are we reachable from the internet (public), not (private), or unknown?
+
+AutoNAT v2 semantics under our own protocol id (py-libp2p's AutoNAT v1 answers "public" because it
+dials back over the connection that already exists, defect 5). A client asks a peer to dial one of
+its candidate addresses on a *fresh* TCP connection; the server proves the dial reached us by
+sending back a random nonce over that new connection (``/lattice/autonat/dial-back/1.0.0``). A NAT
+drops the unsolicited SYN, so a NATed client hears nothing and is private.
+
+Servers only dial addresses whose IP is the one the request came from (no use as a traffic
+amplifier), at most ``max_concurrent`` at a time and one request per peer every ``per_peer_interval``.
+Candidates are the addresses peers observed for us (identify), each also with our listen port.
+A state changes after two agreeing results (one from unknown), and is re-checked every
+``interval`` seconds and whenever the observed addresses change.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import secrets
+import time
+from collections import deque
+from collections.abc import Callable
+
+import trio
+
+from lattice import _proto
+from lattice.errors import DialError, LatticeError, ProtocolError, TransportError
+from lattice.identity import PeerId
+from lattice.transport.host import Connection, Host
+from lattice.transport.identify import read_delimited
+from lattice.transport.multiaddr import Multiaddr, MultiaddrError
+from lattice.transport.yamux import YamuxStream
+
+log = logging.getLogger(__name__)
+
+PROTOCOL_ID = "/lattice/autonat/1.0.0"
+DIAL_BACK_ID = "/lattice/autonat/dial-back/1.0.0"
+MAX_MESSAGE = 4096
+MAX_ADDRS = 8
+
+OK, DIAL_ERROR, REFUSED, RATE_LIMITED = 0, 1, 2, 3
+PUBLIC, PRIVATE, UNKNOWN = "public", "private", "unknown"
+
+
+def _frame(fields: list) -> bytes:
+    body = _proto.encode(fields)
+    return _proto.encode_uvarint(len(body)) + body
+
+
+async def _read(stream: YamuxStream) -> dict[int, list[int | bytes]]:
+    data = await read_delimited(stream, MAX_MESSAGE)
+    if data is None:
+        raise ProtocolError("autonat stream closed early")
+    try:
+        return _proto.decode(data, max_fields=32)
+    except _proto.DecodeError as exc:
+        raise ProtocolError(f"malformed autonat message: {exc}") from None
+
+
+def _ip(addr: Multiaddr) -> str | None:
+    return addr.parts[0][1] if addr.parts and addr.parts[0][0] in ("ip4", "ip6") else None
+
+
+class AutoNAT:
+    """Both roles: answers other peers' dial requests and works out our own reachability."""
+
+    def __init__(
+        self,
+        host: Host,
+        interval: float = 300.0,
+        dial_timeout: float = 3.0,
+        max_concurrent: int = 4,
+        per_peer_interval: float = 5.0,
+        serve: bool = True,
+    ) -> None:
+        self.host = host
+        self.interval = interval
+        self.dial_timeout = dial_timeout
+        self.max_concurrent = max_concurrent
+        self.per_peer_interval = per_peer_interval
+        self.serve = serve
+        self.reachability = UNKNOWN
+        self.public_addrs: list[Multiaddr] = []  # addresses a dial-back reached
+        self.results: deque[dict] = deque(maxlen=8)
+        self.on_change: list[Callable[[str], None]] = []
+        self._pending: dict[int, trio.Event] = {}
+        self._served: dict[PeerId, float] = {}
+        self._dialing = 0
+        self._wake = trio.Event()
+        self._observed_seen = 0
+
+    def install(self) -> None:
+        if self.serve:
+            self.host.set_stream_handler(PROTOCOL_ID, self._handle_request)
+        self.host.set_stream_handler(DIAL_BACK_ID, self._handle_dial_back)
+        self.host.on_identify(lambda info: self._maybe_wake())
+
+    def status(self) -> dict:
+        return {
+            "reachability": self.reachability,
+            "public_addrs": [str(a) for a in self.public_addrs],
+            "last_checks": list(self.results)[-3:],
+        }
+
+    def _maybe_wake(self) -> None:
+        total = sum(self.host.observed_addrs.values())
+        if total != self._observed_seen:
+            self._observed_seen = total
+            self._wake.set()
+
+    # -- client
+    def candidates(self) -> list[Multiaddr]:
+        """Addresses to test: observed ones with our listen port first (a port-preserving NAT maps
+        the listen port to itself), then as observed."""
+        ports = {a.parts[0][0]: a.parts[1][1] for a in self.host.listen_addrs if a.tcp_target()}
+        out: list[Multiaddr] = []
+        for addr, _ in self.host.observed_addrs.most_common(MAX_ADDRS):
+            if addr.is_relayed or not addr.tcp_target():
+                continue
+            net = addr.parts[0][0]
+            if net in ports:
+                out.append(Multiaddr((addr.parts[0], ("tcp", ports[net]))))
+            out.append(addr.without_peer())
+        return list(dict.fromkeys(out))[:MAX_ADDRS]
+
+    def _servers(self) -> list[Connection]:
+        out = []
+        for conn in self.host.connections():
+            info = self.host.peerstore.get(conn.remote_peer)
+            if not conn.relayed and info is not None and PROTOCOL_ID in info.protocols:
+                out.append(conn)
+        return out
+
+    async def check(self, conn: Connection | None = None) -> str | None:
+        """One check with one server; returns public/private, or None if it told us nothing."""
+        if conn is None:
+            servers = self._servers()
+            if not servers:
+                return None
+            conn = random.choice(servers)
+        addrs = self.candidates()
+        if not addrs:
+            return None
+        nonce = secrets.randbits(63)
+        event = self._pending[nonce] = trio.Event()
+        result: str | None = None
+        status = None
+        dialed = None
+        try:
+            with trio.fail_after(self.dial_timeout + 5.0):
+                stream = await self.host.new_stream(conn, [PROTOCOL_ID])
+                try:
+                    await stream.write(_frame([(1, nonce), *((2, a.to_bytes()) for a in addrs)]))
+                    reply = await _read(stream)
+                finally:
+                    await stream.close()
+            status = _proto.one_int(reply, 1)
+            raw = _proto.one_bytes(reply, 2)
+            dialed = Multiaddr.from_bytes(raw) if raw else None
+            if status == OK:
+                with trio.move_on_after(1.0):
+                    await event.wait()  # the nonce may trail the answer by a moment
+                result = PUBLIC if event.is_set() else None  # OK without our nonce proves nothing
+            elif status == DIAL_ERROR:
+                result = PRIVATE
+        except (trio.TooSlowError, TransportError, MultiaddrError, _proto.DecodeError) as exc:
+            log.debug("reachability check with %s failed: %s", conn.remote_peer, exc)
+        finally:
+            self._pending.pop(nonce, None)
+        self.results.append(
+            {"server": str(conn.remote_peer), "status": status, "result": result, "at": round(time.time(), 1)}
+        )
+        if result is not None:
+            self._update(result, dialed)
+        return result
+
+    def _update(self, result: str, dialed: Multiaddr | None) -> None:
+        if result == PUBLIC and dialed is not None and dialed not in self.public_addrs:
+            self.public_addrs = [dialed, *self.public_addrs][:4]
+        if result == self.reachability:
+            return
+        conclusive = [r["result"] for r in self.results if r["result"] is not None]
+        if self.reachability != UNKNOWN and conclusive[-2:] != [result, result]:
+            return  # leaving a known state takes two agreeing results
+        self.reachability = result
+        if result == PRIVATE:
+            self.public_addrs = []
+        log.info("reachability: %s", result)
+        for callback in self.on_change:
+            callback(result)
+
+    async def run(self, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
+        """Check as soon as a server and a candidate exist, then every ``interval`` or on change."""
+        task_status.started()
+        while True:
+            with trio.move_on_after(self.interval if self.reachability != UNKNOWN else 2.0):
+                await self._wake.wait()
+            self._wake = trio.Event()
+            result = await self.check()
+            if result is not None and self.reachability != result:
+                await trio.sleep(0.5)  # confirm a change at once, with another server if we can
+                await self.check()
+
+    async def _handle_dial_back(self, stream: YamuxStream) -> None:
+        try:
+            with trio.fail_after(5.0):
+                msg = await _read(stream)
+        except (trio.TooSlowError, TransportError):
+            await stream.reset()
+            return
+        nonce = _proto.one_int(msg, 1)
+        event = self._pending.get(nonce) if nonce is not None else None
+        if event is not None:
+            event.set()
+
+    # -- server
+    async def _handle_request(self, stream: YamuxStream) -> None:
+        peer = stream.remote_peer
+        conn = next((c for c in self.host.connections() if c.session is stream.session), None)
+        try:
+            with trio.fail_after(5.0):
+                req = await _read(stream)
+            nonce = _proto.one_int(req, 1)
+            raw_addrs = _proto.all_bytes(req, 2)
+        except (trio.TooSlowError, TransportError, _proto.DecodeError):
+            await stream.reset()
+            return
+        now = time.monotonic()
+        if conn is None or conn.relayed or nonce is None:
+            await stream.write(_frame([(1, REFUSED)]))
+            return
+        recent = now - self._served.get(peer, -1e9) < self.per_peer_interval
+        if recent or self._dialing >= self.max_concurrent:
+            await stream.write(_frame([(1, RATE_LIMITED)]))
+            return
+        self._served[peer] = now
+        if len(self._served) > 4096:
+            self._served = {p: t for p, t in self._served.items() if now - t < self.per_peer_interval}
+        their_ip = _ip(conn.remote_addr)
+        targets = []
+        for raw in raw_addrs[:MAX_ADDRS]:
+            try:
+                addr = Multiaddr.from_bytes(raw)
+            except MultiaddrError:
+                continue
+            if addr.tcp_target() and _ip(addr) == their_ip:  # never dial a third party
+                targets.append(addr.without_peer())
+        if not targets:
+            await stream.write(_frame([(1, REFUSED)]))
+            return
+        self._dialing += 1
+        reached: list[Multiaddr] = []
+        try:
+            async with trio.open_nursery() as nursery:  # at once: a dropped SYN costs the timeout
+
+                async def try_one(addr: Multiaddr) -> None:
+                    if await self._dial_back(addr, peer, nonce):
+                        reached.append(addr)
+                        nursery.cancel_scope.cancel()
+
+                for addr in targets[:2]:
+                    nursery.start_soon(try_one, addr)
+        finally:
+            self._dialing -= 1
+        if reached:
+            await stream.write(_frame([(1, OK), (2, reached[0].to_bytes())]))
+        else:
+            await stream.write(_frame([(1, DIAL_ERROR), (2, targets[0].to_bytes())]))
+
+    async def _dial_back(self, addr: Multiaddr, peer: PeerId, nonce: int) -> bool:
+        """A new connection (never the existing one) to ``addr``; deliver the nonce over it."""
+        target = addr.tcp_target()
+        assert target is not None
+        try:
+            with trio.fail_after(self.dial_timeout):
+                sock = await trio.open_tcp_stream(*target)
+        except (OSError, trio.TooSlowError):
+            return False
+        try:
+            conn = await self.host.adopt(sock, True, addr, expected=peer, timeout=self.dial_timeout)
+        except DialError:
+            return False
+        try:
+            with trio.fail_after(self.dial_timeout):
+                stream = await self.host.new_stream(conn, [DIAL_BACK_ID])
+                await stream.write(_frame([(1, nonce)]))
+                await stream.close()
+                await stream.read(1)  # wait for the client to take it (its close)
+            return True
+        except (trio.TooSlowError, LatticeError):
+            return False
+        finally:
+            await conn.close()
+
+
+__all__ = ["PRIVATE", "PROTOCOL_ID", "PUBLIC", "UNKNOWN", "AutoNAT"]

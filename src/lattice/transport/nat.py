@@ -1,0 +1,217 @@
+"""NAT traversal for a node: reachability, relay reservations, hole punching, serving as a relay.
+
+The pieces (autonat, autorelay, circuit, dcutr, relay) compose here:
+- reachability is checked by dial-back (AutoNAT); until it is known to be public, the node keeps
+  reservations on relays (bootstrap peers that relay count) and advertises the relayed addresses,
+  so a NATed node is reachable a moment after start, not after a check's timeout;
+- a relayed connection is upgraded to a direct one by DCUtR when both NATs allow it;
+- ``relay_service=True`` (``lattice-node run --relay``) serves circuits for others, within limits;
+- our advertised addresses gain confirmed public ones and relayed ones, and every change is
+  pushed to connected peers (identify push), so the DHT hands out current addresses.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import trio
+
+from lattice.transport import identify
+from lattice.transport.autonat import PUBLIC, AutoNAT
+from lattice.transport.autorelay import AutoRelay
+from lattice.transport.circuit import CircuitListener
+from lattice.transport.dcutr import HolePuncher
+from lattice.transport.host import Host
+from lattice.transport.multiaddr import Multiaddr, dialable
+from lattice.transport.relay import RelayLimits, RelayServer
+
+log = logging.getLogger(__name__)
+
+REACHABILITY_MODES = ("auto", "public", "private")
+
+
+@dataclass
+class NATConfig:
+    reachability: str = "auto"  # "public"/"private" skip detection (operators who know)
+    relay_service: bool = False
+    relay_limits: RelayLimits = field(default_factory=RelayLimits)
+    relays: list[Multiaddr] = field(default_factory=list)  # preferred relays (else bootstrap peers)
+    want_relays: int = 2
+    hole_punching: bool = True
+    autonat_interval: float = 300.0
+    autonat_dial_timeout: float = 3.0
+    upnp: bool = False  # map the listen port on the gateway (UPnP IGD / NAT-PMP) and announce it
+    mdns: bool = False  # find and connect to peers on the LAN
+    mdns_max_dials: int = 16  # LAN peers dialed at most (anyone on the LAN can announce)
+
+
+class NATManager:
+    def __init__(self, host: Host, config: NATConfig | None = None) -> None:
+        self.host = host
+        self.config = cfg = config or NATConfig()
+        self.autonat = AutoNAT(host, interval=cfg.autonat_interval, dial_timeout=cfg.autonat_dial_timeout)
+        self.listener = CircuitListener(host)
+        self.autorelay = AutoRelay(host, self.listener, cfg.relays, want=cfg.want_relays)
+        self.puncher = HolePuncher(host, self.punch_addrs) if cfg.hole_punching else None
+        self.relay_server = RelayServer(host, cfg.relay_limits) if cfg.relay_service else None
+        self._push = trio.Event()
+        self.mapping = None  # portmap.Mapping once the gateway mapped our port
+        self.mapper = None
+        self.mdns_found: dict[str, list[Multiaddr]] = {}
+
+    @property
+    def reachability(self) -> str:
+        if self.config.reachability != "auto":
+            return self.config.reachability
+        return self.autonat.reachability
+
+    def install(self) -> None:
+        """Register protocol handlers (before the host accepts connections)."""
+        self.listener.install()
+        self.autonat.install()
+        if self.puncher is not None:
+            self.puncher.install()
+        if self.relay_server is not None:
+            self.relay_server.install()
+        self.host.add_address_source(self.extra_addrs)
+        self.autonat.on_change.append(lambda _: self._reachability_changed())
+        self.autorelay.on_change.append(self.request_push)
+        self._reachability_changed()
+
+    def _reachability_changed(self) -> None:
+        self.autorelay.set_active(self.reachability != PUBLIC)
+        self.request_push()
+
+    def request_push(self) -> None:
+        """Our addresses changed: tell connected peers (soon, once for a burst of changes)."""
+        self._push.set()
+
+    def extra_addrs(self) -> list[Multiaddr]:
+        """Addresses beyond our listen addresses: mapped and confirmed public ones, relayed ones."""
+        mapped = []
+        if self.mapping is not None and self.mapping.is_public:
+            from lattice.transport.portmap import external_multiaddr
+
+            mapped.append(external_multiaddr(self.mapping))
+        return [*mapped, *self.autonat.public_addrs, *self.autorelay.addrs()]
+
+    def punch_addrs(self) -> list[Multiaddr]:
+        """What we tell a hole-punch partner to dial: public candidates, then the rest."""
+        direct = [a for a in self.host.advertised_addrs() if a.tcp_target() and not a.is_loopback()]
+        return dialable([*self.autonat.public_addrs, *self.autonat.candidates(), *direct])
+
+    async def run(self, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            if self.config.reachability == "auto":
+                nursery.start_soon(self.autonat.run)
+            nursery.start_soon(self.autorelay.run)
+            if self.config.upnp:
+                nursery.start_soon(self._port_mapping)
+            if self.config.mdns:
+                nursery.start_soon(self._lan_discovery)
+            task_status.started()
+            while True:
+                await self._push.wait()
+                await trio.sleep(0.05)  # coalesce bursts of changes into one push
+                self._push = trio.Event()
+                await identify.push(self.host)
+
+    async def _port_mapping(self) -> None:
+        """Map our TCP listen port on the gateway, keep it renewed, announce the external address."""
+        from lattice.transport.portmap import PortMapper
+
+        port = next((int(a.parts[1][1]) for a in self.host.listen_addrs if a.parts[0][0] == "ip4"), None)
+        if port is None:
+            return
+        self.mapper = mapper = PortMapper()
+        try:
+            self.mapping = await mapper.map(port)
+            if self.mapping is None:
+                log.info("no port mapping: %s", mapper.last_error)
+            elif not self.mapping.is_public:
+                log.info("gateway mapped port %d to a private address (double NAT): not announced", port)
+            self.request_push()
+
+            def on_change(_port: int, mapping) -> None:
+                self.mapping = mapping
+                self.request_push()
+
+            await mapper.run_renewals(on_change)
+        finally:
+            with trio.CancelScope(shield=True):
+                await mapper.aclose()
+
+    async def _lan_discovery(self) -> None:
+        """mDNS: announce our LAN addresses, dial peers that announce theirs (bounded)."""
+        from lattice.errors import LatticeError
+        from lattice.identity import PeerId
+        from lattice.transport.mdns import MDNS, MDNSError
+
+        send, receive = trio.open_memory_channel[tuple[str, list[Multiaddr]]](64)
+
+        def announced() -> list[Multiaddr]:
+            lan = [a for a in self.host.advertised_addrs() if a.tcp_target() and not a.is_loopback()]
+            return lan or [a for a in self.host.advertised_addrs() if a.tcp_target()]
+
+        def on_peer(peer: str, addrs: list[Multiaddr]) -> None:
+            try:
+                send.send_nowait((peer, addrs))
+            except trio.WouldBlock:
+                pass  # a flood of announcements: drop, the next round repeats them
+
+        mdns = MDNS(self.host.peer_id.to_base58(), announced, on_peer)
+        async with trio.open_nursery() as nursery:
+            try:
+                await nursery.start(mdns.run)
+            except MDNSError as exc:
+                log.warning("mDNS disabled: %s", exc)
+                return
+            async for peer_text, addrs in receive:
+                try:
+                    peer = PeerId.from_string(peer_text)
+                except LatticeError:
+                    continue
+                known = self.mdns_found.setdefault(peer_text, [])
+                known.extend(a for a in addrs if a not in known)
+                del known[16:]
+                if (
+                    self.host.connection_to(peer) is None
+                    and len(self.mdns_found) <= self.config.mdns_max_dials
+                ):
+                    nursery.start_soon(self._dial_lan_peer, peer, list(known))
+
+    async def _dial_lan_peer(self, peer, addrs: list[Multiaddr]) -> None:
+        from lattice.errors import LatticeError
+
+        for addr in addrs[:4]:
+            try:
+                await self.host.connect(addr.with_peer(peer), timeout=5.0)
+                log.info("connected to LAN peer %s", peer)
+                return
+            except (LatticeError, trio.TooSlowError):
+                continue
+
+    def status(self) -> dict:
+        return {
+            "reachability": self.reachability,
+            "detected": self.autonat.status(),
+            "relays": self.autorelay.status(),
+            "relay_service": self.relay_server.status() if self.relay_server else None,
+            "port_mapping": _mapping_status(self),
+            "lan_peers": len(self.mdns_found) if self.config.mdns else None,
+            "hole_punches": {str(p): r for p, r in (self.puncher.results.items() if self.puncher else [])},
+        }
+
+
+def _mapping_status(nat: NATManager) -> dict | None:
+    if not nat.config.upnp:
+        return None
+    m = nat.mapping
+    if m is None:
+        return {"mapped": False, "error": nat.mapper.last_error if nat.mapper else "not tried yet"}
+    return {"mapped": True, "external": f"{m.external_ip}:{m.external_port}", "method": m.method,
+            "public": m.is_public}  # fmt: skip
+
+
+__all__ = ["REACHABILITY_MODES", "NATConfig", "NATManager"]
