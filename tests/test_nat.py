@@ -77,7 +77,7 @@ def test_symmetric_nat_stays_relayed_and_every_service_works(tmp_path):
             row = next((p for p in b.call("peers") if p["peer_id"] == a.peer_id), None)
             return row and row["hole_punch"] and row["hole_punch"]["outcome"].startswith("failed")
 
-        wait_for(punch_failed, 30, "B to give up hole punching")
+        wait_for(punch_failed, 60, "B to give up hole punching")
         assert peer_path(a, b.peer_id) == "relayed"
         status = b.call("status")
         assert status["relayed_peers"] >= 1

@@ -20,7 +20,7 @@ from lattice.errors import TransportError
 from lattice.identity import PeerId
 from lattice.transport import circuit
 from lattice.transport.circuit import CircuitMessage, Limit, read_message, write_message
-from lattice.transport.host import Host
+from lattice.transport.host import Host, PeerInfo
 from lattice.transport.multiaddr import Multiaddr
 from lattice.transport.yamux import YamuxStream
 
@@ -123,13 +123,19 @@ class RelayServer:
         expire = int(time.time()) + limits.reservation_ttl
         self.reservations[peer] = _Slot(expire, ip)
         self.stats["reservations"] += 1
+        addrs = self._public_addrs(ip)
         await self._reply(
             stream,
             circuit.OK,
             expire=expire,
-            reservation_addrs=self._public_addrs(ip),
+            reservation_addrs=addrs,
             limit=Limit(limits.circuit_duration, limits.circuit_bytes),
         )
+        # We know the peer's relayed address now; peers asking the DHT for it should not have to wait
+        # for its identify push.
+        info = self.host.peerstore.setdefault(peer, PeerInfo(peer))
+        relayed = [Multiaddr((*a.parts, ("p2p-circuit", None))) for a in addrs]
+        info.addrs = [*relayed, *(a for a in info.addrs if a not in relayed)]
 
     def _public_addrs(self, requester_ip: str) -> list[Multiaddr]:
         """Our direct addresses as the reserving peer can use them (no loopback for remote peers)."""
