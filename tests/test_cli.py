@@ -213,3 +213,34 @@ def test_rpc_commands(tmp_path):
         stop(a)
         if b is not None:
             stop(b)
+
+
+def test_send_tensor_into_a_peers_inbox(tmp_path):
+    import numpy as np
+
+    a, a_info = start_daemon(tmp_path, "a")
+    b, b_info = start_daemon(tmp_path, "b", "--inbox")
+    try:
+        tensor = np.arange(3 * 1024 * 1024, dtype=np.float32).reshape(1024, 3072)[:, ::3]  # not contiguous
+        path = tmp_path / "weights.npy"
+        np.save(path, tensor)
+        ctl = ["--control", a_info["control"]]
+        result = run_cli("send-tensor", b_info["addrs"][0], str(path), *ctl, "--json", timeout=60)
+        assert result.returncode == 0, result.stderr
+        reply = json.loads(result.stdout)
+        saved = np.load(reply["path"], allow_pickle=False)
+        assert np.array_equal(saved, tensor) and reply["bytes"] == tensor.nbytes
+        assert os.path.basename(reply["path"]).endswith("-weights.npy")
+        # a name that tries to leave the inbox, a pickled file, a missing file: one-line errors
+        bad = run_cli("send-tensor", b_info["peer_id"], str(path), "--name", "../../etc/x", *ctl)
+        assert_one_line_error(bad)
+        pickled = tmp_path / "obj.npy"
+        np.save(pickled, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+        assert_one_line_error(run_cli("send-tensor", b_info["peer_id"], str(pickled), *ctl))
+        assert_one_line_error(run_cli("send-tensor", b_info["peer_id"], str(tmp_path / "nope.npy"), *ctl))
+        # a peer without --inbox says so
+        no_inbox = run_cli("send-tensor", a_info["addrs"][0], str(path), "--control", b_info["control"])
+        assert no_inbox.returncode != 0 and "inbox" in (no_inbox.stderr + no_inbox.stdout).lower()
+    finally:
+        stop(a)
+        stop(b)

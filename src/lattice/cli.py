@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     run.add_argument("--max-connections", type=int, metavar="N")
     run.add_argument("--enable-bench", action="store_true", help="serve the lattice.bench.* RPC methods")
+    run.add_argument(
+        "--inbox", action="store_true", help="accept tensors from `send-tensor` into <data-dir>/inbox (.npy)"
+    )
     nat = run.add_argument_group("NAT traversal")
     nat.add_argument(
         "--relay", action="store_true", default=None, help="serve as a circuit relay for NATed peers"
@@ -115,6 +118,18 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--direction", choices=["up", "down", "echo"], default="up")
     for p in (methods, call, bench):
         _add_control(p)
+
+    send = sub.add_parser(
+        "send-tensor",
+        help="send a .npy tensor to a peer's inbox",
+        description="Send FILE (.npy) to PEER, which saves it in its inbox (started with --inbox).",
+    )
+    send.add_argument("peer", metavar="PEER", help="peer id or multiaddr")
+    send.add_argument("file", metavar="FILE", help="a .npy file (no pickled objects)")
+    send.add_argument("--name", help="name in the peer's inbox (default: the file name)")
+    send.add_argument("--codec", help="compress on the wire: fp16, bf16, int8, int8-block, topk:R")
+    send.add_argument("--timeout", type=float, default=600.0)
+    _add_control(send)
 
     dht = sub.add_parser(
         "dht", help="DHT records and providers", description="Use the DHT of a running daemon."
@@ -190,10 +205,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    return trio.run(_run_daemon, config, args.ready_file, args.enable_bench)
+    return trio.run(_run_daemon, config, args.ready_file, args.enable_bench, args.inbox)
 
 
-async def _run_daemon(config, ready_file: str | None, enable_bench: bool = False) -> int:
+async def _run_daemon(config, ready_file: str | None, enable_bench: bool = False, inbox: bool = False) -> int:
     import signal
 
     import trio
@@ -205,6 +220,10 @@ async def _run_daemon(config, ready_file: str | None, enable_bench: bool = False
         from lattice.rpc import bench
 
         bench.install(node.rpc)
+    if inbox:
+        from lattice.rpc import inbox as tensor_inbox
+
+        tensor_inbox.install(node.rpc, config.data_dir / "inbox")
     async with node:
         info = await node.id()
         info["control"] = str(node.control_path) if node.control_path else None
@@ -452,6 +471,42 @@ def cmd_rpc(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_send_tensor(args: argparse.Namespace) -> int:
+    import time
+
+    import numpy as np
+
+    from lattice.errors import ConfigError
+    from lattice.rpc import inbox
+
+    name = args.name or os.path.basename(args.file).removesuffix(".npy")
+    if not inbox.NAME.match(name):
+        raise ConfigError(f"invalid name {name!r}: use A-Z a-z 0-9 . _ - (up to 100 characters)")
+    try:
+        tensor = np.load(args.file, allow_pickle=False)  # never unpickle: .npy of plain dtypes only
+    except FileNotFoundError:
+        raise ConfigError(f"{args.file} does not exist") from None
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{args.file} is not a readable .npy array: {exc}") from None
+    if not isinstance(tensor, np.ndarray):
+        raise ConfigError(f"{args.file} holds several arrays (.npz); send one .npy")
+    with _client(args) as client:
+        start = time.perf_counter()
+        reply = client.rpc.call(
+            args.peer, inbox.METHOD, {"name": name, "tensor": tensor}, timeout=args.timeout, codec=args.codec
+        )
+        seconds = time.perf_counter() - start
+
+    def show(r: dict) -> None:
+        mib = tensor.nbytes / 2**20
+        what = f"{tensor.dtype}{list(tensor.shape)} ({mib:.1f} MiB)"
+        print(f"sent {what} in {seconds:.2f} s, {mib / seconds:.0f} MiB/s")
+        print(f"stored by the peer as {r['path']} (sha256 {r['sha256'][:16]}...)")
+
+    _print(args, reply, show)
+    return 0
+
+
 def _printable_entry(entry: dict) -> dict:
     import time
 
@@ -507,6 +562,7 @@ _COMMANDS = {
     "stop": cmd_stop,
     "dht": cmd_dht,
     "rpc": cmd_rpc,
+    "send-tensor": cmd_send_tensor,
 }
 
 if __name__ == "__main__":
