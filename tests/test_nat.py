@@ -80,7 +80,8 @@ def test_symmetric_nat_stays_relayed_and_every_service_works(tmp_path):
         wait_for(punch_failed, 60, "B to give up hole punching")
         assert peer_path(a, b.peer_id) == "relayed"
         status = b.call("status")
-        assert status["relayed_peers"] >= 1
+        assert status["relayed_peers"] >= 1 and status["paths"][a.peer_id] == "relayed"
+        assert status["reachability"] in ("private", "unknown") and status["nat"]["relays"]
         # RPC over the relay (Lattica refuses this), and the DHT through it
         result = a.call("rpc.bench", peer=b.peer_id, size=1 << 20, count=3, direction="echo")
         assert result["median_s"] > 0

@@ -384,6 +384,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             rs = nat["relay_service"]
             table.add_row("relay server", f"{rs['reservations']} reservations, {rs['circuits']} circuits")
         table.add_row("direct/relayed", f"{s['direct_peers']} / {s['relayed_peers']}")
+        paths = [f"{peer[-8:]}: {path}" for peer, path in sorted(s.get("paths", {}).items())[:32]]
+        table.add_row("peer paths", "\n".join(paths) or "-")
         mapping = nat.get("port_mapping")
         if mapping is not None:
             text = f"{mapping['external']} via {mapping['method']}" if mapping["mapped"] else mapping["error"]

@@ -278,6 +278,7 @@ class Node:
             "connections": len(conns),
             "reachability": self.nat.reachability if self.nat else "unknown",
             "nat": self.nat.status() if self.nat else None,
+            "paths": {str(p): "direct" if p in direct else "relayed" for p in {c.remote_peer for c in conns}},
             "direct_peers": len(direct),
             "relayed_peers": len({c.remote_peer for c in conns if c.relayed} - direct),
             "observed_addrs": [str(a) for a, _ in host.observed_addrs.most_common(4)],
