@@ -130,3 +130,14 @@ def test_mdns_finds_a_lan_peer_without_any_bootstrap(tmp_path):
         row = next(p for p in a1.call("peers") if p["peer_id"] == a2.peer_id)
         assert tb.ip("a2") in row["addr"] or tb.ip("a2") in " ".join(row["listen_addrs"])
         assert a1.call("status")["nat"]["lan_peers"] >= 1
+
+
+def test_a_private_node_finds_a_relay_through_the_dht(tmp_path):
+    """The bootstrap node does not relay; a relay elsewhere announces itself in the DHT."""
+    with Testbed(public=["boot", "relay"], sites=[Site("a", "cone")]) as tb:
+        boot = start_daemon(tmp_path, "boot", ["--listen", f"/ip4/0.0.0.0/tcp/{PORT}"], tb, "boot")
+        boot_addr = relay_addr(tb, boot, "boot")
+        relay = start_daemon(tmp_path, "relay", [*relay_args(), "--bootstrap", boot_addr], tb, "relay")
+        a = start_daemon(tmp_path, "a1", peer_args(boot_addr), tb, "a1")
+        rows = wait_for(lambda: reserved(a), 30, "a reservation on the relay found in the DHT")
+        assert [r["relay"] for r in rows] == [relay.peer_id]

@@ -25,7 +25,7 @@ import trio
 
 from lattice import __version__
 from lattice.config import NodeConfig
-from lattice.errors import DialError, NodeError
+from lattice.errors import DialError, LatticeError, NodeError
 from lattice.identity import KeyPair, PeerId, load_or_create_key
 from lattice.transport import ping as ping_protocol
 from lattice.transport.connmgr import ConnectionManager
@@ -46,6 +46,9 @@ class Service(Protocol):
 
     async def run(self, node: Node, task_status: trio.TaskStatus = ...) -> None:
         """Run until cancelled; call ``task_status.started()`` once usable."""
+
+
+RELAY_KEY = "/lattice/relays"  # DHT provider key under which relays announce themselves
 
 
 def _conn_row(conn: Connection) -> dict:
@@ -131,6 +134,8 @@ class Node:
             for service in self.services.values():  # handlers exist before any peer can identify us
                 await self._nursery.start(service.run, self)
             self.host.start_accepting()
+            if "dht" in self.services:
+                self._wire_relay_discovery()
             bootstrap = [Multiaddr.parse(a) for a in cfg.bootstrap]
             self.connmgr = ConnectionManager(self.host, bootstrap, keepalive_interval=cfg.keepalive_interval)
             self._nursery.start_soon(self.connmgr.run)
@@ -142,6 +147,36 @@ class Node:
             raise
         self._started_at = time.time()
         return self
+
+    def _wire_relay_discovery(self) -> None:
+        """Relays announce themselves as providers of RELAY_KEY in the DHT; NATed nodes look there
+        when their bootstrap peers and configured relays are not enough."""
+        assert self.nat is not None and self._nursery is not None
+        dht = self.services["dht"]
+
+        async def discover() -> list[Multiaddr]:
+            out = []
+            for peer, addrs in await dht.find_providers(RELAY_KEY, count=16):
+                for addr in addrs:
+                    ma = Multiaddr.parse(addr)
+                    if ma.tcp_target():
+                        out.append(ma.with_peer(PeerId.from_string(peer)))
+                        break
+            return out
+
+        self.nat.autorelay.discover = discover
+        if self.config.relay:
+
+            async def announce() -> None:
+                while True:  # first as soon as the DHT knows somebody, then hourly
+                    try:
+                        stored = await dht.provide(RELAY_KEY)
+                    except (LatticeError, trio.TooSlowError) as exc:
+                        log.debug("relay announcement failed: %s", exc)
+                        stored = 0
+                    await trio.sleep(3600 if stored > 1 else 5)
+
+            self._nursery.start_soon(announce)
 
     async def __aexit__(self, *exc_info: Any) -> bool:
         stack, self._stack = self._stack, None

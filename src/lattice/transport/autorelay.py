@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import trio
 
@@ -46,6 +46,11 @@ class AutoRelay:
         self.on_change: list[Callable[[], None]] = []
         self._failed: dict[PeerId, float] = {}
         self._wake = trio.Event()
+        # Finds more relays when the known ones are not enough (the node plugs in a DHT provider
+        # lookup); called at most every ``backoff`` seconds.
+        self.discover: Callable[[], Awaitable[list[Multiaddr]]] | None = None
+        self.discovered: list[Multiaddr] = []
+        self._discovered_at = -1e9
 
     def addrs(self) -> list[Multiaddr]:
         now = time.time()
@@ -88,7 +93,7 @@ class AutoRelay:
         now = time.monotonic()
         out: list[Multiaddr | PeerId] = []
         seen = set(self.reservations)
-        for addr in self.static:
+        for addr in [*self.static, *self.discovered]:
             peer = addr.peer_id
             if peer is not None and peer not in seen and now - self._failed.get(peer, -1e9) > self.backoff:
                 out.append(addr)
@@ -128,6 +133,22 @@ class AutoRelay:
         if fresh:
             self._changed()
 
+    async def _discover(self) -> None:
+        wait = self.backoff if self.discovered else 5.0  # found none yet: look again soon
+        if self.discover is None or time.monotonic() - self._discovered_at < wait:
+            return
+        self._discovered_at = time.monotonic()
+        try:
+            with trio.fail_after(10):
+                found = await self.discover()
+        except (LatticeError, trio.TooSlowError) as exc:
+            log.debug("relay discovery failed: %s", exc)
+            return
+        mine = self.host.peer_id
+        self.discovered = [a for a in found if a.peer_id is not None and a.peer_id != mine][:16]
+        if self.discovered:
+            log.info("found %d relay(s) through the DHT", len(self.discovered))
+
     async def run(self, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
         self.host.on_disconnect(self._on_disconnect)
         self.host.on_identify(self._on_identify)
@@ -149,6 +170,9 @@ class AutoRelay:
                 await self._reserve(relay)
             if len(self.reservations) < self.want:
                 candidates = self._candidates()[: self.want - len(self.reservations)]
+                if len(candidates) + len(self.reservations) < self.want:
+                    await self._discover()
+                    candidates = self._candidates()[: self.want - len(self.reservations)]
                 async with trio.open_nursery() as nursery:
                     for target in candidates:
                         nursery.start_soon(self._reserve, target)
