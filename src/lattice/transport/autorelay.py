@@ -51,6 +51,7 @@ class AutoRelay:
         self.discover: Callable[[], Awaitable[list[Multiaddr]]] | None = None
         self.discovered: list[Multiaddr] = []
         self._discovered_at = -1e9
+        self._discovering = False
 
     def addrs(self) -> list[Multiaddr]:
         now = time.time()
@@ -134,55 +135,63 @@ class AutoRelay:
             self._changed()
 
     async def _discover(self) -> None:
-        wait = self.backoff if self.discovered else 5.0  # found none yet: look again soon
-        if self.discover is None or time.monotonic() - self._discovered_at < wait:
-            return
-        self._discovered_at = time.monotonic()
+        """Look for relays in the DHT (in the background; at most every 5 s while none is found,
+        every ``backoff`` seconds after), then wake the reservation loop."""
         try:
-            with trio.fail_after(10):
-                found = await self.discover()
-        except (LatticeError, trio.TooSlowError) as exc:
-            log.debug("relay discovery failed: %s", exc)
-            return
-        mine = self.host.peer_id
-        self.discovered = [a for a in found if a.peer_id is not None and a.peer_id != mine][:16]
-        if self.discovered:
-            log.info("found %d relay(s) through the DHT", len(self.discovered))
+            wait = self.backoff if self.discovered else 5.0
+            if self.discover is None or time.monotonic() - self._discovered_at < wait:
+                return
+            self._discovered_at = time.monotonic()
+            try:
+                with trio.fail_after(10):
+                    found = await self.discover()
+            except (LatticeError, trio.TooSlowError) as exc:
+                log.debug("relay discovery failed: %s", exc)
+                return
+            mine = self.host.peer_id
+            self.discovered = [a for a in found if a.peer_id is not None and a.peer_id != mine][:16]
+            if self.discovered:
+                log.info("found %d relay(s) through the DHT", len(self.discovered))
+                self._wake.set()
+        finally:
+            self._discovering = False
 
     async def run(self, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
         self.host.on_disconnect(self._on_disconnect)
         self.host.on_identify(self._on_identify)
         task_status.started()
-        while True:
-            if not self.active:
-                if self.reservations:  # reachable again: stop advertising relays
-                    self.reservations.clear()
-                    self.listener.relays.clear()
-                    self._changed()
-                await self._wake.wait()
-                self._wake = trio.Event()
-                continue
-            now = time.time()
-            due = [
-                r.relay for r in self.reservations.values() if now > r.made_at + (r.expire - r.made_at) / 2
-            ]
-            for relay in due:
-                await self._reserve(relay)
-            if len(self.reservations) < self.want:
-                candidates = self._candidates()[: self.want - len(self.reservations)]
-                if len(candidates) + len(self.reservations) < self.want:
-                    await self._discover()
-                    candidates = self._candidates()[: self.want - len(self.reservations)]
-                async with trio.open_nursery() as nursery:
-                    for target in candidates:
-                        nursery.start_soon(self._reserve, target)
-            next_renewal = min(
-                (r.made_at + (r.expire - r.made_at) / 2 for r in self.reservations.values()), default=now + 60
-            )
-            wait = 1.0 if len(self.reservations) < self.want else max(1.0, next_renewal - time.time())
-            with trio.move_on_after(wait):
-                await self._wake.wait()
+        async with trio.open_nursery() as background:  # discovery never delays a reservation
+            while True:
+                await self._step(background)
+
+    async def _step(self, background: trio.Nursery) -> None:
+        if not self.active:
+            if self.reservations:  # reachable again: stop advertising relays
+                self.reservations.clear()
+                self.listener.relays.clear()
+                self._changed()
+            await self._wake.wait()
             self._wake = trio.Event()
+            return
+        now = time.time()
+        due = [r.relay for r in self.reservations.values() if now > r.made_at + (r.expire - r.made_at) / 2]
+        for relay in due:
+            await self._reserve(relay)
+        if len(self.reservations) < self.want:
+            candidates = self._candidates()[: self.want - len(self.reservations)]
+            if len(candidates) + len(self.reservations) < self.want and not self._discovering:
+                self._discovering = True
+                background.start_soon(self._discover)
+            async with trio.open_nursery() as nursery:
+                for target in candidates:
+                    nursery.start_soon(self._reserve, target)
+        next_renewal = min(
+            (r.made_at + (r.expire - r.made_at) / 2 for r in self.reservations.values()), default=now + 60
+        )
+        wait = 1.0 if len(self.reservations) < self.want else max(1.0, next_renewal - time.time())
+        with trio.move_on_after(wait):
+            await self._wake.wait()
+        self._wake = trio.Event()
 
 
 __all__ = ["AutoRelay"]

@@ -178,25 +178,25 @@ class HolePuncher:
         """Dial every address at once from our listen port; the first socket that connects wins."""
         won: list[trio.SocketStream] = []
         errors: list[str] = []
-        async with trio.open_nursery() as nursery:
+        with trio.move_on_after(self.dial_timeout):  # bounds every attempt, not just their start
+            async with trio.open_nursery() as nursery:
 
-            async def attempt(target: tuple[str, int]) -> None:
-                local = self._local_port(target)
-                try:
-                    if local is None:
-                        sock = await trio.open_tcp_stream(*target)
-                    else:
-                        sock = await open_from_port(local, target)
-                except OSError as exc:
-                    errors.append(f"{target[0]}:{target[1]}: {exc.strerror or exc}")
-                    return
-                if won:
-                    await trio.aclose_forcefully(sock)
-                    return
-                won.append(sock)
-                nursery.cancel_scope.cancel()
+                async def attempt(target: tuple[str, int]) -> None:
+                    local = self._local_port(target)
+                    try:
+                        if local is None:
+                            sock = await trio.open_tcp_stream(*target)
+                        else:
+                            sock = await open_from_port(local, target)
+                    except OSError as exc:
+                        errors.append(f"{target[0]}:{target[1]}: {exc.strerror or exc}")
+                        return
+                    if won:
+                        await trio.aclose_forcefully(sock)
+                        return
+                    won.append(sock)
+                    nursery.cancel_scope.cancel()
 
-            with trio.move_on_after(self.dial_timeout):
                 for addr in addrs:
                     target = addr.tcp_target()
                     if target is not None:
