@@ -1,0 +1,21 @@
+"""The CRDT state store (local layer): signed updates, the durable log, replicated documents."""
+
+from .document import MAX_DOC_BYTES, Change, DocStats, Document, log_path
+from .errors import AccessDenied, StaleHandle
+from .log import UpdateLog
+from .updates import MAX_DOC_NAME, MAX_UPDATE, SignedUpdate, sign
+
+__all__ = [
+    "MAX_DOC_BYTES",
+    "MAX_DOC_NAME",
+    "MAX_UPDATE",
+    "AccessDenied",
+    "Change",
+    "DocStats",
+    "Document",
+    "SignedUpdate",
+    "StaleHandle",
+    "UpdateLog",
+    "log_path",
+    "sign",
+]

@@ -1,0 +1,103 @@
+"""Signed CRDT updates: one Yjs v1 update, its document, its author and the author's sequence number.
+
+The signature covers a canonical msgpack of ``[doc, author, seq, data]`` with a domain-separated
+context, so an update cannot be moved to another document, renumbered or replayed as something else.
+Every field is bounded and checked before anything is allocated from it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import msgpack
+
+from lattice.errors import IdentityError, PayloadError
+from lattice.identity import KeyPair, PeerId, verify_for
+
+MAX_UPDATE = 256 * 1024
+MAX_DOC_NAME = 200
+MAX_SEQ = 2**63 - 1
+SIGN_CONTEXT = "lattice-crdt-update"
+_MAX_AUTHOR = 128
+_SIGNATURE_LEN = 64
+MAX_ENCODED = MAX_UPDATE + MAX_DOC_NAME * 4 + _MAX_AUTHOR + _SIGNATURE_LEN + 64
+
+
+@dataclass(frozen=True)
+class SignedUpdate:
+    doc: str
+    author: PeerId
+    seq: int
+    data: bytes
+    signature: bytes
+
+    def encode(self) -> bytes:
+        return msgpack.packb(
+            [self.doc, self.author.multihash, self.seq, self.data, self.signature], use_bin_type=True
+        )
+
+    @classmethod
+    def decode(cls, raw: bytes) -> SignedUpdate:
+        """Parse and structurally validate (not the signature: see :meth:`verify`)."""
+        if len(raw) > MAX_ENCODED:
+            raise PayloadError(f"CRDT update of {len(raw)} bytes is over the limit")
+        try:
+            fields = msgpack.unpackb(
+                raw,
+                raw=False,
+                max_bin_len=MAX_UPDATE,
+                max_str_len=MAX_DOC_NAME * 4,
+                max_array_len=5,
+                max_map_len=0,
+                max_ext_len=0,
+            )
+        except Exception:
+            raise PayloadError("malformed CRDT update") from None
+        if not isinstance(fields, list) or len(fields) != 5:
+            raise PayloadError("malformed CRDT update")
+        doc, author, seq, data, signature = fields
+        if not isinstance(doc, str) or not isinstance(author, bytes) or not isinstance(data, bytes):
+            raise PayloadError("malformed CRDT update fields")
+        if not isinstance(signature, bytes) or type(seq) is not int:
+            raise PayloadError("malformed CRDT update fields")
+        check_fields(doc, seq, data)
+        if len(signature) != _SIGNATURE_LEN or len(author) > _MAX_AUTHOR:
+            raise PayloadError("malformed CRDT update signature or author")
+        try:
+            peer = PeerId(author)
+        except IdentityError:
+            raise PayloadError("CRDT update author is not a valid peer id") from None
+        return cls(doc, peer, seq, data, signature)
+
+    def verify(self) -> bool:
+        """Whether the signature was made by ``author`` over exactly these fields."""
+        try:
+            public = self.author.public_key()
+        except IdentityError:
+            return False
+        if public is None:
+            return False
+        return verify_for(
+            public, SIGN_CONTEXT, _signed_bytes(self.doc, self.author, self.seq, self.data), self.signature
+        )
+
+
+def check_fields(doc: str, seq: int, data: bytes) -> None:
+    """The limits every update must respect (raised as PayloadError)."""
+    if not 0 < len(doc) <= MAX_DOC_NAME:
+        raise PayloadError(f"document name must have 1 to {MAX_DOC_NAME} characters")
+    if not 1 <= seq <= MAX_SEQ:
+        raise PayloadError("CRDT update sequence number out of range")
+    if len(data) > MAX_UPDATE:
+        raise PayloadError(f"CRDT update of {len(data)} bytes is over the limit of {MAX_UPDATE} bytes")
+
+
+def _signed_bytes(doc: str, author: PeerId, seq: int, data: bytes) -> bytes:
+    return msgpack.packb([doc, author.multihash, seq, data], use_bin_type=True)
+
+
+def sign(keypair: KeyPair, doc: str, seq: int, data: bytes) -> SignedUpdate:
+    """A signed update authored by ``keypair`` (raises PayloadError if it breaks a limit)."""
+    check_fields(doc, seq, data)
+    signature = keypair.sign_for(SIGN_CONTEXT, _signed_bytes(doc, keypair.peer_id, seq, data))
+    return SignedUpdate(doc, keypair.peer_id, seq, bytes(data), signature)
