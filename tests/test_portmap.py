@@ -837,3 +837,37 @@ if __name__ == "__main__":
         trio.run(_client_real, sys.argv[2])
     elif sys.argv[1] == "client":
         print(json.dumps(trio.run(globals()[f"_scenario_{sys.argv[2]}"])), flush=True)
+
+
+class _Namespaces:
+    """Just enough of a Testbed for lattice.testing.daemons: processes in named namespaces."""
+
+    def __init__(self, names: dict[str, str]) -> None:
+        self.names = names
+        self.procs: list[subprocess.Popen] = []
+
+    def popen(self, host: str, argv, **kw) -> subprocess.Popen:
+        proc = subprocess.Popen(
+            ["ip", "netns", "exec", self.names[host], *argv], start_new_session=True, **kw
+        )
+        self.procs.append(proc)
+        return proc
+
+
+def test_daemon_with_upnp_announces_the_mapped_address_and_is_reachable(miniupnpd, tmp_path):
+    from lattice.testing.daemons import start_daemon, wait_for
+
+    spaces = _Namespaces({"client": miniupnpd["client"], "wan": miniupnpd["wan"]})
+    behind = start_daemon(
+        tmp_path, "behind", ["--listen", "/ip4/0.0.0.0/tcp/4001", "--upnp"], spaces, "client"
+    )
+    outside = start_daemon(tmp_path, "outside", ["--listen", f"/ip4/{MU_WAN}/tcp/0"], spaces, "wan")
+    try:
+        mapped = f"/ip4/{MU_EXTERNAL}/tcp/4001"
+        wait_for(lambda: behind.call("status")["nat"]["port_mapping"]["mapped"], 15, "a port mapping")
+        assert f"{mapped}/p2p/{behind.peer_id}" in behind.call("id")["addrs"]
+        # a node on the "internet" dials the announced address: the router forwards it to the daemon
+        assert outside.call("connect", addr=f"{mapped}/p2p/{behind.peer_id}", timeout=10) == behind.peer_id
+    finally:
+        behind.stop()
+        outside.stop()
