@@ -244,3 +244,24 @@ def test_send_tensor_into_a_peers_inbox(tmp_path):
     finally:
         stop(a)
         stop(b)
+
+
+def test_crdt_set_on_one_daemon_is_read_on_another(tmp_path):
+    a, a_info = start_daemon(tmp_path, "a")
+    b, b_info = start_daemon(tmp_path, "b", "--bootstrap", a_info["addrs"][0])
+    try:
+        for info in (a_info, b_info):  # both open the document (so both replicate it)
+            assert run_cli("crdt", "get", "swarm/config", "--control", info["control"]).returncode == 0
+        res = run_cli("crdt", "set", "swarm/config", "lr", "0.05", "--control", a_info["control"])
+        assert res.returncode == 0, res.stderr
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            got = run_cli("crdt", "get", "swarm/config", "--json", "--control", b_info["control"])
+            if got.returncode == 0 and json.loads(got.stdout).get("lr") == 0.05:
+                break
+            time.sleep(0.1)
+        else:
+            raise AssertionError(f"the write did not reach b: {got.stdout} {got.stderr}")
+    finally:
+        stop(a)
+        stop(b)

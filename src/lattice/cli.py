@@ -119,6 +119,22 @@ def build_parser() -> argparse.ArgumentParser:
     for p in (methods, call, bench):
         _add_control(p)
 
+    crdt = sub.add_parser(
+        "crdt", help="replicated documents", description="Read and write the daemon's replicated documents."
+    )
+    crdt_sub = crdt.add_subparsers(dest="crdt_command", metavar="ACTION", parser_class=_Parser, required=True)
+    cget = crdt_sub.add_parser("get", help="print a document's map (opens it: it starts replicating)")
+    cget.add_argument("doc")
+    cset = crdt_sub.add_parser("set", help="set KEY to VALUE (JSON) in a document's map")
+    cset.add_argument("doc")
+    cset.add_argument("key")
+    cset.add_argument("value", help="JSON value (a bare word is taken as a string)")
+    cstatus = crdt_sub.add_parser("status", help="open documents, versions, counters")
+    for p in (cget, cset):
+        p.add_argument("--map", default="root", help="the map inside the document (default: root)")
+    for p in (cget, cset, cstatus):
+        _add_control(p)
+
     send = sub.add_parser(
         "send-tensor",
         help="send a .npy tensor to a peer's inbox",
@@ -520,6 +536,22 @@ def _printable_entry(entry: dict) -> dict:
     }
 
 
+def cmd_crdt(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        if args.crdt_command == "get":
+            result = client.call("crdt.get", doc=args.doc, map=args.map)
+        elif args.crdt_command == "set":
+            try:
+                value = json.loads(args.value)
+            except json.JSONDecodeError:
+                value = args.value
+            result = client.call("crdt.set", doc=args.doc, key=args.key, value=value, map=args.map)
+        else:
+            result = client.call("crdt.status")
+    _print(args, result, lambda r: print(json.dumps(r, indent=2, default=str)))
+    return 0
+
+
 def cmd_dht(args: argparse.Namespace) -> int:
     from lattice.errors import ConfigError
 
@@ -565,6 +597,7 @@ _COMMANDS = {
     "dht": cmd_dht,
     "rpc": cmd_rpc,
     "send-tensor": cmd_send_tensor,
+    "crdt": cmd_crdt,
 }
 
 if __name__ == "__main__":

@@ -223,6 +223,14 @@ class Node:
         except KeyError:
             raise NodeError("this node runs without the DHT service") from None
 
+    @property
+    def crdt(self):  # -> lattice.crdt.service.CRDT
+        """Replicated documents (``node.crdt.open("swarm/config").get_map("root")["lr"] = 0.1``)."""
+        try:
+            return self.services["crdt"]
+        except KeyError:
+            raise NodeError("this node runs without the CRDT service") from None
+
     # -- identity and addresses
     def _require_host(self) -> Host:
         if self.host is None:
@@ -352,10 +360,11 @@ def default_services() -> list[Service]:
     node.py is the composition root: this is the one place where the node layer names the services
     above it (imported here, lazily, so the layers stay one-way everywhere else).
     """
+    from lattice.crdt.service import CRDT
     from lattice.dht.service import DHT
     from lattice.rpc import RPC
 
-    return [RPC(), DHT()]
+    return [RPC(), DHT(), CRDT()]
 
 
 def _as_peer(peer: str | PeerId) -> PeerId:

@@ -212,6 +212,9 @@ class Document:
     def updates(self) -> list[SignedUpdate]:
         return self.missing_for({})
 
+    def get_update(self, author: PeerId, seq: int) -> SignedUpdate | None:
+        return self._updates.get(author, {}).get(seq)
+
     # ---- maintenance ---------------------------------------------------------------------------
 
     def compact(self) -> None:

@@ -1,0 +1,253 @@
+"""The CRDT service: replicate open documents between connected peers (first cut).
+
+Two paths, one protocol (``/lattice/crdt/1.0.0``, frames of u32 length + msgpack, <= 1 MiB):
+- push: every local write is sent at once to connected peers that speak the protocol;
+- anti-entropy: on a new connection and every ``sync_interval`` seconds, two peers swap version
+  vectors (per author, the highest contiguous seq) and send each other exactly the signed updates
+  the other lacks, so a peer that was offline or partitioned catches up.
+Receivers verify every update (signature, access, size) in ``Document.apply``; updates for documents
+a peer has not opened are ignored. Gossip over GossipSub-style meshes is the next step; today pushes
+go to every connected peer, which is fine for swarms of tens.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import struct
+from typing import Any
+
+import msgpack
+import trio
+
+from lattice.crdt.document import Change, Document
+from lattice.crdt.updates import SignedUpdate
+from lattice.errors import LatticeError, PayloadError, TransportError
+from lattice.identity import PeerId
+from lattice.transport.host import PeerInfo
+from lattice.transport.yamux import YamuxStream
+
+log = logging.getLogger(__name__)
+
+PROTOCOL_ID = "/lattice/crdt/1.0.0"
+MAX_FRAME = 1 << 20
+FRAME_BUDGET = 512 * 1024  # updates per frame are cut here (one update is at most 256 KiB)
+TIMEOUT = 10.0
+
+
+async def _send(stream: YamuxStream, message: dict) -> None:
+    body = msgpack.packb(message, use_bin_type=True)
+    await stream.write(struct.pack(">I", len(body)) + body)
+
+
+async def _recv(stream: YamuxStream) -> dict:
+    header = await stream.read_exactly(4)
+    (length,) = struct.unpack(">I", header)
+    if length > MAX_FRAME:
+        raise PayloadError(f"CRDT frame of {length} bytes is over the {MAX_FRAME} limit")
+    try:
+        message = msgpack.unpackb(await stream.read_exactly(length), raw=False, strict_map_key=True)
+    except (ValueError, msgpack.UnpackException) as exc:
+        raise PayloadError(f"malformed CRDT frame: {exc}") from None
+    if not isinstance(message, dict) or not isinstance(message.get("t"), str):
+        raise PayloadError("a CRDT frame is a map with a type")
+    return message
+
+
+def _batches(updates: list[SignedUpdate]) -> list[list[bytes]]:
+    out: list[list[bytes]] = [[]]
+    size = 0
+    for update in updates:
+        raw = update.encode()
+        if size + len(raw) > FRAME_BUDGET and out[-1]:
+            out.append([])
+            size = 0
+        out[-1].append(raw)
+        size += len(raw)
+    return out
+
+
+class CRDT:
+    """``node.crdt.open("swarm/config")`` returns a replicated :class:`Document`."""
+
+    name = "crdt"
+
+    def __init__(self, sync_interval: float = 5.0, fsync: str = "always") -> None:
+        self.sync_interval = sync_interval
+        self.fsync = fsync
+        self.docs: dict[str, Document] = {}
+        self.node: Any = None
+        self._nursery: trio.Nursery | None = None
+        self.stats = {"pushed": 0, "synced": 0, "applied": 0, "rejected": 0, "bad_frames": 0}
+
+    # -- lifecycle
+    async def run(self, node: Any, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
+        self.node = node
+        node.host.set_stream_handler(PROTOCOL_ID, self._handle)
+        node.host.on_identify(self._on_identify)
+        for name, op in (
+            ("crdt.get", self._op_get),
+            ("crdt.set", self._op_set),
+            ("crdt.status", self._op_status),
+        ):
+            node.add_control_op(name, op)
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._anti_entropy)
+                task_status.started()
+                await trio.sleep_forever()
+        finally:
+            for doc in self.docs.values():
+                doc.close()
+
+    def open(self, name: str, writers: set[PeerId] | None = None) -> Document:
+        """The document ``name`` (created on first use, restored from disk, kept in sync)."""
+        doc = self.docs.get(name)
+        if doc is None:
+            directory = self.node.config.data_dir / "crdt"
+            doc = Document(name, self.node.host.keypair, directory, writers=writers, fsync=self.fsync)  # type: ignore[arg-type]
+            doc.observe(lambda change, d=doc: self._on_change(d, change))
+            self.docs[name] = doc
+            if self._nursery is not None:
+                for peer in self._peers():
+                    self._nursery.start_soon(self._sync_quietly, peer, doc)
+        return doc
+
+    # -- replication
+    def _peers(self) -> list[PeerId]:
+        host = self.node.host
+        out = []
+        for peer in host.connected_peers():
+            info = host.peerstore.get(peer)
+            if info is not None and PROTOCOL_ID in info.protocols:
+                out.append(peer)
+        return out
+
+    def _on_change(self, doc: Document, change: Change) -> None:
+        if not change.local or self._nursery is None:
+            return
+        update = doc.get_update(change.author, change.seq)
+        if update is None:
+            return
+        for peer in self._peers():
+            self._nursery.start_soon(self._push, peer, doc.name, update)
+
+    async def _push(self, peer: PeerId, name: str, update: SignedUpdate) -> None:
+        try:
+            with trio.fail_after(TIMEOUT):
+                stream = await self.node.host.new_stream(peer, [PROTOCOL_ID])
+                await _send(stream, {"t": "push", "doc": name, "u": [update.encode()]})
+                await stream.close()
+            self.stats["pushed"] += 1
+        except (LatticeError, trio.TooSlowError) as exc:
+            log.debug("CRDT push to %s failed: %s", peer, exc)  # anti-entropy repairs it
+
+    def _on_identify(self, info: PeerInfo) -> None:
+        if PROTOCOL_ID in info.protocols and self._nursery is not None:
+            for doc in list(self.docs.values()):
+                self._nursery.start_soon(self._sync_quietly, info.peer_id, doc)
+
+    async def _anti_entropy(self) -> None:
+        while True:
+            await trio.sleep(self.sync_interval * random.uniform(0.8, 1.2))
+            peers = self._peers()
+            random.shuffle(peers)
+            for doc in list(self.docs.values()):
+                for peer in peers[:8]:
+                    await self._sync_quietly(peer, doc)
+
+    async def _sync_quietly(self, peer: PeerId, doc: Document) -> None:
+        try:
+            with trio.fail_after(TIMEOUT * 3):
+                await self.sync(peer, doc)
+        except (LatticeError, trio.TooSlowError) as exc:
+            log.debug("CRDT sync of %s with %s failed: %s", doc.name, peer, exc)
+
+    async def sync(self, peer: PeerId, doc: Document) -> None:
+        """Swap version vectors with ``peer`` and exchange exactly the missing updates."""
+        stream = await self.node.host.new_stream(peer, [PROTOCOL_ID])
+        try:
+            await _send(stream, {"t": "sync", "doc": doc.name, "v": doc.version()})
+            theirs = await self._receive_updates(stream, doc)
+            if theirs is not None:
+                await self._send_updates(stream, doc, doc.missing_for(theirs))
+            await stream.close()
+            self.stats["synced"] += 1
+        except BaseException:
+            await stream.reset()
+            raise
+
+    async def _send_updates(self, stream: YamuxStream, doc: Document, updates: list[SignedUpdate]) -> None:
+        batches = _batches(updates)
+        for i, batch in enumerate(batches):
+            last = i == len(batches) - 1
+            version = doc.version() if last else None
+            await _send(stream, {"t": "updates", "doc": doc.name, "u": batch, "v": version, "last": last})
+
+    async def _receive_updates(self, stream: YamuxStream, doc: Document | None) -> dict | None:
+        """Apply 'updates' frames until the last; returns the sender's version vector (or None)."""
+        for _ in range(100_000):  # bounded: a document is at most max_bytes of updates
+            message = await _recv(stream)
+            if message["t"] != "updates":
+                raise PayloadError(f"expected updates, got {message['t']!r}")
+            self._apply_all(doc, message.get("u"))
+            if message.get("last"):
+                version = message.get("v")
+                return version if isinstance(version, dict) else None
+        raise PayloadError("too many update frames")
+
+    def _apply_all(self, doc: Document | None, raw: Any) -> None:
+        if doc is None or not isinstance(raw, list):
+            return
+        for item in raw:
+            try:
+                update = SignedUpdate.decode(item)
+            except PayloadError:
+                self.stats["rejected"] += 1
+                continue
+            if doc.apply(update):
+                self.stats["applied"] += 1
+            elif not doc._has(update):
+                self.stats["rejected"] += 1
+
+    async def _handle(self, stream: YamuxStream) -> None:
+        try:
+            with trio.fail_after(TIMEOUT * 3):
+                message = await _recv(stream)
+                doc = self.docs.get(message.get("doc")) if isinstance(message.get("doc"), str) else None
+                if message["t"] == "push":
+                    self._apply_all(doc, message.get("u"))
+                elif message["t"] == "sync":
+                    theirs = message.get("v") if isinstance(message.get("v"), dict) else {}
+                    if doc is None:
+                        await _send(
+                            stream, {"t": "updates", "doc": message.get("doc"), "u": [], "last": True}
+                        )
+                        return
+                    await self._send_updates(stream, doc, doc.missing_for(theirs))
+                    await self._receive_updates(stream, doc)
+                else:
+                    raise PayloadError(f"unknown CRDT message {message['t']!r}")
+        except (PayloadError, TransportError, trio.TooSlowError) as exc:
+            self.stats["bad_frames"] += 1
+            log.debug("CRDT stream from %s: %s", stream.remote_peer, exc)
+            await stream.reset()
+
+    # -- control API
+    async def _op_get(self, doc: str, map: str = "root") -> dict:
+        return dict(self.open(doc).get_map(map).to_py() or {})
+
+    async def _op_set(self, doc: str, key: str, value: Any, map: str = "root") -> dict:
+        document = self.open(doc)
+        document.get_map(map)[key] = value
+        return {"version": document.version()}
+
+    async def _op_status(self) -> dict:
+        return {
+            "docs": {name: {"version": d.version(), "bytes": d.size()} for name, d in self.docs.items()},
+            **self.stats,
+        }
+
+
+__all__ = ["CRDT", "PROTOCOL_ID"]
