@@ -51,10 +51,13 @@ class UpdateLog:
         self._unsynced = 0
         self._last_sync = time.monotonic()
 
-    def append(self, update: SignedUpdate) -> None:
-        """Write one frame; durable per the fsync policy when this returns."""
+    def append(self, update: SignedUpdate, sync: bool = True) -> None:
+        """Write one frame; durable per the fsync policy when this returns. ``sync=False`` defers
+        the fsync to the caller's next :meth:`sync` (group commit of a batch of remote updates)."""
         _write_all(self._fd, _frame(update))
         self._unsynced += 1
+        if not sync:
+            return
         if (
             self.fsync == "always"
             or self._unsynced >= BATCH_COUNT

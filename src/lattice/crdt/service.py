@@ -33,6 +33,7 @@ PROTOCOL_ID = "/lattice/crdt/1.0.0"
 MAX_FRAME = 1 << 20
 FRAME_BUDGET = 512 * 1024  # updates per frame are cut here (one update is at most 256 KiB)
 TIMEOUT = 10.0
+MAX_QUEUED = 10_000  # updates waiting for one peer
 
 
 async def _send(stream: YamuxStream, message: dict) -> None:
@@ -40,8 +41,14 @@ async def _send(stream: YamuxStream, message: dict) -> None:
     await stream.write(struct.pack(">I", len(body)) + body)
 
 
-async def _recv(stream: YamuxStream) -> dict:
-    header = await stream.read_exactly(4)
+async def _recv(stream: YamuxStream, eof_ok: bool = False) -> dict | None:
+    header = await stream.read(4)
+    if not header:
+        if eof_ok:
+            return None
+        raise PayloadError("CRDT stream ended early")
+    if len(header) < 4:
+        header += await stream.read_exactly(4 - len(header))
     (length,) = struct.unpack(">I", header)
     if length > MAX_FRAME:
         raise PayloadError(f"CRDT frame of {length} bytes is over the {MAX_FRAME} limit")
@@ -78,6 +85,8 @@ class CRDT:
         self.docs: dict[str, Document] = {}
         self.node: Any = None
         self._nursery: trio.Nursery | None = None
+        self._outbox: dict[PeerId, list[tuple[str, bytes]]] = {}
+        self._outbox_wake: dict[PeerId, trio.Event] = {}
         self.stats = {"pushed": 0, "synced": 0, "applied": 0, "rejected": 0, "bad_frames": 0}
 
     # -- lifecycle
@@ -130,18 +139,54 @@ class CRDT:
         update = doc.get_update(change.author, change.seq)
         if update is None:
             return
+        raw = update.encode()
         for peer in self._peers():
-            self._nursery.start_soon(self._push, peer, doc.name, update)
+            box = self._outbox.get(peer)
+            if box is None:
+                box = self._outbox[peer] = []
+                self._nursery.start_soon(self._pusher, peer)
+            if len(box) < MAX_QUEUED:  # beyond: dropped, anti-entropy repairs it
+                box.append((doc.name, raw))
+            wake = self._outbox_wake.get(peer)
+            if wake is not None:
+                wake.set()
 
-    async def _push(self, peer: PeerId, name: str, update: SignedUpdate) -> None:
+    async def _pusher(self, peer: PeerId) -> None:
+        """One long-lived stream per peer; updates written meanwhile go out together in one frame."""
+        stream = None
         try:
-            with trio.fail_after(TIMEOUT):
-                stream = await self.node.host.new_stream(peer, [PROTOCOL_ID])
-                await _send(stream, {"t": "push", "doc": name, "u": [update.encode()]})
-                await stream.close()
-            self.stats["pushed"] += 1
+            while True:
+                box = self._outbox[peer]
+                if not box:
+                    wake = self._outbox_wake[peer] = trio.Event()
+                    with trio.move_on_after(30.0):
+                        await wake.wait()
+                    if not box:
+                        return  # idle: close the stream, a new pusher starts with the next write
+                    continue
+                batch: dict[str, list[bytes]] = {}
+                size = taken = 0
+                for name, raw in box:
+                    if taken and size + len(raw) > FRAME_BUDGET:
+                        break
+                    batch.setdefault(name, []).append(raw)
+                    size += len(raw)
+                    taken += 1
+                del box[:taken]
+                with trio.fail_after(TIMEOUT):
+                    if stream is None:
+                        stream = await self.node.host.new_stream(peer, [PROTOCOL_ID])
+                    for name, raws in batch.items():
+                        await _send(stream, {"t": "push", "doc": name, "u": raws})
+                self.stats["pushed"] += taken
         except (LatticeError, trio.TooSlowError) as exc:
             log.debug("CRDT push to %s failed: %s", peer, exc)  # anti-entropy repairs it
+        finally:
+            self._outbox.pop(peer, None)
+            self._outbox_wake.pop(peer, None)
+            if stream is not None:
+                with trio.CancelScope(shield=True):
+                    await stream.close()
 
     def _on_identify(self, info: PeerInfo) -> None:
         if PROTOCOL_ID in info.protocols and self._nursery is not None:
@@ -198,41 +243,53 @@ class CRDT:
         raise PayloadError("too many update frames")
 
     def _apply_all(self, doc: Document | None, raw: Any) -> None:
+        """Verify and apply a batch (one fsync for all of it)."""
         if doc is None or not isinstance(raw, list):
             return
-        for item in raw:
+        updates = []
+        for item in raw[:10_000]:
             try:
-                update = SignedUpdate.decode(item)
+                updates.append(SignedUpdate.decode(item))
             except PayloadError:
                 self.stats["rejected"] += 1
-                continue
-            if doc.apply(update):
-                self.stats["applied"] += 1
-            elif not doc._has(update):
-                self.stats["rejected"] += 1
+        rejected_before = _rejections(doc)
+        self.stats["applied"] += doc.apply_many(updates)
+        self.stats["rejected"] += _rejections(doc) - rejected_before
 
     async def _handle(self, stream: YamuxStream) -> None:
         try:
-            with trio.fail_after(TIMEOUT * 3):
+            with trio.fail_after(TIMEOUT):
                 message = await _recv(stream)
-                doc = self.docs.get(message.get("doc")) if isinstance(message.get("doc"), str) else None
-                if message["t"] == "push":
-                    self._apply_all(doc, message.get("u"))
-                elif message["t"] == "sync":
-                    theirs = message.get("v") if isinstance(message.get("v"), dict) else {}
+            assert message is not None
+            name = message.get("doc")
+            doc = self.docs.get(name) if isinstance(name, str) else None
+            if message["t"] == "push":  # a pusher's stream: open as long as it has updates for us
+                self._apply_all(doc, message.get("u"))
+                await self._more_pushes(stream)
+            elif message["t"] == "sync":
+                theirs = message.get("v") if isinstance(message.get("v"), dict) else {}
+                with trio.fail_after(TIMEOUT * 3):
                     if doc is None:
-                        await _send(
-                            stream, {"t": "updates", "doc": message.get("doc"), "u": [], "last": True}
-                        )
+                        await _send(stream, {"t": "updates", "doc": name, "u": [], "last": True})
                         return
                     await self._send_updates(stream, doc, doc.missing_for(theirs))
                     await self._receive_updates(stream, doc)
-                else:
-                    raise PayloadError(f"unknown CRDT message {message['t']!r}")
+            else:
+                raise PayloadError(f"unknown CRDT message {message['t']!r}")
         except (PayloadError, TransportError, trio.TooSlowError) as exc:
             self.stats["bad_frames"] += 1
             log.debug("CRDT stream from %s: %s", stream.remote_peer, exc)
             await stream.reset()
+
+    async def _more_pushes(self, stream: YamuxStream) -> None:
+        """A pusher keeps its stream: apply its frames until it closes (it does after 30 s idle)."""
+        while True:
+            message = await _recv(stream, eof_ok=True)
+            if message is None:
+                return
+            if message["t"] != "push" or not isinstance(message.get("doc"), str):
+                raise PayloadError("a push stream carries pushes only")
+            self._apply_all(self.docs.get(message["doc"]), message.get("u"))
 
     # -- control API
     async def _op_get(self, doc: str, map: str = "root") -> dict:
@@ -248,6 +305,12 @@ class CRDT:
             "docs": {name: {"version": d.version(), "bytes": d.size()} for name, d in self.docs.items()},
             **self.stats,
         }
+
+
+def _rejections(doc: Document) -> int:
+    st = doc.stats
+    return (st.rejected_signature + st.rejected_access + st.rejected_doc + st.rejected_size
+            + st.rejected_malformed)  # fmt: skip
 
 
 __all__ = ["CRDT", "PROTOCOL_ID"]
