@@ -98,6 +98,7 @@ class CRDT:
             ("crdt.get", self._op_get),
             ("crdt.set", self._op_set),
             ("crdt.status", self._op_status),
+            ("crdt.fill", self._op_fill),
         ):
             node.add_control_op(name, op)
         try:
@@ -299,6 +300,18 @@ class CRDT:
         document = self.open(doc)
         document.get_map(map)[key] = value
         return {"version": document.version()}
+
+    async def _op_fill(self, doc: str, count: int, prefix: str = "k", map: str = "root") -> dict:
+        """Write ``count`` keys (one signed, durable update each): load generation for bench/crdt."""
+        if not isinstance(count, int) or not 0 < count <= 100_000:
+            raise PayloadError("count must be an integer in 1..100000")
+        document = self.open(doc)
+        start = trio.current_time()
+        for i in range(count):
+            document.get_map(map)[f"{prefix}{i}"] = i
+            if i % 16 == 15:
+                await trio.sleep(0)  # let pushes and incoming updates interleave with the writes
+        return {"seconds": trio.current_time() - start, "version": document.version()}
 
     async def _op_status(self) -> dict:
         return {
