@@ -222,3 +222,24 @@ def test_update_log_roundtrip(tmp_path: Path) -> None:
         log.append(u)
     log.close()
     assert list(UpdateLog(tmp_path / "x.log").replay()) == ups
+
+
+def test_a_hash_chained_batch_costs_one_verification_and_catches_tampering(tmp_path, monkeypatch):
+    from lattice.crdt import Document, SignedUpdate
+
+    writer = Document("chain", KeyPair.generate(), tmp_path / "w")
+    for i in range(50):
+        writer.get_map("root")[f"k{i}"] = i
+    batch = writer.updates()
+    calls = []
+    real_verify = SignedUpdate.verify
+    monkeypatch.setattr(SignedUpdate, "verify", lambda self: calls.append(self.seq) or real_verify(self))
+    reader = Document("chain", KeyPair.generate(), tmp_path / "r")
+    assert reader.apply_many(batch) == 50 and calls == [50]  # one signature for the whole run
+    assert reader.get_map("root").to_py() == writer.get_map("root").to_py()
+    # a tampered update in the middle breaks the chain: it is checked alone and rejected
+    calls.clear()
+    other = Document("chain", KeyPair.generate(), tmp_path / "o")
+    forged = [dataclasses.replace(u, data=batch[0].data) if u.seq == 25 else u for u in batch]
+    assert other.apply_many(forged) == 49 and other.stats.rejected_signature == 1
+    assert 25 in calls

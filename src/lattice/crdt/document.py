@@ -31,7 +31,7 @@ from lattice.identity import KeyPair, PeerId
 
 from .errors import AccessDenied, StaleHandle
 from .log import FsyncPolicy, UpdateLog
-from .updates import MAX_DOC_NAME, MAX_UPDATE, SignedUpdate, sign
+from .updates import MAX_DOC_NAME, MAX_UPDATE, NO_PREV, SignedUpdate, sign
 
 log = logging.getLogger(__name__)
 
@@ -157,16 +157,49 @@ class Document:
     # ---- replication ---------------------------------------------------------------------------
 
     def apply_many(self, updates: list[SignedUpdate]) -> int:
-        """:meth:`apply` each update with one fsync for the whole batch; returns how many applied."""
+        """:meth:`apply` each update with one fsync for the whole batch; returns how many applied.
+
+        An author's run of consecutive updates linked by their hash chain costs one signature
+        verification (of its newest update) instead of one per update."""
         applied = 0
+        verified = self._chain_verified(updates)
         try:
             for update in updates:
-                applied += self.apply(update, sync=False)
+                applied += self.apply(update, sync=False, verified=id(update) in verified)
         finally:
             self._log.sync()
         return applied
 
-    def apply(self, update: SignedUpdate, sync: bool = True) -> bool:
+    def _chain_verified(self, updates: list[SignedUpdate]) -> set[int]:
+        """ids of updates authenticated by a valid signature further up their author's hash chain.
+
+        In a run of consecutive seqs where each update's ``prev`` is the digest of the one below, the
+        newest update's signature commits to every digest below it: one verification covers the run.
+        Anything else is left to :meth:`apply`, which verifies it alone."""
+        by_author: dict[PeerId, dict[int, SignedUpdate]] = {}
+        for update in updates:
+            if update.doc == self.name:
+                by_author.setdefault(update.author, {})[update.seq] = update
+        out: set[int] = set()
+        for seqs in by_author.values():
+            run: list[SignedUpdate] = []
+            for seq in sorted(seqs):
+                update = seqs[seq]
+                if run and run[-1].seq == seq - 1 and update.prev == run[-1].digest():
+                    run.append(update)
+                    continue
+                out |= self._verify_run(run)
+                run = [update]
+            out |= self._verify_run(run)
+        return out
+
+    @staticmethod
+    def _verify_run(run: list[SignedUpdate]) -> set[int]:
+        if len(run) < 2 or not run[-1].verify():
+            return set()
+        return {id(u) for u in run}
+
+    def apply(self, update: SignedUpdate, sync: bool = True, verified: bool = False) -> bool:
         """Verify, apply and log a remote update; False (counted in ``stats``) if rejected or known."""
         self._current()
         if update.doc != self.name:
@@ -181,7 +214,7 @@ class Document:
         if self.writers is not None and update.author not in self.writers:
             self.stats.rejected_access += 1
             return False
-        if not update.verify():
+        if not verified and not update.verify():
             self.stats.rejected_signature += 1
             return False
         if update.seq == self._integrated.get(update.author, 0) + 1:
@@ -297,7 +330,9 @@ class Document:
             if self._bytes + len(data) > self.max_bytes:
                 raise PayloadError(f"document {self.name!r} would exceed its {self.max_bytes} byte limit")
             seqs = self._updates.get(author)
-            update = sign(self.keypair, self.name, (max(seqs) if seqs else 0) + 1, data)
+            last = max(seqs) if seqs else 0
+            prev = seqs[last].digest() if seqs else NO_PREV
+            update = sign(self.keypair, self.name, last + 1, data, prev)
             self._log.append(update)
         except BaseException:
             self._stale = True
