@@ -265,3 +265,27 @@ def test_crdt_set_on_one_daemon_is_read_on_another(tmp_path):
     finally:
         stop(a)
         stop(b)
+
+
+def test_crdt_watch_prints_changes_as_they_arrive(tmp_path):
+    a, a_info = start_daemon(tmp_path, "a")
+    try:
+        ctl = ["--control", a_info["control"]]
+        watcher = subprocess.Popen(
+            [*CLI, "crdt", "watch", "notes", "--count", "2", "--json", *ctl],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(60):  # keep writing until the watcher has seen two changes (it may start late)
+            assert run_cli("crdt", "set", "notes", f"k{i}", str(i), *ctl).returncode == 0
+            if watcher.poll() is not None:
+                break
+            time.sleep(0.2)
+        out, err = watcher.communicate(timeout=20)
+        lines = [json.loads(line) for line in out.splitlines()]
+        assert watcher.returncode == 0, err
+        first, second = lines
+        assert second["seq"] == first["seq"] + 1 and len(second["map"]) == len(first["map"]) + 1
+    finally:
+        stop(a)

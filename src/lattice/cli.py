@@ -129,10 +129,15 @@ def build_parser() -> argparse.ArgumentParser:
     cset.add_argument("doc")
     cset.add_argument("key")
     cset.add_argument("value", help="JSON value (a bare word is taken as a string)")
+    cwatch = crdt_sub.add_parser(
+        "watch", help="print every change of a document as it arrives (Ctrl-C stops)"
+    )
+    cwatch.add_argument("doc")
+    cwatch.add_argument("--count", type=int, default=0, help="stop after this many changes (default: never)")
     cstatus = crdt_sub.add_parser("status", help="open documents, versions, counters")
-    for p in (cget, cset):
+    for p in (cget, cset, cwatch):
         p.add_argument("--map", default="root", help="the map inside the document (default: root)")
-    for p in (cget, cset, cstatus):
+    for p in (cget, cset, cwatch, cstatus):
         _add_control(p)
 
     send = sub.add_parser(
@@ -546,6 +551,17 @@ def cmd_crdt(args: argparse.Namespace) -> int:
             except json.JSONDecodeError:
                 value = args.value
             result = client.call("crdt.set", doc=args.doc, key=args.key, value=value, map=args.map)
+        elif args.crdt_command == "watch":
+            try:
+                for change in client.stream("crdt.watch", doc=args.doc, map=args.map, limit=args.count):
+                    if args.json:
+                        print(json.dumps(change, default=str), flush=True)
+                    else:
+                        who = "local" if change["local"] else change["author"][-8:]
+                        print(f"{who} #{change['seq']}: {json.dumps(change['map'], default=str)}", flush=True)
+            except KeyboardInterrupt:
+                pass
+            return 0
         else:
             result = client.call("crdt.status")
     _print(args, result, lambda r: print(json.dumps(r, indent=2, default=str)))

@@ -99,6 +99,7 @@ class CRDT:
             ("crdt.set", self._op_set),
             ("crdt.status", self._op_status),
             ("crdt.fill", self._op_fill),
+            ("crdt.watch", self._op_watch),
         ):
             node.add_control_op(name, op)
         try:
@@ -312,6 +313,30 @@ class CRDT:
             if i % 16 == 15:
                 await trio.sleep(0)  # let pushes and incoming updates interleave with the writes
         return {"seconds": trio.current_time() - start, "version": document.version()}
+
+    async def _op_watch(self, doc: str, map: str = "root", limit: int = 0):
+        """Stream every change of the document as it is applied: who wrote it, and the map after it.
+        Changes that arrive faster than the reader takes them are coalesced (the latest map wins)."""
+        document = self.open(doc)
+        send, receive = trio.open_memory_channel[Change](256)
+
+        def on_change(change: Change) -> None:
+            try:
+                send.send_nowait(change)
+            except trio.WouldBlock:
+                pass  # the reader is behind: it will see the newer state in the next item
+
+        unsubscribe = document.observe(on_change)
+        try:
+            sent = 0
+            async for change in receive:
+                yield {"author": str(change.author), "seq": change.seq, "local": change.local,
+                       "map": dict(document.get_map(map).to_py() or {})}  # fmt: skip
+                sent += 1
+                if limit and sent >= limit:
+                    return
+        finally:
+            unsubscribe()
 
     async def _op_status(self) -> dict:
         return {
