@@ -60,6 +60,11 @@ class DocStats:
     rejected_size: int = 0
     rejected_malformed: int = 0
 
+    @property
+    def rejected(self) -> int:
+        return (self.rejected_signature + self.rejected_access + self.rejected_doc + self.rejected_size
+                + self.rejected_malformed)  # fmt: skip
+
 
 def log_path(directory: str | os.PathLike[str], name: str) -> Path:
     """The log file of document ``name`` (the name is percent-encoded into one path component)."""
@@ -236,13 +241,8 @@ class Document:
 
     def version(self) -> dict[str, int]:
         """Per author (base58), the highest seq such that every seq up to it is held."""
-        out: dict[str, int] = {}
-        for author, seqs in self._updates.items():
-            n = 0
-            while n + 1 in seqs:
-                n += 1
-            out[str(author)] = n
-        return out
+        # Yjs receives each author's updates in seq order, so what is integrated is the contiguous run
+        return {str(author): self._integrated.get(author, 0) for author in self._updates}
 
     def missing_for(self, version: dict[str, int]) -> list[SignedUpdate]:
         """Updates a replica at ``version`` may lack (anything above its contiguous seq, per author)."""

@@ -254,9 +254,9 @@ class CRDT:
                 updates.append(SignedUpdate.decode(item))
             except PayloadError:
                 self.stats["rejected"] += 1
-        rejected_before = _rejections(doc)
+        rejected_before = doc.stats.rejected
         self.stats["applied"] += doc.apply_many(updates)
-        self.stats["rejected"] += _rejections(doc) - rejected_before
+        self.stats["rejected"] += doc.stats.rejected - rejected_before
 
     async def _handle(self, stream: YamuxStream) -> None:
         try:
@@ -343,12 +343,6 @@ class CRDT:
             "docs": {name: {"version": d.version(), "bytes": d.size()} for name, d in self.docs.items()},
             **self.stats,
         }
-
-
-def _rejections(doc: Document) -> int:
-    st = doc.stats
-    return (st.rejected_signature + st.rejected_access + st.rejected_doc + st.rejected_size
-            + st.rejected_malformed)  # fmt: skip
 
 
 __all__ = ["CRDT", "PROTOCOL_ID"]

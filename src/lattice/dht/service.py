@@ -32,7 +32,7 @@ from lattice.errors import LatticeError, PayloadError, TransportError
 from lattice.identity import PeerId
 from lattice.transport.host import PeerInfo
 from lattice.transport.identify import read_delimited
-from lattice.transport.multiaddr import Multiaddr, dialable
+from lattice.transport.multiaddr import Multiaddr, dialable, is_public
 from lattice.transport.yamux import YamuxStream
 
 log = logging.getLogger(__name__)
@@ -413,7 +413,7 @@ class DHT:
                     found.extend(a for a in entry.addrs if a not in found)
             # enough once an address reachable from anywhere shows up (a relayed or public one);
             # private addresses alone may be stale news from a peer that missed an update
-            return any(a.is_relayed or (a.tcp_target() is not None and _is_public(a)) for a in found)
+            return any(a.is_relayed or (a.tcp_target() is not None and is_public(a)) for a in found)
 
         await self._lookup(target.multihash, protocol.FIND_NODE, on_reply)
         if found:
@@ -547,17 +547,6 @@ class DHT:
     async def _op_status(self) -> dict:
         return {"routing_table": len(self.table) if self.table else 0,
                 "records": self.store.record_count if self.store else 0, **self.stats}  # fmt: skip
-
-
-def _is_public(addr: Multiaddr) -> bool:
-    """A direct address that is neither private nor loopback."""
-    import ipaddress
-
-    net, host = addr.parts[0]
-    if net not in ("ip4", "ip6") or host is None:
-        return True
-    ip = ipaddress.ip_address(host)
-    return not (ip.is_private or ip.is_loopback or ip.is_link_local)
 
 
 def _parse_addrs(raw: list) -> list[Multiaddr]:

@@ -58,10 +58,6 @@ async def _read(stream: YamuxStream) -> dict[int, list[int | bytes]]:
         raise ProtocolError(f"malformed autonat message: {exc}") from None
 
 
-def _ip(addr: Multiaddr) -> str | None:
-    return addr.parts[0][1] if addr.parts and addr.parts[0][0] in ("ip4", "ip6") else None
-
-
 class AutoNAT:
     """Both roles: answers other peers' dial requests and works out our own reachability."""
 
@@ -217,7 +213,7 @@ class AutoNAT:
     # -- server
     async def _handle_request(self, stream: YamuxStream) -> None:
         peer = stream.remote_peer
-        conn = next((c for c in self.host.connections() if c.session is stream.session), None)
+        conn = self.host.connection_of(stream)
         try:
             with trio.fail_after(5.0):
                 req = await _read(stream)
@@ -237,14 +233,14 @@ class AutoNAT:
         self._served[peer] = now
         if len(self._served) > 4096:
             self._served = {p: t for p, t in self._served.items() if now - t < self.per_peer_interval}
-        their_ip = _ip(conn.remote_addr)
+        their_ip = conn.remote_addr.ip
         targets = []
         for raw in raw_addrs[:MAX_ADDRS]:
             try:
                 addr = Multiaddr.from_bytes(raw)
             except MultiaddrError:
                 continue
-            if addr.tcp_target() and _ip(addr) == their_ip:  # never dial a third party
+            if addr.tcp_target() and addr.ip == their_ip:  # never dial a third party
                 targets.append(addr.without_peer())
         if not targets:
             await stream.write(_frame([(1, REFUSED)]))

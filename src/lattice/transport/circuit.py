@@ -222,7 +222,7 @@ async def dial(host: Host, addr: Multiaddr, timeout: float | None = None) -> Con
         raise DialError(
             f"relay {relay_addr.peer_id} could not connect us to {target}: {status_text(reply.status)}"
         )
-    remote = Multiaddr((*relay_addr.parts, ("p2p-circuit", None)))
+    remote = relay_addr.circuit()
     remaining = max(0.5, deadline - trio.current_time())
     return await host.adopt(CircuitStream(stream), True, remote, expected=target, timeout=remaining)
 
@@ -263,7 +263,7 @@ async def reserve(host: Host, conn: Connection, timeout: float = TIMEOUT) -> Res
     for addr in reply.reservation_addrs or [conn.remote_addr]:
         if addr.is_relayed or not addr.tcp_target():
             continue
-        addrs.append(Multiaddr((*addr.with_peer(relay).parts, ("p2p-circuit", None))))
+        addrs.append(addr.with_peer(relay).circuit())
     return Reservation(relay, float(reply.expire), addrs, reply.limit)
 
 
@@ -301,7 +301,7 @@ class CircuitListener:
         await write_message(stream, CircuitMessage(STOP_STATUS, status=OK), hop=False)
         relay_conn = self.host.connection_to(relay)
         base = relay_conn.remote_addr if relay_conn is not None else Multiaddr.parse("/ip4/0.0.0.0/tcp/0")
-        remote = Multiaddr((*base.with_peer(relay).parts, ("p2p-circuit", None)))
+        remote = base.with_peer(relay).circuit()
         try:
             conn = await self.host.adopt(CircuitStream(stream), False, remote, expected=msg.peer)
         except DialError as exc:

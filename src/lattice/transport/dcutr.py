@@ -24,7 +24,7 @@ import trio
 from lattice import _proto
 from lattice.errors import DialError, LatticeError, ProtocolError, TransportError
 from lattice.identity import PeerId
-from lattice.transport.host import Connection, Host, open_from_port
+from lattice.transport.host import Connection, Host, open_from_port, sockaddr_to_multiaddr
 from lattice.transport.identify import read_delimited
 from lattice.transport.multiaddr import Multiaddr, MultiaddrError
 from lattice.transport.yamux import YamuxStream
@@ -204,7 +204,7 @@ class HolePuncher:
         if not won:
             raise DialError("no punched connection: " + ("; ".join(errors[:3]) or "timed out"))
         sock = won[0]
-        remote = _sock_remote(sock)
+        remote = sockaddr_to_multiaddr(sock.socket.getpeername())
         return await self.host.adopt(sock, outbound, remote, expected=peer)
 
     def _direct(self, peer: PeerId) -> Connection | None:
@@ -228,11 +228,6 @@ class HolePuncher:
         for conn in list(self.host._conns.get(peer, ())):
             if conn.relayed and not conn.closed:
                 await conn.close()
-
-
-def _sock_remote(sock: trio.SocketStream) -> Multiaddr:
-    host, port = sock.socket.getpeername()[:2]
-    return Multiaddr((("ip6" if ":" in host else "ip4", host), ("tcp", str(port))))
 
 
 __all__ = ["PROTOCOL_ID", "HolePuncher"]

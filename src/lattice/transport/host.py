@@ -86,7 +86,23 @@ class Connection:
         await self.session.aclose()
 
 
+_IFACE_TTL = 5.0  # interface addresses are re-read at most this often (reading costs ~0.2 ms)
+_iface_cache: dict[str, tuple[float, list[str]]] = {}
+
+
 def _interface_ips(net: str) -> list[str]:
+    """This machine's addresses of family ``net`` (loopback first); cached briefly, because every
+    identify, DHT self-lookup and hole punch asks, and a changed network shows within seconds."""
+    now = time.monotonic()
+    cached = _iface_cache.get(net)
+    if cached is not None and now - cached[0] < _IFACE_TTL:
+        return cached[1]
+    ips = _read_interface_ips(net)
+    _iface_cache[net] = (now, ips)
+    return ips
+
+
+def _read_interface_ips(net: str) -> list[str]:
     import ifaddr  # lazily: only needed when listening on a wildcard address
 
     ips = []
@@ -99,7 +115,7 @@ def _interface_ips(net: str) -> list[str]:
     return sorted(set(ips), key=lambda a: (not a.startswith("127.") and a != "::1", a))
 
 
-def _sock_addr_to_multiaddr(sockaddr) -> Multiaddr:
+def sockaddr_to_multiaddr(sockaddr) -> Multiaddr:
     host, port = sockaddr[0], sockaddr[1]
     proto = "ip6" if ":" in host else "ip4"
     return Multiaddr(((proto, host.split("%")[0]), ("tcp", str(port))))
@@ -203,7 +219,7 @@ class Host:
         bound = []
         for listener in listeners:
             self._listeners.append(listener)
-            maddr = _sock_addr_to_multiaddr(listener.socket.getsockname())
+            maddr = sockaddr_to_multiaddr(listener.socket.getsockname())
             bound.append(maddr)
             self.listen_addrs.append(maddr)
             if accept:
@@ -239,8 +255,8 @@ class Host:
 
     async def _handle_inbound(self, stream: trio.SocketStream) -> None:
         try:
-            remote = _sock_addr_to_multiaddr(stream.socket.getpeername())
-            local = _sock_addr_to_multiaddr(stream.socket.getsockname())
+            remote = sockaddr_to_multiaddr(stream.socket.getpeername())
+            local = sockaddr_to_multiaddr(stream.socket.getsockname())
         except OSError:
             self._pending_handshakes -= 1
             await trio.aclose_forcefully(stream)
@@ -341,7 +357,7 @@ class Host:
             raise
         sock = getattr(stream, "socket", None)
         try:
-            local = _sock_addr_to_multiaddr(sock.getsockname()) if sock is not None else None
+            local = sockaddr_to_multiaddr(sock.getsockname()) if sock is not None else None
         except OSError:
             local = None
         conn = self._make_connection(secure, outbound, remote, local, leftover)
@@ -460,6 +476,13 @@ class Host:
                     return conn
                 relayed = relayed or conn
         return relayed
+
+    def connection_of(self, stream: yamux.YamuxStream) -> Connection | None:
+        """The connection a stream belongs to."""
+        for conn in self._conns.get(stream.remote_peer, ()):
+            if conn.session is stream.session:
+                return conn
+        return None
 
     def connections(self) -> list[Connection]:
         return [c for conns in self._conns.values() for c in conns if not c.closed]

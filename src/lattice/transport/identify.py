@@ -94,7 +94,7 @@ async def read_delimited(stream: YamuxStream, max_size: int) -> bytes | None:
 
 def install(host: Host) -> None:
     async def handler(stream: YamuxStream) -> None:
-        conn = _conn_of(host, stream)
+        conn = host.connection_of(stream)
         observed = conn.remote_addr if conn is not None else None
         message = encode(host, observed)
         await stream.write(_proto.encode_uvarint(len(message)) + message)
@@ -122,13 +122,6 @@ def install(host: Host) -> None:
     host.set_stream_handler(PROTOCOL_ID, handler)
     host.set_stream_handler(PUSH_ID, push_handler)
     host.on_connect(on_connect)
-
-
-def _conn_of(host: Host, stream: YamuxStream) -> Connection | None:
-    for conn in host.connections():
-        if conn.session is stream.session:
-            return conn
-    return None
 
 
 async def _identify_quietly(host: Host, conn: Connection) -> None:

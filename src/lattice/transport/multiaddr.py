@@ -209,6 +209,16 @@ class Multiaddr:
             parts.pop()
         return Multiaddr(tuple(parts))
 
+    @property
+    def ip(self) -> str | None:
+        """The IP address of an /ip4 or /ip6 address, else None."""
+        net, host = self.parts[0] if self.parts else (None, None)
+        return host if net in ("ip4", "ip6") else None
+
+    def circuit(self) -> Multiaddr:
+        """This (relay) address followed by /p2p-circuit: where peers reach a relay's client."""
+        return Multiaddr((*self.parts, ("p2p-circuit", None)))
+
     def is_loopback(self) -> bool:
         net, host = self.parts[0]
         if net in ("ip4", "ip6") and host is not None:
@@ -233,6 +243,11 @@ def _rank(addr: Multiaddr) -> int:
     if ip.is_loopback:
         return 3
     return 2 if ip.is_private or ip.is_link_local else 0
+
+
+def is_public(addr: Multiaddr) -> bool:
+    """A direct address dialable from anywhere (a DNS name, or an IP neither private nor loopback)."""
+    return not addr.is_relayed and _rank(addr) == 0
 
 
 def dialable(addrs: list[Multiaddr], limit: int = 8) -> list[Multiaddr]:

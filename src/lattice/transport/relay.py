@@ -52,10 +52,6 @@ class _LimitReached(Exception):
     pass
 
 
-def _ip_of(addr: Multiaddr) -> str:
-    return addr.parts[0][1] or "" if addr.parts else ""
-
-
 class RelayServer:
     """The hop protocol handler; install on a host that others can reach directly."""
 
@@ -98,7 +94,7 @@ class RelayServer:
             await self._reply(stream, circuit.PERMISSION_DENIED)  # no relaying over relays
             return
         if msg.type == circuit.RESERVE:
-            await self._reserve(stream, peer, _ip_of(conn.remote_addr))
+            await self._reserve(stream, peer, conn.remote_addr.ip or "")
         elif msg.type == circuit.CONNECT and msg.peer is not None:
             await self._connect(stream, peer, msg.peer)
         else:
@@ -134,7 +130,7 @@ class RelayServer:
         # We know the peer's relayed address now; peers asking the DHT for it should not have to wait
         # for its identify push.
         info = self.host.peerstore.setdefault(peer, PeerInfo(peer))
-        relayed = [Multiaddr((*a.parts, ("p2p-circuit", None))) for a in addrs]
+        relayed = [a.circuit() for a in addrs]
         info.addrs = [*relayed, *(a for a in info.addrs if a not in relayed)]
 
     def _public_addrs(self, requester_ip: str) -> list[Multiaddr]:
