@@ -416,6 +416,14 @@ class BlockingNode:
         return BlockingService(self, self.node.dht, ("put", "get", "provide", "find_providers"))
 
     @property
+    def crdt(self):  # -> lattice.crdt.blocking.BlockingCRDT
+        """Replicated documents, blocking (``node.crdt.open("swarm/config").get_map("root")["lr"] = 0.1``;
+        reads and writes run on the node's loop, values come back as plain Python)."""
+        from lattice.crdt.blocking import BlockingCRDT  # lazily: the node layer stays below services
+
+        return BlockingCRDT(self, self.node.crdt)
+
+    @property
     def rpc(self) -> BlockingRPC:
         """The RPC service, blocking (same method names as ``Node.rpc``)."""
         return BlockingRPC(self, self.node.rpc)

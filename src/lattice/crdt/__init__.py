@@ -1,7 +1,7 @@
 """The CRDT state store (local layer): signed updates, the durable log, replicated documents."""
 
 from .document import MAX_DOC_BYTES, Change, DocStats, Document, log_path
-from .errors import AccessDenied, StaleHandle
+from .errors import AccessDenied, DocumentFull, StaleHandle
 from .log import UpdateLog
 from .updates import MAX_DOC_NAME, MAX_UPDATE, SignedUpdate, sign
 
@@ -13,6 +13,7 @@ __all__ = [
     "Change",
     "DocStats",
     "Document",
+    "DocumentFull",
     "SignedUpdate",
     "StaleHandle",
     "UpdateLog",

@@ -29,7 +29,7 @@ from pycrdt import Array, Doc, Map, Text, TransactionEvent
 from lattice.errors import LatticeError, PayloadError
 from lattice.identity import KeyPair, PeerId
 
-from .errors import AccessDenied, StaleHandle
+from .errors import AccessDenied, DocumentFull, StaleHandle
 from .log import FsyncPolicy, UpdateLog
 from .updates import MAX_DOC_NAME, MAX_UPDATE, NO_PREV, SignedUpdate, sign
 
@@ -99,9 +99,11 @@ class Document:
         Path(directory).mkdir(parents=True, exist_ok=True, mode=0o700)
         self._log = UpdateLog(log_path(directory, name), fsync=fsync)
         self._doc = self._new_doc()
+        self._log_frames = 0  # frames in the log file; more than the accepted updates: compact
         self._applying = True
         try:
             for update in self._log.replay():  # the local log is trusted: crc-checked, mode 0600
+                self._log_frames += 1
                 if self._has(update) or update.doc != name:
                     continue
                 self._remember(update)
@@ -229,6 +231,7 @@ class Document:
                 self.stats.rejected_malformed += 1
                 return False
         self._log.append(update, sync=sync)
+        self._log_frames += 1
         self._remember(update)
         self._applying = True
         try:
@@ -262,7 +265,22 @@ class Document:
 
     def compact(self) -> None:
         """Rewrite the log with exactly the accepted updates (drops torn tails and duplicates)."""
-        self._log.compact(self.updates())
+        updates = self.updates()
+        self._log.compact(updates)
+        self._log_frames = len(updates)
+
+    def needs_compaction(self, factor: float = 2.0, slack: int = 64) -> bool:
+        """Whether the log holds more than ``factor`` times the frames needed (plus ``slack``).
+
+        Every accepted update is appended exactly once (duplicates and rejections never reach the
+        log), so surplus frames come from replay leftovers: duplicated or foreign frames (a log
+        copied or merged by hand, an older version). Shrinking the history itself would need
+        signed snapshots: peers must still be able to fetch and verify every author's update."""
+        needed = sum(map(len, self._updates.values()))
+        return self._log_frames > factor * needed + slack
+
+    def log_frames(self) -> int:
+        return self._log_frames
 
     def size(self) -> int:
         """Sum of the accepted updates' sizes, the quantity ``max_bytes`` bounds."""
@@ -328,12 +346,16 @@ class Document:
             if len(data) > MAX_UPDATE:
                 raise PayloadError(f"a transaction of {len(data)} bytes is over the {MAX_UPDATE} limit")
             if self._bytes + len(data) > self.max_bytes:
-                raise PayloadError(f"document {self.name!r} would exceed its {self.max_bytes} byte limit")
+                raise DocumentFull(
+                    f"document {self.name!r} is full: this write of {len(data)} bytes would take it over"
+                    f" its limit of {self.max_bytes} bytes (it holds {self._bytes})"
+                )
             seqs = self._updates.get(author)
             last = max(seqs) if seqs else 0
             prev = seqs[last].digest() if seqs else NO_PREV
             update = sign(self.keypair, self.name, last + 1, data, prev)
             self._log.append(update)
+            self._log_frames += 1
         except BaseException:
             self._stale = True
             raise

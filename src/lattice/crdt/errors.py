@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lattice.errors import LatticeError
+from lattice.errors import LatticeError, PayloadError
 
 
 class AccessDenied(LatticeError):
@@ -11,3 +11,7 @@ class AccessDenied(LatticeError):
 
 class StaleHandle(LatticeError):
     """A shared-type handle from before a rejected local write was used; call ``get_map`` etc. again."""
+
+
+class DocumentFull(PayloadError):
+    """A local write would take the document over its size limit (``max_bytes``); nothing changed."""

@@ -12,15 +12,18 @@ go to every connected peer, which is fine for swarms of tens.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
 import random
 import struct
+from collections.abc import AsyncIterator
 from typing import Any
 
 import msgpack
 import trio
 
-from lattice.crdt.document import Change, Document
+from lattice.crdt.document import MAX_DOC_BYTES, Change, Document
 from lattice.crdt.updates import SignedUpdate
 from lattice.errors import LatticeError, PayloadError, TransportError
 from lattice.identity import PeerId
@@ -88,6 +91,7 @@ class CRDT:
         self._outbox: dict[PeerId, list[tuple[str, bytes]]] = {}
         self._outbox_wake: dict[PeerId, trio.Event] = {}
         self.stats = {"pushed": 0, "synced": 0, "applied": 0, "rejected": 0, "bad_frames": 0}
+        self.stats["compactions"] = 0
 
     # -- lifecycle
     async def run(self, node: Any, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
@@ -95,6 +99,7 @@ class CRDT:
         node.host.set_stream_handler(PROTOCOL_ID, self._handle)
         node.host.on_identify(self._on_identify)
         for name, op in (
+            ("crdt.open", self._op_open),
             ("crdt.get", self._op_get),
             ("crdt.set", self._op_set),
             ("crdt.status", self._op_status),
@@ -112,12 +117,19 @@ class CRDT:
             for doc in self.docs.values():
                 doc.close()
 
-    def open(self, name: str, writers: set[PeerId] | None = None) -> Document:
-        """The document ``name`` (created on first use, restored from disk, kept in sync)."""
+    def open(self, name: str, writers: set[PeerId] | None = None, max_bytes: int = MAX_DOC_BYTES) -> Document:
+        """The document ``name`` (created on first use, restored from disk, kept in sync).
+
+        ``writers``: the peers allowed to write (None: anyone); ``max_bytes``: the size limit (local
+        writes beyond it raise DocumentFull, remote updates beyond it are rejected). Both apply on
+        first open; later calls return the open document."""
         doc = self.docs.get(name)
         if doc is None:
             directory = self.node.config.data_dir / "crdt"
-            doc = Document(name, self.node.host.keypair, directory, writers=writers, fsync=self.fsync)  # type: ignore[arg-type]
+            doc = Document(name, self.node.host.keypair, directory, writers=writers, max_bytes=max_bytes,
+                           fsync=self.fsync)  # type: ignore[arg-type]  # fmt: skip
+            if doc.needs_compaction():
+                doc.compact()
             doc.observe(lambda change, d=doc: self._on_change(d, change))
             self.docs[name] = doc
             if self._nursery is not None:
@@ -195,6 +207,28 @@ class CRDT:
             for doc in list(self.docs.values()):
                 self._nursery.start_soon(self._sync_quietly, info.peer_id, doc)
 
+    @contextlib.asynccontextmanager
+    async def watch(
+        self, doc: str | Document, buffer: int = 256
+    ) -> AsyncIterator[trio.MemoryReceiveChannel[Change]]:
+        """Async observation: ``async with node.crdt.watch("swarm/config") as changes: async for c in
+        changes: ...``. At most ``buffer`` changes wait for the reader; beyond that they are dropped
+        (the document itself is always current: re-read it)."""
+        document = self.open(doc) if isinstance(doc, str) else doc
+        send, receive = trio.open_memory_channel[Change](buffer)
+
+        def on_change(change: Change) -> None:
+            with contextlib.suppress(trio.WouldBlock, trio.ClosedResourceError):
+                send.send_nowait(change)
+
+        unsubscribe = document.observe(on_change)
+        try:
+            async with receive:
+                yield receive
+        finally:
+            unsubscribe()
+            send.close()
+
     async def _anti_entropy(self) -> None:
         while True:
             await trio.sleep(self.sync_interval * random.uniform(0.8, 1.2))
@@ -203,6 +237,9 @@ class CRDT:
             for doc in list(self.docs.values()):
                 for peer in peers[:8]:
                     await self._sync_quietly(peer, doc)
+                if doc.needs_compaction():  # periodic compaction (see Document.needs_compaction)
+                    doc.compact()
+                    self.stats["compactions"] += 1
 
     async def _sync_quietly(self, peer: PeerId, doc: Document) -> None:
         try:
@@ -294,6 +331,18 @@ class CRDT:
             self._apply_all(self.docs.get(message["doc"]), message.get("u"))
 
     # -- control API
+    async def _op_open(
+        self, doc: str, writers: list[str] | None = None, max_bytes: int = MAX_DOC_BYTES
+    ) -> dict:
+        """Open a document with its access list (peer ids) and size limit; returns its version."""
+        if writers is not None and (not isinstance(writers, list) or len(writers) > 10_000):
+            raise PayloadError("writers must be a list of peer ids")
+        if type(max_bytes) is not int or not 0 < max_bytes <= MAX_DOC_BYTES:
+            raise PayloadError(f"max_bytes must be an integer in 1..{MAX_DOC_BYTES}")
+        allowed = None if writers is None else {PeerId.from_string(str(w)) for w in writers}
+        document = self.open(doc, writers=allowed, max_bytes=max_bytes)
+        return {"version": document.version(), "bytes": document.size()}
+
     async def _op_get(self, doc: str, map: str = "root") -> dict:
         return dict(self.open(doc).get_map(map).to_py() or {})
 
@@ -318,29 +367,24 @@ class CRDT:
         """Stream every change of the document as it is applied: who wrote it, and the map after it.
         Changes that arrive faster than the reader takes them are coalesced (the latest map wins)."""
         document = self.open(doc)
-        send, receive = trio.open_memory_channel[Change](256)
-
-        def on_change(change: Change) -> None:
-            try:
-                send.send_nowait(change)
-            except trio.WouldBlock:
-                pass  # the reader is behind: it will see the newer state in the next item
-
-        unsubscribe = document.observe(on_change)
-        try:
+        async with self.watch(document) as changes:  # a reader that falls behind sees newer maps
             sent = 0
-            async for change in receive:
+            async for change in changes:
                 yield {"author": str(change.author), "seq": change.seq, "local": change.local,
                        "map": dict(document.get_map(map).to_py() or {})}  # fmt: skip
                 sent += 1
                 if limit and sent >= limit:
                     return
-        finally:
-            unsubscribe()
+
+    @staticmethod
+    def _doc_status(d: Document) -> dict:
+        writers = None if d.writers is None else sorted(map(str, d.writers))
+        extra = {"bytes": d.size(), "log_frames": d.log_frames(), "writers": writers}
+        return {"version": d.version(), **extra, **dataclasses.asdict(d.stats)}
 
     async def _op_status(self) -> dict:
         return {
-            "docs": {name: {"version": d.version(), "bytes": d.size()} for name, d in self.docs.items()},
+            "docs": {name: self._doc_status(d) for name, d in self.docs.items()},
             **self.stats,
         }
 
