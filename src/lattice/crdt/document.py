@@ -282,6 +282,10 @@ class Document:
     def log_frames(self) -> int:
         return self._log_frames
 
+    def log_dropped_bytes(self) -> int:
+        """Bytes of torn or corrupt tail cut from the log when it was opened (0: it was intact)."""
+        return self._log.dropped_bytes
+
     def size(self) -> int:
         """Sum of the accepted updates' sizes, the quantity ``max_bytes`` bounds."""
         return self._bytes

@@ -37,6 +37,8 @@ MAX_FRAME = 1 << 20
 FRAME_BUDGET = 512 * 1024  # updates per frame are cut here (one update is at most 256 KiB)
 TIMEOUT = 10.0
 MAX_QUEUED = 10_000  # updates waiting for one peer
+MAX_AUTHORS = 100_000  # entries of a version vector that are looked at
+PUSH_IDLE = 60.0  # a push stream silent for longer is closed (pushers close theirs after 30 s)
 
 
 async def _send(stream: YamuxStream, message: dict) -> None:
@@ -62,6 +64,17 @@ async def _recv(stream: YamuxStream, eof_ok: bool = False) -> dict | None:
     if not isinstance(message, dict) or not isinstance(message.get("t"), str):
         raise PayloadError("a CRDT frame is a map with a type")
     return message
+
+
+def _version(raw: Any) -> dict[str, int]:
+    """A peer's version vector, keeping only well-formed entries (author -> seq >= 0)."""
+    if not isinstance(raw, dict):
+        return {}
+    out = {}
+    for author, seq in list(raw.items())[:MAX_AUTHORS]:
+        if isinstance(author, str) and len(author) <= 128 and type(seq) is int and 0 <= seq < 2**63:
+            out[author] = seq
+    return out
 
 
 def _batches(updates: list[SignedUpdate]) -> list[list[bytes]]:
@@ -278,7 +291,7 @@ class CRDT:
             self._apply_all(doc, message.get("u"))
             if message.get("last"):
                 version = message.get("v")
-                return version if isinstance(version, dict) else None
+                return _version(version) if isinstance(version, dict) else None
         raise PayloadError("too many update frames")
 
     def _apply_all(self, doc: Document | None, raw: Any) -> None:
@@ -306,7 +319,7 @@ class CRDT:
                 self._apply_all(doc, message.get("u"))
                 await self._more_pushes(stream)
             elif message["t"] == "sync":
-                theirs = message.get("v") if isinstance(message.get("v"), dict) else {}
+                theirs = _version(message.get("v"))
                 with trio.fail_after(TIMEOUT * 3):
                     if doc is None:
                         await _send(stream, {"t": "updates", "doc": name, "u": [], "last": True})
@@ -323,7 +336,8 @@ class CRDT:
     async def _more_pushes(self, stream: YamuxStream) -> None:
         """A pusher keeps its stream: apply its frames until it closes (it does after 30 s idle)."""
         while True:
-            message = await _recv(stream, eof_ok=True)
+            with trio.fail_after(PUSH_IDLE):
+                message = await _recv(stream, eof_ok=True)
             if message is None:
                 return
             if message["t"] != "push" or not isinstance(message.get("doc"), str):
@@ -379,7 +393,8 @@ class CRDT:
     @staticmethod
     def _doc_status(d: Document) -> dict:
         writers = None if d.writers is None else sorted(map(str, d.writers))
-        extra = {"bytes": d.size(), "log_frames": d.log_frames(), "writers": writers}
+        extra = {"bytes": d.size(), "log_frames": d.log_frames(), "log_dropped_bytes": d.log_dropped_bytes(),
+                 "writers": writers}  # fmt: skip
         return {"version": d.version(), **extra, **dataclasses.asdict(d.stats)}
 
     async def _op_status(self) -> dict:
