@@ -1,0 +1,130 @@
+"""Fashion-MNIST from IDX files, and the non-iid splits decentralized training is tested on.
+
+No downloads: the Debian package ``dataset-fashion-mnist`` installs the four IDX files, and a
+missing directory is an error that says how to get them.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+DEFAULT_DIR = "/usr/share/datasets/fashion-mnist"
+_FILES = {
+    "train_x": "train-images-idx3-ubyte",
+    "train_y": "train-labels-idx1-ubyte",
+    "test_x": "t10k-images-idx3-ubyte",
+    "test_y": "t10k-labels-idx1-ubyte",
+}
+HOW_TO_GET = (
+    "Fashion-MNIST IDX files not found in {dir!r}. Install them with "
+    "`apt-get install dataset-fashion-mnist` (Debian/Ubuntu; files land in " + DEFAULT_DIR + "), "
+    "or without root: `apt-get download dataset-fashion-mnist && dpkg -x dataset-fashion-mnist_*.deb root/` "
+    "and pass --data root" + DEFAULT_DIR + "; any directory holding "
+    "{{train,t10k}}-{{images-idx3,labels-idx1}}-ubyte[.gz] works."
+)
+
+
+class DatasetMissing(FileNotFoundError):
+    """The dataset directory or one of its files is absent (the message says how to get it)."""
+
+
+@dataclass
+class Dataset:
+    train_x: np.ndarray  # float32 [n, 784], standardized
+    train_y: np.ndarray  # int64 [n]
+    test_x: np.ndarray
+    test_y: np.ndarray
+
+
+def _find(directory: str, stem: str) -> str:
+    for name in (stem + ".gz", stem):
+        path = os.path.join(directory, name)
+        if os.path.isfile(path):
+            return path
+    raise DatasetMissing(HOW_TO_GET.format(dir=directory))
+
+
+def read_idx(path: str) -> np.ndarray:
+    """An IDX file (optionally gzipped) as a uint8 array; the header is validated, not trusted."""
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        raw = f.read(200 << 20)
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise ValueError(f"{path}: not an unsigned-byte IDX file")
+    ndim = raw[3]
+    if not 1 <= ndim <= 4 or len(raw) < 4 + 4 * ndim:
+        raise ValueError(f"{path}: bad IDX dimension count")
+    dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    offset = 4 + 4 * ndim
+    if len(raw) - offset != int(np.prod(dims)):
+        raise ValueError(f"{path}: IDX size does not match its header")
+    return np.frombuffer(raw, np.uint8, offset=offset).reshape(dims)
+
+
+def load_fashion_mnist(directory: str | None = None) -> Dataset:
+    """The 60k/10k split, images flattened and standardized with the training mean/std (cached)."""
+    return _load(directory or os.environ.get("LATTICE_FMNIST_DIR", DEFAULT_DIR))
+
+
+@functools.lru_cache(maxsize=2)
+def _load(directory: str) -> Dataset:
+    if not os.path.isdir(directory):
+        raise DatasetMissing(HOW_TO_GET.format(dir=directory))
+    arrays = {key: read_idx(_find(directory, stem)) for key, stem in _FILES.items()}
+    tx = arrays["train_x"].reshape(len(arrays["train_x"]), -1).astype(np.float32) / 255.0
+    ex = arrays["test_x"].reshape(len(arrays["test_x"]), -1).astype(np.float32) / 255.0
+    mean, std = float(tx.mean()), float(tx.std())
+    return Dataset(
+        (tx - mean) / std,
+        arrays["train_y"].astype(np.int64),
+        (ex - mean) / std,
+        arrays["test_y"].astype(np.int64),
+    )
+
+
+def dirichlet_split(labels: np.ndarray, peers: int, alpha: float, seed: int = 0) -> list[np.ndarray]:
+    """Hsu et al. 2019: per class, proportions ~ Dir(alpha); cut the shuffled class indices there."""
+    rng = np.random.default_rng(seed)
+    parts: list[list[np.ndarray]] = [[] for _ in range(peers)]
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        p = rng.dirichlet(np.full(peers, alpha))
+        cuts = (np.cumsum(p)[:-1] * len(idx)).astype(int)
+        for i, chunk in enumerate(np.split(idx, cuts)):
+            parts[i].append(chunk)
+    out = [np.sort(np.concatenate(p)) for p in parts]
+    for i, part in enumerate(out):  # a peer with no data cannot train: give it a few samples
+        if len(part) == 0:
+            out[i] = rng.choice(len(labels), 8, replace=False)
+    return out
+
+
+def label_skew_split(
+    labels: np.ndarray, peers: int, classes_per_peer: int = 2, seed: int = 0
+) -> list[np.ndarray]:
+    """Each peer holds ``classes_per_peer`` classes (peer i starts at class i mod C), shards shared evenly."""
+    rng = np.random.default_rng(seed)
+    classes = np.unique(labels)
+    owners: dict[int, list[int]] = {int(c): [] for c in classes}
+    for i in range(peers):
+        for k in range(classes_per_peer):
+            owners[int(classes[(i + k * max(1, len(classes) // classes_per_peer)) % len(classes)])].append(i)
+    parts: list[list[np.ndarray]] = [[] for _ in range(peers)]
+    for c, who in owners.items():
+        if not who:
+            continue
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        for peer, chunk in zip(who, np.array_split(idx, len(who)), strict=True):
+            parts[peer].append(chunk)
+    return [np.sort(np.concatenate(p)) if p else np.zeros(0, np.int64) for p in parts]
+
+
+def public_split(n: int, public: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(private indices, public unlabelled indices): ``public`` samples held out for distillation."""
+    perm = np.random.default_rng(seed + 7919).permutation(n)
+    return np.sort(perm[public:]), np.sort(perm[:public])

@@ -1,0 +1,54 @@
+"""PNG plots of accuracy against rounds and against bytes sent (matplotlib, optional extra "apps")."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+
+
+def plot(runs: Mapping[str, Sequence[dict]], out_dir: str, title: str = "") -> list[str]:
+    """Two PNGs in ``out_dir``: accuracy vs rounds and vs bytes sent per peer; returns their paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(out_dir, exist_ok=True)
+    paths = []
+    for x_key, x_label, name in (
+        ("round", "round", "accuracy_vs_rounds.png"),
+        ("bytes_per_peer", "MB sent per peer", "accuracy_vs_bytes.png"),
+    ):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for label, recs in runs.items():
+            key = "acc_avg" if recs and recs[-1].get("acc_avg") is not None else "acc_local"
+            xs = [r[x_key] / (1e6 if x_key == "bytes_per_peer" else 1) for r in recs]
+            ax.plot(xs, [r[key] for r in recs], marker=".", label=f"{label} ({key})")
+        if x_key == "bytes_per_peer":
+            ax.set_xscale("log")
+        ax.set_xlabel(x_label)
+        ax.set_ylabel("test accuracy")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = os.path.join(out_dir, name)
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def markdown_table(finals: Mapping[str, dict]) -> str:
+    """One row per run: average-model and local-model accuracy, consensus distance, bytes."""
+    lines = [
+        "| algorithm | acc(avg model) | acc(local, mean) | consensus | MB sent per peer | gradients/peer |",
+        "|---|---|---|---|---|---|",
+    ]
+    for label, r in finals.items():
+        avg = "n/a" if r.get("acc_avg") is None else f"{r['acc_avg']:.3f}"
+        lines.append(
+            f"| {label} | {avg} | {r['acc_local']:.3f} | {r['consensus']:.1e} | "
+            f"{r['bytes_per_peer'] / 1e6:.1f} | {r['gradients']} |"
+        )
+    return "\n".join(lines)
