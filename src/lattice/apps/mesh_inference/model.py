@@ -1,0 +1,240 @@
+"""A small pure-torch LLaMA, split into stages: each stage runs a contiguous range of blocks.
+
+Own code rather than transformers so that a stage loads only its blocks, the same ops run in one
+process or split across peers (bitwise-equal fp32 logits), and nothing chases library internals.
+Weights use GGUF tensor names (``token_embd``, ``blk.N.attn_q`` ...), whatever their source.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+ROPE_LAYOUTS = ("interleaved", "half")  # GGML q/k layout (pairs 2i, 2i+1) / HF rotate-half (i, i+d/2)
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    vocab_size: int
+    hidden: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    ffn: int
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tied: bool = True
+    rope_layout: str = "interleaved"
+    max_positions: int = 2048
+    head_dim: int = field(default=0)
+
+    def __post_init__(self) -> None:
+        if self.head_dim == 0:
+            object.__setattr__(self, "head_dim", self.hidden // self.n_heads)
+        if self.rope_layout not in ROPE_LAYOUTS:
+            raise ValueError(f"rope_layout must be one of {ROPE_LAYOUTS}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError("n_heads must be a multiple of n_kv_heads")
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def kv_bytes_per_token(self, n_blocks: int) -> int:
+        """fp32 K and V for one token over ``n_blocks`` blocks (what a session's cache grows by)."""
+        return 2 * n_blocks * self.n_kv_heads * self.head_dim * 4
+
+    def block_tensor_names(self, i: int) -> list[str]:
+        return [f"blk.{i}.{n}.weight" for n in BLOCK_TENSORS]
+
+    def stage_tensor_names(self, start: int, end: int) -> list[str]:
+        """Tensors a stage holding blocks [start, end) needs (embedding first, norm + head last)."""
+        names = []
+        if start == 0 or (end == self.n_layers and self.tied):
+            names.append("token_embd.weight")
+        for i in range(start, end):
+            names += self.block_tensor_names(i)
+        if end == self.n_layers:
+            names.append("output_norm.weight")
+            if not self.tied:
+                names.append("output.weight")
+        return names
+
+
+BLOCK_TENSORS = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate",
+                 "ffn_up", "ffn_down")  # fmt: skip
+
+
+def tiny_config(**overrides) -> LlamaConfig:
+    """A tiny LLaMA for tests: 6 blocks, GQA 4/2 heads, vocab 256."""
+    base = dict(vocab_size=256, hidden=64, n_layers=6, n_heads=4, n_kv_heads=2, ffn=128, rope_theta=10000.0,
+                max_positions=512)  # fmt: skip
+    base.update(overrides)
+    return LlamaConfig(**base)
+
+
+def random_weights(
+    config: LlamaConfig, seed: int = 0, names: list[str] | None = None
+) -> dict[str, torch.Tensor]:
+    """Deterministic random weights (the same ``seed`` gives the same tensors in every process)."""
+    shapes = _shapes(config)
+    out = {}
+    for idx, (name, shape) in enumerate(sorted(shapes.items())):
+        if names is not None and name not in names:
+            continue
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + idx)
+        if name.endswith("norm.weight"):
+            out[name] = 1.0 + 0.1 * torch.randn(shape, generator=gen)
+        else:
+            out[name] = torch.randn(shape, generator=gen) * (1.0 / math.sqrt(shape[-1]))
+    return out
+
+
+def _shapes(c: LlamaConfig) -> dict[str, tuple[int, ...]]:
+    d, kv = c.head_dim, c.n_kv_heads * c.head_dim
+    shapes: dict[str, tuple[int, ...]] = {"token_embd.weight": (c.vocab_size, c.hidden),
+                                          "output_norm.weight": (c.hidden,)}  # fmt: skip
+    if not c.tied:
+        shapes["output.weight"] = (c.vocab_size, c.hidden)
+    for i in range(c.n_layers):
+        p = f"blk.{i}."
+        shapes |= {p + "attn_norm.weight": (c.hidden,), p + "attn_q.weight": (c.n_heads * d, c.hidden),
+                   p + "attn_k.weight": (kv, c.hidden), p + "attn_v.weight": (kv, c.hidden),
+                   p + "attn_output.weight": (c.hidden, c.n_heads * d), p + "ffn_norm.weight": (c.hidden,),
+                   p + "ffn_gate.weight": (c.ffn, c.hidden), p + "ffn_up.weight": (c.ffn, c.hidden),
+                   p + "ffn_down.weight": (c.hidden, c.ffn)}  # fmt: skip
+    return shapes
+
+
+def expected_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
+    return _shapes(config)
+
+
+class KVCache:
+    """Per-session keys and values of the blocks a stage runs: ``layers[i] = (k, v)``, [B, kv, T, d]."""
+
+    def __init__(self) -> None:
+        self.layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.length = 0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(k.nbytes + v.nbytes for k, v in self.layers.values())
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+
+class Rope:
+    """cos/sin tables for every position, and the rotation in either layout."""
+
+    def __init__(self, config: LlamaConfig) -> None:
+        d = config.head_dim
+        inv = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+        angles = torch.outer(torch.arange(config.max_positions, dtype=torch.float64), inv)
+        self.cos = angles.cos().to(torch.float32)  # [P, d/2]
+        self.sin = angles.sin().to(torch.float32)
+        self.layout = config.rope_layout
+
+    def apply(self, x: torch.Tensor, pos: int) -> torch.Tensor:
+        """Rotate x [B, heads, T, d] for positions pos .. pos+T-1."""
+        t = x.shape[2]
+        cos, sin = self.cos[pos : pos + t], self.sin[pos : pos + t]
+        if self.layout == "interleaved":
+            x1, x2 = x[..., 0::2], x[..., 1::2]
+            return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+        half = x.shape[-1] // 2
+        x1, x2 = x[..., :half], x[..., half:]
+        return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+
+
+class Stage:
+    """Blocks [start, end) of a LLaMA; the first stage embeds tokens, the last returns logits."""
+
+    def __init__(self, config: LlamaConfig, weights: dict[str, torch.Tensor], start: int, end: int) -> None:
+        if not 0 <= start < end <= config.n_layers:
+            raise ValueError(f"bad block range {start}:{end} for {config.n_layers} blocks")
+        missing = [n for n in config.stage_tensor_names(start, end) if n not in weights]
+        if missing:
+            raise ValueError(f"weights missing: {', '.join(missing[:4])}")
+        self.config, self.start, self.end = config, start, end
+        self.w = {n: weights[n].to(torch.float32).contiguous() for n in config.stage_tensor_names(start, end)}
+        self.rope = Rope(config)
+
+    @torch.inference_mode()
+    def forward(
+        self, x: torch.Tensor, cache: KVCache | None = None, start: int | None = None, end: int | None = None
+    ) -> torch.Tensor:
+        """Run blocks [start, end) (default: all of this stage's) on x; appends to ``cache``.
+
+        x: token ids [B, T] (int64) when start == 0, else hidden states [B, T, hidden] (fp32).
+        Returns hidden states, or logits [B, T, vocab] when end is the model's last block.
+        """
+        c = self.config
+        start = self.start if start is None else start
+        end = self.end if end is None else end
+        if not self.start <= start < end <= self.end:
+            raise ValueError(f"blocks {start}:{end} are outside this stage's {self.start}:{self.end}")
+        pos = cache.length if cache is not None else 0
+        if pos + x.shape[1] > c.max_positions:
+            raise ValueError(f"sequence longer than {c.max_positions} positions")
+        h = F.embedding(x, self.w["token_embd.weight"]) if start == 0 else x
+        for i in range(start, end):
+            h = self._block(i, h, cache, pos)
+        if cache is not None:
+            cache.length = pos + x.shape[1]
+        if end < c.n_layers:
+            return h
+        h = _rms_norm(h, self.w["output_norm.weight"], c.norm_eps)
+        head = self.w["token_embd.weight" if c.tied else "output.weight"]
+        return F.linear(h, head)
+
+    def _block(self, i: int, h: torch.Tensor, cache: KVCache | None, pos: int) -> torch.Tensor:
+        c, w, p = self.config, self.w, f"blk.{i}."
+        b, t, _ = h.shape
+        x = _rms_norm(h, w[p + "attn_norm.weight"], c.norm_eps)
+        q = F.linear(x, w[p + "attn_q.weight"]).view(b, t, c.n_heads, c.head_dim).transpose(1, 2)
+        k = F.linear(x, w[p + "attn_k.weight"]).view(b, t, c.n_kv_heads, c.head_dim).transpose(1, 2)
+        v = F.linear(x, w[p + "attn_v.weight"]).view(b, t, c.n_kv_heads, c.head_dim).transpose(1, 2)
+        q, k = self.rope.apply(q, pos), self.rope.apply(k, pos)
+        if cache is not None:
+            if i in cache.layers:
+                old_k, old_v = cache.layers[i]
+                k, v = torch.cat((old_k, k), dim=2), torch.cat((old_v, v), dim=2)
+            cache.layers[i] = (k, v)
+        group = c.n_heads // c.n_kv_heads
+        kk, vv = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        scores = (q @ kk.transpose(-1, -2)) * (1.0 / math.sqrt(c.head_dim))
+        total = kk.shape[2]
+        if t > 1:  # causal mask over the new positions (earlier ones are all visible)
+            mask = torch.ones(t, total, dtype=torch.bool).tril(total - t)
+            scores = scores.masked_fill(~mask, float("-inf"))
+        attn = torch.softmax(scores, dim=-1) @ vv
+        h = h + F.linear(attn.transpose(1, 2).reshape(b, t, -1), w[p + "attn_output.weight"])
+        x = _rms_norm(h, w[p + "ffn_norm.weight"], c.norm_eps)
+        mlp = F.silu(F.linear(x, w[p + "ffn_gate.weight"])) * F.linear(x, w[p + "ffn_up.weight"])
+        return h + F.linear(mlp, w[p + "ffn_down.weight"])
+
+
+def split_evenly(n_layers: int, n_stages: int) -> list[tuple[int, int]]:
+    """Contiguous block ranges of (nearly) equal size."""
+    bounds = [round(i * n_layers / n_stages) for i in range(n_stages + 1)]
+    return [(bounds[i], bounds[i + 1]) for i in range(n_stages)]
+
+
+def greedy_generate(stages: list[Stage], prompt: list[int], max_new_tokens: int) -> list[int]:
+    """Greedy decoding through in-process stages with KV caches (the reference for the mesh)."""
+    caches = [KVCache() for _ in stages]
+    x: torch.Tensor = torch.tensor([prompt], dtype=torch.int64)
+    out: list[int] = []
+    for _ in range(max_new_tokens):
+        h = x
+        for stage, cache in zip(stages, caches, strict=True):
+            h = stage.forward(h, cache)
+        token = int(h[0, -1].argmax())
+        out.append(token)
+        x = torch.tensor([[token]], dtype=torch.int64)
+    return out
