@@ -171,6 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
     dht_status = dht_sub.add_parser("status", help="routing table and store sizes, counters")
     for p in (put, get, provide, providers, dht_status):
         _add_control(p)
+    from lattice.swarm import commands as swarm_commands  # testnet, top, --join, roles, metrics
+
+    swarm_commands.add_run_options(run)
+    _COMMANDS.update(swarm_commands.register(sub))
     return parser
 
 
@@ -220,6 +224,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         hole_punching=args.hole_punching,
         upnp=args.upnp,
         mdns=args.mdns,
+        **_swarm_overrides(args),
     )
     logging.basicConfig(
         level=config.log_level.upper(),
@@ -227,6 +232,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         stream=sys.stderr,
     )
     return trio.run(_run_daemon, config, args.ready_file, args.enable_bench, args.inbox)
+
+
+def _swarm_overrides(args: argparse.Namespace) -> dict:
+    from lattice.swarm.commands import run_overrides
+
+    return run_overrides(args)
 
 
 async def _run_daemon(config, ready_file: str | None, enable_bench: bool = False, inbox: bool = False) -> int:

@@ -55,6 +55,8 @@ class NodeConfig:
     relay_circuit_bytes: int = 1 << 30  # per direction
     upnp: bool = False  # map the listen port on the LAN gateway (UPnP IGD / NAT-PMP)
     mdns: bool = False  # find peers on the LAN by multicast DNS
+    # Swarm (lattice.swarm): roles
+    bootstrap_node: bool = False  # public bootstrap node (lattice.swarm.roles sets its limits)
 
     def __post_init__(self) -> None:
         for name in ("listen", "bootstrap", "relays"):
@@ -99,7 +101,7 @@ class NodeConfig:
         for name in ("relay_max_reservations", "relay_max_circuits", "relay_circuit_duration"):
             self._positive_int(name)
         self._positive_int("relay_circuit_bytes")
-        for name in ("relay", "hole_punching", "upnp", "mdns", "control"):
+        for name in ("relay", "hole_punching", "upnp", "mdns", "control", "bootstrap_node"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false")
         if self.log_level not in _LOG_LEVELS:

@@ -87,7 +87,9 @@ class Node:
         keypair: KeyPair | None = None,
         services: list[Service] | None = None,
     ) -> None:
-        self.config = config or NodeConfig()
+        from lattice.swarm import roles
+
+        self.config = roles.apply(config or NodeConfig())
         self._keypair = keypair
         self.host: Host | None = None
         self.services: dict[str, Service] = {}

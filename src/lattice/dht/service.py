@@ -41,6 +41,7 @@ PROTOCOL_ID = "/lattice/kad/1.0.0"
 MAX_REQUESTS_PER_STREAM = 10_000
 IDLE_STREAM_TIMEOUT = 60.0
 MAX_IDLE_STREAMS = 4
+EARLY_SELF_LOOKUPS = (1.0, 4.0, 15.0)  # seconds between the first self-lookups after bootstrap
 MAX_REPLY_RECORDS = 64 * 1024 * 3  # bytes of records in one GET_VALUE reply
 
 
@@ -148,6 +149,9 @@ class DHT:
             await self._table_changed.wait()
             self._table_changed = trio.Event()
         await self._safe_lookup(self.node.host.peer_id.multihash)
+        for delay in EARLY_SELF_LOOKUPS:  # peers that joined at the same time find each other
+            await trio.sleep(delay)
+            await self._safe_lookup(self.node.host.peer_id.multihash)
         last_refresh = last_republish = trio.current_time()
         while True:
             await trio.sleep(min(self.config.refresh_interval, self.config.republish_interval, 60.0))
