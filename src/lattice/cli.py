@@ -287,6 +287,9 @@ async def _run_daemon(config, ready_file: str | None, enable_bench: bool = False
             os.unlink(ready_file)
         except OSError:
             pass
+    if node.fatal_error:  # the node stopped itself (e.g. its bootstrap peers are of another swarm)
+        print(f"lattice-node: error: {node.fatal_error}", file=sys.stderr, flush=True)
+        return EXIT_USAGE
     print("lattice-node stopped", file=sys.stderr, flush=True)
     return 0
 

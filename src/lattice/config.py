@@ -57,6 +57,8 @@ class NodeConfig:
     mdns: bool = False  # find peers on the LAN by multicast DNS
     # Swarm (lattice.swarm): roles
     bootstrap_node: bool = False  # public bootstrap node (lattice.swarm.roles sets its limits)
+    swarm: str = "default"  # swarm profile to join (lattice.swarm.profiles): built-in or from swarm_file
+    swarm_file: Path | None = None  # TOML file of [swarm.NAME] profiles
 
     def __post_init__(self) -> None:
         for name in ("listen", "bootstrap", "relays"):
@@ -73,7 +75,9 @@ class NodeConfig:
                 raise ConfigError(
                     f"bootstrap address {addr} is not a direct /ip4|ip6|dns/.../tcp/PORT address"
                 )
-        for name in ("data_dir", "key_file", "control_socket"):
+        if not isinstance(self.swarm, str) or not self.swarm:
+            raise ConfigError("swarm must be the name of a swarm profile")
+        for name in ("data_dir", "key_file", "control_socket", "swarm_file"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, Path):
                 if not isinstance(value, str) or not value:
@@ -166,6 +170,8 @@ _ENV_SCALARS = {
     "LATTICE_LOG_LEVEL": ("log_level", str),
     "LATTICE_REACHABILITY": ("reachability", str),
     "LATTICE_RELAY": ("relay", lambda v: _bool(v, "LATTICE_RELAY")),
+    "LATTICE_SWARM": ("swarm", str),
+    "LATTICE_SWARM_FILE": ("swarm_file", str),
 }
 
 

@@ -92,6 +92,7 @@ class DHT:
         self._pools: dict[PeerId, list[YamuxStream]] = {}
         self._published: dict[tuple[bytes, bytes], Record] = {}
         self._table_changed = trio.Event()
+        self.admit: Any = None  # (PeerInfo) -> bool: may this peer enter the routing table (swarm guard)
         self.stats = {"requests_in": 0, "requests_out": 0, "rejected_records": 0, "malformed": 0,
                       "failed_requests": 0}  # fmt: skip
 
@@ -129,8 +130,14 @@ class DHT:
         if self.config.protocol_id in info.protocols and self.table is not None:
             self._add_contact(info.peer_id, dialable(info.addrs))
 
+    def _admitted(self, peer: PeerId) -> bool:
+        info = self.node.host.peerstore.get(peer)
+        return self.admit is None or info is None or self.admit(info)
+
     def _add_contact(self, peer: PeerId, addrs: list[Multiaddr]) -> None:
         assert self.table is not None
+        if not self._admitted(peer):
+            return
         candidate = self.table.add(peer, addrs)
         if candidate is not None and candidate.failures:  # prefer live old peers; replace a failing one
             self.table.remove(candidate.peer)

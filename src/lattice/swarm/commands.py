@@ -21,11 +21,23 @@ def add_run_options(run: argparse.ArgumentParser) -> None:
         "--bootstrap-node", action="store_true", default=None,
         help="public bootstrap node: high connection limits, always reachable, no relay reservations",
     )  # fmt: skip
+    group.add_argument("--join", metavar="SWARM", help="join this swarm (a built-in or --swarm-file profile)")
+    group.add_argument("--swarm-file", metavar="FILE", help="TOML file of [swarm.NAME] profiles")
 
 
 def run_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """NodeConfig overrides from the options added by :func:`add_run_options`."""
-    return {"bootstrap_node": args.bootstrap_node}
+    if args.join:
+        from lattice.errors import ConfigError
+        from lattice.swarm.profiles import resolve
+
+        profile = resolve(args.join, Path(args.swarm_file) if args.swarm_file else None)
+        if not (profile.bootstrap or args.bootstrap or args.bootstrap_node):
+            raise ConfigError(
+                f"swarm {args.join!r} lists no bootstrap peers yet: give --bootstrap ADDR "
+                "or a --swarm-file with its bootstrap list"
+            )
+    return {"bootstrap_node": args.bootstrap_node, "swarm": args.join, "swarm_file": args.swarm_file}
 
 
 def register(sub: Any) -> dict[str, Callable[[argparse.Namespace], int]]:
