@@ -7,6 +7,7 @@ clear ConfigError at start-up, not a failure later inside the network code.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -19,6 +20,7 @@ __all__ = ["NodeConfig", "default_data_dir"]
 
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 _UNIX_PATH_MAX = 107
+_HOST_PORT = re.compile(r"(\[[0-9a-fA-F:]+\]|[^:\s\[\]]+):\d{1,5}")
 
 
 def default_data_dir() -> Path:
@@ -59,6 +61,9 @@ class NodeConfig:
     bootstrap_node: bool = False  # public bootstrap node (lattice.swarm.roles sets its limits)
     swarm: str = "default"  # swarm profile to join (lattice.swarm.profiles): built-in or from swarm_file
     swarm_file: Path | None = None  # TOML file of [swarm.NAME] profiles
+    # Observability (lattice.observe)
+    metrics_listen: str | None = None  # HOST:PORT of /metrics, /api/state and the web page (off if None)
+    log_format: str = "text"  # text | json (one JSON object per line)
 
     def __post_init__(self) -> None:
         for name in ("listen", "bootstrap", "relays"):
@@ -108,6 +113,11 @@ class NodeConfig:
         for name in ("relay", "hole_punching", "upnp", "mdns", "control", "bootstrap_node"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false")
+        listen = self.metrics_listen
+        if listen is not None and not (isinstance(listen, str) and _HOST_PORT.fullmatch(listen)):
+            raise ConfigError(f"metrics_listen {listen!r} must be HOST:PORT, e.g. 127.0.0.1:9090")
+        if self.log_format not in ("text", "json"):
+            raise ConfigError("log_format must be text or json")
         if self.log_level not in _LOG_LEVELS:
             raise ConfigError(f"log_level must be one of {', '.join(_LOG_LEVELS)}")
 
@@ -172,6 +182,8 @@ _ENV_SCALARS = {
     "LATTICE_RELAY": ("relay", lambda v: _bool(v, "LATTICE_RELAY")),
     "LATTICE_SWARM": ("swarm", str),
     "LATTICE_SWARM_FILE": ("swarm_file", str),
+    "LATTICE_METRICS_LISTEN": ("metrics_listen", str),
+    "LATTICE_LOG_FORMAT": ("log_format", str),
 }
 
 

@@ -107,6 +107,10 @@ class Node:
         self.swarm = swarm  # the SwarmProfile, resolved at start if not given
         self.swarm_guard: Any = None
         self.fatal_error: str | None = None  # why the node stopped itself (e.g. wrong swarm)
+        from lattice.observe.dashboard import Dashboard
+
+        self.dashboard = Dashboard()  # panels apps push series to; drawn by the web page
+        self.http_url: str | None = None  # the metrics / web page server, when metrics_listen is set
         self._register_core_ops()
 
     # -- lifecycle
@@ -151,6 +155,10 @@ class Node:
             ]
             self.connmgr = ConnectionManager(self.host, bootstrap, keepalive_interval=cfg.keepalive_interval)
             self._nursery.start_soon(self.connmgr.run)
+            if cfg.metrics_listen:
+                from lattice.observe.http import serve_http
+
+                self.http_url = await self._nursery.start(serve_http, self, cfg.metrics_listen)
             if control is not None:
                 control.ops = self.control_ops
                 self._nursery.start_soon(control.serve)
@@ -380,8 +388,15 @@ class Node:
         """Stop the daemon (control op): the reply goes out first, then the node stops."""
         self.request_shutdown()
 
+    async def metrics(self) -> dict:
+        """Counters and per-peer state (lattice.observe.metrics.snapshot): `top`, the web page."""
+        from lattice.observe.metrics import snapshot
+
+        self._require_host()
+        return snapshot(self)
+
     def _register_core_ops(self) -> None:
-        for name in ("id", "connect", "disconnect", "ping", "peers", "status", "shutdown"):
+        for name in ("id", "connect", "disconnect", "ping", "peers", "status", "shutdown", "metrics"):
             self.control_ops[name] = getattr(self, name)
 
     # -- blocking facade

@@ -23,6 +23,12 @@ def add_run_options(run: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     group.add_argument("--join", metavar="SWARM", help="join this swarm (a built-in or --swarm-file profile)")
     group.add_argument("--swarm-file", metavar="FILE", help="TOML file of [swarm.NAME] profiles")
+    obs = run.add_argument_group("observability")
+    obs.add_argument(
+        "--metrics-listen", metavar="HOST:PORT",
+        help="serve /metrics (Prometheus), /api/state and the web page, e.g. 127.0.0.1:9090 (off by default)",
+    )  # fmt: skip
+    obs.add_argument("--log-format", choices=["text", "json"], help="log lines as text (default) or JSON")
 
 
 def run_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -37,7 +43,10 @@ def run_overrides(args: argparse.Namespace) -> dict[str, Any]:
                 f"swarm {args.join!r} lists no bootstrap peers yet: give --bootstrap ADDR "
                 "or a --swarm-file with its bootstrap list"
             )
-    return {"bootstrap_node": args.bootstrap_node, "swarm": args.join, "swarm_file": args.swarm_file}
+    return {
+        "bootstrap_node": args.bootstrap_node, "swarm": args.join, "swarm_file": args.swarm_file,
+        "metrics_listen": args.metrics_listen, "log_format": args.log_format,
+    }  # fmt: skip
 
 
 def register(sub: Any) -> dict[str, Callable[[argparse.Namespace], int]]:
@@ -57,7 +66,39 @@ def register(sub: Any) -> dict[str, Callable[[argparse.Namespace], int]]:
     testnet.add_argument(
         "node_args", nargs=argparse.REMAINDER, metavar="-- RUN_ARGS", help="extra `run` options per node"
     )
-    return {"testnet": cmd_testnet}
+    top = sub.add_parser(
+        "top", help="live view of a running daemon", description="Peers, traffic, DHT, RPC, CRDT, limits."
+    )
+    top.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes (default 1)")
+    top.add_argument("--count", type=int, help="stop after N refreshes (default: until Ctrl-C)")
+    top.add_argument(
+        "--control", metavar="SOCKET", help="control socket of the daemon (default: from config)"
+    )
+    top.add_argument("--config", metavar="FILE", help="TOML config file (to find the control socket)")
+    top.add_argument("--json", action="store_true", help="print one metrics snapshot as JSON")
+    return {"testnet": cmd_testnet, "top": cmd_top}
+
+
+def cmd_top(args: argparse.Namespace) -> int:
+    import json
+
+    from lattice.config import NodeConfig
+    from lattice.control.client import Client
+    from lattice.errors import ConfigError
+    from lattice.observe.top import run_top
+
+    if not 0.1 <= args.interval <= 3600:
+        raise ConfigError("--interval must be between 0.1 and 3600 seconds")
+    path = args.control or NodeConfig.load(args.config).control_path
+    with Client(path) as client:
+        if args.json:
+            print(json.dumps(client.call("metrics"), indent=2, default=str))
+            return 0
+        try:
+            run_top(client, args.interval, args.count)
+        except KeyboardInterrupt:
+            pass
+    return 0
 
 
 def cmd_testnet(args: argparse.Namespace) -> int:

@@ -59,7 +59,7 @@ class Testnet:
         nodes: int,
         extra_args: list[str] | None = None,
         bootstrap_args: list[str] | None = None,
-        metrics: bool = False,
+        metrics: bool = True,
     ) -> None:
         if not 1 <= nodes <= MAX_NODES:
             raise TestnetError(f"--nodes must be between 1 and {MAX_NODES}")
