@@ -171,6 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
     dht_status = dht_sub.add_parser("status", help="routing table and store sizes, counters")
     for p in (put, get, provide, providers, dht_status):
         _add_control(p)
+    from lattice.swarm import commands as swarm_commands  # testnet, top, --join, roles, metrics
+
+    swarm_commands.add_run_options(run)
+    _COMMANDS.update(swarm_commands.register(sub))
     return parser
 
 
@@ -199,7 +203,6 @@ def main(argv: list[str] | None = None) -> int:
 
 # -- the daemon
 def cmd_run(args: argparse.Namespace) -> int:
-    import logging
 
     import trio
 
@@ -220,13 +223,18 @@ def cmd_run(args: argparse.Namespace) -> int:
         hole_punching=args.hole_punching,
         upnp=args.upnp,
         mdns=args.mdns,
+        **_swarm_overrides(args),
     )
-    logging.basicConfig(
-        level=config.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    from lattice.observe.logs import setup_logging
+
+    setup_logging(config.log_level, config.log_format)
     return trio.run(_run_daemon, config, args.ready_file, args.enable_bench, args.inbox)
+
+
+def _swarm_overrides(args: argparse.Namespace) -> dict:
+    from lattice.swarm.commands import run_overrides
+
+    return run_overrides(args)
 
 
 async def _run_daemon(config, ready_file: str | None, enable_bench: bool = False, inbox: bool = False) -> int:
@@ -249,11 +257,14 @@ async def _run_daemon(config, ready_file: str | None, enable_bench: bool = False
         info = await node.id()
         info["control"] = str(node.control_path) if node.control_path else None
         info["pid"] = os.getpid()
+        info["http"] = node.http_url
         print(f"lattice-node ready\npeer id: {info['peer_id']}", flush=True)
         for addr in info["addrs"]:
             print(f"listening: {addr}", flush=True)
         if info["control"]:
             print(f"control: {info['control']}", flush=True)
+        if info["http"]:
+            print(f"metrics and web page: {info['http']}", flush=True)
         if ready_file:
             _write_atomic(ready_file, json.dumps(info))
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -276,6 +287,9 @@ async def _run_daemon(config, ready_file: str | None, enable_bench: bool = False
             os.unlink(ready_file)
         except OSError:
             pass
+    if node.fatal_error:  # the node stopped itself (e.g. its bootstrap peers are of another swarm)
+        print(f"lattice-node: error: {node.fatal_error}", file=sys.stderr, flush=True)
+        return EXIT_USAGE
     print("lattice-node stopped", file=sys.stderr, flush=True)
     return 0
 
@@ -396,6 +410,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         table.add_column("value", overflow="fold")
         table.add_row("peer id", s["peer_id"])
         table.add_row("version", s["version"])
+        if s.get("swarm"):
+            table.add_row("swarm", s["swarm"] + (f" ({', '.join(s['roles'])})" if s.get("roles") else ""))
         table.add_row("uptime", f"{s['uptime_s']:.0f} s")
         table.add_row("reachability", s["reachability"])
         nat = s.get("nat") or {}

@@ -7,6 +7,7 @@ clear ConfigError at start-up, not a failure later inside the network code.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -19,6 +20,7 @@ __all__ = ["NodeConfig", "default_data_dir"]
 
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 _UNIX_PATH_MAX = 107
+_HOST_PORT = re.compile(r"(\[[0-9a-fA-F:]+\]|[^:\s\[\]]+):\d{1,5}")
 
 
 def default_data_dir() -> Path:
@@ -55,6 +57,13 @@ class NodeConfig:
     relay_circuit_bytes: int = 1 << 30  # per direction
     upnp: bool = False  # map the listen port on the LAN gateway (UPnP IGD / NAT-PMP)
     mdns: bool = False  # find peers on the LAN by multicast DNS
+    # Swarm (lattice.swarm): roles
+    bootstrap_node: bool = False  # public bootstrap node (lattice.swarm.roles sets its limits)
+    swarm: str = "default"  # swarm profile to join (lattice.swarm.profiles): built-in or from swarm_file
+    swarm_file: Path | None = None  # TOML file of [swarm.NAME] profiles
+    # Observability (lattice.observe)
+    metrics_listen: str | None = None  # HOST:PORT of /metrics, /api/state and the web page (off if None)
+    log_format: str = "text"  # text | json (one JSON object per line)
 
     def __post_init__(self) -> None:
         for name in ("listen", "bootstrap", "relays"):
@@ -71,7 +80,9 @@ class NodeConfig:
                 raise ConfigError(
                     f"bootstrap address {addr} is not a direct /ip4|ip6|dns/.../tcp/PORT address"
                 )
-        for name in ("data_dir", "key_file", "control_socket"):
+        if not isinstance(self.swarm, str) or not self.swarm:
+            raise ConfigError("swarm must be the name of a swarm profile")
+        for name in ("data_dir", "key_file", "control_socket", "swarm_file"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, Path):
                 if not isinstance(value, str) or not value:
@@ -99,9 +110,14 @@ class NodeConfig:
         for name in ("relay_max_reservations", "relay_max_circuits", "relay_circuit_duration"):
             self._positive_int(name)
         self._positive_int("relay_circuit_bytes")
-        for name in ("relay", "hole_punching", "upnp", "mdns", "control"):
+        for name in ("relay", "hole_punching", "upnp", "mdns", "control", "bootstrap_node"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false")
+        listen = self.metrics_listen
+        if listen is not None and not (isinstance(listen, str) and _HOST_PORT.fullmatch(listen)):
+            raise ConfigError(f"metrics_listen {listen!r} must be HOST:PORT, e.g. 127.0.0.1:9090")
+        if self.log_format not in ("text", "json"):
+            raise ConfigError("log_format must be text or json")
         if self.log_level not in _LOG_LEVELS:
             raise ConfigError(f"log_level must be one of {', '.join(_LOG_LEVELS)}")
 
@@ -164,6 +180,10 @@ _ENV_SCALARS = {
     "LATTICE_LOG_LEVEL": ("log_level", str),
     "LATTICE_REACHABILITY": ("reachability", str),
     "LATTICE_RELAY": ("relay", lambda v: _bool(v, "LATTICE_RELAY")),
+    "LATTICE_SWARM": ("swarm", str),
+    "LATTICE_SWARM_FILE": ("swarm_file", str),
+    "LATTICE_METRICS_LISTEN": ("metrics_listen", str),
+    "LATTICE_LOG_FORMAT": ("log_format", str),
 }
 
 

@@ -86,8 +86,11 @@ class Node:
         *,
         keypair: KeyPair | None = None,
         services: list[Service] | None = None,
+        swarm: Any = None,  # a lattice.swarm.profiles.SwarmProfile (default: from config.swarm)
     ) -> None:
-        self.config = config or NodeConfig()
+        from lattice.swarm import roles
+
+        self.config = roles.apply(config or NodeConfig())
         self._keypair = keypair
         self.host: Host | None = None
         self.services: dict[str, Service] = {}
@@ -101,6 +104,13 @@ class Node:
         self._started_at = 0.0
         self.connmgr: ConnectionManager | None = None
         self.nat: NATManager | None = None
+        self.swarm = swarm  # the SwarmProfile, resolved at start if not given
+        self.swarm_guard: Any = None
+        self.fatal_error: str | None = None  # why the node stopped itself (e.g. wrong swarm)
+        from lattice.observe.dashboard import Dashboard
+
+        self.dashboard = Dashboard()  # panels apps push series to; drawn by the web page
+        self.http_url: str | None = None  # the metrics / web page server, when metrics_listen is set
         self._register_core_ops()
 
     # -- lifecycle
@@ -109,8 +119,10 @@ class Node:
 
         keypair = self._keypair or load_or_create_key(self.config.key_path)
         cfg = self.config
+        profile = self._resolve_swarm()
         host_config = HostConfig(
             agent_version=f"lattice/{__version__}",
+            protocol_version=profile.identify_version,
             max_connections=cfg.max_connections,
             dial_timeout=cfg.dial_timeout,
         )
@@ -131,14 +143,22 @@ class Node:
 
                 control = ControlServer(self.control_path)
                 await control.bind()
+            self._install_swarm_guard()
             for service in self.services.values():  # handlers exist before any peer can identify us
                 await self._nursery.start(service.run, self)
             self.host.start_accepting()
             if "dht" in self.services:
                 self._wire_relay_discovery()
-            bootstrap = [Multiaddr.parse(a) for a in cfg.bootstrap]
+            boot_addrs = list(dict.fromkeys([*cfg.bootstrap, *profile.bootstrap]))
+            bootstrap = [
+                Multiaddr.parse(a) for a in boot_addrs if Multiaddr.parse(a).peer_id != keypair.peer_id
+            ]
             self.connmgr = ConnectionManager(self.host, bootstrap, keepalive_interval=cfg.keepalive_interval)
             self._nursery.start_soon(self.connmgr.run)
+            if cfg.metrics_listen:
+                from lattice.observe.http import serve_http
+
+                self.http_url = await self._nursery.start(serve_http, self, cfg.metrics_listen)
             if control is not None:
                 control.ops = self.control_ops
                 self._nursery.start_soon(control.serve)
@@ -147,6 +167,28 @@ class Node:
             raise
         self._started_at = time.time()
         return self
+
+    def _resolve_swarm(self) -> Any:
+        """The swarm profile; the DHT takes its protocol id unless one was configured explicitly."""
+        from lattice.dht.service import PROTOCOL_ID as DEFAULT_KAD
+        from lattice.swarm.profiles import resolve
+
+        if self.swarm is None:
+            self.swarm = resolve(self.config.swarm, self.config.swarm_file)
+        dht = self.services.get("dht")
+        dht_config = getattr(dht, "config", None)
+        if dht_config is not None and dht_config.protocol_id == DEFAULT_KAD:
+            dht_config.protocol_id = self.swarm.kad_protocol
+        return self.swarm
+
+    def _install_swarm_guard(self) -> None:
+        from lattice.swarm.guard import SwarmGuard
+
+        self.swarm_guard = SwarmGuard(self, self.swarm)
+        self.swarm_guard.install()
+        dht = self.services.get("dht")
+        if dht is not None and hasattr(dht, "admit"):
+            dht.admit = self.swarm_guard.admit
 
     def _wire_relay_discovery(self) -> None:
         """Relays announce themselves as providers of RELAY_KEY in the DHT; NATed nodes look there
@@ -308,6 +350,7 @@ class Node:
 
     async def status(self) -> dict:
         host = self._require_host()
+        cfg = self.config
         conns = host.connections()
         direct = {c.remote_peer for c in conns if not c.relayed}
         boot = self.connmgr.bootstrap_peers if self.connmgr else {}
@@ -337,14 +380,23 @@ class Node:
             "bytes_received": sum(c.session.bytes_received for c in conns),
             "services": sorted(self.services),
             "control": str(self.control_path) if self.control_path else None,
+            "swarm": self.swarm.swarm_id if self.swarm else None,
+            "roles": [r for r, on in (("bootstrap", cfg.bootstrap_node), ("relay", cfg.relay)) if on],
         }
 
     async def shutdown(self) -> None:
         """Stop the daemon (control op): the reply goes out first, then the node stops."""
         self.request_shutdown()
 
+    async def metrics(self) -> dict:
+        """Counters and per-peer state (lattice.observe.metrics.snapshot): `top`, the web page."""
+        from lattice.observe.metrics import snapshot
+
+        self._require_host()
+        return snapshot(self)
+
     def _register_core_ops(self) -> None:
-        for name in ("id", "connect", "disconnect", "ping", "peers", "status", "shutdown"):
+        for name in ("id", "connect", "disconnect", "ping", "peers", "status", "shutdown", "metrics"):
             self.control_ops[name] = getattr(self, name)
 
     # -- blocking facade

@@ -41,6 +41,9 @@ PROTOCOL_ID = "/lattice/kad/1.0.0"
 MAX_REQUESTS_PER_STREAM = 10_000
 IDLE_STREAM_TIMEOUT = 60.0
 MAX_IDLE_STREAMS = 4
+_OP_NAMES = {protocol.FIND_NODE: "find_node", protocol.GET_VALUE: "get_value",
+             protocol.GET_PROVIDERS: "get_providers"}  # fmt: skip
+EARLY_SELF_LOOKUPS = (1.0, 4.0, 15.0)  # seconds between the first self-lookups after bootstrap
 MAX_REPLY_RECORDS = 64 * 1024 * 3  # bytes of records in one GET_VALUE reply
 
 
@@ -91,8 +94,11 @@ class DHT:
         self._pools: dict[PeerId, list[YamuxStream]] = {}
         self._published: dict[tuple[bytes, bytes], Record] = {}
         self._table_changed = trio.Event()
+        self.admit: Any = None  # (PeerInfo) -> bool: may this peer enter the routing table (swarm guard)
         self.stats = {"requests_in": 0, "requests_out": 0, "rejected_records": 0, "malformed": 0,
                       "failed_requests": 0}  # fmt: skip
+        # operation -> [count, total seconds] (Prometheus summaries: lattice_dht_op_seconds)
+        self.latency: dict[str, list[float]] = {}
 
     # -- lifecycle
     async def run(self, node: Any, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
@@ -128,8 +134,14 @@ class DHT:
         if self.config.protocol_id in info.protocols and self.table is not None:
             self._add_contact(info.peer_id, dialable(info.addrs))
 
+    def _admitted(self, peer: PeerId) -> bool:
+        info = self.node.host.peerstore.get(peer)
+        return self.admit is None or info is None or self.admit(info)
+
     def _add_contact(self, peer: PeerId, addrs: list[Multiaddr]) -> None:
         assert self.table is not None
+        if not self._admitted(peer):
+            return
         candidate = self.table.add(peer, addrs)
         if candidate is not None and candidate.failures:  # prefer live old peers; replace a failing one
             self.table.remove(candidate.peer)
@@ -148,6 +160,9 @@ class DHT:
             await self._table_changed.wait()
             self._table_changed = trio.Event()
         await self._safe_lookup(self.node.host.peer_id.multihash)
+        for delay in EARLY_SELF_LOOKUPS:  # peers that joined at the same time find each other
+            await trio.sleep(delay)
+            await self._safe_lookup(self.node.host.peer_id.multihash)
         last_refresh = last_republish = trio.current_time()
         while True:
             await trio.sleep(min(self.config.refresh_interval, self.config.republish_interval, 60.0))
@@ -176,13 +191,20 @@ class DHT:
 
     # -- requests to other peers
     async def _request(self, peer: PeerId, message: protocol.Message) -> protocol.Message:
+        t0 = trio.current_time()
+        try:
+            return await self._request_inner(peer, message)
+        finally:
+            self._observe("request", trio.current_time() - t0)
+
+    async def _request_inner(self, peer: PeerId, message: protocol.Message) -> protocol.Message:
         host = self.node.host
         self.stats["requests_out"] += 1
         with trio.fail_after(self.config.request_timeout):
             pool = self._pools.setdefault(peer, [])
             stream = pool.pop() if pool else None
             if stream is None or stream._error is not None or stream.remote_closed:
-                conn = await host.connect_peer(peer, timeout=self.config.request_timeout)
+                conn = await host.connect_peer(peer, timeout=self.config.request_timeout, route=False)
                 stream = await host.new_stream(conn, [self.config.protocol_id])
             try:
                 body = protocol.encode(message)
@@ -200,8 +222,20 @@ class DHT:
             await stream.close()
         return reply
 
+    def _observe(self, op: str, seconds: float) -> None:
+        slot = self.latency.setdefault(op, [0, 0.0])
+        slot[0] += 1
+        slot[1] += seconds
+
     async def _lookup(self, key: bytes, mtype: int, on_reply: Any = None, beta: int | None = None) -> Lookup:
         """Iterative lookup; ``on_reply(peer, reply)`` may return True to stop early."""
+        t0 = trio.current_time()
+        try:
+            return await self._lookup_inner(key, mtype, on_reply, beta)
+        finally:
+            self._observe(_OP_NAMES.get(mtype, "lookup"), trio.current_time() - t0)
+
+    async def _lookup_inner(self, key: bytes, mtype: int, on_reply: Any, beta: int | None) -> Lookup:
         assert self.table is not None
         target = key_id(key)
         me = self.node.host.peer_id
@@ -379,7 +413,7 @@ class DHT:
     async def _send_only(self, peer: PeerId, message: protocol.Message) -> None:
         host = self.node.host
         with trio.fail_after(self.config.request_timeout):
-            conn = await host.connect_peer(peer, timeout=self.config.request_timeout)
+            conn = await host.connect_peer(peer, timeout=self.config.request_timeout, route=False)
             stream = await host.new_stream(conn, [self.config.protocol_id])
             body = protocol.encode(message)
             await stream.write(_proto.encode_uvarint(len(body)) + body, fin=True)

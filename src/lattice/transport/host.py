@@ -144,6 +144,8 @@ class Host:
         self._identified: dict[PeerId, trio.Event] = {}
         self._identify_callbacks: list[Callable[[PeerInfo], None]] = []
         self.stats = Counter()
+        self.traffic_in: Counter = Counter()  # payload bytes per protocol, all connections (metrics)
+        self.traffic_out: Counter = Counter()
         # Finds a peer's current addresses when ours fail or are missing (the DHT installs one).
         self.peer_router: Callable[[PeerId], Awaitable[list[Multiaddr]]] | None = None
         self._address_sources: list[Callable[[], list[Multiaddr]]] = []
@@ -384,6 +386,7 @@ class Host:
             write_timeout=cfg.write_timeout,
             initial_data=leftover,
         )
+        session.traffic_in, session.traffic_out = self.traffic_in, self.traffic_out
         conn = Connection(session, secure.remote_peer, remote, local, "outbound" if outbound else "inbound")
         conn_ref.append(conn)
         self._conns.setdefault(conn.remote_peer, []).append(conn)
@@ -410,9 +413,13 @@ class Host:
             for callback in self._disconnect_callbacks:
                 callback(conn)
 
-    async def connect_peer(self, peer: PeerId, timeout: float | None = None) -> Connection:
+    async def connect_peer(
+        self, peer: PeerId, timeout: float | None = None, route: bool = True
+    ) -> Connection:
         """A live connection to ``peer``: the existing one, or a dial of the addresses we know; if
-        those fail or there are none, of the addresses the peer router (DHT) finds.
+        those fail or there are none (and ``route``), of the addresses the peer router (DHT) finds.
+        The DHT's own requests pass ``route=False``: a stale contact must not start a lookup whose
+        requests start lookups in turn.
 
         Direct addresses are tried at once, relayed ones after ``relay_delay`` (a NATed peer's
         private addresses may only time out), all in parallel; the first connection made wins."""
@@ -428,7 +435,7 @@ class Host:
                 raise DialError(f"not connected to {peer} and no known address")
             return await self._connect_addrs(peer, known, timeout)
         except DialError:
-            if self.peer_router is None:
+            if self.peer_router is None or not route:
                 raise
             fresh = [a for a in await self.peer_router(peer) if a not in known]
             if not fresh:
@@ -517,6 +524,7 @@ class Host:
                 raise NegotiationError(f"protocol negotiation with {conn.remote_peer} timed out") from None
             raise
         stream.unread(bytes(buf))
+        _recount(conn.session, stream.protocol, len(buf))
         return stream
 
     async def _handle_stream(self, conn: Connection, stream: yamux.YamuxStream) -> None:
@@ -538,6 +546,7 @@ class Host:
             return
         stream.protocol = proto
         stream.unread(bytes(buf))
+        _recount(conn.session, proto, len(buf))
         handler = self._handlers.get(proto)
         if handler is None:
             await stream.reset()
@@ -563,6 +572,13 @@ class Host:
             scope.shield = True
             for conn in self.connections():
                 await conn.close()
+
+
+def _recount(session: yamux.YamuxSession, protocol: str | None, n: int) -> None:
+    """Bytes read past the negotiation belong to the protocol just negotiated (metrics)."""
+    if n:
+        session.traffic_in[None] -= n
+        session.traffic_in[protocol] += n
 
 
 async def _open_listener(host: str, port: int) -> trio.SocketListener:

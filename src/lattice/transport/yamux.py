@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import struct
-from collections import deque
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
@@ -205,6 +205,7 @@ class YamuxStream:
         view = memoryview(data).cast("B") if not isinstance(data, bytes) else memoryview(data)
         total = len(view)
         session = self.session
+        session.traffic_out[self.protocol] += total
         await _acquire(self._write_lock)
         try:
             off = 0
@@ -296,6 +297,7 @@ class YamuxStream:
         if len(data) > self._recv_window:
             raise ProtocolError(f"peer overran the stream window ({len(data)} > {self._recv_window})")
         self._recv_window -= len(data)
+        self.session.traffic_in[self.protocol] += len(data)
         self._buf.append(data)
         self._buf_len += len(data)
         self._read_lot.unpark_all()
@@ -375,6 +377,9 @@ class YamuxSession:
         self._initial = initial_data
         self.bytes_sent = 0
         self.bytes_received = 0
+        # payload bytes per negotiated protocol (None: negotiation); the host shares its counters
+        self.traffic_in: Counter = Counter()
+        self.traffic_out: Counter = Counter()
         # parser state
         self._hdr_buf = bytearray()
         self._data_left = 0

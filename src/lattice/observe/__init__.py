@@ -1,0 +1,1 @@
+"""Observability: Prometheus metrics, the JSON state behind the web page and ``top``, logs."""

@@ -1,0 +1,168 @@
+"""Swarm profiles: which network a node joins, and the protocol ids that keep networks apart.
+
+A profile names a swarm id, its bootstrap peers, the Kademlia protocol id, the identify
+``protocol_version`` and the limits of its public nodes. Two swarms use different DHT protocol ids
+(a request of the other swarm fails negotiation) and different identify versions (a peer whose
+version names another swarm is never added to the routing table). The ``default`` profile keeps
+the ids a libp2p peer expects, so go/rust peers still identify, ping and query a default node.
+
+Built-in profiles live in :data:`BUILTIN`; more come from TOML files (``--swarm-file``)::
+
+    [swarm.mynet]
+    bootstrap = ["/dns4/boot1.example.org/tcp/4001/p2p/12D3KooW..."]
+    # optional: id (default: the name), kad_protocol, identify_version
+    [swarm.mynet.limits]
+    max_conns_per_ip = 8
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from lattice.errors import ConfigError
+from lattice.transport.multiaddr import Multiaddr
+
+__all__ = ["BUILTIN", "DEFAULT", "SwarmLimits", "SwarmProfile", "load_profiles", "resolve", "swarm_of"]
+
+_ID = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
+DEFAULT_KAD = "/lattice/kad/1.0.0"
+DEFAULT_IDENTIFY = "lattice/1.0.0"
+
+
+@dataclass(frozen=True)
+class SwarmLimits:
+    """What one peer may cost a node; enforced by lattice.transport.limits."""
+
+    max_conns_per_ip: int = 16  # loopback is exempt (a local testnet shares 127.0.0.1)
+    streams_per_s: float = 200.0  # inbound streams per peer (token bucket rate) ...
+    streams_burst: float = 400.0  # ... and burst
+    protocol_per_s: float = 100.0  # inbound streams per peer and protocol
+    protocol_burst: float = 200.0
+    ban_score: float = 100.0  # misbehaviour points that get a peer banned
+    ban_seconds: float = 600.0
+    score_decay_per_s: float = 1.0  # points forgiven per second
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"swarm limit {f.name} must be a positive number")
+
+
+@dataclass(frozen=True)
+class SwarmProfile:
+    name: str
+    swarm_id: str
+    bootstrap: tuple[str, ...] = ()
+    kad_protocol: str = ""
+    identify_version: str = ""
+    limits: SwarmLimits = field(default_factory=SwarmLimits)
+
+    def __post_init__(self) -> None:
+        if not _ID.fullmatch(self.swarm_id):
+            raise ConfigError(f"swarm id {self.swarm_id!r} must be 1-63 of a-z 0-9 - (lowercase)")
+        default = self.swarm_id == "default"
+        if not self.kad_protocol:
+            kad = DEFAULT_KAD if default else f"/lattice/{self.swarm_id}/kad/1.0.0"
+            object.__setattr__(self, "kad_protocol", kad)
+        if not self.identify_version:
+            version = DEFAULT_IDENTIFY if default else f"lattice/{self.swarm_id}/1"
+            object.__setattr__(self, "identify_version", version)
+        if not self.kad_protocol.startswith("/"):
+            raise ConfigError(f"kad_protocol of swarm {self.name!r} must start with /")
+        if swarm_of(self.identify_version) != self.swarm_id:
+            raise ConfigError(
+                f"identify_version {self.identify_version!r} of swarm {self.name!r} must read "
+                f"lattice/{self.swarm_id}/VERSION"
+            )
+        for addr in self.bootstrap:
+            ma = Multiaddr.parse(addr)
+            if ma.tcp_target() is None or ma.peer_id is None:
+                raise ConfigError(f"bootstrap address {addr} of swarm {self.name!r} needs /tcp/PORT/p2p/PEER")
+
+
+def swarm_of(protocol_version: str) -> str | None:
+    """The swarm id a peer's identify ``protocol_version`` names: ``lattice/<id>/<v>`` -> id,
+    ``lattice/<v>`` (digits) -> "default"; None for other implementations (go, rust, ...)."""
+    parts = protocol_version.split("/")
+    if len(parts) < 2 or parts[0] != "lattice":
+        return None
+    if parts[1][:1].isdigit():
+        return "default"
+    return parts[1] if _ID.fullmatch(parts[1]) else None
+
+
+DEFAULT = SwarmProfile("default", "default")
+BUILTIN: dict[str, SwarmProfile] = {
+    "default": DEFAULT,
+    # The public test swarm: its operators publish the bootstrap list as a profile file
+    # (docs/operators.md); until then, join it with --bootstrap ADDR.
+    "public-test": SwarmProfile("public-test", "public-test"),
+}
+
+
+def load_profiles(path: Path) -> dict[str, SwarmProfile]:
+    """Profiles from a TOML file (``[swarm.NAME]`` tables)."""
+    try:
+        with Path(path).open("rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"swarm file {path} does not exist") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read swarm file {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"swarm file {path} is not valid TOML: {exc}") from None
+    tables = data.get("swarm")
+    if not isinstance(tables, dict) or not tables:
+        raise ConfigError(f"swarm file {path} has no [swarm.NAME] table")
+    out = {}
+    for name, table in tables.items():
+        if not isinstance(table, dict):
+            raise ConfigError(f"swarm file {path}: [swarm.{name}] must be a table")
+        out[name] = _profile(name, table, path)
+    return out
+
+
+def _profile(name: str, table: dict[str, Any], path: Path) -> SwarmProfile:
+    known = {"id", "bootstrap", "kad_protocol", "identify_version", "limits"}
+    unknown = set(table) - known
+    if unknown:
+        raise ConfigError(f"swarm file {path}: unknown keys in [swarm.{name}]: {', '.join(sorted(unknown))}")
+    limits = table.get("limits", {})
+    if not isinstance(limits, dict):
+        raise ConfigError(f"swarm file {path}: [swarm.{name}.limits] must be a table")
+    limit_names = {f.name for f in fields(SwarmLimits)}
+    bad = set(limits) - limit_names
+    if bad:
+        raise ConfigError(f"swarm file {path}: unknown limits {', '.join(sorted(bad))}")
+    bootstrap = table.get("bootstrap", [])
+    if not isinstance(bootstrap, list) or not all(isinstance(a, str) for a in bootstrap):
+        raise ConfigError(f"swarm file {path}: bootstrap of {name!r} must be a list of multiaddrs")
+    return SwarmProfile(
+        name=name,
+        swarm_id=str(table.get("id", name)),
+        bootstrap=tuple(bootstrap),
+        kad_protocol=str(table.get("kad_protocol", "")),
+        identify_version=str(table.get("identify_version", "")),
+        limits=SwarmLimits(**limits),
+    )
+
+
+def resolve(name: str, swarm_file: Path | None = None) -> SwarmProfile:
+    """The profile called ``name``: from ``swarm_file`` first, then the built-ins."""
+    profiles = dict(BUILTIN)
+    if swarm_file is not None:
+        profiles.update(load_profiles(swarm_file))
+    if name in profiles:
+        return profiles[name]
+    known = ", ".join(sorted(profiles))
+    raise ConfigError(f"unknown swarm {name!r} (known: {known}; define it in a --swarm-file)")
+
+
+def with_limits(profile: SwarmProfile, **limits: Any) -> SwarmProfile:
+    """A copy of ``profile`` with some limits changed (tests, embedded nodes)."""
+    return replace(profile, limits=replace(profile.limits, **limits))
