@@ -195,6 +195,9 @@ async def test_hole_punch_upgrades_a_relayed_connection_to_a_direct_one(host_fac
             await trio.sleep(0.02)
     direct = a.connection_to(b.peer_id)
     assert not direct.relayed and direct.direction == "outbound"  # A is the client, as the spec says
+    with trio.fail_after(5):  # B records its outcome when its side of the handshake completes
+        while a.peer_id not in punchers[b].results:
+            await trio.sleep(0.02)
     assert punchers[b].results[a.peer_id]["outcome"] == "direct"
     stream = await a.new_stream(b.peer_id, [ECHO])
     await stream.write(b"over the punched path")
