@@ -217,6 +217,9 @@ class CRDT:
 
     def _on_identify(self, info: PeerInfo) -> None:
         if PROTOCOL_ID in info.protocols and self._nursery is not None:
+            connmgr = getattr(self.node, "connmgr", None)
+            if connmgr is not None:  # a replica: re-dialed at once when lost (partitions heal fast)
+                connmgr.keep(info.peer_id)
             for doc in list(self.docs.values()):
                 self._nursery.start_soon(self._sync_quietly, info.peer_id, doc)
 
