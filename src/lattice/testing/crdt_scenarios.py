@@ -32,8 +32,10 @@ def sigkill_during_writes(work: Path, writes: int = 1000, writers: int = 4, kill
     update each); the daemon is SIGKILLed once ``kill_after`` writes were acknowledged, restarted on
     the same data directory, and its document compared with the acknowledgements."""
     doc = "durable/doc"
+    first = time.monotonic()
     daemon = start_daemon(work, "victim", LOOPBACK)
     daemon.call("crdt.get", doc=doc)
+    first_open = time.monotonic() - first  # the baseline: a fresh daemon serving an empty document
     acked: list[str] = []
     lock = threading.Lock()
     per_writer = writes // writers
@@ -86,6 +88,7 @@ def sigkill_during_writes(work: Path, writes: int = 1000, writers: int = 4, kill
         "in_flight_kept": len(present) - len(acknowledged),
         "log_dropped_bytes": status["log_dropped_bytes"],
         "restart_open_s": round(opened, 3),
+        "fresh_open_s": round(first_open, 3),
         "write_after_restart": sum(version.values()) == len(present) + 1,
         "seconds_before_kill": round(restart_at - start, 2),
     }
