@@ -12,6 +12,7 @@ CRDT's anti-entropy, recover them). The router's heartbeat runs every second.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -52,11 +53,14 @@ class PubSub:
             node.host.set_stream_handler(proto, self._handle)
         node.host.on_identify(self._on_identify)
         node.host.on_disconnect(self._on_disconnect)
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            nursery.start_soon(self._heartbeat)
-            task_status.started()
-            await trio.sleep_forever()
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._heartbeat)
+                task_status.started()
+                await trio.sleep_forever()
+        finally:
+            self._nursery = None
 
     # -- API
     def subscribe(self, topic: str, handler: Handler) -> None:
@@ -101,11 +105,15 @@ class PubSub:
             self.router.remove_peer(peer)
 
     def _start_peer(self, peer: PeerId) -> None:
+        if self._nursery is None:
+            return
         send, receive = trio.open_memory_channel[RPC](MAX_QUEUE)
+        try:
+            self._nursery.start_soon(self._writer, peer, receive)
+        except RuntimeError:  # shutting down
+            return
         self._queues[peer] = send
         self.router.add_peer(peer)
-        assert self._nursery is not None
-        self._nursery.start_soon(self._writer, peer, receive)
         self._flush()
 
     def _flush(self) -> None:
@@ -155,7 +163,8 @@ class PubSub:
                 self._queues.pop(peer).close()
                 self.router.remove_peer(peer)
                 if self.node.host.connection_to(peer) is not None and self._nursery is not None:
-                    self._nursery.start_soon(self._restart, peer)
+                    with contextlib.suppress(RuntimeError):  # unless shutting down
+                        self._nursery.start_soon(self._restart, peer)
             if stream is not None:
                 with trio.CancelScope(shield=True):
                     await stream.reset()
@@ -163,7 +172,9 @@ class PubSub:
     async def _restart(self, peer: PeerId) -> None:
         """A broken stream on a live connection: start over (subscriptions, mesh) after a pause."""
         await trio.sleep(1.0)
-        if peer not in self._queues and self.node.host.connection_to(peer) is not None:
+        info = self.node.host.peerstore.get(peer)
+        speaks = info is not None and any(p in info.protocols for p in protocol.PROTOCOLS)
+        if speaks and peer not in self._queues and self.node.host.connection_to(peer) is not None:
             self._start_peer(peer)
 
     async def _write(self, peer: PeerId, stream: YamuxStream | None, rpc: RPC) -> YamuxStream:
