@@ -111,8 +111,27 @@ def test_rejected_messages_are_not_forwarded_and_duplicates_dropped():
     delivered = net.routers[1].handle(0, rpc, net.now, validate=lambda p, m: False)
     assert delivered == [] and net.routers[1].stats["rejected"] == 1
     assert all(not r.messages for _, r in net.routers[1].drain())
-    again = net.routers[1].handle(2, RPC(messages=[Message("t", b"bad")]), net.now)
+    # a rejected message is not marked seen: a forgery cannot pre-empt the genuine message's id
+    genuine = net.routers[1].handle(2, RPC(messages=[Message("t", b"bad")]), net.now)
+    assert [m.data for m in genuine] == [b"bad"]
+    again = net.routers[1].handle(3, RPC(messages=[Message("t", b"bad")]), net.now)
     assert again == [] and net.routers[1].stats["duplicates"] == 1
+
+
+def test_strict_sign_messages_verify_and_forgeries_do_not():
+    from dataclasses import replace
+
+    from lattice.identity import KeyPair
+
+    key = KeyPair.generate()
+    m = protocol.signed(key, "t", b"data", 7)
+    assert m.verify() and m.id == key.peer_id.multihash + (7).to_bytes(8, "big")
+    assert protocol.decode(protocol.encode(RPC(messages=[m]))).messages == [m]
+    stranger = KeyPair.generate().peer_id.multihash
+    changes = [{"data": b"other"}, {"signature": bytes(64)}, {"signature": None}, {"from_": stranger},
+               {"seqno": b"\0" * 8}]  # fmt: skip
+    for change in changes:
+        assert not replace(m, **change).verify()
 
 
 def test_unsubscribe_prunes_and_graft_from_backoff_is_refused():

@@ -12,10 +12,11 @@
     message ControlGraft { string topicID = 1; }
     message ControlPrune { string topicID = 1; repeated PeerInfo peers = 2; uint64 backoff = 3; }
 
-Lattice publishes with the ``StrictNoSign`` policy (no from, seqno, signature or key: the payloads it
-carries are signed by their authors, e.g. CRDT updates), so a message id is the SHA-256 of topic and
-data (content addressing, as gossipsub v1.1 prescribes for unsigned messages). Every count and size
-is bounded while decoding.
+Signing follows libp2p's ``StrictSign`` policy (the default of go-libp2p and rust-libp2p): a message
+carries its publisher (``from``), an 8-byte sequence number and an Ed25519 signature over
+``"libp2p-pubsub:" + Message{from, data, seqno, topic}`` (protobuf, field order); its id is
+``from + seqno``. Unsigned messages (``StrictNoSign``) are identified by the SHA-256 of topic and data.
+Every count and size is bounded while decoding.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ import hashlib
 from dataclasses import dataclass, field
 
 from lattice import _proto
-from lattice.errors import PayloadError
+from lattice.errors import IdentityError, PayloadError
+from lattice.identity import KeyPair, PeerId, PublicKey
 
 PROTOCOL_ID = "/meshsub/1.1.0"
 PROTOCOLS = [PROTOCOL_ID, "/meshsub/1.0.0"]
@@ -33,14 +35,47 @@ MAX_TOPIC = 512
 MAX_ITEMS = 5000  # subscriptions, messages, control entries or ids in one RPC
 
 
+SIGN_PREFIX = b"libp2p-pubsub:"
+
+
 @dataclass(frozen=True)
 class Message:
     topic: str
     data: bytes
+    from_: bytes | None = None  # the publisher's peer id (multihash bytes)
+    seqno: bytes | None = None
+    signature: bytes | None = None
+    key: bytes | None = None  # protobuf public key, when the peer id does not embed it
 
     @property
     def id(self) -> bytes:
+        if self.from_ is not None and self.seqno is not None:
+            return self.from_ + self.seqno
         return message_id(self.topic, self.data)
+
+    def signed_bytes(self) -> bytes:
+        return SIGN_PREFIX + _proto.encode(
+            [(1, self.from_), (2, self.data), (3, self.seqno), (4, self.topic)]
+        )
+
+    def verify(self) -> bool:
+        """Whether the message is signed by the peer in ``from`` (StrictSign)."""
+        if self.from_ is None or self.seqno is None or self.signature is None:
+            return False
+        try:
+            peer = PeerId(self.from_)
+            public = PublicKey.from_protobuf(self.key) if self.key else peer.public_key()
+        except (IdentityError, ValueError):
+            return False
+        if public is None or public.peer_id() != peer:
+            return False
+        return public.verify(self.signature, self.signed_bytes())
+
+
+def signed(keypair: KeyPair, topic: str, data: bytes, seqno: int) -> Message:
+    """A StrictSign message published by ``keypair``."""
+    m = Message(topic, data, keypair.peer_id.multihash, seqno.to_bytes(8, "big"))
+    return Message(topic, data, m.from_, m.seqno, keypair.sign(m.signed_bytes()))
 
 
 @dataclass
@@ -82,7 +117,8 @@ def encode(rpc: RPC) -> bytes:
     for subscribe, topic in rpc.subscriptions:
         fields.append((1, _proto.encode([(1, int(subscribe)), (2, topic)])))
     for m in rpc.messages:
-        fields.append((2, _proto.encode([(2, m.data), (4, m.topic)])))
+        body = [(1, m.from_), (2, m.data), (3, m.seqno), (4, m.topic), (5, m.signature), (6, m.key)]
+        fields.append((2, _proto.encode(body)))
     control: list[tuple[int, int | bytes | str | None]] = []
     for topic, ids in rpc.ihave:
         control.append((1, _proto.encode([(1, topic), *((2, i) for i in ids)])))
@@ -121,7 +157,11 @@ def _decode(raw: bytes) -> RPC:
         rpc.subscriptions.append((bool(_proto.one_int(f, 1, 0)), _topic(_proto.one_bytes(f, 2))))
     for msg in _proto.all_bytes(top, 2)[:MAX_ITEMS]:
         f = _proto.decode(msg, max_fields=16)
-        rpc.messages.append(Message(_topic(_proto.one_bytes(f, 4)), _proto.one_bytes(f, 2) or b""))
+        sender, seqno, sig, key = (_proto.one_bytes(f, n) for n in (1, 3, 5, 6))
+        if any(v is not None and len(v) > 256 for v in (sender, seqno, sig)) or (key and len(key) > 1024):
+            raise PayloadError("pubsub message fields too long")
+        topic = _topic(_proto.one_bytes(f, 4))
+        rpc.messages.append(Message(topic, _proto.one_bytes(f, 2) or b"", sender, seqno, sig, key))
     control = _proto.one_bytes(top, 3)
     if control:
         c = _proto.decode(control, max_fields=4 * MAX_ITEMS)

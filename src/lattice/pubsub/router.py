@@ -109,9 +109,10 @@ class GossipRouter:
             self._rpc(peer).graft.append(topic)
 
     # ---- messages
-    def publish(self, topic: str, data: bytes, now: float) -> bytes:
-        """Send our own message (to every peer subscribed to the topic); returns its id."""
-        message = Message(topic, data)
+    def publish(self, topic: str, data: bytes, now: float, message: Message | None = None) -> bytes:
+        """Send our own message (to every peer subscribed to the topic); returns its id. ``message``:
+        a prebuilt (signed) message for ``topic``; by default an unsigned one carrying ``data``."""
+        message = message or Message(topic, data)
         self._remember(message, now)
         targets = [p for p, topics in self.peer_topics.items() if topic in topics]
         if topic not in self.topics:
@@ -146,12 +147,12 @@ class GossipRouter:
             if mid in self._seen:
                 self.stats["duplicates"] += 1
                 continue
-            self._remember(message, now)
             if message.topic not in self.topics:
                 continue  # not ours: nothing to deliver or forward (fanout peers forward their own)
             if validate is not None and not validate(peer, message):
-                self.stats["rejected"] += 1
+                self.stats["rejected"] += 1  # not marked seen: a forgery cannot pre-empt the real id
                 continue
+            self._remember(message, now)
             delivered.append(message)
             self.stats["delivered"] += 1
             for other in self.mesh.get(message.topic, ()):

@@ -1,6 +1,8 @@
 """The pubsub service: :class:`GossipRouter` driven over libp2p streams (``/meshsub/1.1.0``).
 
-Like libp2p gossipsub, each peer pair has one long-lived outbound stream per direction; RPCs are
+Messages are signed (libp2p StrictSign: publisher, sequence number, Ed25519 signature) and those
+received are verified before the application sees them, unless ``sign=False`` (StrictNoSign). Like
+libp2p gossipsub, each peer pair has one long-lived outbound stream per direction; RPCs are
 uvarint-framed protobufs of at most 1 MiB. Every peer has a bounded outbound queue (``MAX_QUEUE``
 RPCs, coalesced into one write when the writer catches up): when a slow peer fills it, new RPCs to it
 are dropped and counted, never buffered without bound (applications with a repair path, like the
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -39,13 +42,15 @@ Handler = Callable[[PeerId, bytes], bool | None]
 class PubSub:
     name = "pubsub"
 
-    def __init__(self) -> None:
+    def __init__(self, sign: bool = True) -> None:
+        self.sign = sign
+        self._seqno = time.time_ns()  # as go-libp2p: unique across restarts, then incremented
         self.router = GossipRouter()
         self.node: Any = None
         self._handlers: dict[str, Handler] = {}
         self._queues: dict[PeerId, trio.MemorySendChannel[RPC]] = {}
         self._nursery: trio.Nursery | None = None
-        self.stats = {"rpcs_in": 0, "rpcs_out": 0, "dropped": 0, "bad_rpcs": 0}
+        self.stats = {"rpcs_in": 0, "rpcs_out": 0, "dropped": 0, "bad_rpcs": 0, "bad_signatures": 0}
 
     async def run(self, node: Any, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
         self.node = node
@@ -81,7 +86,11 @@ class PubSub:
         """Send ``data`` to the topic's subscribers; returns the message id."""
         if len(data) + len(topic) + 64 > protocol.MAX_RPC:
             raise PayloadError(f"a pubsub message of {len(data)} bytes is over the 1 MiB limit")
-        mid = self.router.publish(topic, bytes(data), trio.current_time())
+        message = None
+        if self.sign:
+            self._seqno += 1
+            message = protocol.signed(self.node.host.keypair, topic, bytes(data), self._seqno)
+        mid = self.router.publish(topic, bytes(data), trio.current_time(), message)
         self._flush()
         return mid
 
@@ -207,6 +216,9 @@ class PubSub:
     def _deliver(self, peer: Any, message: Message) -> bool:
         handler = self._handlers.get(message.topic)
         if handler is None:
+            return False
+        if self.sign and not message.verify():
+            self.stats["bad_signatures"] += 1
             return False
         try:
             return handler(peer, message.data) is not False
