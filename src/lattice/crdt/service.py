@@ -159,6 +159,7 @@ class CRDT:
                 pubsub.subscribe(TOPIC_PREFIX + name, lambda peer, data, d=doc: self._on_gossip(d, data))
             if self._nursery is not None:
                 for peer in self._peers():
+                    self._keep(peer)
                     self._nursery.start_soon(self._sync_quietly, peer, doc)
         return doc
 
@@ -270,9 +271,8 @@ class CRDT:
 
     def _on_identify(self, info: PeerInfo) -> None:
         if PROTOCOL_ID in info.protocols and self._nursery is not None:
-            connmgr = getattr(self.node, "connmgr", None)
-            if connmgr is not None:  # a replica: re-dialed at once when lost (partitions heal fast)
-                connmgr.keep(info.peer_id)
+            if self.docs:
+                self._keep(info.peer_id)
             for doc in list(self.docs.values()):
                 self._nursery.start_soon(self._sync_quietly, info.peer_id, doc)
 
@@ -297,6 +297,12 @@ class CRDT:
         finally:
             unsubscribe()
             send.close()
+
+    def _keep(self, peer: PeerId) -> None:
+        """A replica (we have documents open): re-dialed at once when lost, so partitions heal fast."""
+        connmgr = getattr(self.node, "connmgr", None)
+        if connmgr is not None:
+            connmgr.keep(peer)
 
     async def _anti_entropy(self) -> None:
         while True:

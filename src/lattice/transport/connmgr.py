@@ -90,13 +90,9 @@ class ConnectionManager:
                     log.info("giving up on %s after %.0f s", peer, elapsed)
                     self.kept.discard(peer)
                     return
-                try:
-                    with trio.move_on_after(2 * KEPT_ATTEMPT):  # a peer-router lookup included
-                        await self.host.connect_peer(peer, timeout=KEPT_ATTEMPT)
-                        log.info("reconnected to %s after %.1f s", peer, trio.current_time() - lost)
-                        return
-                except (LatticeError, trio.TooSlowError, OSError) as exc:
-                    log.debug("re-dial of %s failed: %s", peer, exc)
+                if await self._dial_known(peer):
+                    log.info("reconnected to %s after %.1f s", peer, trio.current_time() - lost)
+                    return
                 if elapsed < KEPT_FAST_WINDOW:
                     await trio.sleep(KEPT_INTERVAL)
                 else:
@@ -104,6 +100,27 @@ class ConnectionManager:
                     backoff = min(backoff * 2, self.max_backoff)
         finally:
             self._redialing.discard(peer)
+
+    async def _dial_known(self, peer: PeerId) -> bool:
+        """Dial the peer's known direct addresses at once (no peer-router lookup: this runs every
+        second or so); True once one connected."""
+        info = self.host.peerstore.get(peer)
+        addrs = [a for a in (info.addrs if info else []) if a.tcp_target() and not a.is_relayed][:4]
+        won: list[Connection] = []
+        with trio.move_on_after(2 * KEPT_ATTEMPT):
+            async with trio.open_nursery() as nursery:
+
+                async def attempt(addr: Multiaddr) -> None:
+                    try:
+                        won.append(await self.host.connect(addr.with_peer(peer), timeout=KEPT_ATTEMPT))
+                    except (LatticeError, trio.TooSlowError, OSError) as exc:
+                        log.debug("re-dial of %s at %s failed: %s", peer, addr, exc)
+                        return
+                    nursery.cancel_scope.cancel()
+
+                for addr in addrs:
+                    nursery.start_soon(attempt, addr)
+        return bool(won) or self.host.connection_to(peer) is not None
 
     async def run(self) -> None:
         try:
