@@ -1,6 +1,9 @@
 """bench/crdt: replicated documents across `lattice-node` processes on 127.0.0.1.
 
     python bench/crdt.py [--nodes 8] [--writes 1000] [--probes 20]
+    python bench/crdt.py --scenario sigkill [--runs 5]       # durability under SIGKILL
+    python bench/crdt.py --scenario rogue [--runs 5]         # a rogue peer attacking two daemons
+    python bench/crdt.py --scenario partition [--runs 5] [--partition 30]   # 4|4 split, heal (root)
 
 Each daemon opens one document; every node writes --writes distinct keys at once (the `crdt.fill`
 control op: the daemon itself makes one signed, fsynced update per key). Figures (JSON lines):
@@ -11,6 +14,16 @@ control op: the daemon itself makes one signed, fsynced update per key). Figures
 - local_write_ms: one `crdt.set` round trip through the control socket (write + fsync + reply).
 No anchor offers a CRDT (notes/anchors.md), so there is no anchor line; the baseline is the local
 write itself.
+
+Other scenarios (lattice.testing.crdt_scenarios; medians over --runs):
+- sigkill: 4 control clients write 1,000 keys to one daemon, SIGKILLed after 300 acknowledgements,
+  restarted: lost_acked (must be 0), restart_open_s (restart to the document served; baseline: a
+  fresh daemon with an empty document, fresh_open_s);
+- rogue: a rogue libp2p host sends forged/unauthorized/oversized/garbage/wrong-doc updates to two
+  daemons while the owner writes 200 keys: changed (must be false), rejections counted, catch-up;
+- partition: 8 daemons in network namespaces, split 4|4 by nftables for --partition seconds with
+  100 writes per node on both sides, healed: heal_to_identical_s (target <= 2), heal_to_full_mesh_s;
+  the baseline is side_converged_s, the same writes converging inside each connected half.
 """
 
 from __future__ import annotations
@@ -38,7 +51,13 @@ def main() -> int:
     parser.add_argument("--nodes", type=int, default=8)
     parser.add_argument("--writes", type=int, default=1000)
     parser.add_argument("--probes", type=int, default=20)
+    scenarios = ["converge", "sigkill", "rogue", "partition"]
+    parser.add_argument("--scenario", choices=scenarios, default="converge")
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--partition", type=float, default=30.0, help="seconds of partition")
     args = parser.parse_args()
+    if args.scenario != "converge":
+        return scenario(args)
     with tempfile.TemporaryDirectory(prefix="lattice-crdt-") as tmp:
         work = Path(tmp)
         first = start_daemon(work, "n0", ["--listen", "/ip4/127.0.0.1/tcp/0"])
@@ -121,6 +140,55 @@ def main() -> int:
         finally:
             for d in daemons:
                 d.stop()
+    return 0
+
+
+def _median(rows: list[dict], key: str) -> float | None:
+    values = [r[key] for r in rows if r.get(key) is not None]
+    return round(statistics.median(values), 3) if values else None
+
+
+def scenario(args: argparse.Namespace) -> int:
+    from lattice.testing import crdt_scenarios as cs
+
+    rows = []
+    for run in range(args.runs):
+        with tempfile.TemporaryDirectory(prefix=f"lattice-crdt-{args.scenario}-") as tmp:
+            work = Path(tmp)
+            if args.scenario == "sigkill":
+                row = cs.sigkill_during_writes(work, writes=1000, writers=4, kill_after=300)
+            elif args.scenario == "rogue":
+                r = cs.rogue_attack(work, rounds=5, honest_writes=200)
+                docs = r["status_b"]["docs"]
+                row = {
+                    "changed": not (r["owned_b"] == r["owned_a"] == r["expected_owned"]),
+                    "sent": sum(v for k, v in r["sent"][0].items() if k != "rogue"),
+                    "rejected_docs": sum(
+                        v for d in docs.values() for k, v in d.items() if k.startswith("rejected")
+                    ),
+                    "rejected_service": r["status_b"]["rejected"],
+                    "bad_frames": r["status_b"]["bad_frames"],
+                    "catch_up_s": r["catch_up_s"],
+                }
+            else:
+                row = cs.partition_heal(work, nodes=8, partition_s=args.partition, writes=100)
+        rows.append(row)
+        out({"bench": "crdt", "scenario": args.scenario, "run": run, **row})
+    if args.scenario == "sigkill":
+        out({"bench": "crdt", "metric": "sigkill_lost_acked", "max": max(r["lost_acked"] for r in rows),
+             "acked_median": _median(rows, "acked"), "restart_open_s": _median(rows, "restart_open_s"),
+             "baseline_fresh_open_s": _median(rows, "fresh_open_s"),
+             "runs": len(rows), "target": "0 lost"})  # fmt: skip
+    elif args.scenario == "rogue":
+        out({"bench": "crdt", "metric": "rogue_changed", "any": any(r["changed"] for r in rows),
+             "rejected_median": _median(rows, "rejected_docs"), "catch_up_s": _median(rows, "catch_up_s"),
+             "runs": len(rows), "target": "nothing changes"})  # fmt: skip
+    else:
+        out({"bench": "crdt", "metric": "partition_heal_s", "median": _median(rows, "heal_to_identical_s"),
+             "max": max((r["heal_to_identical_s"] or 1e9) for r in rows),
+             "full_mesh_s": _median(rows, "heal_to_full_mesh_s"), "baseline_side_converge_s":
+             _median(rows, "side_converged_s"), "partition_s": args.partition, "runs": len(rows),
+             "identical": all(r["identical_maps"] for r in rows), "target": "<= 2"})  # fmt: skip
     return 0
 
 

@@ -19,7 +19,8 @@ def test_a_rogue_peer_changes_nothing_and_replication_keeps_working(tmp_path):
     r = rogue_attack(tmp_path, rounds=3, honest_writes=150)
     assert r["rogue_exit"] == [0, 0], r["logs"]
     sent = r["sent"][0]
-    for kind in ("forged", "unauthorized", "oversized", "garbage", "wrong_doc", "malformed", "replayed"):
+    kinds = ("forged", "unauthorized", "oversized", "garbage", "wrong_doc", "malformed", "replayed")
+    for kind in (*kinds, "gossip_forged", "gossip_garbage"):
         assert sent.get(kind, 0) > 0, sent
     assert r["owned_b"] == r["owned_a"] == r["expected_owned"]  # nothing of the rogue's got in
     assert r["public_b"] == r["public_a"] == {"hello": "world", "from-b": 1}
@@ -29,6 +30,7 @@ def test_a_rogue_peer_changes_nothing_and_replication_keeps_working(tmp_path):
         assert owned["rejected_doc"] > 0 and owned["duplicates"] > 0, owned
         assert public["rejected_malformed"] > 0, public
         assert status["rejected"] > 0 and status["bad_frames"] > 0, status
+        assert status["gossip"]["bad_rpcs"] > 0 and status["gossip"]["rejected"] > 0, status["gossip"]
         assert set(public["version"]) <= set(r["honest"])  # no rogue author anywhere
     version_b = r["status_b"]["docs"]["owned"]["version"]
     assert len(version_b) == 1 and list(version_b.values()) == [151]

@@ -266,6 +266,14 @@ class Node:
             raise NodeError("this node runs without the DHT service") from None
 
     @property
+    def pubsub(self):  # -> lattice.pubsub.PubSub
+        """Publish/subscribe over a gossipsub mesh (``node.pubsub.publish("topic", b"...")``)."""
+        try:
+            return self.services["pubsub"]
+        except KeyError:
+            raise NodeError("this node runs without the pubsub service") from None
+
+    @property
     def crdt(self):  # -> lattice.crdt.service.CRDT
         """Replicated documents (``node.crdt.open("swarm/config").get_map("root")["lr"] = 0.1``)."""
         try:
@@ -414,9 +422,10 @@ def default_services() -> list[Service]:
     """
     from lattice.crdt.service import CRDT
     from lattice.dht.service import DHT
+    from lattice.pubsub import PubSub
     from lattice.rpc import RPC
 
-    return [RPC(), DHT(), CRDT()]
+    return [RPC(), DHT(), PubSub(), CRDT()]
 
 
 def _as_peer(peer: str | PeerId) -> PeerId:

@@ -1,13 +1,16 @@
 """The CRDT service: replicate open documents between connected peers (first cut).
 
-Two paths, one protocol (``/lattice/crdt/1.0.0``, frames of u32 length + msgpack, <= 1 MiB):
-- push: every local write is sent at once to connected peers that speak the protocol;
+Two paths:
+- gossip: local writes are published (batched, <= 512 KiB per message) on the pubsub topic
+  ``/lattice/crdt/<doc>`` (gossipsub mesh, lattice.pubsub); receivers forward only batches that
+  verified. Without a pubsub service, writes are pushed to every connected peer instead (protocol
+  ``/lattice/crdt/1.0.0``, frames of u32 length + msgpack, <= 1 MiB);
 - anti-entropy: on a new connection and every ``sync_interval`` seconds, two peers swap version
   vectors (per author, the highest contiguous seq) and send each other exactly the signed updates
   the other lacks, so a peer that was offline or partitioned catches up.
 Receivers verify every update (signature, access, size) in ``Document.apply``; updates for documents
-a peer has not opened are ignored. Gossip over GossipSub-style meshes is the next step; today pushes
-go to every connected peer, which is fine for swarms of tens.
+a peer has not opened are ignored. Anti-entropy stays the safety net for anything gossip dropped
+(a full peer queue, a rejected batch, a partition).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from lattice.transport.yamux import YamuxStream
 log = logging.getLogger(__name__)
 
 PROTOCOL_ID = "/lattice/crdt/1.0.0"
+TOPIC_PREFIX = "/lattice/crdt/"
 MAX_FRAME = 1 << 20
 FRAME_BUDGET = 512 * 1024  # updates per frame are cut here (one update is at most 256 KiB)
 TIMEOUT = 10.0
@@ -78,10 +82,13 @@ def _version(raw: Any) -> dict[str, int]:
 
 
 def _batches(updates: list[SignedUpdate]) -> list[list[bytes]]:
+    return _raw_batches([u.encode() for u in updates])
+
+
+def _raw_batches(raws: list[bytes]) -> list[list[bytes]]:
     out: list[list[bytes]] = [[]]
     size = 0
-    for update in updates:
-        raw = update.encode()
+    for raw in raws:
         if size + len(raw) > FRAME_BUDGET and out[-1]:
             out.append([])
             size = 0
@@ -95,13 +102,15 @@ class CRDT:
 
     name = "crdt"
 
-    def __init__(self, sync_interval: float = 5.0, fsync: str = "always") -> None:
+    def __init__(self, sync_interval: float = 5.0, fsync: str = "always", gossip: bool = True) -> None:
         self.sync_interval = sync_interval
+        self.gossip = gossip  # publish through node.pubsub when the node has it
         self.fsync = fsync
         self.docs: dict[str, Document] = {}
         self.node: Any = None
         self._nursery: trio.Nursery | None = None
         self._outbox: dict[PeerId, list[tuple[str, bytes]]] = {}
+        self._gossip_box: dict[str, list[bytes]] = {}  # per document: local updates to publish
         self._outbox_wake: dict[PeerId, trio.Event] = {}
         self.stats = {"pushed": 0, "synced": 0, "applied": 0, "rejected": 0, "bad_frames": 0}
         self.stats["compactions"] = 0
@@ -145,8 +154,12 @@ class CRDT:
                 doc.compact()
             doc.observe(lambda change, d=doc: self._on_change(d, change))
             self.docs[name] = doc
+            pubsub = self._pubsub()
+            if pubsub is not None:
+                pubsub.subscribe(TOPIC_PREFIX + name, lambda peer, data, d=doc: self._on_gossip(d, data))
             if self._nursery is not None:
                 for peer in self._peers():
+                    self._keep(peer)
                     self._nursery.start_soon(self._sync_quietly, peer, doc)
         return doc
 
@@ -160,6 +173,37 @@ class CRDT:
                 out.append(peer)
         return out
 
+    def _pubsub(self) -> Any:
+        services = getattr(self.node, "services", {})
+        return services.get("pubsub") if self.gossip else None
+
+    def _on_gossip(self, doc: Document, data: bytes) -> bool:
+        """A batch from the topic's mesh: apply it; False (not forwarded) if anything was rejected."""
+        try:
+            raws = msgpack.unpackb(data, raw=False, max_array_len=10_000, max_map_len=0, max_str_len=0)
+        except (ValueError, msgpack.UnpackException):
+            self.stats["bad_frames"] += 1
+            return False
+        if not isinstance(raws, list):
+            self.stats["bad_frames"] += 1
+            return False
+        rejected = self.stats["rejected"]
+        self._apply_all(doc, raws)
+        return self.stats["rejected"] == rejected
+
+    async def _publisher(self, doc: Document) -> None:
+        """Publish what was written since the last run: one message per <= FRAME_BUDGET of updates."""
+        box = self._gossip_box.pop(doc.name, [])
+        pubsub = self._pubsub()
+        if not box or pubsub is None:
+            return
+        for batch in _raw_batches(box):
+            try:
+                pubsub.publish(TOPIC_PREFIX + doc.name, msgpack.packb(batch, use_bin_type=True))
+                self.stats["pushed"] += len(batch)
+            except LatticeError as exc:  # anti-entropy repairs it
+                log.debug("CRDT publish on %s failed: %s", doc.name, exc)
+
     def _on_change(self, doc: Document, change: Change) -> None:
         if not change.local or self._nursery is None:
             return
@@ -167,6 +211,16 @@ class CRDT:
         if update is None:
             return
         raw = update.encode()
+        if self._pubsub() is not None:
+            box = self._gossip_box.get(doc.name)
+            if box is None:  # the first write since the last publish: publish on the next tick
+                try:
+                    self._nursery.start_soon(self._publisher, doc)
+                except RuntimeError:  # shutting down: anti-entropy delivers it after the restart
+                    return
+                box = self._gossip_box[doc.name] = []
+            box.append(raw)
+            return
         for peer in self._peers():
             box = self._outbox.get(peer)
             if box is None:
@@ -217,6 +271,8 @@ class CRDT:
 
     def _on_identify(self, info: PeerInfo) -> None:
         if PROTOCOL_ID in info.protocols and self._nursery is not None:
+            if self.docs:
+                self._keep(info.peer_id)
             for doc in list(self.docs.values()):
                 self._nursery.start_soon(self._sync_quietly, info.peer_id, doc)
 
@@ -241,6 +297,12 @@ class CRDT:
         finally:
             unsubscribe()
             send.close()
+
+    def _keep(self, peer: PeerId) -> None:
+        """A replica (we have documents open): re-dialed at once when lost, so partitions heal fast."""
+        connmgr = getattr(self.node, "connmgr", None)
+        if connmgr is not None:
+            connmgr.keep(peer)
 
     async def _anti_entropy(self) -> None:
         while True:
@@ -397,9 +459,21 @@ class CRDT:
                  "writers": writers}  # fmt: skip
         return {"version": d.version(), **extra, **dataclasses.asdict(d.stats)}
 
+    def _gossip_status(self) -> dict | None:
+        pubsub = self._pubsub()
+        if pubsub is None:
+            return None
+        meshes = {
+            t[len(TOPIC_PREFIX) :]: len(m)
+            for t, m in pubsub.router.mesh.items()
+            if t.startswith(TOPIC_PREFIX)
+        }
+        return {**pubsub.stats, **pubsub.router.stats, "mesh": meshes}
+
     async def _op_status(self) -> dict:
         return {
             "docs": {name: self._doc_status(d) for name, d in self.docs.items()},
+            "gossip": self._gossip_status(),
             **self.stats,
         }
 

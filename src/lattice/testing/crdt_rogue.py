@@ -11,6 +11,7 @@ Each round, over fresh streams (a receiver resets a stream on a bad frame):
 - oversized: an update over MAX_UPDATE, a frame header announcing 2 MiB, a frame of 1 MiB + 1;
 - garbage: random bytes in a frame, msgpack of the wrong shape, random bytes as updates;
 - wrong-doc: the owner's genuine updates of ``--open-doc`` pushed into ``--doc``;
+- the same through the gossip mesh (``/meshsub/1.1.0``): forged batches, garbage RPCs;
 - malformed Yjs: a valid signature from the rogue over garbage Yjs data in ``--open-doc``
   (a document anyone may write), and sync requests with nonsense version vectors.
 Replays of genuine updates are sent too (they must count as duplicates, not change anything).
@@ -32,10 +33,12 @@ import msgpack
 import trio
 from pycrdt import Doc, Map
 
-from lattice.crdt.service import PROTOCOL_ID
+from lattice._proto import encode_uvarint as _uvarint
+from lattice.crdt.service import PROTOCOL_ID, TOPIC_PREFIX
 from lattice.crdt.updates import MAX_UPDATE, SignedUpdate, sign
 from lattice.errors import LatticeError
 from lattice.identity import KeyPair, PeerId
+from lattice.pubsub import protocol as pubsub_protocol
 from lattice.transport import open_host
 from lattice.transport.host import Host
 
@@ -65,11 +68,13 @@ class Rogue:
         self.sent: Counter[str] = Counter()
         self.seq = 0
 
-    async def _stream_send(self, chunks: list[bytes], kind: str, count: int = 1) -> None:
+    async def _stream_send(
+        self, chunks: list[bytes], kind: str, count: int = 1, protocol: str = PROTOCOL_ID
+    ) -> None:
         """Send raw chunks on a fresh stream, then close (errors are expected: the peer resets)."""
         try:
             with trio.fail_after(10):
-                stream = await self.host.new_stream(self.peer, [PROTOCOL_ID])
+                stream = await self.host.new_stream(self.peer, [protocol])
                 try:
                     for chunk in chunks:
                         await stream.write(chunk)
@@ -140,6 +145,23 @@ class Rogue:
         await self._stream_send([os.urandom(3)], "garbage")
         bad_versions = {"t": "sync", "doc": self.doc, "v": {"x": "y", str(self.owner): -5, "z": [1]}}
         await self._stream_send([_frame(bad_versions)], "garbage")
+        # the same through the gossip mesh: forged and unauthorized batches, garbage RPCs
+        topic = TOPIC_PREFIX + self.doc
+        batch = msgpack.packb(
+            [u.encode() for u in chain] + [sign(self.host.keypair, self.doc, self.seq, data).encode()]
+        )
+        rpc = pubsub_protocol.RPC(
+            subscriptions=[(True, topic)], messages=[pubsub_protocol.Message(topic, batch)]
+        )
+        body = pubsub_protocol.encode(rpc)
+        await self._stream_send(
+            [_uvarint(len(body)) + body], "gossip_forged", protocol=pubsub_protocol.PROTOCOL_ID
+        )
+        garbage = pubsub_protocol.encode(
+            pubsub_protocol.RPC(messages=[pubsub_protocol.Message(topic, os.urandom(50))])
+        )
+        for chunk in (_uvarint(len(garbage)) + garbage, _uvarint(40) + os.urandom(40), _uvarint(3 << 20)):
+            await self._stream_send([chunk], "gossip_garbage", protocol=pubsub_protocol.PROTOCOL_ID)
         # malformed Yjs data under a valid signature, in a document anyone may write
         junk = sign(self.host.keypair, self.open_doc, 1, os.urandom(40))
         await self._push(self.open_doc, [junk], "malformed")

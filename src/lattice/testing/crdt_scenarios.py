@@ -4,10 +4,14 @@
   after a restart every acknowledged write must be there and the log must open cleanly.
 - :func:`rogue_attack`: two honest daemons replicate an owner-only document while a rogue libp2p
   host (lattice.testing.crdt_rogue) sends them forged, unauthorized, oversized and garbage updates.
+- :func:`partition_heal`: daemons in network namespaces on one bridge (lattice.testing.netns) are
+  split in two halves by an nftables rule on the bridge, edit on both sides, and are healed; the
+  figure is the time from the heal to identical documents everywhere (needs root).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -18,6 +22,7 @@ import time
 from pathlib import Path
 
 from lattice.testing.daemons import Daemon, start_daemon, wait_for
+from lattice.testing.netns import Testbed
 
 LOOPBACK = ["--listen", "/ip4/127.0.0.1/tcp/0"]
 
@@ -27,8 +32,10 @@ def sigkill_during_writes(work: Path, writes: int = 1000, writers: int = 4, kill
     update each); the daemon is SIGKILLed once ``kill_after`` writes were acknowledged, restarted on
     the same data directory, and its document compared with the acknowledgements."""
     doc = "durable/doc"
+    first = time.monotonic()
     daemon = start_daemon(work, "victim", LOOPBACK)
     daemon.call("crdt.get", doc=doc)
+    first_open = time.monotonic() - first  # the baseline: a fresh daemon serving an empty document
     acked: list[str] = []
     lock = threading.Lock()
     per_writer = writes // writers
@@ -81,6 +88,7 @@ def sigkill_during_writes(work: Path, writes: int = 1000, writers: int = 4, kill
         "in_flight_kept": len(present) - len(acknowledged),
         "log_dropped_bytes": status["log_dropped_bytes"],
         "restart_open_s": round(opened, 3),
+        "fresh_open_s": round(first_open, 3),
         "write_after_restart": sum(version.values()) == len(present) + 1,
         "seconds_before_kill": round(restart_at - start, 2),
     }
@@ -171,4 +179,165 @@ def _tail(path: Path) -> str:
     return path.read_text(errors="replace")[-2000:] if path.exists() else ""
 
 
-__all__ = ["rogue_attack", "sigkill_during_writes"]
+def _drop_between(tb: Testbed, left: list[str], right: list[str]) -> None:
+    """Drop every IPv4 packet between the two groups at the bridge (both directions)."""
+    a = ", ".join(tb.ip(h) for h in left)
+    b = ", ".join(tb.ip(h) for h in right)
+    rules = f"""table bridge lt_partition {{
+    chain forward {{
+        type filter hook forward priority 0; policy accept;
+        ip saddr {{ {a} }} ip daddr {{ {b} }} drop
+        ip saddr {{ {b} }} ip daddr {{ {a} }} drop
+    }}
+}}"""
+    r = tb.run("internet", ["nft", "-f", "-"], input=rules)
+    if r.returncode != 0:
+        raise RuntimeError(f"nft: {r.stderr.strip()}")
+
+
+def _heal(tb: Testbed) -> None:
+    r = tb.run("internet", ["nft", "delete", "table", "bridge", "lt_partition"])
+    if r.returncode != 0:
+        raise RuntimeError(f"nft: {r.stderr.strip()}")
+
+
+def partition_heal(
+    work: Path, nodes: int = 8, partition_s: float = 30.0, writes: int = 100, keepalive: float | None = None
+) -> dict:
+    """``nodes`` daemons (a full mesh) split ``nodes/2 | nodes/2`` for ``partition_s`` seconds; each
+    node writes ``writes`` keys during the partition and both halves write one shared key; then the
+    partition heals. Returns the time from the heal to identical version vectors on every node (and
+    identical maps, checked after), and what happened to the connections meanwhile. ``keepalive``
+    overrides the nodes' keep-alive interval (default: the node default)."""
+    doc = "partition/doc"
+    names = [f"n{i}" for i in range(nodes)]
+    left, right = names[: nodes // 2], names[nodes // 2 :]
+    extra: list[str] = []
+    if keepalive is not None:
+        config = work / "node.toml"
+        config.parent.mkdir(parents=True, exist_ok=True)
+        config.write_text(f"[node]\nkeepalive_interval = {keepalive}\n")
+        extra = ["--config", str(config)]
+    with Testbed(public=names, sites=()) as tb:
+        daemons: list[Daemon] = []
+
+        def args(name: str) -> list[str]:
+            own = ["--listen", f"/ip4/{tb.ip(name)}/tcp/4001", "--reachability", "public", *extra]
+            return own + (["--bootstrap", daemons[0].info["addrs"][0]] if daemons else [])
+
+        daemons.append(start_daemon(work, names[0], args(names[0]), testbed=tb, host=names[0]))
+        try:
+            daemons.extend(_start_all(work, names[1:], args, tb))
+            return _partition_run(tb, daemons, doc, left, right, partition_s, writes)
+        finally:
+            _stop_all(daemons)
+
+
+def _start_all(work: Path, names: list[str], args, tb: Testbed) -> list[Daemon]:
+    """Start daemons in parallel (each start is mostly waiting for Python to import)."""
+    started: dict[str, Daemon] = {}
+    errors: list[Exception] = []
+
+    def one(name: str) -> None:
+        try:
+            started[name] = start_daemon(work, name, args(name), testbed=tb, host=name)
+        except Exception as exc:  # re-raised below, after the others are accounted for
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one, args=(n,)) for n in names]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    if errors or len(started) != len(names):
+        _stop_all(list(started.values()))
+        raise errors[0] if errors else RuntimeError("daemons did not start")
+    return [started[n] for n in names]
+
+
+def _stop_all(daemons: list[Daemon]) -> None:
+    for d in daemons:
+        if d.proc.poll() is None:
+            d.proc.send_signal(signal.SIGTERM)
+    for d in daemons:
+        d.stop()  # waits (and kills one that ignores SIGTERM)
+
+
+def _versions(daemons: list[Daemon], doc: str) -> list[dict]:
+    return [d.call("crdt.status")["docs"][doc]["version"] for d in daemons]
+
+
+def _peer_counts(daemons: list[Daemon]) -> list[int]:
+    return [len(d.call("peers")) for d in daemons]
+
+
+def _partition_run(tb, daemons, doc, left, right, partition_s, writes) -> dict:
+    n = len(daemons)
+    for d in daemons:
+        d.call("crdt.open", doc=doc)
+    wait_for(lambda: all(c == n - 1 for c in _peer_counts(daemons)), 30, "a full mesh", interval=0.2)
+    for d in daemons:
+        d.call("crdt.set", doc=doc, key=f"warm-{d.name}", value=0)
+    wait_for(lambda: all(len(v) == n for v in _versions(daemons, doc)), 30, "warm-up", interval=0.1)
+
+    start = time.monotonic()
+    _drop_between(tb, left, right)
+    side = {d.name: ("L" if d.name in left else "R") for d in daemons}
+    threads = []
+    for d in daemons:  # every node writes at once, on both sides
+
+        def fill(d: Daemon = d) -> None:
+            with d.client() as client:
+                client.call("crdt.fill", doc=doc, count=writes, prefix=f"{side[d.name]}-{d.name}-")
+
+        threads.append(threading.Thread(target=fill, daemon=True))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    daemons[0].call("crdt.set", doc=doc, key="leader", value="left")
+    daemons[-1].call("crdt.set", doc=doc, key="leader", value="right")
+    half = len(left)
+
+    def sides_converged() -> bool:
+        v = _versions(daemons, doc)
+        return all(x == v[0] for x in v[:half]) and all(x == v[half] for x in v[half:]) and v[0] != v[half]
+
+    wait_for(sides_converged, max(10.0, partition_s), "each side converging", interval=0.1)
+    side_converged_s = time.monotonic() - start
+    time.sleep(max(0.0, partition_s - (time.monotonic() - start)))
+    peers_before_heal = _peer_counts(daemons)
+    _heal(tb)
+    healed = time.monotonic()
+    reconnected_s = None
+    identical_s = None
+    deadline = healed + 60
+    while time.monotonic() < deadline:
+        v = _versions(daemons, doc)
+        if reconnected_s is None and all(c == n - 1 for c in _peer_counts(daemons)):
+            reconnected_s = time.monotonic() - healed
+        if all(x == v[0] for x in v) and sum(v[0].values()) == n * (1 + writes) + 2:
+            identical_s = time.monotonic() - healed
+            break
+        time.sleep(0.02)
+    maps = [d.call("crdt.get", doc=doc) for d in daemons]
+    if reconnected_s is None:
+        with contextlib.suppress(TimeoutError):
+            wait_for(lambda: all(c == n - 1 for c in _peer_counts(daemons)), 30, "reconnection", interval=0.2)
+            reconnected_s = time.monotonic() - healed
+    return {
+        "nodes": n,
+        "partition_s": round(healed - start, 1),
+        "writes_per_node": writes,
+        "side_converged_s": round(side_converged_s, 2),
+        "peers_before_heal": peers_before_heal,
+        "heal_to_identical_s": None if identical_s is None else round(identical_s, 3),
+        "heal_to_full_mesh_s": None if reconnected_s is None else round(reconnected_s, 3),
+        "identical_maps": all(m == maps[0] for m in maps),
+        "keys": len(maps[0]),
+        "expected_keys": n * (1 + writes) + 1,
+        "leader": maps[0].get("leader"),
+    }
+
+
+__all__ = ["partition_heal", "rogue_attack", "sigkill_during_writes"]

@@ -3,6 +3,14 @@
 Bootstrap peers are re-dialed with exponential backoff and jitter (1 s doubling to 60 s) whenever the
 connection is missing; every connection is pinged at the Yamux level each ``keepalive_interval`` and
 closed if the ping fails, so a silently dead peer is noticed and re-dialed.
+
+Services may also ask to stay connected to a peer they work with (:meth:`ConnectionManager.keep`,
+e.g. the CRDT service for its replicas). Its connections are pinged every ``KEPT_PROBE_INTERVAL`` s
+(closed after ``KEPT_PROBE_TIMEOUT`` s without an answer), so a cut path is noticed within seconds,
+not after TCP's retransmission backoff; once lost, the peer is re-dialed quickly: attempts of
+at most ``KEPT_ATTEMPT`` s every ``KEPT_INTERVAL`` s for ``KEPT_FAST_WINDOW`` s (a healed partition
+or a restarted peer is back within about a second), then with the usual backoff up to
+``max_backoff``; it is forgotten after ``KEPT_GIVE_UP`` s without success.
 """
 
 from __future__ import annotations
@@ -18,6 +26,14 @@ from lattice.transport.host import Connection, Host
 from lattice.transport.multiaddr import Multiaddr
 
 log = logging.getLogger(__name__)
+
+KEPT_ATTEMPT = 1.0
+KEPT_INTERVAL = 0.25
+KEPT_FAST_WINDOW = 300.0
+KEPT_GIVE_UP = 3600.0
+MAX_KEPT = 64
+KEPT_PROBE_INTERVAL = 5.0
+KEPT_PROBE_TIMEOUT = 3.0
 
 
 class ConnectionManager:
@@ -36,16 +52,86 @@ class ConnectionManager:
         self.max_backoff = max_backoff
         self.bootstrap_peers: dict[Multiaddr, PeerId | None] = {a: a.peer_id for a in bootstrap}
         self._changed = trio.Event()
+        self.kept: set[PeerId] = set()
+        self._redialing: set[PeerId] = set()
+        self._nursery: trio.Nursery | None = None
         host.on_disconnect(self._on_disconnect)
 
     def _on_disconnect(self, conn: Connection) -> None:
         self._changed.set()
+        peer = conn.remote_peer
+        if peer in self.kept and peer not in self._redialing and self._nursery is not None:
+            try:
+                self._nursery.start_soon(self._redial, peer)
+            except RuntimeError:  # shutting down: the nursery no longer takes tasks
+                return
+            self._redialing.add(peer)
+
+    def keep(self, peer: PeerId) -> bool:
+        """Stay connected to ``peer``: re-dial it quickly whenever its connection drops (at most
+        ``MAX_KEPT`` peers; returns whether it is kept)."""
+        if peer in self.kept:
+            return True
+        if len(self.kept) >= MAX_KEPT or peer == self.host.peer_id:
+            return False
+        self.kept.add(peer)
+        return True
+
+    def forget(self, peer: PeerId) -> None:
+        self.kept.discard(peer)
+
+    async def _redial(self, peer: PeerId) -> None:
+        lost = trio.current_time()
+        backoff = self.min_backoff
+        try:
+            while peer in self.kept and self.host.connection_to(peer) is None:
+                elapsed = trio.current_time() - lost
+                if elapsed > KEPT_GIVE_UP:
+                    log.info("giving up on %s after %.0f s", peer, elapsed)
+                    self.kept.discard(peer)
+                    return
+                if await self._dial_known(peer):
+                    log.info("reconnected to %s after %.1f s", peer, trio.current_time() - lost)
+                    return
+                if elapsed < KEPT_FAST_WINDOW:
+                    await trio.sleep(KEPT_INTERVAL)
+                else:
+                    await trio.sleep(backoff * random.uniform(0.8, 1.2))
+                    backoff = min(backoff * 2, self.max_backoff)
+        finally:
+            self._redialing.discard(peer)
+
+    async def _dial_known(self, peer: PeerId) -> bool:
+        """Dial the peer's known direct addresses at once (no peer-router lookup: this runs every
+        second or so); True once one connected."""
+        info = self.host.peerstore.get(peer)
+        addrs = [a for a in (info.addrs if info else []) if a.tcp_target() and not a.is_relayed][:4]
+        won: list[Connection] = []
+        with trio.move_on_after(2 * KEPT_ATTEMPT):
+            async with trio.open_nursery() as nursery:
+
+                async def attempt(addr: Multiaddr) -> None:
+                    try:
+                        won.append(await self.host.connect(addr.with_peer(peer), timeout=KEPT_ATTEMPT))
+                    except (LatticeError, trio.TooSlowError, OSError) as exc:
+                        log.debug("re-dial of %s at %s failed: %s", peer, addr, exc)
+                        return
+                    nursery.cancel_scope.cancel()
+
+                for addr in addrs:
+                    nursery.start_soon(attempt, addr)
+        return bool(won) or self.host.connection_to(peer) is not None
 
     async def run(self) -> None:
-        async with trio.open_nursery() as nursery:
-            for addr in self.bootstrap:
-                nursery.start_soon(self._keep_bootstrap, addr)
-            nursery.start_soon(self._keepalive)
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                for addr in self.bootstrap:
+                    nursery.start_soon(self._keep_bootstrap, addr)
+                nursery.start_soon(self._keepalive)
+                nursery.start_soon(self._probe_kept)
+        finally:
+            self._nursery = None
 
     async def _keep_bootstrap(self, addr: Multiaddr) -> None:
         backoff = self.min_backoff
@@ -74,9 +160,18 @@ class ConnectionManager:
             for conn in self.host.connections():
                 self.host._nursery.start_soon(self._probe, conn)
 
-    async def _probe(self, conn: Connection) -> None:
-        try:
-            conn.rtt = await conn.session.ping(timeout=min(10.0, self.keepalive_interval))
+    async def _probe_kept(self) -> None:
+        while True:
+            await trio.sleep(KEPT_PROBE_INTERVAL * random.uniform(0.9, 1.1))
+            for conn in self.host.connections():
+                if conn.remote_peer in self.kept:
+                    self.host._nursery.start_soon(self._probe, conn, KEPT_PROBE_TIMEOUT)
+
+    async def _probe(self, conn: Connection, timeout: float | None = None) -> None:
+        timeout = timeout or min(10.0, self.keepalive_interval)
+        try:  # the outer bound also covers a ping frame stuck behind a full send buffer
+            with trio.fail_after(timeout + 1.0):
+                conn.rtt = await conn.session.ping(timeout=timeout)
         except (LatticeError, trio.TooSlowError):
             log.info("keep-alive to %s failed; closing the connection", conn.remote_peer)
             await conn.close()
