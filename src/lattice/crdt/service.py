@@ -193,7 +193,10 @@ class CRDT:
     def _on_identify(self, info: PeerInfo) -> None:
         if PROTOCOL_ID in info.protocols and self._nursery is not None:
             for doc in list(self.docs.values()):
-                self._nursery.start_soon(self._sync_quietly, info.peer_id, doc)
+                try:
+                    self._nursery.start_soon(self._sync_quietly, info.peer_id, doc)
+                except RuntimeError:  # the node is shutting down (nursery closed)
+                    return
 
     async def _anti_entropy(self) -> None:
         while True:
