@@ -30,7 +30,7 @@ RUNS: list[tuple[str, str, list[str]]] = [
     ("dsgt", "dsgt", []),
     ("dproxsgt", "dproxsgt", ["l1=1e-4"]),
     ("cdproxsgt", "cdproxsgt", ["codec_x=topk:0.1", "codec_y=topk:0.1", "gamma_x=0.5", "gamma_y=0.5"]),
-    ("mhd", "mhd", ["heads=3", "public_batch=256"]),
+    ("mhd", "mhd", ["heads=3", "public_batch=64"]),
 ]
 
 
@@ -46,7 +46,11 @@ def main() -> None:
     ap.add_argument("--eval-every", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="bench/results/gossip_sgd_sim")
+    ap.add_argument("--replot", action="store_true", help="only rebuild table.md and PNGs from --out/*.jsonl")
     args = ap.parse_args()
+    if args.replot:
+        replot(args.out, f"{args.peers} peers, {args.topology}, Dir({args.alpha}), {args.rounds} rounds")
+        return
     torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
     only = set(filter(None, args.only.split(",")))
@@ -81,6 +85,21 @@ def main() -> None:
         f.write(table + "\n\n")
     title = f"{args.peers} peers, {args.topology}, Dir({args.alpha}), {args.rounds} rounds"
     for path in plots.plot(runs, args.out, title):
+        print(f"wrote {path}")
+
+
+def replot(out: str, title: str) -> None:
+    order = [label for label, _, _ in RUNS]
+    runs = {}
+    for name in sorted(os.listdir(out), key=lambda n: (order.index(n[:-6]) if n[:-6] in order else 99, n)):
+        if name.endswith(".jsonl"):
+            with open(os.path.join(out, name)) as f:
+                runs[name[:-6]] = [json.loads(line) for line in f if line.strip()]
+    table = plots.markdown_table({label: recs[-1] for label, recs in runs.items()})
+    print(table)
+    with open(os.path.join(out, "table.md"), "w") as f:
+        f.write(f"{title}\n\n{table}\n")
+    for path in plots.plot(runs, out, title):
         print(f"wrote {path}")
 
 

@@ -319,6 +319,24 @@ async def run_peer(args: argparse.Namespace) -> dict:
         await gossip.discover()
         rank = members.index(gossip.me) % cfg.peers
         emit({"event": "start", "peer": gossip.me, "rank": rank, "members": len(members)})
+        if args.bench_exchange:  # gossip round time only: no data, one model-sized message per round
+            x = torch.randn(1, args.bench_exchange, generator=torch.Generator().manual_seed(rank))
+            for t in range(cfg.rounds):
+                r = await gossip.exchange(t, Send("bench", {"x": x}, {"x": cfg.hp.codec}))
+                x = r.mix("x")
+                gossip.progress(t)
+            ex = gossip.stats.exchange_s
+            summary = {
+                "event": "done",
+                "peer": gossip.me,
+                "exchange_s": ex,
+                "timeouts": gossip.stats.timeouts,
+                "bytes_sent": gossip.stats.bytes_sent,
+            }
+            emit(summary)
+            await _linger(gossip, cfg.rounds, args.linger)
+            log.close()
+            return summary
         prep = await trio.to_thread.run_sync(lambda: prepare(cfg, [rank]))
         algo = build(cfg, prep)
         if first > 0:
@@ -360,15 +378,19 @@ async def run_peer(args: argparse.Namespace) -> dict:
             "dead": sorted(gossip.dead()),
         }
         emit(summary)
-        with trio.move_on_after(args.linger):  # keep serving neighbours that are a phase behind
-            while min((int(v) for v in gossip.doc.get_map("progress").values()), default=0) < cfg.rounds - 1:
-                await trio.sleep(0.2)
-                live = set(gossip.live(cfg.rounds))
-                prog = {str(k): int(v) for k, v in gossip.doc.get_map("progress").items()}
-                if all(prog.get(p, -1) >= cfg.rounds - 1 for p in live):
-                    break
+        await _linger(gossip, cfg.rounds, args.linger)
     log.close()
     return summary
+
+
+async def _linger(gossip: Gossip, rounds: int, limit: float) -> None:
+    """Keep serving until every live peer finished (neighbours a phase behind still need us)."""
+    with trio.move_on_after(limit):
+        while True:
+            prog = {str(k): int(v) for k, v in gossip.doc.get_map("progress").items()}
+            if all(prog.get(p, -1) >= rounds - 1 for p in gossip.live(rounds)):
+                return
+            await trio.sleep(0.2)
 
 
 def add_cli(sub: Any, add_config_args: Any) -> None:
@@ -385,6 +407,13 @@ def add_cli(sub: Any, add_config_args: Any) -> None:
     p.add_argument("--linger", type=float, default=15.0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--stop-after", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--bench-exchange",
+        type=int,
+        default=0,
+        metavar="NUMEL",
+        help="measure gossip rounds of a NUMEL-float32 message instead of training",
+    )
     p.set_defaults(fn=lambda a: (print(json.dumps(trio.run(run_peer, a))), 0)[1])
 
 
