@@ -111,7 +111,13 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         pass
     args = parser.parse_args(argv)
-    return args.fn(args)
+    from lattice.apps.gossip_sgd.data import DatasetMissing
+
+    try:
+        return args.fn(args)
+    except DatasetMissing as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
