@@ -101,3 +101,10 @@ def test_learning_happens(algorithm):
     if algorithm != "mhd":
         assert last["acc_avg"] > 0.4
     assert last["bytes_per_peer"] > 0
+
+
+def test_cli_missing_data_is_a_clear_error(tmp_path, capsys):
+    from lattice.apps.gossip_sgd.__main__ import main
+
+    assert main(["sim", "--data", str(tmp_path / "none"), "--rounds", "1", "--no-progress"]) == 2
+    assert "apt-get install dataset-fashion-mnist" in capsys.readouterr().err

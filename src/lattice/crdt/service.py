@@ -274,7 +274,10 @@ class CRDT:
             if self.docs:
                 self._keep(info.peer_id)
             for doc in list(self.docs.values()):
-                self._nursery.start_soon(self._sync_quietly, info.peer_id, doc)
+                try:
+                    self._nursery.start_soon(self._sync_quietly, info.peer_id, doc)
+                except RuntimeError:  # the node is shutting down (nursery closed)
+                    return
 
     @contextlib.asynccontextmanager
     async def watch(

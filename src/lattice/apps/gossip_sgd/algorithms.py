@@ -60,8 +60,8 @@ class Hyper:
     clip: float = 0.0  # gradient norm clip for tracking (0: off; the DProxSGT code uses 10)
     gamma_x: float = 0.5  # CDProxSGT consensus step sizes
     gamma_y: float = 0.5
-    codec_x: str | None = "topk:0.3"  # CDProxSGT compressors
-    codec_y: str | None = "topk:0.3"
+    codec_x: str | None = "topk:0.1"  # CDProxSGT compressors (tuned: bench/gossip_sgd_sim.py)
+    codec_y: str | None = "topk:0.1"
     codec: str | None = None  # codec for the plain-gossip algorithms' model messages
     heads: int = 3  # MHD: auxiliary heads
     public_batch: int = 256  # MHD: public samples whose logits are exchanged per round

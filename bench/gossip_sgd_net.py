@@ -1,0 +1,217 @@
+"""Real network: peer processes (embedded nodes) on 127.0.0.1 against the simulator, same config.
+
+Figures (one JSON line each):
+  round_time   median gossip round for a 4M-float32 (16 MB) message, ring (2 neighbours), N peers
+  accuracy     average-model and local accuracy after R rounds, network vs simulator (same run)
+  kill         2 of N peers SIGKILLed mid-run: the rest finish; their accuracy
+
+    python bench/gossip_sgd_net.py --peers 8 --rounds 100 --algorithm dfedavg
+    python bench/gossip_sgd_net.py --only round_time
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import signal
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lattice.apps.gossip_sgd.experiment import Config, prepare, simulate
+from lattice.apps.gossip_sgd.launch import read_log, start_peers
+from lattice.apps.gossip_sgd.models import accuracy
+
+
+def _wait(procs, timeout):
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        p.wait(timeout=max(1.0, deadline - time.monotonic()))
+
+
+def round_time(args, root: Path) -> dict:
+    out = root / "round_time"
+    rounds = args.exchange_rounds
+    procs = start_peers(
+        args.peers,
+        "bench-rt",
+        out,
+        [
+            "--rounds",
+            str(rounds),
+            "--bench-exchange",
+            str(args.numel),
+            "--timeout",
+            "30",
+            "--wait",
+            "60",
+            "--linger",
+            "10",
+        ],
+    )
+    try:
+        _wait(procs, 600)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    per_round = []
+    for i in range(args.peers):
+        done = [r for r in read_log(out / f"peer{i}" / "log.jsonl") if r.get("event") == "done"]
+        if done:
+            per_round.append(done[0]["exchange_s"][1:])  # round 0 includes the start skew
+    medians = [statistics.median(x) for x in per_round if x]
+    return {
+        "figure": "gossip_sgd_net.round_time",
+        "peers": args.peers,
+        "neighbours": 2,
+        "message_mb": args.numel * 4 / 1e6,
+        "rounds": rounds,
+        "peers_reporting": len(medians),
+        "median_round_s": statistics.median(medians) if medians else None,
+        "slowest_peer_median_s": max(medians) if medians else None,
+        "anchor_hivemind_allreduce_4peers_16mb_s": 0.46,
+    }
+
+
+def _cfg(args) -> Config:
+    from lattice.apps.gossip_sgd.__main__ import hyper_from
+
+    return Config(
+        algorithm=args.algorithm,
+        peers=args.peers,
+        topology="ring",
+        alpha=args.alpha,
+        rounds=args.rounds,
+        eval_every=args.eval_every,
+        hp=hyper_from(args.set),
+    )
+
+
+def _peer_args(args) -> list[str]:
+    extra = [f"--set={s}" for s in args.set]
+    return [
+        "--algorithm",
+        args.algorithm,
+        "--alpha",
+        str(args.alpha),
+        "--rounds",
+        str(args.rounds),
+        "--eval-every",
+        str(args.eval_every),
+        "--timeout",
+        str(args.timeout),
+        "--wait",
+        "90",
+        *extra,
+    ]
+
+
+def _final_accuracy(cfg: Config, out: Path, alive: list[int]) -> dict:
+    prep = prepare(Config(**{**cfg.__dict__, "peers": cfg.peers}), [0])
+    models = torch.stack([torch.from_numpy(np.load(out / f"peer{i}" / "model.npy")) for i in alive])
+    avg = float(accuracy(prep.model, models.mean(0, keepdim=True), prep.test_x, prep.test_y)[0])
+    local = float(accuracy(prep.model, models, prep.test_x, prep.test_y).mean())
+    cons = float(((models - models.mean(0)) ** 2).sum(1).mean())
+    return {"acc_avg": avg, "acc_local": local, "consensus": cons}
+
+
+def train(args, root: Path, name: str, kill: int) -> dict:
+    out = root / name
+    cfg = _cfg(args)
+    procs = start_peers(args.peers, f"bench-{name}", out, _peer_args(args))
+    victims = list(range(args.peers - kill, args.peers))
+    killed_at = None
+    started = time.monotonic()
+    try:
+        if victims:
+            deadline = time.monotonic() + 3600
+            while killed_at is None and time.monotonic() < deadline:
+                rounds = [
+                    r["round"] for r in read_log(out / "peer0" / "log.jsonl") if r.get("event") == "round"
+                ]
+                if rounds and rounds[-1] >= args.kill_at:
+                    for v in victims:
+                        procs[v].send_signal(signal.SIGKILL)
+                    killed_at = rounds[-1]
+                time.sleep(0.2)
+        _wait([p for i, p in enumerate(procs) if i not in victims], 3600)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    alive = [i for i in range(args.peers) if i not in victims]
+    codes = [procs[i].returncode for i in alive]
+    dones = []
+    for i in alive:
+        dones += [r for r in read_log(out / f"peer{i}" / "log.jsonl") if r.get("event") == "done"]
+    rec = {
+        "figure": f"gossip_sgd_net.{name}",
+        "algorithm": args.algorithm,
+        "peers": args.peers,
+        "rounds": args.rounds,
+        "killed": len(victims),
+        "killed_after_round": killed_at,
+        "finished": sum(c == 0 for c in codes),
+        "wall_s": time.monotonic() - started,
+    }
+    if all(c == 0 for c in codes):
+        rec.update(_final_accuracy(cfg, out, alive))
+        rec["bytes_per_peer"] = statistics.mean(d["bytes_sent"] for d in dones)
+        rec["timeouts"] = sum(d["timeouts"] for d in dones)
+        rec["duplicates"] = sum(d["duplicates"] for d in dones)
+        rec["median_exchange_s"] = statistics.median(d["exchange_median_s"] for d in dones)
+    return rec
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--peers", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=100)
+    ap.add_argument("--algorithm", default="dfedavg")
+    ap.add_argument("--alpha", type=float, default=0.3)
+    ap.add_argument("--eval-every", type=int, default=10)
+    ap.add_argument("--set", action="append", default=[])
+    ap.add_argument("--timeout", type=float, default=20.0)
+    ap.add_argument("--kill-at", type=int, default=30)
+    ap.add_argument("--numel", type=int, default=4 << 20)
+    ap.add_argument("--exchange-rounds", type=int, default=11)
+    ap.add_argument("--only", default="round_time,accuracy,kill")
+    ap.add_argument("--keep", help="keep peer logs in this directory")
+    args = ap.parse_args()
+    only = set(args.only.split(","))
+    root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="gossip-net-"))
+    try:
+        if "round_time" in only:
+            print(json.dumps(round_time(args, root)), flush=True)
+        if "accuracy" in only:
+            torch.set_num_threads(2)
+            sim = simulate(_cfg(args))[-1]
+            print(
+                json.dumps(
+                    {
+                        "figure": "gossip_sgd_net.simulator",
+                        "algorithm": args.algorithm,
+                        "peers": args.peers,
+                        **sim,
+                    }
+                ),
+                flush=True,
+            )
+            net = train(args, root, "accuracy", 0)
+            net["vs_simulator_points"] = (net.get("acc_avg", 0) - sim["acc_avg"]) * 100
+            print(json.dumps(net), flush=True)
+        if "kill" in only:
+            print(json.dumps(train(args, root, "kill", 2)), flush=True)
+    finally:
+        if not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

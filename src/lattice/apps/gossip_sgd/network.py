@@ -1,0 +1,421 @@
+"""The real network: one process per peer, the same algorithm generators, messages over ``node.rpc``.
+
+Only a node's public services are used, as a third party would:
+
+* discovery: every peer puts its address in the DHT under ``gossip_sgd/<run>/members`` (one entry
+  per publisher) and connects to the others it finds there;
+* membership: a CRDT document ``gossip_sgd/<run>`` holds ``members`` (peer -> first round it takes
+  part in), ``dead`` (peer -> round it was seen gone) and ``progress`` (peer -> last round done);
+  the graph of a round is derived from the sorted live members, so all peers agree without talking;
+* exchange: ``gossip_sgd.exchange`` carries one phase's tensors (RPC codecs for compression). The
+  receiver keys messages by (run, round, phase, sender) with the sender taken from the authenticated
+  connection, so a duplicate is never applied twice and a late one is refused. A peer waits for its
+  neighbours up to a timeout, then mixes over those that answered (weights re-normalized: the
+  missing weight stays on itself). A neighbour whose call fails is marked dead in the CRDT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import trio
+from torch import Tensor
+
+from lattice.apps.gossip_sgd import topology
+from lattice.apps.gossip_sgd.algorithms import Send
+from lattice.apps.gossip_sgd.compress import wire_bytes
+from lattice.codec import compression
+
+METHOD = "gossip_sgd.exchange"
+MAX_PHASE = 64
+WINDOW = 3  # rounds ahead of ours we buffer; anything further (or older) is refused
+
+
+@dataclass
+class NetReceived:
+    """The neighbours' decoded rows for one phase, and the mixing weights of those that answered."""
+
+    own: dict[str, Tensor]  # [1, ...]
+    decoded_own: dict[str, Tensor]
+    weights: dict[str, float]  # peer id -> w_ij of neighbours that answered
+    self_weight: float
+    rows: dict[str, dict[str, Tensor]]  # peer id -> name -> tensor [...]
+    self_exact: bool
+
+    def sent(self, name: str) -> Tensor:
+        return self.decoded_own[name]
+
+    def mix(self, name: str) -> Tensor:
+        own = self.own[name] if self.self_exact else self.decoded_own[name]
+        out = own * self.self_weight
+        for peer, w in self.weights.items():
+            out = out + w * self.rows[peer][name].unsqueeze(0)
+        return out
+
+    def neighbours(self, name: str) -> list[list[Tensor]]:
+        return [[self.rows[p][name] for p in sorted(self.weights)]]
+
+
+@dataclass
+class Stats:
+    bytes_sent: int = 0
+    messages_sent: int = 0
+    timeouts: int = 0
+    duplicates: int = 0
+    refused: int = 0
+    exchange_s: list[float] = field(default_factory=list)
+
+
+class Gossip:
+    """Delivers :class:`Send` phases between peer processes; one instance per peer and run."""
+
+    def __init__(
+        self, node: Any, run: str, kind: str = "ring", degree: int = 4, seed: int = 0, timeout: float = 10.0
+    ) -> None:
+        self.node, self.run, self.kind, self.degree, self.seed = node, run, kind, degree, seed
+        self.timeout = timeout
+        self.me = str(node.peer_id)
+        self.doc = node.crdt.open(f"gossip_sgd/{run}")
+        self.round = 0
+        self.stats = Stats()
+        self._inbox: dict[tuple[int, str, str], dict[str, np.ndarray]] = {}
+        self._seen: set[tuple[int, str, str]] = set()
+        self._arrived = trio.Condition()
+        self._dead: set[str] = set()
+        node.rpc.register(METHOD, self._handle)
+
+    # -- membership (CRDT) and discovery (DHT)
+    def join(self, first_round: int = 0) -> None:
+        members = self.doc.get_map("members")
+        if self.me not in members:
+            members[self.me] = first_round
+
+    def members(self) -> dict[str, int]:
+        return {str(k): int(v) for k, v in self.doc.get_map("members").items()}
+
+    def dead(self) -> set[str]:
+        return {str(k) for k in self.doc.get_map("dead")} | self._dead
+
+    def live(self, round_: int) -> list[str]:
+        """Sorted members taking part in ``round_`` (joined by then, not known dead)."""
+        dead = self.dead()
+        return sorted(p for p, start in self.members().items() if start <= round_ and p not in dead)
+
+    def mark_dead(self, peer: str) -> None:
+        if peer in self._dead or peer == self.me:
+            return
+        self._dead.add(peer)
+        dead = self.doc.get_map("dead")
+        if peer not in dead:
+            dead[peer] = self.round
+
+    def progress(self, round_: int) -> None:
+        self.doc.get_map("progress")[self.me] = round_
+
+    def furthest_round(self) -> int:
+        return max((int(v) for v in self.doc.get_map("progress").values()), default=-1)
+
+    async def announce(self) -> None:
+        addrs = [a for a in self.node.addrs if "/p2p/" in a] or self.node.addrs
+        await self.node.dht.put(f"gossip_sgd/{self.run}/members", addrs[0], ttl=3600)
+
+    async def discover(self) -> int:
+        """Connect to every peer announced in the DHT; returns how many are known."""
+        try:
+            entries = await self.node.dht.get(f"gossip_sgd/{self.run}/members")
+        except Exception:
+            return 0
+        connected = {p["peer_id"] for p in await self.node.peers()}
+        for e in entries:
+            if e.publisher != self.me and e.publisher not in connected and e.publisher not in self.dead():
+                with trio.move_on_after(5):
+                    try:
+                        await self.node.connect(e.value.decode())
+                    except Exception:
+                        pass
+        return len(entries)
+
+    def neighbours(self, round_: int) -> tuple[dict[str, float], float]:
+        live = self.live(round_)
+        if self.me not in live:
+            live = sorted([*live, self.me])
+        graph = topology.build(self.kind, len(live), round_, self.degree, self.seed)
+        i = live.index(self.me)
+        row = topology.weights_of(graph, i)
+        return {live[j]: w for j, w in row.items() if j != i}, row[i]
+
+    # -- receiving
+    async def _handle(self, payload: Any, ctx: Any) -> str:
+        sender = str(ctx.peer)
+        if not isinstance(payload, dict) or payload.get("run") != self.run:
+            self.stats.refused += 1
+            return "refused"
+        rnd, phase, tensors_ = payload.get("round"), payload.get("phase"), payload.get("tensors")
+        if (
+            not isinstance(rnd, int)
+            or not isinstance(phase, str)
+            or len(phase) > MAX_PHASE
+            or not isinstance(tensors_, dict)
+            or not all(isinstance(k, str) and isinstance(v, np.ndarray) for k, v in tensors_.items())
+            or sender not in self.members()
+        ):
+            self.stats.refused += 1
+            return "refused"
+        key = (rnd, phase, sender)
+        if key in self._seen:  # a retry or a replay: never applied twice
+            self.stats.duplicates += 1
+            return "duplicate"
+        if not self.round <= rnd <= self.round + WINDOW:
+            self.stats.refused += 1
+            return "late" if rnd < self.round else "refused"
+        self._seen.add(key)
+        self._inbox[key] = tensors_
+        async with self._arrived:
+            self._arrived.notify_all()
+        return "ok"
+
+    # -- one phase
+    async def exchange(self, round_: int, send: Send) -> NetReceived:
+        started = time.perf_counter()
+        if round_ != self.round:
+            self.round = round_
+            self._inbox = {k: v for k, v in self._inbox.items() if k[0] >= round_}
+            self._seen = {k for k in self._seen if k[0] >= round_ - 1}
+        weights, _self_weight = self.neighbours(round_)
+        payload_t: dict[str, Any] = {}
+        own, decoded_own = {}, {}
+        numel = 0
+        for name, t in send.tensors.items():
+            row = t.detach().reshape(-1).float().contiguous()
+            codec = send.codecs.get(name)
+            numel += row.numel()
+            arr = row.numpy()
+            if codec is None:
+                payload_t[name] = arr
+                decoded_own[name] = t
+            else:
+                c = compression.compress(codec, arr)
+                payload_t[name] = c
+                dec, _ = compression.decompress(codec, c.data, c.meta, arr.size)
+                decoded_own[name] = torch.from_numpy(dec).view(t.shape)
+            own[name] = t
+        payload = {"run": self.run, "round": round_, "phase": send.phase, "tensors": payload_t}
+        size = sum(wire_bytes(send.codecs.get(n), t.numel() // t.shape[0]) for n, t in send.tensors.items())
+        answered: dict[str, dict[str, Tensor]] = {}
+        deadline = trio.current_time() + self.timeout
+
+        async def push(peer: str) -> None:
+            try:
+                with trio.fail_after(self.timeout):
+                    await self.node.rpc.call(peer, METHOD, payload, timeout=self.timeout)
+                self.stats.bytes_sent += size
+                self.stats.messages_sent += 1
+            except Exception:
+                self.mark_dead(peer)
+                async with self._arrived:
+                    self._arrived.notify_all()
+
+        async def collect() -> None:
+            want = {p: send.tensors for p in weights}
+            with trio.move_on_at(deadline):
+                async with self._arrived:
+                    while True:
+                        for peer in list(want):
+                            got = self._inbox.pop((round_, send.phase, peer), None)
+                            if got is not None:
+                                rows = _validate(got, send.tensors)
+                                if rows is not None:
+                                    answered[peer] = rows
+                                del want[peer]
+                            elif peer in self._dead:
+                                del want[peer]
+                        if not want:
+                            return
+                        await self._arrived.wait()
+            self.stats.timeouts += len(want)
+
+        async with trio.open_nursery() as nursery:
+            for peer in weights:
+                nursery.start_soon(push, peer)
+            nursery.start_soon(collect)
+        used = {p: w for p, w in weights.items() if p in answered}
+        self.stats.exchange_s.append(time.perf_counter() - started)
+        return NetReceived(own, decoded_own, used, 1.0 - sum(used.values()), answered, send.self_exact)
+
+
+def _validate(got: dict[str, np.ndarray], expected: dict[str, Tensor]) -> dict[str, Tensor] | None:
+    """The received tensors if they match what we sent in names, sizes and dtype (else None)."""
+    if set(got) != set(expected):
+        return None
+    out = {}
+    for name, t in expected.items():
+        arr = got[name]
+        per_row = t.shape[1:]
+        if arr.dtype != np.float32 or arr.size != math.prod(per_row) or not np.isfinite(arr).all():
+            return None
+        out[name] = torch.from_numpy(np.array(arr, copy=True)).view(per_row)
+    return out
+
+
+def _advance(gen: Any, value: Any) -> Send | None:
+    """Run the algorithm to its next Send (None when the round is over); compute, so in a thread."""
+    try:
+        return gen.send(value)
+    except StopIteration:
+        return None
+
+
+# -- one peer process
+async def run_peer(args: argparse.Namespace) -> dict:
+    """Join run ``args.run``, wait for ``args.peers`` members, train, write the final model."""
+    from lattice import Node, NodeConfig
+    from lattice.apps.gossip_sgd.__main__ import config_from
+    from lattice.apps.gossip_sgd.experiment import build, evaluate, prepare
+
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = config_from(args)
+    config = NodeConfig(listen=[args.listen], bootstrap=args.bootstrap, data_dir=out / "node", control=False)
+    log = open(out / "log.jsonl", "a")  # noqa: SIM115
+    started = time.perf_counter()
+
+    def emit(rec: dict) -> None:
+        rec = {"t": round(time.perf_counter() - started, 3), **rec}
+        log.write(json.dumps(rec) + "\n")
+        log.flush()
+
+    async with Node(config) as node:
+        if args.addr_file:
+            tmp = args.addr_file + ".tmp"
+            Path(tmp).write_text(node.addrs[0] + "\n")
+            os.replace(tmp, args.addr_file)
+        gossip = Gossip(node, args.run, cfg.topology, cfg.degree, cfg.seed, timeout=args.timeout)
+        first = 0
+        if args.late:  # join a run in progress: take part from a couple of rounds ahead
+            with trio.move_on_after(args.wait):
+                while gossip.furthest_round() < 0:
+                    await gossip.discover()
+                    await trio.sleep(0.5)
+            first = gossip.furthest_round() + 2
+        gossip.join(first)
+        await gossip.announce()
+        with trio.move_on_after(args.wait):  # everyone present (bounded): ranks come from membership
+            while len(gossip.members()) < cfg.peers:
+                await gossip.discover()
+                await trio.sleep(0.2 + random.random() * 0.3)
+        members = sorted(gossip.members())
+        await gossip.discover()
+        rank = members.index(gossip.me) % cfg.peers
+        emit({"event": "start", "peer": gossip.me, "rank": rank, "members": len(members)})
+        if args.bench_exchange:  # gossip round time only: no data, one model-sized message per round
+            x = torch.randn(1, args.bench_exchange, generator=torch.Generator().manual_seed(rank))
+            for t in range(cfg.rounds):
+                r = await gossip.exchange(t, Send("bench", {"x": x}, {"x": cfg.hp.codec}))
+                x = r.mix("x")
+                gossip.progress(t)
+            ex = gossip.stats.exchange_s
+            summary = {
+                "event": "done",
+                "peer": gossip.me,
+                "exchange_s": ex,
+                "timeouts": gossip.stats.timeouts,
+                "bytes_sent": gossip.stats.bytes_sent,
+            }
+            emit(summary)
+            await _linger(gossip, cfg.rounds, args.linger)
+            log.close()
+            return summary
+        prep = await trio.to_thread.run_sync(lambda: prepare(cfg, [rank]))
+        algo = build(cfg, prep)
+        if first > 0:
+            gossip.round = first
+        for t in range(first, cfg.rounds):
+            if args.stop_after and t >= args.stop_after:
+                os._exit(0)
+            gen = algo.round(t)
+            send = await trio.to_thread.run_sync(_advance, gen, None)
+            while send is not None:  # the simulator's drive(), with the exchange over the network
+                received = await gossip.exchange(t, send)
+                send = await trio.to_thread.run_sync(_advance, gen, received)
+            gossip.progress(t)
+            if cfg.eval_every and ((t + 1) % cfg.eval_every == 0 or t == cfg.rounds - 1):
+                metrics = await trio.to_thread.run_sync(lambda: evaluate(algo, prep, 2000))
+                emit(
+                    {
+                        "event": "round",
+                        "round": t + 1,
+                        "loss": algo.last_loss,
+                        **metrics,
+                        "bytes_sent": gossip.stats.bytes_sent,
+                        "live": len(gossip.live(t)),
+                        "timeouts": gossip.stats.timeouts,
+                    }
+                )
+        np.save(out / "model.npy", algo.models()[0].numpy())
+        ex = gossip.stats.exchange_s
+        summary = {
+            "event": "done",
+            "peer": gossip.me,
+            "rank": rank,
+            "bytes_sent": gossip.stats.bytes_sent,
+            "messages_sent": gossip.stats.messages_sent,
+            "timeouts": gossip.stats.timeouts,
+            "duplicates": gossip.stats.duplicates,
+            "refused": gossip.stats.refused,
+            "exchange_median_s": float(np.median(ex)) if ex else None,
+            "dead": sorted(gossip.dead()),
+        }
+        emit(summary)
+        await _linger(gossip, cfg.rounds, args.linger)
+    log.close()
+    return summary
+
+
+async def _linger(gossip: Gossip, rounds: int, limit: float) -> None:
+    """Keep serving until every live peer finished (neighbours a phase behind still need us)."""
+    with trio.move_on_after(limit):
+        while True:
+            prog = {str(k): int(v) for k, v in gossip.doc.get_map("progress").items()}
+            if all(prog.get(p, -1) >= rounds - 1 for p in gossip.live(rounds)):
+                return
+            await trio.sleep(0.2)
+
+
+def add_cli(sub: Any, add_config_args: Any) -> None:
+    p = sub.add_parser("peer", help="one peer process of a real run (embedded node)")
+    add_config_args(p)
+    p.add_argument("--run", required=True, help="run id shared by all peers")
+    p.add_argument("--listen", default="/ip4/127.0.0.1/tcp/0")
+    p.add_argument("--bootstrap", action="append", default=[])
+    p.add_argument("--addr-file", help="write this node's address here once listening")
+    p.add_argument("--out", required=True, help="directory for log.jsonl, model.npy and node data")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for a neighbour per phase")
+    p.add_argument("--wait", type=float, default=60.0, help="seconds to wait for all peers at the start")
+    p.add_argument("--late", action="store_true", help="join a run already in progress")
+    p.add_argument("--linger", type=float, default=15.0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--stop-after", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--bench-exchange",
+        type=int,
+        default=0,
+        metavar="NUMEL",
+        help="measure gossip rounds of a NUMEL-float32 message instead of training",
+    )
+    p.set_defaults(fn=lambda a: (print(json.dumps(trio.run(run_peer, a))), 0)[1])
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit("use: python -m lattice.apps.gossip_sgd peer ...")

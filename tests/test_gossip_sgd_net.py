@@ -1,0 +1,131 @@
+"""Gossip SGD over the real network: peer processes with embedded nodes on 127.0.0.1."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import pytest
+
+pytest.importorskip("torch")
+
+from lattice.apps.gossip_sgd.launch import read_log, start_peers
+
+ARGS = [
+    "--train-limit",
+    "6000",
+    "--test-limit",
+    "1000",
+    "--eval-every",
+    "1",
+    "--wait",
+    "40",
+    "--timeout",
+    "4",
+    "--set",
+    "local_steps=3",
+    "--linger",
+    "5",
+]
+
+
+def _rounds(path):
+    return [r for r in read_log(path) if r.get("event") == "round"]
+
+
+def _cfg(tmp_path, name):
+    from lattice import NodeConfig
+
+    return NodeConfig(listen=["/ip4/127.0.0.1/tcp/0"], data_dir=tmp_path / name, control=False)
+
+
+async def test_exchange_mixes_dedups_and_renormalizes_over_the_rpc(tmp_path):
+    """Three embedded nodes: one phase mixes exactly; a replay is refused; a dead peer is dropped."""
+    import torch
+    import trio
+
+    from lattice import Node
+    from lattice.apps.gossip_sgd.algorithms import Send
+    from lattice.apps.gossip_sgd.network import METHOD, Gossip
+
+    stop_third = trio.Event()
+    third_gone = trio.Event()
+
+    async def third(task_status=trio.TASK_STATUS_IGNORED):
+        async with Node(_cfg(tmp_path, "c")) as c:
+            task_status.started(c)
+            await stop_third.wait()
+        third_gone.set()
+
+    async with trio.open_nursery() as outer, Node(_cfg(tmp_path, "a")) as a, Node(_cfg(tmp_path, "b")) as b:
+        nodes = [a, b, await outer.start(third)]
+        for x in nodes:
+            for y in nodes:
+                if x is not y:
+                    await x.connect(y.addrs[0])
+        gossips = [Gossip(node, "t", timeout=3.0) for node in nodes]
+        for g in gossips:
+            g.join(0)
+        with trio.fail_after(15):
+            while not all(len(g.members()) == 3 for g in gossips):
+                await trio.sleep(0.02)
+        values = [torch.full((1, 5), float(i)) for i in range(3)]
+        results = [None] * 3
+
+        async def one(i, round_):
+            results[i] = await gossips[i].exchange(round_, Send("p", {"x": values[i]}))
+
+        async with trio.open_nursery() as nursery:
+            for i in range(3):
+                nursery.start_soon(one, i, 0)
+        for r in results:  # a ring of 3 is the full graph: MH weights 1/3
+            torch.testing.assert_close(r.mix("x"), torch.full((1, 5), 1.0))
+        # a replay of a delivered message is never applied twice; an old round is refused
+        payload = {"run": "t", "round": 0, "phase": "p", "tensors": {"x": values[1][0].numpy()}}
+        assert await b.rpc.call(a.peer_id, METHOD, payload, timeout=5) == "duplicate"
+        gossips[0].round = 1
+        payload["phase"] = "other"
+        assert await b.rpc.call(a.peer_id, METHOD, payload, timeout=5) == "late"
+        # the third node goes away: the others finish the next phase (bounded by the 3 s timeout)
+        stop_third.set()
+        await third_gone.wait()
+        started = trio.current_time()
+        async with trio.open_nursery() as nursery:
+            for i in range(2):
+                nursery.start_soon(one, i, 1)
+        assert trio.current_time() - started < 3.0 + 2.0
+        for i, r in enumerate(results[:2]):
+            assert set(r.weights) == {str(nodes[1 - i].peer_id)}
+            assert r.self_weight == pytest.approx(2 / 3)  # the dead peer's weight stays home
+            torch.testing.assert_close(r.mix("x"), torch.full((1, 5), (2 * i + (1 - i)) / 3))
+            assert str(nodes[2].peer_id) in gossips[i].dead()
+        assert gossips[0].neighbours(2) == ({str(b.peer_id): 0.5}, 0.5)
+
+
+@pytest.mark.slow
+def test_peers_learn_and_the_rest_finish_when_one_is_killed(tmp_path):
+    n, rounds, victim = 4, 6, 3
+    procs = start_peers(n, "t-net", tmp_path, ["--algorithm", "dsgt", "--rounds", str(rounds), *ARGS])
+    try:
+        deadline = time.monotonic() + 90
+        while not any(r["round"] >= 2 for r in _rounds(tmp_path / f"peer{victim}" / "log.jsonl")):
+            assert time.monotonic() < deadline, (tmp_path / f"peer{victim}" / "stderr").read_text()[-3000:]
+            assert procs[victim].poll() is None, (tmp_path / f"peer{victim}" / "stderr").read_text()[-3000:]
+            time.sleep(0.05)
+        procs[victim].send_signal(signal.SIGKILL)
+        for p in procs[:victim]:
+            p.wait(timeout=90)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for i in range(victim):
+        log = read_log(tmp_path / f"peer{i}" / "log.jsonl")
+        assert procs[i].returncode == 0, (tmp_path / f"peer{i}" / "stderr").read_text()[-3000:]
+        done = next(r for r in log if r.get("event") == "done")
+        rounds_ = _rounds(tmp_path / f"peer{i}" / "log.jsonl")
+        assert rounds_[-1]["round"] == rounds
+        assert rounds_[-1]["acc_local"] > 0.4 > 0.1  # above chance, after a few rounds on a slice
+        assert rounds_[-1]["acc_local"] > rounds_[0]["acc_local"]
+        assert rounds_[-1]["live"] == n - 1  # the dead peer left the graph
+        assert done["duplicates"] == 0 and done["bytes_sent"] > 0
