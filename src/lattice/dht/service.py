@@ -182,7 +182,7 @@ class DHT:
             pool = self._pools.setdefault(peer, [])
             stream = pool.pop() if pool else None
             if stream is None or stream._error is not None or stream.remote_closed:
-                conn = await host.connect_peer(peer, timeout=self.config.request_timeout)
+                conn = await host.connect_peer(peer, timeout=self.config.request_timeout, route=False)
                 stream = await host.new_stream(conn, [self.config.protocol_id])
             try:
                 body = protocol.encode(message)
@@ -379,7 +379,7 @@ class DHT:
     async def _send_only(self, peer: PeerId, message: protocol.Message) -> None:
         host = self.node.host
         with trio.fail_after(self.config.request_timeout):
-            conn = await host.connect_peer(peer, timeout=self.config.request_timeout)
+            conn = await host.connect_peer(peer, timeout=self.config.request_timeout, route=False)
             stream = await host.new_stream(conn, [self.config.protocol_id])
             body = protocol.encode(message)
             await stream.write(_proto.encode_uvarint(len(body)) + body, fin=True)

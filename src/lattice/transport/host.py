@@ -410,9 +410,13 @@ class Host:
             for callback in self._disconnect_callbacks:
                 callback(conn)
 
-    async def connect_peer(self, peer: PeerId, timeout: float | None = None) -> Connection:
+    async def connect_peer(
+        self, peer: PeerId, timeout: float | None = None, route: bool = True
+    ) -> Connection:
         """A live connection to ``peer``: the existing one, or a dial of the addresses we know; if
-        those fail or there are none, of the addresses the peer router (DHT) finds.
+        those fail or there are none (and ``route``), of the addresses the peer router (DHT) finds.
+        The DHT's own requests pass ``route=False``: a stale contact must not start a lookup whose
+        requests start lookups in turn.
 
         Direct addresses are tried at once, relayed ones after ``relay_delay`` (a NATed peer's
         private addresses may only time out), all in parallel; the first connection made wins."""
@@ -428,7 +432,7 @@ class Host:
                 raise DialError(f"not connected to {peer} and no known address")
             return await self._connect_addrs(peer, known, timeout)
         except DialError:
-            if self.peer_router is None:
+            if self.peer_router is None or not route:
                 raise
             fresh = [a for a in await self.peer_router(peer) if a not in known]
             if not fresh:
