@@ -171,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     dht_status = dht_sub.add_parser("status", help="routing table and store sizes, counters")
     for p in (put, get, provide, providers, dht_status):
         _add_control(p)
+    from lattice.apps.mesh_inference.cli import register as register_mesh  # imports nothing heavy
+
+    register_mesh(sub, _COMMANDS)  # serve-model, generate
     return parser
 
 
