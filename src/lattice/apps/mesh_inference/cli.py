@@ -32,6 +32,7 @@ def register(sub: Any, commands: dict) -> None:
     serve.add_argument("--session-ttl", type=float, default=300.0)
     serve.add_argument("--announce-interval", type=float, default=10.0)
     serve.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    serve.add_argument("--cache-dir", metavar="DIR", help="dequantized weights (<data-dir>/mesh-cache)")
     commands["serve-model"] = cmd_serve_model
 
     gen = sub.add_parser(
@@ -88,6 +89,7 @@ def cmd_serve_model(args: argparse.Namespace) -> int:
 
 async def _serve(args: argparse.Namespace, config: Any, source: Any, blocks: tuple[int, int] | None) -> int:
     import signal
+    from pathlib import Path
 
     import trio
 
@@ -110,7 +112,8 @@ async def _serve(args: argparse.Namespace, config: Any, source: Any, blocks: tup
             servers = await MeshClient(node, source.model_id).servers(fresh=True)
             blocks = choose_blocks(servers, n, args.n_blocks or max(1, n // 3))
         start, end = blocks
-        weights = await trio.to_thread.run_sync(source.load, start, end, config.data_dir / "mesh-cache")
+        cache = Path(args.cache_dir) if args.cache_dir else config.data_dir / "mesh-cache"
+        weights = await trio.to_thread.run_sync(source.load, start, end, cache)
         return Stage(source.config, weights, start, end)
 
     server = StageServer(load, source.model_id, limits, announce_interval=args.announce_interval)

@@ -143,8 +143,7 @@ def load_gguf_tensors(
         t = tensors.get(name)
         if t is None:
             raise ConfigError(f"{path.name} has no tensor {name}")
-        arr = np.ascontiguousarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
-        arr = arr.reshape(shapes[name])
+        arr = np.array(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shapes[name])
         if cache is not None:
             cache.mkdir(parents=True, exist_ok=True)
             tmp = cache / f".{name}.{os.getpid()}.npy"
