@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import signal
+import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -14,7 +16,7 @@ torch = pytest.importorskip("torch")
 from lattice import Node, NodeConfig  # noqa: E402
 from lattice.apps.mesh_inference.client import MeshClient  # noqa: E402
 from lattice.apps.mesh_inference.model import Stage, greedy_generate, random_weights, tiny_config  # noqa: E402
-from lattice.testing.daemons import start_daemon  # noqa: E402
+from lattice.testing.daemons import CLI, start_daemon  # noqa: E402
 
 PROMPT = [11, 22, 33, 44]
 
@@ -67,6 +69,25 @@ async def test_killed_stage_is_replaced_and_the_text_is_unchanged(tmp_path):
             assert recovery["blocks"] == (2, 4) and recovery["peers"] != [victim.peer_id]
             assert recovery["seconds"] < 2.0 and step_times[8] < 2.0
             assert victim.peer_id not in [h.server.peer for h in session.chain]
+        # the CLI client, through the stages that are left
+        argv = [*CLI, "generate", "--model", "tiny-random:0", "--tokens", ",".join(map(str, PROMPT)),
+                "--max-new-tokens", "24", "--json", "--bootstrap", daemons[0].info["addrs"][0]]  # fmt: skip
+        done = await trio.run_process(argv, capture_stdout=True, capture_stderr=True, check=False)
+        assert done.returncode == 0, done.stderr.decode()[-2000:]
+        result = json.loads(done.stdout.decode().strip().splitlines()[-1])
+        assert result["tokens"] == expected and len(result["chain"]) == 3
     finally:
         for d in daemons:
             d.stop()
+
+
+def test_serve_model_refuses_bad_arguments_in_one_line(tmp_path):
+    for args, needle in (
+        (["--model", "tiny-random:0", "--blocks", "4:9"], "the model has blocks 0:6"),
+        (["--model", "tiny-random:0", "--blocks", "x"], "expected A:B"),
+        (["--model", str(tmp_path / "none.gguf")], "no model"),
+    ):
+        done = subprocess.run([*CLI, "serve-model", "--data-dir", str(tmp_path), *args], capture_output=True,
+                              text=True, timeout=60)  # fmt: skip
+        assert done.returncode == 2 and needle in done.stderr, done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1

@@ -16,9 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from lattice.apps.mesh_inference.model import LlamaConfig, expected_shapes, random_weights, tiny_config
+from lattice.apps.mesh_inference.config import LlamaConfig, expected_shapes, tiny_config
 from lattice.errors import ConfigError
 
 TINY_PREFIX = "tiny-random"
@@ -32,10 +31,12 @@ class ModelSource:
     path: Path | None = None  # the GGUF file
     seed: int = 0
 
-    def load(self, start: int, end: int, cache_dir: Path | None = None) -> dict[str, torch.Tensor]:
-        """fp32 weights a stage holding blocks [start, end) needs, and nothing else."""
+    def load(self, start: int, end: int, cache_dir: Path | None = None) -> dict[str, Any]:
+        """fp32 torch tensors a stage holding blocks [start, end) needs, and nothing else."""
         names = self.config.stage_tensor_names(start, end)
         if self.path is None:
+            from lattice.apps.mesh_inference.model import random_weights
+
             return random_weights(self.config, self.seed, names)
         return load_gguf_tensors(self.path, names, expected_shapes(self.config), cache_dir)
 
@@ -120,8 +121,10 @@ def _cache_dir_for(path: Path, root: Path) -> Path:
 
 def load_gguf_tensors(
     path: Path, names: list[str], shapes: dict[str, tuple[int, ...]], cache_dir: Path | None = None
-) -> dict[str, torch.Tensor]:
-    """Dequantize ``names`` from the GGUF file to fp32 (through the .npy cache when given)."""
+) -> dict[str, Any]:
+    """Dequantize ``names`` from the GGUF file to fp32 torch tensors (through the .npy cache)."""
+    import torch
+
     out: dict[str, torch.Tensor] = {}
     cache = _cache_dir_for(path, cache_dir) if cache_dir is not None else None
     todo = []
