@@ -18,7 +18,15 @@ def register(sub: Any, commands: dict) -> None:
     )
     serve.add_argument("--model", default="smollm2", help="tiny-random[:SEED], smollm2 or a LLaMA .gguf")
     serve.add_argument("--blocks", default="auto", help="A:B (blocks A..B-1), or auto (least served)")
-    serve.add_argument("--n-blocks", type=int, default=None, help="with --blocks auto: how many")
+    serve.add_argument(
+        "--n-blocks", type=int, default=None, help="with --blocks auto: how many (default: as many as fit)"
+    )
+    serve.add_argument(
+        "--max-memory-mib",
+        type=int,
+        default=None,
+        help="weights budget, --blocks auto (default: half free)",
+    )
     serve.add_argument("--listen", metavar="MULTIADDR", action="append")
     serve.add_argument("--bootstrap", metavar="MULTIADDR", action="append")
     serve.add_argument("--key", metavar="FILE")
@@ -63,6 +71,24 @@ def _blocks(text: str, n_layers: int) -> tuple[int, int] | None:
     if not 0 <= a < b <= n_layers:
         raise ConfigError(f"--blocks {text}: the model has blocks 0:{n_layers}")
     return a, b
+
+
+def _blocks_that_fit(config: Any, args: argparse.Namespace) -> int:
+    """How many blocks' fp32 weights fit in --max-memory-mib (default: half the free memory)."""
+    from lattice.apps.mesh_inference.config import expected_shapes
+    from lattice.apps.mesh_inference.server import free_memory
+
+    budget = (args.max_memory_mib << 20) if args.max_memory_mib else free_memory() // 2
+    shapes = expected_shapes(config)
+    per_block = 4 * sum(_numel(shapes[n]) for n in config.block_tensor_names(0))
+    return max(1, min(config.n_layers, budget // max(per_block, 1)))
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    out = 1
+    for d in shape:
+        out *= d
+    return out
 
 
 def cmd_serve_model(args: argparse.Namespace) -> int:
@@ -110,7 +136,7 @@ async def _serve(args: argparse.Namespace, config: Any, source: Any, blocks: tup
                 while len(node.dht.table) == 0:
                     await trio.sleep(0.05)
             servers = await MeshClient(node, source.model_id).servers(fresh=True)
-            blocks = choose_blocks(servers, n, args.n_blocks or max(1, n // 3))
+            blocks = choose_blocks(servers, n, args.n_blocks or _blocks_that_fit(source.config, args))
         start, end = blocks
         cache = Path(args.cache_dir) if args.cache_dir else config.data_dir / "mesh-cache"
         weights = await trio.to_thread.run_sync(source.load, start, end, cache)

@@ -11,11 +11,12 @@ from lattice.errors import ConfigError
 def tokenizer_from_gguf(path: Path) -> Any:
     """A ``tokenizers.Tokenizer`` for GPT-2-style BPE GGUF models (SmolLM2's)."""
     try:
-        from gguf import GGUFReader
         from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
     except ImportError:
-        raise ConfigError("the tokenizer needs `pip install gguf tokenizers` (lattice[mesh])") from None
-    reader = GGUFReader(str(path), "r")
+        raise ConfigError("the tokenizer needs `pip install tokenizers` (lattice[mesh])") from None
+    from lattice.apps.mesh_inference.weights import _reader
+
+    reader = _reader(Path(path))
     fields = reader.fields
     if fields["tokenizer.ggml.model"].contents() != "gpt2":
         raise ConfigError(f"{path.name}: only GPT-2 style BPE tokenizers are supported")

@@ -8,6 +8,7 @@ GGUF q/k weights are in GGML's layout, so GGUF models use interleaved RoPE.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import os
@@ -74,7 +75,9 @@ def open_model(spec: str) -> ModelSource:
     return ModelSource(path.stem.lower(), gguf_config(path), path=path)
 
 
+@functools.lru_cache(maxsize=4)
 def _reader(path: Path) -> Any:
+    """One parsed (memory-mapped) reader per file: parsing SmolLM2's metadata takes seconds."""
     try:
         from gguf import GGUFReader
     except ImportError:
