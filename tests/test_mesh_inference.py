@@ -164,14 +164,15 @@ async def _slow(tokens):
         await trio.sleep(0.35)  # longer than the session TTL: the server drops the cache
 
 
-async def test_a_stage_that_dies_mid_generation_is_replaced_and_the_text_is_unchanged(mesh):
-    node, servers = await mesh([(0, 2), (2, 4), (2, 4), (4, 6)])
+@pytest.mark.parametrize("hop", [0, 1, 2])  # first (token ids), middle, last (logits) stage
+async def test_a_stage_that_dies_mid_generation_is_replaced_and_the_text_is_unchanged(mesh, hop):
+    node, servers = await mesh([(0, 2), (2, 4), (4, 6), (0, 2), (2, 4), (4, 6)])
     client = MeshClient(node, MODEL)
-    await wait_servers(client, 4)
+    await wait_servers(client, 6)
     by_peer = {str(s.node.peer_id): s for group in servers.values() for s in group}
     tokens = []
     async with client.session() as session:
-        victim = by_peer[session.chain[1].server.peer]
+        victim = by_peer[session.chain[hop].server.peer]
         async for token in session.generate(PROMPT, 20):
             tokens.append(token)
             if len(tokens) == 6:
@@ -181,6 +182,33 @@ async def test_a_stage_that_dies_mid_generation_is_replaced_and_the_text_is_unch
     assert session.recoveries[0]["peers"] != [str(victim.node.peer_id)]
     replacement = by_peer[session.recoveries[0]["peers"][0]]
     assert replacement.stats["replays"] == 1
+
+
+async def test_a_dead_stage_can_be_replaced_by_two_smaller_ones(mesh):
+    node, servers = await mesh([(0, 2), (2, 4), (2, 3), (3, 4), (4, 6)])
+    client = MeshClient(node, MODEL)
+    await wait_servers(client, 5)
+    tokens = []
+    async with client.session() as session:
+        assert [(h.start, h.end) for h in session.chain] == [(0, 2), (2, 4), (4, 6)]
+        async for token in session.generate(PROMPT, 12):
+            tokens.append(token)
+            if len(tokens) == 5:
+                servers[(2, 4)][0].kill()
+        assert [(h.start, h.end) for h in session.chain] == [(0, 2), (2, 3), (3, 4), (4, 6)]
+    assert tokens == reference(PROMPT, 12)
+    assert servers[(2, 3)][0].stats["replays"] == 1 and servers[(3, 4)][0].stats["replays"] == 1
+
+
+async def test_no_replacement_gives_no_chain_error_in_bounded_time(mesh):
+    node, servers = await mesh([(0, 2), (2, 4), (4, 6)])
+    client = MeshClient(node, MODEL, recover_timeout=1.0)
+    await wait_servers(client, 3)
+    async with client.session() as session:
+        await session.forward(PROMPT)
+        servers[(2, 4)][0].kill()
+        with trio.fail_after(5), pytest.raises(NoChainError, match="2:4"):
+            await session.forward([1])
 
 
 async def test_bad_requests_are_refused_before_any_compute(mesh):
