@@ -226,6 +226,7 @@ async def test_bad_requests_are_refused_before_any_compute(mesh):
         {**base, "pos": 5, "inputs": [torch.zeros(1, 1, CONFIG.hidden)]},  # no such session
         {**base, "session": "x" * 65, "inputs": [torch.zeros(1, 1, CONFIG.hidden)]},
         {**base, "inputs": []},
+        {**base, "inputs": [[[0.0] * CONFIG.hidden]]},  # a list, not a tensor
         "not a map",
     ]
     for payload in bad:

@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 import trio
 
@@ -248,6 +249,8 @@ class StageServer:
             raise PayloadError(f"inputs must be a list of 1..{self.limits.max_inputs} tensors")
         tensors, total = [], 0
         for x in inputs:
+            if not isinstance(x, torch.Tensor | np.ndarray):
+                raise PayloadError("inputs must be tensors")
             x = torch.as_tensor(x)
             if start == 0:
                 if x.dtype != torch.int64 or x.dim() != 2 or x.shape[0] != 1:
