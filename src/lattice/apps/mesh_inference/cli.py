@@ -133,7 +133,7 @@ async def _serve(args: argparse.Namespace, config: Any, source: Any, blocks: tup
         if blocks is None:  # look at what the network serves, take the least-served window
             n = source.config.n_layers
             with trio.move_on_after(3.0):
-                while len(node.dht.table) == 0:
+                while not await node.peers():
                     await trio.sleep(0.05)
             servers = await MeshClient(node, source.model_id).servers(fresh=True)
             blocks = choose_blocks(servers, n, args.n_blocks or _blocks_that_fit(source.config, args))

@@ -100,19 +100,17 @@ class MeshClient:
         return InferenceSession(self)
 
     async def call(self, server: ServerInfo, method: str, payload: Any, timeout: float | None = None) -> Any:
-        host = self.node.host
-        if not any(str(p) == server.peer for p in host.connected_peers()):
-            # the announcement carries addresses: dial them, and fail fast if they are dead (no
-            # DHT peer lookup of a server that just died: recovery has to be quick)
-            error: Exception = DialError(f"stage server {server.peer} announced no address")
-            for addr in server.addrs:
-                try:
-                    await self.node.connect(addr, timeout=min(5.0, self.call_timeout))
-                    break
-                except (LatticeError, OSError, trio.TooSlowError) as exc:
-                    error = exc
-            else:
-                raise DialError(f"cannot reach stage server {server.peer}: {error}")
+        # node.connect reuses a live connection; otherwise it dials the announced addresses and
+        # fails fast if they are dead (no DHT peer lookup of a server that just died)
+        error: Exception = DialError(f"stage server {server.peer} announced no address")
+        for addr in server.addrs:
+            try:
+                await self.node.connect(addr, timeout=min(5.0, self.call_timeout))
+                break
+            except (LatticeError, OSError, trio.TooSlowError) as exc:
+                error = exc
+        else:
+            raise DialError(f"cannot reach stage server {server.peer}: {error}")
         return await self.node.rpc.call(server.peer, method, payload, timeout=timeout or self.call_timeout,
                                         as_torch=True)  # fmt: skip
 
