@@ -159,6 +159,9 @@ async def run(args: argparse.Namespace) -> int:
                     "single": round(s, 2),
                     "mesh": round(m, 2),
                     "ratio": round(m / s, 3),
+                    "pair_ratio_median": round(
+                        statistics.median(a / b for a, b in zip(mesh_tps, single_tps, strict=True)), 3
+                    ),
                     "target_ratio": 0.7,
                     "single_runs": [round(x, 2) for x in single_tps],
                     "mesh_runs": [round(x, 2) for x in mesh_tps],
