@@ -175,6 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     swarm_commands.add_run_options(run)
     _COMMANDS.update(swarm_commands.register(sub))
+    from lattice.apps.mesh_inference.cli import register as register_mesh  # imports nothing heavy
+
+    register_mesh(sub, _COMMANDS)  # serve-model, generate
     return parser
 
 

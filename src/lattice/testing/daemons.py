@@ -61,6 +61,7 @@ def start_daemon(
     testbed: Testbed | None = None,
     host: str | None = None,
     timeout: float = 20.0,
+    command: str = "run",
 ) -> Daemon:
     """Start ``lattice-node run`` (in ``testbed`` namespace ``host`` if given) and wait until ready.
 
@@ -71,7 +72,7 @@ def start_daemon(
     ready.unlink(missing_ok=True)
     log = home / "daemon.log"
     argv = [
-        *CLI, "run", "--data-dir", str(home), "--control", str(home / "c.sock"),
+        *CLI, command, "--data-dir", str(home), "--control", str(home / "c.sock"),
         "--ready-file", str(ready), *args,
     ]  # fmt: skip
     started = time.monotonic()

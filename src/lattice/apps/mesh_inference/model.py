@@ -8,78 +8,24 @@ Weights use GGUF tensor names (``token_embd``, ``blk.N.attn_q`` ...), whatever t
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-ROPE_LAYOUTS = ("interleaved", "half")  # GGML q/k layout (pairs 2i, 2i+1) / HF rotate-half (i, i+d/2)
-
-
-@dataclass(frozen=True)
-class LlamaConfig:
-    vocab_size: int
-    hidden: int
-    n_layers: int
-    n_heads: int
-    n_kv_heads: int
-    ffn: int
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
-    tied: bool = True
-    rope_layout: str = "interleaved"
-    max_positions: int = 2048
-    head_dim: int = field(default=0)
-
-    def __post_init__(self) -> None:
-        if self.head_dim == 0:
-            object.__setattr__(self, "head_dim", self.hidden // self.n_heads)
-        if self.rope_layout not in ROPE_LAYOUTS:
-            raise ValueError(f"rope_layout must be one of {ROPE_LAYOUTS}")
-        if self.n_heads % self.n_kv_heads:
-            raise ValueError("n_heads must be a multiple of n_kv_heads")
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-    def kv_bytes_per_token(self, n_blocks: int) -> int:
-        """fp32 K and V for one token over ``n_blocks`` blocks (what a session's cache grows by)."""
-        return 2 * n_blocks * self.n_kv_heads * self.head_dim * 4
-
-    def block_tensor_names(self, i: int) -> list[str]:
-        return [f"blk.{i}.{n}.weight" for n in BLOCK_TENSORS]
-
-    def stage_tensor_names(self, start: int, end: int) -> list[str]:
-        """Tensors a stage holding blocks [start, end) needs (embedding first, norm + head last)."""
-        names = []
-        if start == 0 or (end == self.n_layers and self.tied):
-            names.append("token_embd.weight")
-        for i in range(start, end):
-            names += self.block_tensor_names(i)
-        if end == self.n_layers:
-            names.append("output_norm.weight")
-            if not self.tied:
-                names.append("output.weight")
-        return names
-
-
-BLOCK_TENSORS = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate",
-                 "ffn_up", "ffn_down")  # fmt: skip
-
-
-def tiny_config(**overrides) -> LlamaConfig:
-    """A tiny LLaMA for tests: 6 blocks, GQA 4/2 heads, vocab 256."""
-    base = dict(vocab_size=256, hidden=64, n_layers=6, n_heads=4, n_kv_heads=2, ffn=128, rope_theta=10000.0,
-                max_positions=512)  # fmt: skip
-    base.update(overrides)
-    return LlamaConfig(**base)
+from lattice.apps.mesh_inference.config import (  # noqa: F401  (re-exported)
+    BLOCK_TENSORS,
+    ROPE_LAYOUTS,
+    LlamaConfig,
+    expected_shapes,
+    tiny_config,
+)
 
 
 def random_weights(
     config: LlamaConfig, seed: int = 0, names: list[str] | None = None
 ) -> dict[str, torch.Tensor]:
     """Deterministic random weights (the same ``seed`` gives the same tensors in every process)."""
-    shapes = _shapes(config)
+    shapes = expected_shapes(config)
     out = {}
     for idx, (name, shape) in enumerate(sorted(shapes.items())):
         if names is not None and name not in names:
@@ -90,26 +36,6 @@ def random_weights(
         else:
             out[name] = torch.randn(shape, generator=gen) * (1.0 / math.sqrt(shape[-1]))
     return out
-
-
-def _shapes(c: LlamaConfig) -> dict[str, tuple[int, ...]]:
-    d, kv = c.head_dim, c.n_kv_heads * c.head_dim
-    shapes: dict[str, tuple[int, ...]] = {"token_embd.weight": (c.vocab_size, c.hidden),
-                                          "output_norm.weight": (c.hidden,)}  # fmt: skip
-    if not c.tied:
-        shapes["output.weight"] = (c.vocab_size, c.hidden)
-    for i in range(c.n_layers):
-        p = f"blk.{i}."
-        shapes |= {p + "attn_norm.weight": (c.hidden,), p + "attn_q.weight": (c.n_heads * d, c.hidden),
-                   p + "attn_k.weight": (kv, c.hidden), p + "attn_v.weight": (kv, c.hidden),
-                   p + "attn_output.weight": (c.hidden, c.n_heads * d), p + "ffn_norm.weight": (c.hidden,),
-                   p + "ffn_gate.weight": (c.ffn, c.hidden), p + "ffn_up.weight": (c.ffn, c.hidden),
-                   p + "ffn_down.weight": (c.hidden, c.ffn)}  # fmt: skip
-    return shapes
-
-
-def expected_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
-    return _shapes(config)
 
 
 class KVCache:

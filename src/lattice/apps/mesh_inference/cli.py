@@ -1,0 +1,262 @@
+"""``lattice-node serve-model`` (a daemon serving a stage) and ``lattice-node generate``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+
+def register(sub: Any, commands: dict) -> None:
+    """Add the subcommands to lattice-node's parser (the hook in lattice.cli)."""
+    serve = sub.add_parser(
+        "serve-model",
+        help="serve a range of a model's blocks to mesh-inference clients",
+        description="Run a node that serves blocks A:B of a model and announces them in the DHT.",
+    )
+    serve.add_argument("--model", default="smollm2", help="tiny-random[:SEED], smollm2 or a LLaMA .gguf")
+    serve.add_argument("--blocks", default="auto", help="A:B (blocks A..B-1), or auto (least served)")
+    serve.add_argument(
+        "--n-blocks", type=int, default=None, help="with --blocks auto: how many (default: as many as fit)"
+    )
+    serve.add_argument(
+        "--max-memory-mib",
+        type=int,
+        default=None,
+        help="weights budget, --blocks auto (default: half free)",
+    )
+    serve.add_argument("--listen", metavar="MULTIADDR", action="append")
+    serve.add_argument("--bootstrap", metavar="MULTIADDR", action="append")
+    serve.add_argument("--key", metavar="FILE")
+    serve.add_argument("--data-dir", metavar="DIR")
+    serve.add_argument("--control", metavar="SOCKET")
+    serve.add_argument("--config", metavar="FILE")
+    serve.add_argument("--ready-file", metavar="FILE")
+    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    serve.add_argument("--max-sessions", type=int, default=16)
+    serve.add_argument("--cache-mib", type=int, default=512, help="KV-cache budget (MiB)")
+    serve.add_argument("--session-ttl", type=float, default=300.0)
+    serve.add_argument("--announce-interval", type=float, default=10.0)
+    serve.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    serve.add_argument("--cache-dir", metavar="DIR", help="dequantized weights (<data-dir>/mesh-cache)")
+    commands["serve-model"] = cmd_serve_model
+
+    gen = sub.add_parser(
+        "generate",
+        help="generate text through the mesh, printing tokens as they arrive",
+        description="Join the network, find a chain of stage servers and generate greedily.",
+    )
+    gen.add_argument("prompt", nargs="?", default="", help="prompt text (needs the model's tokenizer)")
+    gen.add_argument("--model", default="smollm2", help="as for serve-model (its id names the servers)")
+    gen.add_argument("--tokens", help="comma-separated prompt token ids instead of text")
+    gen.add_argument("--bootstrap", metavar="MULTIADDR", action="append", required=True)
+    gen.add_argument("--max-new-tokens", type=int, default=32)
+    gen.add_argument("--timeout", type=float, default=20.0, help="seconds to wait for a chain")
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    gen.add_argument("--json", action="store_true", help="print one JSON object at the end")
+    commands["generate"] = cmd_generate
+
+
+def _blocks(text: str, n_layers: int) -> tuple[int, int] | None:
+    from lattice.errors import ConfigError
+
+    if text == "auto":
+        return None
+    try:
+        a, b = (int(x) for x in text.split(":"))
+    except ValueError:
+        raise ConfigError(f"--blocks {text!r}: expected A:B") from None
+    if not 0 <= a < b <= n_layers:
+        raise ConfigError(f"--blocks {text}: the model has blocks 0:{n_layers}")
+    return a, b
+
+
+def _blocks_that_fit(config: Any, args: argparse.Namespace) -> int:
+    """How many blocks' fp32 weights fit in --max-memory-mib (default: half the free memory)."""
+    from lattice.apps.mesh_inference.config import expected_shapes
+    from lattice.apps.mesh_inference.server import free_memory
+
+    budget = (args.max_memory_mib << 20) if args.max_memory_mib else free_memory() // 2
+    shapes = expected_shapes(config)
+    per_block = 4 * sum(_numel(shapes[n]) for n in config.block_tensor_names(0))
+    return max(1, min(config.n_layers, budget // max(per_block, 1)))
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    out = 1
+    for d in shape:
+        out *= d
+    return out
+
+
+def cmd_serve_model(args: argparse.Namespace) -> int:
+    import logging
+
+    import trio
+
+    from lattice.apps.mesh_inference.weights import open_model
+    from lattice.config import NodeConfig
+
+    config = NodeConfig.load(args.config, listen=args.listen, bootstrap=args.bootstrap, key_file=args.key,
+                             data_dir=args.data_dir, control_socket=args.control,
+                             log_level=args.log_level)  # fmt: skip
+    logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    source = open_model(args.model)
+    blocks = _blocks(args.blocks, source.config.n_layers)
+    return trio.run(_serve, args, config, source, blocks)
+
+
+async def _serve(args: argparse.Namespace, config: Any, source: Any, blocks: tuple[int, int] | None) -> int:
+    import signal
+    from pathlib import Path
+
+    import trio
+
+    from lattice.apps.mesh_inference.client import MeshClient
+    from lattice.apps.mesh_inference.model import Stage
+    from lattice.apps.mesh_inference.routing import choose_blocks
+    from lattice.apps.mesh_inference.server import ServerLimits, StageServer
+    from lattice.node import Node
+
+    limits = ServerLimits(max_sessions=args.max_sessions, cache_bytes=args.cache_mib << 20,
+                          session_ttl=args.session_ttl)  # fmt: skip
+
+    async def load(node: Any) -> Stage:
+        nonlocal blocks
+        if blocks is None:  # look at what the network serves, take the least-served window
+            n = source.config.n_layers
+            with trio.move_on_after(3.0):
+                while not await node.peers():
+                    await trio.sleep(0.05)
+            servers = await MeshClient(node, source.model_id).servers(fresh=True)
+            blocks = choose_blocks(servers, n, args.n_blocks or _blocks_that_fit(source.config, args))
+        start, end = blocks
+        cache = Path(args.cache_dir) if args.cache_dir else config.data_dir / "mesh-cache"
+        weights = await trio.to_thread.run_sync(source.load, start, end, cache)
+        return Stage(source.config, weights, start, end)
+
+    server = StageServer(load, source.model_id, limits, announce_interval=args.announce_interval)
+    node = Node(config)
+    node.add_service(server)
+    async with node:
+        await server.ready.wait()
+        start, end = server.stage.start, server.stage.end
+        info = await node.id()
+        info |= {"control": str(node.control_path) if node.control_path else None, "pid": os.getpid(),
+                 "model_id": source.model_id, "blocks": [start, end],
+                 "throughput": server.throughput}  # fmt: skip
+        print(f"lattice-node serving {source.model_id} blocks {start}:{end}\npeer id: {info['peer_id']}",
+              flush=True)  # fmt: skip
+        for addr in info["addrs"]:
+            print(f"listening: {addr}", flush=True)
+        if args.ready_file:
+            tmp = f"{args.ready_file}.{os.getpid()}.tmp"
+            with open(tmp, "w") as fh:
+                fh.write(json.dumps(info))
+            os.replace(tmp, args.ready_file)
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with trio.open_nursery() as nursery:
+
+                async def on_signal() -> None:
+                    async for _ in signals:
+                        break
+                    nursery.cancel_scope.cancel()
+
+                async def on_shutdown() -> None:
+                    await node.wait_shutdown()
+                    await trio.sleep(0.05)
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(on_signal)
+                nursery.start_soon(on_shutdown)
+    if args.ready_file:
+        try:
+            os.unlink(args.ready_file)
+        except OSError:
+            pass
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import trio
+
+    from lattice.apps.mesh_inference.weights import open_model
+    from lattice.errors import ConfigError
+
+    source = open_model(args.model)
+    tokenizer = None
+    if args.tokens:
+        try:
+            prompt = [int(t) for t in args.tokens.split(",") if t.strip()]
+        except ValueError:
+            raise ConfigError("--tokens: comma-separated integers") from None
+    else:
+        tokenizer = source.tokenizer()
+        text = args.prompt
+        if args.chat:
+            text = f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n"
+        prompt = tokenizer.encode(text).ids
+    if not prompt:
+        raise ConfigError("empty prompt")
+    if tokenizer is None and source.path is not None:
+        tokenizer = source.tokenizer()
+    return trio.run(_generate, args, source, prompt, tokenizer)
+
+
+async def _generate(args: argparse.Namespace, source: Any, prompt: list[int], tokenizer: Any) -> int:
+    import tempfile
+    import time
+    from pathlib import Path
+
+    from lattice.apps.mesh_inference.client import MeshClient
+    from lattice.config import NodeConfig
+    from lattice.node import Node
+
+    with tempfile.TemporaryDirectory(prefix="lattice-generate-") as tmp:
+        cfg = NodeConfig(listen=["/ip4/127.0.0.1/tcp/0"], bootstrap=args.bootstrap, data_dir=Path(tmp),
+                         control=False)  # fmt: skip
+        async with Node(cfg) as node:
+            client = MeshClient(node, source.model_id)
+            await client.wait_for_chain(args.timeout)
+            stop = []
+            eos = getattr(tokenizer, "token_to_id", lambda _t: None)("<|im_end|>") if tokenizer else None
+            if eos is not None:
+                stop.append(eos)
+            out: list[int] = []
+            t0 = time.perf_counter()
+            first = None
+            async with client.session() as session:
+                if not args.json:
+                    route = " -> ".join(f"{h.server.peer[-8:]}[{h.start}:{h.end}]" for h in session.chain)
+                    print(f"chain: {route}", file=sys.stderr, flush=True)
+                shown = ""
+                async for token in session.generate(prompt, args.max_new_tokens, stop=stop):
+                    first = first or time.perf_counter() - t0
+                    out.append(token)
+                    if args.json:
+                        continue
+                    if tokenizer is not None:
+                        text = tokenizer.decode(out)
+                        sys.stdout.write(text[len(shown) :])
+                        shown = text
+                    else:
+                        sys.stdout.write(f"{token} ")
+                    sys.stdout.flush()
+                elapsed = time.perf_counter() - t0
+                chain = [[h.server.peer, h.start, h.end] for h in session.chain]
+                recoveries = session.recoveries
+            result = {"tokens": out, "text": tokenizer.decode(out) if tokenizer else None,
+                      "seconds": round(elapsed, 3), "first_token_s": round(first or 0, 3),
+                      "chain": chain, "recoveries": recoveries}  # fmt: skip
+            if args.json:
+                print(json.dumps(result))
+            else:
+                print(f"\n[{len(out)} tokens in {elapsed:.2f} s]", file=sys.stderr)
+    return 0
