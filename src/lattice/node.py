@@ -130,6 +130,9 @@ class Node:
         await self._stack.__aenter__()
         try:
             self.host = await self._stack.enter_async_context(open_host(keypair, host_config))
+            from lattice.transport.limits import PeerLimits
+
+            self.host.limits = PeerLimits(profile.limits)  # per-IP caps, rate limits, bans
             self._nursery = await self._stack.enter_async_context(trio.open_nursery())
             self._stack.callback(self._nursery.cancel_scope.cancel)  # runs before the nursery exits
             for addr in cfg.listen:  # bind now (a busy port fails fast), accept once services are up

@@ -480,10 +480,15 @@ class DHT:
             if raw is None:
                 return
             self.stats["requests_in"] += 1
+            if not host.allow_request(peer, self.config.protocol_id):  # over its rate: drop the stream
+                self.stats["throttled"] = self.stats.get("throttled", 0) + 1
+                await stream.reset()
+                return
             try:
                 request = protocol.decode(raw)
             except PayloadError:
                 self.stats["malformed"] += 1
+                host.penalize(peer, "malformed DHT message")
                 await stream.reset()
                 return
             reply = self._answer(request, peer)
