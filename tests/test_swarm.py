@@ -79,6 +79,7 @@ async def test_a_node_of_another_swarm_stays_out_of_routing_tables(tmp_path):
         assert a.dht.table.get(x.peer_id) is None and b.dht.table.get(x.peer_id) is None
         assert len(x.dht.table) == 0
         assert a.swarm_guard.foreign == {x.peer_id: "other"}
+        assert (await x.status())["swarm"] == "other" and (await a.status())["swarm"] == "default"
         # x's DHT cannot reach the default swarm: its protocol id is not spoken there
         assert await x.dht.put("k", b"v") == 1  # only x itself stored it
         assert await a.dht.get("k") == []
