@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import struct
 import urllib.request
@@ -39,6 +40,9 @@ def _check_page(net: Testnet, node_index: int, tmp_path, expected: int) -> None:
     assert dom.count('class="peer-node"') == expected - 1
     with urllib.request.urlopen(url + "metrics", timeout=5) as reply:
         assert f"lattice_swarm_known_peers {expected}" in reply.read().decode()
+    with urllib.request.urlopen(url + "api/state", timeout=5) as reply:
+        connected = [p for p in json.loads(reply.read())["peers"] if p["connected"]]
+    assert connected and all(p["rtt_ms"] is not None for p in connected)  # measured soon after connect
     shot = browser.screenshot(url, tmp_path / f"node{node_index}.png", size=(1280, 900))
     assert _png_size(shot) == (1280, 900) and shot.stat().st_size > 20_000
 

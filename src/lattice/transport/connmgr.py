@@ -19,6 +19,8 @@ from lattice.transport.multiaddr import Multiaddr
 
 log = logging.getLogger(__name__)
 
+FIRST_RTT_DELAY = 1.0  # seconds after a connection opens until its RTT is first measured
+
 
 class ConnectionManager:
     def __init__(
@@ -37,9 +39,24 @@ class ConnectionManager:
         self.bootstrap_peers: dict[Multiaddr, PeerId | None] = {a: a.peer_id for a in bootstrap}
         self._changed = trio.Event()
         host.on_disconnect(self._on_disconnect)
+        host.on_connect(self._on_connect)
 
     def _on_disconnect(self, conn: Connection) -> None:
         self._changed.set()
+
+    def _on_connect(self, conn: Connection) -> None:
+        self.host._nursery.start_soon(self._first_rtt, conn)
+
+    async def _first_rtt(self, conn: Connection) -> None:
+        """Measure a new connection's RTT once soon after it opens (status, top and the web page
+        show it at once rather than after the first keep-alive); a failure here closes nothing."""
+        await trio.sleep(FIRST_RTT_DELAY)
+        if conn.closed or conn.rtt is not None:
+            return
+        try:
+            conn.rtt = await conn.session.ping(timeout=5.0)
+        except (LatticeError, trio.TooSlowError):
+            pass
 
     async def run(self) -> None:
         async with trio.open_nursery() as nursery:
