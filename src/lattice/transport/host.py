@@ -550,7 +550,7 @@ class Host:
                 raise NegotiationError(f"protocol negotiation with {conn.remote_peer} timed out") from None
             raise
         stream.unread(bytes(buf))
-        _recount(conn.session, stream.protocol, len(buf))
+        _recount(conn.session, stream.protocol, stream._buf_len)
         return stream
 
     # -- limits (no-ops without self.limits)
@@ -598,7 +598,7 @@ class Host:
             return
         stream.protocol = proto
         stream.unread(bytes(buf))
-        _recount(conn.session, proto, len(buf))
+        _recount(conn.session, proto, stream._buf_len)
         handler = self._handlers.get(proto)
         if handler is None or not self.allow_request(conn.remote_peer, proto):
             await stream.reset()
@@ -636,7 +636,8 @@ async def _close_quietly(conn: Connection) -> None:
 
 
 def _recount(session: yamux.YamuxSession, protocol: str | None, n: int) -> None:
-    """Bytes read past the negotiation belong to the protocol just negotiated (metrics)."""
+    """Bytes buffered when the negotiation ends (counted on arrival, protocol unknown then) belong
+    to the protocol just negotiated (metrics)."""
     if n:
         session.traffic_in[None] -= n
         session.traffic_in[protocol] += n
