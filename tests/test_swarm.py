@@ -102,6 +102,22 @@ def test_joining_with_bootstrap_peers_of_another_swarm_is_a_clear_error(tmp_path
         assert net.routing_sizes() == [1, 1]
 
 
+def test_bootstrap_peers_of_an_incompatible_version_are_a_clear_error(tmp_path):
+    path = tmp_path / "swarms.toml"
+    path.write_text(OTHER + '[swarm.other-v2]\nid = "other"\nkad_protocol = "/lattice/other/kad/2.0.0"\n')
+    with Testnet(tmp_path / "net", 1, ["--join", "other", "--swarm-file", str(path)]) as net:
+        result = subprocess.run(
+            [sys.executable, "-m", "lattice.cli", "run", "--listen", "/ip4/127.0.0.1/tcp/0",
+             "--data-dir", str(tmp_path / "x"), "--join", "other-v2", "--swarm-file", str(path),
+             "--bootstrap", net.bootstrap_addr, "--reachability", "public", "--log-level", "error"],
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+    assert result.returncode == 2, result
+    error = [line for line in result.stderr.splitlines() if line.startswith("lattice-node: error:")]
+    assert len(error) == 1 and "incompatible versions" in error[0], result.stderr
+    assert "/lattice/other/kad/1.0.0" in error[0] and "/lattice/other/kad/2.0.0" in error[0]
+
+
 def test_join_without_bootstrap_peers_says_so(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "lattice.cli", "run", "--data-dir", str(tmp_path), "--join", "public-test"],
