@@ -131,3 +131,36 @@ async def test_a_flood_of_valid_requests_is_throttled(tmp_path):
                     failed += 1
         assert ok < 150 and failed > 0
         assert a.host.limits.throttled[a.dht.config.protocol_id] > 0
+
+
+def test_bans_command(tmp_path):
+    import json
+    import subprocess
+    import sys
+    import time
+
+    from lattice.swarm.testnet import Testnet
+
+    def cli(*args):
+        out = subprocess.run([sys.executable, "-m", "lattice.cli", "bans", "--control", control, *args],
+                             capture_output=True, text=True, timeout=20)  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        return out.stdout
+
+    with Testnet(tmp_path / "net", 2, metrics=False) as net:
+        control = net.nodes[0].info["control"]
+        victim = net.nodes[1].info["peer_id"]
+        assert "(no bans)" in cli()
+        cli("--ban", victim, "--seconds", "60")
+        status = json.loads(cli("--json"))
+        assert victim in status["banned_peers"] and status["ban_reasons"][victim] == "by the operator"
+        deadline = time.monotonic() + 5
+        while net.nodes[0].proc.poll() is None and time.monotonic() < deadline:
+            with __import__("lattice").Client(control) as client:
+                if victim not in [p["peer_id"] for p in client.peers()]:
+                    break
+            time.sleep(0.05)
+        else:
+            raise AssertionError("the banned peer is still connected")
+        cli("--unban", victim)
+        assert json.loads(cli("--json"))["banned_peers"] == {}

@@ -398,9 +398,29 @@ class Node:
         self._require_host()
         return snapshot(self)
 
+    async def bans(self) -> dict:
+        """Bans, throttling and refused connections (lattice.transport.limits)."""
+        host = self._require_host()
+        return host.limits.status() if host.limits else {}
+
+    async def ban(self, peer: str, seconds: float | None = None, reason: str = "by the operator") -> None:
+        """Ban a peer id (and the IP it came from) now; its connections are closed."""
+        host = self._require_host()
+        if host.limits is not None:
+            target = _as_peer(peer)
+            host.limits.ban(target, reason, seconds)
+            host._enforce_ban(target)
+
+    async def unban(self, target: str) -> bool:
+        """Lift the ban of a peer id or an IP address."""
+        host = self._require_host()
+        return bool(host.limits and host.limits.unban(target))
+
     def _register_core_ops(self) -> None:
         for name in ("id", "connect", "disconnect", "ping", "peers", "status", "shutdown", "metrics"):
             self.control_ops[name] = getattr(self, name)
+        for name in ("bans", "ban", "unban"):
+            self.control_ops[f"limits.{name}"] = getattr(self, name)
 
     # -- blocking facade
     @classmethod

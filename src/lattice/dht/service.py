@@ -135,6 +135,9 @@ class DHT:
             self._add_contact(info.peer_id, dialable(info.addrs))
 
     def _admitted(self, peer: PeerId) -> bool:
+        limits = getattr(self.node.host, "limits", None)
+        if limits is not None and limits.is_banned(peer):
+            return False
         info = self.node.host.peerstore.get(peer)
         return self.admit is None or info is None or self.admit(info)
 

@@ -381,6 +381,9 @@ class Host:
         except BaseException:  # cancelled half-way (a lost dial race): the peer must see it end too
             await trio.aclose_forcefully(stream)
             raise
+        if self.limits is not None and self.limits.is_banned(secure.remote_peer):
+            await trio.aclose_forcefully(stream)
+            raise DialError(f"{secure.remote_peer} is banned")
         sock = getattr(stream, "socket", None)
         try:
             local = sockaddr_to_multiaddr(sock.getsockname()) if sock is not None else None
@@ -454,6 +457,8 @@ class Host:
         conn = self.connection_to(peer)
         if conn is not None:
             return conn
+        if self.limits is not None and self.limits.is_banned(peer):
+            raise DialError(f"{peer} is banned")
         info = self.peerstore.get(peer)
         known = [a for a in (info.addrs if info else []) if a.tcp_target() or a.is_relayed]
         try:

@@ -196,6 +196,17 @@ class PeerLimits:
         while len(self.ban_reasons) > 64:
             self.ban_reasons.pop(next(iter(self.ban_reasons)))
 
+    def unban(self, target: object) -> bool:
+        """Lift the ban of a peer id or an IP address (``str(peer)`` matches too); True if one was lifted."""
+        lifted = self.banned_ips.pop(str(target), None) is not None
+        for peer in [p for p in self.banned_peers if p == target or str(p) == str(target)]:
+            del self.banned_peers[peer]
+            lifted = True
+            ip = self._peer_ip.get(peer)
+            if ip is not None:
+                self.banned_ips.pop(ip, None)
+        return lifted
+
     def status(self) -> dict:
         now = self.clock()
         return {
