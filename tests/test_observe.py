@@ -79,7 +79,11 @@ async def test_http_server_bounds_requests(tmp_path):
         await stream.send_all(b"junk\r\n\r\n")
         with trio.fail_after(5):
             assert (await stream.receive_some(4096)).startswith(b"HTTP/1.1 400")
-        # the server still answers afterwards
+        stream = await trio.open_tcp_stream(host, int(port))
+        await stream.send_all(b"GET /api/state HTTP/1.1\r\nHost: evil.example:80\r\n\r\n")
+        with trio.fail_after(5):
+            assert (await stream.receive_some(4096)).startswith(b"HTTP/1.1 403")  # DNS rebinding
+        # the server still answers afterwards (urllib sends Host: 127.0.0.1:PORT)
         assert (await trio.to_thread.run_sync(_get, a.http_url + "metrics"))[0] == 200
 
 

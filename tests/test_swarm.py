@@ -79,6 +79,7 @@ async def test_a_node_of_another_swarm_stays_out_of_routing_tables(tmp_path):
         assert a.dht.table.get(x.peer_id) is None and b.dht.table.get(x.peer_id) is None
         assert len(x.dht.table) == 0
         assert a.swarm_guard.foreign == {x.peer_id: "other"}
+        assert (await x.status())["swarm"] == "other" and (await a.status())["swarm"] == "default"
         # x's DHT cannot reach the default swarm: its protocol id is not spoken there
         assert await x.dht.put("k", b"v") == 1  # only x itself stored it
         assert await a.dht.get("k") == []
@@ -99,6 +100,22 @@ def test_joining_with_bootstrap_peers_of_another_swarm_is_a_clear_error(tmp_path
         assert len(error) == 1, result.stderr
         assert "'other'" in error[0] and "'default'" in error[0], error
         assert net.routing_sizes() == [1, 1]
+
+
+def test_bootstrap_peers_of_an_incompatible_version_are_a_clear_error(tmp_path):
+    path = tmp_path / "swarms.toml"
+    path.write_text(OTHER + '[swarm.other-v2]\nid = "other"\nkad_protocol = "/lattice/other/kad/2.0.0"\n')
+    with Testnet(tmp_path / "net", 1, ["--join", "other", "--swarm-file", str(path)]) as net:
+        result = subprocess.run(
+            [sys.executable, "-m", "lattice.cli", "run", "--listen", "/ip4/127.0.0.1/tcp/0",
+             "--data-dir", str(tmp_path / "x"), "--join", "other-v2", "--swarm-file", str(path),
+             "--bootstrap", net.bootstrap_addr, "--reachability", "public", "--log-level", "error"],
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+    assert result.returncode == 2, result
+    error = [line for line in result.stderr.splitlines() if line.startswith("lattice-node: error:")]
+    assert len(error) == 1 and "incompatible versions" in error[0], result.stderr
+    assert "/lattice/other/kad/1.0.0" in error[0] and "/lattice/other/kad/2.0.0" in error[0]
 
 
 def test_join_without_bootstrap_peers_says_so(tmp_path):

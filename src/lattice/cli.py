@@ -206,7 +206,6 @@ def main(argv: list[str] | None = None) -> int:
 
 # -- the daemon
 def cmd_run(args: argparse.Namespace) -> int:
-
     import trio
 
     from lattice.config import NodeConfig

@@ -130,6 +130,9 @@ class Node:
         await self._stack.__aenter__()
         try:
             self.host = await self._stack.enter_async_context(open_host(keypair, host_config))
+            from lattice.transport.limits import PeerLimits
+
+            self.host.limits = PeerLimits(profile.limits)  # per-IP caps, rate limits, bans
             self._nursery = await self._stack.enter_async_context(trio.open_nursery())
             self._stack.callback(self._nursery.cancel_scope.cancel)  # runs before the nursery exits
             for addr in cfg.listen:  # bind now (a busy port fails fast), accept once services are up
@@ -403,9 +406,29 @@ class Node:
         self._require_host()
         return snapshot(self)
 
+    async def bans(self) -> dict:
+        """Bans, throttling and refused connections (lattice.transport.limits)."""
+        host = self._require_host()
+        return host.limits.status() if host.limits else {}
+
+    async def ban(self, peer: str, seconds: float | None = None, reason: str = "by the operator") -> None:
+        """Ban a peer id (and the IP it came from) now; its connections are closed."""
+        host = self._require_host()
+        if host.limits is not None:
+            target = _as_peer(peer)
+            host.limits.ban(target, reason, seconds)
+            host._enforce_ban(target)
+
+    async def unban(self, target: str) -> bool:
+        """Lift the ban of a peer id or an IP address."""
+        host = self._require_host()
+        return bool(host.limits and host.limits.unban(target))
+
     def _register_core_ops(self) -> None:
         for name in ("id", "connect", "disconnect", "ping", "peers", "status", "shutdown", "metrics"):
             self.control_ops[name] = getattr(self, name)
+        for name in ("bans", "ban", "unban"):
+            self.control_ops[f"limits.{name}"] = getattr(self, name)
 
     # -- blocking facade
     @classmethod

@@ -396,6 +396,8 @@ class CRDT:
         except (PayloadError, TransportError, trio.TooSlowError) as exc:
             self.stats["bad_frames"] += 1
             log.debug("CRDT stream from %s: %s", stream.remote_peer, exc)
+            if isinstance(exc, PayloadError) and hasattr(self.node.host, "penalize"):
+                self.node.host.penalize(stream.remote_peer, f"malformed CRDT frame: {exc}")
             await stream.reset()
 
     async def _more_pushes(self, stream: YamuxStream) -> None:

@@ -135,6 +135,9 @@ class DHT:
             self._add_contact(info.peer_id, dialable(info.addrs))
 
     def _admitted(self, peer: PeerId) -> bool:
+        limits = getattr(self.node.host, "limits", None)
+        if limits is not None and limits.is_banned(peer):
+            return False
         info = self.node.host.peerstore.get(peer)
         return self.admit is None or info is None or self.admit(info)
 
@@ -480,10 +483,15 @@ class DHT:
             if raw is None:
                 return
             self.stats["requests_in"] += 1
+            if not host.allow_request(peer, self.config.protocol_id):  # over its rate: drop the stream
+                self.stats["throttled"] = self.stats.get("throttled", 0) + 1
+                await stream.reset()
+                return
             try:
                 request = protocol.decode(raw)
             except PayloadError:
                 self.stats["malformed"] += 1
+                host.penalize(peer, "malformed DHT message")
                 await stream.reset()
                 return
             reply = self._answer(request, peer)

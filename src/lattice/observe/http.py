@@ -2,7 +2,8 @@
 
 Localhost by default (``metrics_listen = "127.0.0.1:PORT"``): it shows who the node talks to, so
 exposing it is the operator's explicit choice. HTTP/1.1 GET and HEAD only, one request per
-connection, request head bounded (8 KiB, 5 s), at most 32 clients at a time.
+connection, request head bounded (8 KiB, 5 s), at most 32 clients at a time. On loopback the Host
+header must name loopback (no DNS rebinding).
 """
 
 from __future__ import annotations
@@ -59,7 +60,24 @@ def _route(node: Any, method: str, path: str) -> bytes:
     return _response("404 Not Found", b"not found\n", "text/plain", head_only)
 
 
-async def _handle(node: Any, stream: trio.SocketStream, slots: trio.Semaphore) -> None:
+_LOCAL_NAMES = {"127.0.0.1", "localhost", "[::1]", "::1"}
+
+
+def _local_host_header(headers: list[str]) -> bool:
+    """Served on loopback, the Host header must name loopback too: a web page of another site
+    that re-points its own name at 127.0.0.1 (DNS rebinding) then cannot read the node's state."""
+    for line in headers:
+        name, _, value = line.partition(":")
+        if name.strip().lower() == "host":
+            host = value.strip()
+            host = host.rsplit(":", 1)[0] if not host.endswith("]") and host.count(":") == 1 else host
+            if host.startswith("[") and "]:" in host:
+                host = host.split("]:", 1)[0] + "]"
+            return host.lower() in _LOCAL_NAMES
+    return True  # HTTP/1.0 without Host: not a browser
+
+
+async def _handle(node: Any, stream: trio.SocketStream, slots: trio.Semaphore, local_only: bool) -> None:
     if slots.value == 0:
         await trio.aclose_forcefully(stream)
         return
@@ -77,9 +95,13 @@ async def _handle(node: Any, stream: trio.SocketStream, slots: trio.Semaphore) -
                             _response("431 Request Header Fields Too Large", b"", "text/plain")
                         )
                         return
-            parts = bytes(buf).split(b"\r\n", 1)[0].decode("latin-1").split()
+            lines = bytes(buf).split(b"\r\n\r\n", 1)[0].decode("latin-1").split("\r\n")
+            parts = lines[0].split()
             if len(parts) != 3 or not parts[2].startswith("HTTP/"):
                 await stream.send_all(_response("400 Bad Request", b"bad request\n", "text/plain"))
+                return
+            if local_only and not _local_host_header(lines[1:]):  # DNS rebinding: a page of another
+                await stream.send_all(_response("403 Forbidden", b"forbidden\n", "text/plain"))  # site
                 return
             reply = _route(node, parts[0], parts[1])
             with trio.fail_after(HEAD_TIMEOUT * 2):
@@ -102,16 +124,18 @@ async def serve_http(node: Any, listen: str, task_status: trio.TaskStatus = trio
     bound = listeners[0].socket.getsockname()
     shown = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
     url = f"http://{shown}:{bound[1]}/"
-    if host not in ("127.0.0.1", "::1", "localhost"):
+    local_only = host in ("127.0.0.1", "::1", "localhost")
+    if not local_only:
         log.warning("metrics and web page served on %s: reachable beyond this machine", url)
     slots = trio.Semaphore(MAX_CLIENTS)
     async with trio.open_nursery() as nursery:
         for listener in listeners:
-            nursery.start_soon(_accept, node, listener, slots, nursery)
+            nursery.start_soon(_accept, node, listener, slots, local_only, nursery)
         task_status.started(url)
 
 
-async def _accept(node: Any, listener: trio.SocketListener, slots: trio.Semaphore, nursery) -> None:
+async def _accept(node: Any, listener: trio.SocketListener, slots: trio.Semaphore, local_only: bool,
+                  nursery: trio.Nursery) -> None:  # fmt: skip
     async with listener:
         while True:
             try:
@@ -120,4 +144,4 @@ async def _accept(node: Any, listener: trio.SocketListener, slots: trio.Semaphor
                 log.warning("metrics accept failed: %s", exc)
                 await trio.sleep(0.1)
                 continue
-            nursery.start_soon(_handle, node, stream, slots)
+            nursery.start_soon(_handle, node, stream, slots, local_only)

@@ -76,7 +76,50 @@ def register(sub: Any) -> dict[str, Callable[[argparse.Namespace], int]]:
     )
     top.add_argument("--config", metavar="FILE", help="TOML config file (to find the control socket)")
     top.add_argument("--json", action="store_true", help="print one metrics snapshot as JSON")
-    return {"testnet": cmd_testnet, "top": cmd_top}
+    bans = sub.add_parser(
+        "bans", help="list, impose or lift bans", description="Peers and IPs banned by the daemon's limits."
+    )
+    bans.add_argument("--ban", metavar="PEER_ID", help="ban this peer (and its IP) now")
+    bans.add_argument("--seconds", type=float, help="how long (default: the swarm's ban_seconds)")
+    bans.add_argument("--unban", metavar="PEER_ID|IP", help="lift a ban")
+    bans.add_argument("--control", metavar="SOCKET", help="daemon's control socket")
+    bans.add_argument("--config", metavar="FILE", help="TOML config file (to find the control socket)")
+    bans.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    return {"testnet": cmd_testnet, "top": cmd_top, "bans": cmd_bans}
+
+
+def cmd_bans(args: argparse.Namespace) -> int:
+    import json
+
+    from lattice.config import NodeConfig
+    from lattice.control.client import Client
+    from lattice.errors import ConfigError
+    from lattice.identity import PeerId
+
+    if args.seconds is not None and not 0 < args.seconds <= 10 * 365 * 86400:
+        raise ConfigError("--seconds must be positive (at most ten years)")
+    if args.ban:
+        PeerId.from_string(args.ban)  # a clear error before contacting the daemon
+    path = args.control or NodeConfig.load(args.config).control_path
+    with Client(path) as client:
+        if args.ban:
+            client.call("limits.ban", peer=args.ban, seconds=args.seconds)
+        if args.unban and not client.call("limits.unban", target=args.unban):
+            raise ConfigError(f"{args.unban} is not banned")
+        status = client.call("limits.bans")
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return 0
+    rows = [(p, s, status["ban_reasons"].get(p, "")) for p, s in status["banned_peers"].items()]
+    rows += [(ip, s, "") for ip, s in status["banned_ips"].items()]
+    for target, left, reason in rows:
+        print(f"{target}\t{left:.0f} s left\t{reason}")
+    if not rows:
+        print("(no bans)")
+    throttled = ", ".join(f"{k} {v}" for k, v in status["throttled"].items()) or "none"
+    print(f"bans so far {status['bans_total']}, refused connections {status['refused_connections']}, "
+          f"throttled: {throttled}")  # fmt: skip
+    return 0
 
 
 def cmd_top(args: argparse.Namespace) -> int:

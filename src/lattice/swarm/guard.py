@@ -21,6 +21,7 @@ class SwarmGuard:
         self.node = node
         self.profile = profile
         self.foreign: dict[PeerId, str] = {}  # peers identified as members of another swarm
+        self.incompatible: dict[PeerId, str] = {}  # bootstrap peers of our swarm without our DHT id
         self.rejected = 0
 
     def admit(self, info: PeerInfo) -> bool:
@@ -39,6 +40,7 @@ class SwarmGuard:
 
     def _on_identified(self, info: PeerInfo) -> None:
         if self.admit(info):
+            self._check_compatible(info)
             return
         other = swarm_of(info.protocol_version) or "?"
         self.foreign[info.peer_id] = other
@@ -52,12 +54,43 @@ class SwarmGuard:
                      self.profile.swarm_id)  # fmt: skip
             return
         log.error("bootstrap peer %s is in swarm %r, not %r", info.peer_id, other, self.profile.swarm_id)
+        self._check_bootstrap_left(boot)
+
+    def _check_compatible(self, info: PeerInfo) -> None:
+        """A bootstrap peer of our swarm that does not speak our DHT protocol id runs an
+        incompatible version (the profile bumped its kad id): say so, with both ids."""
+        dht = self.node.services.get("dht")
+        if dht is None or swarm_of(info.protocol_version) is None:
+            return  # another implementation: whether it serves our DHT is its business
+        if dht.config.protocol_id in info.protocols or info.peer_id not in self._bootstrap_peers():
+            return
+        theirs = [p for p in info.protocols if "/kad/" in p][:3]
+        self.incompatible[info.peer_id] = ", ".join(theirs) or "no DHT"
+        log.error("bootstrap peer %s does not speak %s (it speaks %s)", info.peer_id, dht.config.protocol_id,
+                  self.incompatible[info.peer_id])  # fmt: skip
+        self._check_bootstrap_left(self._bootstrap_peers())
+
+    def _check_bootstrap_left(self, boot: set[PeerId]) -> None:
+        """Stop the node (one clear error) once every bootstrap peer proved unusable."""
         connmgr = self.node.connmgr
-        if len(boot) == len(connmgr.bootstrap) and all(p in self.foreign for p in boot):
-            swarms = ", ".join(sorted({self.foreign[p] for p in boot}))
-            self.node.fatal_error = (
-                f"this node joins swarm {self.profile.swarm_id!r} but its bootstrap peers are in swarm "
-                f"{swarms!r}: use --join {swarms.split(', ')[0]} or bootstrap addresses of "
-                f"{self.profile.swarm_id!r}"
+        if not boot or connmgr is None or len(boot) < len(connmgr.bootstrap) or self.node.fatal_error:
+            return
+        if not all(p in self.foreign or p in self.incompatible for p in boot):
+            return
+        ours = self.profile.swarm_id
+        foreign = sorted({self.foreign[p] for p in boot if p in self.foreign})
+        if foreign:
+            swarms = ", ".join(foreign)
+            message = (
+                f"this node joins swarm {ours!r} but its bootstrap peers are in swarm {swarms!r}: "
+                f"use --join {foreign[0]} or bootstrap addresses of {ours!r}"
             )
-            self.node.request_shutdown()
+        else:
+            dht = self.node.services.get("dht")
+            theirs = sorted({self.incompatible[p] for p in boot})
+            message = (
+                f"the bootstrap peers of swarm {ours!r} speak DHT protocol {', '.join(theirs)}, this node "
+                f"speaks {dht.config.protocol_id}: incompatible versions (upgrade, or use their profile)"
+            )
+        self.node.fatal_error = message
+        self.node.request_shutdown()

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from lattice.errors import ConfigError
+from lattice.transport.limits import Limits
 from lattice.transport.multiaddr import Multiaddr
 
 __all__ = ["BUILTIN", "DEFAULT", "SwarmLimits", "SwarmProfile", "load_profiles", "resolve", "swarm_of"]
@@ -33,24 +34,7 @@ DEFAULT_KAD = "/lattice/kad/1.0.0"
 DEFAULT_IDENTIFY = "lattice/1.0.0"
 
 
-@dataclass(frozen=True)
-class SwarmLimits:
-    """What one peer may cost a node; enforced by lattice.transport.limits."""
-
-    max_conns_per_ip: int = 16  # loopback is exempt (a local testnet shares 127.0.0.1)
-    streams_per_s: float = 200.0  # inbound streams per peer (token bucket rate) ...
-    streams_burst: float = 400.0  # ... and burst
-    protocol_per_s: float = 100.0  # inbound streams per peer and protocol
-    protocol_burst: float = 200.0
-    ban_score: float = 100.0  # misbehaviour points that get a peer banned
-    ban_seconds: float = 600.0
-    score_decay_per_s: float = 1.0  # points forgiven per second
-
-    def __post_init__(self) -> None:
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"swarm limit {f.name} must be a positive number")
+SwarmLimits = Limits  # what one peer may cost a node (enforced by lattice.transport.limits)
 
 
 @dataclass(frozen=True)
@@ -148,7 +132,7 @@ def _profile(name: str, table: dict[str, Any], path: Path) -> SwarmProfile:
         bootstrap=tuple(bootstrap),
         kad_protocol=str(table.get("kad_protocol", "")),
         identify_version=str(table.get("identify_version", "")),
-        limits=SwarmLimits(**limits),
+        limits=_limits(limits, path),
     )
 
 
@@ -166,3 +150,10 @@ def resolve(name: str, swarm_file: Path | None = None) -> SwarmProfile:
 def with_limits(profile: SwarmProfile, **limits: Any) -> SwarmProfile:
     """A copy of ``profile`` with some limits changed (tests, embedded nodes)."""
     return replace(profile, limits=replace(profile.limits, **limits))
+
+
+def _limits(values: dict[str, Any], path: Path) -> Limits:
+    try:
+        return Limits(**values)
+    except TypeError as exc:
+        raise ConfigError(f"swarm file {path}: invalid limits: {exc}") from None

@@ -34,6 +34,7 @@ KEPT_GIVE_UP = 3600.0
 MAX_KEPT = 64
 KEPT_PROBE_INTERVAL = 5.0
 KEPT_PROBE_TIMEOUT = 3.0
+FIRST_RTT_DELAY = 1.0  # seconds after a connection opens until its RTT is first measured
 
 
 class ConnectionManager:
@@ -56,6 +57,7 @@ class ConnectionManager:
         self._redialing: set[PeerId] = set()
         self._nursery: trio.Nursery | None = None
         host.on_disconnect(self._on_disconnect)
+        host.on_connect(self._on_connect)
 
     def _on_disconnect(self, conn: Connection) -> None:
         self._changed.set()
@@ -121,6 +123,20 @@ class ConnectionManager:
                 for addr in addrs:
                     nursery.start_soon(attempt, addr)
         return bool(won) or self.host.connection_to(peer) is not None
+
+    def _on_connect(self, conn: Connection) -> None:
+        self.host._nursery.start_soon(self._first_rtt, conn)
+
+    async def _first_rtt(self, conn: Connection) -> None:
+        """Measure a new connection's RTT once soon after it opens (status, top and the web page
+        show it at once rather than after the first keep-alive); a failure here closes nothing."""
+        await trio.sleep(FIRST_RTT_DELAY)
+        if conn.closed or conn.rtt is not None:
+            return
+        try:
+            conn.rtt = await conn.session.ping(timeout=5.0)
+        except (LatticeError, trio.TooSlowError):
+            pass
 
     async def run(self) -> None:
         try:

@@ -21,10 +21,12 @@ from lattice.errors import (
     ConnectionLost,
     DialError,
     NegotiationError,
+    ProtocolError,
     TransportError,
 )
 from lattice.identity import KeyPair, PeerId, PublicKey
 from lattice.transport import multistream, noise, yamux
+from lattice.transport.limits import PENALTY_MALFORMED, PeerLimits
 from lattice.transport.multiaddr import Multiaddr, MultiaddrError, dialable
 
 log = logging.getLogger(__name__)
@@ -144,6 +146,7 @@ class Host:
         self._identified: dict[PeerId, trio.Event] = {}
         self._identify_callbacks: list[Callable[[PeerInfo], None]] = []
         self.stats = Counter()
+        self.limits: PeerLimits | None = None  # per-IP caps, rate limits, bans (the node installs them)
         self.traffic_in: Counter = Counter()  # payload bytes per protocol, all connections (metrics)
         self.traffic_out: Counter = Counter()
         # Finds a peer's current addresses when ours fail or are missing (the DHT installs one).
@@ -252,8 +255,25 @@ class Host:
                 self.stats["inbound_refused"] += 1
                 await trio.aclose_forcefully(stream)
                 continue
+            ip = None
+            if self.limits is not None:
+                try:
+                    ip = stream.socket.getpeername()[0].split("%")[0]
+                except OSError:
+                    ip = ""
+                if not self.limits.accept_ip(ip):
+                    self.stats["inbound_refused_limits"] += 1
+                    await trio.aclose_forcefully(stream)
+                    continue
             self._pending_handshakes += 1
-            self._nursery.start_soon(self._handle_inbound, stream)
+            self._nursery.start_soon(self._handle_inbound_counted, stream, ip)
+
+    async def _handle_inbound_counted(self, stream: trio.SocketStream, ip: str | None) -> None:
+        try:
+            await self._handle_inbound(stream)
+        finally:
+            if ip is not None and self.limits is not None:
+                self.limits.release_ip(ip)
 
     async def _handle_inbound(self, stream: trio.SocketStream) -> None:
         try:
@@ -273,6 +293,10 @@ class Host:
             return
         finally:
             self._pending_handshakes -= 1
+        if self.limits is not None and not self.limits.accept_peer(secure.remote_peer, remote.ip):
+            self.stats["inbound_refused_banned"] += 1
+            await trio.aclose_forcefully(stream)
+            return
         conn = self._make_connection(secure, False, remote, local, leftover)
         await self._run_connection(conn)
 
@@ -357,6 +381,9 @@ class Host:
         except BaseException:  # cancelled half-way (a lost dial race): the peer must see it end too
             await trio.aclose_forcefully(stream)
             raise
+        if self.limits is not None and self.limits.is_banned(secure.remote_peer):
+            await trio.aclose_forcefully(stream)
+            raise DialError(f"{secure.remote_peer} is banned")
         sock = getattr(stream, "socket", None)
         try:
             local = sockaddr_to_multiaddr(sock.getsockname()) if sock is not None else None
@@ -405,6 +432,8 @@ class Host:
             log.exception("connection to %s failed unexpectedly", conn.remote_peer)
             await trio.aclose_forcefully(conn.session.secure.raw)
         finally:
+            if (conn.session.close_reason or "").startswith("protocol error"):
+                self.penalize(conn.remote_peer, f"yamux {conn.session.close_reason}")
             conns = self._conns.get(conn.remote_peer, [])
             if conn in conns:
                 conns.remove(conn)
@@ -428,6 +457,8 @@ class Host:
         conn = self.connection_to(peer)
         if conn is not None:
             return conn
+        if self.limits is not None and self.limits.is_banned(peer):
+            raise DialError(f"{peer} is banned")
         info = self.peerstore.get(peer)
         known = [a for a in (info.addrs if info else []) if a.tcp_target() or a.is_relayed]
         try:
@@ -524,10 +555,36 @@ class Host:
                 raise NegotiationError(f"protocol negotiation with {conn.remote_peer} timed out") from None
             raise
         stream.unread(bytes(buf))
-        _recount(conn.session, stream.protocol, len(buf))
+        _recount(conn.session, stream.protocol, stream._buf_len)
         return stream
 
+    # -- limits (no-ops without self.limits)
+    def allow_request(self, peer: PeerId, protocol: str) -> bool:
+        """One request of ``protocol`` from ``peer`` within its rate limit? (services with long-lived
+        streams ask per request; the host asks per stream)."""
+        if self.limits is None or self.limits.allow(peer, protocol):
+            return True
+        self._enforce_ban(peer)
+        return False
+
+    def penalize(self, peer: PeerId, reason: str, points: float = PENALTY_MALFORMED) -> None:
+        """Report misbehaviour (a malformed message); enough of it bans the peer (see limits)."""
+        log.debug("peer %s misbehaved: %s", peer, reason)
+        if self.limits is not None and self.limits.penalize(peer, points, reason):
+            self._enforce_ban(peer)
+
+    def _enforce_ban(self, peer: PeerId) -> None:
+        if self.limits is not None and self.limits.is_banned(peer) and self._conns.get(peer):
+            log.warning("banned peer %s: %s", peer, self.limits.ban_reasons.get(str(peer), ""))
+            for conn in list(self._conns.get(peer, ())):
+                self._nursery.start_soon(_close_quietly, conn)
+
     async def _handle_stream(self, conn: Connection, stream: yamux.YamuxStream) -> None:
+        limits = self.limits
+        if limits is not None and not limits.allow_stream(conn.remote_peer):
+            self._enforce_ban(conn.remote_peer)
+            await stream.reset()
+            return
         buf = bytearray()
         try:
             with trio.fail_after(self.config.negotiate_timeout):
@@ -546,15 +603,17 @@ class Host:
             return
         stream.protocol = proto
         stream.unread(bytes(buf))
-        _recount(conn.session, proto, len(buf))
+        _recount(conn.session, proto, stream._buf_len)
         handler = self._handlers.get(proto)
-        if handler is None:
+        if handler is None or not self.allow_request(conn.remote_peer, proto):
             await stream.reset()
             return
         try:
             await handler(stream)
         except TransportError as exc:
             log.debug("handler %s with %s ended: %s", proto, conn.remote_peer, exc)
+            if isinstance(exc, ProtocolError):  # a wire violation, not a lost connection
+                self.penalize(conn.remote_peer, f"{proto}: {exc}")
             await stream.reset()
         except Exception:
             log.exception("handler for %s crashed (peer %s)", proto, conn.remote_peer)
@@ -574,8 +633,16 @@ class Host:
                 await conn.close()
 
 
+async def _close_quietly(conn: Connection) -> None:
+    try:
+        await conn.close()
+    except Exception:
+        pass
+
+
 def _recount(session: yamux.YamuxSession, protocol: str | None, n: int) -> None:
-    """Bytes read past the negotiation belong to the protocol just negotiated (metrics)."""
+    """Bytes buffered when the negotiation ends (counted on arrival, protocol unknown then) belong
+    to the protocol just negotiated (metrics)."""
     if n:
         session.traffic_in[None] -= n
         session.traffic_in[protocol] += n
