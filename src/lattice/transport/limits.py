@@ -31,8 +31,8 @@ class Limits:
     max_conns_per_ip: int = 16
     streams_per_s: float = 500.0  # inbound streams of one peer, all protocols (rate) ...
     streams_burst: float = 1000.0  # ... and burst
-    protocol_per_s: float = 200.0  # inbound streams or requests of one peer on one protocol
-    protocol_burst: float = 400.0
+    protocol_per_s: float = 500.0  # inbound streams or requests of one peer on one protocol
+    protocol_burst: float = 1000.0
     ban_score: float = 100.0  # misbehaviour points that get a peer banned
     ban_seconds: float = 600.0
     score_decay_per_s: float = 1.0  # points forgiven per second
