@@ -1,50 +1,37 @@
-"""A local swarm in one command: N `lattice-node` daemons on 127.0.0.1 that find each other.
+"""A local swarm in one command: N `lattice-node` daemons on 127.0.0.1, then each service in use.
 
-    python examples/local_swarm.py --nodes 4
+    python examples/local_swarm.py --nodes 4 [--keep]
 
-Starts the daemons (real processes), lets them join through the first one (bootstrap), then drives
-them from this process with `lattice.Client`: peers, pings, status. Ctrl-C stops everything.
+Starts a testnet (`lattice.swarm.testnet.Testnet`, the same as `lattice-node testnet`: real daemon
+processes around one bootstrap node), waits until every node knows the others through the DHT, then
+drives the daemons from this process with `lattice.Client`: ping, a DHT record written on one node
+and read on another, a replicated CRDT document, and a numpy tensor sent over the RPC and back.
+`--keep` leaves the swarm running (with its web pages) until Ctrl-C.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import signal
-import subprocess
-import sys
+import statistics
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 from lattice import Client
+from lattice.swarm.testnet import Testnet
 
 
-def start(workdir: Path, name: str, bootstrap: str | None) -> tuple[subprocess.Popen, dict]:
-    ready = workdir / f"{name}.ready.json"
-    cmd = [
-        sys.executable,
-        "-m",
-        "lattice.cli",
-        "run",
-        "--listen",
-        "/ip4/127.0.0.1/tcp/0",
-        "--data-dir",
-        str(workdir / name),
-        "--ready-file",
-        str(ready),
-        "--log-level",
-        "warning",
-    ]
-    if bootstrap:
-        cmd += ["--bootstrap", bootstrap]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
-    deadline = time.monotonic() + 20
-    while not ready.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit(f"{name} failed to start")
-        time.sleep(0.02)
-    return proc, json.loads(ready.read_text())
+def wait_for(check, timeout: float = 10.0, step: float = 0.05):
+    """Poll ``check()`` until it returns a truthy value (bounded)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(step)
 
 
 def main() -> None:
@@ -57,42 +44,46 @@ def main() -> None:
     if not 2 <= args.nodes <= 64:
         parser.error("--nodes must be between 2 and 64")
     workdir = Path(tempfile.mkdtemp(prefix="lattice-swarm-"))
-    procs: list[subprocess.Popen] = []
-    try:
-        t0 = time.monotonic()
-        proc, boot = start(workdir, "node0", None)
-        procs.append(proc)
-        infos = [boot]
-        for i in range(1, args.nodes):
-            proc, info = start(workdir, f"node{i}", boot["addrs"][0])
-            procs.append(proc)
-            infos.append(info)
-        print(f"{args.nodes} daemons ready in {time.monotonic() - t0:.2f}s (state in {workdir})")
-        with Client(boot["control"]) as client:
-            deadline = time.monotonic() + 10
-            while len(client.peers()) < args.nodes - 1 and time.monotonic() < deadline:
-                time.sleep(0.05)
-            print(f"bootstrap {boot['peer_id']} sees {len(client.peers())} peers")
-        for info in infos[1:]:
-            with Client(info["control"]) as client:
-                rtts = client.ping(boot["peer_id"], count=5)
-                median = sorted(rtts)[len(rtts) // 2] * 1000
-                print(f"  {info['peer_id']} -> bootstrap: ping median {median:.3f} ms")
+    t0 = time.monotonic()
+    with Testnet(workdir, args.nodes, extra_args=["--enable-bench"]) as net:
+        ready = time.monotonic() - t0
+        dht_s = net.wait_dht(timeout=30)
+        print(f"{args.nodes} daemons ready in {ready:.2f} s, DHT complete after {dht_s:.2f} s more")
+        first, last = net.nodes[1 % args.nodes].info, net.nodes[-1].info
+        boot = net.nodes[0].info
+        with Client(first["control"]) as a, Client(last["control"]) as b:
+            rtts = a.ping(boot["peer_id"], count=5)
+            print(
+                f"ping {first['peer_id'][:16]}... -> bootstrap: median {statistics.median(rtts) * 1e3:.3f} ms"
+            )
+
+            stored = a.dht.put("demo/greeting", "hello swarm", ttl=600)
+            got = b.dht.get("demo/greeting")[0]["value"]
+            text = got.decode() if isinstance(got, bytes) else got
+            print(f"DHT: put on node1 stored on {stored} peers; node{args.nodes - 1} reads {text!r}")
+
+            a.call("crdt.set", doc="demo/config", key="lr", value=0.05)
+            value = wait_for(lambda: b.call("crdt.get", doc="demo/config").get("lr"))
+            print(f"CRDT: lr=0.05 set on node1, node{args.nodes - 1} sees lr={value}")
+
+            x = np.arange(1 << 20, dtype=np.float32)  # 4 MiB
+            start = time.perf_counter()
+            y = a.rpc.call(last["peer_id"], "lattice.bench.echo", x)
+            ms = (time.perf_counter() - start) * 1e3
+            print(
+                f"RPC: 4 MiB float32 tensor to node{args.nodes - 1} and back in {ms:.1f} ms,"
+                f" equal: {np.array_equal(x, y)}"
+            )
+        pages = [n.info.get("http") for n in net.nodes if n.info.get("http")]
+        if pages:
+            print(f"web page of the bootstrap node: {pages[0]}")
         if args.keep:
             print("control sockets:")
-            for info in infos:
-                print(f"  lattice-node status --control {info['control']}")
+            for node in net.nodes:
+                print(f"  lattice-node status --control {node.info['control']}")
             print("Ctrl-C to stop")
             signal.sigwait({signal.SIGINT, signal.SIGTERM})
-    finally:
-        for proc in procs:
-            proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        print("all daemons stopped")
+    print("all daemons stopped")
 
 
 if __name__ == "__main__":
