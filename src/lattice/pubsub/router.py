@@ -155,10 +155,12 @@ class GossipRouter:
             self._remember(message, now)
             delivered.append(message)
             self.stats["delivered"] += 1
+            author = message.from_
             for other in self.mesh.get(message.topic, ()):
-                if other != peer:
-                    self._rpc(other).messages.append(message)
-                    self.stats["forwarded"] += 1
+                if other == peer or (author is not None and getattr(other, "multihash", None) == author):
+                    continue  # not back to where it came from, nor to its author
+                self._rpc(other).messages.append(message)
+                self.stats["forwarded"] += 1
         self._control(peer, rpc, now)
         return delivered
 
