@@ -22,6 +22,8 @@ def test_a_rogue_peer_changes_nothing_and_replication_keeps_working(tmp_path):
     kinds = ("forged", "unauthorized", "oversized", "garbage", "wrong_doc", "malformed", "replayed")
     for kind in (*kinds, "gossip_forged", "gossip_garbage"):
         assert sent.get(kind, 0) > 0, sent
+    assert sent["identities"] > 1  # the peer limits banned it; it came back as another peer
+    assert r["bans_b"]["bans_total"] > 0 and "malformed" in " ".join(r["bans_b"]["ban_reasons"].values())
     assert r["owned_b"] == r["owned_a"] == r["expected_owned"]  # nothing of the rogue's got in
     assert r["public_b"] == r["public_a"] == {"hello": "world", "from-b": 1}
     for status in (r["status_b"], r["status_a"]):

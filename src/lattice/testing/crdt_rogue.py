@@ -21,6 +21,7 @@ Prints one JSON line with how many of each it sent.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -59,19 +60,51 @@ def _yjs_set(key: str, value: Any) -> bytes:
 
 
 class Rogue:
-    def __init__(self, host: Host, peer: PeerId, doc: str, owner: PeerId, open_doc: str) -> None:
-        self.host = host
-        self.peer = peer
+    """The attacker. The daemon bans it (peer limits) after a dozen bad messages; like a real
+    attacker it then comes back under a fresh identity (``identities`` counts them), so every kind
+    of bad update still reaches the CRDT's own checks."""
+
+    def __init__(self, target: str, doc: str, owner: PeerId, open_doc: str) -> None:
+        self.target = target
         self.doc = doc
         self.owner = owner
         self.open_doc = open_doc
         self.sent: Counter[str] = Counter()
         self.seq = 0
+        self.host: Host | None = None
+        self.peer: PeerId | None = None
+        self._stack = contextlib.AsyncExitStack()
+
+    async def __aenter__(self) -> Rogue:
+        await self._stack.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._stack.__aexit__(*exc)
+
+    async def ensure_connected(self) -> None:
+        """A live connection to the target; a new identity (key, host) if the old one was cut off."""
+        if self.host is not None and self.host.connection_to(self.peer) is not None:
+            return
+        for _ in range(20):  # bounded: each try is a fresh identity
+            await self._stack.aclose()
+            self._stack = contextlib.AsyncExitStack()
+            self.host = await self._stack.enter_async_context(open_host(KeyPair.generate()))
+            self.seq = 0
+            self.sent["identities"] += 1
+            try:
+                with trio.fail_after(10):
+                    self.peer = (await self.host.connect(self.target)).remote_peer
+                return
+            except (LatticeError, trio.TooSlowError, OSError):
+                await trio.sleep(0.1)
+        raise LatticeError(f"could not reach {self.target} under 20 identities")
 
     async def _stream_send(
         self, chunks: list[bytes], kind: str, count: int = 1, protocol: str = PROTOCOL_ID
     ) -> None:
         """Send raw chunks on a fresh stream, then close (errors are expected: the peer resets)."""
+        await self.ensure_connected()
         try:
             with trio.fail_after(10):
                 stream = await self.host.new_stream(self.peer, [protocol])
@@ -92,6 +125,7 @@ class Rogue:
     async def fetch(self, doc: str) -> list[SignedUpdate]:
         """An ordinary sync: what the daemon holds of ``doc`` (its updates are genuine)."""
         out: list[SignedUpdate] = []
+        await self.ensure_connected()
         with trio.fail_after(10):
             stream = await self.host.new_stream(self.peer, [PROTOCOL_ID])
             await stream.write(_frame({"t": "sync", "doc": doc, "v": {}}))
@@ -168,14 +202,16 @@ class Rogue:
 
 
 async def main_async(args: argparse.Namespace) -> dict:
-    keypair = KeyPair.generate()
-    async with open_host(keypair) as host:
-        with trio.fail_after(10):
-            conn = await host.connect(args.target)
-        rogue = Rogue(host, conn.remote_peer, args.doc, PeerId.from_string(args.owner), args.open_doc)
+    async with Rogue(args.target, args.doc, PeerId.from_string(args.owner), args.open_doc) as rogue:
         for _ in range(args.rounds):
-            await rogue.round()
-        return {"rogue": str(keypair.peer_id), **rogue.sent}
+            for attempt in range(3):  # a ban can cut a round's sync short: start it again
+                try:
+                    await rogue.round()
+                    break
+                except (LatticeError, trio.TooSlowError, OSError):
+                    if attempt == 2:
+                        raise
+        return dict(rogue.sent)
 
 
 def main(argv: list[str] | None = None) -> int:

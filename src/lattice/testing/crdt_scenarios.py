@@ -158,6 +158,7 @@ def rogue_attack(work: Path, rounds: int = 5, honest_writes: int = 200) -> dict:
             "expected_owned": expected,
             "status_b": status_b,
             "status_a": status_a,
+            "bans_b": b.call("limits.bans"),
             "rogue_exit": [p.returncode for p in procs],
             "honest": [a.peer_id, b.peer_id],
             "catch_up_s": round(during[0], 3),
