@@ -162,7 +162,8 @@ def scenario(args: argparse.Namespace) -> int:
                 docs = r["status_b"]["docs"]
                 row = {
                     "changed": not (r["owned_b"] == r["owned_a"] == r["expected_owned"]),
-                    "sent": sum(v for k, v in r["sent"][0].items() if k != "rogue"),
+                    "sent": sum(v for k, v in r["sent"][0].items() if k != "identities"),
+                    "identities": r["sent"][0].get("identities", 1),
                     "rejected_docs": sum(
                         v for d in docs.values() for k, v in d.items() if k.startswith("rejected")
                     ),
