@@ -164,6 +164,7 @@ def scenario(args: argparse.Namespace) -> int:
                     "changed": not (r["owned_b"] == r["owned_a"] == r["expected_owned"]),
                     "sent": sum(v for k, v in r["sent"][0].items() if k != "identities"),
                     "identities": r["sent"][0].get("identities", 1),
+                    "rogue_exit": r["rogue_exit"],
                     "rejected_docs": sum(
                         v for d in docs.values() for k, v in d.items() if k.startswith("rejected")
                     ),

@@ -84,7 +84,7 @@ class Rogue:
 
     async def ensure_connected(self) -> None:
         """A live connection to the target; a new identity (key, host) if the old one was cut off."""
-        if self.host is not None and self.host.connection_to(self.peer) is not None:
+        if self.host is not None and self.peer is not None and self.host.connection_to(self.peer) is not None:
             return
         for _ in range(20):  # bounded: each try is a fresh identity
             await self._stack.aclose()
@@ -211,6 +211,7 @@ async def main_async(args: argparse.Namespace) -> dict:
                 except (LatticeError, trio.TooSlowError, OSError):
                     if attempt == 2:
                         raise
+                    rogue.peer = None  # the connection is going away: come back as someone else
         return dict(rogue.sent)
 
 
