@@ -42,6 +42,9 @@ class ServerLimits:
     session_ttl: float = 300.0  # an idle session is dropped after this
     max_inputs: int = 8192  # inputs in one call (a replay sends one per step so far)
     max_tokens_per_call: int = 8192
+    # calls of at most this many tokens (decode steps) run on the event loop: a thread hop costs a
+    # wake-up, which on a busy machine was a large part of the mesh's per-token overhead
+    inline_tokens: int = 4
 
 
 @dataclass
@@ -192,7 +195,10 @@ class StageServer:
                 raise SessionError(f"the session would exceed {self.stage.config.max_positions} positions")
             try:
                 async with self._compute:
-                    outputs = await trio.to_thread.run_sync(self._run, session, req)
+                    if n_tokens <= self.limits.inline_tokens:  # a decode step: tens of ms at most
+                        outputs = self._run(session, req)
+                    else:  # a prompt or a replay: keep the node's loop responsive
+                        outputs = await trio.to_thread.run_sync(self._run, session, req)
             except BaseException:
                 self._sessions.pop(key, None)  # the cache may be half-updated: the client replays
                 raise
