@@ -40,6 +40,9 @@ def register(sub: Any, commands: dict) -> None:
     serve.add_argument("--session-ttl", type=float, default=300.0)
     serve.add_argument("--announce-interval", type=float, default=10.0)
     serve.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    serve.add_argument(
+        "--inline-tokens", type=int, default=4, help="calls of <= N tokens skip the worker thread (0: never)"
+    )
     serve.add_argument("--cache-dir", metavar="DIR", help="dequantized weights (<data-dir>/mesh-cache)")
     commands["serve-model"] = cmd_serve_model
 
@@ -126,7 +129,8 @@ async def _serve(args: argparse.Namespace, config: Any, source: Any, blocks: tup
     from lattice.node import Node
 
     limits = ServerLimits(max_sessions=args.max_sessions, cache_bytes=args.cache_mib << 20,
-                          session_ttl=args.session_ttl)  # fmt: skip
+                          session_ttl=args.session_ttl,
+                          inline_tokens=args.inline_tokens)  # fmt: skip
 
     async def load(node: Any) -> Stage:
         nonlocal blocks

@@ -42,6 +42,9 @@ class ServerLimits:
     session_ttl: float = 300.0  # an idle session is dropped after this
     max_inputs: int = 8192  # inputs in one call (a replay sends one per step so far)
     max_tokens_per_call: int = 8192
+    # calls of at most this many tokens (decode steps) run on the event loop: a thread hop costs a
+    # wake-up, which on a busy machine was a large part of the mesh's per-token overhead
+    inline_tokens: int = 4
 
 
 @dataclass
@@ -89,7 +92,8 @@ class StageServer:
         self.node: Any = None
         self._sessions: dict[tuple[str, str], _Session] = {}
         self._compute = trio.Lock()  # one forward at a time: sessions interleave per step
-        self.stats = {"forwards": 0, "tokens": 0, "replays": 0, "refused": 0, "expired": 0}
+        self.stats = {"forwards": 0, "tokens": 0, "replays": 0, "refused": 0, "expired": 0,
+                      "compute_s": 0.0}  # fmt: skip
 
     # -- lifecycle
     async def run(self, node: Any, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
@@ -167,7 +171,7 @@ class StageServer:
             "model_id": self.model_id, "start": info.start, "end": info.end, "n_layers": info.n_layers,
             "config": self.stage.config.as_dict(), "throughput": info.throughput, "sessions": info.sessions,
             "max_sessions": self.limits.max_sessions, "cache_bytes": self.limits.cache_bytes,
-            "cache_used": self.cache_used, "stats": dict(self.stats),
+            "cache_used": self.cache_used, "stats": dict(self.stats), "threads": torch.get_num_threads(),
         }  # fmt: skip
 
     async def _close(self, payload: Any, ctx: Any) -> bool:
@@ -192,7 +196,10 @@ class StageServer:
                 raise SessionError(f"the session would exceed {self.stage.config.max_positions} positions")
             try:
                 async with self._compute:
-                    outputs = await trio.to_thread.run_sync(self._run, session, req)
+                    if n_tokens <= self.limits.inline_tokens:  # a decode step: tens of ms at most
+                        outputs = self._run(session, req)
+                    else:  # a prompt or a replay: keep the node's loop responsive
+                        outputs = await trio.to_thread.run_sync(self._run, session, req)
             except BaseException:
                 self._sessions.pop(key, None)  # the cache may be half-updated: the client replays
                 raise
@@ -203,6 +210,13 @@ class StageServer:
         return {"outputs": outputs}
 
     def _run(self, session: _Session, req: dict) -> list[torch.Tensor]:
+        t0 = time.perf_counter()
+        try:
+            return self._run_inputs(session, req)
+        finally:
+            self.stats["compute_s"] += time.perf_counter() - t0
+
+    def _run_inputs(self, session: _Session, req: dict) -> list[torch.Tensor]:
         outs = []
         last = len(req["inputs"]) - 1
         for i, x in enumerate(req["inputs"]):
