@@ -42,11 +42,15 @@ async def test_connect_identify_and_ping(host_factory):
 
 
 async def test_connect_is_fast_and_reused(host_factory):
-    a, b = await host_factory(), await host_factory()
-    start = trio.current_time()
-    first = await b.connect(full_addr(a))
-    assert trio.current_time() - start < 0.2  # no fixed happy-eyeballs pause
-    assert await b.connect(full_addr(a)) is first
+    a = await host_factory()
+    times = []
+    for _ in range(3):  # the fastest of 3 (a busy machine can stall one), each a fresh dialer
+        b = await host_factory()
+        start = trio.current_time()
+        first = await b.connect(full_addr(a))
+        times.append(trio.current_time() - start)
+        assert await b.connect(full_addr(a)) is first
+    assert min(times) < 0.2, times  # no fixed happy-eyeballs pause (py-libp2p waits 250 ms)
 
 
 async def test_large_transfer_integrity_and_many_streams(host_factory):
