@@ -52,6 +52,7 @@ def round_time(args, root: Path) -> dict:
             "60",
             "--linger",
             "10",
+            *[f"--set={x}" for x in args.set],
         ],
     )
     try:
@@ -71,6 +72,7 @@ def round_time(args, root: Path) -> dict:
         "peers": args.peers,
         "neighbours": 2,
         "message_mb": args.numel * 4 / 1e6,
+        "codec": next((x.split("=", 1)[1] for x in args.set if x.startswith("codec=")), None),
         "rounds": rounds,
         "peers_reporting": len(medians),
         "median_round_s": statistics.median(medians) if medians else None,

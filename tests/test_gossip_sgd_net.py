@@ -129,3 +129,50 @@ def test_peers_learn_and_the_rest_finish_when_one_is_killed(tmp_path):
         assert rounds_[-1]["acc_local"] > rounds_[0]["acc_local"]
         assert rounds_[-1]["live"] == n - 1  # the dead peer left the graph
         assert done["duplicates"] == 0 and done["bytes_sent"] > 0
+
+
+@pytest.mark.slow
+def test_a_late_peer_joins_a_run_in_progress(tmp_path):
+    import subprocess
+    import sys
+
+    n, rounds = 3, 12
+    common = ["--algorithm", "dfedavg", "--rounds", str(rounds), *ARGS]
+    procs = start_peers(n, "t-late", tmp_path, common)
+    try:
+        # started now, but --late waits until the run is under way, then takes part 2 rounds later
+        late_dir = tmp_path / "late"
+        late_dir.mkdir()
+        addr = (tmp_path / "bootstrap.addr").read_text().strip()
+        late = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "lattice.apps.gossip_sgd",
+                "peer",
+                "--run",
+                "t-late",
+                "--peers",
+                str(n),
+                "--out",
+                str(late_dir),
+                "--bootstrap",
+                addr,
+                "--late",
+                *common,
+            ],
+            stdout=open(late_dir / "stdout", "w"),  # noqa: SIM115
+            stderr=open(late_dir / "stderr", "w"),  # noqa: SIM115
+        )
+        procs.append(late)
+        for p in procs:
+            p.wait(timeout=120)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert all(p.returncode == 0 for p in procs), (tmp_path / "late" / "stderr").read_text()[-3000:]
+    mine = _rounds(tmp_path / "late" / "log.jsonl")
+    assert mine and mine[0]["round"] > 1 and mine[-1]["round"] == rounds  # joined mid-run, finished
+    assert mine[-1]["acc_local"] > 0.3
+    assert _rounds(tmp_path / "peer0" / "log.jsonl")[-1]["live"] == n + 1  # the others took it in
