@@ -4,13 +4,16 @@ A record lives in a slot ``(key, subkey)``. The subkey defaults to the publisher
 writer has its own entry under a shared key (a dictionary value, one entry per writer) and nobody can
 overwrite somebody else's. Keys under ``/owned/<peer id>/`` accept records from that peer only. A
 record replaces the one in its slot only if it comes from the same publisher and is newer. Every hop
-verifies the signature (domain-separated, over a canonical msgpack encoding); values above
-``MAX_VALUE`` are refused at ``put`` with a clear error, never stored and silently dropped.
+verifies the signature (domain-separated, over a canonical msgpack encoding; once per distinct
+record: valid signatures are remembered); values above ``MAX_VALUE`` are refused at ``put`` with
+a clear error, never stored and silently dropped.
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -26,6 +29,7 @@ MAX_TTL = 30 * 24 * 3600.0
 CLOCK_SKEW = 120.0
 SIGN_CONTEXT = "dht-record"
 OWNED_PREFIX = b"/owned/"
+VERIFIED_CACHE = 4096  # signatures remembered as valid (a record seen again is not re-verified)
 
 
 class RecordError(LatticeError):
@@ -99,6 +103,26 @@ def create(
     return record
 
 
+_verified: OrderedDict[bytes, None] = OrderedDict()
+
+
+def _signature_ok(public: PublicKey, signed: bytes, signature: bytes) -> bool:
+    """Verify once per distinct (publisher, signed bytes, signature): the publisher checks its own
+    record at create and again at store, and gets and republishing bring back records already seen.
+    The cache key is a digest of all three (lengths fixed or prefixed: no ambiguous split), so only
+    the very same triple can hit."""
+    digest = hashlib.sha256(public.raw + len(signature).to_bytes(4, "big") + signature + signed).digest()
+    if digest in _verified:
+        _verified.move_to_end(digest)
+        return True
+    if not verify_for(public, SIGN_CONTEXT, signed, signature):
+        return False
+    _verified[digest] = None
+    if len(_verified) > VERIFIED_CACHE:
+        _verified.popitem(last=False)
+    return True
+
+
 Validator = Callable[[Record], None]
 _VALIDATORS: dict[bytes, Validator] = {}
 
@@ -124,7 +148,7 @@ def validate(record: Record, now: float | None = None) -> None:
     except (IdentityError, ValueError):
         raise RecordError("record publisher key is invalid") from None
     signed = _signed_bytes(record.key, record.subkey, record.value, record.published_at, record.expires_at)
-    if not verify_for(public, SIGN_CONTEXT, signed, record.signature):
+    if not _signature_ok(public, signed, record.signature):
         raise RecordError("record signature is invalid")
     if record.key.startswith(OWNED_PREFIX):
         owner = record.key[len(OWNED_PREFIX) :].split(b"/", 1)[0]
