@@ -188,8 +188,6 @@ async def serve(rpc: Any, stream: YamuxStream) -> None:
 
 
 async def _one_call(rpc: Any, stream: YamuxStream, peer: PeerId, message: Any, scopes: dict) -> None:
-    from lattice.rpc.service import CallContext
-
     cid = message.call_id
     entry = rpc._methods.get(message.method)
     try:
@@ -204,7 +202,7 @@ async def _one_call(rpc: Any, stream: YamuxStream, peer: PeerId, message: Any, s
                 return
             rpc.stats["calls_in"] += 1
             try:
-                result = await rpc._invoke(entry, message.value, CallContext(peer, message.method))
+                result = await rpc._invoke(entry, message.value, rpc.context(peer, message.method))
             except StreamError:
                 raise
             except Exception as exc:
