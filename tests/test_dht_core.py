@@ -193,3 +193,13 @@ def test_routing_closest_matches_a_full_sort():
     assert all(c.peer not in skip for c in table.closest(target, 50, exclude=skip))
     table.remove(contacts[0].peer)
     assert len(table) == len(contacts) - 1 and table.get(contacts[0].peer) is None
+
+
+def test_created_records_carry_a_real_signature():
+    """create() skips verifying what it just signed; a node without that memory still accepts it."""
+    rec = records.create(KeyPair.generate(), b"k", b"v", NOW + 60, now=NOW)
+    records._verified.clear()
+    records._keys.clear()
+    records.validate(Record.decode(rec.encode()), NOW)
+    with pytest.raises(RecordError, match="owner"):
+        records.create(KeyPair.generate(), b"/owned/someone-else/x", b"v", NOW + 60, now=NOW)

@@ -97,29 +97,50 @@ def create(
     subkey = keypair.peer_id.multihash if subkey is None else subkey
     if len(value) > MAX_VALUE:
         raise RecordError(f"value of {len(value)} bytes is over the limit of {MAX_VALUE} bytes")
-    signature = keypair.sign_for(SIGN_CONTEXT, _signed_bytes(key, subkey, value, now, expires_at))
+    signed = _signed_bytes(key, subkey, value, now, expires_at)
+    signature = keypair.sign_for(SIGN_CONTEXT, signed)
     record = Record(key, subkey, value, keypair.public_key.raw, now, expires_at, signature)
-    validate(record, now)
+    _remember(_digest(record.publisher, signed, signature))  # we just signed it: valid by construction
+    validate(record, now)  # every other rule (lengths, times, owned keys, validators)
     return record
 
 
 _verified: OrderedDict[bytes, None] = OrderedDict()
+_keys: dict[bytes, PublicKey] = {}  # publisher keys seen recently (parsing one costs ~12 us)
+
+
+def _digest(publisher: bytes, signed: bytes, signature: bytes) -> bytes:
+    # lengths fixed (publisher) or prefixed (signature): no two triples give the same input
+    return hashlib.sha256(publisher + len(signature).to_bytes(4, "big") + signature + signed).digest()
+
+
+def _remember(digest: bytes) -> None:
+    _verified[digest] = None
+    if len(_verified) > VERIFIED_CACHE:
+        _verified.popitem(last=False)
+
+
+def _public_key(raw: bytes) -> PublicKey:
+    key = _keys.get(raw)
+    if key is None:
+        key = PublicKey(raw)
+        if len(_keys) >= VERIFIED_CACHE:
+            _keys.clear()
+        _keys[raw] = key
+    return key
 
 
 def _signature_ok(public: PublicKey, signed: bytes, signature: bytes) -> bool:
-    """Verify once per distinct (publisher, signed bytes, signature): the publisher checks its own
-    record at create and again at store, and gets and republishing bring back records already seen.
-    The cache key is a digest of all three (lengths fixed or prefixed: no ambiguous split), so only
-    the very same triple can hit."""
-    digest = hashlib.sha256(public.raw + len(signature).to_bytes(4, "big") + signature + signed).digest()
+    """Verify once per distinct (publisher, signed bytes, signature): the publisher stores its own
+    record right after signing it, and gets and republishing bring back records already seen. The
+    cache key is a digest of all three, so only the very same triple can hit."""
+    digest = _digest(public.raw, signed, signature)
     if digest in _verified:
         _verified.move_to_end(digest)
         return True
     if not verify_for(public, SIGN_CONTEXT, signed, signature):
         return False
-    _verified[digest] = None
-    if len(_verified) > VERIFIED_CACHE:
-        _verified.popitem(last=False)
+    _remember(digest)
     return True
 
 
@@ -144,7 +165,7 @@ def validate(record: Record, now: float | None = None) -> None:
     if record.expires_at > now + MAX_TTL or record.published_at > now + CLOCK_SKEW:
         raise RecordError("record times are out of range")
     try:
-        public = PublicKey(record.publisher)
+        public = _public_key(record.publisher)
     except (IdentityError, ValueError):
         raise RecordError("record publisher key is invalid") from None
     signed = _signed_bytes(record.key, record.subkey, record.value, record.published_at, record.expires_at)
