@@ -162,3 +162,44 @@ def test_store_counts_expiry_and_limit(tmp_path, monkeypatch):
     assert store.record_count == 1
     assert store.put(records.create(me, b"k9", b"v", NOW + 60, now=NOW), now=NOW + 11)
     store.close()
+
+
+def test_verified_signature_cache_never_accepts_a_changed_record():
+    rec = records.create(KeyPair.generate(), b"k", b"v", NOW + 60, now=NOW)
+    records.validate(rec, NOW)  # remembered as valid
+    for forged in (
+        rec.__class__(**{**rec.__dict__, "value": b"v2"}),  # same signature, other content
+        rec.__class__(**{**rec.__dict__, "expires_at": NOW + 61}),
+        rec.__class__(**{**rec.__dict__, "signature": rec.signature[:-1] + bytes([rec.signature[-1] ^ 1])}),
+    ):
+        with pytest.raises(RecordError, match="signature"):
+            records.validate(forged, NOW)
+    records._verified.clear()
+    for i in range(records.VERIFIED_CACHE):
+        records._verified[i.to_bytes(32, "big")] = None
+    records.validate(rec, NOW)  # verified again (not cached any more), the oldest entry dropped
+    assert len(records._verified) == records.VERIFIED_CACHE and bytes(32) not in records._verified
+
+
+def test_routing_closest_matches_a_full_sort():
+    table = RoutingTable(KeyPair.generate().peer_id, k=20)
+    for _ in range(40):
+        table.add(KeyPair.generate().peer_id)
+    contacts = table.contacts()
+    assert len(table) == len(contacts)
+    target = key_id(b"t")
+    assert table.closest(target) == sorted(contacts, key=lambda c: c.key ^ target)[:20]
+    skip = {contacts[0].peer}
+    assert all(c.peer not in skip for c in table.closest(target, 50, exclude=skip))
+    table.remove(contacts[0].peer)
+    assert len(table) == len(contacts) - 1 and table.get(contacts[0].peer) is None
+
+
+def test_created_records_carry_a_real_signature():
+    """create() skips verifying what it just signed; a node without that memory still accepts it."""
+    rec = records.create(KeyPair.generate(), b"k", b"v", NOW + 60, now=NOW)
+    records._verified.clear()
+    records._keys.clear()
+    records.validate(Record.decode(rec.encode()), NOW)
+    with pytest.raises(RecordError, match="owner"):
+        records.create(KeyPair.generate(), b"/owned/someone-else/x", b"v", NOW + 60, now=NOW)

@@ -427,6 +427,33 @@ async def test_fast_lane_carries_small_calls_and_survives_garbage(pair):
     assert await b.rpc.call(peer, "echo", "still fine") == "still fine"
 
 
+async def test_fast_lane_rejects_a_corrupted_payload_and_serves_batched_calls(pair):
+    """Complete messages are parsed in the connection's reader; a bad checksum still fails there."""
+    from lattice.rpc import lane, wire
+
+    a, b, peer = pair
+    pid = PeerId.from_string(peer)
+    arr = np.arange(16, dtype=np.float32)
+    got = await b.rpc.call(peer, "echo", arr)
+    assert isinstance(got, np.ndarray) and np.array_equal(got, arr)
+    rogue = await b.host.new_stream(pid, [lane.PROTOCOL_ID])
+    doc, buffers = wire.tensors.encode(arr)
+    head = wire.encode_header(wire.CALL, doc, arr.nbytes, method="echo", last=True, call_id=1)
+    good = head + bytes(buffers[0]) + struct.pack(">I", zlib.crc32(bytes(buffers[0])))
+    batch = good + good.replace(b"\xa1i\x01", b"\xa1i\x02")  # two calls in one write: both answered
+    await rogue.write(batch)
+    replies = [await wire.receive(rogue, 1 << 20) for _ in range(2)]
+    assert sorted(m.call_id for m in replies) == [1, 2]
+    assert all(m.kind == "msg" and np.array_equal(m.value, arr) for m in replies)
+    calls_before = a.rpc.stats["calls_in"]
+    await rogue.write(head + bytes(buffers[0]) + struct.pack(">I", 12345))  # wrong checksum
+    with trio.fail_after(5):
+        err = await wire.receive(rogue, 1 << 20)
+    assert err.kind == "err" and "checksum" in err.error_message
+    assert a.rpc.stats["calls_in"] == calls_before  # the corrupted call never ran
+    assert await b.rpc.call(peer, "echo", "still fine") == "still fine"
+
+
 async def test_lane_reopens_after_connection_loss(pair):
     _a, b, peer = pair
     pid = PeerId.from_string(peer)

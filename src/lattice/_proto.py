@@ -66,16 +66,32 @@ def encode(fields: Iterable[tuple[int, int | bytes | str | None]]) -> bytes:
     ``None`` values are skipped, so optional fields can be passed unconditionally.
     """
     out = bytearray()
-    for number, value in fields:
+    for number, value in fields:  # one-byte varints (most keys and lengths) inline: hot in the DHT
         if value is None:
             continue
         if isinstance(value, bool | int):
-            out += encode_uvarint(number << 3 | VARINT)
-            out += encode_uvarint(int(value))
+            key = number << 3 | VARINT
+            out += bytes((key,)) if key < 0x80 else encode_uvarint(key)
+            value = int(value)
+            if 0 <= value < 0x80:
+                out.append(value)
+            else:
+                out += encode_uvarint(value)
         else:
-            data = value.encode() if isinstance(value, str) else bytes(value)
-            out += encode_uvarint(number << 3 | LEN)
-            out += encode_uvarint(len(data))
+            data = (
+                value.encode()
+                if isinstance(value, str)
+                else value
+                if isinstance(value, bytes)
+                else bytes(value)
+            )
+            key = number << 3 | LEN
+            out += bytes((key,)) if key < 0x80 else encode_uvarint(key)
+            size = len(data)
+            if size < 0x80:
+                out.append(size)
+            else:
+                out += encode_uvarint(size)
             out += data
     return bytes(out)
 
@@ -93,7 +109,11 @@ def decode(data: bytes | bytearray | memoryview, max_fields: int = 1024) -> dict
         count += 1
         if count > max_fields:
             raise DecodeError("too many fields")
-        key, pos = decode_uvarint(data, pos)
+        key = data[pos]
+        if key < 0x80:  # one-byte varints inline (most keys and lengths): hot in the DHT
+            pos += 1
+        else:
+            key, pos = decode_uvarint(data, pos)
         number, wire_type = key >> 3, key & 7
         if number == 0:
             raise DecodeError("field number 0")
@@ -101,7 +121,11 @@ def decode(data: bytes | bytearray | memoryview, max_fields: int = 1024) -> dict
             value, pos = decode_uvarint(data, pos)
             fields.setdefault(number, []).append(value)
         elif wire_type == LEN:
-            length, pos = decode_uvarint(data, pos)
+            if pos < n and data[pos] < 0x80:
+                length = data[pos]
+                pos += 1
+            else:
+                length, pos = decode_uvarint(data, pos)
             if length > n - pos:
                 raise DecodeError("length-delimited field overruns message")
             fields.setdefault(number, []).append(bytes(data[pos : pos + length]))

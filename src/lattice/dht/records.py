@@ -4,13 +4,16 @@ A record lives in a slot ``(key, subkey)``. The subkey defaults to the publisher
 writer has its own entry under a shared key (a dictionary value, one entry per writer) and nobody can
 overwrite somebody else's. Keys under ``/owned/<peer id>/`` accept records from that peer only. A
 record replaces the one in its slot only if it comes from the same publisher and is newer. Every hop
-verifies the signature (domain-separated, over a canonical msgpack encoding); values above
-``MAX_VALUE`` are refused at ``put`` with a clear error, never stored and silently dropped.
+verifies the signature (domain-separated, over a canonical msgpack encoding; once per distinct
+record: valid signatures are remembered); values above ``MAX_VALUE`` are refused at ``put`` with
+a clear error, never stored and silently dropped.
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -26,6 +29,7 @@ MAX_TTL = 30 * 24 * 3600.0
 CLOCK_SKEW = 120.0
 SIGN_CONTEXT = "dht-record"
 OWNED_PREFIX = b"/owned/"
+VERIFIED_CACHE = 4096  # signatures remembered as valid (a record seen again is not re-verified)
 
 
 class RecordError(LatticeError):
@@ -93,10 +97,51 @@ def create(
     subkey = keypair.peer_id.multihash if subkey is None else subkey
     if len(value) > MAX_VALUE:
         raise RecordError(f"value of {len(value)} bytes is over the limit of {MAX_VALUE} bytes")
-    signature = keypair.sign_for(SIGN_CONTEXT, _signed_bytes(key, subkey, value, now, expires_at))
+    signed = _signed_bytes(key, subkey, value, now, expires_at)
+    signature = keypair.sign_for(SIGN_CONTEXT, signed)
     record = Record(key, subkey, value, keypair.public_key.raw, now, expires_at, signature)
-    validate(record, now)
+    _remember(_digest(record.publisher, signed, signature))  # we just signed it: valid by construction
+    validate(record, now)  # every other rule (lengths, times, owned keys, validators)
     return record
+
+
+_verified: OrderedDict[bytes, None] = OrderedDict()
+_keys: dict[bytes, PublicKey] = {}  # publisher keys seen recently (parsing one costs ~12 us)
+
+
+def _digest(publisher: bytes, signed: bytes, signature: bytes) -> bytes:
+    # lengths fixed (publisher) or prefixed (signature): no two triples give the same input
+    return hashlib.sha256(publisher + len(signature).to_bytes(4, "big") + signature + signed).digest()
+
+
+def _remember(digest: bytes) -> None:
+    _verified[digest] = None
+    if len(_verified) > VERIFIED_CACHE:
+        _verified.popitem(last=False)
+
+
+def _public_key(raw: bytes) -> PublicKey:
+    key = _keys.get(raw)
+    if key is None:
+        key = PublicKey(raw)
+        if len(_keys) >= VERIFIED_CACHE:
+            _keys.clear()
+        _keys[raw] = key
+    return key
+
+
+def _signature_ok(public: PublicKey, signed: bytes, signature: bytes) -> bool:
+    """Verify once per distinct (publisher, signed bytes, signature): the publisher stores its own
+    record right after signing it, and gets and republishing bring back records already seen. The
+    cache key is a digest of all three, so only the very same triple can hit."""
+    digest = _digest(public.raw, signed, signature)
+    if digest in _verified:
+        _verified.move_to_end(digest)
+        return True
+    if not verify_for(public, SIGN_CONTEXT, signed, signature):
+        return False
+    _remember(digest)
+    return True
 
 
 Validator = Callable[[Record], None]
@@ -120,11 +165,11 @@ def validate(record: Record, now: float | None = None) -> None:
     if record.expires_at > now + MAX_TTL or record.published_at > now + CLOCK_SKEW:
         raise RecordError("record times are out of range")
     try:
-        public = PublicKey(record.publisher)
+        public = _public_key(record.publisher)
     except (IdentityError, ValueError):
         raise RecordError("record publisher key is invalid") from None
     signed = _signed_bytes(record.key, record.subkey, record.value, record.published_at, record.expires_at)
-    if not verify_for(public, SIGN_CONTEXT, signed, record.signature):
+    if not _signature_ok(public, signed, record.signature):
         raise RecordError("record signature is invalid")
     if record.key.startswith(OWNED_PREFIX):
         owner = record.key[len(OWNED_PREFIX) :].split(b"/", 1)[0]

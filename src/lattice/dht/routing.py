@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import heapq
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -29,9 +30,12 @@ class RoutingTable:
         self.local_key = peer_key(local)
         self.k = k
         self.buckets: list[OrderedDict[PeerId, Contact]] = [OrderedDict() for _ in range(ID_BITS)]
+        # every contact, flat: closest() runs on every lookup and FIND_NODE answer, and walking 256
+        # mostly empty buckets cost more than ranking the contacts (measured: bench/cpu_per_op.py)
+        self._all: dict[PeerId, Contact] = {}
 
     def __len__(self) -> int:
-        return sum(len(b) for b in self.buckets)
+        return len(self._all)
 
     def __contains__(self, peer: PeerId) -> bool:
         key = peer_key(peer)
@@ -54,11 +58,12 @@ class RoutingTable:
             return None
         if len(bucket) >= self.k:
             return next(iter(bucket.values()))
-        bucket[peer] = Contact(peer, list(addrs or []), key, now)
+        bucket[peer] = self._all[peer] = Contact(peer, list(addrs or []), key, now)
         return None
 
     def remove(self, peer: PeerId) -> None:
         self.buckets[bucket_index(self.local_key, peer_key(peer))].pop(peer, None)
+        self._all.pop(peer, None)
 
     def failed(self, peer: PeerId, max_failures: int = 3) -> None:
         """Count a failed request; drop the contact after ``max_failures`` in a row."""
@@ -68,16 +73,20 @@ class RoutingTable:
             contact.failures += 1
             if contact.failures >= max_failures:
                 del bucket[peer]
+                self._all.pop(peer, None)
 
     def get(self, peer: PeerId) -> Contact | None:
-        return self.buckets[bucket_index(self.local_key, peer_key(peer))].get(peer)
+        return self._all.get(peer)
 
     def closest(self, target: int, count: int | None = None, exclude: set | None = None) -> list[Contact]:
         """The ``count`` (default k) contacts closest to ``target`` by XOR distance."""
         count = self.k if count is None else count
-        contacts = [c for b in self.buckets for c in b.values() if not exclude or c.peer not in exclude]
-        contacts.sort(key=lambda c: c.key ^ target)
-        return contacts[:count]
+        contacts = self._all.values()
+        if exclude:
+            contacts = [c for c in contacts if c.peer not in exclude]
+        if len(contacts) <= count:
+            return sorted(contacts, key=lambda c: c.key ^ target)
+        return heapq.nsmallest(count, contacts, key=lambda c: c.key ^ target)
 
     def contacts(self) -> list[Contact]:
         return [c for b in self.buckets for c in b.values()]

@@ -141,6 +141,7 @@ class RPC:
         self._lanes: dict[PeerId, lane.Lane] = {}
         self._lane_locks: dict[PeerId, trio.Lock] = {}
         self._no_lane: set[PeerId] = set()
+        self._addr_peers: dict[str, PeerId] = {}  # multiaddr text -> its peer id (parsed once)
         from lattice.rpc.resumable import Uploads
 
         self.uploads = Uploads(self, max_bytes=2 * self.config.max_message)
@@ -231,7 +232,13 @@ class RPC:
             raise RPCError("the RPC service is not running")
         host = node.host
         if isinstance(peer, str) and peer.startswith("/"):
-            conn = await host.connect(peer)
+            known = self._addr_peers.get(peer)  # a live connection to its peer: no parse, no dial
+            conn = host.connection_to(known) if known is not None else None
+            if conn is None:
+                conn = await host.connect(peer)
+                if len(self._addr_peers) >= 1024:
+                    self._addr_peers.clear()
+                self._addr_peers[peer] = conn.remote_peer
             return conn.remote_peer, conn
         peer_id = peer if isinstance(peer, PeerId) else PeerId.from_string(str(peer))
         return peer_id, await host.connect_peer(peer_id)
@@ -349,10 +356,13 @@ class RPC:
 
             return await _resumable.call(self, peer, method, payload, timeout=timeout, as_torch=as_torch)
         timeout = self.config.default_timeout if timeout is None else timeout
+        if not timeout >= 0:  # what trio.fail_after would say (NaN included)
+            raise ValueError("timeout must be non-negative")
         self.stats["calls_out"] += 1
         encoded = tensors.encode(payload, codec)
         try:
-            with trio.fail_after(timeout):  # the hot path: no context-manager helpers
+            # the hot path: a plain cancel scope (trio.fail_after is a generator context manager)
+            with trio.CancelScope(deadline=trio.current_time() + timeout) as deadline:
                 if len(encoded[0]) + sum(b.nbytes for b in encoded[1]) <= lane.SMALL_CALL:
                     peer_id, conn = await self._resolve(peer)
                     fast = await self._lane_to(peer_id, conn)
@@ -379,6 +389,9 @@ class RPC:
                     raise
                 finally:
                     slots.release()
+            if deadline.cancelled_caught:
+                raise trio.TooSlowError
+            raise AssertionError("unreachable")  # every path in the scope returns or raises
         except (trio.TooSlowError, LatticeError) as exc:
             raise self._call_failed(method, timeout, exc) from None
 
@@ -584,6 +597,8 @@ class RPC:
             self.stats["errors_in"] += 1
             log.info("handler %s raised %s: %s", first.method, type(exc).__name__, exc)
             await _reject(stream, type(exc).__name__, str(exc))
+
+    context = CallContext  # for lattice.rpc.lane (which cannot import this module: import cycle)
 
     async def _invoke(self, entry: _Method, payload: Any, ctx: CallContext) -> Any:
         args = (payload, ctx) if entry.takes_ctx else (payload,)

@@ -163,6 +163,29 @@ async def _receive(stream: YamuxStream, max_payload: int, as_torch: bool | None)
         if isinstance(exc, StreamError):
             raise
         raise PayloadError(f"malformed message header: {exc}") from None
+    head = _check_header(header, max_payload)
+    if isinstance(head, Message):
+        return head
+    kind, call_id, n, method, value, specs, last = head
+    crc = 0
+    for spec in specs:  # allocation happens only now, after every size was checked
+        dest = tensors.allocate(spec)
+        for off in range(0, spec.nbytes, SLICE):
+            piece = dest[off : off + SLICE]
+            await stream.read_into(piece)
+            crc = zlib.crc32(piece, crc)
+    if n:
+        (expected,) = _U32.unpack(await stream.read_exactly(4))
+        if expected != crc:
+            raise PayloadError("payload checksum mismatch (corrupted transfer)")
+    return Message(
+        kind, value=tensors.finish(value, as_torch), method=method, has_value=True, last=last, call_id=call_id
+    )
+
+
+def _check_header(header: Any, max_payload: int) -> Message | tuple:
+    """Validate a decoded header: a finished Message (error, or no value), or the parts of one
+    with a value (kind, call id, payload size, method, value with TensorSpecs, specs, last)."""
     if not isinstance(header, dict) or header.get("k") not in (CALL, MSG, END, ERR, CANCEL):
         raise PayloadError("malformed message header")
     kind = header["k"]
@@ -183,31 +206,54 @@ async def _receive(stream: YamuxStream, max_payload: int, as_torch: bool | None)
     if method is not None and (not isinstance(method, str) or len(method) > 256):
         raise PayloadError("invalid method name")
     doc = header.get("d")
+    last = bool(header.get("z"))
     if doc is None:
         if n:
             raise PayloadError("payload without a value document")
-        return Message(kind, method=method, last=bool(header.get("z")), call_id=call_id)
+        return Message(kind, method=method, last=last, call_id=call_id)
     if not isinstance(doc, bytes):
         raise PayloadError("value document must be bytes")
     value, specs = tensors.parse(doc, max_payload)
     if sum(s.nbytes for s in specs) != n:
         raise PayloadError("declared payload size does not match the tensors")
+    return kind, call_id, n, method, value, specs, last
+
+
+def parse_buffered(stream: YamuxStream, max_payload: int) -> tuple[Message, int] | None:
+    """The next message and its size if it lies complete in the stream's first buffered chunk,
+    parsed without waiting and without consuming (``stream.skip_first(size)`` does that); None if
+    it is incomplete or anything is wrong with it (``receive`` then reads it and reports why).
+
+    The fast lane calls this from the connection's reader task when data arrives, so a small reply
+    or call needs no wake-up of the lane's own reader task.
+    """
+    chunk = stream.first_chunk()
+    if chunk is None or len(chunk) < 4:
+        return None
+    (length,) = _U32.unpack_from(chunk, 0)
+    end = 4 + length
+    if length > MAX_HEADER or len(chunk) < end:
+        return None
+    try:
+        head = _check_header(msgpack.unpackb(chunk[4:end], raw=False, max_bin_len=MAX_HEADER), max_payload)
+    except Exception:
+        return None
+    if isinstance(head, Message):
+        return head, end
+    kind, call_id, n, method, value, specs, last = head
+    if n and len(chunk) < end + n + 4:
+        return None
     crc = 0
-    for spec in specs:  # allocation happens only now, after every size was checked
+    for spec in specs:
         dest = tensors.allocate(spec)
-        for off in range(0, spec.nbytes, SLICE):
-            piece = dest[off : off + SLICE]
-            await stream.read_into(piece)
-            crc = zlib.crc32(piece, crc)
+        dest[:] = chunk[end : end + spec.nbytes]
+        crc = zlib.crc32(dest, crc)
+        end += spec.nbytes
     if n:
-        (expected,) = _U32.unpack(await stream.read_exactly(4))
-        if expected != crc:
-            raise PayloadError("payload checksum mismatch (corrupted transfer)")
-    return Message(
-        kind,
-        value=tensors.finish(value, as_torch),
-        method=method,
-        has_value=True,
-        last=bool(header.get("z")),
-        call_id=call_id,
+        if _U32.unpack_from(chunk, end)[0] != crc:
+            return None
+        end += 4
+    message = Message(
+        kind, value=tensors.finish(value), method=method, has_value=True, last=last, call_id=call_id
     )
+    return message, end

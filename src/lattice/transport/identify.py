@@ -74,6 +74,18 @@ def decode(data: bytes, info: PeerInfo) -> Multiaddr | None:
 
 async def read_delimited(stream: YamuxStream, max_size: int) -> bytes | None:
     """One uvarint-length-prefixed message, or None at a clean end of stream."""
+    peek = getattr(stream, "first_chunk", None)
+    chunk = peek() if peek is not None else None
+    if chunk is not None:  # the usual case: the prefix is buffered already, no byte-wise reads
+        try:
+            length, used = _proto.decode_uvarint(chunk)
+        except _proto.TruncatedError:
+            pass
+        else:
+            if length > max_size:
+                raise ProtocolError(f"message of {length} bytes exceeds the limit of {max_size}")
+            stream.skip_first(used)
+            return await stream.read_exactly(length)
     prefix = bytearray()
     while True:
         byte = await stream.read(1)
