@@ -72,6 +72,17 @@ async def flooder(target: str, rate: float, seconds: float) -> dict:
             finally:
                 in_flight[0] -= 1
 
+        async def junk(conn, sent_at: list[float]) -> None:
+            try:
+                with trio.fail_after(1):
+                    stream = await host.new_stream(conn, ["/lattice/kad/1.0.0"])
+                    payload = os.urandom(48)
+                    await stream.write(_proto.encode_uvarint(len(payload)) + payload)
+                out["sent"] += 1
+                sent_at.append(trio.current_time())
+            except failures:
+                out["send_errors"] += 1
+
         print("ready", flush=True)
         conn = await dial(False)
         start = trio.current_time()
@@ -81,28 +92,23 @@ async def flooder(target: str, rate: float, seconds: float) -> dict:
         in_flight = [0]
         refused_ms: list[float] = []
         sent_at: list[float] = []
+        launched_at: list[float] = []
         async with trio.open_nursery() as nursery:
             while (now := trio.current_time()) - start < seconds:
                 next_at += interval
                 if next_at > now:
                     await trio.sleep(next_at - now)
                 if out["banned_after_s"] is None:
-                    if not conn.closed:
-                        try:
-                            with trio.fail_after(1):
-                                stream = await host.new_stream(conn, ["/lattice/kad/1.0.0"])
-                                junk = os.urandom(48)
-                                await stream.write(_proto.encode_uvarint(len(junk)) + junk)
-                            out["sent"] += 1
-                            sent_at.append(trio.current_time())
-                            continue
-                        except failures:
-                            out["send_errors"] += 1
-                    if conn.closed:
-                        t = trio.current_time() - start
-                        out["banned_after_s"] = round(t, 4)
-                        if len(sent_at) > 1:  # the pace of the junk itself (the first dial aside)
-                            out["rate_before_ban"] = round((len(sent_at) - 1) / (sent_at[-1] - sent_at[0]), 1)
+                    if not conn.closed:  # one request per tick, concurrently: the pace holds
+                        nursery.start_soon(junk, conn, sent_at)
+                        launched_at.append(trio.current_time())
+                        continue
+                    t = trio.current_time() - start
+                    out["banned_after_s"] = round(t, 4)
+                    out["junk_launched"] = len(launched_at)
+                    if len(launched_at) > 1:  # the pace the junk requests were sent at
+                        span = launched_at[-1] - launched_at[0]
+                        out["rate_before_ban"] = round((len(launched_at) - 1) / span, 1)
                     continue
                 if in_flight[0] >= MAX_DIALS_IN_FLIGHT:
                     out["dials_skipped"] += 1
