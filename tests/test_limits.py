@@ -15,6 +15,7 @@ from lattice.node import Node
 from lattice.swarm.profiles import DEFAULT, with_limits
 from lattice.transport import open_host
 from lattice.transport.limits import Limits, PeerLimits, TokenBucket
+from lattice.transport.multiaddr import Multiaddr
 
 
 class Clock:
@@ -164,3 +165,25 @@ def test_bans_command(tmp_path):
             raise AssertionError("the banned peer is still connected")
         cli("--unban", victim)
         assert json.loads(cli("--json"))["banned_peers"] == {}
+
+
+async def test_a_banned_ip_is_reset_at_accept_before_any_handshake(tmp_path):
+    async with _node(tmp_path, "a", exempt_ips=()) as a, _node(tmp_path, "b") as b:
+        ip, port = Multiaddr.parse(str(a.addrs[0])).tcp_target()
+        a.host.limits.banned_ips["127.0.0.1"] = a.host.limits.clock() + 60
+        with trio.fail_after(10):
+            for _ in range(50):  # raw dials: each one reset by the host, none handshaken
+                sock = trio.socket.socket()
+                with sock:
+                    try:  # the reset may even beat connect() back
+                        await sock.connect((ip, port))
+                        got = await sock.recv(100)
+                    except ConnectionResetError:
+                        got = b""
+                    assert got == b""  # no Noise reply: closed before the handshake
+            assert a.host.stats["inbound_refused_limits"] == 50
+            assert a.host.stats.get("inbound_handshake_failed", 0) == 0
+            assert a.host.limits.refused_connections == 50
+            a.host.limits.unban("127.0.0.1")
+            await b.connect(a.addrs[0])  # the listener still accepts (and handshakes) others
+            assert len(await b.ping(str(a.peer_id), count=2)) == 2

@@ -7,8 +7,10 @@ of connections and of handshakes in progress is capped so silent or hostile sock
 
 from __future__ import annotations
 
+import errno
 import logging
 import socket
+import struct
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -239,13 +241,20 @@ class Host:
         self._paused.clear()
 
     async def _serve(self, listener: trio.SocketListener) -> None:
+        # The raw accept (not listener.accept()): a refused socket is closed at once, with no
+        # SocketStream, getpeername or checkpointed aclose, so a banned IP's re-dials cost little.
+        lsock = listener.socket
         while not self._closed:
             try:
-                stream = await listener.accept()
+                sock, sockaddr = await lsock.accept()
             except (trio.ClosedResourceError, trio.BrokenResourceError):
                 return
-            except OSError as exc:  # EMFILE and friends: back off instead of spinning
-                log.warning("accept failed: %s", exc)
+            except OSError as exc:
+                if self._closed or lsock.fileno() == -1:
+                    return
+                if exc.errno in _TRANSIENT_ACCEPT_ERRNOS:  # that one connection failed: next
+                    continue
+                log.warning("accept failed: %s", exc)  # EMFILE and friends: back off, do not spin
                 await trio.sleep(0.1)
                 continue
             if (
@@ -253,20 +262,17 @@ class Host:
                 or self.num_connections >= self.config.max_connections
             ):
                 self.stats["inbound_refused"] += 1
-                await trio.aclose_forcefully(stream)
+                _refuse(sock)
                 continue
             ip = None
             if self.limits is not None:
-                try:
-                    ip = stream.socket.getpeername()[0].split("%")[0]
-                except OSError:
-                    ip = ""
+                ip = str(sockaddr[0]).split("%")[0] if sockaddr else ""
                 if not self.limits.accept_ip(ip):
                     self.stats["inbound_refused_limits"] += 1
-                    await trio.aclose_forcefully(stream)
+                    _refuse(sock)
                     continue
             self._pending_handshakes += 1
-            self._nursery.start_soon(self._handle_inbound_counted, stream, ip)
+            self._nursery.start_soon(self._handle_inbound_counted, trio.SocketStream(sock), ip)
 
     async def _handle_inbound_counted(self, stream: trio.SocketStream, ip: str | None) -> None:
         try:
@@ -648,6 +654,24 @@ def _recount(session: yamux.YamuxSession, protocol: str | None, n: int) -> None:
         session.traffic_in[protocol] += n
 
 
+_TRANSIENT_ACCEPT_ERRNOS = {
+    getattr(errno, name)
+    for name in ("ECONNABORTED", "EPROTO", "ENETDOWN", "ENOPROTOOPT", "EHOSTDOWN", "ENONET",
+                 "EHOSTUNREACH", "EOPNOTSUPP", "ENETUNREACH", "EPERM")
+    if hasattr(errno, name)
+}  # fmt: skip
+_LINGER_RESET = struct.pack("ii", 1, 0)
+
+
+def _refuse(sock: trio.socket.SocketType) -> None:
+    """Close an accepted socket with a reset (no FIN handshake, no TIME_WAIT), synchronously."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+    except OSError:
+        pass
+    sock.close()
+
+
 async def _open_listener(host: str, port: int) -> trio.SocketListener:
     """A TCP listener whose port outbound hole-punch dials can share (SO_REUSEPORT, set after bind
     so that binding a port another process holds still fails as "address in use")."""
@@ -658,7 +682,7 @@ async def _open_listener(host: str, port: int) -> trio.SocketListener:
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         await sock.bind((host, port))
-        sock.listen(256)
+        sock.listen(1024)  # a burst of dials (refused ones too) queues instead of losing SYNs
         if hasattr(socket, "SO_REUSEPORT"):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     except BaseException:
