@@ -17,6 +17,7 @@ Only a node's public services are used, as a third party would:
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -325,15 +326,18 @@ async def run_peer(args: argparse.Namespace) -> dict:
         emit({"event": "start", "peer": gossip.me, "rank": rank, "members": len(members)})
         if args.bench_exchange:  # gossip round time only: no data, one model-sized message per round
             x = torch.randn(1, args.bench_exchange, generator=torch.Generator().manual_seed(rank))
+            cpu = [time.process_time()]  # CPU seconds of this process (all threads) per round
             for t in range(cfg.rounds):
                 r = await gossip.exchange(t, Send("bench", {"x": x}, {"x": cfg.hp.codec}))
                 x = r.mix("x")
                 gossip.progress(t)
+                cpu.append(time.process_time())
             ex = gossip.stats.exchange_s
             summary = {
                 "event": "done",
                 "peer": gossip.me,
                 "exchange_s": ex,
+                "cpu_s": [round(b - a, 4) for a, b in itertools.pairwise(cpu)],
                 "timeouts": gossip.stats.timeouts,
                 "bytes_sent": gossip.stats.bytes_sent,
             }
