@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import signal
 import statistics
@@ -61,12 +62,17 @@ def round_time(args, root: Path) -> dict:
         for p in procs:
             if p.poll() is None:
                 p.kill()
-    per_round = []
+    per_round, cpu, loop, faults = [], [], [], []
     for i in range(args.peers):
         done = [r for r in read_log(out / f"peer{i}" / "log.jsonl") if r.get("event") == "done"]
         if done:
             per_round.append(done[0]["exchange_s"][1:])  # round 0 includes the start skew
+            cpu.append(done[0].get("cpu_s", [])[1:])
+            loop.append(done[0].get("loop_s", [])[1:])
+            faults.append(done[0].get("minor_faults", [])[1:])
     medians = [statistics.median(x) for x in per_round if x]
+    cpu_medians = [statistics.median(x) for x in cpu if x]
+    cpu_round = sum(cpu_medians) if cpu_medians else None
     return {
         "figure": "gossip_sgd_net.round_time",
         "peers": args.peers,
@@ -77,6 +83,14 @@ def round_time(args, root: Path) -> dict:
         "peers_reporting": len(medians),
         "median_round_s": statistics.median(medians) if medians else None,
         "slowest_peer_median_s": max(medians) if medians else None,
+        # CPU seconds one round costs, summed over the peer processes (each one's median round)
+        # the whole loop of a round (exchange, mix, progress write), median over peers
+        "median_loop_s": statistics.median(statistics.median(x) for x in loop if x) if any(loop) else None,
+        "minor_faults_per_round_all_peers": sum(int(statistics.median(x)) for x in faults if x),
+        "cpu_s_per_round_all_peers": round(cpu_round, 3) if cpu_round else None,
+        "cpu_floor_round_s": round(cpu_round / (os.cpu_count() or 1), 3) if cpu_round else None,
+        "cores": os.cpu_count(),
+        "load_avg_1m": round(os.getloadavg()[0], 2),
         "anchor_hivemind_allreduce_4peers_16mb_s": 0.46,
     }
 

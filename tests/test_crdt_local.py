@@ -224,6 +224,28 @@ def test_update_log_roundtrip(tmp_path: Path) -> None:
     assert list(UpdateLog(tmp_path / "x.log").replay()) == ups
 
 
+def test_remote_batches_follow_the_fsync_policy(tmp_path: Path, monkeypatch) -> None:
+    """ "always" fsyncs every applied batch; "batch" group-commits them (at most every BATCH_SECONDS)."""
+    from lattice.crdt import log as log_module
+
+    writer = Document("pol", KeyPair.generate(), tmp_path / "w")
+    for i in range(3):
+        writer.get_map("root")[f"k{i}"] = i
+    batches = [[u] for u in writer.updates()]
+    fsyncs = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(log_module.os, "fsync", lambda fd: fsyncs.append(fd) or real_fsync(fd))
+    for policy, expected in (("always", 3), ("batch", 0)):
+        reader = Document("pol", KeyPair.generate(), tmp_path / policy, fsync=policy)
+        fsyncs.clear()  # creating the log fsyncs its directory
+        reader._log._last_sync = time.monotonic()  # a sync just happened: the next is not due yet
+        for batch in batches:
+            assert reader.apply_many(batch) == 1
+        assert len(fsyncs) == expected
+        reader.close()  # closing syncs whatever is pending
+        assert reader.get_map("root").to_py() == {"k0": 0, "k1": 1, "k2": 2}
+
+
 def test_a_hash_chained_batch_costs_one_verification_and_catches_tampering(tmp_path, monkeypatch):
     from lattice.crdt import Document, SignedUpdate
 

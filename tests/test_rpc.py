@@ -497,3 +497,16 @@ async def test_torch_tensors_roundtrip_including_bfloat16(pair):
     assert torch.equal(await b.rpc.call(peer, "echo", big), big)
     approx = await b.rpc.call(peer, "echo", torch.randn(100), codec="bf16")
     assert approx.dtype == torch.float32
+
+
+def test_payload_checksum_is_zlibs_crc32() -> None:
+    """The fast crc32 (ISA-L) must equal zlib's: the wire format of older peers depends on it."""
+    import os
+    import zlib
+
+    from lattice.rpc import wire
+
+    data = os.urandom(1 << 20)
+    view = memoryview(data)
+    assert wire.crc32(data) == zlib.crc32(data)
+    assert wire.crc32(view[3:70001], 12345) == zlib.crc32(view[3:70001], 12345)  # chained, unaligned

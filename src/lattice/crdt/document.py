@@ -164,7 +164,8 @@ class Document:
     # ---- replication ---------------------------------------------------------------------------
 
     def apply_many(self, updates: list[SignedUpdate]) -> int:
-        """:meth:`apply` each update with one fsync for the whole batch; returns how many applied.
+        """:meth:`apply` each update with one fsync for the whole batch (under the "batch" policy:
+        only when one is due); returns how many applied.
 
         An author's run of consecutive updates linked by their hash chain costs one signature
         verification (of its newest update) instead of one per update."""
@@ -174,7 +175,7 @@ class Document:
             for update in updates:
                 applied += self.apply(update, sync=False, verified=id(update) in verified)
         finally:
-            self._log.sync()
+            self._log.commit()
         return applied
 
     def _chain_verified(self, updates: list[SignedUpdate]) -> set[int]:

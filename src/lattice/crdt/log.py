@@ -56,8 +56,11 @@ class UpdateLog:
         the fsync to the caller's next :meth:`sync` (group commit of a batch of remote updates)."""
         _write_all(self._fd, _frame(update))
         self._unsynced += 1
-        if not sync:
-            return
+        if sync:
+            self.commit()
+
+    def commit(self) -> None:
+        """fsync what was appended if the policy says so now ("always": yes; "batch": when due)."""
         if (
             self.fsync == "always"
             or self._unsynced >= BATCH_COUNT

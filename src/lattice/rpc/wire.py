@@ -14,7 +14,6 @@ are hot in cache, and the receiver fills preallocated tensors directly (one copy
 from __future__ import annotations
 
 import struct
-import zlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +22,11 @@ import msgpack
 from lattice.codec import tensors
 from lattice.errors import PayloadError, StreamError
 from lattice.transport.yamux import YamuxStream
+
+try:  # ISA-L's crc32 is zlib's (same polynomial, same value), ~4x faster: a bulk call's CRC was 15 %
+    from isal.isal_zlib import crc32  # of its CPU with zlib's
+except ImportError:  # pragma: no cover - isal is a dependency; zlib still works
+    from zlib import crc32
 
 CALL, MSG, END, ERR, CANCEL = "call", "msg", "end", "err", "cancel"
 MAX_HEADER = 1 << 20
@@ -106,7 +110,7 @@ async def _send(stream, kind, encoded, prefix, last, fin, method, call_id) -> No
         if n:
             crc = 0
             for b in buffers:
-                crc = zlib.crc32(b, crc)
+                crc = crc32(b, crc)
             data = b"".join([head, *buffers, _U32.pack(crc)])
         if stream.exclusive_held:  # a large message is being written on this stream: wait for it
             async with stream.exclusive():
@@ -120,7 +124,7 @@ async def _send(stream, kind, encoded, prefix, last, fin, method, call_id) -> No
         for buf in buffers:
             for off in range(0, buf.nbytes, SLICE):
                 piece = buf[off : off + SLICE]
-                crc = zlib.crc32(piece, crc)
+                crc = crc32(piece, crc)
                 await stream.write(piece)
         await stream.write(_U32.pack(crc), fin=fin)
 
@@ -173,7 +177,7 @@ async def _receive(stream: YamuxStream, max_payload: int, as_torch: bool | None)
         for off in range(0, spec.nbytes, SLICE):
             piece = dest[off : off + SLICE]
             await stream.read_into(piece)
-            crc = zlib.crc32(piece, crc)
+            crc = crc32(piece, crc)
     if n:
         (expected,) = _U32.unpack(await stream.read_exactly(4))
         if expected != crc:
@@ -247,7 +251,7 @@ def parse_buffered(stream: YamuxStream, max_payload: int) -> tuple[Message, int]
     for spec in specs:
         dest = tensors.allocate(spec)
         dest[:] = chunk[end : end + spec.nbytes]
-        crc = zlib.crc32(dest, crc)
+        crc = crc32(dest, crc)
         end += spec.nbytes
     if n:
         if _U32.unpack_from(chunk, end)[0] != crc:

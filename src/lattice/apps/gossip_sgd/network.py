@@ -17,6 +17,7 @@ Only a node's public services are used, as a third party would:
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -280,6 +281,14 @@ def _advance(gen: Any, value: Any) -> Send | None:
         return None
 
 
+def _minor_faults() -> int:
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not on Windows
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 # -- one peer process
 async def run_peer(args: argparse.Namespace) -> dict:
     """Join run ``args.run``, wait for ``args.peers`` members, train, write the final model."""
@@ -305,6 +314,9 @@ async def run_peer(args: argparse.Namespace) -> dict:
             tmp = args.addr_file + ".tmp"
             Path(tmp).write_text(node.addrs[0] + "\n")
             os.replace(tmp, args.addr_file)
+        # Membership and progress are rebuilt by anti-entropy after a crash: no fsync per update (a
+        # blocking fsync per neighbour's progress write stalled the event loop, 5 % of a round)
+        node.crdt.fsync = "batch"
         gossip = Gossip(node, args.run, cfg.topology, cfg.degree, cfg.seed, timeout=args.timeout)
         first = 0
         if args.late:  # join a run in progress: take part from a couple of rounds ahead
@@ -325,15 +337,24 @@ async def run_peer(args: argparse.Namespace) -> dict:
         emit({"event": "start", "peer": gossip.me, "rank": rank, "members": len(members)})
         if args.bench_exchange:  # gossip round time only: no data, one model-sized message per round
             x = torch.randn(1, args.bench_exchange, generator=torch.Generator().manual_seed(rank))
+            # per round: CPU seconds of this process (all threads), wall seconds of the whole loop
+            # (exchange + mix + progress write), minor page faults
+            cpu, wall, faults = [time.process_time()], [time.perf_counter()], [_minor_faults()]
             for t in range(cfg.rounds):
                 r = await gossip.exchange(t, Send("bench", {"x": x}, {"x": cfg.hp.codec}))
                 x = r.mix("x")
                 gossip.progress(t)
+                cpu.append(time.process_time())
+                wall.append(time.perf_counter())
+                faults.append(_minor_faults())
             ex = gossip.stats.exchange_s
             summary = {
                 "event": "done",
                 "peer": gossip.me,
                 "exchange_s": ex,
+                "cpu_s": [round(b - a, 4) for a, b in itertools.pairwise(cpu)],
+                "loop_s": [round(b - a, 4) for a, b in itertools.pairwise(wall)],
+                "minor_faults": [b - a for a, b in itertools.pairwise(faults)],
                 "timeouts": gossip.stats.timeouts,
                 "bytes_sent": gossip.stats.bytes_sent,
             }
