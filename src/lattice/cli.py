@@ -240,9 +240,6 @@ def _swarm_overrides(args: argparse.Namespace) -> dict:
 
 
 async def _run_daemon(config, ready_file: str | None, enable_bench: bool = False, inbox: bool = False) -> int:
-    import signal
-
-    import trio
 
     from lattice.node import Node
 
@@ -269,21 +266,7 @@ async def _run_daemon(config, ready_file: str | None, enable_bench: bool = False
             print(f"metrics and web page: {info['http']}", flush=True)
         if ready_file:
             _write_atomic(ready_file, json.dumps(info))
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async with trio.open_nursery() as nursery:
-
-                async def on_signal() -> None:
-                    async for _ in signals:
-                        break
-                    nursery.cancel_scope.cancel()
-
-                async def on_shutdown() -> None:
-                    await node.wait_shutdown()
-                    await trio.sleep(0.05)  # let the control reply go out
-                    nursery.cancel_scope.cancel()
-
-                nursery.start_soon(on_signal)
-                nursery.start_soon(on_shutdown)
+        await node.serve_until_stopped()
     if ready_file:
         try:
             os.unlink(ready_file)

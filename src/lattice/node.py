@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import signal
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -251,6 +252,25 @@ class Node:
 
     async def wait_shutdown(self) -> None:
         await self._shutdown.wait()
+
+    async def serve_until_stopped(self) -> None:
+        """Serve until SIGINT/SIGTERM or a shutdown request (``lattice-node stop``): the main loop
+        of the daemon and of app servers. Signal handling needs the main thread."""
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with trio.open_nursery() as nursery:
+
+                async def on_signal() -> None:
+                    async for _ in signals:
+                        break
+                    nursery.cancel_scope.cancel()
+
+                async def on_shutdown() -> None:
+                    await self.wait_shutdown()
+                    await trio.sleep(0.05)  # let the control reply go out
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(on_signal)
+                nursery.start_soon(on_shutdown)
 
     @property
     def rpc(self):  # -> lattice.rpc.RPC

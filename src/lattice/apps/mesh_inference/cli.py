@@ -117,7 +117,6 @@ def cmd_serve_model(args: argparse.Namespace) -> int:
 
 
 async def _serve(args: argparse.Namespace, config: Any, source: Any, blocks: tuple[int, int] | None) -> int:
-    import signal
     from pathlib import Path
 
     import trio
@@ -165,21 +164,7 @@ async def _serve(args: argparse.Namespace, config: Any, source: Any, blocks: tup
             with open(tmp, "w") as fh:
                 fh.write(json.dumps(info))
             os.replace(tmp, args.ready_file)
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async with trio.open_nursery() as nursery:
-
-                async def on_signal() -> None:
-                    async for _ in signals:
-                        break
-                    nursery.cancel_scope.cancel()
-
-                async def on_shutdown() -> None:
-                    await node.wait_shutdown()
-                    await trio.sleep(0.05)
-                    nursery.cancel_scope.cancel()
-
-                nursery.start_soon(on_signal)
-                nursery.start_soon(on_shutdown)
+        await node.serve_until_stopped()
     if args.ready_file:
         try:
             os.unlink(args.ready_file)
