@@ -12,6 +12,7 @@ from conftest import full_addr
 from lattice.errors import DialError, TransportError
 from lattice.transport import circuit, ping
 from lattice.transport.circuit import CircuitListener, CircuitMessage
+from lattice.transport.host import PeerInfo
 from lattice.transport.multiaddr import Multiaddr
 from lattice.transport.relay import RelayLimits, RelayServer
 
@@ -223,3 +224,20 @@ async def test_hole_punch_failure_is_recorded_and_the_relay_keeps_working(host_f
     assert pb.results[a.peer_id]["outcome"].startswith("failed")
     assert a.connection_to(b.peer_id) is relayed and not relayed.closed
     assert len(await ping.ping(a, b.peer_id, count=2)) == 2
+
+
+async def test_connect_by_peer_id_falls_back_to_the_relays_we_share(host_factory):
+    """A knows only a dead address of B and no router finds better: A tries B through the relay A
+    itself is reserved on (a swarm's NATed peers share their bootstrap relays)."""
+    r, a, b, _server, _rsvp = await relay_setup(host_factory)
+    a_conn = await a.connect(full_addr(r))
+    a_rsvp = await circuit.reserve(a, a_conn)
+    a.add_address_source(lambda: list(a_rsvp.addrs))  # A advertises its relayed address, as autorelay does
+    dead = Multiaddr.parse("/ip4/127.0.0.1/tcp/1")
+    a.peerstore.setdefault(b.peer_id, PeerInfo(b.peer_id)).addrs = [dead]
+    with trio.fail_after(10):
+        conn = await a.connect_peer(b.peer_id, timeout=5)
+    assert conn.relayed and conn.remote_peer == b.peer_id
+    stream = await a.new_stream(b.peer_id, [ECHO])
+    await stream.write(b"via the shared relay")
+    assert await stream.read_exactly(20) == b"via the shared relay"

@@ -472,12 +472,26 @@ class Host:
                 raise DialError(f"not connected to {peer} and no known address")
             return await self._connect_addrs(peer, known, timeout)
         except DialError:
-            if self.peer_router is None or not route:
+            if not route:
                 raise
-            fresh = [a for a in await self.peer_router(peer) if a not in known]
+            routed = await self.peer_router(peer) if self.peer_router is not None else []
+            fresh = [a for a in routed if a not in known] or self._via_our_relays(peer, known)
             if not fresh:
                 raise
         return await self._connect_addrs(peer, fresh, timeout)
+
+    def _via_our_relays(self, peer: PeerId, known: list[Multiaddr]) -> list[Multiaddr]:
+        """Last resort when a peer's published addresses fail and the DHT knows no better (its
+        relayed address not propagated yet): the relays we hold reservations on, which NATed peers
+        of a swarm often share (its bootstrap relays). A relay without a reservation for ``peer``
+        refuses at once, so this costs one round trip."""
+        out: list[Multiaddr] = []
+        for addr in self.advertised_addrs():
+            if addr.is_relayed:
+                candidate = addr.with_peer(peer)
+                if candidate not in known and candidate not in out:
+                    out.append(candidate)
+        return out[:2]
 
     async def _connect_addrs(self, peer: PeerId, addrs: list[Multiaddr], timeout: float | None) -> Connection:
         addrs = dialable(addrs)
