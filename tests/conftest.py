@@ -32,5 +32,16 @@ def host_factory(nursery):
     return make
 
 
+@pytest.fixture
+def one_torch_thread():
+    """Tiny tensors (mesh tests): intra-op threads only add barrier waits, slow on a busy machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def full_addr(host):
     return host.listen_addrs[0].with_peer(host.peer_id)

@@ -14,13 +14,7 @@ from lattice.apps.mesh_inference.weights import gguf_config, load_gguf_tensors, 
 CONFIG = tiny_config(vocab_size=258, max_positions=256)
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny tensors: intra-op threads only add barrier waits, which are slow on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def write_gguf(path, weights, quantize=()):

@@ -21,13 +21,7 @@ MODEL = "tiny-random-0"
 PROMPT = [3, 14, 15, 92, 65]
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny tensors: intra-op threads only add barrier waits, which are slow on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def reference(prompt, n):

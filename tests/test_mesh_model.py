@@ -15,14 +15,7 @@ from lattice.apps.mesh_inference.model import (  # noqa: E402
     tiny_config,
 )
 
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny tensors: intra-op threads only add barrier waits, which are slow on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def stages_for(config, weights, ranges):

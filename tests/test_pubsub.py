@@ -146,7 +146,8 @@ def test_unsubscribe_prunes_and_graft_from_backoff_is_refused():
     assert all("t" not in r.peer_topics[0] for r in net.routers[1:])
 
 
-async def test_real_nodes_publish_and_receive(tmp_path, nursery):
+async def start_star(tmp_path, nursery, services=None):
+    """4 nodes on loopback that bootstrap from the first (a star until the DHT fills in)."""
     from contextlib import AsyncExitStack
 
     from lattice import Node, NodeConfig
@@ -160,12 +161,18 @@ async def test_real_nodes_publish_and_receive(tmp_path, nursery):
                 boot = [nodes[0].addrs[0]] if nodes else []
                 cfg = NodeConfig(listen=["/ip4/127.0.0.1/tcp/0"], data_dir=tmp_path / f"n{i}", control=False,
                                  bootstrap=boot)  # fmt: skip
-                nodes.append(await stack.enter_async_context(Node(cfg)))
+                node = Node(cfg, services=services()) if services else Node(cfg)
+                nodes.append(await stack.enter_async_context(node))
             ready.set()
             await trio.sleep_forever()
 
     nursery.start_soon(run)
     await ready.wait()
+    return nodes
+
+
+async def test_real_nodes_publish_and_receive(tmp_path, nursery):
+    nodes = await start_star(tmp_path, nursery)
     got: list[list[bytes]] = [[] for _ in nodes]
     for i, node in enumerate(nodes):
         node.pubsub.subscribe("news", lambda peer, data, i=i: got[i].append(data))
@@ -183,28 +190,11 @@ async def test_real_nodes_publish_and_receive(tmp_path, nursery):
 async def test_crdt_documents_replicate_over_the_gossip_mesh(tmp_path, nursery):
     """CRDT(gossip_above=0): every write goes through gossipsub (what a large swarm does), and the
     mesh forwards: leaves connected only to a hub get each other's writes."""
-    from contextlib import AsyncExitStack
-
-    from lattice import Node, NodeConfig
     from lattice.crdt.service import CRDT
     from lattice.pubsub import PubSub
 
-    nodes: list[Node] = []
-    ready = trio.Event()
-
-    async def run():
-        async with AsyncExitStack() as stack:
-            for i in range(4):
-                boot = [nodes[0].addrs[0]] if nodes else []
-                cfg = NodeConfig(listen=["/ip4/127.0.0.1/tcp/0"], data_dir=tmp_path / f"n{i}", control=False,
-                                 bootstrap=boot)  # fmt: skip
-                services = [PubSub(), CRDT(sync_interval=3600, gossip_above=0)]  # no anti-entropy help
-                nodes.append(await stack.enter_async_context(Node(cfg, services=services)))
-            ready.set()
-            await trio.sleep_forever()
-
-    nursery.start_soon(run)
-    await ready.wait()
+    # no anti-entropy help
+    nodes = await start_star(tmp_path, nursery, lambda: [PubSub(), CRDT(sync_interval=3600, gossip_above=0)])
     docs = [n.crdt.open("g") for n in nodes]
     topic = "/lattice/crdt/g"
     with trio.fail_after(10):  # a star (no DHT here): the leaves reach each other only through n0

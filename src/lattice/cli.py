@@ -265,7 +265,7 @@ async def _run_daemon(config, ready_file: str | None, enable_bench: bool = False
         if info["http"]:
             print(f"metrics and web page: {info['http']}", flush=True)
         if ready_file:
-            _write_atomic(ready_file, json.dumps(info))
+            write_atomic(ready_file, json.dumps(info))
         await node.serve_until_stopped()
     if ready_file:
         try:
@@ -279,7 +279,9 @@ async def _run_daemon(config, ready_file: str | None, enable_bench: bool = False
     return 0
 
 
-def _write_atomic(path: str, text: str) -> None:
+def write_atomic(path: str, text: str, what: str = "ready file") -> None:
+    """Write ``text`` to ``path`` so readers see the old file or the new one, never half of it
+    (ready files and address files that other processes poll)."""
     from lattice.errors import ConfigError
 
     tmp = f"{path}.{os.getpid()}.tmp"
@@ -288,7 +290,7 @@ def _write_atomic(path: str, text: str) -> None:
             fh.write(text)
         os.replace(tmp, path)
     except OSError as exc:
-        raise ConfigError(f"cannot write ready file {path}: {exc.strerror}") from None
+        raise ConfigError(f"cannot write {what} {path}: {exc.strerror}") from None
 
 
 # -- client commands

@@ -210,16 +210,21 @@ def _from_env(env: dict[str, str]) -> dict[str, Any]:
     return values
 
 
-def _read_toml(path: Path) -> dict[str, Any]:
+def load_toml(path: Path, what: str = "config file") -> dict[str, Any]:
+    """A TOML file as a dict; a missing, unreadable or malformed file is a one-line ConfigError."""
     try:
-        with path.open("rb") as fh:
-            data = tomllib.load(fh)
+        with Path(path).open("rb") as fh:
+            return tomllib.load(fh)
     except FileNotFoundError:
-        raise ConfigError(f"config file {path} does not exist") from None
+        raise ConfigError(f"{what} {path} does not exist") from None
     except OSError as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+        raise ConfigError(f"cannot read {what} {path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+        raise ConfigError(f"{what} {path} is not valid TOML: {exc}") from None
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    data = load_toml(path)
     node = data.get("node", data)  # keys may sit at top level or under [node]
     if not isinstance(node, dict):
         raise ConfigError(f"config file {path}: [node] must be a table")

@@ -95,7 +95,6 @@ class DHT:
         self._published: dict[tuple[bytes, bytes], Record] = {}
         self._table_changed = trio.Event()
         self.admit: Any = None  # (PeerInfo) -> bool: may this peer enter the routing table (swarm guard)
-        self._routing: set[PeerId] = set()  # peers being looked up for the host's dialer
         self.stats = {"requests_in": 0, "requests_out": 0, "rejected_records": 0, "malformed": 0,
                       "failed_requests": 0}  # fmt: skip
         # operation -> [count, total seconds] (Prometheus summaries: lattice_dht_op_seconds)
@@ -471,18 +470,12 @@ class DHT:
         return found
 
     async def _route_peer(self, peer: PeerId) -> list[Multiaddr]:
-        # A lookup for a dead peer queries that peer too (it is closest to its own id), whose dial
-        # would route it again: without this guard the recursion never ends.
-        if peer in self._routing:
-            return []
-        self._routing.add(peer)
+        # No recursion: the lookup's own requests dial with route=False (_request_inner).
         try:
             return await self.find_peer(peer)
         except (LatticeError, trio.TooSlowError) as exc:
             log.debug("peer lookup of %s failed: %s", peer, exc)
             return []
-        finally:
-            self._routing.discard(peer)
 
     # -- serving
     async def _handle(self, stream: YamuxStream) -> None:

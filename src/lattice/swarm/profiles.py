@@ -18,11 +18,11 @@ Built-in profiles live in :data:`BUILTIN`; more come from TOML files (``--swarm-
 from __future__ import annotations
 
 import re
-import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from lattice.config import load_toml
 from lattice.errors import ConfigError
 from lattice.transport.limits import Limits
 from lattice.transport.multiaddr import Multiaddr
@@ -91,15 +91,7 @@ BUILTIN: dict[str, SwarmProfile] = {
 
 def load_profiles(path: Path) -> dict[str, SwarmProfile]:
     """Profiles from a TOML file (``[swarm.NAME]`` tables)."""
-    try:
-        with Path(path).open("rb") as fh:
-            data = tomllib.load(fh)
-    except FileNotFoundError:
-        raise ConfigError(f"swarm file {path} does not exist") from None
-    except OSError as exc:
-        raise ConfigError(f"cannot read swarm file {path}: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"swarm file {path} is not valid TOML: {exc}") from None
+    data = load_toml(path, "swarm file")
     tables = data.get("swarm")
     if not isinstance(tables, dict) or not tables:
         raise ConfigError(f"swarm file {path} has no [swarm.NAME] table")

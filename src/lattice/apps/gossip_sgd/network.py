@@ -311,9 +311,9 @@ async def run_peer(args: argparse.Namespace) -> dict:
 
     async with Node(config) as node:
         if args.addr_file:
-            tmp = args.addr_file + ".tmp"
-            Path(tmp).write_text(node.addrs[0] + "\n")
-            os.replace(tmp, args.addr_file)
+            from lattice.cli import write_atomic
+
+            write_atomic(args.addr_file, node.addrs[0] + "\n", what="address file")
         # Membership and progress are rebuilt by anti-entropy after a crash: no fsync per update (a
         # blocking fsync per neighbour's progress write stalled the event loop, 5 % of a round)
         node.crdt.fsync = "batch"

@@ -160,10 +160,9 @@ async def _serve(args: argparse.Namespace, config: Any, source: Any, blocks: tup
         for addr in info["addrs"]:
             print(f"listening: {addr}", flush=True)
         if args.ready_file:
-            tmp = f"{args.ready_file}.{os.getpid()}.tmp"
-            with open(tmp, "w") as fh:
-                fh.write(json.dumps(info))
-            os.replace(tmp, args.ready_file)
+            from lattice.cli import write_atomic
+
+            write_atomic(args.ready_file, json.dumps(info))
         await node.serve_until_stopped()
     if args.ready_file:
         try:
