@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import struct
+import time
 import urllib.request
 
 import pytest
@@ -40,8 +41,13 @@ def _check_page(net: Testnet, node_index: int, tmp_path, expected: int) -> None:
     assert dom.count('class="peer-node"') == expected - 1
     with urllib.request.urlopen(url + "metrics", timeout=5) as reply:
         assert f"lattice_swarm_known_peers {expected}" in reply.read().decode()
-    with urllib.request.urlopen(url + "api/state", timeout=5) as reply:
-        connected = [p for p in json.loads(reply.read())["peers"] if p["connected"]]
+    deadline = time.monotonic() + 5  # a connection's RTT is first measured 1 s after it opens
+    while True:
+        with urllib.request.urlopen(url + "api/state", timeout=5) as reply:
+            connected = [p for p in json.loads(reply.read())["peers"] if p["connected"]]
+        if (connected and all(p["rtt_ms"] is not None for p in connected)) or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
     assert connected and all(p["rtt_ms"] is not None for p in connected)  # measured soon after connect
     shot = browser.screenshot(url, tmp_path / f"node{node_index}.png", size=(1280, 900))
     assert _png_size(shot) == (1280, 900) and shot.stat().st_size > 20_000
