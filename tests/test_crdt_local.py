@@ -265,3 +265,78 @@ def test_a_hash_chained_batch_costs_one_verification_and_catches_tampering(tmp_p
     forged = [dataclasses.replace(u, data=batch[0].data) if u.seq == 25 else u for u in batch]
     assert other.apply_many(forged) == 49 and other.stats.rejected_signature == 1
     assert 25 in calls
+
+
+def test_deferred_writes_are_durable_after_flush_and_share_one_fsync(tmp_path, monkeypatch) -> None:
+    """Group commit: writes inside deferred() are logged at once (readable after a crash of the
+    process), fsynced by the next flush() in a worker thread: one fsync for all of them."""
+    import trio
+
+    from lattice.crdt import log as log_module
+
+    doc = Document("gc", KeyPair.generate(), tmp_path / "d")
+    fsyncs = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(log_module.os, "fsync", lambda fd: fsyncs.append(fd) or real_fsync(fd))
+    for i in range(20):
+        with doc.deferred():
+            doc.get_map("root")[f"k{i}"] = i
+    assert doc.unsynced() == 20 and fsyncs == []
+    assert len(list(UpdateLog(log_path(tmp_path / "d", "gc")).replay())) == 20  # already in the file
+
+    async def flush_concurrently() -> None:
+        async with trio.open_nursery() as nursery:
+            for _ in range(5):
+                nursery.start_soon(doc.flush)
+
+    trio.run(flush_concurrently)
+    assert doc.unsynced() == 0 and len(fsyncs) == 1
+    doc.get_map("root")["plain"] = 1  # outside deferred(): fsynced before the write returns
+    assert doc.unsynced() == 0 and len(fsyncs) == 2
+    doc.close()
+    again = Document("gc", KeyPair.generate(), tmp_path / "d")
+    assert len(again.get_map("root").to_py()) == 21
+
+
+def test_sync_in_a_thread_races_appends_and_compaction_without_losing_frames(tmp_path: Path) -> None:
+    import threading
+
+    (k,) = keys(1)
+    log = UpdateLog(tmp_path / "r.log")
+    ups = [sign(k, NAME, i, bytes([i % 256])) for i in range(1, 401)]
+    stop = threading.Event()
+
+    def syncer() -> None:
+        while not stop.is_set():
+            log.sync()
+
+    thread = threading.Thread(target=syncer)
+    thread.start()
+    try:
+        for i, u in enumerate(ups):
+            log.append(u, sync=False)
+            if i % 100 == 99:
+                log.compact(ups[: i + 1])
+    finally:
+        stop.set()
+        thread.join(10)
+    log.sync()
+    assert log.unsynced == 0
+    log.close()
+    assert list(UpdateLog(tmp_path / "r.log").replay()) == ups
+
+
+def test_a_malformed_update_in_a_batch_rejects_only_itself(tmp_path: Path) -> None:
+    """One scratch doc checks a whole batch's Yjs data; after a bad update it starts afresh."""
+    a_key, b_key = keys(2)
+    writer = Document("mix", a_key, tmp_path / "w")
+    other = Document("mix", b_key, tmp_path / "o")
+    for i in range(3):
+        writer.get_map("root")[f"w{i}"] = i
+        other.get_map("root")[f"o{i}"] = i
+    bad = sign(KeyPair.from_seed(b"\x09" * 32), "mix", 1, b"\xff\xfe garbage")
+    batch = writer.updates()[:2] + [bad] + other.updates() + writer.updates()[2:]
+    reader = Document("mix", KeyPair.generate(), tmp_path / "r")
+    assert reader.apply_many(batch) == 6
+    assert reader.stats.rejected_malformed == 1
+    assert reader.get_map("root").to_py() == {"w0": 0, "w1": 1, "w2": 2, "o0": 0, "o1": 1, "o2": 2}

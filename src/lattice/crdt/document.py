@@ -2,7 +2,9 @@
 
 Every local transaction becomes one :class:`SignedUpdate` (the author's next ``seq``), appended to
 the log from inside pycrdt's transaction observer, so it is on disk (per the log's fsync policy)
-before the write call returns. Remote updates are verified, applied, then logged before ``apply``
+before the write call returns; inside :meth:`Document.deferred` it is written but fsynced only by the
+next :meth:`Document.flush` (group commit, off the event loop), which must complete before the
+write is acknowledged to anyone. Remote updates are verified, applied, then logged before ``apply``
 returns True. Each ``(author, seq)`` is applied at most once, in any order (Yjs buffers updates whose
 dependencies have not arrived yet), so two replicas holding the same set of updates are identical.
 
@@ -24,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
+import trio
 from pycrdt import Array, Doc, Map, Text, TransactionEvent
 
 from lattice.errors import LatticeError, PayloadError
@@ -42,7 +45,7 @@ _COUNTER_SEP = "@"  # base58 peer ids never contain it, so rpartition splits cou
 
 @dataclass(frozen=True)
 class Change:
-    """What observers receive after an update is applied and durable."""
+    """What observers receive after an update is applied and logged (fsynced unless deferred)."""
 
     doc: str
     author: PeerId
@@ -96,6 +99,8 @@ class Document:
         self._observers: list[Callable[[Change], None]] = []
         self._applying = False
         self._stale = False
+        self._deferred = 0  # > 0: local writes are logged without fsync (see deferred())
+        self._flush_lock: trio.Lock | None = None
         Path(directory).mkdir(parents=True, exist_ok=True, mode=0o700)
         self._log = UpdateLog(log_path(directory, name), fsync=fsync)
         self._doc = self._new_doc()
@@ -139,6 +144,34 @@ class Document:
             if self._stale:
                 self._reload()
 
+    @contextlib.contextmanager
+    def deferred(self) -> Iterator[None]:
+        """Local writes inside are logged (they survive a SIGKILL) but not yet fsynced: ``await
+        flush()`` before acknowledging them. Many writers then share one fsync, and the event loop
+        never waits for the disk. Do not hold it across an ``await`` (other tasks' writes would be
+        deferred too)."""
+        self._deferred += 1
+        try:
+            yield
+        finally:
+            self._deferred -= 1
+
+    async def flush(self) -> None:
+        """Make everything logged so far durable, per the fsync policy ("batch": only when due).
+
+        The fsync runs in a worker thread; concurrent callers wait for the same one (group commit)."""
+        if self._flush_lock is None:
+            self._flush_lock = trio.Lock()
+        target = self._log.appended
+        async with self._flush_lock:
+            if self._log.synced >= target or not self._log.due():
+                return
+            await trio.to_thread.run_sync(self._log.sync)
+
+    def unsynced(self) -> int:
+        """Logged updates not yet fsynced (they survive a crash of the process, not of the machine)."""
+        return self._log.unsynced
+
     def increment(self, map_name: str, key: str, delta: int = 1) -> int:
         """Add ``delta`` to counter ``key`` in map ``map_name``; returns the new total.
 
@@ -163,20 +196,26 @@ class Document:
 
     # ---- replication ---------------------------------------------------------------------------
 
-    def apply_many(self, updates: list[SignedUpdate]) -> int:
+    def apply_many(self, updates: list[SignedUpdate], sync: bool = True) -> int:
         """:meth:`apply` each update with one fsync for the whole batch (under the "batch" policy:
-        only when one is due); returns how many applied.
+        only when one is due; ``sync=False``: none, the caller will :meth:`flush`); returns how
+        many applied.
 
         An author's run of consecutive updates linked by their hash chain costs one signature
         verification (of its newest update) instead of one per update."""
-        applied = 0
         verified = self._chain_verified(updates)
+        accepted: list[SignedUpdate] = []
+        scratch: list[Doc] = []  # one scratch doc checks the whole batch's Yjs data
         try:
             for update in updates:
-                applied += self.apply(update, sync=False, verified=id(update) in verified)
-        finally:
-            self._log.commit()
-        return applied
+                if self._accept(update, id(update) in verified, scratch):
+                    accepted.append(update)
+        finally:  # logged with one write, then observers hear of them
+            self._log.append_many(accepted, sync=sync)
+            self._log_frames += len(accepted)
+        for update in accepted:
+            self._notify(Change(self.name, update.author, update.seq, local=False))
+        return len(accepted)
 
     def _chain_verified(self, updates: list[SignedUpdate]) -> set[int]:
         """ids of updates authenticated by a valid signature further up their author's hash chain.
@@ -207,8 +246,12 @@ class Document:
             return set()
         return {id(u) for u in run}
 
-    def apply(self, update: SignedUpdate, sync: bool = True, verified: bool = False) -> bool:
+    def apply(self, update: SignedUpdate, sync: bool = True) -> bool:
         """Verify, apply and log a remote update; False (counted in ``stats``) if rejected or known."""
+        return self.apply_many([update], sync=sync) == 1
+
+    def _accept(self, update: SignedUpdate, verified: bool, scratch: list[Doc]) -> bool:
+        """Check one remote update and take it into memory (the caller logs it)."""
         self._current()
         if update.doc != self.name:
             self.stats.rejected_doc += 1
@@ -227,12 +270,13 @@ class Document:
             return False
         if update.seq == self._integrated.get(update.author, 0) + 1:
             try:  # check the Yjs data before it is logged; scratch doc: a bad update leaves no trace
-                Doc().apply_update(update.data)
+                if not scratch:
+                    scratch.append(Doc())
+                scratch[0].apply_update(update.data)
             except Exception:
+                scratch.clear()  # its state is suspect now: the next check starts from a fresh one
                 self.stats.rejected_malformed += 1
                 return False
-        self._log.append(update, sync=sync)
-        self._log_frames += 1
         self._remember(update)
         self._applying = True
         try:
@@ -240,7 +284,6 @@ class Document:
         finally:
             self._applying = False
         self.stats.applied += 1
-        self._notify(Change(self.name, update.author, update.seq, local=False))
         return True
 
     def version(self) -> dict[str, int]:
@@ -359,7 +402,7 @@ class Document:
             last = max(seqs) if seqs else 0
             prev = seqs[last].digest() if seqs else NO_PREV
             update = sign(self.keypair, self.name, last + 1, data, prev)
-            self._log.append(update)
+            self._log.append(update, sync=not self._deferred)
             self._log_frames += 1
         except BaseException:
             self._stale = True

@@ -8,6 +8,10 @@ frame survives a SIGKILL of the process. fsync policy:
 - ``"batch"``: fsync at most every ``BATCH_COUNT`` appends or ``BATCH_SECONDS``, and on ``sync``/``close``;
   a power loss may lose the last unsynced writes (never corrupt the log: the torn tail is dropped).
 
+``append(sync=False)`` leaves the fsync to a later :meth:`sync`, which may run in a worker thread
+(group commit off the event loop: one fsync covers every frame appended before it started; a lock
+keeps compaction and close from swapping the file descriptor under it).
+
 A crash can leave a partial or corrupt last frame: ``replay`` stops at the last good frame and
 truncates the file there, so the next append does not land behind garbage.
 """
@@ -17,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import struct
+import threading
 import time
 import zlib
 from collections.abc import Iterable, Iterator
@@ -48,31 +53,64 @@ class UpdateLog:
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         if not existed:  # make the new directory entry durable too
             _fsync_dir(self.path.parent)
-        self._unsynced = 0
+        self._appended = 0  # frames written since open (they survive a SIGKILL of the process)
+        self._synced = 0  # ... of which fsynced (they survive a power loss too)
+        self._lock = threading.Lock()  # fsync (maybe in a worker thread) vs compact/close
         self._last_sync = time.monotonic()
 
     def append(self, update: SignedUpdate, sync: bool = True) -> None:
         """Write one frame; durable per the fsync policy when this returns. ``sync=False`` defers
-        the fsync to the caller's next :meth:`sync` (group commit of a batch of remote updates)."""
+        the fsync to the caller's next :meth:`sync` (group commit)."""
         _write_all(self._fd, _frame(update))
-        self._unsynced += 1
+        self._appended += 1
         if sync:
             self.commit()
 
+    def append_many(self, updates: list[SignedUpdate], sync: bool = True) -> None:
+        """Write several frames with one system call (then as :meth:`append`)."""
+        if not updates:
+            return
+        _write_all(self._fd, b"".join(_frame(u) for u in updates))
+        self._appended += len(updates)
+        if sync:
+            self.commit()
+
+    @property
+    def appended(self) -> int:
+        return self._appended
+
+    @property
+    def synced(self) -> int:
+        return self._synced
+
+    @property
+    def unsynced(self) -> int:
+        """Frames appended but not yet fsynced."""
+        return self._appended - self._synced
+
+    def due(self) -> bool:
+        """Whether the policy wants an fsync now ("always": whenever anything is unsynced)."""
+        if not self.unsynced:
+            return False
+        return (
+            self.fsync == "always"
+            or self.unsynced >= BATCH_COUNT
+            or time.monotonic() - self._last_sync >= BATCH_SECONDS
+        )
+
     def commit(self) -> None:
         """fsync what was appended if the policy says so now ("always": yes; "batch": when due)."""
-        if (
-            self.fsync == "always"
-            or self._unsynced >= BATCH_COUNT
-            or time.monotonic() - self._last_sync >= BATCH_SECONDS
-        ):
+        if self.due():
             self.sync()
 
     def sync(self) -> None:
-        if self._unsynced:
-            os.fsync(self._fd)
-        self._unsynced = 0
-        self._last_sync = time.monotonic()
+        """fsync every frame appended so far (thread-safe: may run in a worker thread)."""
+        with self._lock:
+            target = self._appended
+            if target > self._synced and self._fd >= 0:
+                os.fsync(self._fd)
+                self._synced = max(self._synced, target)
+            self._last_sync = time.monotonic()
 
     def replay(self) -> Iterator[SignedUpdate]:
         """Every intact update in order; a torn or corrupt tail is truncated away (and logged)."""
@@ -101,6 +139,10 @@ class UpdateLog:
 
     def compact(self, updates: Iterable[SignedUpdate]) -> None:
         """Atomically replace the log with exactly ``updates`` (temp file, fsync, rename, fsync dir)."""
+        with self._lock:
+            self._compact(updates)
+
+    def _compact(self, updates: Iterable[SignedUpdate]) -> None:
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
@@ -112,7 +154,7 @@ class UpdateLog:
         _fsync_dir(self.path.parent)
         os.close(self._fd)
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
-        self._unsynced = 0
+        self._synced = self._appended  # every accepted update is in the new, fsynced file
 
     def size(self) -> int:
         return os.fstat(self._fd).st_size
@@ -122,8 +164,9 @@ class UpdateLog:
             try:
                 self.sync()
             finally:
-                os.close(self._fd)
-                self._fd = -1
+                with self._lock:
+                    os.close(self._fd)
+                    self._fd = -1
 
 
 def _frame(update: SignedUpdate) -> bytes:

@@ -12,7 +12,12 @@ Two paths:
   vectors (per author, the highest contiguous seq) and send each other exactly the signed updates
   the other lacks, so a peer that was offline or partitioned catches up.
 Receivers verify every update (signature, access, size) in ``Document.apply``; updates for documents
-a peer has not opened are ignored. Anti-entropy stays the safety net for anything gossip dropped
+a peer has not opened are ignored.
+Durability without blocking the event loop: received batches and the control API's writes are
+logged at once and fsynced in a worker thread (group commit, ``Document.flush``); nothing leaves this
+node (a push, a published batch, a version vector or updates sent in a sync) and no write is
+acknowledged before the fsync that covers it, so a crash cannot make this node contradict what
+its peers were told. Anti-entropy stays the safety net for anything gossip dropped
 (a full peer queue, a rejected batch, a partition).
 """
 
@@ -118,6 +123,7 @@ class CRDT:
         self._outbox: dict[PeerId, list[tuple[str, bytes]]] = {}
         self._gossip_box: dict[str, list[bytes]] = {}  # per document: local updates to publish
         self._outbox_wake: dict[PeerId, trio.Event] = {}
+        self._flushing: set[str] = set()  # documents with a background fsync scheduled
         self.stats = {"pushed": 0, "synced": 0, "applied": 0, "rejected": 0, "bad_frames": 0}
         self.stats["compactions"] = 0
 
@@ -199,6 +205,7 @@ class CRDT:
 
     async def _publisher(self, doc: Document) -> None:
         """Publish what was written since the last run: one message per <= FRAME_BUDGET of updates."""
+        await doc.flush()  # published updates are durable here first
         box = self._gossip_box.pop(doc.name, [])
         pubsub = self._pubsub()
         if not box or pubsub is None:
@@ -262,6 +269,10 @@ class CRDT:
                     taken += 1
                 del box[:taken]
                 with trio.fail_after(TIMEOUT):
+                    for name in batch:  # pushed updates are durable here first
+                        doc = self.docs.get(name)
+                        if doc is not None:
+                            await doc.flush()
                     if stream is None:
                         stream = await self.node.host.new_stream(peer, [PROTOCOL_ID])
                     for name, raws in batch.items():
@@ -335,6 +346,7 @@ class CRDT:
 
     async def sync(self, peer: PeerId, doc: Document) -> None:
         """Swap version vectors with ``peer`` and exchange exactly the missing updates."""
+        await doc.flush()  # the version vector we send covers only durable updates
         stream = await self.node.host.new_stream(peer, [PROTOCOL_ID])
         try:
             await _send(stream, {"t": "sync", "doc": doc.name, "v": doc.version()})
@@ -348,6 +360,7 @@ class CRDT:
             raise
 
     async def _send_updates(self, stream: YamuxStream, doc: Document, updates: list[SignedUpdate]) -> None:
+        await doc.flush()
         batches = _batches(updates)
         for i, batch in enumerate(batches):
             last = i == len(batches) - 1
@@ -377,8 +390,28 @@ class CRDT:
             except PayloadError:
                 self.stats["rejected"] += 1
         rejected_before = doc.stats.rejected
-        self.stats["applied"] += doc.apply_many(updates)
+        applied = doc.apply_many(updates, sync=self._nursery is None)
+        self.stats["applied"] += applied
         self.stats["rejected"] += doc.stats.rejected - rejected_before
+        if applied and self._nursery is not None:
+            self._flush_soon(doc)
+
+    def _flush_soon(self, doc: Document) -> None:
+        """fsync received updates in the background (one pending flush per document)."""
+        if doc.name in self._flushing:
+            return
+        self._flushing.add(doc.name)
+
+        async def flush() -> None:
+            try:
+                await doc.flush()
+            finally:
+                self._flushing.discard(doc.name)
+
+        try:
+            self._nursery.start_soon(flush)  # type: ignore[union-attr]
+        except RuntimeError:  # shutting down: close() fsyncs
+            self._flushing.discard(doc.name)
 
     async def _handle(self, stream: YamuxStream) -> None:
         try:
@@ -436,19 +469,24 @@ class CRDT:
 
     async def _op_set(self, doc: str, key: str, value: Any, map: str = "root") -> dict:
         document = self.open(doc)
-        document.get_map(map)[key] = value
+        with document.deferred():
+            document.get_map(map)[key] = value
+        await document.flush()  # acknowledged once durable; concurrent writers share the fsync
         return {"version": document.version()}
 
     async def _op_fill(self, doc: str, count: int, prefix: str = "k", map: str = "root") -> dict:
-        """Write ``count`` keys (one signed, durable update each): load generation for bench/crdt."""
+        """Write ``count`` keys, one signed update each, all durable before the reply (they share
+        fsyncs: group commit): load generation for bench/crdt."""
         if not isinstance(count, int) or not 0 < count <= 100_000:
             raise PayloadError("count must be an integer in 1..100000")
         document = self.open(doc)
         start = trio.current_time()
         for i in range(count):
-            document.get_map(map)[f"{prefix}{i}"] = i
+            with document.deferred():
+                document.get_map(map)[f"{prefix}{i}"] = i
             if i % 16 == 15:
                 await trio.sleep(0)  # let pushes and incoming updates interleave with the writes
+        await document.flush()  # acknowledged (this reply) once every write is durable
         return {"seconds": trio.current_time() - start, "version": document.version()}
 
     async def _op_watch(self, doc: str, map: str = "root", limit: int = 0):

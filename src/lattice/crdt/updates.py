@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from functools import cached_property
 
 import msgpack
 
@@ -38,14 +39,26 @@ class SignedUpdate:
     prev: bytes = NO_PREV
 
     def encode(self) -> bytes:
+        return self._encoded
+
+    @cached_property
+    def _encoded(self) -> bytes:  # an update is encoded for the log and for every push: once
         return msgpack.packb(
             [self.doc, self.author.multihash, self.seq, self.data, self.signature, self.prev],
             use_bin_type=True,
         )
 
+    @cached_property
+    def _signed(self) -> bytes:
+        return _signed_bytes(self.doc, self.author, self.seq, self.data, self.prev)
+
     def digest(self) -> bytes:
         """What the author's next update names as ``prev`` (covers every signed field)."""
-        return hashlib.sha256(_signed_bytes(self.doc, self.author, self.seq, self.data, self.prev)).digest()
+        return self._digest
+
+    @cached_property
+    def _digest(self) -> bytes:
+        return hashlib.sha256(self._signed).digest()
 
     @classmethod
     def decode(cls, raw: bytes) -> SignedUpdate:
@@ -80,7 +93,9 @@ class SignedUpdate:
             peer = PeerId(author)
         except IdentityError:
             raise PayloadError("CRDT update author is not a valid peer id") from None
-        return cls(doc, peer, seq, data, signature, prev)
+        update = cls(doc, peer, seq, data, signature, prev)
+        update.__dict__["_encoded"] = bytes(raw)  # forwarded and logged as received (it parsed)
+        return update
 
     def verify(self) -> bool:
         """Whether the signature was made by ``author`` over exactly these fields."""
@@ -90,8 +105,7 @@ class SignedUpdate:
             return False
         if public is None:
             return False
-        signed = _signed_bytes(self.doc, self.author, self.seq, self.data, self.prev)
-        return verify_for(public, SIGN_CONTEXT, signed, self.signature)
+        return verify_for(public, SIGN_CONTEXT, self._signed, self.signature)
 
 
 def check_fields(doc: str, seq: int, data: bytes) -> None:
