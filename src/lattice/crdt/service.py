@@ -50,6 +50,7 @@ FRAME_BUDGET = 512 * 1024  # updates per frame are cut here (one update is at mo
 TIMEOUT = 10.0
 MAX_QUEUED = 10_000  # updates waiting for one peer
 MAX_AUTHORS = 100_000  # entries of a version vector that are looked at
+PEERS_TTL = 0.05  # seconds the list of connected replicas is reused
 PUSH_IDLE = 60.0  # a push stream silent for longer is closed (pushers close theirs after 30 s)
 
 
@@ -124,6 +125,7 @@ class CRDT:
         self._gossip_box: dict[str, list[bytes]] = {}  # per document: local updates to publish
         self._outbox_wake: dict[PeerId, trio.Event] = {}
         self._flushing: set[str] = set()  # documents with a background fsync scheduled
+        self._peers_cache: tuple[float, list[PeerId]] | None = None
         self.stats = {"pushed": 0, "synced": 0, "applied": 0, "rejected": 0, "bad_frames": 0}
         self.stats["compactions"] = 0
 
@@ -177,12 +179,18 @@ class CRDT:
 
     # -- replication
     def _peers(self) -> list[PeerId]:
+        """Connected replicas; recomputed at most every PEERS_TTL (each local write asks), and at
+        once after an identify. A peer missed meanwhile is caught up by the sync on its identify."""
+        now = trio.current_time()
+        if self._peers_cache is not None and now - self._peers_cache[0] < PEERS_TTL:
+            return self._peers_cache[1]
         host = self.node.host
         out = []
         for peer in host.connected_peers():
             info = host.peerstore.get(peer)
             if info is not None and PROTOCOL_ID in info.protocols:
                 out.append(peer)
+        self._peers_cache = (now, out)
         return out
 
     def _pubsub(self) -> Any:
@@ -288,6 +296,7 @@ class CRDT:
                     await stream.close()
 
     def _on_identify(self, info: PeerInfo) -> None:
+        self._peers_cache = None
         if PROTOCOL_ID in info.protocols and self._nursery is not None:
             if self.docs:
                 self._keep(info.peer_id)
