@@ -39,6 +39,7 @@ from .updates import MAX_DOC_NAME, MAX_UPDATE, NO_PREV, SignedUpdate, sign
 log = logging.getLogger(__name__)
 
 MAX_DOC_BYTES = 16 * 1024 * 1024
+INLINE_FSYNC_FRAMES = 1  # flush(): up to this many pending updates are fsynced without a thread
 _EMPTY_UPDATE = b"\x00\x00"
 _COUNTER_SEP = "@"  # base58 peer ids never contain it, so rpartition splits counter keys safely
 
@@ -159,14 +160,19 @@ class Document:
     async def flush(self) -> None:
         """Make everything logged so far durable, per the fsync policy ("batch": only when due).
 
-        The fsync runs in a worker thread; concurrent callers wait for the same one (group commit)."""
+        The fsync of several updates runs in a worker thread; concurrent callers wait for the same
+        one (group commit). A lone update is fsynced inline: handing it to a thread costs more
+        (~0.2-0.35 ms here) than the loop waits for its fsync (~0.27 ms)."""
         if self._flush_lock is None:
             self._flush_lock = trio.Lock()
         target = self._log.appended
         async with self._flush_lock:
             if self._log.synced >= target or not self._log.due():
                 return
-            await trio.to_thread.run_sync(self._log.sync)
+            if self._log.unsynced <= INLINE_FSYNC_FRAMES:
+                self._log.sync()
+            else:
+                await trio.to_thread.run_sync(self._log.sync)
 
     def unsynced(self) -> int:
         """Logged updates not yet fsynced (they survive a crash of the process, not of the machine)."""
