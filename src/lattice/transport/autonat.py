@@ -124,7 +124,7 @@ class AutoNAT:
         out = []
         for conn in self.host.connections():
             info = self.host.peerstore.get(conn.remote_peer)
-            if not conn.relayed and info is not None and PROTOCOL_ID in info.protocols:
+            if not conn.relayed and not conn.probe and info is not None and PROTOCOL_ID in info.protocols:
                 out.append(conn)
         return out
 
@@ -143,27 +143,28 @@ class AutoNAT:
         result: str | None = None
         status = None
         dialed = None
-        try:
-            with trio.fail_after(self.dial_timeout + 5.0):
-                stream = await self.host.new_stream(conn, [PROTOCOL_ID])
-                try:
-                    await stream.write(_frame([(1, nonce), *((2, a.to_bytes()) for a in addrs)]))
-                    reply = await _read(stream)
-                finally:
-                    await stream.close()
-            status = _proto.one_int(reply, 1)
-            raw = _proto.one_bytes(reply, 2)
-            dialed = Multiaddr.from_bytes(raw) if raw else None
-            if status == OK:
-                with trio.move_on_after(1.0):
-                    await event.wait()  # the nonce may trail the answer by a moment
-                result = PUBLIC if event.is_set() else None  # OK without our nonce proves nothing
-            elif status == DIAL_ERROR:
-                result = PRIVATE
-        except (trio.TooSlowError, TransportError, MultiaddrError, _proto.DecodeError) as exc:
-            log.debug("reachability check with %s failed: %s", conn.remote_peer, exc)
-        finally:
-            self._pending.pop(nonce, None)
+        with self.host.expect_probe(conn.remote_peer):  # its dial-back is no connection for us
+            try:
+                with trio.fail_after(self.dial_timeout + 5.0):
+                    stream = await self.host.new_stream(conn, [PROTOCOL_ID])
+                    try:
+                        await stream.write(_frame([(1, nonce), *((2, a.to_bytes()) for a in addrs)]))
+                        reply = await _read(stream)
+                    finally:
+                        await stream.close()
+                status = _proto.one_int(reply, 1)
+                raw = _proto.one_bytes(reply, 2)
+                dialed = Multiaddr.from_bytes(raw) if raw else None
+                if status == OK:
+                    with trio.move_on_after(1.0):
+                        await event.wait()  # the nonce may trail the answer by a moment
+                    result = PUBLIC if event.is_set() else None  # OK without our nonce proves nothing
+                elif status == DIAL_ERROR:
+                    result = PRIVATE
+            except (trio.TooSlowError, TransportError, MultiaddrError, _proto.DecodeError) as exc:
+                log.debug("reachability check with %s failed: %s", conn.remote_peer, exc)
+            finally:
+                self._pending.pop(nonce, None)
         self.results.append(
             {"server": str(conn.remote_peer), "status": status, "result": result, "at": round(time.time(), 1)}
         )
@@ -199,6 +200,9 @@ class AutoNAT:
                 await self.check()
 
     async def _handle_dial_back(self, stream: YamuxStream) -> None:
+        conn = self.host.connection_of(stream)
+        if conn is not None:  # a dial-back arriving after check() stopped expecting it
+            conn.probe = True
         try:
             with trio.fail_after(5.0):
                 msg = await _read(stream)
@@ -274,7 +278,9 @@ class AutoNAT:
         except (OSError, trio.TooSlowError):
             return False
         try:
-            conn = await self.host.adopt(sock, True, addr, expected=peer, timeout=self.dial_timeout)
+            conn = await self.host.adopt(
+                sock, True, addr, expected=peer, timeout=self.dial_timeout, probe=True
+            )
         except DialError:
             return False
         try:
