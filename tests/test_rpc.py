@@ -475,12 +475,12 @@ async def test_a_call_never_lands_on_a_reachability_probe_connection(pair):
     await b.host.wait_identified(pid)  # a's addresses are in b's peerstore: b can re-dial
     await b.host.disconnect(pid)
     addr = Multiaddr.parse(a.addrs[0]).without_peer()
-    with a.host.expect_probe(b.host.peer_id):  # what a waiting AutoNAT client does
-        sock = await trio.open_tcp_stream(*addr.tcp_target())
-        probe = await b.host.adopt(sock, True, addr, expected=pid, probe=True)
-        with trio.fail_after(5):
-            while not a.host._conns.get(b.host.peer_id):
-                await trio.sleep(0.01)
+    a.host.expect_probe(b.host.peer_id, 10.0)  # what an AutoNAT client asking for a check does
+    sock = await trio.open_tcp_stream(*addr.tcp_target())
+    probe = await b.host.adopt(sock, True, addr, expected=pid, probe=True)
+    with trio.fail_after(5):
+        while not a.host._conns.get(b.host.peer_id):
+            await trio.sleep(0.01)
     assert b.host.connection_to(pid) is None and a.host.connection_to(b.host.peer_id) is None
     with trio.fail_after(10):
         assert await b.rpc.call(peer, "echo", 2) == 2  # dials a connection of its own

@@ -38,6 +38,7 @@ PROTOCOL_ID = "/lattice/autonat/1.0.0"
 DIAL_BACK_ID = "/lattice/autonat/dial-back/1.0.0"
 MAX_MESSAGE = 4096
 MAX_ADDRS = 8
+PROBE_GRACE = 10.0  # seconds a server's dial-back may trail our check (its own dial timeouts)
 
 OK, DIAL_ERROR, REFUSED, RATE_LIMITED = 0, 1, 2, 3
 PUBLIC, PRIVATE, UNKNOWN = "public", "private", "unknown"
@@ -143,28 +144,29 @@ class AutoNAT:
         result: str | None = None
         status = None
         dialed = None
-        with self.host.expect_probe(conn.remote_peer):  # its dial-back is no connection for us
-            try:
-                with trio.fail_after(self.dial_timeout + 5.0):
-                    stream = await self.host.new_stream(conn, [PROTOCOL_ID])
-                    try:
-                        await stream.write(_frame([(1, nonce), *((2, a.to_bytes()) for a in addrs)]))
-                        reply = await _read(stream)
-                    finally:
-                        await stream.close()
-                status = _proto.one_int(reply, 1)
-                raw = _proto.one_bytes(reply, 2)
-                dialed = Multiaddr.from_bytes(raw) if raw else None
-                if status == OK:
-                    with trio.move_on_after(1.0):
-                        await event.wait()  # the nonce may trail the answer by a moment
-                    result = PUBLIC if event.is_set() else None  # OK without our nonce proves nothing
-                elif status == DIAL_ERROR:
-                    result = PRIVATE
-            except (trio.TooSlowError, TransportError, MultiaddrError, _proto.DecodeError) as exc:
-                log.debug("reachability check with %s failed: %s", conn.remote_peer, exc)
-            finally:
-                self._pending.pop(nonce, None)
+        # its dial-back is no connection for us, even if it comes after we stopped waiting
+        self.host.expect_probe(conn.remote_peer, self.dial_timeout + 5.0 + PROBE_GRACE)
+        try:
+            with trio.fail_after(self.dial_timeout + 5.0):
+                stream = await self.host.new_stream(conn, [PROTOCOL_ID])
+                try:
+                    await stream.write(_frame([(1, nonce), *((2, a.to_bytes()) for a in addrs)]))
+                    reply = await _read(stream)
+                finally:
+                    await stream.close()
+            status = _proto.one_int(reply, 1)
+            raw = _proto.one_bytes(reply, 2)
+            dialed = Multiaddr.from_bytes(raw) if raw else None
+            if status == OK:
+                with trio.move_on_after(1.0):
+                    await event.wait()  # the nonce may trail the answer by a moment
+                result = PUBLIC if event.is_set() else None  # OK without our nonce proves nothing
+            elif status == DIAL_ERROR:
+                result = PRIVATE
+        except (trio.TooSlowError, TransportError, MultiaddrError, _proto.DecodeError) as exc:
+            log.debug("reachability check with %s failed: %s", conn.remote_peer, exc)
+        finally:
+            self._pending.pop(nonce, None)
         self.results.append(
             {"server": str(conn.remote_peer), "status": status, "result": result, "at": round(time.time(), 1)}
         )

@@ -13,8 +13,8 @@ import socket
 import struct
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 import trio
@@ -157,7 +157,7 @@ class Host:
         # Finds a peer's current addresses when ours fail or are missing (the DHT installs one).
         self.peer_router: Callable[[PeerId], Awaitable[list[Multiaddr]]] | None = None
         self._address_sources: list[Callable[[], list[Multiaddr]]] = []
-        self._probes_from: Counter[PeerId] = Counter()  # peers whose dial-back we wait for
+        self._probes_from: dict[PeerId, float] = {}  # peer -> until when we expect its dial-back
 
     # -- handlers and events
     def set_stream_handler(self, protocol: str, handler: StreamHandler) -> None:
@@ -429,7 +429,9 @@ class Host:
         )
         session.traffic_in, session.traffic_out = self.traffic_in, self.traffic_out
         conn = Connection(session, secure.remote_peer, remote, local, "outbound" if outbound else "inbound")
-        conn.probe = probe or (not outbound and self._probes_from[conn.remote_peer] > 0)
+        conn.probe = probe or (
+            not outbound and self._probes_from.get(conn.remote_peer, -1.0) > trio.current_time()
+        )
         conn_ref.append(conn)
         self._conns.setdefault(conn.remote_peer, []).append(conn)
         info = self.peerstore.setdefault(conn.remote_peer, PeerInfo(conn.remote_peer))
@@ -538,23 +540,20 @@ class Host:
         """The connection streams should use: a direct one if there is one, else a relayed one."""
         relayed = None
         for conn in self._conns.get(peer, ()):
-            if not conn.closed and not conn.probe:
+            if not conn.closed and not conn.probe and not conn.session.going_away:
                 if not conn.relayed:
                     return conn
                 relayed = relayed or conn
         return relayed
 
-    @contextmanager
-    def expect_probe(self, peer: PeerId) -> Iterator[None]:
-        """While inside, inbound connections from ``peer`` are probes (the dial-back of a
-        reachability check we asked it for): its dialer closes them right after."""
-        self._probes_from[peer] += 1
-        try:
-            yield
-        finally:
-            self._probes_from[peer] -= 1
-            if self._probes_from[peer] <= 0:
-                del self._probes_from[peer]
+    def expect_probe(self, peer: PeerId, seconds: float) -> None:
+        """For ``seconds``, inbound connections from ``peer`` are probes: the dial-back of a
+        reachability check we asked it for, which its dialer closes right after. The window
+        outlasts the check, since the dial-back may still come after we gave up waiting."""
+        now = trio.current_time()
+        if len(self._probes_from) >= 1024:
+            self._probes_from = {p: t for p, t in self._probes_from.items() if t > now}
+        self._probes_from[peer] = max(self._probes_from.get(peer, now), now + seconds)
 
     def connection_of(self, stream: yamux.YamuxStream) -> Connection | None:
         """The connection a stream belongs to."""

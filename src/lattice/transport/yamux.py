@@ -426,6 +426,11 @@ class YamuxSession:
         return stream
 
     @property
+    def going_away(self) -> bool:
+        """The peer sent GO_AWAY: it accepts no new streams on this connection."""
+        return self._go_away_received
+
+    @property
     def num_streams(self) -> int:
         return len(self._streams)
 
