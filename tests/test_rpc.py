@@ -22,6 +22,7 @@ from lattice.errors import StreamError
 from lattice.identity import PeerId
 from lattice.rpc import MethodNotFound, PayloadError, RemoteError, RPCConfig, RPCError, RPCTimeout
 from lattice.rpc.service import PROTOCOL_ID, RPC
+from lattice.transport.multiaddr import Multiaddr
 
 
 def _cfg(tmp_path, name):
@@ -463,6 +464,46 @@ async def test_lane_reopens_after_connection_loss(pair):
     with trio.fail_after(10):
         assert await b.rpc.call(peer, "echo", 2) == 2  # redials from the peerstore, opens a new lane
     assert b.rpc._lanes[pid] is not first
+
+
+async def test_a_call_never_lands_on_a_reachability_probe_connection(pair):
+    """The flake behind a call failing right after a reconnect ("fast lane lost: connection lost:
+    closed locally"): an AutoNAT dial-back, a fresh connection its dialer closes at once, was the
+    only connection to the peer and the call opened its lane on it."""
+    a, b, peer = pair
+    pid = PeerId.from_string(peer)
+    await b.host.wait_identified(pid)  # a's addresses are in b's peerstore: b can re-dial
+    await b.host.disconnect(pid)
+    addr = Multiaddr.parse(a.addrs[0]).without_peer()
+    a.host.expect_probe(b.host.peer_id, 10.0)  # what an AutoNAT client asking for a check does
+    sock = await trio.open_tcp_stream(*addr.tcp_target())
+    probe = await b.host.adopt(sock, True, addr, expected=pid, probe=True)
+    with trio.fail_after(5):
+        while not a.host._conns.get(b.host.peer_id):
+            await trio.sleep(0.01)
+    assert b.host.connection_to(pid) is None and a.host.connection_to(b.host.peer_id) is None
+    with trio.fail_after(10):
+        assert await b.rpc.call(peer, "echo", 2) == 2  # dials a connection of its own
+    assert b.rpc._lanes[pid].stream.session is not probe.session
+    await probe.close()
+    with trio.fail_after(10):
+        assert await b.rpc.call(peer, "echo", 3) == 3
+
+
+async def test_autonat_dial_backs_are_probes_on_both_sides(pair):
+    a, b, peer = pair
+    opened: list = []
+    a.host.on_connect(opened.append)
+    b.host.on_connect(opened.append)
+    a.nat.autonat.per_peer_interval = 0.0  # b's own startup checks must not use up its allowance
+    with trio.fail_after(10):
+        while not b.nat.autonat.candidates():  # b has learned its observed address (identify)
+            await trio.sleep(0.01)
+    with trio.fail_after(15):
+        result = await b.nat.autonat.check(b.host.connection_to(PeerId.from_string(peer)))
+    assert result == "public", b.nat.autonat.results  # a reached b's listen address on loopback
+    assert len(opened) >= 2 and all(conn.probe for conn in opened), [c.direction for c in opened]
+    assert await b.rpc.call(peer, "echo", 4) == 4
 
 
 TORCH_DTYPES = [

@@ -18,6 +18,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
+from lattice.codec import compression
 from lattice.errors import PayloadError
 
 TENSOR_EXT = 1
@@ -87,8 +88,6 @@ def tensor_bytes(obj: Any) -> tuple[str, tuple[int, ...], memoryview, str]:
 
 def encode(value: Any, codec: str | None = None) -> tuple[bytes, list[memoryview]]:
     """Encode ``value``: (msgpack document, tensor buffers in order). ``codec`` compresses float tensors."""
-    from lattice.codec import compression
-
     buffers: list[memoryview] = []
 
     def default(obj: Any) -> Any:
@@ -175,8 +174,6 @@ def parse(doc: bytes, max_payload: int) -> tuple[Any, list[TensorSpec]]:
 
 
 def _validate(desc: Any, max_payload: int) -> TensorSpec:
-    from lattice.codec import compression
-
     if not isinstance(desc, list) or len(desc) != 6:
         raise PayloadError("malformed tensor descriptor")
     dtype, shape, nbytes, origin, codec, meta = desc
@@ -206,7 +203,8 @@ def allocate(spec: TensorSpec) -> memoryview:
 
 def finish(value: Any, as_torch: bool | None = None, max_elements: int = 1 << 31) -> Any:
     """Replace TensorSpec placeholders with arrays/tensors built on their (filled) buffers."""
-    from lattice.codec import compression
+    if not isinstance(value, list | dict | TensorSpec):
+        return value  # a scalar, string or bytes: nothing to build (the small-call fast path)
 
     def build(spec: TensorSpec) -> Any:
         assert spec.buffer is not None

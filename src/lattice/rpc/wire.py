@@ -63,9 +63,14 @@ def encode_header(
         header["z"] = 1
     if call_id is not None:
         header["i"] = call_id
-    for key, value in (("d", doc), ("m", method), ("t", error_type), ("e", error_message)):
-        if value is not None:
-            header[key] = value
+    if doc is not None:
+        header["d"] = doc
+    if method is not None:
+        header["m"] = method
+    if error_type is not None:
+        header["t"] = error_type
+    if error_message is not None:
+        header["e"] = error_message
     body = msgpack.packb(header, use_bin_type=True)
     return _U32.pack(len(body)) + body
 
@@ -103,8 +108,10 @@ async def send(
 
 async def _send(stream, kind, encoded, prefix, last, fin, method, call_id) -> None:
     doc, buffers = encoded
-    n = sum(b.nbytes for b in buffers)
-    head = prefix + encode_header(kind, doc, n, method=method, last=last, call_id=call_id)
+    n = sum([b.nbytes for b in buffers]) if buffers else 0
+    head = encode_header(kind, doc, n, method=method, last=last, call_id=call_id)
+    if prefix:
+        head = prefix + head
     if n <= SMALL:  # one write: atomic with respect to other writers of the stream (fast lane)
         data = head
         if n:

@@ -38,6 +38,7 @@ PROTOCOL_ID = "/lattice/autonat/1.0.0"
 DIAL_BACK_ID = "/lattice/autonat/dial-back/1.0.0"
 MAX_MESSAGE = 4096
 MAX_ADDRS = 8
+PROBE_GRACE = 10.0  # seconds a server's dial-back may trail our check (its own dial timeouts)
 
 OK, DIAL_ERROR, REFUSED, RATE_LIMITED = 0, 1, 2, 3
 PUBLIC, PRIVATE, UNKNOWN = "public", "private", "unknown"
@@ -124,7 +125,7 @@ class AutoNAT:
         out = []
         for conn in self.host.connections():
             info = self.host.peerstore.get(conn.remote_peer)
-            if not conn.relayed and info is not None and PROTOCOL_ID in info.protocols:
+            if not conn.relayed and not conn.probe and info is not None and PROTOCOL_ID in info.protocols:
                 out.append(conn)
         return out
 
@@ -143,6 +144,8 @@ class AutoNAT:
         result: str | None = None
         status = None
         dialed = None
+        # its dial-back is no connection for us, even if it comes after we stopped waiting
+        self.host.expect_probe(conn.remote_peer, self.dial_timeout + 5.0 + PROBE_GRACE)
         try:
             with trio.fail_after(self.dial_timeout + 5.0):
                 stream = await self.host.new_stream(conn, [PROTOCOL_ID])
@@ -199,6 +202,9 @@ class AutoNAT:
                 await self.check()
 
     async def _handle_dial_back(self, stream: YamuxStream) -> None:
+        conn = self.host.connection_of(stream)
+        if conn is not None:  # a dial-back arriving after check() stopped expecting it
+            conn.probe = True
         try:
             with trio.fail_after(5.0):
                 msg = await _read(stream)
@@ -274,7 +280,9 @@ class AutoNAT:
         except (OSError, trio.TooSlowError):
             return False
         try:
-            conn = await self.host.adopt(sock, True, addr, expected=peer, timeout=self.dial_timeout)
+            conn = await self.host.adopt(
+                sock, True, addr, expected=peer, timeout=self.dial_timeout, probe=True
+            )
         except DialError:
             return False
         try:

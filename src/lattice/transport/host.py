@@ -77,6 +77,9 @@ class Connection:
     direction: str  # "inbound" | "outbound"
     opened_at: float = field(default_factory=time.time)
     rtt: float | None = None
+    # A reachability probe (an AutoNAT dial-back, closed by its dialer right after): never chosen
+    # by connection_to, so a call made meanwhile does not land on a connection about to close.
+    probe: bool = False
 
     @property
     def closed(self) -> bool:
@@ -154,6 +157,7 @@ class Host:
         # Finds a peer's current addresses when ours fail or are missing (the DHT installs one).
         self.peer_router: Callable[[PeerId], Awaitable[list[Multiaddr]]] | None = None
         self._address_sources: list[Callable[[], list[Multiaddr]]] = []
+        self._probes_from: dict[PeerId, float] = {}  # peer -> until when we expect its dial-back
 
     # -- handlers and events
     def set_stream_handler(self, protocol: str, handler: StreamHandler) -> None:
@@ -370,10 +374,12 @@ class Host:
         remote: Multiaddr,
         expected: PeerId | None = None,
         timeout: float | None = None,
+        probe: bool = False,
     ) -> Connection:
         """Secure and multiplex an open byte stream (a TCP socket, a relayed circuit, a hole-punched
         socket), then run it as a connection of this host. ``outbound`` picks the Noise initiator
-        and Yamux client role; on failure the stream is closed and DialError raised."""
+        and Yamux client role; on failure the stream is closed and DialError raised. ``probe``: a
+        short-lived reachability probe that other traffic must not use (see Connection.probe)."""
         timeout = timeout or self.config.handshake_timeout
         try:
             with trio.fail_after(timeout):
@@ -395,7 +401,7 @@ class Host:
             local = sockaddr_to_multiaddr(sock.getsockname()) if sock is not None else None
         except OSError:
             local = None
-        conn = self._make_connection(secure, outbound, remote, local, leftover)
+        conn = self._make_connection(secure, outbound, remote, local, leftover, probe)
         ready = trio.Event()
 
         async def run() -> None:
@@ -407,7 +413,9 @@ class Host:
         return conn
 
     # -- connections
-    def _make_connection(self, secure, outbound: bool, remote, local, leftover: bytes) -> Connection:
+    def _make_connection(
+        self, secure, outbound: bool, remote, local, leftover: bytes, probe: bool = False
+    ) -> Connection:
         cfg = self.config
         conn_ref: list[Connection] = []
         session = yamux.YamuxSession(
@@ -421,6 +429,9 @@ class Host:
         )
         session.traffic_in, session.traffic_out = self.traffic_in, self.traffic_out
         conn = Connection(session, secure.remote_peer, remote, local, "outbound" if outbound else "inbound")
+        conn.probe = probe or (
+            not outbound and self._probes_from.get(conn.remote_peer, -1.0) > trio.current_time()
+        )
         conn_ref.append(conn)
         self._conns.setdefault(conn.remote_peer, []).append(conn)
         info = self.peerstore.setdefault(conn.remote_peer, PeerInfo(conn.remote_peer))
@@ -529,11 +540,20 @@ class Host:
         """The connection streams should use: a direct one if there is one, else a relayed one."""
         relayed = None
         for conn in self._conns.get(peer, ()):
-            if not conn.closed:
+            if not conn.closed and not conn.probe and not conn.session.going_away:
                 if not conn.relayed:
                     return conn
                 relayed = relayed or conn
         return relayed
+
+    def expect_probe(self, peer: PeerId, seconds: float) -> None:
+        """For ``seconds``, inbound connections from ``peer`` are probes: the dial-back of a
+        reachability check we asked it for, which its dialer closes right after. The window
+        outlasts the check, since the dial-back may still come after we gave up waiting."""
+        now = trio.current_time()
+        if len(self._probes_from) >= 1024:
+            self._probes_from = {p: t for p, t in self._probes_from.items() if t > now}
+        self._probes_from[peer] = max(self._probes_from.get(peer, now), now + seconds)
 
     def connection_of(self, stream: yamux.YamuxStream) -> Connection | None:
         """The connection a stream belongs to."""

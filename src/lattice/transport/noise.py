@@ -277,7 +277,16 @@ class SecureStream:
         if total <= MAX_PLAINTEXT:
             plain = parts[0] if len(parts) == 1 else b"".join(parts)
             ct = self._send.encrypt(plain)
-            await self._send_bytes(struct.pack(">H", len(ct)) + ct)
+            frame = struct.pack(">H", len(ct)) + ct
+            if self._fd is not None:  # a small frame usually fits the socket buffer: no wait set up
+                try:
+                    sent = self._fd.send(frame)
+                except BlockingIOError:
+                    sent = 0
+                if sent == len(frame):
+                    return
+                frame = frame[sent:]
+            await self._send_bytes(frame)
             return
         size = total + -(-total // MAX_PLAINTEXT) * (2 + TAG_LEN)
         if len(self._out) < size:

@@ -33,6 +33,7 @@ HEADER_LEN = 12
 TYPE_DATA, TYPE_WINDOW_UPDATE, TYPE_PING, TYPE_GO_AWAY = 0, 1, 2, 3
 FLAG_SYN, FLAG_ACK, FLAG_FIN, FLAG_RST = 1, 2, 4, 8
 INITIAL_WINDOW = 256 * 1024
+SMALL_WRITE = 32 * 1024  # writes up to this size (one frame, header and body joined) skip the loop
 GO_AWAY_NORMAL, GO_AWAY_PROTOCOL_ERROR, GO_AWAY_INTERNAL_ERROR = 0, 1, 2
 
 
@@ -223,9 +224,27 @@ class YamuxStream:
     # -- writing
     async def write(self, data: bytes | bytearray | memoryview, fin: bool = False) -> None:
         """Send ``data`` (waiting for window as needed); ``fin=True`` half-closes in the same frame."""
+        session = self.session
+        if (  # the small-call fast path: one frame, window to spare, stream already open
+            type(data) is bytes
+            and 0 < len(data) <= SMALL_WRITE
+            and len(data) <= self._send_window
+            and not (self._syn_pending or self._ack_pending or self.pending_prefix)
+            and self._error is None
+            and not self._local_fin
+            and not self._write_lock.locked()
+        ):
+            total = len(data)
+            session.traffic_out[self.protocol] += total
+            self._send_window -= total
+            if fin:
+                self._local_fin = True
+            await session._send_frame(header(TYPE_DATA, FLAG_FIN if fin else 0, self.id, total) + data)
+            if fin:
+                self._maybe_forget()
+            return
         view = memoryview(data).cast("B") if not isinstance(data, bytes) else memoryview(data)
         total = len(view)
-        session = self.session
         session.traffic_out[self.protocol] += total
         await _acquire(self._write_lock)
         try:
@@ -426,6 +445,11 @@ class YamuxSession:
         return stream
 
     @property
+    def going_away(self) -> bool:
+        """The peer sent GO_AWAY: it accepts no new streams on this connection."""
+        return self._go_away_received
+
+    @property
     def num_streams(self) -> int:
         return len(self._streams)
 
@@ -499,7 +523,7 @@ class YamuxSession:
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             self._terminate(f"write failed: {exc}")
             raise ConnectionLost(f"connection lost: {exc}") from None
-        self.bytes_sent += sum(len(p) if not isinstance(p, memoryview) else p.nbytes for p in parts)
+        self.bytes_sent += sum([p.nbytes if type(p) is memoryview else len(p) for p in parts])
 
     async def _flush_control(self) -> None:
         while not self.closed:
