@@ -10,7 +10,7 @@ Servers only dial addresses whose IP is the one the request came from (no use as
 amplifier), at most ``max_concurrent`` at a time and one request per peer every ``per_peer_interval``.
 Candidates are the addresses peers observed for us (identify), each also with our listen port.
 A state changes after two agreeing results (one from unknown), and is re-checked every
-``interval`` seconds and whenever the observed addresses change.
+``interval`` seconds and whenever peers observe us at a new IP.
 """
 
 from __future__ import annotations
@@ -85,6 +85,8 @@ class AutoNAT:
         self._dialing = 0
         self._wake = trio.Event()
         self._observed_seen = 0
+        self._observed_ips: set[tuple[str, str | None]] = set()
+        self.checks = 0  # checks started (each one costs a server a fresh connection)
 
     def install(self) -> None:
         if self.serve:
@@ -100,9 +102,16 @@ class AutoNAT:
         }
 
     def _maybe_wake(self) -> None:
-        total = sum(self.host.observed_addrs.values())
-        if total != self._observed_seen:
-            self._observed_seen = total
+        """Re-check when peers observe us at a new IP. Not on every observation: each connection
+        reports another port of the same IP, and the dial-back of a check reports one more, so a
+        wake per observation kept every node of a swarm checking (a new connection) forever."""
+        observed = self.host.observed_addrs
+        if len(observed) == self._observed_seen:  # only counts went up: nothing new
+            return
+        self._observed_seen = len(observed)
+        ips = {addr.parts[0] for addr in observed}
+        if ips != self._observed_ips:
+            self._observed_ips = ips
             self._wake.set()
 
     # -- client
@@ -138,6 +147,7 @@ class AutoNAT:
         addrs = self.candidates()
         if not addrs:
             return None
+        self.checks += 1
         nonce = secrets.randbits(63)
         event = self._pending[nonce] = trio.Event()
         result: str | None = None
