@@ -15,6 +15,7 @@ A state changes after two agreeing results (one from unknown), and is re-checked
 
 from __future__ import annotations
 
+import itertools
 import logging
 import random
 import secrets
@@ -108,10 +109,12 @@ class AutoNAT:
         observed = self.host.observed_addrs
         if len(observed) == self._observed_seen:  # only counts went up: nothing new
             return
+        # new addresses are appended (a Counter keeps insertion order): look at those only
+        start = self._observed_seen if len(observed) > self._observed_seen else 0
         self._observed_seen = len(observed)
-        ips = {addr.parts[0] for addr in observed}
-        if ips != self._observed_ips:
-            self._observed_ips = ips
+        fresh = {addr.parts[0] for addr in itertools.islice(observed, start, None)} - self._observed_ips
+        if fresh:
+            self._observed_ips |= fresh
             self._wake.set()
 
     # -- client
