@@ -148,3 +148,19 @@ async def test_records_survive_a_restart(tmp_path):
         assert await node.dht.put("persisted", b"value", ttl=600) == 1  # alone: stored locally
     async with Node(cfg) as node:
         assert [e.value for e in await node.dht.get("persisted")] == [b"value"]
+
+
+async def test_a_replica_commits_what_it_acknowledged_within_the_write_behind_bound(swarm):
+    import sqlite3
+
+    from lattice.dht.store import WRITE_BEHIND
+
+    assert await swarm[1].dht.put("behind", b"soon", ttl=600) >= 2
+    await trio.sleep(WRITE_BEHIND * 3)  # no stop: the bound alone must have committed it
+    for node in swarm:
+        db = sqlite3.connect(str(node.config.data_dir / "dht.sqlite"))
+        try:
+            rows = db.execute("SELECT count(*) FROM records WHERE key = ?", (b"behind",)).fetchone()[0]
+        finally:
+            db.close()
+        assert rows == node.dht.store.record_count  # everything held in memory is on disk too

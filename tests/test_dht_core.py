@@ -203,3 +203,31 @@ def test_created_records_carry_a_real_signature():
     records.validate(Record.decode(rec.encode()), NOW)
     with pytest.raises(RecordError, match="owner"):
         records.create(KeyPair.generate(), b"/owned/someone-else/x", b"v", NOW + 60, now=NOW)
+
+
+def test_store_writes_behind_in_one_commit_and_keeps_failed_commits_pending(tmp_path):
+    import sqlite3
+    import time
+
+    from lattice.dht.store import Store
+
+    kp = KeyPair.generate()
+    path = tmp_path / "s.sqlite"
+    store = Store(path)
+    recs = [records.create(kp, f"k/{i}".encode(), b"v", time.time() + 600) for i in range(30)]
+    for r in recs:
+        assert store.put(r, defer=True)
+    assert store.pending == 30 and store.record_count == 30  # served from memory at once
+    store._db.execute("PRAGMA query_only=ON")  # the disk refuses: nothing may be dropped
+    with pytest.raises(sqlite3.Error):
+        store.flush()
+    assert store.pending == 30 and store.write_errors == 1
+    store._db.execute("PRAGMA query_only=OFF")
+    store.flush()  # the retry commits every pending record
+    assert store.pending == 0
+    newer = records.create(kp, b"k/0", b"v2", time.time() + 600)
+    assert store.put(newer, defer=True) and store.pending == 1  # a slot is written once per batch
+    store.close()  # a stop commits what is pending
+    again = Store(path)
+    assert again.record_count == 30 and again.get(b"k/0")[0].value == b"v2"
+    again.close()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sqlite3
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -27,7 +28,7 @@ from lattice.dht.keys import key_id, peer_key
 from lattice.dht.lookup import Lookup
 from lattice.dht.records import Record, RecordError
 from lattice.dht.routing import RoutingTable
-from lattice.dht.store import Store
+from lattice.dht.store import WRITE_BEHIND, Store
 from lattice.errors import LatticeError, PayloadError, TransportError
 from lattice.identity import PeerId
 from lattice.transport.host import PeerInfo
@@ -94,6 +95,7 @@ class DHT:
         self._pools: dict[PeerId, list[YamuxStream]] = {}
         self._published: dict[tuple[bytes, bytes], Record] = {}
         self._table_changed = trio.Event()
+        self._dirty = trio.Event()  # the store has records to commit (the write-behind task's cue)
         self.admit: Any = None  # (PeerInfo) -> bool: may this peer enter the routing table (swarm guard)
         self.stats = {"requests_in": 0, "requests_out": 0, "rejected_records": 0, "malformed": 0,
                       "failed_requests": 0}  # fmt: skip
@@ -121,6 +123,7 @@ class DHT:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._maintain)
+                nursery.start_soon(self._write_behind)
                 task_status.started()
                 await trio.sleep_forever()
         finally:
@@ -129,6 +132,20 @@ class DHT:
                     [(c.peer, [a.to_bytes() for a in c.addrs]) for c in self.table.contacts()]
                 )
                 self.store.close()
+
+    async def _write_behind(self) -> None:
+        """Commit the records replicas acknowledged, one transaction per ``WRITE_BEHIND`` seconds."""
+        assert self.store is not None
+        while True:
+            await self._dirty.wait()
+            await trio.sleep(WRITE_BEHIND)  # gather the batch
+            self._dirty = trio.Event()
+            try:
+                self.store.flush()
+            except sqlite3.Error as exc:  # kept pending: retried on the next cycle
+                log.warning("DHT store commit failed (%d records pending): %s", self.store.pending, exc)
+                self.stats["write_errors"] = self.store.write_errors
+                self._dirty.set()
 
     def _on_identified(self, info: PeerInfo) -> None:
         if self.config.protocol_id in info.protocols and self.table is not None:
@@ -321,7 +338,8 @@ class DHT:
         target = key_id(record.key)
         far = max((peer_key(p) ^ target for p in closest), default=0)
         if len(closest) < self.config.k or me_key ^ target <= far:  # we are among the k closest
-            stored += self.store.put(record)
+            stored += self.store.put(record, defer=True)
+            self._dirty.set()
         message = protocol.Message(protocol.PUT_VALUE, record.key, record.key, record.encode())
         encoded = protocol.encode(message)
         body = _proto.encode_uvarint(len(encoded)) + encoded  # the same bytes for every replica
@@ -488,30 +506,30 @@ class DHT:
             dialable(info.addrs if info else [])
             or ([conn.remote_addr] if conn is not None and conn.direction == "outbound" else []),
         )
-        for _ in range(MAX_REQUESTS_PER_STREAM):
-            raw = None
-            with trio.CancelScope(deadline=trio.current_time() + IDLE_STREAM_TIMEOUT):
+        # one scope for the stream, its deadline moved per request (cheaper than a scope per request)
+        with trio.CancelScope() as idle:
+            for _ in range(MAX_REQUESTS_PER_STREAM):
+                idle.deadline = trio.current_time() + IDLE_STREAM_TIMEOUT
                 raw = await read_delimited(stream, protocol.MAX_MESSAGE)
-            if raw is None:
-                return
-            self.stats["requests_in"] += 1
-            if not host.allow_request(peer, self.config.protocol_id):  # over its rate: drop the stream
-                self.stats["throttled"] = self.stats.get("throttled", 0) + 1
-                await stream.reset()
-                return
-            try:
-                request = protocol.decode(raw)
-            except PayloadError:
-                self.stats["malformed"] += 1
-                host.penalize(peer, "malformed DHT message")
-                await stream.reset()
-                return
-            reply = self._answer(request, peer)
-            if reply is None:
-                continue
-            body = protocol.encode(reply)
-            await stream.write(_proto.encode_uvarint(len(body)) + body)
-            self.store.flush()
+                if raw is None:
+                    return
+                self.stats["requests_in"] += 1
+                if not host.allow_request(peer, self.config.protocol_id):  # over its rate: drop the stream
+                    self.stats["throttled"] = self.stats.get("throttled", 0) + 1
+                    await stream.reset()
+                    return
+                try:
+                    request = protocol.decode(raw)
+                except PayloadError:
+                    self.stats["malformed"] += 1
+                    host.penalize(peer, "malformed DHT message")
+                    await stream.reset()
+                    return
+                reply = self._answer(request, peer)
+                if reply is None:
+                    continue
+                body = protocol.encode(reply)
+                await stream.write(_proto.encode_uvarint(len(body)) + body)
 
     def _closer(self, key: bytes, requester: PeerId) -> list[protocol.PeerEntry]:
         assert self.table is not None
@@ -563,7 +581,8 @@ class DHT:
                 record = Record.decode(req.record_value or b"")
                 if record.key != key:
                     raise RecordError("record key does not match the request key")
-                stored = self.store.put(record, defer=True)  # persisted right after the reply
+                stored = self.store.put(record, defer=True)  # committed behind (_write_behind)
+                self._dirty.set()
             except RecordError as exc:
                 self.stats["rejected_records"] += 1
                 log.debug("rejected record from %s: %s", requester, exc)

@@ -1,8 +1,13 @@
 """Records and provider entries a node holds, in memory and (optionally) in sqlite.
 
-Writes go through to sqlite (WAL, synchronous=NORMAL: a crash of the process loses nothing, a power
-loss may lose the last moments, which republishing heals); a restarted node loads what is unexpired.
-Every size is bounded: total records, providers per key.
+Records are written to sqlite (WAL, synchronous=NORMAL) either at once or, with ``defer=True``,
+behind: the DHT service acknowledges a replica from memory and commits the pending ones in one
+transaction every ``WRITE_BEHIND`` seconds (one commit per batch instead of one per request, the
+largest per-replica cost after the signature check). So a crash of the process loses at most the
+records acknowledged in the last ``WRITE_BEHIND`` seconds (a stop loses nothing; a power loss may
+lose the last moments too); replicas are soft state that their publishers republish. A failed
+commit keeps the records pending (retried, counted in ``write_errors``), never silently dropped.
+A restarted node loads what is unexpired. Every size is bounded: total records, providers per key.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from lattice.dht.records import Record, RecordError, may_replace, validate
 from lattice.identity import PeerId
 
 MAX_RECORDS = 200_000
+WRITE_BEHIND = 0.1  # seconds: the longest a deferred record waits for its commit
 MAX_PROVIDERS_PER_KEY = 64
 PROVIDER_TTL = 24 * 3600.0
 
@@ -28,7 +34,8 @@ class Store:
             bytes, dict[PeerId, tuple[list[bytes], float]]
         ] = {}  # key -> peer -> (addrs, exp)
         self._db: sqlite3.Connection | None = None
-        self._pending: list[tuple] = []
+        self._pending: dict[tuple[bytes, bytes], tuple] = {}  # slot -> row (a newer version replaces)
+        self.write_errors = 0
         self._count = 0  # records held (kept up to date: put is on the hot path)
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -84,16 +91,34 @@ class Store:
             self._count += 1
         slots[record.subkey] = record
         if self._db is not None:
-            self._pending.append((record.key, record.subkey, record.encode(), record.expires_at))
+            row = (record.key, record.subkey, record.encode(), record.expires_at)
+            self._pending[(record.key, record.subkey)] = row
             if not defer:
                 self.flush()
         return True
 
+    @property
+    def pending(self) -> int:
+        """Records acknowledged but not yet committed to disk."""
+        return len(self._pending)
+
     def flush(self) -> None:
-        """Write deferred records to disk (a replica answers a PUT first, then persists)."""
-        if self._db is not None and self._pending:
-            self._db.executemany("INSERT OR REPLACE INTO records VALUES (?, ?, ?, ?)", self._pending)
-            self._pending.clear()
+        """Commit the pending records in one transaction; on failure they stay pending (retried)."""
+        if self._db is None or not self._pending:
+            return
+        rows = list(self._pending.values())
+        try:
+            self._db.execute("BEGIN")
+            try:
+                self._db.executemany("INSERT OR REPLACE INTO records VALUES (?, ?, ?, ?)", rows)
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        except sqlite3.Error:
+            self.write_errors += 1
+            raise
+        self._pending.clear()
 
     def get(self, key: bytes, now: float | None = None) -> list[Record]:
         now = time.time() if now is None else now

@@ -10,11 +10,12 @@ Servers only dial addresses whose IP is the one the request came from (no use as
 amplifier), at most ``max_concurrent`` at a time and one request per peer every ``per_peer_interval``.
 Candidates are the addresses peers observed for us (identify), each also with our listen port.
 A state changes after two agreeing results (one from unknown), and is re-checked every
-``interval`` seconds and whenever the observed addresses change.
+``interval`` seconds and whenever peers observe us at a new IP.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import random
 import secrets
@@ -86,6 +87,8 @@ class AutoNAT:
         self._dialing = 0
         self._wake = trio.Event()
         self._observed_seen = 0
+        self._observed_ips: set[tuple[str, str | None]] = set()
+        self.checks = 0  # checks started (each one costs a server a fresh connection)
 
     def install(self) -> None:
         if self.serve:
@@ -101,9 +104,18 @@ class AutoNAT:
         }
 
     def _maybe_wake(self) -> None:
-        total = sum(self.host.observed_addrs.values())
-        if total != self._observed_seen:
-            self._observed_seen = total
+        """Re-check when peers observe us at a new IP. Not on every observation: each connection
+        reports another port of the same IP, and the dial-back of a check reports one more, so a
+        wake per observation kept every node of a swarm checking (a new connection) forever."""
+        observed = self.host.observed_addrs
+        if len(observed) == self._observed_seen:  # only counts went up: nothing new
+            return
+        # new addresses are appended (a Counter keeps insertion order): look at those only
+        start = self._observed_seen if len(observed) > self._observed_seen else 0
+        self._observed_seen = len(observed)
+        fresh = {addr.parts[0] for addr in itertools.islice(observed, start, None)} - self._observed_ips
+        if fresh:
+            self._observed_ips |= fresh
             self._wake.set()
 
     # -- client
@@ -139,6 +151,7 @@ class AutoNAT:
         addrs = self.candidates()
         if not addrs:
             return None
+        self.checks += 1
         nonce = secrets.randbits(63)
         event = self._pending[nonce] = trio.Event()
         result: str | None = None
