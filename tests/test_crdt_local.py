@@ -335,7 +335,7 @@ def test_a_malformed_update_in_a_batch_rejects_only_itself(tmp_path: Path) -> No
         writer.get_map("root")[f"w{i}"] = i
         other.get_map("root")[f"o{i}"] = i
     bad = sign(KeyPair.from_seed(b"\x09" * 32), "mix", 1, b"\xff\xfe garbage")
-    batch = writer.updates()[:2] + [bad] + other.updates() + writer.updates()[2:]
+    batch = [*writer.updates()[:2], bad, *other.updates(), *writer.updates()[2:]]
     reader = Document("mix", KeyPair.generate(), tmp_path / "r")
     assert reader.apply_many(batch) == 6
     assert reader.stats.rejected_malformed == 1
