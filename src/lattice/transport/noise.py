@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import struct
+from collections.abc import Callable
 
 import trio
 from cryptography.exceptions import InvalidTag
@@ -29,6 +30,7 @@ TAG_LEN = 16
 MAX_PLAINTEXT = MAX_MESSAGE - TAG_LEN
 _DH_LEN = 32
 _MAX_NONCE = 2**64 - 1
+_PLACE_MIN = 4096  # frames smaller than this are never decrypted in place (headers, small calls)
 
 
 class WriteTimeout(ConnectionLost):
@@ -288,7 +290,8 @@ class SecureStream:
                 frame = frame[sent:]
             await self._send_bytes(frame)
             return
-        size = total + -(-total // MAX_PLAINTEXT) * (2 + TAG_LEN)
+        # a staged piece flushed before a large part costs one frame more: at most one per part
+        size = total + (-(-total // MAX_PLAINTEXT) + len(parts)) * (2 + TAG_LEN)
         if len(self._out) < size:
             self._out = bytearray(max(size, 2 * len(self._out)))
         enc = self._send
@@ -311,7 +314,10 @@ class SecureStream:
                     view = view.cast("B")
                 off, length = 0, len(view)
                 while off < length:
-                    if staged == 0 and length - off >= MAX_PLAINTEXT:
+                    if length - off >= MAX_PLAINTEXT:
+                        if staged:  # headers get a frame of their own: the receiver can then decrypt
+                            emit(st[:staged])  # the payload frames straight into their destination
+                            staged = 0
                         emit(view[off : off + MAX_PLAINTEXT])  # zero-copy
                         off += MAX_PLAINTEXT
                         continue
@@ -401,6 +407,97 @@ class SecureStream:
                     await trio.lowlevel.wait_readable(fd)
         self._drained = n < len(self._rbuf) - self._rend
         return n
+
+    async def pump(
+        self,
+        feed: Callable[[bytearray], None],
+        place: Callable[[int], memoryview | bool | None],
+        placed: Callable[[int], None],
+    ) -> bool:
+        """Decrypt the frames that are ready, reading more first if none is; False on clean EOF.
+
+        Before each large frame the reader above is asked (``place``) for a destination of exactly
+        the frame's plaintext size: if it has one (a tensor being filled), the frame is decrypted
+        straight into it and reported with ``placed``; everything else is decrypted into a new
+        buffer and handed to ``feed``, in stream order, so ``place`` always sees an up-to-date
+        parser state. ``place`` may answer False: stop here (the rest stays buffered for the next
+        call), so a reader just woken can set its destination first.
+        """
+        if self._buf:
+            self._absorb(bytes(self._buf))
+            self._buf.clear()
+        while not self._decrypt_ready_to(feed, place, placed):
+            if self._rend == len(self._rbuf):
+                live = self._rend - self._rstart
+                self._rbuf[:live] = self._rbuf[self._rstart : self._rend]
+                self._rstart, self._rend = 0, live
+            try:
+                if self._fd is not None:
+                    n = await self._recv_fast()
+                elif self._sock is not None:
+                    with memoryview(self._rbuf) as view:
+                        n = await self._sock.recv_into(view[self._rend :])
+                else:
+                    chunk = await self.raw.receive_some(len(self._rbuf) - self._rend)
+                    n = len(chunk)
+                    self._rbuf[self._rend : self._rend + n] = chunk
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                raise ConnectionLost(f"connection lost: {exc}") from None
+            if not n:
+                if self._rend > self._rstart:
+                    raise ConnectionLost("connection closed in the middle of a noise frame")
+                return False
+            self._rend += n
+        return True
+
+    def _decrypt_ready_to(self, feed, place, placed) -> bool:
+        """Decrypt the complete frames (see :meth:`pump`); False if there was none (and no pause)."""
+        buf = self._rbuf
+        pos, end = self._rstart, self._rend
+        first = pos
+        dec = self._recv
+        batch: list[tuple[int, int]] = []  # frames decrypted together into one fed buffer
+        paused = False
+        with memoryview(buf) as src:
+
+            def flush() -> None:
+                out = bytearray(sum(length - TAG_LEN for _, length in batch))
+                with memoryview(out) as dst:
+                    at = 0
+                    for start, length in batch:
+                        size = length - TAG_LEN
+                        dec.decrypt_into(src[start : start + length], dst[at : at + size])
+                        at += size
+                batch.clear()
+                feed(out)
+
+            while end - pos >= 2:
+                length = (buf[pos] << 8) | buf[pos + 1]
+                if length < TAG_LEN:
+                    raise ProtocolError("noise frame shorter than its tag")
+                if end - pos - 2 < length:
+                    break
+                size = length - TAG_LEN
+                if size >= _PLACE_MIN:
+                    if batch:
+                        flush()
+                    dest = place(size)
+                    if dest is False:
+                        paused = True
+                        break
+                    if dest is not None:
+                        dec.decrypt_into(src[pos + 2 : pos + 2 + length], dest)
+                        pos += 2 + length
+                        placed(size)
+                        continue
+                batch.append((pos + 2, length))
+                pos += 2 + length
+            if batch:
+                flush()
+        self._rstart = pos
+        if pos == end:
+            self._rstart = self._rend = 0
+        return pos != first or paused
 
     def _absorb(self, data: bytes) -> None:
         need = self._rend + len(data)
