@@ -371,27 +371,33 @@ class SecureStream:
             out = self._decrypt_ready()
             if out is not None:
                 return out
-            if self._rend == len(self._rbuf):  # compact before reading more
-                live = self._rend - self._rstart
-                self._rbuf[:live] = self._rbuf[self._rstart : self._rend]
-                self._rstart, self._rend = 0, live
-            try:
-                if self._fd is not None:
-                    n = await self._recv_fast()
-                elif self._sock is not None:
-                    with memoryview(self._rbuf) as view:
-                        n = await self._sock.recv_into(view[self._rend :])
-                else:
-                    chunk = await self.raw.receive_some(len(self._rbuf) - self._rend)
-                    n = len(chunk)
-                    self._rbuf[self._rend : self._rend + n] = chunk
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                raise ConnectionLost(f"connection lost: {exc}") from None
-            if not n:
-                if self._rend > self._rstart:
-                    raise ConnectionLost("connection closed in the middle of a noise frame")
+            if not await self._read_more():
                 return b""
-            self._rend += n
+
+    async def _read_more(self) -> bool:
+        """Read more ciphertext into the ring buffer; False on clean EOF at a frame boundary."""
+        if self._rend == len(self._rbuf):  # compact before reading more
+            live = self._rend - self._rstart
+            self._rbuf[:live] = self._rbuf[self._rstart : self._rend]
+            self._rstart, self._rend = 0, live
+        try:
+            if self._fd is not None:
+                n = await self._recv_fast()
+            elif self._sock is not None:
+                with memoryview(self._rbuf) as view:
+                    n = await self._sock.recv_into(view[self._rend :])
+            else:
+                chunk = await self.raw.receive_some(len(self._rbuf) - self._rend)
+                n = len(chunk)
+                self._rbuf[self._rend : self._rend + n] = chunk
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            raise ConnectionLost(f"connection lost: {exc}") from None
+        if not n:
+            if self._rend > self._rstart:
+                raise ConnectionLost("connection closed in the middle of a noise frame")
+            return False
+        self._rend += n
+        return True
 
     async def _recv_fast(self) -> int:
         fd = self._fd
@@ -427,27 +433,8 @@ class SecureStream:
             self._absorb(bytes(self._buf))
             self._buf.clear()
         while not self._decrypt_ready_to(feed, place, placed):
-            if self._rend == len(self._rbuf):
-                live = self._rend - self._rstart
-                self._rbuf[:live] = self._rbuf[self._rstart : self._rend]
-                self._rstart, self._rend = 0, live
-            try:
-                if self._fd is not None:
-                    n = await self._recv_fast()
-                elif self._sock is not None:
-                    with memoryview(self._rbuf) as view:
-                        n = await self._sock.recv_into(view[self._rend :])
-                else:
-                    chunk = await self.raw.receive_some(len(self._rbuf) - self._rend)
-                    n = len(chunk)
-                    self._rbuf[self._rend : self._rend + n] = chunk
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                raise ConnectionLost(f"connection lost: {exc}") from None
-            if not n:
-                if self._rend > self._rstart:
-                    raise ConnectionLost("connection closed in the middle of a noise frame")
+            if not await self._read_more():
                 return False
-            self._rend += n
         return True
 
     def _decrypt_ready_to(self, feed, place, placed) -> bool:
