@@ -88,6 +88,33 @@ def start_daemon(workdir: Path, name: str, *extra: str) -> tuple[subprocess.Pope
     return proc, json.loads(ready.read_text()), elapsed
 
 
+def start_dht_swarm(
+    workdir: Path, nodes: int, *flags: str, want: int, timeout: float, client_timeout: float
+) -> tuple[list[subprocess.Popen], list]:
+    """Start ``nodes`` daemons around the first one (their bootstrap), 4 at a time, and wait (at most
+    ``timeout`` s) until every routing table holds ``want`` peers; returns (processes, clients)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from lattice import Client
+
+    first, first_info, _ = start_daemon(workdir, "n0", *flags)
+    boot = first_info["addrs"][0]
+    with ThreadPoolExecutor(4) as pool:
+        started = list(
+            pool.map(lambda i: start_daemon(workdir, f"n{i}", "--bootstrap", boot, *flags), range(1, nodes))
+        )
+    procs = [first] + [p for p, _, _ in started]
+    clients = [
+        Client(i["control"], timeout=client_timeout) for i in [first_info] + [i for _, i, _ in started]
+    ]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if min(c.dht.status()["routing_table"] for c in clients) >= want:
+            break
+        time.sleep(0.2)
+    return procs, clients
+
+
 def stop(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)

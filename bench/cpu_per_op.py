@@ -24,13 +24,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import emit, start_daemon, stop
+from _common import emit, start_daemon, start_dht_swarm, stop
 
 from lattice import Client
 
@@ -119,23 +118,9 @@ def rpc(work_dir: Path, runs: int, calls: int) -> None:
 
 def dht(work_dir: Path, runs: int, nodes: int, puts: int) -> None:
     rng = random.Random(0)
-    first, first_info, _ = start_daemon(work_dir, "n0")
-    procs, infos = [first], [first_info]
-    boot = first_info["addrs"][0]
-    with ThreadPoolExecutor(4) as pool:
-        started = list(
-            pool.map(lambda i: start_daemon(work_dir, f"n{i}", "--bootstrap", boot), range(1, nodes))
-        )
-    procs += [p for p, _, _ in started]
-    infos += [i for _, i, _ in started]
+    procs, clients = start_dht_swarm(work_dir, nodes, want=min(nodes - 1, 20), timeout=60, client_timeout=120)
     try:
         ps = [psutil.Process(p.pid) for p in procs]
-        clients = [Client(i["control"], timeout=120) for i in infos]
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if min(c.dht.status()["routing_table"] for c in clients) >= min(nodes - 1, 20):
-                break
-            time.sleep(0.2)
         for i in range(puts):  # warm-up: every connection made, every page in cache
             rng.choice(clients).dht.put(f"warm/{i}", b"w", ttl=600)
         per_put, idle, ctl = [], [], []

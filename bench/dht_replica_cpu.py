@@ -15,17 +15,13 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import emit, start_daemon, stop
+from _common import emit, start_dht_swarm, stop
 from cpu_per_op import calibrate
-
-from lattice import Client
 
 
 def main() -> None:
@@ -41,25 +37,11 @@ def main() -> None:
     flags = ("--reachability", "public")
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        first, first_info, _ = start_daemon(work, "n0", *flags)
-        procs, infos = [first], [first_info]
-        boot = first_info["addrs"][0]
-
-        def start(i: int):
-            return start_daemon(work, f"n{i}", "--bootstrap", boot, *flags)
-
-        with ThreadPoolExecutor(4) as pool:
-            started = list(pool.map(start, range(1, args.nodes)))
-        procs += [p for p, _, _ in started]
-        infos += [i for _, i, _ in started]
+        procs, clients = start_dht_swarm(
+            work, args.nodes, *flags, want=args.nodes - 1, timeout=30, client_timeout=60
+        )
         try:
             ps = [psutil.Process(p.pid) for p in procs]
-            clients = [Client(i["control"], timeout=60) for i in infos]
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline:
-                if min(c.dht.status()["routing_table"] for c in clients) >= args.nodes - 1:
-                    break
-                time.sleep(0.2)
             putter = clients[0]
             for i in range(100):  # warm-up: connections, streams, caches
                 putter.dht.put(f"warm/{i}", b"w", ttl=600)

@@ -437,8 +437,9 @@ class SecureStream:
                 return False
         return True
 
-    def _decrypt_ready_to(self, feed, place, placed) -> bool:
-        """Decrypt the complete frames (see :meth:`pump`); False if there was none (and no pause)."""
+    def _decrypt_ready_to(self, feed, place=None, placed=None) -> bool:
+        """Decrypt the complete frames (see :meth:`pump`); False if there was none (and no pause).
+        Without ``place`` every frame goes into a single buffer, fed once."""
         buf = self._rbuf
         pos, end = self._rstart, self._rend
         first = pos
@@ -465,7 +466,7 @@ class SecureStream:
                 if end - pos - 2 < length:
                     break
                 size = length - TAG_LEN
-                if size >= _PLACE_MIN:
+                if place is not None and size >= _PLACE_MIN:
                     if batch:
                         flush()
                     dest = place(size)
@@ -495,31 +496,9 @@ class SecureStream:
 
     def _decrypt_ready(self) -> bytearray | None:
         """Decrypt every complete frame in the receive buffer into one plaintext buffer."""
-        buf = self._rbuf
-        pos, end = self._rstart, self._rend
-        frames = []
-        while end - pos >= 2:
-            length = (buf[pos] << 8) | buf[pos + 1]
-            if length < TAG_LEN:
-                raise ProtocolError("noise frame shorter than its tag")
-            if end - pos - 2 < length:
-                break
-            frames.append((pos + 2, length))
-            pos += 2 + length
-        if not frames:
-            return None
-        out = bytearray(sum(length - TAG_LEN for _, length in frames))
-        with memoryview(buf) as src, memoryview(out) as dst:
-            at = 0
-            dec = self._recv
-            for start, length in frames:
-                size = length - TAG_LEN
-                dec.decrypt_into(src[start : start + length], dst[at : at + size])
-                at += size
-        self._rstart = pos
-        if pos == end:
-            self._rstart = self._rend = 0
-        return out
+        out: list[bytearray] = []
+        self._decrypt_ready_to(out.append)  # no ``place``: every frame goes in one fed buffer
+        return out[0] if out else None
 
     async def aclose(self) -> None:
         await self.raw.aclose()
