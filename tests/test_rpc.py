@@ -225,6 +225,51 @@ async def test_hostile_frames_are_rejected_and_node_keeps_serving(pair):
     assert (await b.rpc.call(peer, "echo", np.arange(4))).tolist() == [0, 1, 2, 3]
 
 
+async def test_lane_deadlines_cancels_and_worker_reuse(pair):
+    """Fast-lane calls keep their own deadlines (one timer per lane), a caller's own cancel scope
+    stops the remote handler, and the callee's reused workers keep serving afterwards."""
+    a, b, peer = pair
+    started, cancelled = [], []
+
+    @a.rpc.method("slow")
+    async def slow(x):
+        started.append(x)
+        try:
+            await trio.sleep(30)
+        finally:
+            cancelled.append(x)
+
+    async with trio.open_nursery() as nursery:
+
+        async def long_call():
+            with pytest.raises(RPCTimeout):
+                await b.rpc.call(peer, "slow", "long", timeout=3.0)
+
+        nursery.start_soon(long_call)
+        with trio.fail_after(2):
+            while "long" not in started:
+                await trio.sleep(0.01)
+        start = trio.current_time()
+        with pytest.raises(RPCTimeout):  # an earlier deadline than the one the timer waits for
+            await b.rpc.call(peer, "slow", "short", timeout=0.2)
+        assert trio.current_time() - start < 1.0
+        with trio.move_on_after(0.2) as scope:  # the caller's own scope, not the call's timeout
+            await b.rpc.call(peer, "slow", "scoped", timeout=30)
+        assert scope.cancelled_caught
+        with trio.fail_after(2):
+            while not {"short", "scoped"} <= set(cancelled):
+                await trio.sleep(0.01)
+        for i in range(20):  # the workers whose calls were cancelled serve the next ones
+            assert await b.rpc.call(peer, "echo", i) == i
+    with trio.fail_after(2):  # the long call timed out too: its handler is cancelled
+        while "long" not in cancelled:
+            await trio.sleep(0.01)
+    fast = b.rpc._lanes[PeerId.from_string(peer)]
+    for i in range(3000):
+        await b.rpc.call(peer, "echo", i)
+    assert not fast.pending and len(fast._deadlines) <= 256 + 1  # finished calls' entries dropped
+
+
 async def test_thousand_concurrent_calls(pair):
     _a, b, peer = pair
     results = []

@@ -141,7 +141,7 @@ class RPC:
         self._lanes: dict[PeerId, lane.Lane] = {}
         self._lane_locks: dict[PeerId, trio.Lock] = {}
         self._no_lane: set[PeerId] = set()
-        self._addr_peers: dict[str, PeerId] = {}  # multiaddr text -> its peer id (parsed once)
+        self._addr_peers: dict[str, PeerId] = {}  # peer text (multiaddr or id) -> id (parsed once)
         from lattice.rpc.resumable import Uploads
 
         self.uploads = Uploads(self, max_bytes=2 * self.config.max_message)
@@ -240,7 +240,13 @@ class RPC:
                     self._addr_peers.clear()
                 self._addr_peers[peer] = conn.remote_peer
             return conn.remote_peer, conn
-        peer_id = peer if isinstance(peer, PeerId) else PeerId.from_string(str(peer))
+        if isinstance(peer, PeerId):
+            peer_id = peer
+        else:
+            peer_id = self._addr_peers.get(peer) or PeerId.from_string(str(peer))
+            if len(self._addr_peers) >= 1024:
+                self._addr_peers.clear()
+            self._addr_peers[peer] = peer_id
         return peer_id, await host.connect_peer(peer_id)
 
     async def _slot(self, peer_id: PeerId) -> trio.Semaphore:
@@ -281,7 +287,8 @@ class RPC:
                 self._no_lane.add(peer_id)  # an older peer: per-call streams only
                 return None
             current = self._lanes[peer_id] = lane.Lane(stream, self.config.max_message)
-            self._nursery.start_soon(current.read_replies)
+            current.direct = not conn.relayed
+            self._nursery.start_soon(current.run)
             return current
 
     def _negotiation(self) -> bytes:
@@ -360,14 +367,19 @@ class RPC:
             raise ValueError("timeout must be non-negative")
         self.stats["calls_out"] += 1
         encoded = tensors.encode(payload, codec)
+        small = len(encoded[0]) + sum([b.nbytes for b in encoded[1]]) <= lane.SMALL_CALL
         try:
-            # the hot path: a plain cancel scope (trio.fail_after is a generator context manager)
+            if small:  # the hot path: a live direct lane, no cancel scope (the lane keeps deadlines)
+                ready = self._ready_lane(peer)
+                if ready is not None:
+                    return await self._lane_call(*ready, method, encoded, as_torch, timeout)
+            # a plain cancel scope (trio.fail_after is a generator context manager)
             with trio.CancelScope(deadline=trio.current_time() + timeout) as deadline:
-                if len(encoded[0]) + sum(b.nbytes for b in encoded[1]) <= lane.SMALL_CALL:
+                if small:
                     peer_id, conn = await self._resolve(peer)
                     fast = await self._lane_to(peer_id, conn)
                     if fast is not None:
-                        return await self._lane_call(fast, peer_id, method, encoded, as_torch)
+                        return await self._lane_call(fast, peer_id, method, encoded, as_torch, timeout)
                 stream, slots = await self._open(peer)
                 try:
                     await wire.send(
@@ -395,24 +407,30 @@ class RPC:
         except (trio.TooSlowError, LatticeError) as exc:
             raise self._call_failed(method, timeout, exc) from None
 
-    async def _lane_call(self, fast: lane.Lane, peer_id: PeerId, method: str, encoded, as_torch) -> Any:
+    def _ready_lane(self, peer: PeerId | str) -> tuple[lane.Lane, PeerId] | None:
+        """The peer's lane if it is open on a live direct connection (no await, no lookup)."""
+        peer_id = self._addr_peers.get(peer) if isinstance(peer, str) else peer
+        fast = self._lanes.get(peer_id) if peer_id is not None else None
+        if fast is None or fast.closed or not fast.direct:
+            return None
+        session = fast.stream.session
+        if session.closed or session.going_away:
+            return None
+        return fast, peer_id
+
+    async def _lane_call(
+        self, fast: lane.Lane, peer_id: PeerId, method: str, encoded, as_torch, timeout: float
+    ) -> Any:
         slots = await self._slot(peer_id)
-        cid, slot = fast.new_call()
         try:
-            await wire.send(
-                fast.stream, wire.CALL, encoded=encoded, method=method, end=True, fin=False, call_id=cid
-            )
-            await slot[0].wait()
-        except BaseException:  # timed out or cancelled: tell the callee to stop the handler
-            with trio.CancelScope(shield=True), trio.move_on_after(1.0):
-                await fast.cancel(cid)
-            raise
+            cid = fast.next_id()
+            message = wire.small_message(wire.CALL, encoded, method=method, last=True, call_id=cid)
+            reply = await fast.call(message, trio.current_time() + timeout)
         finally:
             slots.release()
-        message = slot[1]
-        if as_torch is not None and not isinstance(message, Exception) and message.kind == wire.MSG:
-            message.value = tensors.retype(message.value, as_torch)
-        return lane.result_of(message)
+        if as_torch is not None and not isinstance(reply, Exception) and reply.kind == wire.MSG:
+            reply.value = tensors.retype(reply.value, as_torch)
+        return lane.result_of(reply)
 
     @asynccontextmanager
     async def call_stream(

@@ -106,25 +106,42 @@ async def send(
         raise
 
 
-async def _send(stream, kind, encoded, prefix, last, fin, method, call_id) -> None:
+def small_message(
+    kind: str,
+    encoded: tuple[bytes, list],
+    *,
+    method: str | None = None,
+    last: bool = False,
+    call_id: int | None = None,
+) -> bytes:
+    """One whole message (payload of at most ``SMALL`` bytes) as bytes, for a single write."""
     doc, buffers = encoded
     n = sum([b.nbytes for b in buffers]) if buffers else 0
     head = encode_header(kind, doc, n, method=method, last=last, call_id=call_id)
-    if prefix:
-        head = prefix + head
+    if not n:  # no payload, no checksum
+        return head
+    crc = 0
+    for b in buffers:
+        crc = crc32(b, crc)
+    return b"".join([head, *buffers, _U32.pack(crc)])
+
+
+async def _send(stream, kind, encoded, prefix, last, fin, method, call_id) -> None:
+    doc, buffers = encoded
+    n = sum([b.nbytes for b in buffers]) if buffers else 0
     if n <= SMALL:  # one write: atomic with respect to other writers of the stream (fast lane)
-        data = head
-        if n:
-            crc = 0
-            for b in buffers:
-                crc = crc32(b, crc)
-            data = b"".join([head, *buffers, _U32.pack(crc)])
+        data = small_message(kind, encoded, method=method, last=last, call_id=call_id)
+        if prefix:
+            data = prefix + data
         if stream.exclusive_held:  # a large message is being written on this stream: wait for it
             async with stream.exclusive():
                 await stream.write(data, fin=fin)
         else:
             await stream.write(data, fin=fin)
         return
+    head = encode_header(kind, doc, n, method=method, last=last, call_id=call_id)
+    if prefix:
+        head = prefix + head
     async with stream.exclusive():  # large: several writes, kept together on a shared stream
         await stream.write(head)
         crc = 0

@@ -266,6 +266,21 @@ class YamuxStream:
             self.session._queue_control(header(TYPE_WINDOW_UPDATE, 0, self.id, delta))
 
     # -- writing
+    def can_write_now(self, n: int) -> bool:
+        """A write of ``n`` bytes would start at once: no wait for window, lock or the connection.
+        (The RPC fast lane then needs no cancel scope around it: nothing to interrupt.)"""
+        return (
+            0 < n <= SMALL_WRITE
+            and n <= self._send_window
+            and not (self._syn_pending or self._ack_pending or self.pending_prefix)
+            and self._error is None
+            and not self._local_fin
+            and not self._write_lock.locked()
+            and not self._exclusive.locked()
+            and not self.session._send_lock.locked()
+            and not self.session.closed
+        )
+
     async def write(self, data: bytes | bytearray | memoryview, fin: bool = False) -> None:
         """Send ``data`` (waiting for window as needed); ``fin=True`` half-closes in the same frame."""
         session = self.session
