@@ -25,6 +25,7 @@ from typing import Any
 import outcome
 import trio
 
+from lattice.codec import tensors
 from lattice.errors import PayloadError, StreamError
 from lattice.identity import PeerId
 from lattice.rpc import wire
@@ -360,7 +361,10 @@ async def _one_call(rpc: Any, stream: YamuxStream, peer: PeerId, message: Any) -
             rpc.stats["errors_in"] += 1
             await wire.send_error(stream, type(exc).__name__, str(exc), cid, fin=False)
             return
-        await wire.send(stream, wire.MSG, result, has_value=True, codec=entry.codec, end=True, fin=False,
-                        call_id=cid)  # fmt: skip
+        encoded = tensors.encode(result, entry.codec)
+        if len(encoded[0]) + sum([b.nbytes for b in encoded[1]]) <= wire.SMALL and not stream.exclusive_held:
+            await stream.write(wire.small_message(wire.MSG, encoded, last=True, call_id=cid), fin=False)
+        else:  # large (several writes, kept together) or behind another large reply
+            await wire.send(stream, wire.MSG, encoded=encoded, end=True, fin=False, call_id=cid)
     except StreamError:
         pass
