@@ -241,3 +241,21 @@ async def test_connect_by_peer_id_falls_back_to_the_relays_we_share(host_factory
     stream = await a.new_stream(b.peer_id, [ECHO])
     await stream.write(b"via the shared relay")
     assert await stream.read_exactly(20) == b"via the shared relay"
+
+
+async def test_relay_fallback_also_when_the_router_finds_only_dead_direct_addresses(host_factory):
+    """The test_nat flake: the DHT answered with B's direct addresses only (its relayed address not
+    propagated yet), all unreachable; the shared relay must still be tried."""
+    r, a, b, _server, _rsvp = await relay_setup(host_factory)
+    a_conn = await a.connect(full_addr(r))
+    a_rsvp = await circuit.reserve(a, a_conn)
+    a.add_address_source(lambda: list(a_rsvp.addrs))
+    a.peerstore.setdefault(b.peer_id, PeerInfo(b.peer_id)).addrs = [Multiaddr.parse("/ip4/127.0.0.1/tcp/1")]
+
+    async def router(peer):
+        return [Multiaddr.parse("/ip4/127.0.0.1/tcp/2")]
+
+    a.peer_router = router
+    with trio.fail_after(10):
+        conn = await a.connect_peer(b.peer_id, timeout=5)
+    assert conn.relayed and conn.remote_peer == b.peer_id

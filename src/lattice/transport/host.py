@@ -486,16 +486,18 @@ class Host:
             if not route:
                 raise
             routed = await self.peer_router(peer) if self.peer_router is not None else []
-            fresh = [a for a in routed if a not in known] or self._via_our_relays(peer, known)
+            fresh = [a for a in routed if a not in known]
+            if not any(a.is_relayed for a in fresh):  # direct ones may be dead too (tried first)
+                fresh += self._via_our_relays(peer, known + fresh)
             if not fresh:
                 raise
         return await self._connect_addrs(peer, fresh, timeout)
 
     def _via_our_relays(self, peer: PeerId, known: list[Multiaddr]) -> list[Multiaddr]:
-        """Last resort when a peer's published addresses fail and the DHT knows no better (its
-        relayed address not propagated yet): the relays we hold reservations on, which NATed peers
-        of a swarm often share (its bootstrap relays). A relay without a reservation for ``peer``
-        refuses at once, so this costs one round trip."""
+        """Last resort when a peer's published addresses fail and the DHT knows no relayed address
+        for it (not propagated yet), only direct ones that may be just as dead: the relays we hold
+        reservations on, which NATed peers of a swarm often share (its bootstrap relays). A relay
+        without a reservation for ``peer`` refuses at once, so this costs one round trip."""
         out: list[Multiaddr] = []
         for addr in self.advertised_addrs():
             if addr.is_relayed:
