@@ -10,9 +10,13 @@ times out sends ``cancel`` for its id and the callee cancels just that handler. 
 fails, its pending calls fail with RPCError and the next call opens a new lane.
 
 Both sides parse complete small messages in the connection's reader (``YamuxStream.on_data``, while
-their own reader task waits at a message boundary): a reply wakes its caller directly and a call's
-handler task is spawned at once, two task switches less per round trip. Anything incomplete or
-unusual is left in the buffer for the reader task, which reads it the ordinary way.
+their own reader task waits at a message boundary): a reply wakes its parked caller directly and a
+call goes straight to a parked worker, two task switches less per round trip. Anything incomplete
+or unusual is left in the buffer for the reader task, which reads it the ordinary way.
+
+Per call, neither side enters a cancel scope or spawns a task (each costs about as much as the
+rest of the call's Python work): the caller parks on its own task and one timer per lane keeps
+the deadlines; the callee's workers are reused, with one cancel scope per worker.
 """
 
 from __future__ import annotations
