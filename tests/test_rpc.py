@@ -500,6 +500,32 @@ async def test_fast_lane_rejects_a_corrupted_payload_and_serves_batched_calls(pa
     assert await b.rpc.call(peer, "echo", "still fine") == "still fine"
 
 
+async def test_a_lane_call_cancelled_before_it_starts_never_runs(pair):
+    """A call and its cancel in one write: the call is handed to a worker and cancelled before the
+    worker runs it, so its handler never starts; the next call on the lane runs normally."""
+    from lattice.rpc import lane, wire
+
+    a, b, peer = pair
+    ran = []
+
+    @a.rpc.method("note")
+    async def note(x):
+        ran.append(x)
+        return x
+
+    rogue = await b.host.new_stream(PeerId.from_string(peer), [lane.PROTOCOL_ID])
+    call = wire.small_message(wire.CALL, wire.tensors.encode(1), method="note", last=True, call_id=1)
+    cancel = wire.encode_header(wire.CANCEL, call_id=1)
+    await rogue.write(call + cancel)
+    await rogue.write(
+        wire.small_message(wire.CALL, wire.tensors.encode(2), method="note", last=True, call_id=2)
+    )
+    with trio.fail_after(5):
+        reply = await wire.receive(rogue, 1 << 20)
+    assert reply.call_id == 2 and reply.value == 2
+    assert ran == [2]
+
+
 async def test_lane_reopens_after_connection_loss(pair):
     _a, b, peer = pair
     pid = PeerId.from_string(peer)
