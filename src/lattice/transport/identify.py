@@ -12,7 +12,7 @@ import time
 import trio
 
 from lattice import _proto
-from lattice.errors import IdentityError, LatticeError, ProtocolError, TransportError
+from lattice.errors import IdentityError, LatticeError, ProtocolError, StreamError, TransportError
 from lattice.identity import PublicKey
 from lattice.transport.host import Connection, Host, PeerInfo
 from lattice.transport.multiaddr import Multiaddr, MultiaddrError
@@ -76,6 +76,14 @@ async def read_delimited(stream: YamuxStream, max_size: int) -> bytes | None:
     """One uvarint-length-prefixed message, or None at a clean end of stream."""
     peek = getattr(stream, "first_chunk", None)
     chunk = peek() if peek is not None else None
+    if chunk is None and hasattr(stream, "wait_data"):  # not here yet: wait, then take it whole
+        try:
+            await stream.wait_data()
+        except StreamError:
+            if not stream.remote_closed or stream._buf_len:
+                raise
+            return None  # a clean end of stream
+        chunk = peek()
     if chunk is not None:  # the usual case: the prefix is buffered already, no byte-wise reads
         try:
             length, used = _proto.decode_uvarint(chunk)
