@@ -24,7 +24,7 @@ import trio
 
 from lattice import _proto
 from lattice.dht import protocol, records
-from lattice.dht.keys import key_id, peer_key
+from lattice.dht.keys import bucket_index, key_id, peer_key
 from lattice.dht.lookup import Lookup
 from lattice.dht.records import Record, RecordError
 from lattice.dht.routing import RoutingTable
@@ -58,6 +58,7 @@ class DHTConfig:
     refresh_interval: float = 600.0
     republish_interval: float = 3600.0
     persist: bool = True
+    optimistic_store: bool = True  # PUT_VALUE to the table's k closest while the lookup runs
 
 
 @dataclass
@@ -329,36 +330,72 @@ class DHT:
         return await self._replicate(record)
 
     async def _replicate(self, record: Record) -> int:
-        stored = 0
-        t0 = trio.current_time()
-        look = await self._lookup(record.key, protocol.FIND_NODE, beta=self.config.beta)
-        t1 = trio.current_time()
-        closest = look.closest_known(self.config.k)
-        me_key = peer_key(self.node.host.peer_id)
+        """Store ``record`` on the k closest peers; returns how many of them (and this node) took it.
+
+        Optimistic store: if the routing table holds every peer it was told of near the key (no
+        bucket that could hold a closer peer is full: a small network), PUT_VALUE goes to the
+        table's k closest at once, while the lookup runs; after the lookup only the peers of the
+        final k closest not yet sent to get it. The count is honest either way: replicas that
+        acknowledged *and* are among the lookup's k closest. In a large network the table's k
+        closest are not the final ones, so the store waits for the lookup as before.
+        """
+        k = self.config.k
         target = key_id(record.key)
-        far = max((peer_key(p) ^ target for p in closest), default=0)
-        if len(closest) < self.config.k or me_key ^ target <= far:  # we are among the k closest
-            stored += self.store.put(record, defer=True)
-            self._dirty.set()
+        assert self.table is not None
         message = protocol.Message(protocol.PUT_VALUE, record.key, record.key, record.encode())
         encoded = protocol.encode(message)
         body = _proto.encode_uvarint(len(encoded)) + encoded  # the same bytes for every replica
+        acked: set[PeerId] = set()
+        sent: set[PeerId] = set()
 
         async def put_one(peer: PeerId) -> None:
-            nonlocal stored
             try:
                 reply = await self._request(peer, message, body)
-                stored += reply.record_value == message.record_value
+                if reply.record_value == message.record_value:
+                    acked.add(peer)
             except (LatticeError, trio.TooSlowError, OSError):
                 self.stats["failed_requests"] += 1
 
+        t0 = trio.current_time()
         async with trio.open_nursery() as nursery:
-            for peer in closest:
-                nursery.start_soon(put_one, peer)
+
+            def send(peers: list[PeerId]) -> int:
+                new = [p for p in peers if p not in sent]
+                for peer in new:
+                    sent.add(peer)
+                    nursery.start_soon(put_one, peer)
+                return len(new)
+
+            early = self._optimistic_targets(target) if self.config.optimistic_store else []
+            send(early)
+            look = await self._lookup(record.key, protocol.FIND_NODE, beta=self.config.beta)
+            t1 = trio.current_time()
+            closest = look.closest_known(k)
+            late = send(closest)
+        final = set(closest)
+        stored = len(acked & final)
+        me_key = peer_key(self.node.host.peer_id)
+        far = max((peer_key(p) ^ target for p in closest), default=0)
+        if len(closest) < k or me_key ^ target <= far:  # we are among the k closest
+            stored += self.store.put(record, defer=True)
+            self._dirty.set()
         self._timing("put_lookup_ms", (t1 - t0) * 1000)
-        self._timing("put_store_ms", (trio.current_time() - t1) * 1000)
+        self._timing("put_store_ms", (trio.current_time() - t1) * 1000)  # after the lookup
         self._timing("put_lookup_queries", look.queries)
+        self._timing("put_sent_early", len(early))
+        self._timing("put_sent_late", late)
+        self._timing("put_early_unneeded", len(set(early) - final))
         return stored
+
+    def _optimistic_targets(self, target: int) -> list[PeerId]:
+        """The table's k closest to ``target`` if the table cannot be missing a closer peer, else []."""
+        assert self.table is not None
+        candidates = self.table.closest(target, self.config.k)
+        if not candidates:
+            return []
+        me = self.table.local_key
+        reach = max(bucket_index(me, target), *(bucket_index(me, c.key) for c in candidates))
+        return [c.peer for c in candidates] if self.table.complete_up_to(reach) else []
 
     def _timing(self, name: str, value: float) -> None:
         """Exponentially weighted average of a phase's duration (shown by `lattice-node dht status`)."""
@@ -506,10 +543,13 @@ class DHT:
             dialable(info.addrs if info else [])
             or ([conn.remote_addr] if conn is not None and conn.direction == "outbound" else []),
         )
-        # one scope for the stream, its deadline moved per request (cheaper than a scope per request)
+        # one scope for the stream (cheaper than a scope per request); its deadline is moved only when
+        # less than half of it is left, so an idle stream is closed after 30-60 s
         with trio.CancelScope() as idle:
             for _ in range(MAX_REQUESTS_PER_STREAM):
-                idle.deadline = trio.current_time() + IDLE_STREAM_TIMEOUT
+                now = trio.current_time()
+                if idle.deadline - now < IDLE_STREAM_TIMEOUT / 2:
+                    idle.deadline = now + IDLE_STREAM_TIMEOUT
                 raw = await read_delimited(stream, protocol.MAX_MESSAGE)
                 if raw is None:
                     return
@@ -527,6 +567,9 @@ class DHT:
                     return
                 reply = self._answer(request, peer)
                 if reply is None:
+                    continue
+                if reply is request:  # a stored PUT_VALUE: echo the request's bytes (as go-libp2p does)
+                    await stream.write(_proto.encode_uvarint(len(raw)) + raw)
                     continue
                 body = protocol.encode(reply)
                 await stream.write(_proto.encode_uvarint(len(body)) + body)
@@ -589,7 +632,7 @@ class DHT:
                 stored = False
             if not stored:
                 return protocol.Message(protocol.PUT_VALUE, key)
-            return protocol.Message(protocol.PUT_VALUE, key, key, req.record_value)
+            return req  # the reply to a stored record is the request itself (libp2p)
         if req.type == protocol.ADD_PROVIDER:
             for entry in req.providers:
                 if entry.peer == requester:  # a peer may only announce itself
