@@ -1,0 +1,125 @@
+"""The optimistic store on real nodes over loopback: PUT_VALUE goes to the routing table's k closest
+while the lookup runs, and the count a put returns stays honest (acks from the final k closest only)."""
+
+from __future__ import annotations
+
+import time
+from contextlib import AsyncExitStack
+
+import pytest
+import trio
+
+from lattice import Node, NodeConfig
+from lattice.dht import records
+from lattice.dht.keys import key_id, peer_key
+from lattice.dht.routing import RoutingTable
+from lattice.identity import KeyPair
+
+
+async def _swarm(tmp_path, nursery, count: int, k: int) -> list[Node]:
+    """``count`` nodes with replication factor ``k``, joined through the first; tables filled."""
+    nodes: list[Node] = []
+    ready = trio.Event()
+
+    async def run() -> None:
+        async with AsyncExitStack() as stack:
+            for i in range(count):
+                boot = [nodes[0].addrs[0]] if nodes else []
+                cfg = NodeConfig(listen=["/ip4/127.0.0.1/tcp/0"], data_dir=tmp_path / f"n{i}", control=False,
+                                 bootstrap=boot)  # fmt: skip
+                node = Node(cfg)
+                node.dht.config.k = k
+                nodes.append(await stack.enter_async_context(node))
+            with trio.fail_after(10):
+                while any(len(n.dht.table) < min(count - 1, k) for n in nodes):
+                    await trio.sleep(0.05)
+            ready.set()
+            await trio.sleep_forever()
+
+    nursery.start_soon(run)
+    await ready.wait()
+    return nodes
+
+
+def _distance(node: Node, key: bytes) -> int:
+    return peer_key(node.peer_id) ^ key_id(key)
+
+
+async def test_small_swarm_stores_optimistically_and_counts_every_replica(tmp_path, nursery):
+    nodes = await _swarm(tmp_path, nursery, 6, k=20)
+    putter = nodes[2]
+    assert await putter.dht.put("opt/1", b"v", ttl=600) == 6  # fewer nodes than k: all of them
+    assert putter.dht.stats["put_sent_early"] == 5 and putter.dht.stats["put_sent_late"] == 0
+    assert all([e.value for e in n.dht.store.get(b"opt/1")] == [b"v"] for n in nodes)
+
+
+async def test_optimistic_sends_outside_the_final_k_closest_are_not_counted(tmp_path, nursery, monkeypatch):
+    """The putter's table lacks the two peers closest to the key (it never heard of them): the early
+    PUT_VALUE goes to the wrong peers, the lookup finds the right ones, and only acks from the final k
+    closest count."""
+    k = 3
+    nodes = await _swarm(tmp_path, nursery, 6, k=k)
+    putter, others = nodes[0], nodes[1:]
+    for i in range(500):  # a key for which the table, without its 2 closest peers, looks complete
+        key = f"far/{i}".encode()
+        ranked = sorted(others, key=lambda n, key=key: _distance(n, key))
+        hidden = ranked[:2]
+        table = RoutingTable(putter.peer_id, k)
+        for c in putter.dht.table.contacts():
+            if c.peer not in {h.peer_id for h in hidden}:
+                table.add(c.peer, c.addrs)
+        saved, putter.dht.table = putter.dht.table, table
+        early = putter.dht._optimistic_targets(key_id(key))
+        putter.dht.table = saved
+        if set(early) - {n.peer_id for n in ranked[:k]}:  # some early sends will be unneeded
+            break
+    else:
+        pytest.skip("no key found for which the reduced table looks complete")  # 500 tries: not seen
+    hidden_ids = {h.peer_id for h in hidden}
+    admitted = putter.dht._admitted  # the table takes no hidden peer back before the put (traffic)
+    monkeypatch.setattr(putter.dht, "_admitted", lambda peer: peer not in hidden_ids and admitted(peer))
+    putter.dht.table = table  # the lookup learns the hidden peers from the others' answers
+    final = ranked[:k]
+    expected = k + (_distance(putter, key) <= _distance(final[-1], key))  # plus itself if among them
+    assert await putter.dht.put(key, b"v", ttl=600) == expected
+    stats = putter.dht.stats
+    assert stats["put_sent_early"] == len(early) and stats["put_sent_late"] == 2  # the 2 hidden peers
+    assert stats["put_early_unneeded"] == len([p for p in early if p not in {n.peer_id for n in final}]) > 0
+    holders = {n.peer_id for n in others if n.dht.store.get(key)}
+    assert {n.peer_id for n in final} <= holders and set(early) <= holders  # sent: stored, not counted
+
+
+async def test_records_the_replicas_refuse_count_zero(tmp_path, nursery):
+    nodes = await _swarm(tmp_path, nursery, 5, k=20)
+    putter = nodes[1]
+    keypair = putter.host.keypair
+    now = time.time()
+    older = records.create(keypair, b"slot", b"old", now + 600, now=now - 10)
+    newer = records.create(keypair, b"slot", b"new", now + 600, now=now - 5)
+    assert await putter.dht._replicate(newer) == 5
+    assert await putter.dht._replicate(older) == 0  # every replica (and the putter) keeps the newer one
+    assert all([e.value for e in n.dht.store.get(b"slot")] == [b"new"] for n in nodes)
+
+
+def test_complete_up_to_turns_false_once_a_bucket_fills():
+    local = KeyPair.generate().peer_id
+    table = RoutingTable(local, k=2)
+    assert table.complete_up_to(255)
+    by_bucket: dict[int, list] = {}
+    while not any(len(v) >= 3 for v in by_bucket.values()):
+        peer = KeyPair.generate().peer_id
+        index = (table.local_key ^ peer_key(peer)).bit_length() - 1
+        by_bucket.setdefault(index, []).append(peer)
+    index, peers = next((i, v) for i, v in by_bucket.items() if len(v) >= 3)
+    table.add(peers[0])
+    assert table.complete_up_to(255)
+    table.add(peers[1])  # the bucket is full: a third peer there would be turned away
+    assert not table.complete_up_to(index) and table.complete_up_to(index - 1)
+    assert table.add(peers[2]) is not None and not table.complete_up_to(255)
+    table.remove(peers[0])
+    assert table.complete_up_to(255)
+    table.add(peers[0])
+    assert not table.complete_up_to(255)
+    for _ in range(3):  # three failures in a row drop a contact: the bucket has room again
+        table.failed(peers[1])
+    assert peers[1] not in table and table.complete_up_to(255)
