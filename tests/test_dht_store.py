@@ -10,7 +10,7 @@ import pytest
 import trio
 
 from lattice import Node, NodeConfig
-from lattice.dht import records
+from lattice.dht import protocol, records
 from lattice.dht.keys import key_id, peer_key
 from lattice.dht.routing import RoutingTable
 from lattice.identity import KeyPair
@@ -41,16 +41,49 @@ async def _swarm(tmp_path, nursery, count: int, k: int) -> list[Node]:
     return nodes
 
 
+def _record_requests(nodes: list[Node], monkeypatch, like_go: bool = False) -> list[tuple[int, bytes]]:
+    """(type, key) of every request the nodes answer from now on; ``like_go``: they ignore WANT_CLOSER
+    (field 100 is unknown to go-libp2p-kad-dht, which echoes a PUT_VALUE without peers)."""
+    seen: list[tuple[int, bytes]] = []
+    for node in nodes:
+
+        def answer(req, requester, original=node.dht._answer):
+            seen.append((req.type, req.key))
+            if like_go:
+                req.want_closer = False
+            return original(req, requester)
+
+        monkeypatch.setattr(node.dht, "_answer", answer)
+    return seen
+
+
 def _distance(node: Node, key: bytes) -> int:
     return peer_key(node.peer_id) ^ key_id(key)
 
 
-async def test_small_swarm_stores_optimistically_and_counts_every_replica(tmp_path, nursery):
+async def test_small_swarm_stores_optimistically_and_counts_every_replica(tmp_path, nursery, monkeypatch):
     nodes = await _swarm(tmp_path, nursery, 6, k=20)
     putter = nodes[2]
+    seen = _record_requests([n for n in nodes if n is not putter], monkeypatch)
     assert await putter.dht.put("opt/1", b"v", ttl=600) == 6  # fewer nodes than k: all of them
-    assert putter.dht.stats["put_sent_early"] == 5 and putter.dht.stats["put_sent_late"] == 0
+    assert sorted(t for t, key in seen if key == b"opt/1") == [protocol.PUT_VALUE] * 5  # no FIND_NODE
+    stats = putter.dht.stats
+    assert stats["put_sent_early"] == 5 and stats["put_sent_late"] == 0
+    # the lookup's 3 first queries were answered by the PUT_VALUE replies of those peers (WANT_CLOSER)
+    assert stats["put_lookup_queries"] == 3 and stats["put_queries_answered_by_put"] == 3
     assert all([e.value for e in n.dht.store.get(b"opt/1")] == [b"v"] for n in nodes)
+
+
+async def test_peers_without_the_want_closer_extension_get_a_find_node(tmp_path, nursery, monkeypatch):
+    """A go/rust peer ignores WANT_CLOSER and echoes the PUT_VALUE without peers: the lookup then sends
+    that peer an ordinary FIND_NODE, and the put's count is the same."""
+    nodes = await _swarm(tmp_path, nursery, 6, k=20)
+    putter, others = nodes[0], nodes[1:]
+    seen = _record_requests(others, monkeypatch, like_go=True)
+    assert await putter.dht.put("opt/go", b"v", ttl=600) == 6
+    assert putter.dht.stats["put_queries_answered_by_put"] == 0
+    mine = [t for t, key in seen if key == b"opt/go"]
+    assert mine.count(protocol.PUT_VALUE) == 5 and mine.count(protocol.FIND_NODE) == 3
 
 
 async def test_optimistic_sends_outside_the_final_k_closest_are_not_counted(tmp_path, nursery, monkeypatch):

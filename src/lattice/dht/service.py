@@ -16,7 +16,7 @@ import logging
 import os
 import sqlite3
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
@@ -74,6 +74,14 @@ class Entry:
 
     def as_dict(self) -> dict:
         return self.__dict__.copy()
+
+
+@dataclass
+class _Answer:
+    """A reply requested ahead of a lookup (see ``DHT._lookup``): set when its request ended."""
+
+    done: trio.Event = field(default_factory=trio.Event)
+    reply: protocol.Message | None = None
 
 
 def _entry(record: Record) -> Entry:
@@ -257,15 +265,26 @@ class DHT:
         slot[0] += 1
         slot[1] += seconds
 
-    async def _lookup(self, key: bytes, mtype: int, on_reply: Any = None, beta: int | None = None) -> Lookup:
-        """Iterative lookup; ``on_reply(peer, reply)`` may return True to stop early."""
+    async def _lookup(
+        self,
+        key: bytes,
+        mtype: int,
+        on_reply: Any = None,
+        beta: int | None = None,
+        answers: dict[PeerId, _Answer] | None = None,
+    ) -> Lookup:
+        """Iterative lookup; ``on_reply(peer, reply)`` may return True to stop early. ``answers``: replies
+        already requested from some peers (a store's PUT_VALUE asking for closer peers) that stand in
+        for the query to them; one without peers (e.g. from a go/rust peer) falls back to a query."""
         t0 = trio.current_time()
         try:
-            return await self._lookup_inner(key, mtype, on_reply, beta)
+            return await self._lookup_inner(key, mtype, on_reply, beta, answers or {})
         finally:
             self._observe(_OP_NAMES.get(mtype, "lookup"), trio.current_time() - t0)
 
-    async def _lookup_inner(self, key: bytes, mtype: int, on_reply: Any, beta: int | None) -> Lookup:
+    async def _lookup_inner(
+        self, key: bytes, mtype: int, on_reply: Any, beta: int | None, answers: dict[PeerId, _Answer]
+    ) -> Lookup:
         assert self.table is not None
         target = key_id(key)
         me = self.node.host.peer_id
@@ -274,8 +293,16 @@ class DHT:
         send, receive = trio.open_memory_channel[tuple[PeerId, protocol.Message | None]](1024)
 
         async def query(peer: PeerId) -> None:
+            reply: protocol.Message | None = None
             try:
-                reply: protocol.Message | None = await self._request(peer, protocol.Message(mtype, key))
+                answer = answers.get(peer)
+                if answer is not None:
+                    await answer.done.wait()  # bounded: its request has the request timeout
+                    reply = answer.reply
+                    if reply is None:
+                        raise TransportError("the PUT_VALUE to this peer failed")
+                if reply is None or not reply.closer:
+                    reply = await self._request(peer, protocol.Message(mtype, key))
             except (LatticeError, trio.TooSlowError, OSError) as exc:
                 log.debug("DHT request to %s failed: %s", peer, exc)
                 reply = None
@@ -343,18 +370,32 @@ class DHT:
         target = key_id(record.key)
         assert self.table is not None
         message = protocol.Message(protocol.PUT_VALUE, record.key, record.key, record.encode())
-        encoded = protocol.encode(message)
-        body = _proto.encode_uvarint(len(encoded)) + encoded  # the same bytes for every replica
+        early = self._optimistic_targets(target) if self.config.optimistic_store else []
+        # the lookup's first queries go to the table's alpha closest: their PUT_VALUE replies carry
+        # the closer peers (WANT_CLOSER) and answer those queries
+        answers = {peer: _Answer() for peer in early[: self.config.alpha]}
+        asking = protocol.Message(**{**message.__dict__, "want_closer": True})
+        bodies = {}
+        for m in (message, asking) if answers else (message,):
+            encoded = protocol.encode(m)
+            bodies[m.want_closer] = _proto.encode_uvarint(len(encoded)) + encoded  # encoded once
         acked: set[PeerId] = set()
         sent: set[PeerId] = set()
 
         async def put_one(peer: PeerId) -> None:
+            answer = answers.get(peer)
             try:
-                reply = await self._request(peer, message, body)
+                sending = message if answer is None else asking
+                reply = await self._request(peer, sending, bodies[sending.want_closer])
                 if reply.record_value == message.record_value:
                     acked.add(peer)
+                if answer is not None:
+                    answer.reply = reply
             except (LatticeError, trio.TooSlowError, OSError):
                 self.stats["failed_requests"] += 1
+            finally:
+                if answer is not None:
+                    answer.done.set()
 
         t0 = trio.current_time()
         async with trio.open_nursery() as nursery:
@@ -366,9 +407,8 @@ class DHT:
                     nursery.start_soon(put_one, peer)
                 return len(new)
 
-            early = self._optimistic_targets(target) if self.config.optimistic_store else []
             send(early)
-            look = await self._lookup(record.key, protocol.FIND_NODE, beta=self.config.beta)
+            look = await self._lookup(record.key, protocol.FIND_NODE, beta=self.config.beta, answers=answers)
             t1 = trio.current_time()
             closest = look.closest_known(k)
             late = send(closest)
@@ -385,6 +425,9 @@ class DHT:
         self._timing("put_sent_early", len(early))
         self._timing("put_sent_late", late)
         self._timing("put_early_unneeded", len(set(early) - final))
+        self._timing(
+            "put_queries_answered_by_put", sum(bool(a.reply and a.reply.closer) for a in answers.values())
+        )
         return stored
 
     def _optimistic_targets(self, target: int) -> list[PeerId]:
@@ -630,9 +673,12 @@ class DHT:
                 self.stats["rejected_records"] += 1
                 log.debug("rejected record from %s: %s", requester, exc)
                 stored = False
+            closer = self._find_node(key, requester) if req.want_closer else []
             if not stored:
-                return protocol.Message(protocol.PUT_VALUE, key)
-            return req  # the reply to a stored record is the request itself (libp2p)
+                return protocol.Message(protocol.PUT_VALUE, key, closer=closer)
+            if not closer:
+                return req  # the reply to a stored record is the request itself (libp2p)
+            return protocol.Message(protocol.PUT_VALUE, key, key, req.record_value, closer=closer)
         if req.type == protocol.ADD_PROVIDER:
             for entry in req.providers:
                 if entry.peer == requester:  # a peer may only announce itself
