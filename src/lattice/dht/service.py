@@ -220,17 +220,19 @@ class DHT:
 
     # -- requests to other peers
     async def _request(
-        self, peer: PeerId, message: protocol.Message, body: bytes | None = None
+        self, peer: PeerId, message: protocol.Message, body: bytes | None = None, echo: bytes | None = None
     ) -> protocol.Message:
-        """One request and its reply; ``body`` is ``message`` already encoded (a fan-out encodes once)."""
+        """One request and its reply; ``body`` is ``message`` already encoded and length-prefixed (a
+        fan-out encodes once). ``echo``: ``message`` encoded; a reply of exactly these bytes is
+        ``message`` itself (a replica echoing a stored PUT_VALUE), so it is not decoded again."""
         t0 = trio.current_time()
         try:
-            return await self._request_inner(peer, message, body)
+            return await self._request_inner(peer, message, body, echo)
         finally:
             self._observe("request", trio.current_time() - t0)
 
     async def _request_inner(
-        self, peer: PeerId, message: protocol.Message, body: bytes | None
+        self, peer: PeerId, message: protocol.Message, body: bytes | None, echo: bytes | None
     ) -> protocol.Message:
         host = self.node.host
         self.stats["requests_out"] += 1
@@ -248,7 +250,7 @@ class DHT:
                 raw = await read_delimited(stream, protocol.MAX_MESSAGE)
                 if raw is None:
                     raise TransportError("peer closed the DHT stream")
-                reply = protocol.decode(raw)
+                reply = message if raw == echo else protocol.decode(raw)
             except BaseException:
                 await stream.reset()
                 raise
@@ -375,10 +377,11 @@ class DHT:
         # the closer peers (WANT_CLOSER) and answer those queries
         answers = {peer: _Answer() for peer in early[: self.config.alpha]}
         asking = protocol.Message(**{**message.__dict__, "want_closer": True})
-        bodies = {}
-        for m in (message, asking) if answers else (message,):
-            encoded = protocol.encode(m)
-            bodies[m.want_closer] = _proto.encode_uvarint(len(encoded)) + encoded  # encoded once
+        encoded = protocol.encode(message)  # once for every replica
+        bodies = {False: _proto.encode_uvarint(len(encoded)) + encoded}
+        if answers:
+            raw = protocol.encode(asking)
+            bodies[True] = _proto.encode_uvarint(len(raw)) + raw
         acked: set[PeerId] = set()
         sent: set[PeerId] = set()
 
@@ -386,7 +389,7 @@ class DHT:
             answer = answers.get(peer)
             try:
                 sending = message if answer is None else asking
-                reply = await self._request(peer, sending, bodies[sending.want_closer])
+                reply = await self._request(peer, sending, bodies[sending.want_closer], encoded)
                 if reply.record_value == message.record_value:
                     acked.add(peer)
                 if answer is not None:
