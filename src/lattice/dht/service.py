@@ -414,14 +414,15 @@ class DHT:
             look = await self._lookup(record.key, protocol.FIND_NODE, beta=self.config.beta, answers=answers)
             t1 = trio.current_time()
             closest = look.closest_known(k)
+            me_key = peer_key(self.node.host.peer_id)
+            far = max((peer_key(p) ^ target for p in closest), default=0)
+            stored = 0
+            if len(closest) < k or me_key ^ target <= far:  # we are among the k closest
+                stored += self.store.put(record, defer=True)  # (a full store raises, as before)
+                self._dirty.set()
             late = send(closest)
         final = set(closest)
-        stored = len(acked & final)
-        me_key = peer_key(self.node.host.peer_id)
-        far = max((peer_key(p) ^ target for p in closest), default=0)
-        if len(closest) < k or me_key ^ target <= far:  # we are among the k closest
-            stored += self.store.put(record, defer=True)
-            self._dirty.set()
+        stored += len(acked & final)
         self._timing("put_lookup_ms", (t1 - t0) * 1000)
         self._timing("put_store_ms", (trio.current_time() - t1) * 1000)  # after the lookup
         self._timing("put_lookup_queries", look.queries)
