@@ -14,6 +14,10 @@ from lattice.identity import PeerId
 from lattice.transport.multiaddr import Multiaddr, MultiaddrError
 
 PUT_VALUE, GET_VALUE, ADD_PROVIDER, GET_PROVIDERS, FIND_NODE, PING = range(6)
+# Lattice extension (a field libp2p does not define, so go/rust peers skip it and echo PUT_VALUE
+# without peers): a PUT_VALUE asking the replica to list its closest peers to the key in the reply,
+# which then also answers the store's lookup query to that peer (one round trip instead of two).
+WANT_CLOSER = 100
 MAX_MESSAGE = 256 * 1024
 MAX_PEERS = 40
 MAX_ADDRS = 16
@@ -34,6 +38,7 @@ class Message:
     record_value: bytes | None = None
     closer: list[PeerEntry] = field(default_factory=list)
     providers: list[PeerEntry] = field(default_factory=list)
+    want_closer: bool = False  # PUT_VALUE only: list closer peers in the reply (WANT_CLOSER)
 
 
 _ENTRY_CACHE: dict[bytes, PeerEntry] = {}  # replies repeat the same peers: decode each once
@@ -99,6 +104,8 @@ def encode(message: Message) -> bytes:
         fields.append((3, rec))
     fields += [(8, _encode_peer(p)) for p in message.closer[:MAX_PEERS]]
     fields += [(9, _encode_peer(p)) for p in message.providers[:MAX_PEERS]]
+    if message.want_closer:
+        fields.append((WANT_CLOSER, 1))
     return _proto.encode(fields)
 
 
@@ -111,6 +118,7 @@ def decode(data: bytes) -> Message:
         if mtype not in range(6):
             raise PayloadError(f"unknown DHT message type {mtype}")
         message = Message(mtype, _proto.one_bytes(fields, 2) or b"")
+        message.want_closer = mtype == PUT_VALUE and bool(_proto.one_int(fields, WANT_CLOSER, 0))
         rec = _proto.one_bytes(fields, 3)
         if rec is not None:
             rf = _proto.decode(rec, max_fields=16)

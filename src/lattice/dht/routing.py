@@ -33,6 +33,7 @@ class RoutingTable:
         # every contact, flat: closest() runs on every lookup and FIND_NODE answer, and walking 256
         # mostly empty buckets cost more than ranking the contacts (measured: bench/cpu_per_op.py)
         self._all: dict[PeerId, Contact] = {}
+        self._full: set[int] = set()  # indexes of full buckets (where add turns new peers away)
 
     def __len__(self) -> int:
         return len(self._all)
@@ -59,11 +60,20 @@ class RoutingTable:
         if len(bucket) >= self.k:
             return next(iter(bucket.values()))
         bucket[peer] = self._all[peer] = Contact(peer, list(addrs or []), key, now)
+        if len(bucket) >= self.k:
+            self._full.add(bucket_index(self.local_key, key))
         return None
 
     def remove(self, peer: PeerId) -> None:
-        self.buckets[bucket_index(self.local_key, peer_key(peer))].pop(peer, None)
+        index = bucket_index(self.local_key, peer_key(peer))
+        self.buckets[index].pop(peer, None)
         self._all.pop(peer, None)
+        self._full.discard(index)
+
+    def complete_up_to(self, index: int) -> bool:
+        """No bucket up to ``index`` is full, so none of them ever turned a peer away: the table holds
+        every peer it was told of at these distances (in a small network, all of them)."""
+        return min(self._full, default=len(self.buckets)) > index
 
     def failed(self, peer: PeerId, max_failures: int = 3) -> None:
         """Count a failed request; drop the contact after ``max_failures`` in a row."""
@@ -72,8 +82,7 @@ class RoutingTable:
         if contact is not None:
             contact.failures += 1
             if contact.failures >= max_failures:
-                del bucket[peer]
-                self._all.pop(peer, None)
+                self.remove(peer)
 
     def get(self, peer: PeerId) -> Contact | None:
         return self._all.get(peer)

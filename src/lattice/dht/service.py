@@ -16,7 +16,7 @@ import logging
 import os
 import sqlite3
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
@@ -24,7 +24,7 @@ import trio
 
 from lattice import _proto
 from lattice.dht import protocol, records
-from lattice.dht.keys import key_id, peer_key
+from lattice.dht.keys import bucket_index, key_id, peer_key
 from lattice.dht.lookup import Lookup
 from lattice.dht.records import Record, RecordError
 from lattice.dht.routing import RoutingTable
@@ -58,6 +58,7 @@ class DHTConfig:
     refresh_interval: float = 600.0
     republish_interval: float = 3600.0
     persist: bool = True
+    optimistic_store: bool = True  # PUT_VALUE to the table's k closest while the lookup runs
 
 
 @dataclass
@@ -73,6 +74,14 @@ class Entry:
 
     def as_dict(self) -> dict:
         return self.__dict__.copy()
+
+
+@dataclass
+class _Answer:
+    """A reply requested ahead of a lookup (see ``DHT._lookup``): set when its request ended."""
+
+    done: trio.Event = field(default_factory=trio.Event)
+    reply: protocol.Message | None = None
 
 
 def _entry(record: Record) -> Entry:
@@ -211,17 +220,19 @@ class DHT:
 
     # -- requests to other peers
     async def _request(
-        self, peer: PeerId, message: protocol.Message, body: bytes | None = None
+        self, peer: PeerId, message: protocol.Message, body: bytes | None = None, echo: bytes | None = None
     ) -> protocol.Message:
-        """One request and its reply; ``body`` is ``message`` already encoded (a fan-out encodes once)."""
+        """One request and its reply; ``body`` is ``message`` already encoded and length-prefixed (a
+        fan-out encodes once). ``echo``: ``message`` encoded; a reply of exactly these bytes is
+        ``message`` itself (a replica echoing a stored PUT_VALUE), so it is not decoded again."""
         t0 = trio.current_time()
         try:
-            return await self._request_inner(peer, message, body)
+            return await self._request_inner(peer, message, body, echo)
         finally:
             self._observe("request", trio.current_time() - t0)
 
     async def _request_inner(
-        self, peer: PeerId, message: protocol.Message, body: bytes | None
+        self, peer: PeerId, message: protocol.Message, body: bytes | None, echo: bytes | None
     ) -> protocol.Message:
         host = self.node.host
         self.stats["requests_out"] += 1
@@ -239,7 +250,7 @@ class DHT:
                 raw = await read_delimited(stream, protocol.MAX_MESSAGE)
                 if raw is None:
                     raise TransportError("peer closed the DHT stream")
-                reply = protocol.decode(raw)
+                reply = message if raw == echo else protocol.decode(raw)
             except BaseException:
                 await stream.reset()
                 raise
@@ -256,15 +267,26 @@ class DHT:
         slot[0] += 1
         slot[1] += seconds
 
-    async def _lookup(self, key: bytes, mtype: int, on_reply: Any = None, beta: int | None = None) -> Lookup:
-        """Iterative lookup; ``on_reply(peer, reply)`` may return True to stop early."""
+    async def _lookup(
+        self,
+        key: bytes,
+        mtype: int,
+        on_reply: Any = None,
+        beta: int | None = None,
+        answers: dict[PeerId, _Answer] | None = None,
+    ) -> Lookup:
+        """Iterative lookup; ``on_reply(peer, reply)`` may return True to stop early. ``answers``: replies
+        already requested from some peers (a store's PUT_VALUE asking for closer peers) that stand in
+        for the query to them; one without peers (e.g. from a go/rust peer) falls back to a query."""
         t0 = trio.current_time()
         try:
-            return await self._lookup_inner(key, mtype, on_reply, beta)
+            return await self._lookup_inner(key, mtype, on_reply, beta, answers or {})
         finally:
             self._observe(_OP_NAMES.get(mtype, "lookup"), trio.current_time() - t0)
 
-    async def _lookup_inner(self, key: bytes, mtype: int, on_reply: Any, beta: int | None) -> Lookup:
+    async def _lookup_inner(
+        self, key: bytes, mtype: int, on_reply: Any, beta: int | None, answers: dict[PeerId, _Answer]
+    ) -> Lookup:
         assert self.table is not None
         target = key_id(key)
         me = self.node.host.peer_id
@@ -273,8 +295,16 @@ class DHT:
         send, receive = trio.open_memory_channel[tuple[PeerId, protocol.Message | None]](1024)
 
         async def query(peer: PeerId) -> None:
+            reply: protocol.Message | None = None
             try:
-                reply: protocol.Message | None = await self._request(peer, protocol.Message(mtype, key))
+                answer = answers.get(peer)
+                if answer is not None:
+                    await answer.done.wait()  # bounded: its request has the request timeout
+                    reply = answer.reply
+                    if reply is None:
+                        raise TransportError("the PUT_VALUE to this peer failed")
+                if reply is None or not reply.closer:
+                    reply = await self._request(peer, protocol.Message(mtype, key))
             except (LatticeError, trio.TooSlowError, OSError) as exc:
                 log.debug("DHT request to %s failed: %s", peer, exc)
                 reply = None
@@ -329,36 +359,90 @@ class DHT:
         return await self._replicate(record)
 
     async def _replicate(self, record: Record) -> int:
-        stored = 0
-        t0 = trio.current_time()
-        look = await self._lookup(record.key, protocol.FIND_NODE, beta=self.config.beta)
-        t1 = trio.current_time()
-        closest = look.closest_known(self.config.k)
-        me_key = peer_key(self.node.host.peer_id)
+        """Store ``record`` on the k closest peers; returns how many of them (and this node) took it.
+
+        Optimistic store: if the routing table holds every peer it was told of near the key (no
+        bucket that could hold a closer peer is full: a small network), PUT_VALUE goes to the
+        table's k closest at once, while the lookup runs; after the lookup only the peers of the
+        final k closest not yet sent to get it. The count is honest either way: replicas that
+        acknowledged *and* are among the lookup's k closest. In a large network the table's k
+        closest are not the final ones, so the store waits for the lookup as before.
+        """
+        k = self.config.k
         target = key_id(record.key)
-        far = max((peer_key(p) ^ target for p in closest), default=0)
-        if len(closest) < self.config.k or me_key ^ target <= far:  # we are among the k closest
-            stored += self.store.put(record, defer=True)
-            self._dirty.set()
+        assert self.table is not None
         message = protocol.Message(protocol.PUT_VALUE, record.key, record.key, record.encode())
-        encoded = protocol.encode(message)
-        body = _proto.encode_uvarint(len(encoded)) + encoded  # the same bytes for every replica
+        early = self._optimistic_targets(target) if self.config.optimistic_store else []
+        # the lookup's first queries go to the table's alpha closest: their PUT_VALUE replies carry
+        # the closer peers (WANT_CLOSER) and answer those queries
+        answers = {peer: _Answer() for peer in early[: self.config.alpha]}
+        asking = protocol.Message(**{**message.__dict__, "want_closer": True})
+        encoded = protocol.encode(message)  # once for every replica
+        bodies = {False: _proto.encode_uvarint(len(encoded)) + encoded}
+        if answers:
+            raw = protocol.encode(asking)
+            bodies[True] = _proto.encode_uvarint(len(raw)) + raw
+        acked: set[PeerId] = set()
+        sent: set[PeerId] = set()
 
         async def put_one(peer: PeerId) -> None:
-            nonlocal stored
+            answer = answers.get(peer)
             try:
-                reply = await self._request(peer, message, body)
-                stored += reply.record_value == message.record_value
+                sending = message if answer is None else asking
+                reply = await self._request(peer, sending, bodies[sending.want_closer], encoded)
+                if reply.record_value == message.record_value:
+                    acked.add(peer)
+                if answer is not None:
+                    answer.reply = reply
             except (LatticeError, trio.TooSlowError, OSError):
                 self.stats["failed_requests"] += 1
+            finally:
+                if answer is not None:
+                    answer.done.set()
 
+        t0 = trio.current_time()
         async with trio.open_nursery() as nursery:
-            for peer in closest:
-                nursery.start_soon(put_one, peer)
+
+            def send(peers: list[PeerId]) -> int:
+                new = [p for p in peers if p not in sent]
+                for peer in new:
+                    sent.add(peer)
+                    nursery.start_soon(put_one, peer)
+                return len(new)
+
+            send(early)
+            look = await self._lookup(record.key, protocol.FIND_NODE, beta=self.config.beta, answers=answers)
+            t1 = trio.current_time()
+            closest = look.closest_known(k)
+            me_key = peer_key(self.node.host.peer_id)
+            far = max((peer_key(p) ^ target for p in closest), default=0)
+            stored = 0
+            if len(closest) < k or me_key ^ target <= far:  # we are among the k closest
+                stored += self.store.put(record, defer=True)  # (a full store raises, as before)
+                self._dirty.set()
+            late = send(closest)
+        final = set(closest)
+        stored += len(acked & final)
         self._timing("put_lookup_ms", (t1 - t0) * 1000)
-        self._timing("put_store_ms", (trio.current_time() - t1) * 1000)
+        self._timing("put_store_ms", (trio.current_time() - t1) * 1000)  # after the lookup
         self._timing("put_lookup_queries", look.queries)
+        self._timing("put_sent_early", len(early))
+        self._timing("put_sent_late", late)
+        self._timing("put_early_unneeded", len(set(early) - final))
+        self._timing(
+            "put_queries_answered_by_put", sum(bool(a.reply and a.reply.closer) for a in answers.values())
+        )
         return stored
+
+    def _optimistic_targets(self, target: int) -> list[PeerId]:
+        """The table's k closest to ``target`` if the table cannot be missing a closer peer, else []."""
+        assert self.table is not None
+        candidates = self.table.closest(target, self.config.k)
+        if not candidates:
+            return []
+        me = self.table.local_key
+        reach = max(bucket_index(me, target), *(bucket_index(me, c.key) for c in candidates))
+        return [c.peer for c in candidates] if self.table.complete_up_to(reach) else []
 
     def _timing(self, name: str, value: float) -> None:
         """Exponentially weighted average of a phase's duration (shown by `lattice-node dht status`)."""
@@ -506,10 +590,13 @@ class DHT:
             dialable(info.addrs if info else [])
             or ([conn.remote_addr] if conn is not None and conn.direction == "outbound" else []),
         )
-        # one scope for the stream, its deadline moved per request (cheaper than a scope per request)
+        # one scope for the stream (cheaper than a scope per request); its deadline is moved only when
+        # less than half of it is left, so an idle stream is closed after 30-60 s
         with trio.CancelScope() as idle:
             for _ in range(MAX_REQUESTS_PER_STREAM):
-                idle.deadline = trio.current_time() + IDLE_STREAM_TIMEOUT
+                now = trio.current_time()
+                if idle.deadline - now < IDLE_STREAM_TIMEOUT / 2:
+                    idle.deadline = now + IDLE_STREAM_TIMEOUT
                 raw = await read_delimited(stream, protocol.MAX_MESSAGE)
                 if raw is None:
                     return
@@ -527,6 +614,9 @@ class DHT:
                     return
                 reply = self._answer(request, peer)
                 if reply is None:
+                    continue
+                if reply is request:  # a stored PUT_VALUE: echo the request's bytes (as go-libp2p does)
+                    await stream.write(_proto.encode_uvarint(len(raw)) + raw)
                     continue
                 body = protocol.encode(reply)
                 await stream.write(_proto.encode_uvarint(len(body)) + body)
@@ -587,9 +677,12 @@ class DHT:
                 self.stats["rejected_records"] += 1
                 log.debug("rejected record from %s: %s", requester, exc)
                 stored = False
+            closer = self._find_node(key, requester) if req.want_closer else []
             if not stored:
-                return protocol.Message(protocol.PUT_VALUE, key)
-            return protocol.Message(protocol.PUT_VALUE, key, key, req.record_value)
+                return protocol.Message(protocol.PUT_VALUE, key, closer=closer)
+            if not closer:
+                return req  # the reply to a stored record is the request itself (libp2p)
+            return protocol.Message(protocol.PUT_VALUE, key, key, req.record_value, closer=closer)
         if req.type == protocol.ADD_PROVIDER:
             for entry in req.providers:
                 if entry.peer == requester:  # a peer may only announce itself
