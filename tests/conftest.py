@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import trio
 
 from lattice.identity import KeyPair
 from lattice.transport import HostConfig, open_host
@@ -45,3 +46,35 @@ def one_torch_thread():
 
 def full_addr(host):
     return host.listen_addrs[0].with_peer(host.peer_id)
+
+
+async def dht_swarm(tmp_path, nursery, count: int = 6, k: int | None = None) -> list:
+    """``count`` nodes (replication factor ``k`` if given) joined through the first, running in
+    ``nursery`` until the test ends; returns once every routing table is filled."""
+    from contextlib import AsyncExitStack
+
+    from lattice import Node, NodeConfig
+
+    nodes: list = []
+    ready = trio.Event()
+    full = min(count - 1, k) if k is not None else count - 1
+
+    async def run() -> None:
+        async with AsyncExitStack() as stack:
+            for i in range(count):
+                boot = [nodes[0].addrs[0]] if nodes else []
+                cfg = NodeConfig(listen=["/ip4/127.0.0.1/tcp/0"], data_dir=tmp_path / f"n{i}", control=False,
+                                 bootstrap=boot)  # fmt: skip
+                node = Node(cfg)
+                if k is not None:
+                    node.dht.config.k = k
+                nodes.append(await stack.enter_async_context(node))
+            with trio.fail_after(10):
+                while any(len(n.dht.table) < full for n in nodes):
+                    await trio.sleep(0.05)
+            ready.set()
+            await trio.sleep_forever()
+
+    nursery.start_soon(run)
+    await ready.wait()
+    return nodes

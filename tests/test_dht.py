@@ -8,6 +8,7 @@ import msgpack
 import pytest
 import trio
 
+from conftest import dht_swarm
 from lattice import Node, NodeConfig, _proto
 from lattice.dht import protocol, records
 from lattice.dht.records import Record, RecordError
@@ -18,30 +19,7 @@ from lattice.identity import KeyPair
 @pytest.fixture
 async def swarm(tmp_path, nursery):
     """Six nodes that joined through the first; their routing tables filled."""
-    nodes: list[Node] = []
-    ready = trio.Event()
-
-    async def run(task_status=trio.TASK_STATUS_IGNORED):
-        from contextlib import AsyncExitStack
-
-        async with AsyncExitStack() as stack:
-            first = await stack.enter_async_context(
-                Node(NodeConfig(listen=["/ip4/127.0.0.1/tcp/0"], data_dir=tmp_path / "n0", control=False))
-            )
-            nodes.append(first)
-            for i in range(1, 6):
-                cfg = NodeConfig(listen=["/ip4/127.0.0.1/tcp/0"], data_dir=tmp_path / f"n{i}", control=False,
-                                 bootstrap=[first.addrs[0]])  # fmt: skip
-                nodes.append(await stack.enter_async_context(Node(cfg)))
-            with trio.fail_after(10):
-                while any(len(n.dht.table) < 5 for n in nodes):
-                    await trio.sleep(0.05)
-            ready.set()
-            await trio.sleep_forever()
-
-    nursery.start_soon(run)
-    await ready.wait()
-    return nodes
+    return await dht_swarm(tmp_path, nursery, 6)
 
 
 async def test_put_get_replicas_and_subkeys(swarm):

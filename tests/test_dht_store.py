@@ -4,12 +4,11 @@ while the lookup runs, and the count a put returns stays honest (acks from the f
 from __future__ import annotations
 
 import time
-from contextlib import AsyncExitStack
 
 import pytest
-import trio
 
-from lattice import Node, NodeConfig
+from conftest import dht_swarm
+from lattice import Node
 from lattice.dht import protocol, records
 from lattice.dht.keys import key_id, peer_key
 from lattice.dht.routing import RoutingTable
@@ -18,27 +17,7 @@ from lattice.identity import KeyPair
 
 async def _swarm(tmp_path, nursery, count: int, k: int) -> list[Node]:
     """``count`` nodes with replication factor ``k``, joined through the first; tables filled."""
-    nodes: list[Node] = []
-    ready = trio.Event()
-
-    async def run() -> None:
-        async with AsyncExitStack() as stack:
-            for i in range(count):
-                boot = [nodes[0].addrs[0]] if nodes else []
-                cfg = NodeConfig(listen=["/ip4/127.0.0.1/tcp/0"], data_dir=tmp_path / f"n{i}", control=False,
-                                 bootstrap=boot)  # fmt: skip
-                node = Node(cfg)
-                node.dht.config.k = k
-                nodes.append(await stack.enter_async_context(node))
-            with trio.fail_after(10):
-                while any(len(n.dht.table) < min(count - 1, k) for n in nodes):
-                    await trio.sleep(0.05)
-            ready.set()
-            await trio.sleep_forever()
-
-    nursery.start_soon(run)
-    await ready.wait()
-    return nodes
+    return await dht_swarm(tmp_path, nursery, count, k)
 
 
 def _record_requests(nodes: list[Node], monkeypatch, like_go: bool = False) -> list[tuple[int, bytes]]:
