@@ -78,3 +78,33 @@ async def dht_swarm(tmp_path, nursery, count: int = 6, k: int | None = None) -> 
     nursery.start_soon(run)
     await ready.wait()
     return nodes
+
+
+async def rpc_pair(tmp_path, nursery, client_max_message: int | None = None) -> tuple:
+    """Two running nodes, b connected to a; a serves 'echo' and accepts 64 MiB messages (b too if
+    ``client_max_message`` says so). Returns (a, b, a's address as b dialled it)."""
+    from lattice import Node, NodeConfig
+    from lattice.rpc import RPCConfig
+    from lattice.rpc.service import RPC
+
+    def cfg(name):
+        return NodeConfig(listen=["/ip4/127.0.0.1/tcp/0"], data_dir=tmp_path / name, control=False)
+
+    box = {}
+    ready = trio.Event()
+
+    async def run():
+        client = {"services": [RPC(RPCConfig(max_message=client_max_message))]} if client_max_message else {}
+        async with (
+            Node(cfg("a"), services=[RPC(RPCConfig(max_message=64 << 20))]) as a,
+            Node(cfg("b"), **client) as b,
+        ):
+            a.rpc.register("echo", lambda x: x)
+            box["peer"] = await b.connect(a.addrs[0])
+            box["a"], box["b"] = a, b
+            ready.set()
+            await trio.sleep_forever()
+
+    nursery.start_soon(run)
+    await ready.wait()
+    return box["a"], box["b"], box["peer"]

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import trio
 
-from lattice import Node, NodeConfig
+from conftest import rpc_pair
+from lattice import NodeConfig
 from lattice.identity import PeerId
-from lattice.rpc import RPCConfig, wire
-from lattice.rpc.service import PROTOCOL_ID, RPC
+from lattice.rpc import wire
+from lattice.rpc.service import PROTOCOL_ID
 
 
 def _cfg(tmp_path, name):
@@ -21,23 +22,8 @@ def _cfg(tmp_path, name):
 
 @pytest.fixture
 async def pair(tmp_path, nursery):
-    box = {}
-    ready = trio.Event()
-
-    async def run():
-        async with (
-            Node(_cfg(tmp_path, "a"), services=[RPC(RPCConfig(max_message=64 << 20))]) as a,
-            Node(_cfg(tmp_path, "b"), services=[RPC(RPCConfig(max_message=64 << 20))]) as b,
-        ):
-            a.rpc.register("echo", lambda x: x)
-            box["peer"] = await b.connect(a.addrs[0])
-            box["a"], box["b"] = a, b
-            ready.set()
-            await trio.sleep_forever()
-
-    nursery.start_soon(run)
-    await ready.wait()
-    return box["a"], box["b"], box["peer"]
+    """Two running nodes, b connected to a; a serves 'echo'."""
+    return await rpc_pair(tmp_path, nursery, client_max_message=64 << 20)
 
 
 def _sessions(node):

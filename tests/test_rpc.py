@@ -16,12 +16,13 @@ import numpy as np
 import pytest
 import trio
 
+from conftest import rpc_pair
 from lattice import Node, NodeConfig
 from lattice.codec import compression
 from lattice.errors import StreamError
 from lattice.identity import PeerId
-from lattice.rpc import MethodNotFound, PayloadError, RemoteError, RPCConfig, RPCError, RPCTimeout
-from lattice.rpc.service import PROTOCOL_ID, RPC
+from lattice.rpc import MethodNotFound, PayloadError, RemoteError, RPCError, RPCTimeout
+from lattice.rpc.service import PROTOCOL_ID
 from lattice.transport.multiaddr import Multiaddr
 
 
@@ -32,21 +33,7 @@ def _cfg(tmp_path, name):
 @pytest.fixture
 async def pair(tmp_path, nursery):
     """Two running nodes, b connected to a; a serves 'echo'."""
-    box = {}
-    ready = trio.Event()
-
-    async def run(task_status=trio.TASK_STATUS_IGNORED):
-        server_rpc = RPC(RPCConfig(max_message=64 << 20))
-        async with Node(_cfg(tmp_path, "a"), services=[server_rpc]) as a, Node(_cfg(tmp_path, "b")) as b:
-            a.rpc.register("echo", lambda x: x)
-            box["peer"] = await b.connect(a.addrs[0])
-            box["a"], box["b"] = a, b
-            ready.set()
-            await trio.sleep_forever()
-
-    nursery.start_soon(run)
-    await ready.wait()
-    return box["a"], box["b"], box["peer"]
+    return await rpc_pair(tmp_path, nursery)
 
 
 DTYPES = ["bool", "int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "uint64",

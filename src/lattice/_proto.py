@@ -43,6 +43,11 @@ def encode_uvarint(value: int) -> bytes:
             return bytes(out)
 
 
+def delimited(data: bytes) -> bytes:
+    """``data`` behind its uvarint length: the framing of libp2p's protobuf protocols."""
+    return encode_uvarint(len(data)) + data
+
+
 def decode_uvarint(buf: bytes | bytearray | memoryview, pos: int = 0) -> tuple[int, int]:
     """Decode an unsigned varint at ``pos``; return (value, next position)."""
     result = 0

@@ -16,7 +16,7 @@ import logging
 import os
 import sqlite3
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import msgpack
@@ -245,7 +245,7 @@ class DHT:
                 stream = await host.new_stream(conn, [self.config.protocol_id])
             try:
                 if body is None:
-                    body = _proto.encode_uvarint(len(raw := protocol.encode(message))) + raw
+                    body = _proto.delimited(protocol.encode(message))
                 await stream.write(body)
                 raw = await read_delimited(stream, protocol.MAX_MESSAGE)
                 if raw is None:
@@ -376,20 +376,20 @@ class DHT:
         # the lookup's first queries go to the table's alpha closest: their PUT_VALUE replies carry
         # the closer peers (WANT_CLOSER) and answer those queries
         answers = {peer: _Answer() for peer in early[: self.config.alpha]}
-        asking = protocol.Message(**{**message.__dict__, "want_closer": True})
+        asking = replace(message, want_closer=True)
         encoded = protocol.encode(message)  # once for every replica
-        bodies = {False: _proto.encode_uvarint(len(encoded)) + encoded}
-        if answers:
-            raw = protocol.encode(asking)
-            bodies[True] = _proto.encode_uvarint(len(raw)) + raw
+        body = _proto.delimited(encoded)
+        asking_body = _proto.delimited(protocol.encode(asking)) if answers else b""
         acked: set[PeerId] = set()
         sent: set[PeerId] = set()
 
         async def put_one(peer: PeerId) -> None:
             answer = answers.get(peer)
             try:
-                sending = message if answer is None else asking
-                reply = await self._request(peer, sending, bodies[sending.want_closer], encoded)
+                if answer is None:
+                    reply = await self._request(peer, message, body, encoded)
+                else:
+                    reply = await self._request(peer, asking, asking_body, encoded)
                 if reply.record_value == message.record_value:
                     acked.add(peer)
                 if answer is not None:
@@ -532,7 +532,7 @@ class DHT:
             conn = await host.connect_peer(peer, timeout=self.config.request_timeout, route=False)
             stream = await host.new_stream(conn, [self.config.protocol_id])
             body = protocol.encode(message)
-            await stream.write(_proto.encode_uvarint(len(body)) + body, fin=True)
+            await stream.write(_proto.delimited(body), fin=True)
 
     async def find_providers(self, key: bytes | str, count: int = 20) -> list[tuple[str, list[str]]]:
         """Peers that announced ``key``: [(peer id, [multiaddrs])]."""
@@ -616,10 +616,10 @@ class DHT:
                 if reply is None:
                     continue
                 if reply is request:  # a stored PUT_VALUE: echo the request's bytes (as go-libp2p does)
-                    await stream.write(_proto.encode_uvarint(len(raw)) + raw)
+                    await stream.write(_proto.delimited(raw))
                     continue
                 body = protocol.encode(reply)
-                await stream.write(_proto.encode_uvarint(len(body)) + body)
+                await stream.write(_proto.delimited(body))
 
     def _closer(self, key: bytes, requester: PeerId) -> list[protocol.PeerEntry]:
         assert self.table is not None

@@ -191,7 +191,7 @@ class PubSub:
             if stream is None:
                 stream = await self.node.host.new_stream(peer, protocol.PROTOCOLS)
             body = protocol.encode(rpc)
-            await stream.write(_proto.encode_uvarint(len(body)) + body)
+            await stream.write(_proto.delimited(body))
         self.stats["rpcs_out"] += 1
         return stream
 

@@ -87,11 +87,13 @@ class Lane:
             finally:
                 nursery.cancel_scope.cancel()
 
-    async def call(self, message: bytes, deadline: float) -> Any:
-        """Send one encoded call (``message`` carries its id: see ``next_id``) and wait for its
-        reply message; raises TimedOut at ``deadline``, RPCError if the lane fails first."""
-        call = _Call(deadline)
+    async def call(self, method: str, encoded: tuple[bytes, list], deadline: float) -> Any:
+        """Send one call (``encoded`` by tensors.encode) and wait for its reply message; raises
+        TimedOut at ``deadline``, RPCError if the lane fails first."""
+        self._next += 1
         cid = self._next
+        message = wire.small_message(wire.CALL, encoded, method=method, last=True, call_id=cid)
+        call = _Call(deadline)
         self.pending[cid] = call
         heap = self._deadlines
         heapq.heappush(heap, (deadline, cid))
@@ -128,11 +130,6 @@ class Lane:
             await self._cancel_remote(cid)
             raise result
         return result
-
-    def next_id(self) -> int:
-        """The id for the next ``call`` (encoded into its message by the caller)."""
-        self._next += 1
-        return self._next
 
     def _finish(self, call: _Call, result: Any) -> None:
         if call.task is not None:

@@ -236,18 +236,19 @@ class RPC:
             conn = host.connection_to(known) if known is not None else None
             if conn is None:
                 conn = await host.connect(peer)
-                if len(self._addr_peers) >= 1024:
-                    self._addr_peers.clear()
-                self._addr_peers[peer] = conn.remote_peer
+                self._remember(peer, conn.remote_peer)
             return conn.remote_peer, conn
-        if isinstance(peer, PeerId):
-            peer_id = peer
-        else:
-            peer_id = self._addr_peers.get(peer) or PeerId.from_string(str(peer))
-            if len(self._addr_peers) >= 1024:
-                self._addr_peers.clear()
-            self._addr_peers[peer] = peer_id
+        peer_id = peer if isinstance(peer, PeerId) else self._addr_peers.get(peer)
+        if peer_id is None:
+            peer_id = self._remember(peer, PeerId.from_string(str(peer)))
         return peer_id, await host.connect_peer(peer_id)
+
+    def _remember(self, text: str, peer_id: PeerId) -> PeerId:
+        """Cache what a peer text (multiaddr or id) names, bounded."""
+        if len(self._addr_peers) >= 1024:
+            self._addr_peers.clear()
+        self._addr_peers[text] = peer_id
+        return peer_id
 
     async def _slot(self, peer_id: PeerId) -> trio.Semaphore:
         slots = self._slots.get(peer_id)
@@ -423,9 +424,7 @@ class RPC:
     ) -> Any:
         slots = await self._slot(peer_id)
         try:
-            cid = fast.next_id()
-            message = wire.small_message(wire.CALL, encoded, method=method, last=True, call_id=cid)
-            reply = await fast.call(message, trio.current_time() + timeout)
+            reply = await fast.call(method, encoded, trio.current_time() + timeout)
         finally:
             slots.release()
         if as_torch is not None and not isinstance(reply, Exception) and reply.kind == wire.MSG:

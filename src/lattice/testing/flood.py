@@ -77,7 +77,7 @@ async def flooder(target: str, rate: float, seconds: float) -> dict:
                 with trio.fail_after(1):
                     stream = await host.new_stream(conn, ["/lattice/kad/1.0.0"])
                     payload = os.urandom(48)
-                    await stream.write(_proto.encode_uvarint(len(payload)) + payload)
+                    await stream.write(_proto.delimited(payload))
                 out["sent"] += 1
                 sent_at.append(trio.current_time())
             except failures:

@@ -47,7 +47,7 @@ PUBLIC, PRIVATE, UNKNOWN = "public", "private", "unknown"
 
 def _frame(fields: list) -> bytes:
     body = _proto.encode(fields)
-    return _proto.encode_uvarint(len(body)) + body
+    return _proto.delimited(body)
 
 
 async def _read(stream: YamuxStream) -> dict[int, list[int | bytes]]:

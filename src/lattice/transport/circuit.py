@@ -136,7 +136,7 @@ def decode(data: bytes, hop: bool) -> CircuitMessage:
 
 async def write_message(stream: YamuxStream, msg: CircuitMessage, hop: bool) -> None:
     body = encode(msg, hop)
-    await stream.write(_proto.encode_uvarint(len(body)) + body)
+    await stream.write(_proto.delimited(body))
 
 
 async def read_message(stream: YamuxStream, hop: bool) -> CircuitMessage:

@@ -40,7 +40,7 @@ TIMEOUT = 10.0
 
 def encode(mtype: int, addrs: list[Multiaddr] = ()) -> bytes:  # type: ignore[assignment]
     body = _proto.encode([(1, mtype), *((2, a.to_bytes()) for a in addrs[:MAX_ADDRS])])
-    return _proto.encode_uvarint(len(body)) + body
+    return _proto.delimited(body)
 
 
 async def read(stream: YamuxStream, expect: int) -> list[Multiaddr]:

@@ -80,7 +80,7 @@ async def read_delimited(stream: YamuxStream, max_size: int) -> bytes | None:
         try:
             await stream.wait_data()
         except StreamError:
-            if not stream.remote_closed or stream._buf_len:
+            if not stream.remote_closed:  # reset or connection lost
                 raise
             return None  # a clean end of stream
         chunk = peek()
@@ -117,7 +117,7 @@ def install(host: Host) -> None:
         conn = host.connection_of(stream)
         observed = conn.remote_addr if conn is not None else None
         message = encode(host, observed)
-        await stream.write(_proto.encode_uvarint(len(message)) + message)
+        await stream.write(_proto.delimited(message))
 
     async def push_handler(stream: YamuxStream) -> None:
         peer = stream.remote_peer
@@ -186,7 +186,7 @@ async def push(host: Host) -> int:
             with trio.fail_after(TIMEOUT):
                 stream = await host.new_stream(conn, [PUSH_ID])
                 message = encode(host, conn.remote_addr)
-                await stream.write(_proto.encode_uvarint(len(message)) + message)
+                await stream.write(_proto.delimited(message))
                 await stream.close()
             done += 1
         except (LatticeError, trio.TooSlowError) as exc:

@@ -155,7 +155,7 @@ class Multiaddr:
                 out += int(value).to_bytes(2, "big")
             else:
                 raw = PeerId.from_string(value).multihash if kind == "peer" else value.encode()
-                out += _proto.encode_uvarint(len(raw)) + raw
+                out += _proto.delimited(raw)
         return bytes(out)
 
     def __str__(self) -> str:

@@ -26,7 +26,7 @@ class ByteStream(Protocol):
 
 def encode(message: str) -> bytes:
     data = message.encode() + b"\n"
-    return _proto.encode_uvarint(len(data)) + data
+    return _proto.delimited(data)
 
 
 async def read_message(stream: ByteStream, buf: bytearray) -> str:

@@ -266,9 +266,8 @@ class YamuxStream:
             self.session._queue_control(header(TYPE_WINDOW_UPDATE, 0, self.id, delta))
 
     # -- writing
-    def can_write_now(self, n: int) -> bool:
-        """A write of ``n`` bytes would start at once: no wait for window, lock or the connection.
-        (The RPC fast lane then needs no cancel scope around it: nothing to interrupt.)"""
+    def _one_frame(self, n: int) -> bool:
+        """A write of ``n`` bytes can go as one frame now: window to spare, stream open, no writer."""
         return (
             0 < n <= SMALL_WRITE
             and n <= self._send_window
@@ -276,23 +275,23 @@ class YamuxStream:
             and self._error is None
             and not self._local_fin
             and not self._write_lock.locked()
+        )
+
+    def can_write_now(self, n: int) -> bool:
+        """A write of ``n`` bytes would start at once: no wait for window, lock or the connection.
+        (The RPC fast lane then needs no cancel scope around it: nothing to interrupt.)"""
+        session = self.session
+        return (
+            self._one_frame(n)
             and not self._exclusive.locked()
-            and not self.session._send_lock.locked()
-            and not self.session.closed
+            and not session._send_lock.locked()
+            and not session.closed
         )
 
     async def write(self, data: bytes | bytearray | memoryview, fin: bool = False) -> None:
         """Send ``data`` (waiting for window as needed); ``fin=True`` half-closes in the same frame."""
         session = self.session
-        if (  # the small-call fast path: one frame, window to spare, stream already open
-            type(data) is bytes
-            and 0 < len(data) <= SMALL_WRITE
-            and len(data) <= self._send_window
-            and not (self._syn_pending or self._ack_pending or self.pending_prefix)
-            and self._error is None
-            and not self._local_fin
-            and not self._write_lock.locked()
-        ):
+        if type(data) is bytes and self._one_frame(len(data)):  # the small-call fast path
             total = len(data)
             session.traffic_out[self.protocol] += total
             self._send_window -= total
