@@ -21,7 +21,7 @@ Figures (JSON lines):
 No anchor offers a CRDT (notes/anchors.md), so there is no anchor line; the baseline is the local
 write itself.
 
-Other scenarios (lattice.testing.crdt_scenarios; medians over --runs):
+Other scenarios (tests/crdt_scenarios.py; medians over --runs):
 - sigkill: 4 control clients write 1,000 keys to one daemon, SIGKILLed after 300 acknowledgements,
   restarted: lost_acked (must be 0), restart_open_s (restart to the document served; baseline: a
   fresh daemon with an empty document, fresh_open_s);
@@ -44,6 +44,8 @@ import time
 from pathlib import Path
 
 from lattice.testing.daemons import start_daemon, wait_for
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # crdt_scenarios, attacks
 
 DOC = "bench/doc"
 
@@ -171,7 +173,7 @@ def _median(rows: list[dict], key: str) -> float | None:
 
 
 def scenario(args: argparse.Namespace) -> int:
-    from lattice.testing import crdt_scenarios as cs
+    import crdt_scenarios as cs
 
     rows = []
     for run in range(args.runs):

@@ -24,6 +24,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent / "tests"))  # the flooder lives with the attack tests
 from _common import emit  # noqa: E402
 
 
@@ -35,7 +36,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=4.0)
     args = parser.parse_args()
 
-    from lattice.testing.flood import flood_runs
+    from attacks.flood import flood_runs
     from lattice.testing.netns import netns_unavailable
 
     if (why := netns_unavailable()) is not None:

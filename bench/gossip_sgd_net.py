@@ -96,7 +96,7 @@ def round_time(args, root: Path) -> dict:
 
 
 def _cfg(args) -> Config:
-    from lattice.apps.gossip_sgd.__main__ import hyper_from
+    from lattice.apps.gossip_sgd.options import hyper_from
 
     return Config(
         algorithm=args.algorithm,

@@ -17,9 +17,9 @@ import time
 import torch
 
 from lattice.apps.gossip_sgd import plots
-from lattice.apps.gossip_sgd.__main__ import hyper_from
 from lattice.apps.gossip_sgd.algorithms import Hyper
 from lattice.apps.gossip_sgd.experiment import Config, simulate
+from lattice.apps.gossip_sgd.options import hyper_from
 
 # (label, algorithm, hyper-parameter overrides): the notes' reference setup for everyone
 RUNS: list[tuple[str, str, list[str]]] = [

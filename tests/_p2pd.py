@@ -25,7 +25,7 @@ import trio
 
 from lattice import _proto
 from lattice.identity import KeyPair, PeerId
-from lattice.transport.multiaddr import Multiaddr, MultiaddrError
+from lattice.multiaddr import Multiaddr, MultiaddrError
 
 __all__ = ["ControlClient", "P2PDError", "P2PDaemon", "PeerRecord", "find_p2pd", "start_p2pd"]
 

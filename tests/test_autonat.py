@@ -5,7 +5,7 @@ from __future__ import annotations
 import trio
 
 from conftest import full_addr
-from lattice.transport.autonat import PUBLIC, AutoNAT
+from lattice.nat.autonat import PUBLIC, AutoNAT
 
 
 async def test_checks_stop_once_reachability_is_known(host_factory, nursery):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lattice.testing.crdt_scenarios import rogue_attack, sigkill_during_writes
+from crdt_scenarios import rogue_attack, sigkill_during_writes
 
 
 def test_sigkill_during_1000_writes_keeps_every_acknowledged_write(tmp_path):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lattice.testing.crdt_scenarios import partition_heal
+from crdt_scenarios import partition_heal
 from lattice.testing.netns import netns_unavailable
 
 pytestmark = pytest.mark.skipif(netns_unavailable() is not None, reason=f"testbed: {netns_unavailable()}")

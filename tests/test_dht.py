@@ -59,7 +59,7 @@ async def test_refused_puts_are_clear_errors(swarm):
 
 
 async def _raw_request(node: Node, target: Node, message: protocol.Message) -> protocol.Message | None:
-    from lattice.transport.identify import read_delimited
+    from lattice.transport.framing import read_delimited
 
     stream = await node.host.new_stream(target.peer_id, [protocol_id(node)])
     body = protocol.encode(message)
@@ -109,7 +109,7 @@ async def test_malformed_messages_and_junk_flood(swarm):
     # a flood of valid-but-useless requests on one stream: answered, and others still served fast
     stream = await attacker.host.new_stream(victim.peer_id, [protocol_id(attacker)])
     body = protocol.encode(protocol.Message(protocol.FIND_NODE, b"x" * 32))
-    from lattice.transport.identify import read_delimited
+    from lattice.transport.framing import read_delimited
 
     with trio.fail_after(20):
         for _ in range(500):

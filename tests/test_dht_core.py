@@ -11,7 +11,7 @@ from lattice.dht.records import Record, RecordError
 from lattice.dht.routing import RoutingTable
 from lattice.errors import PayloadError
 from lattice.identity import KeyPair
-from lattice.transport.multiaddr import Multiaddr
+from lattice.multiaddr import Multiaddr
 
 NOW = 1_800_000_000.0
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from lattice.testing.flood import flood_runs
+from attacks.flood import flood_runs
 from lattice.testing.netns import netns_unavailable
 
 pytestmark = pytest.mark.skipif(netns_unavailable() is not None, reason=f"testbed: {netns_unavailable()}")

@@ -11,8 +11,8 @@ import trio
 from conftest import full_addr
 from lattice.errors import ConnectionLost, DialError, NegotiationError, StreamError
 from lattice.identity import KeyPair
+from lattice.multiaddr import Multiaddr
 from lattice.transport import HostConfig, ping
-from lattice.transport.multiaddr import Multiaddr
 
 ECHO = "/test/echo/1.0.0"
 SINK = "/test/sink/1.0.0"

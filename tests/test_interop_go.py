@@ -20,11 +20,11 @@ from lattice import Node, NodeConfig, _proto
 from lattice.dht import DHT, DHTConfig
 from lattice.dht import protocol as kad
 from lattice.identity import PeerId
+from lattice.multiaddr import Multiaddr
 from lattice.rpc import RPC
 from lattice.transport import ping
-from lattice.transport.host import PeerInfo
 from lattice.transport.identify import decode as decode_identify
-from lattice.transport.multiaddr import Multiaddr
+from lattice.transport.peerstore import PeerInfo
 
 P2PD = find_p2pd()
 if P2PD is None:

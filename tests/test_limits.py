@@ -11,11 +11,11 @@ from lattice import _proto
 from lattice.config import NodeConfig
 from lattice.errors import ConfigError, LatticeError
 from lattice.identity import KeyPair
+from lattice.multiaddr import Multiaddr
 from lattice.node import Node
 from lattice.swarm.profiles import DEFAULT, with_limits
 from lattice.transport import open_host
 from lattice.transport.limits import Limits, PeerLimits, TokenBucket
-from lattice.transport.multiaddr import Multiaddr
 
 
 class Clock:

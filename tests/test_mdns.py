@@ -22,7 +22,8 @@ import pytest
 import trio
 
 from lattice.identity import KeyPair
-from lattice.transport.mdns import (
+from lattice.multiaddr import Multiaddr
+from lattice.nat.mdns import (
     MDNS,
     SERVICE_NAME,
     TYPE_A,
@@ -38,7 +39,6 @@ from lattice.transport.mdns import (
     encode_message,
     peers_from_response,
 )
-from lattice.transport.multiaddr import Multiaddr
 
 HERE = Path(__file__).resolve()
 SRC = HERE.parent.parent / "src"

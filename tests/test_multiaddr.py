@@ -1,7 +1,7 @@
 import pytest
 
 from lattice.identity import KeyPair
-from lattice.transport.multiaddr import Multiaddr, MultiaddrError
+from lattice.multiaddr import Multiaddr, MultiaddrError
 
 PEER = str(KeyPair.from_seed(b"\1" * 32).peer_id)
 GOOD = [

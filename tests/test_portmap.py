@@ -32,7 +32,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from lattice.transport.portmap import (
+from lattice.nat.portmap import (
     Mapping,
     PortMapError,
     PortMapper,

@@ -13,8 +13,8 @@ import trio
 
 from _p2pd import find_p2pd, start_p2pd
 from lattice import Node, NodeConfig, _proto
+from lattice.multiaddr import Multiaddr
 from lattice.pubsub import PubSub
-from lattice.transport.multiaddr import Multiaddr
 
 P2PD = find_p2pd()
 if P2PD is None:

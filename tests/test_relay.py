@@ -10,11 +10,12 @@ import trio
 
 from conftest import full_addr
 from lattice.errors import DialError, TransportError
-from lattice.transport import circuit, ping
-from lattice.transport.circuit import CircuitListener, CircuitMessage
-from lattice.transport.host import PeerInfo
-from lattice.transport.multiaddr import Multiaddr
-from lattice.transport.relay import RelayLimits, RelayServer
+from lattice.multiaddr import Multiaddr
+from lattice.nat import circuit
+from lattice.nat.circuit import CircuitListener, CircuitMessage
+from lattice.nat.relay import RelayLimits, RelayServer
+from lattice.transport import ping
+from lattice.transport.peerstore import PeerInfo
 
 ECHO = "/test/echo/1.0.0"
 
@@ -35,6 +36,7 @@ async def relay_setup(host_factory, limits: RelayLimits | None = None):
     server.install()
     listener = CircuitListener(b)
     listener.install()
+    circuit.install_dialer(a)  # what a node's NAT traversal does: the host dials /p2p-circuit
     b.set_stream_handler(ECHO, echo_handler)
     conn = await b.connect(full_addr(r))
     rsvp = await circuit.reserve(b, conn)
@@ -80,7 +82,7 @@ async def test_reserve_dial_and_stream_over_a_relay(host_factory):
 
 async def test_connect_peer_falls_back_to_the_relayed_address(host_factory):
     _r, a, b, _server, rsvp = await relay_setup(host_factory)
-    from lattice.transport.host import PeerInfo
+    from lattice.transport.peerstore import PeerInfo
 
     # B's direct address is a black hole (nothing answers), its relayed one works
     dead = Multiaddr.parse("/ip4/10.255.255.1/tcp/9")
@@ -182,7 +184,7 @@ def test_message_round_trip_and_malformed_input():
 
 
 async def test_hole_punch_upgrades_a_relayed_connection_to_a_direct_one(host_factory):
-    from lattice.transport.dcutr import HolePuncher
+    from lattice.nat.dcutr import HolePuncher
 
     _r, a, b, server, rsvp = await relay_setup(host_factory)
     punchers = {}
@@ -210,7 +212,7 @@ async def test_hole_punch_upgrades_a_relayed_connection_to_a_direct_one(host_fac
 
 
 async def test_hole_punch_failure_is_recorded_and_the_relay_keeps_working(host_factory):
-    from lattice.transport.dcutr import HolePuncher
+    from lattice.nat.dcutr import HolePuncher
 
     _r, a, b, _server, rsvp = await relay_setup(host_factory)
     dead = [Multiaddr.parse("/ip4/10.255.255.1/tcp/9")]  # addresses nobody can reach (a symmetric NAT)

@@ -21,9 +21,9 @@ from lattice import Node, NodeConfig
 from lattice.codec import compression
 from lattice.errors import StreamError
 from lattice.identity import PeerId
+from lattice.multiaddr import Multiaddr
 from lattice.rpc import MethodNotFound, PayloadError, RemoteError, RPCError, RPCTimeout
 from lattice.rpc.service import PROTOCOL_ID
-from lattice.transport.multiaddr import Multiaddr
 
 
 def _cfg(tmp_path, name):

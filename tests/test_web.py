@@ -10,10 +10,10 @@ import urllib.request
 
 import pytest
 
+import browser
 from lattice.config import NodeConfig
 from lattice.node import Node
 from lattice.swarm.testnet import Testnet
-from lattice.testing import browser
 
 pytestmark = pytest.mark.skipif(
     browser.chromium() is None,

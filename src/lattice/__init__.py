@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from lattice._version import __version__
 
 _EXPORTS = {
     "Node": "lattice.node",
@@ -18,7 +18,7 @@ _EXPORTS = {
     "RemoteError": "lattice.control.client",
     "KeyPair": "lattice.identity",
     "PeerId": "lattice.identity",
-    "Multiaddr": "lattice.transport.multiaddr",
+    "Multiaddr": "lattice.multiaddr",
     "LatticeError": "lattice.errors",
 }
 
@@ -29,8 +29,8 @@ if TYPE_CHECKING:
     from lattice.control.client import Client, RemoteError
     from lattice.errors import LatticeError
     from lattice.identity import KeyPair, PeerId
+    from lattice.multiaddr import Multiaddr
     from lattice.node import BlockingNode, Node
-    from lattice.transport.multiaddr import Multiaddr
 
 
 def __getattr__(name: str) -> Any:

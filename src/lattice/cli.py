@@ -28,7 +28,9 @@ def _add_control(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(with_apps: bool = True) -> argparse.ArgumentParser:
+    """The parser of every subcommand; ``with_apps=False`` leaves out installed plug-ins (scanning the
+    entry points costs ~20 ms, which a core command like `run` need not pay)."""
     parser = _Parser(prog="lattice-node", description="Lattice peer-to-peer node for decentralized AI.")
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -175,20 +177,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     swarm_commands.add_run_options(run)
     _COMMANDS.update(swarm_commands.register(sub))
-    from lattice.apps.mesh_inference.cli import register as register_mesh  # imports nothing heavy
+    if with_apps:  # installed plug-ins (lattice.plugins): mesh inference's serve-model, generate, ...
+        from lattice.plugins import installed_apps
 
-    register_mesh(sub, _COMMANDS)  # serve-model, generate
+        for app in installed_apps():
+            if app.add_commands is not None:
+                app.add_commands(sub, _COMMANDS)
     return parser
 
 
 def _version() -> str:
-    from lattice import __version__
+    from lattice._version import __version__
 
     return f"lattice-node {__version__}"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    core = build_parser(with_apps=False)
+    first = next((a for a in argv if not a.startswith("-")), None)
+    parser = core if first in _COMMANDS else build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
@@ -352,7 +360,7 @@ def cmd_ping(args: argparse.Namespace) -> int:
         raise ConfigError("--count must be between 1 and 1000")
     target = args.target
     if target.startswith("/"):
-        from lattice.transport.multiaddr import Multiaddr
+        from lattice.multiaddr import Multiaddr
 
         Multiaddr.parse(target)  # a clear error before contacting the daemon
     with _client(args) as client:
@@ -372,7 +380,7 @@ def cmd_ping(args: argparse.Namespace) -> int:
 
 def cmd_connect(args: argparse.Namespace) -> int:
     from lattice.identity import PeerId
-    from lattice.transport.multiaddr import Multiaddr
+    from lattice.multiaddr import Multiaddr
 
     if args.target.startswith("/"):
         Multiaddr.parse(args.target)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from lattice.errors import ConfigError
-from lattice.transport.multiaddr import Multiaddr
+from lattice.multiaddr import Multiaddr
 
 __all__ = ["NodeConfig", "default_data_dir"]
 
@@ -46,7 +46,7 @@ class NodeConfig:
     keepalive_interval: float = 30.0
     dial_timeout: float = 10.0
     log_level: str = "info"
-    # NAT traversal (lattice.transport.nat)
+    # NAT traversal (lattice.nat.manager)
     relay: bool = False  # serve as a circuit relay for NATed peers
     relays: tuple[str, ...] = ()  # relays to reserve on when private (default: bootstrap peers that relay)
     reachability: str = "auto"  # auto (detect) | public | private

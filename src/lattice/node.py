@@ -24,16 +24,17 @@ from typing import Any, Protocol
 
 import trio
 
-from lattice import __version__
+from lattice._version import __version__
 from lattice.config import NodeConfig
 from lattice.errors import DialError, LatticeError, NodeError
 from lattice.identity import KeyPair, PeerId, load_or_create_key
+from lattice.multiaddr import Multiaddr
+from lattice.nat.manager import NATConfig, NATManager
+from lattice.nat.relay import RelayLimits
 from lattice.transport import ping as ping_protocol
 from lattice.transport.connmgr import ConnectionManager
-from lattice.transport.host import Connection, Host, HostConfig, open_host
-from lattice.transport.multiaddr import Multiaddr
-from lattice.transport.nat import NATConfig, NATManager
-from lattice.transport.relay import RelayLimits
+from lattice.transport.host import Connection, Host, HostConfig
+from lattice.transport.stack import open_host
 
 __all__ = ["BlockingNode", "Node", "Service"]
 

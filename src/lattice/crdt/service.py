@@ -38,7 +38,7 @@ from lattice.crdt.document import MAX_DOC_BYTES, Change, Document
 from lattice.crdt.updates import SignedUpdate
 from lattice.errors import LatticeError, PayloadError, TransportError
 from lattice.identity import PeerId
-from lattice.transport.host import PeerInfo
+from lattice.transport.peerstore import PeerInfo
 from lattice.transport.yamux import YamuxStream
 
 log = logging.getLogger(__name__)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from lattice import _proto
 from lattice.errors import IdentityError, PayloadError
 from lattice.identity import PeerId
-from lattice.transport.multiaddr import Multiaddr, MultiaddrError
+from lattice.multiaddr import Multiaddr, MultiaddrError
 
 PUT_VALUE, GET_VALUE, ADD_PROVIDER, GET_PROVIDERS, FIND_NODE, PING = range(6)
 # Lattice extension (a field libp2p does not define, so go/rust peers skip it and echo PUT_VALUE

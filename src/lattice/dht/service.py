@@ -31,9 +31,9 @@ from lattice.dht.routing import RoutingTable
 from lattice.dht.store import WRITE_BEHIND, Store
 from lattice.errors import LatticeError, PayloadError, TransportError
 from lattice.identity import PeerId
-from lattice.transport.host import PeerInfo
-from lattice.transport.identify import read_delimited
-from lattice.transport.multiaddr import Multiaddr, dialable, is_public
+from lattice.multiaddr import Multiaddr, dialable, is_public
+from lattice.transport.framing import read_delimited
+from lattice.transport.peerstore import PeerInfo
 from lattice.transport.yamux import YamuxStream
 
 log = logging.getLogger(__name__)

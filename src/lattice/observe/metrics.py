@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from lattice import __version__
+from lattice._version import __version__
 
 __all__ = ["prometheus", "snapshot"]
 

@@ -25,8 +25,9 @@ import trio
 from lattice import _proto
 from lattice.errors import LatticeError, PayloadError, TransportError
 from lattice.identity import PeerId
-from lattice.transport.host import Connection, PeerInfo
-from lattice.transport.identify import read_delimited
+from lattice.transport.framing import read_delimited
+from lattice.transport.host import Connection
+from lattice.transport.peerstore import PeerInfo
 from lattice.transport.yamux import YamuxStream
 
 from . import protocol

@@ -9,7 +9,7 @@ from typing import Any
 
 from lattice.identity import PeerId
 from lattice.swarm.profiles import SwarmProfile, swarm_of
-from lattice.transport.host import PeerInfo
+from lattice.transport.peerstore import PeerInfo
 
 __all__ = ["SwarmGuard"]
 

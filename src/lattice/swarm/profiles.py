@@ -24,8 +24,8 @@ from typing import Any
 
 from lattice.config import load_toml
 from lattice.errors import ConfigError
+from lattice.multiaddr import Multiaddr
 from lattice.transport.limits import Limits
-from lattice.transport.multiaddr import Multiaddr
 
 __all__ = ["BUILTIN", "DEFAULT", "SwarmLimits", "SwarmProfile", "load_profiles", "resolve", "swarm_of"]
 

@@ -22,8 +22,8 @@ import trio
 
 from lattice.errors import LatticeError
 from lattice.identity import PeerId
+from lattice.multiaddr import Multiaddr
 from lattice.transport.host import Connection, Host
-from lattice.transport.multiaddr import Multiaddr
 
 log = logging.getLogger(__name__)
 

@@ -13,8 +13,7 @@ import socket
 import struct
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import trio
@@ -26,14 +25,16 @@ from lattice.errors import (
     ProtocolError,
     TransportError,
 )
-from lattice.identity import KeyPair, PeerId, PublicKey
+from lattice.identity import KeyPair, PeerId
+from lattice.multiaddr import Multiaddr, MultiaddrError, dialable
 from lattice.transport import multistream, noise, yamux
 from lattice.transport.limits import PENALTY_MALFORMED, PeerLimits
-from lattice.transport.multiaddr import Multiaddr, MultiaddrError, dialable
+from lattice.transport.peerstore import PeerInfo
 
 log = logging.getLogger(__name__)
 
 StreamHandler = Callable[[yamux.YamuxStream], Awaitable[None]]
+RelayedDialer = Callable[[Multiaddr, float | None], Awaitable["Connection"]]
 
 
 @dataclass
@@ -51,19 +52,6 @@ class HostConfig:
     max_inbound_streams: int = 512
     write_timeout: float = 30.0
     relay_delay: float = 0.3  # head start of direct addresses over relayed ones when dialing a peer
-
-
-@dataclass
-class PeerInfo:
-    """What we know about a peer: addresses it listens on, protocols, agent."""
-
-    peer_id: PeerId
-    addrs: list[Multiaddr] = field(default_factory=list)
-    protocols: list[str] = field(default_factory=list)
-    agent_version: str = ""
-    protocol_version: str = ""
-    public_key: PublicKey | None = None
-    last_seen: float = 0.0
 
 
 @dataclass
@@ -158,6 +146,7 @@ class Host:
         self.peer_router: Callable[[PeerId], Awaitable[list[Multiaddr]]] | None = None
         self._address_sources: list[Callable[[], list[Multiaddr]]] = []
         self._probes_from: dict[PeerId, float] = {}  # peer -> until when we expect its dial-back
+        self._relayed_dialer: RelayedDialer | None = None  # installed by lattice.nat.circuit
 
     # -- handlers and events
     def set_stream_handler(self, protocol: str, handler: StreamHandler) -> None:
@@ -192,6 +181,11 @@ class Host:
         with trio.fail_after(timeout):
             await self._identified.setdefault(peer, trio.Event()).wait()
         return self.peerstore[peer]
+
+    def set_relayed_dialer(self, dialer: RelayedDialer) -> None:
+        """Dial ``/p2p-circuit`` addresses with ``dialer`` (NAT traversal installs it: the circuit
+        relay lives above the host)."""
+        self._relayed_dialer = dialer
 
     def add_address_source(self, source: Callable[[], list[Multiaddr]]) -> None:
         """Addresses to advertise beyond the listen ones (public ones found by NAT detection or port
@@ -351,9 +345,9 @@ class Host:
         if target is None and not addr.is_relayed:
             raise DialError(f"cannot dial {addr}: neither a TCP address nor a relayed one")
         if target is None:
-            from lattice.transport import circuit  # circuit builds on the host
-
-            return await circuit.dial(self, addr, timeout)
+            if self._relayed_dialer is None:
+                raise DialError(f"cannot dial {addr}: this host has no circuit relay dialer")
+            return await self._relayed_dialer(addr, timeout)
         return await self._dial(addr, target, expected, timeout or self.config.dial_timeout)
 
     async def _dial(self, addr: Multiaddr, target, expected: PeerId | None, timeout: float) -> Connection:
@@ -783,19 +777,3 @@ class _SecureReader:
         if not data:
             raise ConnectionLost("connection closed during negotiation")
         return data
-
-
-@asynccontextmanager
-async def open_host(keypair: KeyPair, config: HostConfig | None = None) -> AsyncIterator[Host]:
-    """Run a host for the duration of the block; on exit every connection is closed."""
-    from lattice.transport import identify, ping
-
-    async with trio.open_nursery() as nursery:
-        host = Host(keypair, config or HostConfig(), nursery)
-        identify.install(host)
-        ping.install(host)
-        try:
-            yield host
-        finally:
-            await host.aclose()
-            nursery.cancel_scope.cancel()

@@ -12,10 +12,12 @@ import time
 import trio
 
 from lattice import _proto
-from lattice.errors import IdentityError, LatticeError, ProtocolError, StreamError, TransportError
+from lattice.errors import IdentityError, LatticeError, ProtocolError, TransportError
 from lattice.identity import PublicKey
-from lattice.transport.host import Connection, Host, PeerInfo
-from lattice.transport.multiaddr import Multiaddr, MultiaddrError
+from lattice.multiaddr import Multiaddr, MultiaddrError
+from lattice.transport.framing import read_delimited
+from lattice.transport.host import Connection, Host
+from lattice.transport.peerstore import PeerInfo
 from lattice.transport.yamux import YamuxStream
 
 log = logging.getLogger(__name__)
@@ -70,46 +72,6 @@ def decode(data: bytes, info: PeerInfo) -> Multiaddr | None:
         except MultiaddrError:
             return None
     return None
-
-
-async def read_delimited(stream: YamuxStream, max_size: int) -> bytes | None:
-    """One uvarint-length-prefixed message, or None at a clean end of stream."""
-    peek = getattr(stream, "first_chunk", None)
-    chunk = peek() if peek is not None else None
-    if chunk is None and hasattr(stream, "wait_data"):  # not here yet: wait, then take it whole
-        try:
-            await stream.wait_data()
-        except StreamError:
-            if not stream.remote_closed:  # reset or connection lost
-                raise
-            return None  # a clean end of stream
-        chunk = peek()
-    if chunk is not None:  # the usual case: the prefix is buffered already, no byte-wise reads
-        try:
-            length, used = _proto.decode_uvarint(chunk)
-        except _proto.TruncatedError:
-            pass
-        else:
-            if length > max_size:
-                raise ProtocolError(f"message of {length} bytes exceeds the limit of {max_size}")
-            stream.skip_first(used)
-            return await stream.read_exactly(length)
-    prefix = bytearray()
-    while True:
-        byte = await stream.read(1)
-        if not byte:
-            if prefix:
-                raise ProtocolError("stream ended inside a length prefix")
-            return None
-        prefix += byte
-        try:
-            length, _ = _proto.decode_uvarint(prefix)
-            break
-        except _proto.TruncatedError:
-            continue
-    if length > max_size:
-        raise ProtocolError(f"message of {length} bytes exceeds the limit of {max_size}")
-    return await stream.read_exactly(length)
 
 
 def install(host: Host) -> None:

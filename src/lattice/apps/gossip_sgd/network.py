@@ -303,8 +303,8 @@ def _minor_faults() -> int:
 async def run_peer(args: argparse.Namespace) -> dict:
     """Join run ``args.run``, wait for ``args.peers`` members, train, write the final model."""
     from lattice import Node, NodeConfig
-    from lattice.apps.gossip_sgd.__main__ import config_from
     from lattice.apps.gossip_sgd.experiment import build, evaluate, prepare
+    from lattice.apps.gossip_sgd.options import config_from
 
     torch.set_num_threads(args.threads)
     out = Path(args.out)

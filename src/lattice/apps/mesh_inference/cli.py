@@ -8,6 +8,8 @@ import os
 import sys
 from typing import Any
 
+from lattice.plugins import App
+
 
 def register(sub: Any, commands: dict) -> None:
     """Add the subcommands to lattice-node's parser (the hook in lattice.cli)."""
@@ -248,3 +250,10 @@ async def _generate(args: argparse.Namespace, source: Any, prompt: list[int], to
             else:
                 print(f"\n[{len(out)} tokens in {elapsed:.2f} s]", file=sys.stderr)
     return 0
+
+
+APP = App(
+    name="mesh_inference",
+    description="serve a model split into stages across peers (serve-model, generate)",
+    add_commands=register,
+)

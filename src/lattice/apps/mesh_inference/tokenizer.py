@@ -14,9 +14,9 @@ def tokenizer_from_gguf(path: Path) -> Any:
         from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
     except ImportError:
         raise ConfigError("the tokenizer needs `pip install tokenizers` (lattice[mesh])") from None
-    from lattice.apps.mesh_inference.weights import _reader
+    from lattice.apps.mesh_inference.gguf_reader import gguf_reader
 
-    reader = _reader(Path(path))
+    reader = gguf_reader(Path(path))
     fields = reader.fields
     if fields["tokenizer.ggml.model"].contents() != "gpt2":
         raise ConfigError(f"{path.name}: only GPT-2 style BPE tokenizers are supported")

@@ -8,7 +8,6 @@ GGUF q/k weights are in GGML's layout, so GGUF models use interleaved RoPE.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import importlib.util
 import os
@@ -19,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from lattice.apps.mesh_inference.config import LlamaConfig, expected_shapes, tiny_config
+from lattice.apps.mesh_inference.gguf_reader import gguf_reader
 from lattice.errors import ConfigError
 
 TINY_PREFIX = "tiny-random"
@@ -75,16 +75,6 @@ def open_model(spec: str) -> ModelSource:
     return ModelSource(path.stem.lower(), gguf_config(path), path=path)
 
 
-@functools.lru_cache(maxsize=4)
-def _reader(path: Path) -> Any:
-    """One parsed (memory-mapped) reader per file: parsing SmolLM2's metadata takes seconds."""
-    try:
-        from gguf import GGUFReader
-    except ImportError:
-        raise ConfigError("GGUF models need `pip install gguf` (the lattice[mesh] extra)") from None
-    return GGUFReader(str(path), "r")
-
-
 def _field(reader: Any, name: str, default: Any = None) -> Any:
     f = reader.fields.get(name)
     if f is None:
@@ -94,7 +84,7 @@ def _field(reader: Any, name: str, default: Any = None) -> Any:
 
 def gguf_config(path: Path) -> LlamaConfig:
     """The LLaMA hyper-parameters from a GGUF file's metadata (no tensor data is read)."""
-    r = _reader(path)
+    r = gguf_reader(path)
     arch = _field(r, "general.architecture")
     if arch != "llama":
         raise ConfigError(f"{path.name}: architecture {arch!r} is not supported (llama only)")
@@ -143,7 +133,7 @@ def load_gguf_tensors(
         return out
     from gguf.quants import dequantize
 
-    reader = _reader(path)
+    reader = gguf_reader(path)
     tensors = {t.name: t for t in reader.tensors}
     for name in todo:
         t = tensors.get(name)

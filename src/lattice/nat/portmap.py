@@ -28,7 +28,7 @@ from xml.sax.saxutils import escape
 import trio
 
 from lattice.errors import TransportError
-from lattice.transport.multiaddr import Multiaddr
+from lattice.multiaddr import Multiaddr
 
 __all__ = ["Mapping", "PortMapError", "PortMapper", "default_gateway", "external_multiaddr", "parse_xml"]
 

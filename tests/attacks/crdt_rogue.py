@@ -1,7 +1,7 @@
 """A rogue CRDT peer for tests and bench/crdt: a real libp2p host (lattice.transport) that speaks
 ``/lattice/crdt/1.0.0`` to a daemon and sends it everything it must refuse.
 
-    python -m lattice.testing.crdt_rogue --target MULTIADDR --doc owned --owner PEER_ID \\
+    python -m attacks.crdt_rogue (from tests/) --target MULTIADDR --doc owned --owner PEER_ID \\
         [--open-doc public] [--rounds 5]
 
 Each round, over fresh streams (a receiver resets a stream on a bad frame):

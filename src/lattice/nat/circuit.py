@@ -5,7 +5,7 @@ Wire format and protocol ids are libp2p's (specs/relay/circuit-v2.md): uvarint-d
 ``.../stop`` (relay -> us). Once a circuit is open, the relayed stream is upgraded like a TCP socket
 (Noise, then Yamux): the relay sees only ciphertext, and the connection is a host connection like
 any other, so every service (RPC, DHT, CRDT) runs over it; ``Connection.relayed`` tells them apart.
-The relay server is :mod:`lattice.transport.relay`.
+The relay server is :mod:`lattice.nat.relay`.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ import trio
 from lattice import _proto
 from lattice.errors import DialError, LatticeError, ProtocolError, StreamError, TransportError
 from lattice.identity import PeerId
+from lattice.multiaddr import Multiaddr, MultiaddrError
+from lattice.transport.framing import read_delimited
 from lattice.transport.host import Connection, Host
-from lattice.transport.identify import read_delimited
-from lattice.transport.multiaddr import Multiaddr, MultiaddrError
 from lattice.transport.yamux import YamuxStream
 
 log = logging.getLogger(__name__)
@@ -191,6 +191,11 @@ def split_relayed(addr: Multiaddr) -> tuple[Multiaddr, PeerId]:
     return relay, PeerId.from_string(rest[0][1])
 
 
+def install_dialer(host: Host) -> None:
+    """Let ``host.connect`` dial ``/p2p-circuit`` addresses (through their relay)."""
+    host.set_relayed_dialer(lambda addr, timeout: dial(host, addr, timeout))
+
+
 async def dial(host: Host, addr: Multiaddr, timeout: float | None = None) -> Connection:
     """Open a connection to the target of a relayed address through its relay."""
     relay_addr, target = split_relayed(addr)
@@ -278,6 +283,7 @@ class CircuitListener:
 
     def install(self) -> None:
         self.host.set_stream_handler(STOP, self._handle_stop)
+        install_dialer(self.host)
 
     async def _handle_stop(self, stream: YamuxStream) -> None:
         relay = stream.remote_peer

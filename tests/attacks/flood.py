@@ -4,7 +4,7 @@ honest daemons in namespaces on the same bridge measure their latency before, du
 
 Shared by ``bench/flood.py`` and ``tests/test_flood.py`` (needs root: lattice.testing.netns).
 
-Run as ``python -m lattice.testing.flood TARGET_MULTIADDR --rate R --seconds S`` it is the flooder
+Run as ``python -m attacks.flood (from tests/) TARGET_MULTIADDR --rate R --seconds S`` it is the flooder
 (prints ``ready`` once its host is up, then one JSON line with what happened).
 """
 
@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from lattice.testing.crdt_scenarios import _start_all
+from crdt_scenarios import _start_all
 from lattice.testing.daemons import Daemon, start_daemon
 
 __all__ = ["flood_runs", "flooder"]
@@ -36,8 +36,8 @@ async def flooder(target: str, rate: float, seconds: float) -> dict:
     from lattice import _proto
     from lattice.errors import LatticeError
     from lattice.identity import KeyPair
+    from lattice.multiaddr import Multiaddr
     from lattice.transport import open_host
-    from lattice.transport.multiaddr import Multiaddr
 
     addr = Multiaddr.parse(target)
     ip, port = addr.tcp_target()
@@ -210,7 +210,7 @@ def _runs(tb, daemons: dict[str, Daemon], flooders: list[str], rate: float, seco
             run["before"] = _measure(clients, peers, seconds)
             run["target_cpu_before"] = _cores(target.proc.pid, cpu0, t0)
             lim0 = clients["target"].call("metrics")
-            argv = [sys.executable, "-m", "lattice.testing.flood", target.info["addrs"][0],
+            argv = [sys.executable, "-m", "attacks.flood", target.info["addrs"][0],
                     "--rate", str(rate), "--seconds", str(seconds + 1.0)]  # fmt: skip
             env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
             proc = tb.popen(host, argv, stdout=subprocess.PIPE, text=True, env=env)
@@ -248,7 +248,7 @@ def _runs(tb, daemons: dict[str, Daemon], flooders: list[str], rate: float, seco
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="the flooder of lattice.testing.flood")
+    parser = argparse.ArgumentParser(description="the flooder of tests/attacks/flood.py")
     parser.add_argument("target")
     parser.add_argument("--rate", type=float, default=1000.0)
     parser.add_argument("--seconds", type=float, default=4.0)

@@ -18,10 +18,11 @@ import trio
 
 from lattice.errors import TransportError
 from lattice.identity import PeerId
-from lattice.transport import circuit
-from lattice.transport.circuit import CircuitMessage, Limit, read_message, write_message
-from lattice.transport.host import Host, PeerInfo
-from lattice.transport.multiaddr import Multiaddr
+from lattice.multiaddr import Multiaddr
+from lattice.nat import circuit
+from lattice.nat.circuit import CircuitMessage, Limit, read_message, write_message
+from lattice.transport.host import Host
+from lattice.transport.peerstore import PeerInfo
 from lattice.transport.yamux import YamuxStream
 
 log = logging.getLogger(__name__)

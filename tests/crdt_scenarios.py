@@ -3,7 +3,7 @@
 - :func:`sigkill_during_writes`: a daemon is SIGKILLed while clients write through its control socket;
   after a restart every acknowledged write must be there and the log must open cleanly.
 - :func:`rogue_attack`: two honest daemons replicate an owner-only document while a rogue libp2p
-  host (lattice.testing.crdt_rogue) sends them forged, unauthorized, oversized and garbage updates.
+  host (tests/attacks/crdt_rogue.py) sends them forged, unauthorized, oversized and garbage updates.
 - :func:`partition_heal`: daemons in network namespaces on one bridge (lattice.testing.netns) are
   split in two halves by an nftables rule on the bridge, edit on both sides, and are healed; the
   figure is the time from the heal to identical documents everywhere (needs root).
@@ -98,7 +98,7 @@ def _count(present: dict, w: int) -> int:
     return sum(1 for k in present if k.startswith(f"w{w}-"))
 
 
-ROGUE = [sys.executable, "-m", "lattice.testing.crdt_rogue"]
+ROGUE = [sys.executable, "-m", "attacks.crdt_rogue"]
 
 
 def rogue_attack(work: Path, rounds: int = 5, honest_writes: int = 200) -> dict:
@@ -173,7 +173,13 @@ def _rogue(target: Daemon, owner: Daemon, rounds: int, log: Path) -> subprocess.
     argv = [*ROGUE, "--target", target.info["addrs"][0], "--doc", "owned", "--owner", owner.peer_id,
             "--open-doc", "public", "--rounds", str(rounds)]  # fmt: skip
     err = log.open("w")
-    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=err, text=True, env=dict(os.environ))
+    return subprocess.Popen(
+        argv,
+        stdout=subprocess.PIPE,
+        stderr=err,
+        text=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)},
+    )
 
 
 def _tail(path: Path) -> str:

@@ -17,14 +17,14 @@ from dataclasses import dataclass, field
 
 import trio
 
+from lattice.multiaddr import Multiaddr, dialable
+from lattice.nat.autonat import PUBLIC, AutoNAT
+from lattice.nat.autorelay import AutoRelay
+from lattice.nat.circuit import CircuitListener
+from lattice.nat.dcutr import HolePuncher
+from lattice.nat.relay import RelayLimits, RelayServer
 from lattice.transport import identify
-from lattice.transport.autonat import PUBLIC, AutoNAT
-from lattice.transport.autorelay import AutoRelay
-from lattice.transport.circuit import CircuitListener
-from lattice.transport.dcutr import HolePuncher
 from lattice.transport.host import Host
-from lattice.transport.multiaddr import Multiaddr, dialable
-from lattice.transport.relay import RelayLimits, RelayServer
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ class NATManager:
         """Addresses beyond our listen addresses: mapped and confirmed public ones, relayed ones."""
         mapped = []
         if self.mapping is not None and self.mapping.is_public:
-            from lattice.transport.portmap import external_multiaddr
+            from lattice.nat.portmap import external_multiaddr
 
             mapped.append(external_multiaddr(self.mapping))
         return [*mapped, *self.autonat.public_addrs, *self.autorelay.addrs()]
@@ -119,7 +119,7 @@ class NATManager:
 
     async def _port_mapping(self) -> None:
         """Map our TCP listen port on the gateway, keep it renewed, announce the external address."""
-        from lattice.transport.portmap import PortMapper
+        from lattice.nat.portmap import PortMapper
 
         port = next((int(a.parts[1][1]) for a in self.host.listen_addrs if a.parts[0][0] == "ip4"), None)
         if port is None:
@@ -146,7 +146,7 @@ class NATManager:
         """mDNS: announce our LAN addresses, dial peers that announce theirs (bounded)."""
         from lattice.errors import LatticeError
         from lattice.identity import PeerId
-        from lattice.transport.mdns import MDNS, MDNSError
+        from lattice.nat.mdns import MDNS, MDNSError
 
         send, receive = trio.open_memory_channel[tuple[str, list[Multiaddr]]](64)
 

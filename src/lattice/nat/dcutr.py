@@ -24,9 +24,9 @@ import trio
 from lattice import _proto
 from lattice.errors import DialError, LatticeError, ProtocolError, TransportError
 from lattice.identity import PeerId
+from lattice.multiaddr import Multiaddr, MultiaddrError
+from lattice.transport.framing import read_delimited
 from lattice.transport.host import Connection, Host, open_from_port, sockaddr_to_multiaddr
-from lattice.transport.identify import read_delimited
-from lattice.transport.multiaddr import Multiaddr, MultiaddrError
 from lattice.transport.yamux import YamuxStream
 
 log = logging.getLogger(__name__)

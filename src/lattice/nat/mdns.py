@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import trio
 
 from lattice.errors import TransportError
-from lattice.transport.multiaddr import Multiaddr, MultiaddrError
+from lattice.multiaddr import Multiaddr, MultiaddrError
 
 __all__ = [
     "MDNS",

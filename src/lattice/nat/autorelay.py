@@ -17,10 +17,10 @@ import trio
 
 from lattice.errors import LatticeError
 from lattice.identity import PeerId
-from lattice.transport import circuit
-from lattice.transport.circuit import CircuitListener, Reservation
+from lattice.multiaddr import Multiaddr
+from lattice.nat import circuit
+from lattice.nat.circuit import CircuitListener, Reservation
 from lattice.transport.host import Connection, Host
-from lattice.transport.multiaddr import Multiaddr
 
 log = logging.getLogger(__name__)
 
