@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import struct
+import threading
 from collections.abc import Callable
 
 import trio
@@ -31,6 +32,48 @@ MAX_PLAINTEXT = MAX_MESSAGE - TAG_LEN
 _DH_LEN = 32
 _MAX_NONCE = 2**64 - 1
 _PLACE_MIN = 4096  # frames smaller than this are never decrypted in place (headers, small calls)
+RECV_BUFFER = 1 << 21  # one read from the socket: large reads keep bulk transfers cheap
+_CARRY_MAX = 2 + MAX_MESSAGE  # at most one partial frame is kept per idle connection
+_EMPTY = bytearray()
+
+
+class BufferPool:
+    """Reusable buffers of one size. A connection holds its receive and send buffers only while it
+    is reading or writing, not while idle, so an open connection costs almost nothing and churned
+    connections leave no 2 MiB blocks behind to fragment the heap (issue 16, defect 3)."""
+
+    __slots__ = ("free", "keep", "size")
+
+    def __init__(self, size: int, keep: int) -> None:
+        self.size = size
+        self.keep = keep
+        self.free: list[bytearray] = []
+
+    def take(self, need: int = 0) -> bytearray:
+        """A buffer of at least ``need`` bytes (the pool's size when ``need`` is 0)."""
+        if need <= self.size:
+            if self.free:
+                return self.free.pop()
+            if need * 4 >= self.size or not need:
+                return bytearray(self.size)
+            return bytearray(need)  # a small one-off: not worth a pooled block
+        return bytearray(need)
+
+    def give(self, buf: bytearray) -> None:
+        if len(buf) == self.size and len(self.free) < self.keep:
+            self.free.append(buf)
+
+
+class _Pools(threading.local):
+    """Per thread (each runs its own trio loop): receive, send and staging buffers."""
+
+    def __init__(self) -> None:
+        self.recv = BufferPool(RECV_BUFFER, 8)
+        self.send = BufferPool(21 * MAX_MESSAGE, 8)  # a 1 MiB batch plus frame overhead
+        self.stage = BufferPool(MAX_PLAINTEXT, 8)
+
+
+_pools = _Pools()
 
 
 class WriteTimeout(ConnectionLost):
@@ -241,8 +284,6 @@ class SecureStream:
     muxer above serialises writes and shields them so a frame is never cut half-way.
     """
 
-    RECV_BUFFER = 1 << 21
-
     def __init__(self, raw: trio.abc.Stream, send: CipherState, recv: CipherState, remote: PublicKey):
         self.raw = raw
         self._send = send
@@ -250,7 +291,11 @@ class SecureStream:
         self.remote_public_key = remote
         self.remote_peer: PeerId = remote.peer_id()
         self._buf = bytearray()  # bytes read during the handshake, not yet consumed
-        self._rbuf = bytearray(self.RECV_BUFFER)
+        self._recv_pool = _pools.recv  # this thread's buffer pools (a stream lives in one thread)
+        self._send_pool = _pools.send
+        self._stage_pool = _pools.stage
+        self._rbuf = _EMPTY  # a pooled buffer while reading, else the partial frame left (if any)
+        self._pooled = False
         self._rstart = 0
         self._rend = 0
         self._sock = getattr(raw, "socket", None)
@@ -260,8 +305,6 @@ class SecureStream:
         self._fd = getattr(self._sock, "_sock", None)
         self.write_timeout = 30.0
         self._drained = False
-        self._out = bytearray()
-        self._stage = bytearray(MAX_PLAINTEXT)
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         await self.send_parts((data,))
@@ -292,13 +335,19 @@ class SecureStream:
             return
         # a staged piece flushed before a large part costs one frame more: at most one per part
         size = total + (-(-total // MAX_PLAINTEXT) + len(parts)) * (2 + TAG_LEN)
-        if len(self._out) < size:
-            self._out = bytearray(max(size, 2 * len(self._out)))
+        buf = self._send_pool.take(size)
+        stage = self._stage_pool.take()
+        try:
+            await self._encrypt_and_send(parts, buf, stage)
+        finally:
+            self._stage_pool.give(stage)
+            self._send_pool.give(buf)
+
+    async def _encrypt_and_send(self, parts: tuple | list, buf: bytearray, stage: bytearray) -> None:
         enc = self._send
         pos = 0
         staged = 0
-        stage = self._stage
-        with memoryview(self._out) as out, memoryview(stage) as st:
+        with memoryview(buf) as out, memoryview(stage) as st:
 
             def emit(src: memoryview) -> None:
                 nonlocal pos
@@ -375,26 +424,26 @@ class SecureStream:
                 return b""
 
     async def _read_more(self) -> bool:
-        """Read more ciphertext into the ring buffer; False on clean EOF at a frame boundary."""
-        if self._rend == len(self._rbuf):  # compact before reading more
-            live = self._rend - self._rstart
-            self._rbuf[:live] = self._rbuf[self._rstart : self._rend]
-            self._rstart, self._rend = 0, live
+        """Read more ciphertext into the receive buffer; False on clean EOF at a frame boundary.
+
+        The pooled buffer is taken only once data is there to read (no await holds it): an idle
+        connection keeps at most one partial frame (see :meth:`_release`)."""
         try:
             if self._fd is not None:
                 n = await self._recv_fast()
-            elif self._sock is not None:
-                with memoryview(self._rbuf) as view:
-                    n = await self._sock.recv_into(view[self._rend :])
             else:
-                chunk = await self.raw.receive_some(len(self._rbuf) - self._rend)
+                reader = self._sock.recv if self._sock is not None else self.raw.receive_some
+                chunk = await reader(RECV_BUFFER)
+                self._hold()
                 n = len(chunk)
                 self._rbuf[self._rend : self._rend + n] = chunk
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            self._release()
             raise ConnectionLost(f"connection lost: {exc}") from None
         if not n:
             if self._rend > self._rstart:
                 raise ConnectionLost("connection closed in the middle of a noise frame")
+            self._release()
             return False
         self._rend += n
         return True
@@ -403,16 +452,45 @@ class SecureStream:
         fd = self._fd
         if self._drained:  # the last read emptied the socket: wait first, save a failing recv
             await trio.lowlevel.wait_readable(fd)
-        with memoryview(self._rbuf) as view:
-            target = view[self._rend :]
-            while True:
+        while True:
+            self._hold()
+            with memoryview(self._rbuf) as view:
                 try:
-                    n = fd.recv_into(target)
+                    n = fd.recv_into(view[self._rend :])
                     break
                 except BlockingIOError:
-                    await trio.lowlevel.wait_readable(fd)
+                    pass
+            self._release()
+            await trio.lowlevel.wait_readable(fd)
         self._drained = n < len(self._rbuf) - self._rend
         return n
+
+    def _hold(self) -> None:
+        """Have a pooled receive buffer with room to read into (what was left comes first)."""
+        buf = self._rbuf
+        live = self._rend - self._rstart
+        if not self._pooled:
+            pooled = self._recv_pool.take(live + MAX_MESSAGE + 2)
+            if live:
+                pooled[:live] = buf[self._rstart : self._rend]
+            self._rbuf, self._pooled, self._rstart, self._rend = pooled, True, 0, live
+        elif self._rend == len(buf):  # full: move the live bytes to the front
+            buf[:live] = buf[self._rstart : self._rend]
+            self._rstart, self._rend = 0, live
+
+    def _release(self) -> None:
+        """Return the receive buffer to the pool, keeping what is left (at most a partial frame
+        normally; more only while a paused reader has whole frames waiting)."""
+        if not self._pooled:
+            return
+        live = self._rend - self._rstart
+        if live > _CARRY_MAX:
+            return
+        buf = self._rbuf
+        self._rbuf = bytearray(buf[self._rstart : self._rend]) if live else _EMPTY
+        self._pooled = False
+        self._rstart, self._rend = 0, live
+        self._recv_pool.give(buf)
 
     async def pump(
         self,
@@ -485,9 +563,11 @@ class SecureStream:
         self._rstart = pos
         if pos == end:
             self._rstart = self._rend = 0
+        self._release()
         return pos != first or paused
 
     def _absorb(self, data: bytes) -> None:
+        self._hold()
         need = self._rend + len(data)
         if need > len(self._rbuf):
             self._rbuf.extend(bytes(need - len(self._rbuf)))
