@@ -228,9 +228,9 @@ def test_send_tensor_into_a_peers_inbox(tmp_path):
         result = run_cli("send-tensor", b_info["addrs"][0], str(path), *ctl, "--json", timeout=60)
         assert result.returncode == 0, result.stderr
         reply = json.loads(result.stdout)
-        saved = np.load(reply["path"], allow_pickle=False)
+        assert "/" not in reply["file"] and reply["file"].endswith("-weights.npy")  # no local path
+        saved = np.load(tmp_path / "b" / "inbox" / reply["file"], allow_pickle=False)
         assert np.array_equal(saved, tensor) and reply["bytes"] == tensor.nbytes
-        assert os.path.basename(reply["path"]).endswith("-weights.npy")
         # a name that tries to leave the inbox, a pickled file, a missing file: one-line errors
         bad = run_cli("send-tensor", b_info["peer_id"], str(path), "--name", "../../etc/x", *ctl)
         assert_one_line_error(bad)

@@ -202,11 +202,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USAGE
     from lattice.errors import LatticeError
+    from lattice.observe.inert import inert
 
     try:
         return _COMMANDS[args.command](args)
-    except LatticeError as exc:
-        print(f"lattice-node: error: {exc}", file=sys.stderr)
+    except LatticeError as exc:  # may quote a remote peer (its error reply): one inert line
+        print(f"lattice-node: error: {inert(exc)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
@@ -257,9 +258,17 @@ async def _run_daemon(config, ready_file: str | None, enable_bench: bool = False
 
         bench.install(node.rpc)
     if inbox:
+        from lattice._files import private_dir
         from lattice.rpc import inbox as tensor_inbox
 
-        tensor_inbox.install(node.rpc, config.data_dir / "inbox")
+        private_dir(config.data_dir, "data dir")  # checked before the inbox is made inside it
+        limits = tensor_inbox.InboxLimits(
+            max_files=config.inbox_max_files,
+            max_bytes=config.inbox_max_bytes,
+            max_files_per_peer=config.inbox_max_files_per_peer,
+            max_bytes_per_peer=config.inbox_max_bytes_per_peer,
+        )
+        tensor_inbox.install(node.rpc, config.data_dir / "inbox", limits)
     async with node:
         info = await node.id()
         info["control"] = str(node.control_path) if node.control_path else None
@@ -289,15 +298,22 @@ async def _run_daemon(config, ready_file: str | None, enable_bench: bool = False
 
 def write_atomic(path: str, text: str, what: str = "ready file") -> None:
     """Write ``text`` to ``path`` so readers see the old file or the new one, never half of it
-    (ready files and address files that other processes poll)."""
+    (ready files and address files that other processes poll). The temporary file has a random name
+    and is created exclusively: a symlink planted in a shared directory (/tmp) is never followed."""
+    from lattice._files import exclusive_temp
     from lattice.errors import ConfigError
 
-    tmp = f"{path}.{os.getpid()}.tmp"
+    target = os.path.abspath(path)
+    tmp = None
     try:
-        with open(tmp, "w") as fh:
+        fd, tmp = exclusive_temp(os.path.dirname(target), os.path.basename(target), ".tmp")
+        with os.fdopen(fd, "w") as fh:
+            os.fchmod(fh.fileno(), 0o644)  # what other processes poll is not secret
             fh.write(text)
-        os.replace(tmp, path)
+        os.replace(tmp, target)
     except OSError as exc:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
         raise ConfigError(f"cannot write {what} {path}: {exc.strerror}") from None
 
 
@@ -308,6 +324,21 @@ def _client(args: argparse.Namespace):
 
     path = args.control or NodeConfig.load(args.config).control_path
     return Client(path)
+
+
+def _add_row(table: Any, *cells: Any) -> None:
+    """A rich table row shown literally, since cells may hold what remote peers chose
+    (lattice.observe.inert); a list is one line per item ("-" if empty)."""
+    from rich.text import Text
+
+    from lattice.observe.inert import inert
+
+    def cell(value: Any) -> Text:
+        if isinstance(value, list):
+            return Text("\n".join(inert(item) for item in value) or "-")
+        return Text(inert(value))
+
+    table.add_row(*(cell(c) for c in cells))
 
 
 def _print(args: argparse.Namespace, data: Any, render) -> None:
@@ -346,7 +377,7 @@ def cmd_peers(args: argparse.Namespace) -> int:
             punch = p.get("hole_punch")
             if p["relayed"] and punch and punch["outcome"] != "direct":
                 path += " (hole punch failed: NAT likely symmetric)"
-            table.add_row(p["peer_id"], p["addr"], p["direction"], path, rtt, p["agent"])
+            _add_row(table, p["peer_id"], p["addr"], p["direction"], path, rtt, p["agent"])
         Console().print(table)
 
     _print(args, peers, render)
@@ -381,6 +412,7 @@ def cmd_ping(args: argparse.Namespace) -> int:
 def cmd_connect(args: argparse.Namespace) -> int:
     from lattice.identity import PeerId
     from lattice.multiaddr import Multiaddr
+    from lattice.observe.inert import inert
 
     if args.target.startswith("/"):
         Multiaddr.parse(args.target)
@@ -388,7 +420,7 @@ def cmd_connect(args: argparse.Namespace) -> int:
         PeerId.from_string(args.target)  # a clear error before contacting the daemon
     with _client(args) as client:
         peer = client.connect(args.target)
-    _print(args, {"peer_id": peer}, lambda d: print(f"connected to {d['peer_id']}"))
+    _print(args, {"peer_id": peer}, lambda d: print(f"connected to {inert(d['peer_id'])}"))
     return 0
 
 
@@ -403,37 +435,37 @@ def cmd_status(args: argparse.Namespace) -> int:
         table = Table(title="lattice-node status", show_header=False)
         table.add_column("key", style="bold")
         table.add_column("value", overflow="fold")
-        table.add_row("peer id", s["peer_id"])
-        table.add_row("version", s["version"])
+        _add_row(table, "peer id", s["peer_id"])
+        _add_row(table, "version", s["version"])
         if s.get("swarm"):
-            table.add_row("swarm", s["swarm"] + (f" ({', '.join(s['roles'])})" if s.get("roles") else ""))
-        table.add_row("uptime", f"{s['uptime_s']:.0f} s")
-        table.add_row("reachability", s["reachability"])
+            _add_row(table, "swarm", s["swarm"] + (f" ({', '.join(s['roles'])})" if s.get("roles") else ""))
+        _add_row(table, "uptime", f"{s['uptime_s']:.0f} s")
+        _add_row(table, "reachability", s["reachability"])
         nat = s.get("nat") or {}
         relays = [f"{r['relay']} (expires in {r['expires_in']} s)" for r in nat.get("relays", [])]
-        table.add_row("relays", "\n".join(relays) or "-")
+        _add_row(table, "relays", relays)
         if nat.get("relay_service"):
             rs = nat["relay_service"]
-            table.add_row("relay server", f"{rs['reservations']} reservations, {rs['circuits']} circuits")
-        table.add_row("direct/relayed", f"{s['direct_peers']} / {s['relayed_peers']}")
+            _add_row(table, "relay server", f"{rs['reservations']} reservations, {rs['circuits']} circuits")
+        _add_row(table, "direct/relayed", f"{s['direct_peers']} / {s['relayed_peers']}")
         paths = [f"{peer[-8:]}: {path}" for peer, path in sorted(s.get("paths", {}).items())[:32]]
-        table.add_row("peer paths", "\n".join(paths) or "-")
+        _add_row(table, "peer paths", paths)
         mapping = nat.get("port_mapping")
         if mapping is not None:
             text = f"{mapping['external']} via {mapping['method']}" if mapping["mapped"] else mapping["error"]
-            table.add_row("port mapping", text or "-")
+            _add_row(table, "port mapping", text or "-")
         punches = nat.get("hole_punches", {})
         failed = sum(1 for r in punches.values() if r["outcome"] != "direct")
         if punches:
-            table.add_row("hole punches", f"{len(punches) - failed} direct, {failed} failed")
-        table.add_row("addresses", "\n".join(s["addrs"]) or "-")
-        table.add_row("observed", "\n".join(s["observed_addrs"]) or "-")
-        table.add_row("peers/conns", f"{s['peers']} / {s['connections']}")
+            _add_row(table, "hole punches", f"{len(punches) - failed} direct, {failed} failed")
+        _add_row(table, "addresses", s["addrs"])
+        _add_row(table, "observed", s["observed_addrs"])
+        _add_row(table, "peers/conns", f"{s['peers']} / {s['connections']}")
         boot = [f"{b['addr']} ({'up' if b['connected'] else 'down'})" for b in s["bootstrap"]]
-        table.add_row("bootstrap", "\n".join(boot) or "-")
-        table.add_row("traffic", f"sent {s['bytes_sent']} B, received {s['bytes_received']} B")
-        table.add_row("services", ", ".join(s["services"]) or "-")
-        table.add_row("control", s["control"] or "-")
+        _add_row(table, "bootstrap", boot)
+        _add_row(table, "traffic", f"sent {s['bytes_sent']} B, received {s['bytes_received']} B")
+        _add_row(table, "services", ", ".join(s["services"]) or "-")
+        _add_row(table, "control", s["control"] or "-")
         Console().print(table)
 
     _print(args, status, render)
@@ -511,6 +543,7 @@ def cmd_send_tensor(args: argparse.Namespace) -> int:
     import numpy as np
 
     from lattice.errors import ConfigError
+    from lattice.observe.inert import inert
     from lattice.rpc import inbox
 
     name = args.name or os.path.basename(args.file).removesuffix(".npy")
@@ -535,7 +568,7 @@ def cmd_send_tensor(args: argparse.Namespace) -> int:
         mib = tensor.nbytes / 2**20
         what = f"{tensor.dtype}{list(tensor.shape)} ({mib:.1f} MiB)"
         print(f"sent {what} in {seconds:.2f} s, {mib / seconds:.0f} MiB/s")
-        print(f"stored by the peer as {r['path']} (sha256 {r['sha256'][:16]}...)")
+        print(f"stored in the peer's inbox as {inert(r['file'])} (sha256 {inert(r['sha256'])[:16]}...)")
 
     _print(args, reply, show)
     return 0
@@ -553,6 +586,8 @@ def _printable_entry(entry: dict) -> dict:
 
 
 def cmd_crdt(args: argparse.Namespace) -> int:
+    from lattice.observe.inert import inert  # JSON output (json.dumps) escapes control characters itself
+
     with _client(args) as client:
         if args.crdt_command == "get":
             result = client.call("crdt.get", doc=args.doc, map=args.map)
@@ -568,7 +603,7 @@ def cmd_crdt(args: argparse.Namespace) -> int:
                     if args.json:
                         print(json.dumps(change, default=str), flush=True)
                     else:
-                        who = "local" if change["local"] else change["author"][-8:]
+                        who = "local" if change["local"] else inert(change["author"][-8:])
                         print(f"{who} #{change['seq']}: {json.dumps(change['map'], default=str)}", flush=True)
             except KeyboardInterrupt:
                 pass
@@ -581,6 +616,7 @@ def cmd_crdt(args: argparse.Namespace) -> int:
 
 def cmd_dht(args: argparse.Namespace) -> int:
     from lattice.errors import ConfigError
+    from lattice.observe.inert import inert  # values, publishers, addresses: what remote peers chose
 
     if args.dht_command in ("put", "get", "provide", "providers") and not 0 < len(args.key.encode()) <= 512:
         raise ConfigError("a DHT key has 1 to 512 bytes")
@@ -595,7 +631,8 @@ def cmd_dht(args: argparse.Namespace) -> int:
 
             def show(rows: list[dict]) -> None:
                 for e in rows:
-                    print(f"{e['value']}\t(publisher {e['publisher']}, expires in {e['expires_in_s']:.0f} s)")
+                    print(f"{inert(e['value'])}\t(publisher {inert(e['publisher'])}, "
+                          f"expires in {e['expires_in_s']:.0f} s)")  # fmt: skip
                 if not rows:
                     print("(nothing stored under this key)")
 
@@ -606,10 +643,18 @@ def cmd_dht(args: argparse.Namespace) -> int:
         elif args.dht_command == "providers":
             found = client.dht.providers(args.key)
             _print(
-                args, found, lambda rows: print("\n".join(f"{p}  {' '.join(a)}" for p, a in rows) or "(none)")
+                args,
+                found,
+                lambda rows: print(
+                    "\n".join(f"{inert(p)}  {inert(' '.join(a))}" for p, a in rows) or "(none)"
+                ),
             )
         else:
-            _print(args, client.dht.status(), lambda d: print("\n".join(f"{k}: {v}" for k, v in d.items())))
+            _print(
+                args,
+                client.dht.status(),
+                lambda d: print("\n".join(f"{inert(k)}: {inert(v)}" for k, v in d.items())),
+            )
     return 0
 
 

@@ -64,6 +64,11 @@ class NodeConfig:
     # Observability (lattice.observe)
     metrics_listen: str | None = None  # HOST:PORT of /metrics, /api/state and the web page (off if None)
     log_format: str = "text"  # text | json (one JSON object per line)
+    # Tensor inbox (`lattice-node run --inbox`, lattice.rpc.inbox): what peers may store on our disk
+    inbox_max_files: int = 1024  # .npy files in the inbox, from all peers
+    inbox_max_bytes: int = 16 << 30  # bytes in the inbox, from all peers
+    inbox_max_files_per_peer: int = 128  # so that one peer cannot take the whole inbox
+    inbox_max_bytes_per_peer: int = 4 << 30
 
     def __post_init__(self) -> None:
         for name in ("listen", "bootstrap", "relays"):
@@ -110,6 +115,13 @@ class NodeConfig:
         for name in ("relay_max_reservations", "relay_max_circuits", "relay_circuit_duration"):
             self._positive_int(name)
         self._positive_int("relay_circuit_bytes")
+        for name in (
+            "inbox_max_files",
+            "inbox_max_bytes",
+            "inbox_max_files_per_peer",
+            "inbox_max_bytes_per_peer",
+        ):
+            self._positive_int(name)
         for name in ("relay", "hole_punching", "upnp", "mdns", "control", "bootstrap_node"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false")

@@ -236,10 +236,15 @@ def _domain(context: str, data: bytes) -> bytes:
 def load_or_create_key(path: str | os.PathLike[str], create: bool = True) -> KeyPair:
     """Load the node key from ``path`` (libp2p protobuf format), creating it with mode 0600 if absent.
 
-    A key file readable by group or others is refused: a leaked identity lets anyone impersonate
-    the node and forge its records.
+    A key file readable by group or others, or not ours, is refused: a leaked identity lets anyone
+    impersonate the node and forge its records; so is a key directory others can write (they could
+    plant a key of their own choosing).
     """
+    from lattice._files import private_dir
+
     path = Path(path)
+    if create:  # the daemon's key (printing a key's peer id trusts nothing)
+        private_dir(path.parent, "key directory")
     try:
         st = path.stat()
     except FileNotFoundError:
@@ -250,6 +255,8 @@ def load_or_create_key(path: str | os.PathLike[str], create: bool = True) -> Key
         raise IdentityError(f"cannot read key file {path}: {exc.strerror}") from None
     if not stat.S_ISREG(st.st_mode):
         raise IdentityError(f"key file {path} is not a regular file")
+    if st.st_uid != os.geteuid():
+        raise IdentityError(f"key file {path} is owned by uid {st.st_uid}, not by you (uid {os.geteuid()})")
     if st.st_mode & 0o077:
         raise IdentityError(
             f"key file {path} is accessible by group/others (mode {stat.S_IMODE(st.st_mode):o}); "
@@ -267,7 +274,6 @@ def load_or_create_key(path: str | os.PathLike[str], create: bool = True) -> Key
 def _create_key(path: Path) -> KeyPair:
     pair = KeyPair.generate()
     try:
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:

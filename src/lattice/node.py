@@ -119,8 +119,11 @@ class Node:
     async def __aenter__(self) -> Node:
         from contextlib import AsyncExitStack
 
-        keypair = self._keypair or load_or_create_key(self.config.key_path)
+        from lattice._files import private_dir
+
         cfg = self.config
+        private_dir(cfg.data_dir, "data dir")  # before any file goes in: others must not write it
+        keypair = self._keypair or load_or_create_key(cfg.key_path)
         profile = self._resolve_swarm()
         host_config = HostConfig(
             agent_version=f"lattice/{__version__}",

@@ -104,13 +104,19 @@ async def no_read_replies(
         nursery.cancel_scope.cancel()
     for peer in peers:
         await peer.aclose()
-    out = {"requests_sent": sent, "connections_refused": refused, "seconds": round(time.monotonic() - started, 2)}
+    out = {
+        "requests_sent": sent,
+        "connections_refused": refused,
+        "seconds": round(time.monotonic() - started, 2),
+    }
     if watch is not None:
         out.update(victim_rss_start_mib=round(watch.start, 1), victim_rss_peak_mib=round(watch.peak, 1))
     return out
 
 
-async def connection_churn(target: str, count: int = 2000, parallel: int = 16, victim_pid: int | None = None) -> dict:
+async def connection_churn(
+    target: str, count: int = 2000, parallel: int = 16, victim_pid: int | None = None
+) -> dict:
     """Open and close ``count`` connections (full handshake each); RSS before and after."""
     before = rss_mib(victim_pid) if victim_pid else None
     done = failed = 0
@@ -135,7 +141,9 @@ async def connection_churn(target: str, count: int = 2000, parallel: int = 16, v
     out: dict = {"connections": done, "failed": failed}
     if victim_pid:
         await trio.sleep(1.0)  # let the victim notice the closes
-        out.update(victim_rss_before_mib=round(before or 0, 1), victim_rss_after_mib=round(rss_mib(victim_pid), 1))
+        out.update(
+            victim_rss_before_mib=round(before or 0, 1), victim_rss_after_mib=round(rss_mib(victim_pid), 1)
+        )
     return out
 
 

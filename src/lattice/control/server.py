@@ -12,12 +12,14 @@ import inspect
 import logging
 import os
 import socket as stdsocket
+import stat
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import trio
 
+from lattice._files import private_dir
 from lattice.control import protocol
 from lattice.errors import ConfigError, ControlError, LatticeError, PayloadError
 
@@ -40,13 +42,11 @@ class ControlServer:
         self.ops[name] = op
 
     async def bind(self) -> None:
-        """Create the socket (refusing to steal one a live daemon is using)."""
+        """Create the socket in a directory only we can write, replacing only a stale socket: never a
+        live daemon's socket, nor a file or symlink that happens to have that name."""
         path = self.path
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        if path.exists() or path.is_symlink():
-            if _socket_is_live(path):
-                raise ConfigError(f"control socket {path} is in use by another running daemon")
-            path.unlink()
+        private_dir(path.parent, "control socket directory")
+        _remove_stale_socket(path)
         sock = trio.socket.socket(stdsocket.AF_UNIX, stdsocket.SOCK_STREAM)
         old_umask = os.umask(0o177)  # the socket is born 0600: no window where others can connect
         try:
@@ -166,6 +166,20 @@ async def _read_frame(stream: trio.SocketStream, buf: bytearray) -> dict | None:
     message = protocol.decode(memoryview(buf)[8 : 8 + length])
     del buf[: 8 + length]
     return message
+
+
+def _remove_stale_socket(path: Path) -> None:
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise ConfigError(f"cannot check control socket {path}: {exc.strerror}") from None
+    if not stat.S_ISSOCK(mode):
+        raise ConfigError(f"control socket path {path} exists and is not a socket; refusing to replace it")
+    if _socket_is_live(path):
+        raise ConfigError(f"control socket {path} is in use by another running daemon")
+    path.unlink()
 
 
 def _socket_is_live(path: Path) -> bool:

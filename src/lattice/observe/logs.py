@@ -7,7 +7,9 @@ import logging
 import sys
 import time
 
-__all__ = ["LOG_FORMATS", "JSONFormatter", "setup_logging"]
+from lattice.observe.inert import inert
+
+__all__ = ["LOG_FORMATS", "InertFormatter", "JSONFormatter", "setup_logging"]
 
 LOG_FORMATS = ("text", "json")
 
@@ -29,12 +31,27 @@ class JSONFormatter(logging.Formatter):
         return json.dumps(line, default=str)
 
 
+class InertFormatter(logging.Formatter):
+    """Text lines for a terminal: a message that quotes a remote peer (its agent, a protocol name)
+    shows escape sequences and line breaks as visible escapes (lattice.observe.inert), so it can
+    neither drive the terminal nor forge log lines; tracebacks keep their line breaks."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return inert(super().formatMessage(record))
+
+    def formatException(self, ei) -> str:
+        return inert(super().formatException(ei), keep="\n")
+
+    def formatStack(self, stack_info: str) -> str:
+        return inert(super().formatStack(stack_info), keep="\n")
+
+
 def setup_logging(level: str = "info", fmt: str = "text") -> None:
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
         handler.setFormatter(JSONFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(InertFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

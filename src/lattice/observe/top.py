@@ -24,17 +24,20 @@ def _bytes(n: float) -> str:
 
 
 def render(snap: dict, prev: dict | None = None) -> Any:
-    """A rich renderable of one snapshot (with rates against ``prev``)."""
+    """A rich renderable of one snapshot (with rates against ``prev``). Every cell is an inert Text
+    (lattice.observe.inert): peer ids, protocol names and counters' keys may come from remote peers."""
     from rich.console import Group
     from rich.table import Table
+
+    from lattice.observe.inert import inert_text
 
     dt = snap["time"] - prev["time"] if prev else 0.0
     old_peers = {p["peer_id"]: p for p in prev["peers"]} if prev else {}
     roles = ", ".join(snap["roles"]) or "node"
     head = Table.grid(padding=(0, 2))
     head.add_row(
-        f"[bold]{snap['peer_id']}[/bold]", f"swarm {snap['swarm']}", roles, f"up {snap['uptime_s']:.0f} s",
-        f"reachability {snap['reachability']}",
+        inert_text(snap["peer_id"], "bold"), inert_text(f"swarm {snap['swarm']}"), inert_text(roles),
+        f"up {snap['uptime_s']:.0f} s", inert_text(f"reachability {snap['reachability']}"),
     )  # fmt: skip
     limits = snap.get("limits") or {}
     head.add_row(
@@ -52,8 +55,8 @@ def render(snap: dict, prev: dict | None = None) -> Any:
         rtt = "" if p["rtt_ms"] is None else f"{p['rtt_ms']:.2f}"
         rate = _rate(p["bytes_in"], old["bytes_in"] if old else None, dt)
         peers.add_row(
-            p["peer_id"][-12:], p["path"] or "not connected", rtt, _bytes(p["bytes_in"]),
-            _bytes(p["bytes_out"]), rate, "yes" if p["in_dht"] else "",
+            inert_text(p["peer_id"][-12:]), inert_text(p["path"] or "not connected"), rtt,
+            _bytes(p["bytes_in"]), _bytes(p["bytes_out"]), rate, "yes" if p["in_dht"] else "",
         )  # fmt: skip
     protos = Table(title="traffic by protocol")
     for col in ("protocol", "in", "out"):
@@ -61,7 +64,9 @@ def render(snap: dict, prev: dict | None = None) -> Any:
     names = sorted(set(snap["traffic_in"]) | set(snap["traffic_out"]))
     for name in names:
         protos.add_row(
-            name, _bytes(snap["traffic_in"].get(name, 0)), _bytes(snap["traffic_out"].get(name, 0))
+            inert_text(name),
+            _bytes(snap["traffic_in"].get(name, 0)),
+            _bytes(snap["traffic_out"].get(name, 0)),
         )
     services = Table(title="services")
     services.add_column("service")
@@ -73,15 +78,17 @@ def render(snap: dict, prev: dict | None = None) -> Any:
             for op, v in dht["latency"].items()
         )
         counts = f"in {dht.get('requests_in', 0)}, out {dht.get('requests_out', 0)}"
-        services.add_row("dht", f"table {dht['routing_table']}, records {dht['records']}, {counts}; {lat}")
+        services.add_row(
+            "dht", inert_text(f"table {dht['routing_table']}, records {dht['records']}, {counts}; {lat}")
+        )
     for name in ("rpc", "crdt"):
         if snap.get(name):
-            services.add_row(name, ", ".join(f"{k} {v}" for k, v in snap[name].items()))
+            services.add_row(name, inert_text(", ".join(f"{k} {v}" for k, v in snap[name].items())))
     if limits:
         throttled = ", ".join(f"{k} {v}" for k, v in limits["throttled"].items()) or "none"
         bans = f"banned {limits['banned']} (total {limits['bans_total']})"
         refused = f"refused conns {limits['refused_connections']}"
-        services.add_row("limits", f"{bans}, {refused}, throttled: {throttled}")
+        services.add_row("limits", inert_text(f"{bans}, {refused}, throttled: {throttled}"))
     return Group(head, peers, protos, services)
 
 

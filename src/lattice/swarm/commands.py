@@ -95,6 +95,7 @@ def cmd_bans(args: argparse.Namespace) -> int:
     from lattice.control.client import Client
     from lattice.errors import ConfigError
     from lattice.identity import PeerId
+    from lattice.observe.inert import inert  # reasons and protocol names may quote a remote peer
 
     if args.seconds is not None and not 0 < args.seconds <= 10 * 365 * 86400:
         raise ConfigError("--seconds must be positive (at most ten years)")
@@ -113,10 +114,10 @@ def cmd_bans(args: argparse.Namespace) -> int:
     rows = [(p, s, status["ban_reasons"].get(p, "")) for p, s in status["banned_peers"].items()]
     rows += [(ip, s, "") for ip, s in status["banned_ips"].items()]
     for target, left, reason in rows:
-        print(f"{target}\t{left:.0f} s left\t{reason}")
+        print(f"{inert(target)}\t{left:.0f} s left\t{inert(reason)}")
     if not rows:
         print("(no bans)")
-    throttled = ", ".join(f"{k} {v}" for k, v in status["throttled"].items()) or "none"
+    throttled = ", ".join(f"{inert(k)} {v}" for k, v in status["throttled"].items()) or "none"
     print(f"bans so far {status['bans_total']}, refused connections {status['refused_connections']}, "
           f"throttled: {throttled}")  # fmt: skip
     return 0

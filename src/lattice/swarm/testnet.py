@@ -72,7 +72,7 @@ class Testnet:
 
     def _spawn(self, name: str, args: list[str]) -> TestnetNode:
         home = self.workdir / name
-        home.mkdir(parents=True, exist_ok=True)
+        home.mkdir(parents=True, exist_ok=True, mode=0o700)  # the daemon refuses a data dir others can write
         node = TestnetNode(name, None, home)  # type: ignore[arg-type]
         node.ready_file.unlink(missing_ok=True)
         argv = [
@@ -96,7 +96,7 @@ class Testnet:
                     node.info = json.loads(node.ready_file.read_text())
                     waiting.remove(node)
                 elif node.proc.poll() is not None:
-                    tail = node.log_file.read_text(errors="replace")[-1500:]
+                    tail = node.log_file.read_text(errors="replace")[-1500:].strip()
                     raise TestnetError(f"{node.name} exited with code {node.proc.returncode}: {tail}")
             if waiting and time.monotonic() > deadline:
                 raise TestnetError(f"{', '.join(n.name for n in waiting)} not ready within {timeout:.0f} s")

@@ -67,7 +67,7 @@ def start_daemon(
 
     Its data directory, control socket, ready file and log live under ``workdir/name``."""
     home = workdir / name
-    home.mkdir(parents=True, exist_ok=True)
+    home.mkdir(parents=True, exist_ok=True, mode=0o700)  # the daemon refuses a data dir others can write
     ready = home / "ready.json"
     ready.unlink(missing_ok=True)
     log = home / "daemon.log"

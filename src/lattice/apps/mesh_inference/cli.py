@@ -97,18 +97,16 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 
 def cmd_serve_model(args: argparse.Namespace) -> int:
-    import logging
-
     import trio
 
     from lattice.apps.mesh_inference.weights import open_model
     from lattice.config import NodeConfig
+    from lattice.observe.logs import setup_logging
 
     config = NodeConfig.load(args.config, listen=args.listen, bootstrap=args.bootstrap, key_file=args.key,
                              data_dir=args.data_dir, control_socket=args.control,
                              log_level=args.log_level)  # fmt: skip
-    logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip
+    setup_logging(config.log_level)  # text lines, remote strings in them inert
     if args.threads:
         import torch
 
@@ -208,6 +206,7 @@ async def _generate(args: argparse.Namespace, source: Any, prompt: list[int], to
     from lattice.apps.mesh_inference.client import MeshClient
     from lattice.config import NodeConfig
     from lattice.node import Node
+    from lattice.observe.inert import inert  # server ids and generated text come from remote peers
 
     with tempfile.TemporaryDirectory(prefix="lattice-generate-") as tmp:
         cfg = NodeConfig(listen=["/ip4/127.0.0.1/tcp/0"], bootstrap=args.bootstrap, data_dir=Path(tmp),
@@ -224,7 +223,9 @@ async def _generate(args: argparse.Namespace, source: Any, prompt: list[int], to
             first = None
             async with client.session() as session:
                 if not args.json:
-                    route = " -> ".join(f"{h.server.peer[-8:]}[{h.start}:{h.end}]" for h in session.chain)
+                    route = " -> ".join(
+                        f"{inert(h.server.peer[-8:])}[{h.start}:{h.end}]" for h in session.chain
+                    )
                     print(f"chain: {route}", file=sys.stderr, flush=True)
                 shown = ""
                 async for token in session.generate(prompt, args.max_new_tokens, stop=stop):
@@ -234,7 +235,7 @@ async def _generate(args: argparse.Namespace, source: Any, prompt: list[int], to
                         continue
                     if tokenizer is not None:
                         text = tokenizer.decode(out)
-                        sys.stdout.write(text[len(shown) :])
+                        sys.stdout.write(inert(text[len(shown) :], keep="\n"))
                         shown = text
                     else:
                         sys.stdout.write(f"{token} ")
