@@ -83,7 +83,8 @@ class Record:
         return cls(key, subkey, value, publisher, float(published_at), float(expires_at), signature)
 
 
-def _signed_bytes(key: bytes, subkey: bytes, value: bytes, published_at: float, expires_at: float) -> bytes:
+def signed_bytes(key: bytes, subkey: bytes, value: bytes, published_at: float, expires_at: float) -> bytes:
+    """What a record's signature covers (canonical msgpack of every field but the publisher)."""
     return msgpack.packb([key, subkey, value, published_at, expires_at], use_bin_type=True)
 
 
@@ -100,7 +101,7 @@ def create(
     subkey = keypair.peer_id.multihash if subkey is None else subkey
     if len(value) > MAX_VALUE:
         raise RecordError(f"value of {len(value)} bytes is over the limit of {MAX_VALUE} bytes")
-    signed = _signed_bytes(key, subkey, value, now, expires_at)
+    signed = signed_bytes(key, subkey, value, now, expires_at)
     signature = keypair.sign_for(SIGN_CONTEXT, signed)
     record = Record(key, subkey, value, keypair.public_key.raw, now, expires_at, signature)
     _remember(_digest(record.publisher, signed, signature))  # we just signed it: valid by construction
@@ -204,7 +205,7 @@ def validate(record: Record, now: float | None = None) -> None:
         public = _public_key(record.publisher)
     except (IdentityError, ValueError):
         raise RecordError("record publisher key is invalid") from None
-    signed = _signed_bytes(record.key, record.subkey, record.value, record.published_at, record.expires_at)
+    signed = signed_bytes(record.key, record.subkey, record.value, record.published_at, record.expires_at)
     if not _signature_ok(public, signed, record.signature):
         raise RecordError("record signature is invalid")
     _check_subkey(record, public)
