@@ -221,3 +221,17 @@ def test_ip_prefixes_and_exempt_addresses():
     limits = PeerLimits(Limits())
     assert limits.prefix_of("127.0.0.1") is None and limits.prefix_of(None) is None
     assert limits.prefix_of("203.0.113.77") == "203.0.113.0/24"
+
+
+def test_expired_records_release_their_charge_and_leave_the_disk(tmp_path):
+    store = Store(tmp_path / "s.sqlite")
+    me = KeyPair.generate()
+    assert store.put(records.create(me, b"k/1", b"v", NOW + 10, now=NOW), NOW)
+    assert store.put(_rec(me, b"k/2"), NOW)
+    store.expire(NOW + 11)
+    assert store.publisher_bytes(me.public_key.raw) == store.stored_bytes == SIZE
+    store.flush()  # deleted by primary key with the next commit
+    db = sqlite3.connect(str(tmp_path / "s.sqlite"))
+    assert [k for (k,) in db.execute("SELECT key FROM records")] == [b"k/2"]
+    db.close()
+    store.close()

@@ -214,6 +214,7 @@ class DHT:
                 last_republish = now
                 await self._republish()
             self.store.expire()
+            self._dirty.set()  # expired records leave the disk with the next commit
 
     async def _safe_lookup(self, key: bytes) -> None:
         try:

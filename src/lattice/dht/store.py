@@ -137,7 +137,7 @@ class Store:
         # key -> peer -> (addrs, expires, IP prefix of the announcing peer or None)
         self.providers: dict[bytes, dict[PeerId, tuple[list[bytes], float, str | None]]] = {}
         self._db: sqlite3.Connection | None = None
-        # slot -> row to write, or None: delete it (an evicted record); a newer version replaces
+        # slot -> row to write, or None: delete it (evicted or expired); a newer version replaces
         self._pending: dict[tuple[bytes, bytes], tuple | None] = {}
         self.write_errors = 0
         self._count = 0  # records held (kept up to date: put is on the hot path)
@@ -331,7 +331,7 @@ class Store:
 
     @property
     def pending(self) -> int:
-        """Records acknowledged (or evicted) but not yet committed to disk."""
+        """Records acknowledged (or evicted, expired) but not yet committed to disk."""
         return len(self._pending)
 
     def flush(self) -> None:
@@ -415,7 +415,7 @@ class Store:
                 raise QuotaExceeded("provider_key", "this key has as many providers as it may list")
             self._remove_provider(key, victim)
 
-    def _remove_provider(self, key: bytes, peer: PeerId) -> None:
+    def _remove_provider(self, key: bytes, peer: PeerId, on_disk: bool = True) -> None:
         entries = self.providers[key]
         _, _, prefix = entries.pop(peer)
         if not entries:
@@ -426,7 +426,7 @@ class Store:
             del self._provider_keys[peer]
         if prefix is not None:
             self._forget_prefix(prefix)
-        if self._db is not None:
+        if self._db is not None and on_disk:
             self._db.execute("DELETE FROM providers WHERE key = ? AND peer = ?", (key, peer.multihash))
 
     def _forget_prefix(self, prefix: str) -> None:
@@ -439,16 +439,19 @@ class Store:
         return [(p, a) for p, (a, exp, _) in self.providers.get(key, {}).items() if exp > now]
 
     def expire(self, now: float | None = None) -> None:
+        """Forget expired records and providers. Records leave the disk with the next ``flush`` (by
+        primary key: a scan of the records table would read every blob)."""
         now = time.time() if now is None else now
         self._last_expire = now
         for key in list(self.records):
             for sub in [s for s, r in self.records[key].items() if r.expires_at <= now]:
                 self._drop((key, sub))
+                if self._db is not None:
+                    self._pending[(key, sub)] = None
         for key in list(self.providers):
             for peer in [p for p, e in self.providers[key].items() if e[1] <= now]:
-                self._remove_provider(key, peer)
+                self._remove_provider(key, peer, on_disk=False)
         if self._db is not None:
-            self._db.execute("DELETE FROM records WHERE expires <= ?", (now,))
             self._db.execute("DELETE FROM providers WHERE expires <= ?", (now,))
 
     def save_routing(self, contacts: list[tuple[PeerId, list[bytes]]]) -> None:
