@@ -62,6 +62,7 @@ async def test_an_identity_and_its_sybils_cannot_fill_the_store_and_honest_recor
     assert _values(victim, "honest/before") == [(honest.peer_id, b"early")]
     assert _values(victim, "honest/after") == [(honest.peer_id, b"late")]
     assert victim.call("dht.status")["stored_bytes"] <= QUOTA
+    assert "Traceback" not in victim.log()
 
 
 async def test_a_squatter_in_another_peers_subkey_is_refused(daemons):
@@ -72,3 +73,4 @@ async def test_a_squatter_in_another_peers_subkey_is_refused(daemons):
     # the owner of the slot publishes later (older timestamp than the squat) and is still stored
     assert honest.call("dht.put", key="mesh/tiny-model", value=b"honest announcement") == 2
     assert _values(victim, "mesh/tiny-model") == [(honest.peer_id, b"honest announcement")]
+    assert "Traceback" not in victim.log()
