@@ -147,11 +147,10 @@ def test_keys_are_deterministic():
     assert peer_key(me) == key_id(me.multihash) and 0 <= peer_key(me) < 1 << 256
 
 
-def test_store_counts_expiry_and_limit(tmp_path, monkeypatch):
+def test_store_counts_expiry_and_limit(tmp_path):
     from lattice.dht import store as store_mod
 
-    monkeypatch.setattr(store_mod, "MAX_RECORDS", 3)
-    store = store_mod.Store(tmp_path / "s.sqlite")
+    store = store_mod.Store(tmp_path / "s.sqlite", store_mod.StoreLimits(max_records=3))
     me = KeyPair.generate()
     for i in range(3):
         assert store.put(records.create(me, b"k%d" % i, b"v", NOW + 10 + i, now=NOW), now=NOW)

@@ -61,6 +61,10 @@ class NodeConfig:
     bootstrap_node: bool = False  # public bootstrap node (lattice.swarm.roles sets its limits)
     swarm: str = "default"  # swarm profile to join (lattice.swarm.profiles): built-in or from swarm_file
     swarm_file: Path | None = None  # TOML file of [swarm.NAME] profiles
+    # DHT store quotas (lattice.dht.store.StoreLimits): record bytes a node keeps for others
+    dht_max_bytes: int = 256 << 20  # whole store (RAM, and about as much in dht.sqlite)
+    dht_max_bytes_per_publisher: int = 4 << 20  # one signer's records
+    dht_max_bytes_per_prefix: int = 16 << 20  # records PUT by peers of one /24 or /48 (not exempt IPs)
     # Observability (lattice.observe)
     metrics_listen: str | None = None  # HOST:PORT of /metrics, /api/state and the web page (off if None)
     log_format: str = "text"  # text | json (one JSON object per line)
@@ -120,6 +124,9 @@ class NodeConfig:
             "inbox_max_bytes",
             "inbox_max_files_per_peer",
             "inbox_max_bytes_per_peer",
+            "dht_max_bytes",
+            "dht_max_bytes_per_publisher",
+            "dht_max_bytes_per_prefix",
         ):
             self._positive_int(name)
         for name in ("relay", "hole_punching", "upnp", "mdns", "control", "bootstrap_node"):

@@ -3,7 +3,9 @@
 A record lives in a slot ``(key, subkey)``. The subkey defaults to the publisher's peer id, so every
 writer has its own entry under a shared key (a dictionary value, one entry per writer) and nobody can
 overwrite somebody else's. Keys under ``/owned/<peer id>/`` accept records from that peer only. A
-record replaces the one in its slot only if it comes from the same publisher and is newer. Every hop
+record replaces the one in its slot only if it comes from the same publisher and is newer. A subkey that
+is a peer id (raw multihash or base58 text) must be that peer's own: otherwise a stranger could take
+another peer's default slot ahead of it and hide its value (mesh announcements live there). Every hop
 verifies the signature (domain-separated, over a canonical msgpack encoding; once per distinct
 record: valid signatures are remembered); values above ``MAX_VALUE`` are refused at ``put`` with
 a clear error, never stored and silently dropped.
@@ -20,10 +22,11 @@ from dataclasses import dataclass
 import msgpack
 
 from lattice.errors import IdentityError, LatticeError
-from lattice.identity import KeyPair, PeerId, PublicKey, verify_for
+from lattice.identity import KeyPair, PeerId, PublicKey, b58decode, verify_for
 
 MAX_KEY = 512
 MAX_SUBKEY = 128
+MIN_PEER_ID = 34  # bytes of the shortest real peer id (a sha2-256 multihash); shorter ones are not ids
 MAX_VALUE = 64 * 1024
 MAX_TTL = 30 * 24 * 3600.0
 CLOCK_SKEW = 120.0
@@ -80,7 +83,8 @@ class Record:
         return cls(key, subkey, value, publisher, float(published_at), float(expires_at), signature)
 
 
-def _signed_bytes(key: bytes, subkey: bytes, value: bytes, published_at: float, expires_at: float) -> bytes:
+def signed_bytes(key: bytes, subkey: bytes, value: bytes, published_at: float, expires_at: float) -> bytes:
+    """What a record's signature covers (canonical msgpack of every field but the publisher)."""
     return msgpack.packb([key, subkey, value, published_at, expires_at], use_bin_type=True)
 
 
@@ -97,7 +101,7 @@ def create(
     subkey = keypair.peer_id.multihash if subkey is None else subkey
     if len(value) > MAX_VALUE:
         raise RecordError(f"value of {len(value)} bytes is over the limit of {MAX_VALUE} bytes")
-    signed = _signed_bytes(key, subkey, value, now, expires_at)
+    signed = signed_bytes(key, subkey, value, now, expires_at)
     signature = keypair.sign_for(SIGN_CONTEXT, signed)
     record = Record(key, subkey, value, keypair.public_key.raw, now, expires_at, signature)
     _remember(_digest(record.publisher, signed, signature))  # we just signed it: valid by construction
@@ -144,6 +148,39 @@ def _signature_ok(public: PublicKey, signed: bytes, signature: bytes) -> bool:
     return True
 
 
+def subkey_peer(subkey: bytes) -> PeerId | None:
+    """The peer a subkey names, if it is a peer id: its multihash bytes or its base58 text."""
+    if len(subkey) < MIN_PEER_ID:
+        return None
+    candidates = [subkey]
+    if subkey.isascii() and subkey.isalnum():
+        try:
+            candidates.append(b58decode(subkey.decode()))
+        except ValueError:
+            pass
+    for raw in candidates:
+        if len(raw) >= MIN_PEER_ID:
+            try:
+                return PeerId(raw)
+            except (IdentityError, ValueError):
+                continue
+    return None
+
+
+def _check_subkey(record: Record, public: PublicKey) -> None:
+    """A subkey naming a peer belongs to that peer (the default slot of every writer)."""
+    if record.subkey == _default_subkey(public):
+        return
+    named = subkey_peer(record.subkey)
+    if named is not None and named != public.peer_id():
+        raise RecordError("a subkey that is a peer id must be signed by that peer")
+
+
+def _default_subkey(public: PublicKey) -> bytes:
+    """The publisher's own peer id multihash (Ed25519: identity multihash of the protobuf key)."""
+    return b"\x00\x24\x08\x01\x12\x20" + public.raw
+
+
 Validator = Callable[[Record], None]
 _VALIDATORS: dict[bytes, Validator] = {}
 
@@ -168,9 +205,10 @@ def validate(record: Record, now: float | None = None) -> None:
         public = _public_key(record.publisher)
     except (IdentityError, ValueError):
         raise RecordError("record publisher key is invalid") from None
-    signed = _signed_bytes(record.key, record.subkey, record.value, record.published_at, record.expires_at)
+    signed = signed_bytes(record.key, record.subkey, record.value, record.published_at, record.expires_at)
     if not _signature_ok(public, signed, record.signature):
         raise RecordError("record signature is invalid")
+    _check_subkey(record, public)
     if record.key.startswith(OWNED_PREFIX):
         owner = record.key[len(OWNED_PREFIX) :].split(b"/", 1)[0]
         if owner.decode("ascii", "replace") != public.peer_id().to_base58():

@@ -7,7 +7,10 @@
 Wire: libp2p Kademlia messages (varint-delimited protobuf) under a configurable protocol id
 (default ``/lattice/kad/1.0.0``). Streams to a peer are pooled and reused across requests, so a
 lookup pays no protocol negotiation per hop. Every record is verified on every hop (signature,
-expiry, size, ownership); rejections are counted in ``stats``.
+expiry, size, ownership, the peer-id subkey rule); rejections are counted in ``stats``. What a
+stranger may store here is bounded by byte quotas (store, publisher, sender IP prefix: ``StoreLimits``);
+a refusal is answered like any refused PUT, counted (``quota_refused*``), and a peer that keeps
+writing after its refusals earns misbehaviour points.
 """
 
 from __future__ import annotations
@@ -28,11 +31,12 @@ from lattice.dht.keys import bucket_index, key_id, peer_key
 from lattice.dht.lookup import Lookup
 from lattice.dht.records import Record, RecordError
 from lattice.dht.routing import RoutingTable
-from lattice.dht.store import WRITE_BEHIND, Store
+from lattice.dht.store import WRITE_BEHIND, QuotaExceeded, Store, StoreLimits
 from lattice.errors import LatticeError, PayloadError, TransportError
 from lattice.identity import PeerId
 from lattice.multiaddr import Multiaddr, dialable, is_public
 from lattice.transport.framing import read_delimited
+from lattice.transport.limits import PENALTY_THROTTLED, TokenBucket
 from lattice.transport.peerstore import PeerInfo
 from lattice.transport.yamux import YamuxStream
 
@@ -59,6 +63,11 @@ class DHTConfig:
     republish_interval: float = 3600.0
     persist: bool = True
     optimistic_store: bool = True  # PUT_VALUE to the table's k closest while the lookup runs
+    store_limits: StoreLimits | None = None  # None: from the node's config (dht_max_bytes, ...)
+    # refusals over a quota forgiven per peer (a burst, refilled per second); each one beyond costs
+    # the peer a misbehaviour point: an honest peer is refused rarely, an abuser keeps sending
+    quota_grace: float = 16.0
+    quota_grace_per_s: float = 0.2
 
 
 @dataclass
@@ -107,7 +116,8 @@ class DHT:
         self._dirty = trio.Event()  # the store has records to commit (the write-behind task's cue)
         self.admit: Any = None  # (PeerInfo) -> bool: may this peer enter the routing table (swarm guard)
         self.stats = {"requests_in": 0, "requests_out": 0, "rejected_records": 0, "malformed": 0,
-                      "failed_requests": 0}  # fmt: skip
+                      "failed_requests": 0, "quota_refused": 0}  # fmt: skip
+        self._refusals: dict[PeerId, TokenBucket] = {}  # quota refusals forgiven per peer
         # operation -> [count, total seconds] (Prometheus summaries: lattice_dht_op_seconds)
         self.latency: dict[str, list[float]] = {}
 
@@ -117,7 +127,8 @@ class DHT:
         host = node.host
         self.table = RoutingTable(host.peer_id, self.config.k)
         path = node.config.data_dir / "dht.sqlite" if self.config.persist else None
-        self.store = await trio.to_thread.run_sync(Store, path)
+        limits = self.config.store_limits or _store_limits(node.config)
+        self.store = await trio.to_thread.run_sync(Store, path, limits)
         for peer, raw_addrs in self.store.load_routing():
             addrs = _parse_addrs(raw_addrs)
             self._remember(peer, addrs)
@@ -203,6 +214,7 @@ class DHT:
                 last_republish = now
                 await self._republish()
             self.store.expire()
+            self._dirty.set()  # expired records leave the disk with the next commit
 
     async def _safe_lookup(self, key: bytes) -> None:
         try:
@@ -348,13 +360,15 @@ class DHT:
     ) -> int:
         """Store a signed record on the k closest peers; returns how many stored it (incl. this node).
 
-        Raises RecordError at once for a value over 64 KiB or a key this node may not write.
+        Raises RecordError at once for a value over 64 KiB, a key or subkey this node may not write,
+        or a record over this publisher's quota (QuotaExceeded: every node has the same default).
         """
         key = _as_key(key)
         value = _as_key(value)
         expires = expires_at if expires_at is not None else time.time() + (ttl or 3600.0)
         sub = _as_key(subkey) if subkey is not None else None
         record = records.create(self.node.host.keypair, key, value, expires, sub)
+        self.store.check(record)
         self._published[(record.key, record.subkey)] = record
         return await self._replicate(record)
 
@@ -418,8 +432,11 @@ class DHT:
             far = max((peer_key(p) ^ target for p in closest), default=0)
             stored = 0
             if len(closest) < k or me_key ^ target <= far:  # we are among the k closest
-                stored += self.store.put(record, defer=True)  # (a full store raises, as before)
-                self._dirty.set()
+                try:
+                    stored += self.store.put(record, defer=True)
+                    self._dirty.set()
+                except QuotaExceeded as exc:  # full of others' records: the replicas may take it
+                    log.info("this node did not keep its own record: %s", exc)
             late = send(closest)
         final = set(closest)
         stored += len(acked & final)
@@ -508,7 +525,10 @@ class DHT:
         key = _as_key(key)
         host = self.node.host
         me = protocol.PeerEntry(host.peer_id, dialable(host.advertised_addrs()))
-        self.store.add_provider(key, host.peer_id, [a.to_bytes() for a in me.addrs])
+        try:
+            self.store.add_provider(key, host.peer_id, [a.to_bytes() for a in me.addrs])
+        except QuotaExceeded as exc:  # announced to the others all the same
+            log.info("this node did not list itself as a provider: %s", exc)
         look = await self._lookup(key, protocol.FIND_NODE, beta=self.config.beta)
         message = protocol.Message(protocol.ADD_PROVIDER, key, providers=[me])
         sent = 0
@@ -671,8 +691,12 @@ class DHT:
                 record = Record.decode(req.record_value or b"")
                 if record.key != key:
                     raise RecordError("record key does not match the request key")
-                stored = self.store.put(record, defer=True)  # committed behind (_write_behind)
+                prefix = self._prefix_of(requester)
+                stored = self.store.put(record, defer=True, prefix=prefix)  # committed behind
                 self._dirty.set()
+            except QuotaExceeded as exc:
+                self._refused(requester, exc)
+                stored = False
             except RecordError as exc:
                 self.stats["rejected_records"] += 1
                 log.debug("rejected record from %s: %s", requester, exc)
@@ -686,7 +710,12 @@ class DHT:
         if req.type == protocol.ADD_PROVIDER:
             for entry in req.providers:
                 if entry.peer == requester:  # a peer may only announce itself
-                    self.store.add_provider(key, entry.peer, [a.to_bytes() for a in entry.addrs])
+                    try:
+                        addrs = [a.to_bytes() for a in entry.addrs]
+                        self.store.add_provider(key, entry.peer, addrs, prefix=self._prefix_of(requester))
+                    except QuotaExceeded as exc:
+                        self._refused(requester, exc)
+                        continue
                     self._remember(entry.peer, entry.addrs)
             return None
         if req.type == protocol.GET_PROVIDERS:
@@ -694,6 +723,32 @@ class DHT:
             return protocol.Message(protocol.GET_PROVIDERS, key, providers=providers[: protocol.MAX_PEERS],
                                     closer=self._closer(key, requester))  # fmt: skip
         return None
+
+    def _prefix_of(self, peer: PeerId) -> str | None:
+        """The IP prefix budgets charge ``peer`` to (None: exempt address, e.g. loopback, or unknown)."""
+        host = self.node.host
+        conn = host.connection_to(peer)
+        limits = getattr(host, "limits", None)
+        if conn is None or limits is None:
+            return None
+        return limits.prefix_of(conn.remote_addr.ip)
+
+    def _refused(self, peer: PeerId, exc: QuotaExceeded) -> None:
+        """Count a refusal over a quota; a peer that keeps sending after its grace is misbehaving."""
+        self.stats["quota_refused"] += 1
+        name = f"quota_refused_{exc.scope}"
+        self.stats[name] = self.stats.get(name, 0) + 1
+        log.debug("refused a DHT write of %s: %s", peer, exc)
+        now = time.monotonic()
+        bucket = self._refusals.get(peer)
+        if bucket is None:
+            if len(self._refusals) >= 4096:
+                self._refusals.pop(next(iter(self._refusals)))
+            grace = TokenBucket(self.config.quota_grace_per_s, self.config.quota_grace, now)
+            bucket = self._refusals[peer] = grace
+        if not bucket.take(now):
+            reason = f"keeps writing over its DHT quota ({exc.scope})"
+            self.node.host.penalize(peer, reason, PENALTY_THROTTLED)
 
     # -- control operations
     async def _op_put(
@@ -711,8 +766,25 @@ class DHT:
         return [list(p) for p in await self.find_providers(key, count)]
 
     async def _op_status(self) -> dict:
-        return {"routing_table": len(self.table) if self.table else 0,
-                "records": self.store.record_count if self.store else 0, **self.stats}  # fmt: skip
+        return {"routing_table": len(self.table) if self.table else 0, **self.store_status(), **self.stats}
+
+    def store_status(self) -> dict:
+        """What the store holds against its quotas (``dht status``, /metrics)."""
+        store = self.store
+        if store is None:
+            return {"records": 0, "stored_bytes": 0, "providers": 0}
+        return {"records": store.record_count, "stored_bytes": store.stored_bytes,
+                "max_bytes": store.limits.max_bytes, "providers": store.provider_count,
+                "evicted": store.evicted}  # fmt: skip
+
+
+def _store_limits(cfg: Any) -> StoreLimits:
+    """The store's limits from a NodeConfig: its byte quotas, the other limits at their defaults."""
+    return StoreLimits(
+        max_bytes=cfg.dht_max_bytes,
+        max_bytes_per_publisher=cfg.dht_max_bytes_per_publisher,
+        max_bytes_per_prefix=cfg.dht_max_bytes_per_prefix,
+    )
 
 
 def _parse_addrs(raw: list) -> list[Multiaddr]:

@@ -90,7 +90,7 @@ def snapshot(node: Any) -> dict:
         if dht is None
         else {
             "routing_table": len(dht.table) if dht.table is not None else 0,
-            "records": dht.store.record_count if dht.store is not None else 0,
+            **dht.store_status(),
             "protocol": dht.config.protocol_id,
             **{k: v for k, v in dht.stats.items() if isinstance(v, int | float)},
             "latency": {op: {"count": c, "sum_s": round(s, 6)} for op, (c, s) in dht.latency.items()},
@@ -157,10 +157,12 @@ def prometheus(snap: dict) -> str:
         w.metric("lattice_dht_routing_table_peers", "gauge", "Peers in the DHT routing table.",
                  dht["routing_table"])  # fmt: skip
         w.metric("lattice_dht_records", "gauge", "Records stored locally.", dht["records"])
+        w.metric("lattice_dht_stored_bytes", "gauge", "Record bytes stored (against the store quota).",
+                 dht["stored_bytes"])  # fmt: skip
         w.metric("lattice_dht_requests_total", "counter", "DHT requests, by direction.",
                  dht.get("requests_in", 0), direction="in")  # fmt: skip
         w.sample("lattice_dht_requests_total", dht.get("requests_out", 0), direction="out")
-        for key in ("failed_requests", "malformed", "rejected_records"):
+        for key in ("failed_requests", "malformed", "rejected_records", "quota_refused"):
             w.metric(f"lattice_dht_{key}_total", "counter", f"DHT {key.replace('_', ' ')}.", dht.get(key, 0))
         if dht["latency"]:
             w.lines += ["# HELP lattice_dht_op_seconds DHT operation latency (lookups, single requests).",

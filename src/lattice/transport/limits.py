@@ -12,6 +12,7 @@ capped or banned by IP; their peers can still be banned by peer id.
 
 from __future__ import annotations
 
+import ipaddress
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -19,7 +20,7 @@ from dataclasses import dataclass, fields
 
 from lattice.errors import ConfigError
 
-__all__ = ["Limits", "PeerLimits", "TokenBucket"]
+__all__ = ["Limits", "PeerLimits", "TokenBucket", "ip_prefix"]
 
 MAX_TRACKED = 65536  # buckets and scores kept at most (oldest dropped): bounded memory under churn
 
@@ -47,6 +48,16 @@ class Limits:
                 object.__setattr__(self, f.name, tuple(value))
             elif not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"swarm limit {f.name} must be a positive number")
+
+
+def ip_prefix(ip: str) -> str:
+    """The block a budget per IP prefix charges ``ip`` to: its /24 (IPv4) or /48 (IPv6). One operator
+    usually holds a whole such block, so sybils from it share one budget."""
+    addr = ipaddress.ip_address(ip)
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    bits = 24 if addr.version == 4 else 48
+    return str(ipaddress.ip_network(f"{addr}/{bits}", strict=False))
 
 
 class TokenBucket:
@@ -93,6 +104,15 @@ class PeerLimits:
     # -- connections
     def exempt(self, ip: str) -> bool:
         return ip in self.limits.exempt_ips
+
+    def prefix_of(self, ip: str | None) -> str | None:
+        """The IP prefix budgets per prefix charge ``ip`` to; None for an exempt or unknown address."""
+        if ip is None or self.exempt(ip):
+            return None
+        try:
+            return ip_prefix(ip)
+        except ValueError:
+            return None
 
     def accept_ip(self, ip: str) -> bool:
         """May a socket from ``ip`` proceed to the handshake? Counts it if so (see :meth:`release_ip`)."""
