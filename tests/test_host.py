@@ -13,6 +13,7 @@ from lattice.errors import ConnectionLost, DialError, NegotiationError, StreamEr
 from lattice.identity import KeyPair
 from lattice.multiaddr import Multiaddr
 from lattice.transport import HostConfig, ping
+from lattice.transport.resources import ResourceLimits
 
 ECHO = "/test/echo/1.0.0"
 SINK = "/test/sink/1.0.0"
@@ -167,7 +168,7 @@ async def test_unknown_protocol_and_wrong_peer_id(host_factory):
 
 
 async def test_garbage_and_silent_sockets_do_not_hurt_the_host(host_factory):
-    a = await host_factory(HostConfig(handshake_timeout=1.0))
+    a = await host_factory(HostConfig(resources=ResourceLimits(handshake_timeout=1.0)))
     b = await host_factory()
     host, port = a.listen_addrs[0].tcp_target()
     silent = [await trio.open_tcp_stream(host, port) for _ in range(20)]

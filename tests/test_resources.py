@@ -155,20 +155,27 @@ def test_pending_handshakes_are_capped_per_ip_and_prefix():
     assert rm.pending_handshakes == 4
 
 
-def test_a_full_node_evicts_the_oldest_pending_handshake_of_the_busiest_prefix():
+def test_a_full_node_evicts_from_the_prefix_holding_the_most_at_once():
     rm, clock = manager(max_pending_handshakes=4, ip_pending_handshakes=4, prefix_pending_handshakes=4)
     evicted = []
-    tickets = []
-    for i in range(4):
+    for i in range(4):  # one prefix holds every slot
         t = rm.begin_handshake(f"198.51.100.{i}")
         t.evict = lambda i=i: evicted.append(i)
-        tickets.append(t)
         clock.now += 0.01
-    assert rm.begin_handshake("203.0.113.5") is None  # all young: nobody is evicted
+    assert rm.begin_handshake("203.0.113.5") is not None  # another prefix: fairness, whatever the age
+    assert evicted == [0] and rm.pending_handshakes == 4 and rm.evicted_handshakes == 1
+
+
+def test_between_balanced_prefixes_only_a_stale_handshake_is_evicted():
+    rm, clock = manager(max_pending_handshakes=4)
+    evicted = []
+    for i in range(4):  # four prefixes, one pending handshake each
+        t = rm.begin_handshake(f"198.51.{100 + i}.1")
+        t.evict = lambda i=i: evicted.append(i)
+        clock.now += 0.01
+    assert rm.begin_handshake("203.0.113.5") is None  # all young: a handshake may be under way
     clock.now += 1.0
-    honest = rm.begin_handshake("203.0.113.5")
-    assert honest is not None and evicted == [0] and tickets[0].done
-    assert rm.pending_handshakes == 4 and rm.evicted_handshakes == 1
+    assert rm.begin_handshake("203.0.113.5") is not None and evicted == [0]  # the oldest, stale
 
 
 def test_handshake_deadline_shrinks_under_pressure():

@@ -49,6 +49,11 @@ def build_parser(with_apps: bool = True) -> argparse.ArgumentParser:
     )
     run.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     run.add_argument("--max-connections", type=int, metavar="N")
+    run.add_argument(
+        "--max-memory",
+        metavar="SIZE",
+        help="memory peers' traffic may hold, e.g. 2GiB (default: a quarter of RAM, >= 256 MiB)",
+    )
     run.add_argument("--enable-bench", action="store_true", help="serve the lattice.bench.* RPC methods")
     run.add_argument(
         "--inbox", action="store_true", help="accept tensors from `send-tensor` into <data-dir>/inbox (.npy)"
@@ -228,6 +233,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         control_socket=args.control,
         log_level=args.log_level,
         max_connections=args.max_connections,
+        max_memory=args.max_memory,
         relay=args.relay,
         relays=args.use_relay,
         reachability=args.reachability,

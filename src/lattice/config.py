@@ -15,8 +15,26 @@ from typing import Any
 
 from lattice.errors import ConfigError
 from lattice.multiaddr import Multiaddr
+from lattice.transport.resources import ResourceLimits
 
-__all__ = ["NodeConfig", "default_data_dir"]
+__all__ = ["NodeConfig", "default_data_dir", "parse_size"]
+
+_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*", re.IGNORECASE)
+_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(value: int | str, name: str = "size") -> int:
+    """Bytes from an int or a string such as "512MiB", "2 GiB", "1.5G" (binary units)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 0:
+            raise ConfigError(f"{name} must not be negative")
+        return value
+    match = _SIZE.fullmatch(str(value))
+    if match is None:
+        raise ConfigError(f"{name}: {value!r} is not a size (examples: 1073741824, 512MiB, 2GiB)")
+    unit = (match.group(2) or "").upper().rstrip("B").rstrip("I")
+    return int(float(match.group(1)) * _UNITS[unit])
+
 
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 _UNIX_PATH_MAX = 107
@@ -43,6 +61,10 @@ class NodeConfig:
     control_socket: Path | None = None
     control: bool = True  # serve the local control API (the daemon always does)
     max_connections: int = 512
+    # Memory that peers' traffic may hold (receive windows, inbound messages, staged uploads), as
+    # bytes or "2GiB"; 0: a quarter of the machine's RAM, at least 256 MiB (docs/operators.md).
+    max_memory: int | str = 0
+    resources: dict[str, Any] = field(default_factory=dict)  # other ResourceLimits fields ([node.resources])
     keepalive_interval: float = 30.0
     dial_timeout: float = 10.0
     log_level: str = "info"
@@ -75,6 +97,15 @@ class NodeConfig:
     inbox_max_bytes_per_peer: int = 4 << 30
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "max_memory", parse_size(self.max_memory, "max_memory"))
+        if not isinstance(self.resources, dict):
+            raise ConfigError("resources must be a table of resource limits")
+        known = {f.name for f in fields(ResourceLimits)} - {"max_memory", "max_connections"}
+        unknown = set(self.resources) - known
+        if unknown:
+            raise ConfigError(
+                f"unknown resources keys: {', '.join(sorted(unknown))} (known: {', '.join(sorted(known))})"
+            )
         for name in ("listen", "bootstrap", "relays"):
             value = getattr(self, name)
             if isinstance(value, str) or not isinstance(value, list | tuple):
@@ -106,6 +137,7 @@ class NodeConfig:
             )
         if not isinstance(self.max_connections, int) or self.max_connections < 1:
             raise ConfigError("max_connections must be a positive integer")
+        _ = self.resource_limits  # validates every budget now (ResourceLimits raises ConfigError)
         for name in ("keepalive_interval", "dial_timeout"):
             value = getattr(self, name)
             if not isinstance(value, int | float) or value <= 0:
@@ -139,6 +171,13 @@ class NodeConfig:
             raise ConfigError("log_format must be text or json")
         if self.log_level not in _LOG_LEVELS:
             raise ConfigError(f"log_level must be one of {', '.join(_LOG_LEVELS)}")
+
+    @property
+    def resource_limits(self) -> ResourceLimits:
+        """The transport's budgets: ``resources`` with ``max_memory`` and ``max_connections``."""
+        return ResourceLimits(
+            **{**self.resources, "max_memory": self.max_memory, "max_connections": self.max_connections}
+        )
 
     def _positive_int(self, name: str) -> None:
         value = getattr(self, name)
@@ -194,6 +233,7 @@ _ENV_SCALARS = {
     "LATTICE_KEY_FILE": ("key_file", str),
     "LATTICE_CONTROL_SOCKET": ("control_socket", str),
     "LATTICE_MAX_CONNECTIONS": ("max_connections", int),
+    "LATTICE_MAX_MEMORY": ("max_memory", str),
     "LATTICE_KEEPALIVE_INTERVAL": ("keepalive_interval", float),
     "LATTICE_DIAL_TIMEOUT": ("dial_timeout", float),
     "LATTICE_LOG_LEVEL": ("log_level", str),

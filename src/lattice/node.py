@@ -128,7 +128,7 @@ class Node:
         host_config = HostConfig(
             agent_version=f"lattice/{__version__}",
             protocol_version=profile.identify_version,
-            max_connections=cfg.max_connections,
+            resources=cfg.resource_limits,
             dial_timeout=cfg.dial_timeout,
         )
         self._stack = AsyncExitStack()

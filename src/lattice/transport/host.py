@@ -30,6 +30,12 @@ from lattice.multiaddr import Multiaddr, MultiaddrError, dialable
 from lattice.transport import multistream, noise, yamux
 from lattice.transport.limits import PENALTY_MALFORMED, PeerLimits
 from lattice.transport.peerstore import PeerInfo
+from lattice.transport.resources import (
+    HandshakeTicket,
+    ResourceLimitExceeded,
+    ResourceLimits,
+    ResourceManager,
+)
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +49,10 @@ class HostConfig:
 
     agent_version: str = "lattice/0.1.0"
     protocol_version: str = "lattice/1.0.0"
-    max_connections: int = 512
-    max_pending_handshakes: int = 64
+    # budgets of memory, connections, pending handshakes and streams (lattice.transport.resources)
+    resources: ResourceLimits = field(default_factory=ResourceLimits)
     dial_timeout: float = 10.0
-    handshake_timeout: float = 10.0
+    handshake_timeout: float = 10.0  # outbound; inbound ones follow resources.handshake_timeout
     negotiate_timeout: float = 10.0
     stream_window: int = 4 * 1024 * 1024
     max_inbound_streams: int = 512
@@ -68,6 +74,7 @@ class Connection:
     # A reachability probe (an AutoNAT dial-back, closed by its dialer right after): never chosen
     # by connection_to, so a call made meanwhile does not land on a connection about to close.
     probe: bool = False
+    ip: str | None = None  # the remote IP of a direct connection (what its budgets count against)
 
     @property
     def closed(self) -> bool:
@@ -132,7 +139,7 @@ class Host:
         self.listen_addrs: list[Multiaddr] = []
         self.peerstore: dict[PeerId, PeerInfo] = {}
         self.observed_addrs: Counter[Multiaddr] = Counter()
-        self._pending_handshakes = 0
+        self.resources = ResourceManager(config.resources)
         self._connect_callbacks: list[Callable[[Connection], None]] = []
         self._disconnect_callbacks: list[Callable[[Connection], None]] = []
         self._closed = False
@@ -255,53 +262,66 @@ class Host:
                 log.warning("accept failed: %s", exc)  # EMFILE and friends: back off, do not spin
                 await trio.sleep(0.1)
                 continue
-            if (
-                self._pending_handshakes >= self.config.max_pending_handshakes
-                or self.num_connections >= self.config.max_connections
-            ):
-                self.stats["inbound_refused"] += 1
+            ip = str(sockaddr[0]).split("%")[0] if sockaddr else ""
+            if self.limits is not None and not self.limits.accept_ip(ip):
+                self.stats["inbound_refused_limits"] += 1
                 _refuse(sock)
                 continue
-            ip = None
-            if self.limits is not None:
-                ip = str(sockaddr[0]).split("%")[0] if sockaddr else ""
-                if not self.limits.accept_ip(ip):
-                    self.stats["inbound_refused_limits"] += 1
-                    _refuse(sock)
-                    continue
-            self._pending_handshakes += 1
-            self._nursery.start_soon(self._handle_inbound_counted, trio.SocketStream(sock), ip)
+            ticket = self.resources.begin_handshake(ip) if self.resources.accepting() else None
+            if ticket is None:  # full, or its IP or prefix holds its share of pending handshakes
+                self.stats["inbound_refused"] += 1
+                if self.limits is not None:
+                    self.limits.release_ip(ip)
+                _refuse(sock)
+                continue
+            self._nursery.start_soon(self._handle_inbound, trio.SocketStream(sock), ip, ticket)
 
-    async def _handle_inbound_counted(self, stream: trio.SocketStream, ip: str | None) -> None:
+    async def _handle_inbound(self, stream: trio.SocketStream, ip: str, ticket: HandshakeTicket) -> None:
         try:
-            await self._handle_inbound(stream)
+            await self._handle_inbound_counted(stream, ip, ticket)
         finally:
-            if ip is not None and self.limits is not None:
+            self.resources.end_handshake(ticket)  # if still pending (an early error)
+            if self.limits is not None:
                 self.limits.release_ip(ip)
 
-    async def _handle_inbound(self, stream: trio.SocketStream) -> None:
+    async def _handle_inbound_counted(
+        self, stream: trio.SocketStream, ip: str, ticket: HandshakeTicket
+    ) -> None:
         try:
             remote = sockaddr_to_multiaddr(stream.socket.getpeername())
             local = sockaddr_to_multiaddr(stream.socket.getsockname())
         except OSError:
-            self._pending_handshakes -= 1
             await trio.aclose_forcefully(stream)
             return
         try:
-            with trio.fail_after(self.config.handshake_timeout):
+            with trio.CancelScope(deadline=trio.current_time() + ticket.timeout) as scope:
+                ticket.evict = scope.cancel  # a newer handshake may take this slot (resources)
                 secure, leftover = await upgrade(stream, self.keypair, outbound=False)
-        except (trio.TooSlowError, TransportError, OSError, trio.BrokenResourceError) as exc:
+        except (TransportError, OSError, trio.BrokenResourceError) as exc:
             self.stats["inbound_handshake_failed"] += 1
             log.debug("inbound handshake from %s failed: %s", remote, exc)
             await trio.aclose_forcefully(stream)
             return
         finally:
-            self._pending_handshakes -= 1
+            self.resources.end_handshake(ticket)
+        if scope.cancelled_caught:
+            self.stats["inbound_handshake_failed"] += 1
+            self.stats["inbound_handshake_timeout"] += 1
+            await trio.aclose_forcefully(stream)
+            return
         if self.limits is not None and not self.limits.accept_peer(secure.remote_peer, remote.ip):
             self.stats["inbound_refused_banned"] += 1
             await trio.aclose_forcefully(stream)
             return
+        try:
+            self.resources.open_connection(secure.remote_peer, ip)
+        except ResourceLimitExceeded as exc:
+            self.stats["inbound_refused_resources"] += 1
+            log.debug("refused a connection of %s: %s", secure.remote_peer, exc)
+            await trio.aclose_forcefully(stream)
+            return
         conn = self._make_connection(secure, False, remote, local, leftover)
+        conn.ip = ip
         await self._run_connection(conn)
 
     # -- dialing
@@ -395,7 +415,14 @@ class Host:
             local = sockaddr_to_multiaddr(sock.getsockname()) if sock is not None else None
         except OSError:
             local = None
+        ip = None if remote.is_relayed else remote.ip  # a relayed peer is not at the relay's IP
+        try:
+            self.resources.open_connection(secure.remote_peer, ip)
+        except ResourceLimitExceeded as exc:
+            await trio.aclose_forcefully(stream)
+            raise DialError(f"no room for a connection to {secure.remote_peer}: {exc}") from None
         conn = self._make_connection(secure, outbound, remote, local, leftover, probe)
+        conn.ip = ip
         ready = trio.Event()
 
         async def run() -> None:
@@ -420,6 +447,7 @@ class Host:
             max_inbound_streams=cfg.max_inbound_streams,
             write_timeout=cfg.write_timeout,
             initial_data=leftover,
+            resources=self.resources,
         )
         session.traffic_in, session.traffic_out = self.traffic_in, self.traffic_out
         conn = Connection(session, secure.remote_peer, remote, local, "outbound" if outbound else "inbound")
@@ -443,6 +471,7 @@ class Host:
             log.exception("connection to %s failed unexpectedly", conn.remote_peer)
             await trio.aclose_forcefully(conn.session.secure.raw)
         finally:
+            self.resources.close_connection(conn.remote_peer, conn.ip)
             if (conn.session.close_reason or "").startswith("protocol error"):
                 self.penalize(conn.remote_peer, f"yamux {conn.session.close_reason}")
             conns = self._conns.get(conn.remote_peer, [])

@@ -198,7 +198,7 @@ class HandshakeTicket:
 
     ip: str
     started: float
-    deadline: float
+    timeout: float  # seconds it may take (shorter under pressure)
     evict: Callable[[], None] | None = None
     done: bool = False
 
@@ -366,7 +366,7 @@ class ResourceManager:
                 self._forget_if_idle(prefix)
                 return None
         if self.node.pending >= lim.max_pending_handshakes:
-            victim = self._evictable(now)
+            victim = self._evictable(now, ip)
             if victim is None:
                 self._refuse(self.node, "handshakes")
                 return None
@@ -374,7 +374,7 @@ class ResourceManager:
             self.end_handshake(victim)
             if victim.evict is not None:
                 victim.evict()
-        ticket = HandshakeTicket(ip, now, now + self.handshake_deadline())
+        ticket = HandshakeTicket(ip, now, self.handshake_deadline())
         self._pending.append(ticket)
         self.node.pending += 1
         self._ip_pending[ip] = self._ip_pending.get(ip, 0) + 1
@@ -383,18 +383,27 @@ class ResourceManager:
             prefix.pending += 1
         return ticket
 
-    def _evictable(self, now: float) -> HandshakeTicket | None:
-        """The pending handshake to sacrifice: the oldest, if it is older than ``evict_after``
-        (preferring one from the IP prefix with the most pending handshakes)."""
-        old = [t for t in self._pending if now - t.started >= self.limits.evict_after]
-        if not old:
-            return None
+    def _evictable(self, now: float, newcomer: str) -> HandshakeTicket | None:
+        """The pending handshake to sacrifice for a newcomer from IP ``newcomer``: the oldest of the
+        prefix holding the most, if that prefix holds more than the newcomer's would (fairness
+        between prefixes, whatever their age); else the oldest one older than ``evict_after`` (a
+        socket silent that long is not a peer completing a handshake)."""
         counts: dict[str, int] = {}
-        for t in old:
-            key = ip_prefix(t.ip)
+        for t in self._pending:
+            key = "" if self._exempt(t.ip) else ip_prefix(t.ip)
             counts[key] = counts.get(key, 0) + 1
-        worst = max(counts.values())
-        return next(t for t in old if counts[ip_prefix(t.ip)] == worst)
+        counts.pop("", None)
+        mine = 0 if self._exempt(newcomer) else counts.get(ip_prefix(newcomer), 0)
+        if counts:
+            worst_prefix, worst = max(counts.items(), key=lambda kv: kv[1])
+            if worst > mine + 1:
+                return next(
+                    t for t in self._pending if not self._exempt(t.ip) and ip_prefix(t.ip) == worst_prefix
+                )
+        oldest = self._pending[0] if self._pending else None
+        if oldest is not None and now - oldest.started >= self.limits.evict_after:
+            return oldest
+        return None
 
     def end_handshake(self, ticket: HandshakeTicket) -> None:
         if ticket.done:
@@ -417,6 +426,13 @@ class ResourceManager:
         return self.node.pending
 
     # -- connections and streams
+    def accepting(self) -> bool:
+        """Room for one more connection at all (checked at accept, before any handshake work)."""
+        if self.node.conns + self.node.pending < self.limits.max_connections:
+            return True
+        self._refuse(self.node, "connections")
+        return False
+
     def open_connection(self, peer: Hashable, ip: str | None) -> None:
         """Count a secured connection of ``peer`` from ``ip``; raises ResourceLimitExceeded when the
         node, the prefix or the peer has no connection to spare."""

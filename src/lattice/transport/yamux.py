@@ -23,6 +23,7 @@ import trio
 from trio.lowlevel import ParkingLot
 
 from lattice.errors import ConnectionLost, ProtocolError, StreamError, StreamReset, TransportError
+from lattice.transport.resources import Lease, ResourceLimitExceeded, ResourceManager
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,7 @@ NOISE_PAYLOAD = 65519
 ALIGNED_FRAME = 4 * NOISE_PAYLOAD
 ALIGNED_BATCH = 17 * NOISE_PAYLOAD  # just over 1 MiB: a 1 MiB payload still goes in one write
 GO_AWAY_NORMAL, GO_AWAY_PROTOCOL_ERROR, GO_AWAY_INTERNAL_ERROR = 0, 1, 2
+MAX_CONTROL_BACKLOG = 256 * 1024  # queued control frames (12 bytes each) before we give up on a peer
 
 
 async def _acquire(lock: trio.Lock) -> None:
@@ -58,15 +60,20 @@ def header(ftype: int, flags: int, stream_id: int, length: int) -> bytes:
 class YamuxStream:
     """One bidirectional stream. ``read`` returns b"" only after the peer closed its side cleanly."""
 
-    def __init__(self, session: YamuxSession, stream_id: int, outbound: bool) -> None:
+    def __init__(
+        self, session: YamuxSession, stream_id: int, outbound: bool, window: int, lease: Lease | None = None
+    ) -> None:
         self.session = session
         self.id = stream_id
         self.outbound = outbound
         self.protocol: str | None = None
         self._buf: deque[bytes] = deque()
         self._buf_len = 0
-        # We grant our full window up front: on the SYN (outbound) or the ACK (inbound).
-        self._recv_window = session.window  # bytes the peer may still send
+        # We grant our full window up front: on the SYN (outbound) or the ACK (inbound). It is
+        # memory the peer may make us hold, reserved from its budget (``lease``) by the session.
+        self.window = window
+        self._lease = lease
+        self._recv_window = window  # bytes the peer may still send
         self._unacked = 0  # consumed bytes not yet returned to the peer as window
         self._send_window = INITIAL_WINDOW
         self._syn_pending = outbound
@@ -119,7 +126,7 @@ class YamuxStream:
                 self.session._queue_control(bytes(frame))
 
     def _ack_frame(self) -> bytes:
-        return header(TYPE_WINDOW_UPDATE, FLAG_ACK, self.id, self.session.window - INITIAL_WINDOW)
+        return header(TYPE_WINDOW_UPDATE, FLAG_ACK, self.id, self.window - INITIAL_WINDOW)
 
     async def read(self, max_bytes: int = 65536) -> bytes:
         while not self._buf:
@@ -259,7 +266,7 @@ class YamuxStream:
     def _consumed(self, n: int) -> None:
         self._buf_len -= n
         self._unacked += n
-        if self._unacked >= self.session.window // 2 and self._error is None and not self._remote_fin:
+        if self._unacked >= self.window // 2 and self._error is None and not self._remote_fin:
             delta = self._unacked
             self._unacked = 0
             self._recv_window += delta
@@ -291,6 +298,8 @@ class YamuxStream:
     async def write(self, data: bytes | bytearray | memoryview, fin: bool = False) -> None:
         """Send ``data`` (waiting for window as needed); ``fin=True`` half-closes in the same frame."""
         session = self.session
+        if not self.outbound and session.backlogged(min(len(data), session.max_batch)):
+            await self._drop_reply()
         if type(data) is bytes and self._one_frame(len(data)):  # the small-call fast path
             total = len(data)
             session.traffic_out[self.protocol] += total
@@ -341,6 +350,13 @@ class YamuxStream:
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         await self.write(data)
 
+    async def _drop_reply(self) -> None:
+        """The peer does not read what we already queued for it: rather than buffer one more reply,
+        reset this stream (issue 16, defect 2: replies piled up until the 30 s write timeout)."""
+        self.session.dropped_replies += 1
+        await self.reset()
+        raise StreamReset("the peer is not reading its replies; this one was dropped")
+
     def _opening_frames(self) -> list[bytes | memoryview]:
         """SYN or ACK not yet sent, and a deferred negotiation reply: they lead our first write."""
         parts: list[bytes | memoryview] = []
@@ -359,7 +375,7 @@ class YamuxStream:
 
     def _syn_frame(self, flags: int) -> bytes:
         """Open the stream and grant our window beyond the spec's initial 256 KiB in one frame."""
-        return header(TYPE_WINDOW_UPDATE, FLAG_SYN | flags, self.id, self.session.window - INITIAL_WINDOW)
+        return header(TYPE_WINDOW_UPDATE, FLAG_SYN | flags, self.id, self.window - INITIAL_WINDOW)
 
     async def close(self) -> None:
         """Half-close: we send no more data (FIN); reading continues."""
@@ -462,6 +478,8 @@ class YamuxSession:
         max_inbound_streams: int = 512,
         write_timeout: float = 30.0,
         initial_data: bytes = b"",
+        resources: ResourceManager | None = None,
+        max_queued_out: int = 4 * 1024 * 1024,
     ) -> None:
         self.secure = secure
         self.remote_peer = secure.remote_peer
@@ -471,6 +489,12 @@ class YamuxSession:
         self.max_batch = max_batch  # bytes of one stream sent per lock hold: others interleave
         self.max_inbound_streams = max_inbound_streams
         self.write_timeout = write_timeout
+        self.resources = resources  # stream counts and receive windows come from the peer's budget
+        self.max_queued_out = max_queued_out  # bytes waiting to be sent before replies are dropped
+        self._queued_out = 0
+        self._control_bytes = 0
+        self.dropped_replies = 0
+        self.refused_streams = 0
         self._on_stream = on_stream
         self._streams: dict[int, YamuxStream] = {}
         self._next_id = 1 if is_client else 2
@@ -506,12 +530,44 @@ class YamuxSession:
         if self._go_away_received:
             raise ConnectionLost("peer is going away")
         stream_id = self._next_id
-        self._next_id += 2
         if stream_id >= 1 << 32:
             raise ConnectionLost("stream ids exhausted")
-        stream = YamuxStream(self, stream_id, outbound=True)
+        budget = self._reserve_stream()
+        if budget is None:
+            raise ResourceLimitExceeded("peer", "streams", 1, 0, 0)
+        self._next_id += 2
+        stream = YamuxStream(self, stream_id, True, *budget)
         self._streams[stream_id] = stream
         return stream
+
+    def _reserve_stream(self) -> tuple[int, Lease | None] | None:
+        """Count a new stream and reserve its receive window from the peer's budget: at least the
+        spec's 256 KiB (else None: refuse the stream), our full window if the budget has room."""
+        rm = self.resources
+        if rm is None:
+            return self.window, None
+        peer = self.remote_peer
+        if not rm.try_open_stream(peer):
+            return None
+        lease = rm.lease(peer)
+        if not lease.try_grow(INITIAL_WINDOW):
+            rm.close_stream(peer)
+            return None
+        extra = self.window - INITIAL_WINDOW
+        if extra and lease.try_grow(extra):
+            return self.window, lease
+        return INITIAL_WINDOW, lease
+
+    def _release_stream(self, stream: YamuxStream) -> None:
+        lease, stream._lease = stream._lease, None
+        if lease is not None and self.resources is not None:
+            lease.close()
+            self.resources.close_stream(self.remote_peer)
+
+    def backlogged(self, n: int = 0) -> bool:
+        """More than ``max_queued_out`` bytes wait for the connection (with ``n`` more): the peer
+        is not reading what we send it."""
+        return self._queued_out + n > self.max_queued_out and self._send_lock.locked()
 
     @property
     def going_away(self) -> bool:
@@ -562,19 +618,33 @@ class YamuxSession:
         if self.closed:
             return
         self._control.append(frame)
+        self._control_bytes += len(frame)
+        if self._control_bytes > MAX_CONTROL_BACKLOG:  # e.g. a ping flood from a peer that reads nothing
+            self._terminate("the peer does not read our control frames")
+            return
         self._control_lot.unpark_all()
 
     async def _send_frame(self, *parts: bytes | memoryview) -> None:
         """Send frames (pre-built headers and payload views) in one write, after queued control."""
         if self.closed:
             raise ConnectionLost(self.close_reason or "connection is closed")
-        await _acquire(self._send_lock)
+        lock = self._send_lock
+        try:
+            lock.acquire_nowait()
+        except trio.WouldBlock:  # count what waits for the connection (see backlogged)
+            n = sum([p.nbytes if type(p) is memoryview else len(p) for p in parts])
+            self._queued_out += n
+            try:
+                await lock.acquire()
+            finally:
+                self._queued_out -= n
         try:
             if self.closed:
                 raise ConnectionLost(self.close_reason or "connection is closed")
             if self._control:
                 parts = (*self._control, *parts)
                 self._control.clear()
+                self._control_bytes = 0
             await self._write_shielded(parts)
         finally:
             self._send_lock.release()
@@ -604,6 +674,7 @@ class YamuxSession:
                     continue
                 data = tuple(self._control)
                 self._control.clear()
+                self._control_bytes = 0
                 try:
                     await self._write_shielded(data)
                 except ConnectionLost:
@@ -666,6 +737,7 @@ class YamuxSession:
         error = ConnectionLost(f"connection lost: {reason}")
         for stream in list(self._streams.values()):
             stream._fail(error)
+            self._release_stream(stream)
         self._streams.clear()
         for event in self._pings.values():
             event.set()
@@ -674,8 +746,10 @@ class YamuxSession:
 
     def _forget(self, stream_id: int) -> None:
         stream = self._streams.pop(stream_id, None)
-        if stream is not None and not stream.outbound:
-            self._inbound_count -= 1
+        if stream is not None:
+            self._release_stream(stream)
+            if not stream.outbound:
+                self._inbound_count -= 1
 
     def _feed_counted(self, chunk: bytearray) -> None:
         self.bytes_received += len(chunk)
@@ -796,10 +870,14 @@ class YamuxSession:
                 raise ProtocolError(f"peer opened stream {stream_id} with our parity")
             if self._go_away_received or self.closed:
                 return None
-            if self._inbound_count >= self.max_inbound_streams:
+            budget = None
+            if self._inbound_count < self.max_inbound_streams and self._queued_out <= self.max_queued_out:
+                budget = self._reserve_stream()
+            if budget is None:  # over a cap, out of budget, or our replies to it are not drained
+                self.refused_streams += 1
                 self._queue_control(header(TYPE_WINDOW_UPDATE, FLAG_RST, stream_id, 0))
                 return None
-            stream = YamuxStream(self, stream_id, outbound=False)
+            stream = YamuxStream(self, stream_id, False, *budget)
             self._streams[stream_id] = stream
             self._inbound_count += 1
             stream._ack_pending = True
