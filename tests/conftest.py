@@ -99,7 +99,7 @@ async def rpc_pair(tmp_path, nursery, client_max_message: int | None = None) -> 
             Node(cfg("a"), services=[RPC(RPCConfig(max_message=64 << 20))]) as a,
             Node(cfg("b"), **client) as b,
         ):
-            a.rpc.register("echo", lambda x: x)
+            a.rpc.register("echo", lambda x: x, max_payload=64 << 20)
             box["peer"] = await b.connect(a.addrs[0])
             box["a"], box["b"] = a, b
             ready.set()

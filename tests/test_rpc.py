@@ -338,7 +338,7 @@ async def test_sigkilled_sender_gives_an_error_never_a_short_tensor(tmp_path):
 async def test_sigkilled_caller_never_reaches_the_handler(tmp_path):
     calls = []
     async with Node(_cfg(tmp_path, "server")) as server:
-        server.rpc.register("take", lambda x: calls.append(x.nbytes))
+        server.rpc.register("take", lambda x: calls.append(x.nbytes), max_payload=256 << 20)
         code = (
             "import sys, numpy as np\n"
             "from lattice import Node, NodeConfig\n"

@@ -87,6 +87,11 @@ class NodeConfig:
     dht_max_bytes: int = 256 << 20  # whole store (RAM, and about as much in dht.sqlite)
     dht_max_bytes_per_publisher: int = 4 << 20  # one signer's records
     dht_max_bytes_per_prefix: int = 16 << 20  # records PUT by peers of one /24 or /48 (not exempt IPs)
+    # RPC limits (lattice.rpc.RPCConfig): what peers' calls may make this node hold
+    rpc_max_payload: int | str = 16 << 20  # a method's largest message unless it sets its own ("16MiB")
+    rpc_max_inbound_per_peer: int = 64  # calls of one peer in progress here (node-wide: 2048)
+    rpc_message_idle_timeout: float = 30.0  # an inbound message stalled this long is reset
+    rpc_upload_peer_bytes: int | str = 2 << 30  # resumable-upload staging one peer may hold
     # Observability (lattice.observe)
     metrics_listen: str | None = None  # HOST:PORT of /metrics, /api/state and the web page (off if None)
     log_format: str = "text"  # text | json (one JSON object per line)
@@ -98,6 +103,8 @@ class NodeConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "max_memory", parse_size(self.max_memory, "max_memory"))
+        for name in ("rpc_max_payload", "rpc_upload_peer_bytes"):
+            object.__setattr__(self, name, parse_size(getattr(self, name), name))
         if not isinstance(self.resources, dict):
             raise ConfigError("resources must be a table of resource limits")
         known = {f.name for f in fields(ResourceLimits)} - {"max_memory", "max_connections"}
@@ -159,8 +166,14 @@ class NodeConfig:
             "dht_max_bytes",
             "dht_max_bytes_per_publisher",
             "dht_max_bytes_per_prefix",
+            "rpc_max_payload",
+            "rpc_max_inbound_per_peer",
+            "rpc_upload_peer_bytes",
         ):
             self._positive_int(name)
+        timeout = self.rpc_message_idle_timeout
+        if not isinstance(timeout, int | float) or isinstance(timeout, bool) or not timeout > 0:
+            raise ConfigError("rpc_message_idle_timeout must be a positive number of seconds")
         for name in ("relay", "hole_punching", "upnp", "mdns", "control", "bootstrap_node"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false")

@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from lattice.codec.shapes import MAX_ARRAY_BYTES, checked_nbytes
 from lattice.errors import PayloadError
 
 _FLOATS = ("float16", "float32", "float64", "bfloat16")
@@ -79,24 +80,34 @@ def compress(spec: str, arr: np.ndarray, origin: str = "numpy") -> Compressed:
     return Compressed(spec, data, meta, origin)
 
 
+def decoded_nbytes(meta: Any, limit: int = MAX_ARRAY_BYTES) -> int:
+    """Bytes a compressed tensor decodes to, from its (untrusted) metadata; PayloadError if the
+    metadata is malformed or the result would be over ``limit``."""
+    if not isinstance(meta, dict):
+        raise PayloadError("codec metadata must be a map")
+    dtype = meta.get("dtype")
+    if dtype not in ("float16", "float32", "float64"):
+        raise PayloadError("codec metadata has an invalid dtype")
+    try:
+        return checked_nbytes(meta.get("shape"), np.dtype(dtype).itemsize, limit)
+    except PayloadError as exc:
+        raise PayloadError(f"codec metadata has an invalid shape: {exc}") from None
+
+
 def decompress(spec: str, data: np.ndarray, meta: Any, max_elements: int) -> tuple[np.ndarray, str]:
     """(decoded array, dtype name) from wire data; raises PayloadError on any inconsistency."""
     name, _ = _split(spec)
-    if not isinstance(meta, dict):
-        raise PayloadError("codec metadata must be a map")
-    shape = meta.get("shape")
-    dtype = meta.get("dtype")
-    if (
-        not isinstance(shape, list)
-        or len(shape) > 32
-        or not all(isinstance(d, int) and d >= 0 for d in shape)
-        or math.prod(shape) > max_elements
-    ):
+    decoded_nbytes(meta)
+    shape, dtype = meta["shape"], meta["dtype"]
+    if math.prod(shape) > max_elements:
         raise PayloadError("codec metadata has an invalid shape")
-    if dtype not in ("float16", "float32", "float64"):
-        raise PayloadError("codec metadata has an invalid dtype")
-    out = _REGISTRY[name].decode(data, meta, tuple(shape))
-    return out.astype(dtype, copy=False).reshape(shape), dtype
+    try:
+        out = _REGISTRY[name].decode(data, meta, tuple(shape))
+        return out.astype(dtype, copy=False).reshape(shape), dtype
+    except PayloadError:
+        raise
+    except (ValueError, TypeError, IndexError, OverflowError) as exc:  # a codec's own checks missed it
+        raise PayloadError(f"codec {name}: cannot decode: {exc}") from None
 
 
 def compress_decompress(spec: str, arr: np.ndarray) -> np.ndarray:

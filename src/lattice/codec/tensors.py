@@ -11,7 +11,6 @@ Torch is optional and never imported unless a torch tensor is sent or requested.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,10 +18,10 @@ import msgpack
 import numpy as np
 
 from lattice.codec import compression
+from lattice.codec.shapes import MAX_DIMS, checked_nbytes
 from lattice.errors import PayloadError
 
 TENSOR_EXT = 1
-MAX_DIMS = 32
 MAX_TENSORS = 100_000
 MAX_DEPTH = 64
 
@@ -37,6 +36,14 @@ _DTYPES: dict[str, np.dtype] = {
 _DTYPES["bfloat16"] = np.dtype("uint16")
 
 
+def itemsize(dtype: Any) -> int:
+    """Bytes per element of a wire dtype name; PayloadError if it is not one we accept."""
+    np_dtype = _DTYPES.get(dtype) if isinstance(dtype, str) else None
+    if np_dtype is None:
+        raise PayloadError(f"unsupported dtype {dtype!r}")
+    return np_dtype.itemsize
+
+
 @dataclass
 class TensorSpec:
     """A validated tensor descriptor from the wire; ``buffer`` is filled by the transport."""
@@ -48,6 +55,7 @@ class TensorSpec:
     codec: str | None
     meta: Any
     buffer: np.ndarray | None = None
+    decoded: int = 0  # bytes of the decoded tensor if compressed (from ``meta``, validated)
 
 
 def _is_torch(obj: Any) -> bool:
@@ -179,20 +187,19 @@ def _validate(desc: Any, max_payload: int) -> TensorSpec:
     dtype, shape, nbytes, origin, codec, meta = desc
     if dtype not in _DTYPES:
         raise PayloadError(f"unsupported dtype {dtype!r}")
-    if not isinstance(shape, list) or len(shape) > MAX_DIMS:
-        raise PayloadError("tensor shape must be a list of at most 32 dimensions")
-    if not all(isinstance(d, int) and 0 <= d <= max_payload for d in shape):
-        raise PayloadError("tensor dimensions must be non-negative integers")
     if not isinstance(nbytes, int) or nbytes < 0 or nbytes > max_payload:
         raise PayloadError("tensor byte size out of range")
-    expected = math.prod(shape) * _DTYPES[dtype].itemsize
+    expected = checked_nbytes(shape, _DTYPES[dtype].itemsize, max_payload)
     if expected != nbytes:
         raise PayloadError(f"tensor byte size {nbytes} does not match shape {shape} of {dtype}")
-    if codec is not None and not (isinstance(codec, str) and compression.known(codec)):
-        raise PayloadError(f"unknown tensor codec {codec!r}")
     if origin not in ("numpy", "torch"):
         raise PayloadError("tensor origin must be numpy or torch")
-    return TensorSpec(dtype, tuple(shape), nbytes, origin, codec, meta)
+    decoded = 0
+    if codec is not None:
+        if not (isinstance(codec, str) and compression.known(codec)):
+            raise PayloadError(f"unknown tensor codec {codec!r}")
+        decoded = compression.decoded_nbytes(meta)  # bounded by the receiver before decoding
+    return TensorSpec(dtype, tuple(shape), nbytes, origin, codec, meta, decoded=decoded)
 
 
 def allocate(spec: TensorSpec) -> memoryview:
@@ -201,23 +208,37 @@ def allocate(spec: TensorSpec) -> memoryview:
     return memoryview(spec.buffer)
 
 
-def finish(value: Any, as_torch: bool | None = None, max_elements: int = 1 << 31) -> Any:
-    """Replace TensorSpec placeholders with arrays/tensors built on their (filled) buffers."""
+def finish(value: Any, as_torch: bool | None = None, max_bytes: int | None = None) -> Any:
+    """Replace TensorSpec placeholders with arrays/tensors built on their (filled) buffers.
+
+    ``max_bytes`` bounds what compressed tensors decode to, together (checked before decoding).
+    """
     if not isinstance(value, list | dict | TensorSpec):
         return value  # a scalar, string or bytes: nothing to build (the small-call fast path)
+    left = max_bytes
 
     def build(spec: TensorSpec) -> Any:
+        nonlocal left
         assert spec.buffer is not None
         arr = spec.buffer.view(_DTYPES[spec.dtype]).reshape(spec.shape)
         dtype_name = spec.dtype
         if spec.codec is not None:
-            arr, dtype_name = compression.decompress(spec.codec, arr, spec.meta, max_elements)
+            if left is not None:
+                if spec.decoded > left:
+                    raise PayloadError(f"compressed tensors decode to more than {max_bytes} bytes")
+                left -= spec.decoded
+            arr, dtype_name = compression.decompress(spec.codec, arr, spec.meta, spec.decoded)
         want_torch = spec.origin == "torch" if as_torch is None else as_torch
         if want_torch:
             return _to_torch(arr, dtype_name)
         return arr
 
     return _map(value, lambda obj: build(obj) if isinstance(obj, TensorSpec) else obj)
+
+
+def message_bytes(specs: list[TensorSpec]) -> int:
+    """Memory a message's tensors take once received: payload bytes plus decoded compressed ones."""
+    return sum([s.nbytes + s.decoded for s in specs])
 
 
 def _to_torch(arr: np.ndarray, dtype_name: str) -> Any:

@@ -1,7 +1,8 @@
 """Benchmark methods a daemon serves when started with ``--enable-bench``, and the driver behind
 the ``rpc.bench`` control operation (used by ``bench/rpc.py`` and ``lattice-node rpc-bench``).
 
-Off by default: a peer that may call ``source`` can make the node send up to ``MAX_SOURCE`` bytes.
+Off by default: a peer that may call ``source`` can make the node send up to ``MAX_SOURCE`` bytes, and
+``echo`` and ``sink`` take messages of that size (within the caller's memory budget on this node).
 """
 
 from __future__ import annotations
@@ -20,11 +21,11 @@ _ZEROS: dict[int, np.ndarray] = {}
 
 
 def install(rpc: Any) -> None:
-    @rpc.method("lattice.bench.echo")
+    @rpc.method("lattice.bench.echo", max_payload=MAX_SOURCE)
     async def echo(payload: Any) -> Any:
         return payload
 
-    @rpc.method("lattice.bench.sink")
+    @rpc.method("lattice.bench.sink", max_payload=MAX_SOURCE)
     async def sink(payload: Any) -> int:
         return int(getattr(payload, "nbytes", len(payload) if isinstance(payload, bytes) else 0))
 

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from lattice.errors import LatticeError, PayloadError
 
-__all__ = ["MethodNotFound", "PayloadError", "RPCError", "RPCTimeout", "RemoteError"]
+__all__ = [
+    "MethodNotFound",
+    "OverLimit",
+    "Overloaded",
+    "PayloadError",
+    "RPCError",
+    "RPCTimeout",
+    "RemoteError",
+]
 
 
 class RPCError(LatticeError):
@@ -17,6 +25,16 @@ class RPCTimeout(RPCError, TimeoutError):
 
 class MethodNotFound(RPCError):
     """The peer serves no such method."""
+
+
+class Overloaded(RPCError):
+    """A budget of the callee is exhausted for this call (call slots, memory, upload staging): the
+    caller sees ``RemoteError`` of type "Overloaded" naming the budget, and may retry later."""
+
+
+class OverLimit(PayloadError):
+    """A message is over a method's payload limit (refused before any payload byte is read; the
+    caller sees a PayloadError naming the limit and the method)."""
 
 
 class RemoteError(RPCError):

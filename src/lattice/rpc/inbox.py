@@ -1,11 +1,12 @@
 """A tensor inbox (``lattice-node run --inbox``): peers drop named tensors, the node saves them as .npy.
 
 The server side of ``lattice-node send-tensor PEER FILE.npy``. Off by default, since it lets peers
-write to our disk: names are restricted to a safe alphabet, every tensor is bounded by the RPC's
-message limit, the inbox by :class:`InboxLimits` (files and bytes, for everyone and per peer, so one
-peer cannot fill it for the others), and files appear atomically: written under a random name opened
-with O_EXCL|O_NOFOLLOW (a symlink planted in the inbox is never followed), fsynced, renamed. The
-sender learns the bare file name, not where our disk keeps it.
+write to our disk: names are restricted to a safe alphabet, a tensor larger than the per-peer byte
+cap is refused before it is read (the method's payload limit), the inbox is bounded by
+:class:`InboxLimits` (files and bytes, for everyone and per peer, so one peer cannot fill it for the
+others), and files appear atomically: written under a random name opened with O_EXCL|O_NOFOLLOW (a
+symlink planted in the inbox is never followed), fsynced, renamed. The sender learns the bare file
+name, not where our disk keeps it.
 """
 
 from __future__ import annotations
@@ -103,7 +104,7 @@ def install(rpc: Any, directory: Path, limits: InboxLimits | None = None) -> Non
     _remove_parts(directory)
     lock = trio.Lock()  # one write at a time: the limit check and the write see the same inbox
 
-    @rpc.method(METHOD)
+    @rpc.method(METHOD, max_payload=limits.max_bytes_per_peer)  # more would never fit
     async def put(payload: Any, ctx: Any) -> dict:
         if not isinstance(payload, dict) or set(payload) != {"name", "tensor"}:
             raise PayloadError('expected {"name": str, "tensor": array}')

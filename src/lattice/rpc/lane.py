@@ -33,13 +33,14 @@ from lattice.codec import tensors
 from lattice.errors import PayloadError, StreamError
 from lattice.identity import PeerId
 from lattice.rpc import wire
-from lattice.rpc.errors import MethodNotFound, RemoteError, RPCError
+from lattice.rpc.errors import MethodNotFound, OverLimit, Overloaded, RemoteError, RPCError
 from lattice.transport.yamux import YamuxStream
 
 log = logging.getLogger(__name__)
 
 PROTOCOL_ID = "/lattice/rpc-lane/1.0.0"
 SMALL_CALL = 64 << 10
+MAX_CALL_HEADER = SMALL_CALL + 1024  # a call's header on the callee's lane: its value document and names
 MAX_LANE_CALLS = 1024  # calls in progress on one lane, callee side
 MAX_IDLE_WORKERS = 16  # parked callee workers kept per lane (more exit after their call)
 
@@ -231,6 +232,7 @@ class _Workers:
 
     def submit(self, message: Any) -> None:
         self.scopes[message.call_id] = None  # type: ignore[assignment]  # counted at once
+        self.rpc.begin_inbound(self.peer)  # in the peer's and the node's inbound calls until it ends
         if self.idle:
             trio.lowlevel.reschedule(self.idle.pop(), outcome.Value(message))
         else:
@@ -250,12 +252,14 @@ class _Workers:
                     cid = message.call_id
                     if self.scopes.get(cid) is False:  # cancelled before it started
                         del self.scopes[cid]
+                        self.rpc.end_inbound(self.peer)
                     else:
                         self.scopes[cid] = scope
                         try:
                             await _one_call(self.rpc, self.stream, self.peer, message)
                         finally:
                             self.scopes.pop(cid, None)
+                            self.rpc.end_inbound(self.peer)
                     message = await self._next()
             if scope.cancelled_caught:  # this call was cancelled by its caller: a fresh scope
                 message = await self._next()
@@ -275,9 +279,12 @@ class _Workers:
 
 
 async def serve(rpc: Any, stream: YamuxStream) -> None:
-    """Callee side: run calls concurrently (up to MAX_LANE_CALLS); replies go back tagged with the
-    call's id."""
-    limit = rpc.config.max_message
+    """Callee side: run calls concurrently (up to MAX_LANE_CALLS, and within the peer's and the
+    node's caps on inbound calls); replies go back tagged with the call's id. Only small calls come
+    this way (SMALL_CALL bytes of payload at most: what a caller sends on its lane), left raw until
+    their method's limits are checked (_one_call)."""
+    limit = SMALL_CALL
+    peer = stream.remote_peer
     async with trio.open_nursery() as nursery:
         workers = _Workers(rpc, stream, nursery)
 
@@ -286,7 +293,7 @@ async def serve(rpc: Any, stream: YamuxStream) -> None:
             nothing is left over. Anything else stays buffered for the loop below."""
             try:
                 for _ in range(MAX_LANE_CALLS):
-                    parsed = wire.parse_buffered(stream, limit)
+                    parsed = wire.parse_buffered(stream, limit, max_header=MAX_CALL_HEADER, raw=True)
                     if parsed is None:
                         break
                     message, size = parsed
@@ -297,7 +304,7 @@ async def serve(rpc: Any, stream: YamuxStream) -> None:
                         stream.skip_first(size)
                         workers.cancel(cid)
                     elif message.kind == wire.CALL and message.method and message.has_value:
-                        if workers.busy >= MAX_LANE_CALLS or cid in workers.scopes:
+                        if workers.busy >= MAX_LANE_CALLS or cid in workers.scopes or rpc.inbound_full(peer):
                             break  # the loop below answers "Overloaded" (or rejects the reused id)
                         stream.skip_first(size)
                         workers.submit(message)
@@ -315,7 +322,7 @@ async def serve(rpc: Any, stream: YamuxStream) -> None:
                     await stream.wait_data()
                 finally:
                     stream.on_data = None
-                message = await wire.receive(stream, limit)
+                message = await wire.receive(stream, limit, max_header=MAX_CALL_HEADER, raw=True)
                 cid = message.call_id
                 if cid is None:
                     raise PayloadError("fast-lane message without a call id")
@@ -326,12 +333,15 @@ async def serve(rpc: Any, stream: YamuxStream) -> None:
                     raise PayloadError("the fast lane carries unary calls only")
                 if cid in workers.scopes:
                     raise PayloadError(f"call id {cid} is already in progress")
-                if workers.busy >= MAX_LANE_CALLS:
-                    await wire.send_error(stream, "Overloaded", "too many calls in progress", cid, fin=False)
+                refusal = "too many calls in progress" if workers.busy >= MAX_LANE_CALLS else None
+                refusal = refusal or rpc.inbound_refusal(peer)
+                if refusal is not None:
+                    await wire.send_error(stream, "Overloaded", refusal, cid, fin=False)
                     continue
                 workers.submit(message)
         except PayloadError as exc:  # a broken lane: say why, then drop it (the caller reopens one)
             log.info("fast lane from %s broken: %s", workers.peer, exc)
+            rpc.penalize(peer, f"malformed fast-lane message: {exc}")
             try:
                 await wire.send_error(stream, "PayloadError", str(exc))
             except StreamError:
@@ -345,17 +355,31 @@ async def serve(rpc: Any, stream: YamuxStream) -> None:
 
 async def _one_call(rpc: Any, stream: YamuxStream, peer: PeerId, message: Any) -> None:
     cid = message.call_id
-    entry = rpc._methods.get(message.method)
+    method = message.method
+    entry = rpc.lookup(method)
+    lease = None
     try:
         if entry is None:
-            await wire.send_error(stream, "MethodNotFound", f"no method {message.method!r}", cid, fin=False)
+            await wire.send_error(stream, "MethodNotFound", f"no method {method!r}", cid, fin=False)
             return
         if entry.kind != "unary":
             await wire.send_error(stream, "PayloadError", "not a unary method", cid, fin=False)
             return
+        try:
+            limit = rpc.check_size(peer, entry, method, message.size)
+            if message.size > SMALL_CALL:  # compressed tensors that decode larger: reserve that
+                lease = rpc.reserve(peer, message.size)
+            value = tensors.finish(message.value, None, limit)
+        except (OverLimit, Overloaded) as exc:
+            await wire.send_error(stream, _error_type(exc), str(exc), cid, fin=False)
+            return
+        except PayloadError as exc:  # malformed compressed data
+            rpc.penalize(peer, f"malformed RPC message: {exc}")
+            await wire.send_error(stream, "PayloadError", str(exc), cid, fin=False)
+            return
         rpc.stats["calls_in"] += 1
         try:
-            result = await rpc._invoke(entry, message.value, rpc.context(peer, message.method))
+            result = await rpc._invoke(entry, value, rpc.context(peer, method))
         except StreamError:
             raise
         except Exception as exc:
@@ -369,3 +393,10 @@ async def _one_call(rpc: Any, stream: YamuxStream, peer: PeerId, message: Any) -
             await wire.send(stream, wire.MSG, encoded=encoded, end=True, fin=False, call_id=cid)
     except StreamError:
         pass
+    finally:
+        if lease is not None:
+            lease.close()
+
+
+def _error_type(exc: Exception) -> str:
+    return "PayloadError" if isinstance(exc, PayloadError) else type(exc).__name__

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -39,8 +40,10 @@ from lattice.codec import tensors
 from lattice.errors import LatticeError, NegotiationError, PayloadError, StreamError
 from lattice.identity import PeerId
 from lattice.rpc import lane, wire
-from lattice.rpc.errors import MethodNotFound, RemoteError, RPCError, RPCTimeout
+from lattice.rpc.errors import MethodNotFound, OverLimit, Overloaded, RemoteError, RPCError, RPCTimeout
 from lattice.transport import multistream
+from lattice.transport.limits import PENALTY_THROTTLED
+from lattice.transport.resources import Lease, ResourceLimitExceeded
 from lattice.transport.yamux import YamuxStream
 
 log = logging.getLogger(__name__)
@@ -51,10 +54,32 @@ STREAM_KINDS = ("unary", "server", "client", "bidi")
 
 @dataclass
 class RPCConfig:
-    max_message: int = 4 << 30  # largest message accepted (checked before allocating)
-    max_inflight_per_peer: int = 256  # calls beyond this wait for a free slot instead of failing
-    max_inbound_calls: int = 2048
+    """The RPC service's limits (docs/operators.md, "RPC calls and uploads"). A node's RPC built
+    without an explicit config takes the ``rpc_*`` keys of its NodeConfig."""
+
+    max_message: int = 4 << 30  # hard cap on one message, whatever the method (checked before allocating)
+    max_payload: int = 16 << 20  # a method's message limit unless it registers its own (max_payload=)
+    max_inflight_per_peer: int = 64  # outbound calls to one peer at once (more wait); <= peers' inbound cap
+    max_inbound_calls: int = 2048  # inbound calls in progress, node-wide ...
+    max_inbound_per_peer: int = 64  # ... and from one peer (more are refused: "Overloaded")
+    message_idle_timeout: float = 30.0  # an inbound message that makes no progress this long is reset
     default_timeout: float = 60.0
+    upload_max_bytes: int = 8 << 30  # resumable uploads staged here, all peers (lattice.rpc.resumable) ...
+    upload_peer_bytes: int = 2 << 30  # ... by one peer
+    upload_peer_count: int = 8  # uploads in progress from one peer
+    upload_first_chunk_timeout: float = 30.0  # staging that gets no data is dropped after this ...
+    upload_ttl: float = 300.0  # ... and after this long without a new chunk (a re-begin does not count)
+
+    @classmethod
+    def from_node_config(cls, cfg: Any) -> RPCConfig:
+        """The limits a NodeConfig sets (``rpc_*`` keys), the others at their defaults."""
+        return cls(
+            max_payload=cfg.rpc_max_payload,
+            max_inbound_per_peer=cfg.rpc_max_inbound_per_peer,
+            max_inflight_per_peer=min(cls.max_inflight_per_peer, cfg.rpc_max_inbound_per_peer),
+            message_idle_timeout=cfg.rpc_message_idle_timeout,
+            upload_peer_bytes=cfg.rpc_upload_peer_bytes,
+        )
 
 
 @dataclass
@@ -72,16 +97,45 @@ class _Method:
     takes_ctx: bool
     is_async: bool
     codec: str | None
+    max_payload: int | None  # None: RPCConfig.max_payload
+
+
+class _Inbound:
+    """One inbound call on its own stream: its method once known, the memory reserved for its
+    current message, and the stream's byte count when the idle reaper last saw it move."""
+
+    __slots__ = ("entry", "lease", "mark", "method", "peer", "since", "stream")
+
+    def __init__(self, stream: YamuxStream) -> None:
+        self.stream = stream
+        self.peer: PeerId = stream.remote_peer
+        self.entry: _Method | None = None
+        self.method: str | None = None
+        self.lease: Lease | None = None
+        self.mark = 0
+        self.since = 0.0
+
+    def close(self) -> None:
+        if self.lease is not None:
+            self.lease.close()
 
 
 class RPCStream:
     """A bidirectional message stream (``open_stream`` on the caller, ``stream="bidi"`` handlers)."""
 
-    def __init__(self, stream: YamuxStream, max_message: int, codec: str | None, as_torch: bool | None):
+    def __init__(
+        self,
+        stream: YamuxStream,
+        max_message: int,
+        codec: str | None,
+        as_torch: bool | None,
+        source: Callable[[], Awaitable[wire.Message]] | None = None,
+    ):
         self._stream = stream
         self._max = max_message
         self._codec = codec
         self._as_torch = as_torch
+        self._source = source  # the callee reads through its admission (limits, budget, idle reaper)
         self._sent_end = False
         self._got_end = False
         self._prefix = b""  # lazy protocol negotiation rides on the first write
@@ -104,7 +158,10 @@ class RPCStream:
         """The next value; raises EndOfStream when the peer is done sending."""
         if self._got_end:
             raise trio.EndOfChannel
-        message = await _receive(self._stream, self._max, self._as_torch)
+        if self._source is not None:
+            message = _raise_error(await self._source())
+        else:
+            message = await _receive(self._stream, self._max, self._as_torch)
         if message.kind == wire.END:
             self._got_end = True
             raise trio.EndOfChannel
@@ -131,11 +188,14 @@ class RPC:
 
     def __init__(self, config: RPCConfig | None = None, protocol_id: str = PROTOCOL_ID) -> None:
         self.config = config or RPCConfig()
+        self._configured = config is not None  # else the node's config sets the limits (run)
         self.protocol_id = protocol_id
         self._methods: dict[str, _Method] = {}
         self._node: Any = None
         self._slots: dict[PeerId, trio.Semaphore] = {}
-        self._inbound = 0
+        self._inbound = 0  # inbound calls in progress (own streams and fast lanes) ...
+        self._inbound_peers: dict[PeerId, int] = {}  # ... per peer
+        self._receiving: dict[_Inbound, None] = {}  # inbound messages in progress (the idle reaper's)
         self._negotiation_bytes: bytes | None = None
         self._nursery: trio.Nursery | None = None
         self._lanes: dict[PeerId, lane.Lane] = {}
@@ -144,12 +204,16 @@ class RPC:
         self._addr_peers: dict[str, PeerId] = {}  # peer text (multiaddr or id) -> id (parsed once)
         from lattice.rpc.resumable import Uploads
 
-        self.uploads = Uploads(self, max_bytes=2 * self.config.max_message)
-        self.stats = {"calls_out": 0, "calls_in": 0, "errors_out": 0, "errors_in": 0, "rejected": 0}
+        self.uploads = Uploads(self)
+        self.stats = {"calls_out": 0, "calls_in": 0, "errors_out": 0, "errors_in": 0, "rejected": 0,
+                      "refused_size": 0, "refused_memory": 0, "malformed": 0, "idle_reset": 0}  # fmt: skip
 
     # -- lifecycle
     async def run(self, node: Any, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
         self._node = node
+        node_config = getattr(node, "config", None)
+        if not self._configured and node_config is not None:
+            self.config = RPCConfig.from_node_config(node_config)
         node.host.set_stream_handler(self.protocol_id, self._serve)
         node.host.set_stream_handler(lane.PROTOCOL_ID, self._serve_lane)
         node.add_control_op("rpc.call", self._op_call)
@@ -157,6 +221,7 @@ class RPC:
         node.add_control_op("rpc.bench", self._op_bench)
         async with trio.open_nursery() as nursery:
             self._nursery = nursery  # the lanes' reply readers
+            nursery.start_soon(self._reap_idle)
             task_status.started()
             await trio.sleep_forever()
 
@@ -183,14 +248,25 @@ class RPC:
 
     # -- registration
     def register(
-        self, name: str, fn: Callable[..., Any], *, stream: str | None = None, codec: str | None = None
+        self,
+        name: str,
+        fn: Callable[..., Any],
+        *,
+        stream: str | None = None,
+        codec: str | None = None,
+        max_payload: int | None = None,
     ) -> None:
         """Serve ``fn`` as ``name``. ``stream``: None/"unary", "server", "client" or "bidi".
 
         ``fn(payload)`` or ``fn(payload, ctx)``; for "client" the payload is an async iterator of the
         caller's values; for "bidi" the first argument is an :class:`RPCStream`. ``codec`` compresses
-        the float tensors of replies.
+        the float tensors of replies. ``max_payload``: the largest message a caller may send (tensor
+        bytes, compressed ones counted decoded; default ``RPCConfig.max_payload``): larger ones are
+        refused before any byte is read, and a message's bytes are reserved from the caller's and
+        the node's memory budget while the call holds them.
         """
+        if max_payload is not None and (not isinstance(max_payload, int) or max_payload < 0):
+            raise ValueError("max_payload must be a non-negative number of bytes")
         kind = stream or "unary"
         if kind not in STREAM_KINDS:
             raise ValueError(f"stream must be one of {STREAM_KINDS}")
@@ -209,16 +285,27 @@ class RPC:
         is_async = inspect.iscoroutinefunction(fn) or is_gen
         if kind in ("client", "bidi") and not is_async:
             raise ValueError("client-streaming and bidirectional methods must be async")
-        self._methods[name] = _Method(fn, kind, len(params) >= 2, is_async, codec)
+        self._methods[name] = _Method(fn, kind, len(params) >= 2, is_async, codec, max_payload)
 
-    def method(self, name: str, *, stream: str | None = None, codec: str | None = None):
+    def method(
+        self,
+        name: str,
+        *,
+        stream: str | None = None,
+        codec: str | None = None,
+        max_payload: int | None = None,
+    ):
         """Decorator form of :meth:`register`."""
 
         def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
-            self.register(name, fn, stream=stream, codec=codec)
+            self.register(name, fn, stream=stream, codec=codec, max_payload=max_payload)
             return fn
 
         return decorate
+
+    def lookup(self, name: Any) -> _Method | None:
+        """The registered method ``name`` (None if there is none)."""
+        return self._methods.get(name) if isinstance(name, str) else None
 
     @property
     def methods(self) -> list[str]:
@@ -543,37 +630,175 @@ class RPC:
             finally:
                 slots.release()
 
-    # -- server side
+    # -- server side: admission
+    def inbound_full(self, peer: PeerId) -> bool:
+        """No room for one more inbound call from ``peer`` (node-wide or its own cap)? No side effects."""
+        cfg = self.config
+        mine = self._inbound_peers.get(peer, 0)
+        return self._inbound >= cfg.max_inbound_calls or mine >= cfg.max_inbound_per_peer
+
+    def inbound_refusal(self, peer: PeerId) -> str | None:
+        """Why a new inbound call from ``peer`` is refused now (counted; a peer over its own cap gets a
+        throttle point), or None."""
+        if not self.inbound_full(peer):
+            return None
+        self.stats["rejected"] += 1
+        if self._inbound >= self.config.max_inbound_calls:
+            return f"too many calls in progress (limit {self.config.max_inbound_calls})"
+        self.penalize(peer, "too many RPC calls in progress", PENALTY_THROTTLED)
+        return f"too many calls in progress from this peer (limit {self.config.max_inbound_per_peer})"
+
+    def begin_inbound(self, peer: PeerId) -> None:
+        self._inbound += 1
+        self._inbound_peers[peer] = self._inbound_peers.get(peer, 0) + 1
+
+    def end_inbound(self, peer: PeerId) -> None:
+        self._inbound -= 1
+        left = self._inbound_peers.get(peer, 1) - 1
+        if left > 0:
+            self._inbound_peers[peer] = left
+        else:
+            self._inbound_peers.pop(peer, None)
+
+    @property
+    def inbound_calls(self) -> int:
+        return self._inbound
+
+    def payload_limit(self, entry: _Method) -> int:
+        return self.config.max_payload if entry.max_payload is None else entry.max_payload
+
+    def check_size(self, peer: PeerId, entry: _Method, method: str, size: int) -> int:
+        """The method's payload limit; OverLimit (and a throttle point) if ``size`` is over it."""
+        limit = self.payload_limit(entry)
+        if size > limit:
+            self.stats["refused_size"] += 1
+            self.penalize(peer, f"RPC message over the limit of {method}", PENALTY_THROTTLED)
+            raise OverLimit(f"message payload of {size} bytes is over the limit of {limit} for {method}")
+        return limit
+
+    def reserve(self, peer: PeerId, size: int, lease: Lease | None = None) -> Lease | None:
+        """Hold ``size`` bytes of ``peer``'s and the node's budgets (on the "rpc" scope) in ``lease``
+        (a new one if None), in place of what it held; Overloaded names the budget that is full.
+        A refusal is a throttle point when the peer's own share is what ran out."""
+        if lease is None:
+            if not size:
+                return None
+            lease = self._node.host.resources.lease(peer, self.name)
+        if lease.held:
+            lease.shrink(lease.held)
+        try:
+            lease.grow(size)
+        except ResourceLimitExceeded as exc:
+            self.stats["refused_memory"] += 1
+            if exc.scope in ("peer", "prefix"):
+                self.penalize(peer, f"RPC message over the {exc.scope}'s memory budget", PENALTY_THROTTLED)
+            raise Overloaded(str(exc)) from None
+        return lease
+
+    def penalize(self, peer: PeerId, reason: str, points: float | None = None) -> None:
+        """Feed the peer's misbehaviour score (malformed messages by default; see transport.limits)."""
+        host = self._node.host if self._node is not None else None
+        if host is None:
+            return
+        if points is None:
+            self.stats["malformed"] += 1
+            host.penalize(peer, reason)
+        else:
+            host.penalize(peer, reason, points)
+
+    def _admit(self, call: _Inbound, method: str | None, size: int) -> None:
+        """wire.receive's ``admit`` for a call on its own stream: the method must exist, the message
+        fit its limit and the budgets, before any of its payload is allocated."""
+        if call.entry is None:  # the call's first message names the method
+            entry = self.lookup(method)
+            if entry is None:
+                if not method:
+                    self.penalize(call.peer, "RPC call without a method")
+                    raise PayloadError("a call must start with a call message")
+                raise MethodNotFound(f"no method {method!r}")
+            call.entry, call.method = entry, method
+        assert call.method is not None
+        self.check_size(call.peer, call.entry, call.method, size)
+        call.lease = self.reserve(call.peer, size, call.lease)
+
+    async def _receive_inbound(self, call: _Inbound) -> wire.Message:
+        """The call's next message, admitted and watched by the idle reaper while it arrives (from
+        its first byte: a streaming call may rest between messages); a malformed one is penalized."""
+        stream = call.stream
+        if call.entry is not None:
+            try:
+                await stream.wait_data()
+            except StreamError:
+                pass  # receive says what is wrong
+        call.mark, call.since = stream.received, time.monotonic()
+        self._receiving[call] = None
+        try:
+            return await wire.receive(
+                stream, self.config.max_message, admit=lambda method, size: self._admit(call, method, size)
+            )
+        except PayloadError as exc:
+            if not isinstance(exc, OverLimit):
+                self.penalize(call.peer, f"malformed RPC message: {exc}")
+            raise
+        finally:
+            self._receiving.pop(call, None)
+
+    async def _reap_idle(self) -> None:
+        """Reset inbound messages that made no progress for ``message_idle_timeout`` (their memory and
+        call slot come back) and expire staged uploads. One task scans them all, so receiving needs
+        no timer or cancel scope per message."""
+        while True:
+            timeout = self.config.message_idle_timeout
+            await trio.sleep(min(1.0, timeout / 4))
+            now = time.monotonic()
+            for call in list(self._receiving):
+                received = call.stream.received
+                if received != call.mark:
+                    call.mark, call.since = received, now
+                elif now - call.since >= timeout:
+                    del self._receiving[call]
+                    self.stats["idle_reset"] += 1
+                    self.penalize(call.peer, "stalled RPC message", PENALTY_THROTTLED)
+                    await call.stream.reset()
+            self.uploads.expire()
+
+    # -- server side: calls
     async def _serve_lane(self, stream: YamuxStream) -> None:
         await lane.serve(self, stream)
 
     async def _serve(self, stream: YamuxStream) -> None:
-        if self._inbound >= self.config.max_inbound_calls:
-            self.stats["rejected"] += 1
-            await wire.send_error(stream, "Overloaded", "too many calls in progress")
-            return
-        self._inbound += 1
-        try:
-            await self._serve_call(stream)
-        finally:
-            self._inbound -= 1
-
-    async def _serve_call(self, stream: YamuxStream) -> None:
-        limit = self.config.max_message
         peer = stream.remote_peer
+        refusal = self.inbound_refusal(peer)
+        if refusal is not None:
+            await _reject(stream, "Overloaded", refusal)
+            return
+        call = _Inbound(stream)
+        self.begin_inbound(peer)
         try:
-            first = await wire.receive(stream, limit)
-        except PayloadError as exc:
+            await self._serve_call(call)
+        finally:
+            self.end_inbound(peer)
+            call.close()
+
+    async def _serve_call(self, call: _Inbound) -> None:
+        stream, peer = call.stream, call.peer
+        try:
+            first = await self._receive_inbound(call)
+        except StreamError:
+            return  # reset (by the caller, or as idle) or lost: nobody to answer
+        except (PayloadError, RPCError) as exc:
             self.stats["errors_in"] += 1
-            await _reject(stream, "PayloadError", str(exc))
+            await _reject(stream, _error_type(exc), str(exc))
             return
         if first.kind != wire.CALL or not first.method:
+            self.penalize(peer, "RPC stream without a call")
             await _reject(stream, "PayloadError", "a call must start with a call message")
             return
-        entry = self._methods.get(first.method)
+        entry = call.entry or self.lookup(first.method)
         if entry is None:
             await _reject(stream, "MethodNotFound", f"no method {first.method!r}")
             return
+        call.entry, call.method = entry, first.method
         self.stats["calls_in"] += 1
         ctx = CallContext(peer, first.method)
         try:
@@ -590,7 +815,8 @@ class RPC:
                             await wire.send(stream, wire.MSG, item, has_value=True, codec=entry.codec)
                         await wire.send_end(stream)
                 else:
-                    rpc_stream = RPCStream(stream, limit, entry.codec, None)
+                    source = lambda: self._receive_inbound(call)  # noqa: E731
+                    rpc_stream = RPCStream(stream, self.config.max_message, entry.codec, None, source)
                     if first.has_value:
                         raise PayloadError("streaming calls send values as messages")
                     rpc_stream._got_end = first.last
@@ -604,12 +830,9 @@ class RPC:
                 return
         except StreamError:
             return  # the caller went away or reset: nothing to answer
-        except PayloadError as exc:
+        except (PayloadError, RPCError) as exc:
             self.stats["errors_in"] += 1
-            await _reject(stream, "PayloadError", str(exc))
-        except RPCError as exc:
-            self.stats["errors_in"] += 1
-            await _reject(stream, type(exc).__name__, str(exc))
+            await _reject(stream, _error_type(exc), str(exc))
         except Exception as exc:
             self.stats["errors_in"] += 1
             log.info("handler %s raised %s: %s", first.method, type(exc).__name__, exc)
@@ -629,12 +852,21 @@ def _call(entry: _Method, first: Any, ctx: CallContext) -> Any:
 
 
 async def _receive(stream: YamuxStream, limit: int, as_torch: bool | None) -> wire.Message:
-    message = await wire.receive(stream, limit, as_torch)
+    return _raise_error(await wire.receive(stream, limit, as_torch))
+
+
+def _raise_error(message: wire.Message) -> wire.Message:
+    """``message``, unless it is the peer's error: then raise that."""
     if message.kind == wire.ERR:
         if message.error_type == "MethodNotFound":
             raise MethodNotFound(message.error_message or "")
         raise RemoteError(message.error_type or "Error", message.error_message or "")
     return message
+
+
+def _error_type(exc: Exception) -> str:
+    """The error type a caller is told: PayloadError for every payload problem (OverLimit too)."""
+    return "PayloadError" if isinstance(exc, PayloadError) else type(exc).__name__
 
 
 async def _reject(stream: YamuxStream, type_name: str, message: str) -> None:

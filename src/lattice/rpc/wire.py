@@ -14,6 +14,7 @@ are hot in cache, and the receiver fills preallocated tensors directly (one copy
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,6 +46,12 @@ class Message:
     has_value: bool = False
     last: bool = False  # the sender's final message (carries the end marker)
     call_id: int | None = None  # fast lane: which call a message belongs to
+    size: int = 0  # memory its tensors take: payload bytes, plus what compressed ones decode to
+
+
+# admit(method, size): called once a message's header is validated and before any of its payload is
+# allocated; raises to refuse it (the payload is then left unread: the caller resets the stream).
+Admit = Callable[[str | None, int], None]
 
 
 def encode_header(
@@ -164,27 +171,46 @@ async def send_error(
     await stream.write(header, fin=fin)
 
 
-async def receive(stream: YamuxStream, max_payload: int, as_torch: bool | None = None) -> Message:
+async def receive(
+    stream: YamuxStream,
+    max_payload: int,
+    as_torch: bool | None = None,
+    *,
+    admit: Admit | None = None,
+    max_header: int = MAX_HEADER,
+    raw: bool = False,
+) -> Message:
     """Read one message (validated, bounded).
+
+    ``admit`` sees the method and size of a message with a value before its payload is allocated.
+    ``raw=True`` leaves tensors as filled TensorSpec placeholders (``tensors.finish`` builds them
+    later, e.g. once the method's limit on decoded sizes is known).
 
     A peer that half-closes in the middle of a message gets PayloadError ("truncated"); a lost
     connection or a reset stays a StreamError. Either way no partial value is ever returned.
     """
     try:
-        return await _receive(stream, max_payload, as_torch)
+        return await _receive(stream, max_payload, as_torch, admit, max_header, raw)
     except StreamError as exc:
         if stream.remote_closed:
             raise PayloadError(f"truncated message: {exc}") from None
         raise
 
 
-async def _receive(stream: YamuxStream, max_payload: int, as_torch: bool | None) -> Message:
+async def _receive(
+    stream: YamuxStream,
+    max_payload: int,
+    as_torch: bool | None,
+    admit: Admit | None = None,
+    max_header: int = MAX_HEADER,
+    raw: bool = False,
+) -> Message:
     try:
         (length,) = _U32.unpack(await stream.read_exactly(4))
     except StreamError:
         raise
-    if length > MAX_HEADER:
-        raise PayloadError(f"message header of {length} bytes exceeds {MAX_HEADER}")
+    if length > max_header:
+        raise PayloadError(f"message header of {length} bytes exceeds {max_header}")
     try:
         header = msgpack.unpackb(await stream.read_exactly(length), raw=False, max_bin_len=MAX_HEADER)
     except Exception as exc:
@@ -195,6 +221,9 @@ async def _receive(stream: YamuxStream, max_payload: int, as_torch: bool | None)
     if isinstance(head, Message):
         return head
     kind, call_id, n, method, value, specs, last = head
+    size = tensors.message_bytes(specs) if specs else 0
+    if admit is not None:
+        admit(method, size)  # before any payload byte is allocated
     crc = 0
     for spec in specs:  # allocation happens only now, after every size was checked
         dest = tensors.allocate(spec)
@@ -204,9 +233,9 @@ async def _receive(stream: YamuxStream, max_payload: int, as_torch: bool | None)
         (expected,) = _U32.unpack(await stream.read_exactly(4))
         if expected != crc:
             raise PayloadError("payload checksum mismatch (corrupted transfer)")
-    return Message(
-        kind, value=tensors.finish(value, as_torch), method=method, has_value=True, last=last, call_id=call_id
-    )
+    if not raw:
+        value = tensors.finish(value, as_torch, max_payload)
+    return Message(kind, value=value, method=method, has_value=True, last=last, call_id=call_id, size=size)
 
 
 def _check_header(header: Any, max_payload: int) -> Message | tuple:
@@ -245,20 +274,25 @@ def _check_header(header: Any, max_payload: int) -> Message | tuple:
     return kind, call_id, n, method, value, specs, last
 
 
-def parse_buffered(stream: YamuxStream, max_payload: int) -> tuple[Message, int] | None:
+def parse_buffered(
+    stream: YamuxStream, max_payload: int, *, max_header: int = MAX_HEADER, raw: bool = False
+) -> tuple[Message, int] | None:
     """The next message and its size if it lies complete in the stream's first buffered chunk,
     parsed without waiting and without consuming (``stream.skip_first(size)`` does that); None if
     it is incomplete or anything is wrong with it (``receive`` then reads it and reports why).
+    ``raw`` as for :func:`receive`.
 
     The fast lane calls this from the connection's reader task when data arrives, so a small reply
-    or call needs no wake-up of the lane's own reader task.
+    or call needs no wake-up of the lane's own reader task. Its messages are small (bounded by
+    ``max_payload`` and already inside the stream's reserved window), so there is no ``admit``:
+    the lane checks a call against its method when it dispatches it.
     """
     chunk = stream.first_chunk()
     if chunk is None or len(chunk) < 4:
         return None
     (length,) = _U32.unpack_from(chunk, 0)
     end = 4 + length
-    if length > MAX_HEADER or len(chunk) < end:
+    if length > max_header or len(chunk) < end:
         return None
     try:
         head = _check_header(msgpack.unpackb(chunk[4:end], raw=False, max_bin_len=MAX_HEADER), max_payload)
@@ -279,7 +313,11 @@ def parse_buffered(stream: YamuxStream, max_payload: int) -> tuple[Message, int]
         if _U32.unpack_from(chunk, end)[0] != crc:
             return None
         end += 4
-    message = Message(
-        kind, value=tensors.finish(value), method=method, has_value=True, last=last, call_id=call_id
-    )
+    size = tensors.message_bytes(specs) if specs else 0
+    if not raw:
+        try:
+            value = tensors.finish(value, None, max_payload)
+        except PayloadError:
+            return None
+    message = Message(kind, value=value, method=method, has_value=True, last=last, call_id=call_id, size=size)
     return message, end

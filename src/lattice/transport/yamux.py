@@ -95,6 +95,7 @@ class YamuxStream:
         self._sink: memoryview | None = None
         self._sink_pos = 0
         self._woken = 0  # reader woken by new data and not parked since: it may be about to set a sink
+        self.received = 0  # payload bytes that arrived so far (what an idle-message reaper watches)
 
     @property
     def remote_peer(self):
@@ -256,6 +257,7 @@ class YamuxStream:
     def _on_placed(self, n: int) -> None:
         """``n`` payload bytes were decrypted into the sink: count them as received and consumed."""
         self._recv_window -= n
+        self.received += n
         self.session.traffic_in[self.protocol] += n
         self._sink_pos += n
         self._buf_len += n  # _consumed takes them off again and returns the window
@@ -419,6 +421,7 @@ class YamuxStream:
                 return
             data = data[take:]
         self._recv_window -= len(data)
+        self.received += len(data)
         self.session.traffic_in[self.protocol] += len(data)
         self._buf.append(data)
         self._buf_len += len(data)

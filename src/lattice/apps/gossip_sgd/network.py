@@ -39,6 +39,7 @@ from lattice.apps.gossip_sgd.compress import wire_bytes
 from lattice.codec import compression
 
 METHOD = "gossip_sgd.exchange"
+MAX_PAYLOAD = 256 << 20  # one phase's tensors (models up to ~64M float32 parameters, uncompressed)
 MAX_PHASE = 64
 WINDOW = 3  # rounds ahead of ours we buffer; anything further (or older) is refused
 # Progress is written at most every PROGRESS_EVERY rounds unless a second has passed (and always at
@@ -86,7 +87,14 @@ class Gossip:
     """Delivers :class:`Send` phases between peer processes; one instance per peer and run."""
 
     def __init__(
-        self, node: Any, run: str, kind: str = "ring", degree: int = 4, seed: int = 0, timeout: float = 10.0
+        self,
+        node: Any,
+        run: str,
+        kind: str = "ring",
+        degree: int = 4,
+        seed: int = 0,
+        timeout: float = 10.0,
+        max_payload: int = MAX_PAYLOAD,
     ) -> None:
         self.node, self.run, self.kind, self.degree, self.seed = node, run, kind, degree, seed
         self.timeout = timeout
@@ -99,7 +107,7 @@ class Gossip:
         self._arrived = trio.Condition()
         self._dead: set[str] = set()
         self._progress_at = (-PROGRESS_EVERY, -math.inf)  # (round, monotonic time) last written
-        node.rpc.register(METHOD, self._handle)
+        node.rpc.register(METHOD, self._handle, max_payload=max_payload)
 
     # -- membership (CRDT) and discovery (DHT)
     def join(self, first_round: int = 0) -> None:

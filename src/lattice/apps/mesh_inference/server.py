@@ -106,7 +106,9 @@ class StageServer:
             self.stage = await self._loader(node)
         if self.throughput is None:
             self.throughput = await trio.to_thread.run_sync(self._measure)
-        node.rpc.register("mesh.forward", self._forward)
+        # the largest valid request (max_tokens_per_call hidden states): larger ones are refused unread
+        max_request = self.limits.max_tokens_per_call * max(4 * self.stage.config.hidden, 8) + (1 << 20)
+        node.rpc.register("mesh.forward", self._forward, max_payload=max_request)
         node.rpc.register("mesh.close", self._close)
         node.rpc.register("mesh.info", self._info)
         async with trio.open_nursery() as nursery:
