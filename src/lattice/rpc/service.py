@@ -62,6 +62,7 @@ class RPCConfig:
     max_inflight_per_peer: int = 64  # outbound calls to one peer at once (more wait); <= peers' inbound cap
     max_inbound_calls: int = 2048  # inbound calls in progress, node-wide ...
     max_inbound_per_peer: int = 64  # ... and from one peer (more are refused: "Overloaded")
+    min_inbound_per_peer: int = 4  # calls a peer may have even when the node-wide cap is reached
     message_idle_timeout: float = 30.0  # an inbound message that makes no progress this long is reset
     default_timeout: float = 60.0
     upload_max_bytes: int = 8 << 30  # resumable uploads staged here, all peers (lattice.rpc.resumable) ...
@@ -130,12 +131,14 @@ class RPCStream:
         codec: str | None,
         as_torch: bool | None,
         source: Callable[[], Awaitable[wire.Message]] | None = None,
+        on_error: Callable[[], Awaitable[None]] | None = None,
     ):
         self._stream = stream
         self._max = max_message
         self._codec = codec
         self._as_torch = as_torch
         self._source = source  # the callee reads through its admission (limits, budget, idle reaper)
+        self._on_error = on_error  # the caller: after a failed send, read why the callee refused
         self._sent_end = False
         self._got_end = False
         self._prefix = b""  # lazy protocol negotiation rides on the first write
@@ -145,7 +148,13 @@ class RPCStream:
             raise RPCError("send after done_sending()")
         prefix, self._prefix = self._prefix, b""
         await wire.send(
-            self._stream, wire.MSG, value, has_value=True, codec=codec or self._codec, prefix=prefix
+            self._stream,
+            wire.MSG,
+            value,
+            has_value=True,
+            codec=codec or self._codec,
+            prefix=prefix,
+            on_error=self._on_error,
         )
 
     async def done_sending(self) -> None:
@@ -409,11 +418,12 @@ class RPC:
             return RPCError(f"{method} failed: {exc}")
         return exc
 
-    async def _peer_error(self, stream: YamuxStream) -> None:
+    async def _peer_error(self, stream: YamuxStream, negotiated: bool = False) -> None:
         """After our write failed: if the peer explained why before resetting, raise that instead."""
         try:
             with trio.move_on_after(0.5):
-                await self._check_negotiation(stream)
+                if not negotiated:
+                    await self._check_negotiation(stream)
                 await _receive(stream, self.config.max_message, False)
         except (RemoteError, MethodNotFound):
             raise
@@ -595,9 +605,13 @@ class RPC:
             stream, slots = await self._open(peer)
             try:
                 call_header = self._negotiation() + wire.encode_header(wire.CALL, method=method)
-                rpc_stream = RPCStream(stream, self.config.max_message, codec, as_torch)
-                rpc_stream._prefix = call_header
                 checked = False
+
+                async def refused() -> None:  # a send failed: the callee may have said why
+                    await self._peer_error(stream, negotiated=checked)
+
+                rpc_stream = RPCStream(stream, self.config.max_message, codec, as_torch, on_error=refused)
+                rpc_stream._prefix = call_header
 
                 async def ensure_negotiated() -> None:
                     nonlocal checked
@@ -632,10 +646,14 @@ class RPC:
 
     # -- server side: admission
     def inbound_full(self, peer: PeerId) -> bool:
-        """No room for one more inbound call from ``peer`` (node-wide or its own cap)? No side effects."""
+        """No room for one more inbound call from ``peer``? Its own cap, or the node's once the peer
+        holds its minimum (a crowd of peers at their caps cannot lock out a light one). No side
+        effects."""
         cfg = self.config
         mine = self._inbound_peers.get(peer, 0)
-        return self._inbound >= cfg.max_inbound_calls or mine >= cfg.max_inbound_per_peer
+        if mine >= cfg.max_inbound_per_peer:
+            return True
+        return self._inbound >= cfg.max_inbound_calls and mine >= cfg.min_inbound_per_peer
 
     def inbound_refusal(self, peer: PeerId) -> str | None:
         """Why a new inbound call from ``peer`` is refused now (counted; a peer over its own cap gets a
@@ -643,10 +661,11 @@ class RPC:
         if not self.inbound_full(peer):
             return None
         self.stats["rejected"] += 1
-        if self._inbound >= self.config.max_inbound_calls:
+        cap = self.config.max_inbound_per_peer
+        if self._inbound_peers.get(peer, 0) < cap:
             return f"too many calls in progress (limit {self.config.max_inbound_calls})"
         self.penalize(peer, "too many RPC calls in progress", PENALTY_THROTTLED)
-        return f"too many calls in progress from this peer (limit {self.config.max_inbound_per_peer})"
+        return f"too many calls in progress from this peer (limit {cap})"
 
     def begin_inbound(self, peer: PeerId) -> None:
         self._inbound += 1
