@@ -80,7 +80,7 @@ async def test_huge_payloads_are_refused_before_they_are_read(tmp_path, honest):
             )
             nursery.cancel_scope.cancel()
         assert all(r.startswith("MethodNotFound") for r in missing["replies"]), missing
-        assert all("over the limit of 16777216 for lattice.upload.begin" in r for r in default["replies"]), (
+        assert all("over the limit of 16777216 bytes for lattice.upload.begin" in r for r in default["replies"]), (
             default
         )
         for result in (missing, default):

@@ -174,7 +174,7 @@ async def test_method_and_limit_are_checked_before_the_payload(tmp_path, nursery
     big = np.zeros(32 * MIB, dtype=np.uint8)
     with pytest.raises(MethodNotFound):
         await b.rpc.call(peer, "missing", big)
-    with pytest.raises(RemoteError, match="over the limit of 16777216 for small") as err:
+    with pytest.raises(RemoteError, match="over the limit of 16777216 bytes for small") as err:
         await b.rpc.call(peer, "small", big)
     assert err.value.type == "PayloadError"
     assert rpc_memory(a)["peak"] == 0  # refused from the header: nothing reserved, nothing read
@@ -204,7 +204,7 @@ async def test_streaming_messages_hold_one_reservation_at_a_time(tmp_path, nurse
     chunks = [np.ones(MIB, dtype=np.float32) for _ in range(5)]  # 4 MiB each, 20 MiB in all
     assert await b.rpc.call_client_stream(peer, "total", chunks) == 5 * MIB
     assert rpc_memory(a) == {"memory": 0, "peak": 4 * MIB}
-    with pytest.raises(RemoteError, match="over the limit of 8388608 for total"):
+    with pytest.raises(RemoteError, match="over the limit of 8388608 bytes for total"):
         await b.rpc.call_client_stream(peer, "total", [np.ones(3 * MIB, dtype=np.float32)])
 
 
@@ -280,7 +280,7 @@ async def test_lane_carries_small_calls_and_checks_each_against_its_method(tmp_p
     a, b, _c, peer = await start_pair(tmp_path, nursery, RPCConfig())
     a.rpc.register("tiny", lambda x: float(x.sum()), max_payload=128 * 1024)
     x = np.random.default_rng(0).standard_normal(200_000).astype(np.float32)  # 800 KB decoded
-    with pytest.raises(RemoteError, match="over the limit of 131072 for tiny"):
+    with pytest.raises(RemoteError, match="over the limit of 131072 bytes for tiny"):
         await b.rpc.call(peer, "tiny", x, codec="topk:0.01")  # 16 KB on the wire: the lane
     assert await b.rpc.call(peer, "echo", 3) == 3
     assert a.rpc.stats["malformed"] == 0  # answered on its own: the lane was not dropped as broken
