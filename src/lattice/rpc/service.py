@@ -692,7 +692,8 @@ class RPC:
         if size > limit:
             self.stats["refused_size"] += 1
             self.penalize(peer, f"RPC message over the limit of {method}", PENALTY_THROTTLED)
-            raise OverLimit(f"message payload of {size} bytes is over the limit of {limit} bytes for {method}")
+            what = f"message payload of {size} bytes"
+            raise OverLimit(f"{what} is over the limit of {limit} bytes for {method}")
         return limit
 
     def reserve(self, peer: PeerId, size: int, lease: Lease | None = None) -> Lease | None:
