@@ -366,10 +366,13 @@ async def _one_call(rpc: Any, stream: YamuxStream, peer: PeerId, message: Any) -
             await wire.send_error(stream, "PayloadError", "not a unary method", cid, fin=False)
             return
         try:
-            limit = rpc.check_size(peer, entry, method, message.size)
-            if message.size > SMALL_CALL:  # compressed tensors that decode larger: reserve that
-                lease = rpc.reserve(peer, message.size)
-            value = tensors.finish(message.value, None, limit)
+            if message.size:  # tensors: within the method's limit (0 bytes always are)
+                limit = rpc.check_size(peer, entry, method, message.size)
+                if message.size > SMALL_CALL:  # compressed tensors that decode larger: reserve that
+                    lease = rpc.reserve(peer, message.size)
+                value = tensors.finish(message.value, None, limit)
+            else:
+                value = tensors.finish(message.value)
         except (OverLimit, Overloaded) as exc:
             await wire.send_error(stream, _error_type(exc), str(exc), cid, fin=False)
             return

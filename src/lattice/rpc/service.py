@@ -77,7 +77,6 @@ class RPCConfig:
         return cls(
             max_payload=cfg.rpc_max_payload,
             max_inbound_per_peer=cfg.rpc_max_inbound_per_peer,
-            max_inflight_per_peer=min(cls.max_inflight_per_peer, cfg.rpc_max_inbound_per_peer),
             message_idle_timeout=cfg.rpc_message_idle_timeout,
             upload_peer_bytes=cfg.rpc_upload_peer_bytes,
         )
