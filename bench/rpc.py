@@ -85,8 +85,9 @@ def main() -> None:
     ours: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        a, a_info, _ = start_daemon(work, "a", "--enable-bench")
-        b, b_info, _ = start_daemon(work, "b", "--enable-bench")
+        # a budget that admits the 1 GiB message whatever the machine's RAM (a peer may hold a quarter)
+        a, a_info, _ = start_daemon(work, "a", "--enable-bench", "--max-memory", "8GiB")
+        b, b_info, _ = start_daemon(work, "b", "--enable-bench", "--max-memory", "8GiB")
         try:
             with Client(a_info["control"], timeout=600) as client:
                 peer = b_info["addrs"][0]
