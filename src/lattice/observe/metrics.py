@@ -98,6 +98,7 @@ def snapshot(node: Any) -> dict:
         "rpc": dict(rpc.stats) if rpc is not None and hasattr(rpc, "stats") else None,
         "crdt": dict(crdt.stats) if crdt is not None and hasattr(crdt, "stats") else None,
         "limits": limits.status() if limits is not None else None,
+        "resources": host.resource_stats(),
         "panels": node.dashboard.as_list() if getattr(node, "dashboard", None) else [],
     }
 
@@ -192,4 +193,28 @@ def prometheus(snap: dict) -> str:
                      n, protocol=proto)  # fmt: skip
         w.metric("lattice_refused_connections_total", "counter", "Connections refused (bans, per-IP caps).",
                  limits["refused_connections"])  # fmt: skip
+    res = snap.get("resources")
+    if res is not None:
+        node = res["node"]
+        w.metric("lattice_resource_memory_bytes", "gauge", "Memory reserved from the node's budget.",
+                 node["memory"], scope="node")  # fmt: skip
+        for row in res["peers"]:
+            w.sample("lattice_resource_memory_bytes", row["memory"], scope="peer", holder=row["name"])
+        for row in res["prefixes"]:
+            w.sample("lattice_resource_memory_bytes", row["memory"], scope="prefix", holder=row["name"])
+        for name, row in sorted(res["services"].items()):
+            w.sample("lattice_resource_memory_bytes", row["memory"], scope="service", holder=name)
+        w.metric("lattice_resource_memory_limit_bytes", "gauge", "The node's memory budget.",
+                 node["memory_limit"])  # fmt: skip
+        for what in ("connections", "streams", "pending_handshakes"):
+            w.metric(f"lattice_resource_{what}", "gauge", f"Open {what.replace('_', ' ')} (budgeted).",
+                     node[what])  # fmt: skip
+        for key, n in sorted(res["refusals"].items()):
+            scope, _, what = key.partition(":")
+            w.metric("lattice_resource_refusals_total", "counter", "Reservations refused, by scope.",
+                     n, scope=scope, resource=what)  # fmt: skip
+        w.metric("lattice_resource_evicted_handshakes_total", "counter",
+                 "Pending handshakes evicted for newcomers.", res["evicted_handshakes"])  # fmt: skip
+        w.metric("lattice_resource_dropped_replies_total", "counter",
+                 "Replies dropped because the peer did not read.", res["dropped_replies"])  # fmt: skip
     return "\n".join(w.lines) + "\n"
