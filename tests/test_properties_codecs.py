@@ -27,7 +27,7 @@ from lattice.pubsub import protocol as gossip
 from lattice.transport import identify
 from lattice.transport.peerstore import PeerInfo
 
-PROPS = settings(max_examples=150, deadline=timedelta(milliseconds=500), database=None,
+PROPS = settings(max_examples=150, deadline=timedelta(seconds=2), database=None,
                  suppress_health_check=[HealthCheck.too_slow])  # fmt: skip
 SOME_BYTES = st.binary(max_size=512)
 

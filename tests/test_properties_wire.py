@@ -24,7 +24,7 @@ from lattice.transport.noise import XXHandshake
 from lattice.transport.yamux import FLAG_FIN, FLAG_RST, FLAG_SYN, HEADER_LEN, TYPE_DATA, header
 from wire import secure_pair, yamux_under_test
 
-PROPS = settings(max_examples=100, deadline=timedelta(seconds=2), database=None,
+PROPS = settings(max_examples=100, deadline=timedelta(seconds=5), database=None,
                  suppress_health_check=[HealthCheck.too_slow])  # fmt: skip
 chunks = st.lists(st.binary(min_size=1, max_size=64), max_size=40)
 
