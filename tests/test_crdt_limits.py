@@ -5,6 +5,8 @@ that cannot bring junk back after a restart."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -135,3 +137,85 @@ def test_junk_logged_by_an_older_version_is_dropped_when_the_document_opens(tmp_
     again.close()
     assert {f.author for f in frames(directory)} == {owner.peer_id}  # junk and held: off the disk
     assert Document(NAME, owner, directory).get_map("m").to_py() == {"a": 1.0, "b": 2.0}
+
+
+def _var(n: int) -> bytes:
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _one_item(content: bytes) -> bytes:
+    """An update of one client with one Any item under root type "r", then an empty delete set."""
+    item = bytes([8]) + _var(1) + _var(1) + b"r" + content
+    return _var(1) + _var(1) + _var(5) + _var(0) + item + _var(0)
+
+
+CRAFTED = {
+    # yrs reserves memory for declared counts before reading them, and recurses without a limit
+    "2^27 clients in 8 bytes": _var(1 << 27) + bytes(4),
+    "an Any array of 2^40 values": _one_item(_var(1) + bytes([117]) + _var(1 << 40)),
+    "Any arrays nested 60,000 deep": _one_item(_var(1) + (bytes([117]) + _var(1)) * 60_000 + bytes([126])),
+    "a string that is not UTF-8": _one_item(_var(1) + bytes([119]) + _var(2) + b"\xff\xfe"),
+    "junk after a valid update": b"\x00\x00" + os.urandom(64),
+}
+
+
+@pytest.mark.parametrize("name", list(CRAFTED))
+def test_yjs_data_beyond_what_yrs_can_bound_is_refused_before_yrs_sees_it(tmp_path: Path, name: str) -> None:
+    """The 60,000-deep one crashed the process (SIGSEGV in yrs) even as a contiguous update."""
+    rogue, reader = keys(2)
+    doc = Document(NAME, reader, tmp_path)
+    assert doc.apply(sign(rogue, NAME, 1, CRAFTED[name])) is False
+    assert doc.stats.rejected_malformed == 1 and doc.size() == 0
+
+
+PEAK = """
+import resource, sys
+sys.path.insert(0, {src!r})
+from lattice.crdt import Document, sign
+from lattice.identity import KeyPair
+doc = Document("open/doc", KeyPair.generate(), {dir!r})
+update = sign(KeyPair.generate(), "open/doc", 1, bytes.fromhex({data!r}))
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+assert doc.apply(update) is False
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
+"""
+
+
+def test_declared_counts_cost_no_memory(tmp_path: Path) -> None:
+    """8 bytes declaring 2^27 clients made yrs reserve and touch ~280 MiB before it failed."""
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    code = PEAK.format(src=src, dir=str(tmp_path), data=CRAFTED["2^27 clients in 8 bytes"].hex())
+    grown = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert grown.returncode == 0, grown.stderr
+    assert int(grown.stdout) < 32, f"peak RSS grew by {grown.stdout.strip()} MiB"
+
+
+def test_every_update_pycrdt_writes_passes_the_yjs_bounds() -> None:
+    from pycrdt import Array, Doc, Map, Text, merge_updates
+
+    from lattice.crdt.yjs import check_update
+
+    doc: Doc = Doc()
+    updates: list[bytes] = []
+    doc.observe(lambda event: updates.append(bytes(event.update)))
+    doc["m"], doc["a"], doc["t"] = Map(), Array(), Text()
+    values = [1, -(2**40), 1.5, True, None, "é✓𝄞", b"\x00\xff", [1, [2, {"x": [3]}]], {"n": {"m": 1}}]
+    for i, value in enumerate(values):
+        with doc.transaction():
+            doc["m"][f"k{i}"] = value
+            doc["a"].append(value)
+            doc["t"].insert(0, "ab𝄞", {"bold": True})
+        doc["t"].insert_embed(0, {"image": "x.png"})
+        doc["m"][f"nested{i}"] = Map({"arr": Array([1, Map({"z": "q"})]), "text": Text("hi")})
+        doc["m"][f"sub{i}"] = Doc()
+        with doc.transaction():  # created and deleted in one transaction
+            doc["a"].insert(0, "x")
+            del doc["a"][0]
+        del doc["t"][0:2]
+    for update in [*updates, doc.get_update(), merge_updates(*updates)]:
+        check_update(update)

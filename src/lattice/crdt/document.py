@@ -43,6 +43,7 @@ from lattice.identity import KeyPair, PeerId
 from .errors import AccessDenied, DocumentFull, StaleHandle
 from .log import FsyncPolicy, UpdateLog
 from .updates import MAX_DOC_NAME, MAX_UPDATE, NO_PREV, SignedUpdate, sign
+from .yjs import check_update
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +154,7 @@ class Document:
         self._bytes = 0  # sum of accepted update sizes: the document size that max_bytes limits
         self._author_bytes: dict[PeerId, int] = {}  # ... per author (max_author_bytes)
         self._held: dict[PeerId, dict[int, SignedUpdate]] = {}  # ahead of a gap: memory only
+        self._held_data: dict[PeerId, int] = {}  # per author: Yjs bytes of the held updates
         self._held_bytes = 0  # their cost (see _held_cost), bounded by limits.max_pending_total
         self._observers: list[Callable[[Change], None]] = []
         self._applying = False
@@ -343,14 +345,14 @@ class Document:
             return "rejected_access"
         if not self._is_gap(update):
             return self._room_refusal(update.author, len(update.data))
-        held = self._held.get(update.author, {})
-        held_data = sum(len(u.data) for u in held.values())  # they will count once applied
-        refusal = self._room_refusal(update.author, len(update.data) + held_data)
+        count = len(self._held.get(update.author, ()))
+        held_data = self._held_data.get(update.author, 0)
+        refusal = self._room_refusal(update.author, len(update.data) + held_data)  # counts once applied
         if refusal is not None:
             return refusal
         cost = _held_cost(update)
-        held_cost = sum(map(_held_cost, held.values()))
-        if len(held) >= self.limits.max_pending or held_cost + cost > self.limits.max_pending_bytes:
+        held_cost = held_data + count * HELD_OVERHEAD
+        if count >= self.limits.max_pending or held_cost + cost > self.limits.max_pending_bytes:
             return "dropped_pending"
         if self._held_bytes + cost > self.limits.max_pending_total:
             return "dropped_pending"
@@ -369,6 +371,7 @@ class Document:
 
     def _hold(self, update: SignedUpdate) -> None:
         self._held.setdefault(update.author, {})[update.seq] = update
+        self._held_data[update.author] = self._held_data.get(update.author, 0) + len(update.data)
         self._held_bytes += _held_cost(update)
         self.stats.held += 1
 
@@ -378,8 +381,10 @@ class Document:
         update = held.pop(seq, None) if held else None
         if update is not None:
             self._held_bytes -= _held_cost(update)
+            self._held_data[author] -= len(update.data)
         if held is not None and not held:
             del self._held[author]
+            del self._held_data[author]
         return update
 
     def _take(self, update: SignedUpdate) -> list[SignedUpdate]:
@@ -620,9 +625,11 @@ def yjs_parses(data: bytes, scratch: list[Doc]) -> bool:
 
 
 def _applies(doc: Doc, data: bytes) -> bool:
+    """Apply ``data`` to ``doc`` if it is within the bounds yrs needs (see lattice.crdt.yjs)."""
     try:
+        check_update(data)  # first: yrs trusts declared sizes and nesting (a 80 KB update crashed it)
         doc.apply_update(data)
-    except Exception:  # pycrdt raises plain exceptions of several kinds for bad data
+    except Exception:  # PayloadError, or the plain exceptions pycrdt raises for data it refuses
         return False
     return True
 
