@@ -59,7 +59,9 @@ def test_a_gap_flood_leaves_the_document_writable_on_every_replica(tmp_path: Pat
         for d in (a, b):
             wait_for(lambda d=d: has(d, **{"from-a": 2, "from-b": 1}), 15, "honest replication")
 
-        status = b.call("crdt.status")["docs"][DOC]
+        service = b.call("crdt.status")
+        assert service["invalid"] >= 100 and service["held"] >= 1024, service  # also in /metrics
+        status = service["docs"][DOC]
         assert status["rejected_malformed"] >= 100, status  # every junk update, gap or not
         assert status["rejected_quota"] > 0 and status["dropped_pending"] > 0, status
         assert status["pending"] <= 1024 and status["bytes"] <= QUOTA + 4096, status

@@ -139,6 +139,8 @@ class CRDT:
         self._peers_cache: tuple[float, list[PeerId]] | None = None
         self.stats = {"pushed": 0, "synced": 0, "applied": 0, "rejected": 0, "bad_frames": 0}
         self.stats["compactions"] = 0
+        self.stats["held"] = 0  # updates taken ahead of a sequence gap (DocStats.held, all documents)
+        self.stats["invalid"] = 0  # updates that cost their sender misbehaviour points
 
     # -- lifecycle
     async def run(self, node: Any, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
@@ -424,6 +426,8 @@ class CRDT:
         self.stats["applied"] += applied
         self.stats["rejected"] += undecodable + after.rejected - before.rejected
         invalid = undecodable + after.invalid - before.invalid
+        self.stats["held"] += after.held - before.held
+        self.stats["invalid"] += invalid
         if invalid and peer is not None:
             self._penalize(peer, doc, invalid)
         if applied and self._nursery is not None:

@@ -179,7 +179,7 @@ def prometheus(snap: dict) -> str:
         w.metric("lattice_rpc_rejected_total", "counter", "RPC requests refused.", rpc.get("rejected", 0))
     crdt = snap["crdt"]
     if crdt is not None:
-        for key in ("applied", "pushed", "synced", "rejected"):
+        for key in ("applied", "pushed", "synced", "rejected", "held", "invalid"):
             w.metric(f"lattice_crdt_updates_{key}_total", "counter", f"CRDT updates {key}.", crdt.get(key, 0))
     limits = snap["limits"]
     if limits is not None:
