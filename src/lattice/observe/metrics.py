@@ -175,7 +175,7 @@ def families(snap: dict) -> Iterator[Metric]:
         yield _counter("lattice_rpc_rejected_total", "RPC requests refused.", get("rejected", 0))
     crdt = snap["crdt"]
     if crdt is not None:
-        for key in ("applied", "pushed", "synced", "rejected"):
+        for key in ("applied", "pushed", "synced", "rejected", "held", "invalid"):
             yield _counter(f"lattice_crdt_updates_{key}_total", f"CRDT updates {key}.", crdt.get(key, 0))
     if snap["limits"] is not None:
         yield from _limit_families(snap["limits"])
