@@ -120,3 +120,57 @@ async def prefill_stall(
             "prefill_s": box["prefill"]["seconds"], "prefill_error": box["prefill"]["error"],
             "ttft_alone_s": sorted(alone)[1], "ttft_during_s": during["seconds"],
             "probe_error": during["error"]}  # fmt: skip
+
+
+def _peak_rss(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as fh:
+        return next(int(line.split()[1]) << 10 for line in fh if line.startswith("VmHWM:"))
+
+
+async def _main(attack: str, runs: int, workdir: Path) -> None:
+    """One JSON line per run: each attack against a fresh `serve-model` process (tiny model)."""
+    import json
+    import statistics
+
+    from lattice.testing.daemons import start_daemon
+
+    args = ["--model", "tiny-random:0", "--blocks", "0:6", "--listen", "/ip4/127.0.0.1/tcp/0",
+            "--threads", "1"]  # fmt: skip
+    rows = []
+    for run in range(runs):
+        victim = await trio.to_thread.run_sync(
+            lambda run=run: start_daemon(workdir, f"victim{run}", args, command="serve-model", timeout=60)
+        )
+        try:
+            addr, idle = victim.info["addrs"][0], _peak_rss(victim.proc.pid)
+            async with attacker_node(workdir / f"a{run}") as a, attacker_node(workdir / f"h{run}") as h:
+                if attack == "stall":
+                    row = await prefill_stall(a, h, addr)
+                elif attack == "long":
+                    row = await long_prompt(a, addr)
+                else:
+                    row = await open_sessions(a, addr)
+                    peer, info = await server_info(h, addr)
+                    row["honest"] = await _forward(h, peer, info, "honest", _inputs(info, 1), 10)
+                    del row["sessions"]
+            grown = (_peak_rss(victim.proc.pid) - idle) / 2**20
+            row |= {"run": run, "victim_alive": victim.proc.poll() is None,
+                    "victim_peak_rss_growth_mib": round(grown, 1)}  # fmt: skip
+        finally:
+            victim.stop()
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    if attack == "stall":
+        during = statistics.median(r["ttft_during_s"] for r in rows)
+        alone = statistics.median(r["ttft_alone_s"] for r in rows)
+        print(json.dumps({"attack": "mesh_prefill_stall", "runs": runs, "median_ttft_alone_s": alone,
+                          "median_ttft_during_s": during,
+                          "median_prefill_s": statistics.median(r["prefill_s"] for r in rows)}))  # fmt: skip
+
+
+if __name__ == "__main__":  # python tests/attacks/mesh_flood.py {stall,long,flood} [runs]
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="mesh-flood-") as tmp:
+        trio.run(_main, sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 5, Path(tmp))

@@ -116,6 +116,9 @@ def cmd_serve_model(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     source = open_model(args.model)
     blocks = _blocks(args.blocks, source.config.n_layers)
+    from lattice.apps.mesh_inference.server import release_large_buffers
+
+    release_large_buffers()  # so peak memory follows ServerLimits.step_bytes (see there)
     return trio.run(_serve, args, config, source, blocks)
 
 
