@@ -52,9 +52,11 @@ def _inputs(info: dict, tokens: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(1, tokens, config["hidden"], generator=gen)
 
 
-async def _forward(node: Any, peer: str, info: dict, session: str, x: torch.Tensor, timeout: float) -> dict:
-    """One mesh.forward opening ``session``; {"ok", "error", "message", "seconds"}."""
-    payload = {"session": session, "start": info["start"], "end": info["end"], "pos": 0, "inputs": [x],
+async def _forward(
+    node: Any, peer: str, info: dict, session: str, x: torch.Tensor, timeout: float, pos: int = 0
+) -> dict:
+    """One mesh.forward (pos 0 opens ``session``); {"ok", "error", "message", "seconds"}."""
+    payload = {"session": session, "start": info["start"], "end": info["end"], "pos": pos, "inputs": [x],
                "want": "last", "logits": "last"}  # fmt: skip
     t0 = time.monotonic()
     out: dict = {"ok": False, "error": None, "message": ""}
@@ -97,29 +99,47 @@ async def prefill_stall(
     attacker: Any, honest: Any, victim: str, prompt_tokens: int = 2048, probe_tokens: int = 8,
     lead: float = 0.2, timeout: float = 120.0,
 ) -> dict:  # fmt: skip
-    """The honest node's time to first token (a new ``probe_tokens`` session) alone, then while the
-    attacker's ``prompt_tokens`` prompt is being prefilled (the probe starts ``lead`` s after it)."""
+    """The honest node's time to first token (a new ``probe_tokens`` session) and to its next token
+    (a one-token decode step of an open session), alone, then while the attacker's
+    ``prompt_tokens`` prompt is being prefilled (the probes start ``lead`` s after it)."""
     peer, info = await server_info(attacker, victim)
     await server_info(honest, victim)
-    probe = _inputs(info, probe_tokens, seed=1)
-    alone = []
+    probe, step = _inputs(info, probe_tokens, seed=1), _inputs(info, 1, seed=2)
+    alone, decode_alone, pos = [], [], probe_tokens
+
+    async def first_token() -> dict:  # an honest peer closes its sessions
+        session = "probe-" + secrets.token_hex(4)
+        result = await _forward(honest, peer, info, session, probe, timeout)
+        await honest.rpc.call(peer, "mesh.close", {"session": session}, timeout=timeout)
+        return result
+
     for _ in range(3):
-        result = await _forward(honest, peer, info, "probe-" + secrets.token_hex(4), probe, timeout)
-        alone.append(result["seconds"])
+        alone.append((await first_token())["seconds"])
+    await _forward(honest, peer, info, "probe-decode", probe, timeout)  # open the decoding session
+    for _ in range(3):
+        result = await _forward(honest, peer, info, "probe-decode", step, timeout, pos)
+        decode_alone.append(result["seconds"])
+        pos += 1
     box: dict = {}
 
     async def prefill() -> None:
         box["prefill"] = await _forward(attacker, peer, info, "prefill-" + secrets.token_hex(4),
                                         _inputs(info, prompt_tokens), timeout)  # fmt: skip
 
+    async def decode_step() -> None:
+        box["decode"] = await _forward(honest, peer, info, "probe-decode", step, timeout, pos)
+
     async with trio.open_nursery() as nursery:
         nursery.start_soon(prefill)
         await trio.sleep(lead)
-        during = await _forward(honest, peer, info, "probe-" + secrets.token_hex(4), probe, timeout)
+        nursery.start_soon(decode_step)  # both probes wait in the same prefill
+        during = await first_token()
+    decode = box["decode"]
     return {"attack": "mesh_prefill_stall", "prompt_tokens": prompt_tokens,
             "prefill_s": box["prefill"]["seconds"], "prefill_error": box["prefill"]["error"],
             "ttft_alone_s": sorted(alone)[1], "ttft_during_s": during["seconds"],
-            "probe_error": during["error"]}  # fmt: skip
+            "decode_alone_s": sorted(decode_alone)[1], "decode_during_s": decode["seconds"],
+            "probe_error": during["error"] or decode["error"] or result["error"]}  # fmt: skip
 
 
 def _peak_rss(pid: int) -> int:
@@ -161,11 +181,9 @@ async def _main(attack: str, runs: int, workdir: Path) -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
     if attack == "stall":
-        during = statistics.median(r["ttft_during_s"] for r in rows)
-        alone = statistics.median(r["ttft_alone_s"] for r in rows)
-        print(json.dumps({"attack": "mesh_prefill_stall", "runs": runs, "median_ttft_alone_s": alone,
-                          "median_ttft_during_s": during,
-                          "median_prefill_s": statistics.median(r["prefill_s"] for r in rows)}))  # fmt: skip
+        keys = ("ttft_alone_s", "ttft_during_s", "decode_alone_s", "decode_during_s", "prefill_s")
+        medians = {"median_" + k: statistics.median(r[k] for r in rows) for k in keys}
+        print(json.dumps({"attack": "mesh_prefill_stall", "runs": runs, **medians}))
 
 
 if __name__ == "__main__":  # python tests/attacks/mesh_flood.py {stall,long,flood} [runs]
