@@ -16,7 +16,7 @@ from typing import Any
 _EXPORTS = {
     "InferenceSession": "client", "MeshClient": "client",
     "CacheFull": "errors", "MeshError": "errors", "NoChainError": "errors", "ServerBusy": "errors",
-    "SessionError": "errors",
+    "RequestTooLarge": "errors", "SessionError": "errors",
     "KVCache": "model", "LlamaConfig": "config", "Stage": "model", "greedy_generate": "model",
     "tiny_config": "config",
     "ServerInfo": "routing", "choose_blocks": "routing", "find_chain": "routing", "plan_split": "routing",
@@ -41,6 +41,7 @@ __all__ = [
     "MeshError",
     "ModelSource",
     "NoChainError",
+    "RequestTooLarge",
     "ServerBusy",
     "ServerInfo",
     "ServerLimits",
