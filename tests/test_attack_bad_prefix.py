@@ -8,7 +8,7 @@ from __future__ import annotations
 import trio
 
 from attacks.bad_prefix import bad_prefix_peer
-from lattice.testing.daemons import start_daemon
+from lattice.testing.daemons import start_daemon, wait_for
 from lattice.transport import identify
 
 
@@ -24,8 +24,10 @@ async def test_bad_length_prefix_does_not_take_the_daemon_down(tmp_path):
         assert victim.proc.poll() is None, victim.log()  # still running
         honest = start_daemon(tmp_path, "honest", ["--listen", "/ip4/127.0.0.1/tcp/0", "--bootstrap", target])
         try:
-            peers = await trio.to_thread.run_sync(victim.call, "peers")
-            assert honest.peer_id in str(peers), peers
+            # the honest daemon is ready before it reaches its bootstrap peer: wait for it
+            await trio.to_thread.run_sync(
+                lambda: wait_for(lambda: honest.peer_id in str(victim.call("peers")), 15, "honest peer")
+            )
             pong = await trio.to_thread.run_sync(lambda: honest.call("ping", target=target))
             assert pong, pong
         finally:
