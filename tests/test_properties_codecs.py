@@ -153,7 +153,7 @@ def _decode_tensors(doc: bytes, payload: list, max_payload: int):
         chunk = data[pos : pos + spec.nbytes]
         buf[: len(chunk)] = chunk
         pos += spec.nbytes
-    return tensors.finish(value, as_torch=False, max_elements=1 << 16)
+    return tensors.finish(value, as_torch=False, max_bytes=8 << 16)  # 2**16 float64 values decoded
 
 
 def _same(a, b) -> bool:
