@@ -54,7 +54,7 @@ STREAM_KINDS = ("unary", "server", "client", "bidi")
 
 @dataclass
 class RPCConfig:
-    """The RPC service's limits (docs/operators.md, "RPC calls and uploads"). A node's RPC built
+    """The RPC service's limits (docs/operators.md, "RPC calls and resumable uploads"). A node's RPC built
     without an explicit config takes the ``rpc_*`` keys of its NodeConfig."""
 
     max_message: int = 4 << 30  # hard cap on one message, whatever the method (checked before allocating)
@@ -731,8 +731,7 @@ class RPC:
         if call.entry is None:  # the call's first message names the method
             entry = self.lookup(method)
             if entry is None:
-                if not method:
-                    self.penalize(call.peer, "RPC call without a method")
+                if not method:  # malformed (penalized as such by _receive_inbound)
                     raise PayloadError("a call must start with a call message")
                 raise MethodNotFound(f"no method {method!r}")
             call.entry, call.method = entry, method
