@@ -119,6 +119,7 @@ def node_config(args: argparse.Namespace, **defaults: Any):  # -> lattice.config
         key_file=args.key,
         data_dir=args.data_dir,
         control_socket=args.control,
+        control=True if args.control else None,  # a socket given is a socket wanted
         log_level=args.log_level,
         max_connections=args.max_connections,
         max_memory=args.max_memory,
@@ -268,11 +269,22 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return _COMMANDS[args.command](args)
-    except LatticeError as exc:  # may quote a remote peer (its error reply): one inert line
-        print(f"lattice-node: error: {inert(exc)}", file=sys.stderr)
+    except (LatticeError, KeyboardInterrupt, BaseExceptionGroup) as exc:
+        error = sole_error(exc)
+        if isinstance(error, KeyboardInterrupt):
+            return 130
+        if not isinstance(error, LatticeError):
+            raise
+        print(f"lattice-node: error: {inert(error)}", file=sys.stderr)  # may quote a remote peer
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        return 130
+
+
+def sole_error(exc: BaseException) -> BaseException:
+    """The one error inside nested exception groups of one member each (what trio makes of an error
+    raised in the body of ``async with Node(...)``), else ``exc`` itself."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
 
 
 # -- the daemon

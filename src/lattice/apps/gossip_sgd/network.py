@@ -338,7 +338,7 @@ async def run_peer(args: argparse.Namespace, body: RunBody | None = None) -> dic
     cfg = config_from(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    config = node_config(args, listen=[LOOPBACK], data_dir=out / "node", control=args.control is not None)
+    config = node_config(args, listen=[LOOPBACK], data_dir=out / "node", control=False)
     with RunLog(out / "log.jsonl") as log:
         async with build_node(config) as node:
             if args.addr_file:
