@@ -11,7 +11,10 @@ import argparse
 import json
 import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from lattice.config import NodeConfig
 
 EXIT_USAGE = 2
 
@@ -105,7 +108,7 @@ def add_node_options(parser: argparse.ArgumentParser) -> None:
     swarm_commands.add_run_options(parser)
 
 
-def node_config(args: argparse.Namespace, **defaults: Any):  # -> lattice.config.NodeConfig
+def node_config(args: argparse.Namespace, **defaults: Any) -> NodeConfig:
     """The NodeConfig of a command that called :func:`add_node_options`: ``defaults`` (the command's
     own, e.g. a loopback listen address) < config file < environment (LATTICE_*) < the options given."""
     from lattice.config import NodeConfig
@@ -270,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _COMMANDS[args.command](args)
     except (LatticeError, KeyboardInterrupt, BaseExceptionGroup) as exc:
-        error = sole_error(exc)
+        error = _sole_error(exc)
         if isinstance(error, KeyboardInterrupt):
             return 130
         if not isinstance(error, LatticeError):
@@ -279,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
 
 
-def sole_error(exc: BaseException) -> BaseException:
+def _sole_error(exc: BaseException) -> BaseException:
     """The one error inside nested exception groups of one member each (what trio makes of an error
     raised in the body of ``async with Node(...)``), else ``exc`` itself."""
     while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
