@@ -15,7 +15,6 @@ from lattice.nat import circuit
 from lattice.nat.circuit import CircuitListener, CircuitMessage
 from lattice.nat.relay import RelayLimits, RelayServer
 from lattice.transport import ping
-from lattice.transport.peerstore import PeerInfo
 
 ECHO = "/test/echo/1.0.0"
 
@@ -82,11 +81,9 @@ async def test_reserve_dial_and_stream_over_a_relay(host_factory):
 
 async def test_connect_peer_falls_back_to_the_relayed_address(host_factory):
     _r, a, b, _server, rsvp = await relay_setup(host_factory)
-    from lattice.transport.peerstore import PeerInfo
-
     # B's direct address is a black hole (nothing answers), its relayed one works
     dead = Multiaddr.parse("/ip4/10.255.255.1/tcp/9")
-    a.peerstore[b.peer_id] = PeerInfo(b.peer_id, addrs=[dead, rsvp.addrs[0]])
+    a.peerstore.add_addrs(b.peer_id, [dead, rsvp.addrs[0]], replace=True)
     start = trio.current_time()
     conn = await a.connect_peer(b.peer_id, timeout=5)
     assert conn.relayed and trio.current_time() - start < 2.0
@@ -236,7 +233,7 @@ async def test_connect_by_peer_id_falls_back_to_the_relays_we_share(host_factory
     a_rsvp = await circuit.reserve(a, a_conn)
     a.add_address_source(lambda: list(a_rsvp.addrs))  # A advertises its relayed address, as autorelay does
     dead = Multiaddr.parse("/ip4/127.0.0.1/tcp/1")
-    a.peerstore.setdefault(b.peer_id, PeerInfo(b.peer_id)).addrs = [dead]
+    a.peerstore.add_addrs(b.peer_id, [dead], replace=True)
     with trio.fail_after(10):
         conn = await a.connect_peer(b.peer_id, timeout=5)
     assert conn.relayed and conn.remote_peer == b.peer_id
@@ -252,7 +249,7 @@ async def test_relay_fallback_also_when_the_router_finds_only_dead_direct_addres
     a_conn = await a.connect(full_addr(r))
     a_rsvp = await circuit.reserve(a, a_conn)
     a.add_address_source(lambda: list(a_rsvp.addrs))
-    a.peerstore.setdefault(b.peer_id, PeerInfo(b.peer_id)).addrs = [Multiaddr.parse("/ip4/127.0.0.1/tcp/1")]
+    a.peerstore.add_addrs(b.peer_id, [Multiaddr.parse("/ip4/127.0.0.1/tcp/1")], replace=True)
 
     async def router(peer):
         return [Multiaddr.parse("/ip4/127.0.0.1/tcp/2")]

@@ -403,6 +403,7 @@ class Node:
             "direct_peers": len(direct),
             "relayed_peers": len({c.remote_peer for c in conns if c.relayed} - direct),
             "observed_addrs": [str(a) for a, _ in host.observed_addrs.most_common(4)],
+            "peerstore": host.peerstore.status(),
             "bootstrap": [
                 {
                     "addr": str(a),

@@ -22,7 +22,6 @@ from lattice.multiaddr import Multiaddr
 from lattice.nat import circuit
 from lattice.nat.circuit import CircuitMessage, Limit, read_message, write_message
 from lattice.transport.host import Host
-from lattice.transport.peerstore import PeerInfo
 from lattice.transport.yamux import YamuxStream
 
 log = logging.getLogger(__name__)
@@ -130,9 +129,7 @@ class RelayServer:
         )
         # We know the peer's relayed address now; peers asking the DHT for it should not have to wait
         # for its identify push.
-        info = self.host.peerstore.setdefault(peer, PeerInfo(peer))
-        relayed = [a.circuit() for a in addrs]
-        info.addrs = [*relayed, *(a for a in info.addrs if a not in relayed)]
+        self.host.peerstore.add_addrs(peer, [a.circuit() for a in addrs])
 
     def _public_addrs(self, requester_ip: str) -> list[Multiaddr]:
         """Our direct addresses as the reserving peer can use them (no loopback for remote peers)."""
