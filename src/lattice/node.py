@@ -76,6 +76,7 @@ def _nat_config(cfg: NodeConfig) -> NATConfig:
         relay_limits=limits,
         relays=[Multiaddr.parse(a) for a in cfg.relays],
         hole_punching=cfg.hole_punching,
+        autonat_confirmations=cfg.autonat_confirmations,
         upnp=cfg.upnp,
         mdns=cfg.mdns,
     )
