@@ -258,3 +258,12 @@ async def test_relay_fallback_also_when_the_router_finds_only_dead_direct_addres
     with trio.fail_after(10):
         conn = await a.connect_peer(b.peer_id, timeout=5)
     assert conn.relayed and conn.remote_peer == b.peer_id
+
+
+def test_relay_candidates_spread_over_prefixes():
+    from lattice.nat.autorelay import spread_by_prefix
+
+    crowd = [Multiaddr.parse(f"/ip4/203.0.113.{i}/tcp/4001") for i in range(1, 6)]
+    lone = [Multiaddr.parse("/ip4/198.51.100.9/tcp/4001"), Multiaddr.parse("/ip6/2001:db8::1/tcp/4001")]
+    out = spread_by_prefix([*crowd, *lone])
+    assert out[:3] == [crowd[0], *lone] and sorted(map(str, out)) == sorted(map(str, crowd + lone))
