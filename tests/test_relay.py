@@ -267,3 +267,31 @@ def test_relay_candidates_spread_over_prefixes():
     lone = [Multiaddr.parse("/ip4/198.51.100.9/tcp/4001"), Multiaddr.parse("/ip6/2001:db8::1/tcp/4001")]
     out = spread_by_prefix([*crowd, *lone])
     assert out[:3] == [crowd[0], *lone] and sorted(map(str, out)) == sorted(map(str, crowd + lone))
+
+
+def test_punch_targets_are_few_unicast_tcp_addresses():
+    from lattice.nat.dcutr import punch_targets
+
+    addrs = [Multiaddr.parse(a) for a in (
+        "/ip4/0.0.0.0/tcp/4001", "/ip4/224.0.0.1/tcp/4001", "/ip4/255.255.255.255/tcp/1",
+        "/ip4/1.2.3.4/tcp/0", "/ip4/1.2.3.4/tcp/4001", "/ip4/1.2.3.4/tcp/4001", "/ip4/10.0.0.2/tcp/4001",
+        "/ip6/::1/tcp/4001",
+        "/ip4/5.6.7.8/tcp/4001", "/ip4/9.9.9.9/tcp/4001",
+    )]  # fmt: skip
+    assert [str(a) for a in punch_targets(addrs, 4)] == [
+        "/ip4/1.2.3.4/tcp/4001", "/ip4/10.0.0.2/tcp/4001", "/ip6/::1/tcp/4001", "/ip4/5.6.7.8/tcp/4001",
+    ]  # fmt: skip
+
+
+async def test_hole_punch_requests_over_a_direct_connection_are_refused(host_factory):
+    from lattice.nat import dcutr
+
+    a, b = await host_factory(), await host_factory()
+    puncher = dcutr.HolePuncher(a, a.advertised_addrs)
+    puncher.install()
+    conn = await b.connect(full_addr(a))
+    stream = await b.new_stream(conn, [dcutr.PROTOCOL_ID])
+    with pytest.raises(TransportError), trio.fail_after(5):  # reset: no dial to what we name
+        await stream.write(dcutr.encode(dcutr.CONNECT, [Multiaddr.parse("/ip4/127.0.0.1/tcp/1")]))
+        await dcutr.read(stream, dcutr.CONNECT)
+    assert puncher.refused == 1

@@ -10,6 +10,8 @@ timeout each), never reached the real relay listed after them, and kept dialing 
 
 from __future__ import annotations
 
+import socket
+import struct
 from typing import Any
 
 import trio
@@ -61,11 +63,13 @@ def sybils(count: int) -> list[KeyPair]:
 
 
 class SilentListener:
-    """A third party: accepts TCP connections, counts them, never sends a byte."""
+    """A third party: accepts TCP connections, counts them, never sends a byte; with ``reset``, it
+    resets each one at once (a closed port, but countable)."""
 
-    def __init__(self) -> None:
+    def __init__(self, reset: bool = False) -> None:
         self.accepted = 0
         self.addr = ""
+        self.reset = reset
         self._socks: list = []
 
     async def run(self, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
@@ -77,7 +81,11 @@ class SilentListener:
             while True:
                 stream = await listeners[0].accept()
                 self.accepted += 1
-                self._socks.append(stream)
+                if self.reset:
+                    stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    stream.socket.close()
+                else:
+                    self._socks.append(stream)
         finally:
             for stream in self._socks:
                 stream.socket.close()
