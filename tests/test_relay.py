@@ -295,3 +295,35 @@ async def test_hole_punch_requests_over_a_direct_connection_are_refused(host_fac
         await stream.write(dcutr.encode(dcutr.CONNECT, [Multiaddr.parse("/ip4/127.0.0.1/tcp/1")]))
         await dcutr.read(stream, dcutr.CONNECT)
     assert puncher.refused == 1
+
+
+async def test_an_idle_circuit_is_closed(host_factory):
+    _r, a, b, server, rsvp = await relay_setup(host_factory, RelayLimits(circuit_idle=0.5))
+    conn = await a.connect(circuit_addr(rsvp, b))
+    assert len(await ping.ping(a, conn, count=1)) == 1
+    with trio.fail_after(5):  # no byte either way for 0.5 s (no keepalive on bare hosts)
+        while not conn.closed:
+            await trio.sleep(0.05)
+    assert server.status()["idle_closed"] == 1
+
+
+async def test_a_relay_cannot_push_unbounded_pending_circuits(host_factory):
+    """A relay we reserved on (anyone can run one) opens 24 circuits whose dialer never speaks."""
+    relay, b = await host_factory(), await host_factory()
+    listener = CircuitListener(b, max_pending=16)
+    listener.install()
+    listener.relays.add(relay.peer_id)
+    conn = await relay.connect(full_addr(b))
+    answers = []
+
+    async def stop_request():
+        stream = await relay.new_stream(conn, [circuit.STOP])
+        msg = CircuitMessage(circuit.STOP_CONNECT, peer=relay.peer_id)
+        await circuit.write_message(stream, msg, hop=False)
+        answers.append((await circuit.read_message(stream, hop=False)).status)
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(24):
+            nursery.start_soon(stop_request)
+    assert answers.count(circuit.OK) == 16 and answers.count(circuit.RESOURCE_LIMIT_EXCEEDED) == 8
+    assert listener.pending == 16
