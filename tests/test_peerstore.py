@@ -63,3 +63,27 @@ def test_a_flood_of_fake_peers_stays_at_the_cap_quickly():
     for p in fake:
         store.add_addrs(p, [addr(1)])
     assert len(store) == 1000 and kept <= {p for p, _ in store.items()}
+
+
+async def test_peers_that_leave_are_forgotten_beyond_the_cap(nursery):
+    """Real hosts: 10 peers connect, identify and leave; a store of 4 keeps the connected one."""
+    import trio
+
+    from conftest import full_addr
+    from lattice.transport import HostConfig, open_host
+    from lattice.transport.resources import ResourceLimits
+
+    config = HostConfig(resources=ResourceLimits(peerstore_peers=4))
+    async with open_host(KeyPair.generate(), config) as victim, open_host(KeyPair.generate()) as stays:
+        await victim.listen("/ip4/127.0.0.1/tcp/0")
+        await stays.connect(full_addr(victim))
+        for _ in range(10):
+            async with open_host(KeyPair.generate()) as visitor:
+                conn = await visitor.connect(full_addr(victim))
+                await visitor.wait_identified(conn.remote_peer)
+                await victim.wait_identified(visitor.peer_id)
+        with trio.fail_after(5):
+            while len(victim.connected_peers()) > 1:
+                await trio.sleep(0.02)
+        assert len(victim.peerstore) <= 4 and stays.peer_id in victim.peerstore
+        assert victim.peerstore.status()["evicted"] >= 7
