@@ -327,3 +327,14 @@ async def test_a_relay_cannot_push_unbounded_pending_circuits(host_factory):
             nursery.start_soon(stop_request)
     assert answers.count(circuit.OK) == 16 and answers.count(circuit.RESOURCE_LIMIT_EXCEEDED) == 8
     assert listener.pending == 16
+
+
+async def test_a_circuits_buffers_are_charged_to_the_node_budget(host_factory):
+    r, a, b, server, rsvp = await relay_setup(host_factory, RelayLimits(buffer=64 * 1024))
+    conn = await a.connect(circuit_addr(rsvp, b))
+    assert r.resources.stats()["services"]["relay"]["memory"] == 2 * 64 * 1024
+    await conn.close()
+    with trio.fail_after(5):
+        while server.status()["circuits"]:
+            await trio.sleep(0.02)
+    assert r.resources.stats()["services"]["relay"]["memory"] == 0
