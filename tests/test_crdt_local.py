@@ -263,8 +263,10 @@ def test_a_hash_chained_batch_costs_one_verification_and_catches_tampering(tmp_p
     calls.clear()
     other = Document("chain", KeyPair.generate(), tmp_path / "o")
     forged = [dataclasses.replace(u, data=batch[0].data) if u.seq == 25 else u for u in batch]
-    assert other.apply_many(forged) == 49 and other.stats.rejected_signature == 1
+    assert other.apply_many(forged) == 24 and other.stats.rejected_signature == 1
     assert 25 in calls
+    assert other.stats.held == 25 and other.version() == {str(writer.keypair.peer_id): 24}  # 26..50 wait
+    assert other.apply(batch[24]) and other.version() == {str(writer.keypair.peer_id): 50}
 
 
 def test_deferred_writes_are_durable_after_flush_and_share_one_fsync(tmp_path, monkeypatch) -> None:

@@ -85,6 +85,7 @@ def test_serve_model_refuses_bad_arguments_in_one_line(tmp_path):
     for args, needle in (
         (["--model", "tiny-random:0", "--blocks", "4:9"], "the model has blocks 0:6"),
         (["--model", "tiny-random:0", "--blocks", "x"], "expected A:B"),
+        (["--model", "tiny-random:0", "--blocks", "0:6", "--prefill-chunk", "10"], "prefill_chunk must be"),
         (["--model", str(tmp_path / "none.gguf")], "no model"),
     ):
         done = subprocess.run([*CLI, "serve-model", "--data-dir", str(tmp_path), *args], capture_output=True,

@@ -11,7 +11,7 @@ from lattice import Node, NodeConfig  # noqa: E402
 from lattice.apps.mesh_inference.client import MeshClient  # noqa: E402
 from lattice.apps.mesh_inference.errors import MeshError, NoChainError  # noqa: E402
 from lattice.apps.mesh_inference.model import Stage, greedy_generate, random_weights, tiny_config  # noqa: E402
-from lattice.apps.mesh_inference.server import ServerLimits, StageServer  # noqa: E402
+from lattice.apps.mesh_inference.server import ServerLimits, StageServer, pick_victim  # noqa: E402
 from lattice.dht.service import DHT, DHTConfig  # noqa: E402
 from lattice.rpc import RPC  # noqa: E402
 
@@ -236,3 +236,74 @@ async def test_bad_requests_are_refused_before_any_compute(mesh):
         with pytest.raises(RemoteError):
             await node.rpc.call(peer, "mesh.forward", payload, timeout=5)
     assert server.stats["forwards"] == 0
+
+
+async def test_a_prompt_computed_in_chunks_across_stages_is_bitwise_equal_to_one_piece(mesh):
+    small = ServerLimits(prefill_chunk=64)
+    node, servers = await mesh([(0, 3), (3, 6)], {(0, 3): small, (3, 6): small})
+    client = MeshClient(node, MODEL)
+    await wait_servers(client, 2)
+    prompt = torch.randint(0, CONFIG.vocab_size, (300,), generator=torch.Generator().manual_seed(9)).tolist()
+    single = Stage(CONFIG, WEIGHTS, 0, 6).forward(torch.tensor([prompt]))  # unchunked
+    async with client.session() as session:
+        assert torch.equal(await session.forward(prompt, logits="all"), single[0])
+    assert servers[(0, 3)][0].stats["steps"] == 5  # 300 positions: 5 chunks of 60
+    tokens, _ = await generate(client, prompt, 6)
+    assert tokens == reference(prompt, 6)
+
+
+async def test_calls_over_the_context_or_reply_limit_are_refused_before_any_compute(mesh):
+    from lattice.rpc import RemoteError
+
+    limits = ServerLimits(max_context=64, max_reply_bytes=10 * CONFIG.vocab_size * 4)
+    node, servers = await mesh([(0, 6)], {(0, 6): limits})
+    server = servers[(0, 6)][0]
+    peer = await node.connect(server.node.addrs[0])
+    base = {"session": "s", "start": 0, "end": 6, "pos": 0, "want": "last", "logits": "last"}
+    for payload, needle in (
+        ({**base, "inputs": [torch.zeros(1, 65, dtype=torch.int64)]}, "65 positions; this server allows 64"),
+        ({**base, "inputs": [torch.zeros(1, 11, dtype=torch.int64)], "logits": "all"}, "reply would be"),
+    ):
+        with pytest.raises(RemoteError, match=needle) as err:
+            await node.rpc.call(peer, "mesh.forward", payload, timeout=5)
+        assert err.value.type == "RequestTooLarge"
+    assert server.stats["steps"] == 0 and not server.session_ids()
+    # at the limit: served
+    payload = {**base, "inputs": [torch.zeros(1, 64, dtype=torch.int64)]}
+    reply = await node.rpc.call(peer, "mesh.forward", payload, timeout=5, as_torch=True)
+    assert reply["outputs"][0].shape == (1, 1, CONFIG.vocab_size)
+
+
+async def test_a_peer_at_its_cap_gets_a_new_session_for_its_idle_one(mesh):
+    from lattice.rpc import RemoteError
+
+    limits = ServerLimits(max_sessions_per_peer=2, pressure_ttl=0.3)
+    node, servers = await mesh([(0, 6)], {(0, 6): limits})
+    server = servers[(0, 6)][0]
+    peer = await node.connect(server.node.addrs[0])
+
+    async def open_session(name):
+        payload = {"session": name, "start": 0, "end": 6, "pos": 0, "inputs": [torch.tensor([[1]])]}
+        return await node.rpc.call(peer, "mesh.forward", payload, timeout=5)
+
+    await open_session("a")
+    await open_session("b")
+    with pytest.raises(RemoteError, match="holds 2 of the 2 sessions a peer may have"):
+        await open_session("c")
+    await trio.sleep(0.35)  # a and b are idle now: under pressure the oldest goes
+    await open_session("c")
+    assert sorted(s for _, s in server.session_ids()) == ["b", "c"] and server.stats["evicted"] == 1
+
+
+def test_a_full_server_gives_up_an_idle_session_or_one_of_the_biggest_holders():
+    now = 100.0
+    rows = [(("a", i), "a", now - 0.1 * (i + 1), False) for i in range(3)]
+    rows.append((("b", 0), "b", now - 1.0, False))
+    assert pick_victim(rows, "c", now, idle=2.0) == ("a", 2)  # a holds 3 >= 0 + 2: its least recent
+    assert pick_victim(rows, "b", now, idle=2.0) == ("a", 2)  # 3 >= 1 + 2
+    assert pick_victim(rows, "a", now, idle=2.0) is None  # nobody holds more than a
+    assert pick_victim(rows, "a", now, idle=0.5) == ("b", 0)  # idle ones first, whoever holds them
+    busy = [(k, p, t, True) if p == "a" else (k, p, t, b) for k, p, t, b in rows]
+    assert pick_victim(busy, "c", now, idle=2.0) is None  # a step in flight: never taken
+    even = [(("a", 0), "a", now, False), (("b", 0), "b", now, False)]
+    assert pick_victim(even, "c", now, idle=2.0) is None  # one each: fair already

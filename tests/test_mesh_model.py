@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -9,6 +11,7 @@ torch = pytest.importorskip("torch")
 from lattice.apps.mesh_inference.model import (  # noqa: E402
     KVCache,
     Stage,
+    chunk_bounds,
     greedy_generate,
     random_weights,
     split_evenly,
@@ -99,3 +102,36 @@ def test_rope_layouts_differ_and_bad_ranges_are_refused():
         Stage(tiny_config(), w, 3, 3)
     with pytest.raises(ValueError):
         tiny_config(rope_layout="other")
+
+
+@pytest.mark.parametrize("n", [65, 255, 257, 700, 2048])
+def test_a_prompt_in_chunks_is_bitwise_equal_to_one_piece(n):
+    """What lets a server bound attention memory without changing a single logit."""
+    config = tiny_config()
+    stage = Stage(config, random_weights(config, seed=6), 0, config.n_layers)
+    x = torch.randint(0, config.vocab_size, (1, n), generator=torch.Generator().manual_seed(n))
+    whole = stage.forward(x)
+    for chunk in (64, 100, 256):
+        cache = KVCache()
+        parts = [stage.forward(x[:, a:b], cache) for a, b in chunk_bounds(n, chunk)]
+        assert torch.equal(torch.cat(parts, dim=1), whole), chunk
+        assert cache.length == n
+
+
+def test_chunk_bounds_cover_the_prompt_without_short_pieces():
+    assert chunk_bounds(10, 64) == [(0, 10)]
+    for n, chunk in ((65, 64), (257, 256), (2048, 256), (1000, 100), (129, 64)):
+        bounds = chunk_bounds(n, chunk)
+        assert bounds[0][0] == 0 and bounds[-1][1] == n
+        assert all(a2 == b1 for (_, b1), (a2, _) in itertools.pairwise(bounds))
+        assert all(chunk // 2 <= b - a <= chunk for a, b in bounds), (n, chunk, bounds)
+
+
+def test_step_bytes_grow_with_rows_times_context_and_head_false_skips_the_logits():
+    config = tiny_config()
+    small, big = config.step_bytes(256, 2048, False), config.step_bytes(8192, 8192, False)
+    assert big > 100 * small  # what the unchunked 8,192-token prompt asked for
+    assert config.step_bytes(256, 2048, True) - small == 256 * config.vocab_size * 4
+    stage = Stage(config, random_weights(config, seed=1), 0, config.n_layers)
+    h = stage.forward(torch.tensor([[1, 2, 3]]), head=False)
+    assert h.shape == (1, 3, config.hidden)

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import subprocess
 import sys
 import urllib.error
 import urllib.request
 
 import trio
+from prometheus_client.parser import text_string_to_metric_families
 
 from lattice.config import NodeConfig
 from lattice.node import Node
@@ -52,7 +54,7 @@ async def test_metrics_endpoint_and_state(tmp_path):
         assert "lattice_swarm_known_peers 2" in text
         assert 'lattice_nat_reachability{state="public"} 1' in text
         assert re.search(
-            r'lattice_protocol_bytes_total\{protocol="/lattice/kad/1.0.0",direction="in"\} [1-9]', text
+            r'lattice_protocol_bytes_total\{direction="in",protocol="/lattice/kad/1.0.0"\} [1-9]', text
         )
         assert re.search(r'lattice_dht_requests_total\{direction="in"\} [1-9]', text)
         assert 'lattice_dht_op_seconds_count{op="request"}' in text or "lattice_dht_op_seconds" in text
@@ -110,3 +112,66 @@ def test_json_logs_and_top(tmp_path):
     lines = [json.loads(line) for line in b.log().splitlines() if line.startswith("{")]
     assert any(r["level"] == "info" and "bootstrap" in r["msg"] for r in lines), b.log()
     assert all({"ts", "level", "logger", "msg"} <= set(r) for r in lines)
+
+
+def _raw(host: str, port: int, request: bytes) -> bytes:
+    with socket.create_connection((host, port), timeout=5) as sock:
+        sock.sendall(request)
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    return reply
+
+
+async def test_http_server_serves_the_page_files_and_negotiates_the_metrics_format(tmp_path):
+    async with _node(tmp_path, "a") as a:
+        host, port = a.http_url.removeprefix("http://").rstrip("/").split(":")
+
+        def get(target: str, method: str = "GET", extra: str = "") -> tuple[bytes, dict[str, str], bytes]:
+            reply = _raw(
+                host, int(port), f"{method} {target} HTTP/1.1\r\nHost: 127.0.0.1\r\n{extra}\r\n".encode()
+            )
+            head, _, body = reply.partition(b"\r\n\r\n")
+            lines = head.decode("latin-1").split("\r\n")
+            return (
+                lines[0].encode(),
+                {k.lower(): v.strip() for k, _, v in (x.partition(":") for x in lines[1:])},
+                body,
+            )
+
+        status, headers, page = await trio.to_thread.run_sync(get, "/")
+        assert status.startswith(b"HTTP/1.1 200") and b'<script src="page.js">' in page
+        assert "default-src 'self'" in headers["content-security-policy"]  # no inline script runs
+        for path, kind in (("/page.js", "text/javascript"), ("/page.css", "text/css")):
+            status, headers, body = await trio.to_thread.run_sync(get, path)
+            assert status.startswith(b"HTTP/1.1 200") and headers["content-type"].startswith(kind) and body
+        status, headers, body = await trio.to_thread.run_sync(get, "/page.js", "HEAD")
+        assert status.startswith(b"HTTP/1.1 200") and int(headers["content-length"]) > 0 and body == b""
+        for path in ("/../pyproject.toml", "/static/index.html", "/page.py"):
+            assert (await trio.to_thread.run_sync(get, path))[0].startswith(b"HTTP/1.1 404")
+        assert (await trio.to_thread.run_sync(get, "/", "POST"))[0].startswith(b"HTTP/1.1 405")
+
+        status, headers, text = await trio.to_thread.run_sync(get, "/metrics")
+        names = {f.name for f in text_string_to_metric_families(text.decode())}  # the reference parser
+        assert {"lattice_info", "lattice_peers_connected", "lattice_nat_reachability"} <= names
+        assert headers["content-type"].startswith("text/plain")
+        accept = "Accept: application/openmetrics-text; version=1.0.0\r\n"
+        status, headers, text = await trio.to_thread.run_sync(get, "/metrics", "GET", accept)
+        assert headers["content-type"].startswith("application/openmetrics-text") and text.endswith(
+            b"# EOF\n"
+        )
+
+
+async def test_http_server_refuses_a_complete_oversized_head(tmp_path):
+    """A whole head over the bound refused (431) even when it arrives complete in one piece."""
+    async with _node(tmp_path, "a") as a:
+        host, port = a.http_url.removeprefix("http://").rstrip("/").split(":")
+        head = b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n" + b"X-Pad: " + b"y" * 9000 + b"\r\n\r\n"
+        reply = await trio.to_thread.run_sync(_raw, host, int(port), head)
+        assert reply.startswith(b"HTTP/1.1 431")
+        for bad in (
+            b"GET / HTTP/1.1\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+        ):  # no / two Hosts
+            assert (await trio.to_thread.run_sync(_raw, host, int(port), bad)).startswith(b"HTTP/1.1 400")
+        assert (await trio.to_thread.run_sync(_get, a.http_url + "metrics"))[0] == 200

@@ -16,6 +16,7 @@ faults, 1906 control URL on another host. HTTP 8000 serves the descriptions, SOA
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -37,8 +38,8 @@ from lattice.nat.portmap import (
     PortMapError,
     PortMapper,
     _http,
-    _http_parse,
     external_multiaddr,
+    parse_http_response,
     parse_ssdp_response,
     parse_xml,
 )
@@ -58,7 +59,8 @@ def test_xml_guard():
     bomb = b'<?xml version="1.0"?><!DOCTYPE l [<!ENTITY a "aaaa"><!ENTITY b "&a;&a;">]><l>&b;</l>'
     for bad, why in (
         (bomb, "DOCTYPE"),
-        (b'<!doctype x SYSTEM "file:///etc/passwd"><x/>', "DOCTYPE"),
+        (b'<!DOCTYPE x SYSTEM "file:///etc/passwd"><x/>', "DOCTYPE"),
+        (b'<!doctype x SYSTEM "file:///etc/passwd"><x/>', "malformed"),  # XML is case-sensitive
         (b"<x>" + b"a" * 200 + b"</x>", "limit"),
         (b"<x>\xff\xfe</x>", "UTF-8"),
         ("<x/>".encode("utf-16"), "UTF-8"),
@@ -74,23 +76,50 @@ def test_ssdp_and_http_parsers():
     for bad in (b"", b"NOTIFY * HTTP/1.1\r\n\r\n", b"HTTP/1.1 404 x\r\n\r\n", os.urandom(64), b"x" * 3000):
         assert parse_ssdp_response(bad) is None or "location" not in parse_ssdp_response(bad)
     chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2;x=y\r\nde\r\n0\r\n\r\n"
-    assert _http_parse(chunked, 100, "u") == (200, b"abcde")
+    assert parse_http_response(chunked, 100, "u") == (200, b"abcde")
     with pytest.raises(PortMapError, match="limit"):
-        _http_parse(b"HTTP/1.1 200 OK\r\nContent-Length: 999\r\n\r\n", 100, "u")
-    with pytest.raises(PortMapError, match="chunked"):
-        _http_parse(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nff\r\nabc", 100, "u")
+        parse_http_response(b"HTTP/1.1 200 OK\r\nContent-Length: 999\r\n\r\n", 100, "u")
     with pytest.raises(PortMapError, match="truncated"):
-        _http_parse(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nabc", 100, "u")
-    with pytest.raises(PortMapError, match="not an HTTP"):
-        _http_parse(b"SSH-2.0-x\r\n\r\n", 100, "u")
+        parse_http_response(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nff\r\nabc", 100, "u")
+    with pytest.raises(PortMapError, match="truncated"):
+        parse_http_response(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nabc", 100, "u")
+    with pytest.raises(PortMapError, match="bad HTTP"):
+        parse_http_response(b"SSH-2.0-x\r\n\r\n", 100, "u")
     rng = random.Random(3)
     for _ in range(3000):
         junk = bytes(rng.getrandbits(8) for _ in range(rng.randrange(60)))
         parse_ssdp_response(junk)
         try:
-            _http_parse(b"HTTP/1.1 200 OK\r\n" + junk, 50, "u")
+            parse_http_response(b"HTTP/1.1 200 OK\r\n" + junk, 50, "u")
         except PortMapError:
             pass
+
+
+async def test_http_client_reads_a_chunked_body_split_anywhere():
+    """A chunk whose data ends in ``0\\r\\n`` followed by a pause is not taken for the last chunk."""
+    first = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nab0\r\n\r\n"
+    rest = b"3\r\ncde\r\n0\r\nX-Trailer: 1\r\n\r\n"
+
+    async def serve(stream: trio.SocketStream) -> None:
+        await stream.receive_some(4096)
+        await stream.send_all(first)
+        await trio.sleep(0.3)
+        await stream.send_all(rest)
+        await stream.aclose()
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(functools.partial(trio.serve_tcp, serve, 0, host="127.0.0.1"))
+        port = listeners[0].socket.getsockname()[1]
+        status, body = await _http(f"http://127.0.0.1:{port}/d.xml", 100, 2.0)
+        for bad, why in ((b"HTTP/1.1 200 OK\r\nContent-Length: 5000\r\n\r\n", "limit"),
+                         (b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nabc", "truncated")):  # fmt: skip
+            first, rest = bad, b""
+            with pytest.raises(PortMapError, match=why):
+                await _http(f"http://127.0.0.1:{port}/d.xml", 100, 2.0)
+        with pytest.raises(PortMapError, match="request"):
+            await _http(f"http://127.0.0.1:{port}/a b", 100, 2.0)  # h11 refuses a space in the target
+        nursery.cancel_scope.cancel()
+    assert (status, body) == (200, b"ab0\r\ncde")
 
 
 def test_external_multiaddr_and_public_flag():

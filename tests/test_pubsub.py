@@ -146,6 +146,73 @@ def test_unsubscribe_prunes_and_graft_from_backoff_is_refused():
     assert all("t" not in r.peer_topics[0] for r in net.routers[1:])
 
 
+def test_prunes_of_foreign_topics_and_huge_backoffs_are_not_kept():
+    """A PRUNE flood naming random topics (5,000 per RPC) grew the backoff table without bound, and a
+    backoff of 2^63 s kept its entry forever."""
+    from lattice.pubsub.router import MAX_BACKOFF
+
+    r = GossipRouter()
+    r.subscribe("t")
+    for i in range(20):
+        r.handle("attacker", RPC(prune=[(f"junk/{i}/{j}", 1 << 62) for j in range(5000)]), 0.0)
+    r.handle("attacker", RPC(subscriptions=[(True, "t")], prune=[("t", 1 << 62)]), 0.0)
+    assert len(r._backoff) == 1 and r._backoff[("t", "attacker")] == MAX_BACKOFF
+    r.heartbeat(MAX_BACKOFF + 1)
+    assert not r._backoff
+    r.handle("attacker", RPC(prune=[("t", 10)]), 0.0)
+    r.remove_peer("attacker")
+    assert not r._backoff  # a departed peer's backoffs go with it
+
+
+def test_a_peer_claiming_thousands_of_topics_is_tracked_up_to_a_cap():
+    from lattice.pubsub.router import MAX_PEER_TOPICS
+
+    r = GossipRouter()
+    r.subscribe("t")
+    subs = [(True, f"topic/{i}") for i in range(5000)]
+    r.handle("attacker", RPC(subscriptions=subs), 0.0)
+    r.handle("attacker", RPC(subscriptions=subs), 0.0)
+    assert len(r.peer_topics["attacker"]) == MAX_PEER_TOPICS
+    assert r.stats["ignored_subscriptions"] > 0
+
+
+def test_ihave_floods_do_not_make_us_ask_for_more_than_the_allowance():
+    """gossipsub v1.1's max_ihave_length / max_ihave_messages: per peer and heartbeat."""
+    from lattice.pubsub.router import MAX_IHAVE_IDS, MAX_IHAVE_MESSAGES
+
+    r = GossipRouter()
+    r.subscribe("t")
+    r.handle("attacker", RPC(subscriptions=[(True, "t")]), 0.0)
+    r.drain()
+    asked = 0
+    for n in range(50):  # 50 RPCs of IHAVEs of ids that will never be delivered
+        ihave = [("t", [b"%d-%d-%d" % (n, k, i) for i in range(400)]) for k in range(20)]
+        r.handle("attacker", RPC(ihave=ihave), 0.0)
+        asked += sum(len(rpc.iwant) for _, rpc in r.drain())
+    assert asked == min(MAX_IHAVE_IDS, MAX_IHAVE_MESSAGES * 400)  # not 50 x 20 x 400
+    r.heartbeat(1.0)
+    r.handle("attacker", RPC(ihave=[("t", [b"fresh-%d" % i for i in range(10)])]), 1.0)
+    assert sum(len(rpc.iwant) for _, rpc in r.drain()) == 10  # a new heartbeat, a new allowance
+
+
+def test_iwant_floods_are_served_within_a_byte_budget_per_heartbeat():
+    from lattice.pubsub.router import MAX_IWANT_BYTES_PER_HEARTBEAT
+
+    r = GossipRouter()
+    r.subscribe("t")
+    r.handle("leech", RPC(subscriptions=[(True, "t")]), 0.0)
+    ids = [r.publish("t", bytes([i]) * 100_000, 0.0) for i in range(40)]  # 4 MB in the cache
+    r.drain()
+    served = 0
+    for _ in range(100):  # tiny IWANT RPCs asking for everything, over and over
+        r.handle("leech", RPC(iwant=ids), 0.0)
+        served += sum(len(m.data) for _, rpc in r.drain() for m in rpc.messages)
+    assert served <= MAX_IWANT_BYTES_PER_HEARTBEAT
+    r.heartbeat(1.0)
+    r.handle("leech", RPC(iwant=ids[:1]), 1.0)
+    assert sum(len(m.data) for _, rpc in r.drain() for m in rpc.messages) == 100_000
+
+
 async def start_star(tmp_path, nursery, services=None):
     """4 nodes on loopback that bootstrap from the first (a star until the DHT fills in)."""
     from contextlib import AsyncExitStack

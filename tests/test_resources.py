@@ -5,13 +5,8 @@ from __future__ import annotations
 import pytest
 
 from lattice.errors import ConfigError
-from lattice.transport.resources import (
-    MiB,
-    ResourceLimitExceeded,
-    ResourceLimits,
-    ResourceManager,
-    ip_prefix,
-)
+from lattice.transport.limits import ip_prefix
+from lattice.transport.resources import MiB, ResourceLimitExceeded, ResourceLimits, ResourceManager
 
 
 class Clock:
@@ -184,3 +179,19 @@ def test_handshake_deadline_shrinks_under_pressure():
     rm.begin_handshake("198.51.100.1")
     rm.begin_handshake("203.0.113.1")
     assert rm.handshake_deadline() == 2.0
+
+
+def test_a_reconnect_storm_is_refused_at_accept_per_ip_and_per_prefix():
+    rm, clock = manager(ip_accept_rate=2.0, prefix_accept_rate=5.0, ip_pending_handshakes=100,
+                        prefix_pending_handshakes=100)  # fmt: skip
+    for _ in range(4):  # burst of 2x the rate from one IP
+        rm.end_handshake(rm.begin_handshake("198.51.100.1"))
+    assert rm.begin_handshake("198.51.100.1") is None
+    for i in range(2, 8):  # other IPs of the prefix: the prefix's burst (10) runs out
+        rm.end_handshake(rm.begin_handshake(f"198.51.100.{i}"))
+    assert rm.begin_handshake("198.51.100.9") is None
+    assert rm.begin_handshake("203.0.113.1") is not None  # another prefix is not affected
+    assert rm.begin_handshake("127.0.0.1") is not None  # exempt
+    clock.now += 1.0
+    assert rm.begin_handshake("198.51.100.1") is not None  # refilled
+    assert rm.refusals["node:accept_rate_ip"] == 1 and rm.refusals["node:accept_rate_prefix"] == 1

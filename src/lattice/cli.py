@@ -470,6 +470,20 @@ def cmd_status(args: argparse.Namespace) -> int:
         boot = [f"{b['addr']} ({'up' if b['connected'] else 'down'})" for b in s["bootstrap"]]
         _add_row(table, "bootstrap", boot)
         _add_row(table, "traffic", f"sent {s['bytes_sent']} B, received {s['bytes_received']} B")
+        res = s.get("resources")
+        if res:
+            node = res["node"]
+            mib = 1 << 20
+            refusals = ", ".join(f"{k} {v}" for k, v in sorted(res["refusals"].items()))
+            _add_row(table, "budgets", [
+                f"memory {node['memory'] / mib:.1f} / {node['memory_limit'] / mib:.0f} MiB"
+                f" (peak {node['peak_memory'] / mib:.1f})",
+                f"connections {node['connections']} / {node['connections_limit']}, "
+                f"streams {node['streams']} / {node['streams_limit']}, "
+                f"pending handshakes {node['pending_handshakes']} / {node['pending_handshakes_limit']}",
+                f"refused: {sum(res['refusals'].values())} ({refusals or 'none'}), "
+                f"evicted handshakes {res['evicted_handshakes']}, dropped replies {res['dropped_replies']}",
+            ])  # fmt: skip
         _add_row(table, "services", ", ".join(s["services"]) or "-")
         _add_row(table, "control", s["control"] or "-")
         Console().print(table)

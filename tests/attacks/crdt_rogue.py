@@ -182,7 +182,7 @@ class Rogue:
         # the same through the gossip mesh: forged and unauthorized batches, garbage RPCs
         topic = TOPIC_PREFIX + self.doc
         batch = msgpack.packb(
-            [u.encode() for u in chain] + [sign(self.host.keypair, self.doc, self.seq, data).encode()]
+            [u.encode() for u in chain] + [sign(self.host.keypair, self.doc, max(self.seq, 1), data).encode()]
         )
         rpc = pubsub_protocol.RPC(
             subscriptions=[(True, topic)], messages=[pubsub_protocol.Message(topic, batch)]

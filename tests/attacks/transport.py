@@ -115,20 +115,25 @@ async def no_read_replies(
 
 
 async def connection_churn(
-    target: str, count: int = 2000, parallel: int = 16, victim_pid: int | None = None
+    target: str,
+    count: int = 2000,
+    parallel: int = 16,
+    victim_pid: int | None = None,
+    sources: list[str] | None = None,
 ) -> dict:
-    """Open and close ``count`` connections (full handshake each); RSS before and after."""
+    """Open and close ``count`` connections (full handshake each), from ``sources`` in turn if given
+    (else from 127.0.0.1); RSS before and after. Refused connections count as failed."""
     before = rss_mib(victim_pid) if victim_pid else None
     done = failed = 0
     limiter = trio.CapacityLimiter(parallel)
 
-    async def one() -> None:
+    async def one(i: int) -> None:
         nonlocal done, failed
         async with limiter:
             peer = RawPeer()
             try:
                 with trio.fail_after(10):
-                    await peer.connect(target)
+                    await peer.connect(target, local_address=sources[i % len(sources)] if sources else None)
                 done += 1
             except Exception:
                 failed += 1
@@ -136,8 +141,8 @@ async def connection_churn(
                 await peer.aclose()
 
     async with trio.open_nursery() as nursery:
-        for _ in range(count):
-            nursery.start_soon(one)
+        for i in range(count):
+            nursery.start_soon(one, i)
     out: dict = {"connections": done, "failed": failed}
     if victim_pid:
         await trio.sleep(1.0)  # let the victim notice the closes

@@ -49,9 +49,13 @@ class BlockingCRDT:
         return self._owner._call(on_loop)
 
     def open(
-        self, name: str, writers: set[PeerId] | None = None, max_bytes: int = MAX_DOC_BYTES
+        self,
+        name: str,
+        writers: set[PeerId] | None = None,
+        max_bytes: int = MAX_DOC_BYTES,
+        max_author_bytes: int | None = None,
     ) -> BlockingDocument:
-        self._sync(lambda: self._service.open(name, writers=writers, max_bytes=max_bytes))
+        self._sync(lambda: self._service.open(name, writers, max_bytes, max_author_bytes))
         return BlockingDocument(self, name)
 
     @property

@@ -5,8 +5,16 @@ the log from inside pycrdt's transaction observer, so it is on disk (per the log
 before the write call returns; inside :meth:`Document.deferred` it is written but fsynced only by the
 next :meth:`Document.flush` (group commit, off the event loop), which must complete before the
 write is acknowledged to anyone. Remote updates are verified, applied, then logged before ``apply``
-returns True. Each ``(author, seq)`` is applied at most once, in any order (Yjs buffers updates whose
-dependencies have not arrived yet), so two replicas holding the same set of updates are identical.
+returns True. Each ``(author, seq)`` is applied at most once, in any order, so two replicas holding the
+same set of updates are identical.
+
+Strangers may write an open document, so what they can make it hold is bounded (:class:`DocLimits`):
+every update's Yjs data is checked before it is taken, each author has a byte quota (a fair share of
+``max_bytes``), and an update that arrives ahead of a sequence gap is *held* in memory, per author and
+per document bounded, until the missing seqs arrive: it is not logged, not counted in the size, not
+offered to other replicas and not seen by observers before it is applied. Only applied, contiguous
+runs reach the log, so a restart cannot bring junk back (a log written by an older version is checked
+on open and rewritten without what fails).
 
 A rejected local write (no write access, over a size limit, log failure) has already touched the
 in-memory Yjs doc, and Yjs cannot take it back without leaving holes in this client's clock that
@@ -29,16 +37,18 @@ from urllib.parse import quote
 import trio
 from pycrdt import Array, Doc, Map, Text, TransactionEvent
 
-from lattice.errors import LatticeError, PayloadError
+from lattice.errors import ConfigError, LatticeError, PayloadError
 from lattice.identity import KeyPair, PeerId
 
 from .errors import AccessDenied, DocumentFull, StaleHandle
 from .log import FsyncPolicy, UpdateLog
 from .updates import MAX_DOC_NAME, MAX_UPDATE, NO_PREV, SignedUpdate, sign
+from .yjs import check_update
 
 log = logging.getLogger(__name__)
 
 MAX_DOC_BYTES = 16 * 1024 * 1024
+HELD_OVERHEAD = 512  # bytes a held update is charged beyond its Yjs data (object, signature, raw copy)
 INLINE_FSYNC_FRAMES = 1  # flush(): up to this many pending updates are fsynced without a thread
 _EMPTY_UPDATE = b"\x00\x00"
 _COUNTER_SEP = "@"  # base58 peer ids never contain it, so rpartition splits counter keys safely
@@ -54,6 +64,37 @@ class Change:
     local: bool
 
 
+@dataclass(frozen=True)
+class DocLimits:
+    """What remote writers can make one document hold (defaults: docs/operators.md, "CRDT documents").
+
+    ``author_share``: in a document anyone may write, one author's updates may take at most this share
+    of ``max_bytes`` (with a writer list each writer gets ``max_bytes / len(writers)``), so one writer
+    cannot fill the document for everyone. Updates ahead of a sequence gap are held until it is
+    filled: per author at most ``max_pending`` of them and ``max_pending_bytes``, per document
+    ``max_pending_total`` bytes (each held update is charged ``HELD_OVERHEAD`` bytes beyond its data);
+    beyond that they are dropped and anti-entropy fetches them again, in order."""
+
+    author_share: float = 0.25
+    max_pending: int = 1024
+    max_pending_bytes: int = 1 << 20
+    max_pending_total: int = 8 << 20
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.author_share, int | float) or not 0 < self.author_share <= 1:
+            raise ConfigError("author_share must be a number in (0, 1]")
+        for name in ("max_pending", "max_pending_bytes", "max_pending_total"):
+            value = getattr(self, name)
+            if type(value) is not int or value <= 0:
+                raise ConfigError(f"CRDT limit {name} must be a positive integer")
+
+    def author_quota(self, max_bytes: int, writers: frozenset[PeerId] | None) -> int:
+        """One author's fair share of a document of ``max_bytes``."""
+        if writers:
+            return max(1, max_bytes // len(writers))
+        return max(1, int(max_bytes * self.author_share))
+
+
 @dataclass
 class DocStats:
     applied: int = 0
@@ -62,12 +103,20 @@ class DocStats:
     rejected_access: int = 0
     rejected_doc: int = 0
     rejected_size: int = 0
-    rejected_malformed: int = 0
+    rejected_quota: int = 0  # over the author's share of the document
+    rejected_malformed: int = 0  # Yjs data that does not parse (checked also for held updates)
+    held: int = 0  # updates taken ahead of a sequence gap (applied once it is filled)
+    dropped_pending: int = 0  # ... and refused because the held ones were at their limit
 
     @property
     def rejected(self) -> int:
         return (self.rejected_signature + self.rejected_access + self.rejected_doc + self.rejected_size
-                + self.rejected_malformed)  # fmt: skip
+                + self.rejected_quota + self.rejected_malformed)  # fmt: skip
+
+    @property
+    def invalid(self) -> int:
+        """Rejections an honest peer never causes (it checks the same before it forwards anything)."""
+        return self.rejected_signature + self.rejected_doc + self.rejected_malformed
 
 
 def log_path(directory: str | os.PathLike[str], name: str) -> Path:
@@ -86,6 +135,8 @@ class Document:
         writers: set[PeerId] | None = None,
         max_bytes: int = MAX_DOC_BYTES,
         fsync: FsyncPolicy = "always",
+        max_author_bytes: int | None = None,
+        limits: DocLimits | None = None,
     ) -> None:
         if not 0 < len(name) <= MAX_DOC_NAME:
             raise PayloadError(f"document name must have 1 to {MAX_DOC_NAME} characters")
@@ -93,10 +144,18 @@ class Document:
         self.keypair = keypair
         self.writers = None if writers is None else frozenset(writers)
         self.max_bytes = max_bytes
+        self.limits = limits or DocLimits()
+        if max_author_bytes is None:  # one author's share of the document
+            max_author_bytes = self.limits.author_quota(max_bytes, self.writers)
+        self.max_author_bytes = max_author_bytes
         self.stats = DocStats()
-        self._updates: dict[PeerId, dict[int, SignedUpdate]] = {}
+        self._updates: dict[PeerId, dict[int, SignedUpdate]] = {}  # applied: per author seqs 1..n
         self._integrated: dict[PeerId, int] = {}  # per author: seqs 1..n are in the Yjs doc
         self._bytes = 0  # sum of accepted update sizes: the document size that max_bytes limits
+        self._author_bytes: dict[PeerId, int] = {}  # ... per author (max_author_bytes)
+        self._held: dict[PeerId, dict[int, SignedUpdate]] = {}  # ahead of a gap: memory only
+        self._held_data: dict[PeerId, int] = {}  # per author: Yjs bytes of the held updates
+        self._held_bytes = 0  # their cost (see _held_cost), bounded by limits.max_pending_total
         self._observers: list[Callable[[Change], None]] = []
         self._applying = False
         self._stale = False
@@ -108,14 +167,13 @@ class Document:
         self._log_frames = 0  # frames in the log file; more than the accepted updates: compact
         self._applying = True
         try:
-            for update in self._log.replay():  # the local log is trusted: crc-checked, mode 0600
-                self._log_frames += 1
-                if self._has(update) or update.doc != name:
-                    continue
-                self._remember(update)
-                self._integrate(update.author)
+            unusable = self._replay()
         finally:
             self._applying = False
+        if unusable:  # junk or held updates logged by an older version: never read them again
+            log.warning("%s: %d logged updates were unusable or ahead of a gap; rewriting the log",
+                        name, unusable)  # fmt: skip
+            self.compact()
 
     # ---- reading and writing -------------------------------------------------------------------
 
@@ -205,7 +263,7 @@ class Document:
     def apply_many(self, updates: list[SignedUpdate], sync: bool = True) -> int:
         """:meth:`apply` each update with one fsync for the whole batch (under the "batch" policy:
         only when one is due; ``sync=False``: none, the caller will :meth:`flush`); returns how
-        many applied.
+        many were applied (held updates count when the update that unblocks them arrives).
 
         An author's run of consecutive updates linked by their hash chain costs one signature
         verification (of its newest update) instead of one per update."""
@@ -214,8 +272,7 @@ class Document:
         scratch: list[Doc] = []  # one scratch doc checks the whole batch's Yjs data
         try:
             for update in updates:
-                if self._accept(update, id(update) in verified, scratch):
-                    accepted.append(update)
+                accepted.extend(self._accept(update, id(update) in verified, scratch))
         finally:  # logged with one write, then observers hear of them
             self._log.append_many(accepted, sync=sync)
             self._log_frames += len(accepted)
@@ -253,44 +310,111 @@ class Document:
         return {id(u) for u in run}
 
     def apply(self, update: SignedUpdate, sync: bool = True) -> bool:
-        """Verify, apply and log a remote update; False (counted in ``stats``) if rejected or known."""
-        return self.apply_many([update], sync=sync) == 1
+        """Verify, apply and log a remote update; True if taken (applied, or held until the seqs
+        before it arrive), False (counted in ``stats``) if rejected, known or dropped."""
+        held = self.stats.held
+        return self.apply_many([update], sync=sync) > 0 or self.stats.held > held
 
-    def _accept(self, update: SignedUpdate, verified: bool, scratch: list[Doc]) -> bool:
-        """Check one remote update and take it into memory (the caller logs it)."""
+    def _accept(self, update: SignedUpdate, verified: bool, scratch: list[Doc]) -> list[SignedUpdate]:
+        """Check one remote update; returns what it lets into the Yjs doc (the caller logs them): itself
+        and the held updates it unblocks, or nothing (refused, or held back by a gap)."""
         self._current()
+        refusal = self._refusal(update)
+        if refusal is None and not verified and not update.verify():
+            refusal = "rejected_signature"
+        if refusal is None and not yjs_parses(update.data, scratch):  # gap or not: before it is kept
+            refusal = "rejected_malformed"
+        if refusal is not None:
+            setattr(self.stats, refusal, getattr(self.stats, refusal) + 1)
+            return []
+        if self._is_gap(update):
+            self._hold(update)
+            return []
+        return self._take(update)
+
+    def _refusal(self, update: SignedUpdate) -> str | None:
+        """The ``DocStats`` counter of the first cheap check ``update`` fails (signature and Yjs data
+        are checked after these), or None."""
         if update.doc != self.name:
-            self.stats.rejected_doc += 1
-            return False
+            return "rejected_doc"
         if self._has(update):
-            self.stats.duplicates += 1
-            return False
-        if len(update.data) > MAX_UPDATE or self._bytes + len(update.data) > self.max_bytes:
-            self.stats.rejected_size += 1
-            return False
+            return "duplicates"
+        if len(update.data) > MAX_UPDATE:
+            return "rejected_size"
         if self.writers is not None and update.author not in self.writers:
-            self.stats.rejected_access += 1
-            return False
-        if not verified and not update.verify():
-            self.stats.rejected_signature += 1
-            return False
-        if update.seq == self._integrated.get(update.author, 0) + 1:
-            try:  # check the Yjs data before it is logged; scratch doc: a bad update leaves no trace
-                if not scratch:
-                    scratch.append(Doc())
-                scratch[0].apply_update(update.data)
-            except Exception:
-                scratch.clear()  # its state is suspect now: the next check starts from a fresh one
-                self.stats.rejected_malformed += 1
-                return False
-        self._remember(update)
+            return "rejected_access"
+        if not self._is_gap(update):
+            return self._room_refusal(update.author, len(update.data))
+        count = len(self._held.get(update.author, ()))
+        held_data = self._held_data.get(update.author, 0)
+        refusal = self._room_refusal(update.author, len(update.data) + held_data)  # counts once applied
+        if refusal is not None:
+            return refusal
+        cost = _held_cost(update)
+        held_cost = held_data + count * HELD_OVERHEAD
+        if count >= self.limits.max_pending or held_cost + cost > self.limits.max_pending_bytes:
+            return "dropped_pending"
+        if self._held_bytes + cost > self.limits.max_pending_total:
+            return "dropped_pending"
+        return None
+
+    def _room_refusal(self, author: PeerId, size: int) -> str | None:
+        """Whether ``size`` more bytes of ``author`` fit the document and the author's share."""
+        if self._bytes + size > self.max_bytes:
+            return "rejected_size"
+        if self._author_bytes.get(author, 0) + size > self.max_author_bytes:
+            return "rejected_quota"
+        return None
+
+    def _is_gap(self, update: SignedUpdate) -> bool:
+        return update.seq > self._integrated.get(update.author, 0) + 1
+
+    def _hold(self, update: SignedUpdate) -> None:
+        self._held.setdefault(update.author, {})[update.seq] = update
+        self._held_data[update.author] = self._held_data.get(update.author, 0) + len(update.data)
+        self._held_bytes += _held_cost(update)
+        self.stats.held += 1
+
+    def _unhold(self, author: PeerId, seq: int) -> SignedUpdate | None:
+        """Remove and return the held update ``seq`` of ``author`` (None if there is none)."""
+        held = self._held.get(author)
+        update = held.pop(seq, None) if held else None
+        if update is not None:
+            self._held_bytes -= _held_cost(update)
+            self._held_data[author] -= len(update.data)
+        if held is not None and not held:
+            del self._held[author]
+            del self._held_data[author]
+        return update
+
+    def _take(self, update: SignedUpdate) -> list[SignedUpdate]:
+        """Apply a contiguous update and the held run behind it (each re-checked for room)."""
+        author = update.author
+        taken: list[SignedUpdate] = []
+        next_update: SignedUpdate | None = update
+        while next_update is not None:
+            self._remember(next_update)
+            taken.append(next_update)
+            next_update = self._unhold(author, next_update.seq + 1)
+            refusal = None if next_update is None else self._room_refusal(author, len(next_update.data))
+            if refusal is not None:  # room went to other writes meanwhile: anti-entropy retries it
+                setattr(self.stats, refusal, getattr(self.stats, refusal) + 1)
+                next_update = None
         self._applying = True
         try:
-            self._integrate(update.author)
+            self._integrate(author)
         finally:
             self._applying = False
-        self.stats.applied += 1
-        return True
+        self.stats.applied += len(taken)
+        return taken
+
+    def pending_count(self) -> int:
+        """Updates held ahead of a sequence gap (in memory only)."""
+        return sum(map(len, self._held.values()))
+
+    def pending_bytes(self) -> int:
+        """What the held updates are charged against ``limits.max_pending_total``."""
+        return self._held_bytes
 
     def version(self) -> dict[str, int]:
         """Per author (base58), the highest seq such that every seq up to it is held."""
@@ -298,7 +422,8 @@ class Document:
         return {str(author): self._integrated.get(author, 0) for author in self._updates}
 
     def missing_for(self, version: dict[str, int]) -> list[SignedUpdate]:
-        """Updates a replica at ``version`` may lack (anything above its contiguous seq, per author)."""
+        """Updates a replica at ``version`` may lack (anything above its contiguous seq, per author;
+        applied updates only: held ones are not passed on before they are applied here)."""
         out: list[SignedUpdate] = []
         for author, seqs in self._updates.items():
             have = version.get(str(author), 0)
@@ -404,6 +529,12 @@ class Document:
                     f"document {self.name!r} is full: this write of {len(data)} bytes would take it over"
                     f" its limit of {self.max_bytes} bytes (it holds {self._bytes})"
                 )
+            mine = self._author_bytes.get(author, 0)
+            if mine + len(data) > self.max_author_bytes:
+                raise DocumentFull(
+                    f"document {self.name!r} is full for this writer: this write of {len(data)} bytes would"
+                    f" take it over its per-author limit of {self.max_author_bytes} bytes (it wrote {mine})"
+                )
             seqs = self._updates.get(author)
             last = max(seqs) if seqs else 0
             prev = seqs[last].digest() if seqs else NO_PREV
@@ -417,12 +548,39 @@ class Document:
         self._integrated[author] = max(self._integrated.get(author, 0), update.seq)
         self._notify(Change(self.name, author, update.seq, local=True))
 
+    def _replay(self) -> int:
+        """Restore the applied updates from the log; returns how many of this document's frames were
+        not restored (their Yjs data fails, or they lie beyond a gap: held, within the limits).
+
+        Signatures are not checked again (the log is ours: crc-checked, mode 0600), the Yjs data is:
+        an older version logged updates beyond a gap without checking them."""
+        by_author: dict[PeerId, dict[int, SignedUpdate]] = {}
+        for update in self._log.replay():
+            self._log_frames += 1
+            if update.doc == self.name:
+                by_author.setdefault(update.author, {}).setdefault(update.seq, update)
+        unusable = 0
+        scratch: list[Doc] = []
+        for author, seqs in by_author.items():
+            for seq in sorted(seqs):
+                update = seqs[seq]
+                if not self._is_gap(update) and _applies(self._doc, update.data):
+                    self._remember(update)
+                    self._integrated[author] = seq
+                    continue
+                unusable += 1
+                holdable = self._is_gap(update) and self._refusal(update) is None
+                if holdable and yjs_parses(update.data, scratch):
+                    self._hold(update)
+        return unusable
+
     def _integrate(self, author: PeerId) -> None:
         """Feed the author's next contiguous updates to Yjs.
 
-        Updates wait here until all earlier seqs of their author arrived: pycrdt/yrs 0.14 loses map
-        entries when an overwrite arrives before the value it overwrites (measured), so per-author
-        causal order is enforced here rather than trusted to Yjs's pending-update buffer.
+        Updates reach Yjs in their author's seq order (later ones are held until the gap is filled):
+        pycrdt/yrs 0.14 loses map entries when an overwrite arrives before the value it overwrites
+        (measured), so per-author causal order is enforced here rather than trusted to Yjs's
+        pending-update buffer.
         """
         seqs = self._updates.get(author, {})
         n = self._integrated.get(author, 0)
@@ -444,6 +602,8 @@ class Document:
     def _remember(self, update: SignedUpdate) -> None:
         self._updates.setdefault(update.author, {})[update.seq] = update
         self._bytes += len(update.data)
+        self._author_bytes[update.author] = self._author_bytes.get(update.author, 0) + len(update.data)
+        self._unhold(update.author, update.seq)  # a held copy of a seq now applied (a local write)
 
     def _notify(self, change: Change) -> None:
         for callback in list(self._observers):
@@ -451,3 +611,28 @@ class Document:
                 callback(change)
             except Exception:  # an observer's bug must not undo a durable write
                 log.exception("CRDT observer failed on %s", self.name)
+
+
+def yjs_parses(data: bytes, scratch: list[Doc]) -> bool:
+    """Whether ``data`` is a usable Yjs update, tried on a scratch doc (shared by a batch; after a
+    failure its state is suspect, so the next check starts from a fresh one)."""
+    if not scratch:
+        scratch.append(Doc())
+    if _applies(scratch[0], data):
+        return True
+    scratch.clear()
+    return False
+
+
+def _applies(doc: Doc, data: bytes) -> bool:
+    """Apply ``data`` to ``doc`` if it is within the bounds yrs needs (see lattice.crdt.yjs)."""
+    try:
+        check_update(data)  # first: yrs trusts declared sizes and nesting (a 80 KB update crashed it)
+        doc.apply_update(data)
+    except Exception:  # PayloadError, or the plain exceptions pycrdt raises for data it refuses
+        return False
+    return True
+
+
+def _held_cost(update: SignedUpdate) -> int:
+    return len(update.data) + HELD_OVERHEAD

@@ -11,8 +11,11 @@ Two paths:
 - anti-entropy: on a new connection and every ``sync_interval`` seconds, two peers swap version
   vectors (per author, the highest contiguous seq) and send each other exactly the signed updates
   the other lacks, so a peer that was offline or partitioned catches up.
-Receivers verify every update (signature, access, size) in ``Document.apply``; updates for documents
-a peer has not opened are ignored.
+Receivers verify every update (signature, access, size, Yjs data, the author's quota) in
+``Document.apply``; updates for documents a peer has not opened are ignored. Updates an honest peer
+never sends (undecodable, forged, malformed Yjs, another document's) cost their sender misbehaviour
+points, ``PENALTY_MALFORMED`` each, so a peer that keeps sending them is banned. Updates held back by a
+sequence gap are not forwarded (a gossip batch holding one is not passed on).
 Durability without blocking the event loop: received batches and the control API's writes are
 logged at once and fsynced in a worker thread (group commit, ``Document.flush``); nothing leaves this
 node (a push, a published batch, a version vector or updates sent in a sync) and no write is
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import random
 import struct
@@ -34,10 +38,11 @@ from typing import Any
 import msgpack
 import trio
 
-from lattice.crdt.document import MAX_DOC_BYTES, Change, Document
+from lattice.crdt.document import MAX_DOC_BYTES, Change, DocLimits, Document
 from lattice.crdt.updates import SignedUpdate
 from lattice.errors import LatticeError, PayloadError, TransportError
 from lattice.identity import PeerId
+from lattice.transport.limits import PENALTY_MALFORMED
 from lattice.transport.peerstore import PeerInfo
 from lattice.transport.yamux import YamuxStream
 
@@ -112,9 +117,15 @@ class CRDT:
     name = "crdt"
 
     def __init__(
-        self, sync_interval: float = 5.0, fsync: str = "always", gossip: bool = True, gossip_above: int = 12
+        self,
+        sync_interval: float = 5.0,
+        fsync: str = "always",
+        gossip: bool = True,
+        gossip_above: int = 12,
+        limits: DocLimits | None = None,
     ) -> None:
         self.sync_interval = sync_interval
+        self.limits = limits or DocLimits()  # quotas and held-update bounds of every document
         self.gossip = gossip  # publish through node.pubsub when the node has it ...
         self.gossip_above = gossip_above  # ... and more replicas are connected than a mesh holds
         self.fsync = fsync
@@ -128,6 +139,8 @@ class CRDT:
         self._peers_cache: tuple[float, list[PeerId]] | None = None
         self.stats = {"pushed": 0, "synced": 0, "applied": 0, "rejected": 0, "bad_frames": 0}
         self.stats["compactions"] = 0
+        self.stats["held"] = 0  # updates taken ahead of a sequence gap (DocStats.held, all documents)
+        self.stats["invalid"] = 0  # updates that cost their sender misbehaviour points
 
     # -- lifecycle
     async def run(self, node: Any, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
@@ -153,24 +166,32 @@ class CRDT:
             for doc in self.docs.values():
                 doc.close()
 
-    def open(self, name: str, writers: set[PeerId] | None = None, max_bytes: int = MAX_DOC_BYTES) -> Document:
+    def open(
+        self,
+        name: str,
+        writers: set[PeerId] | None = None,
+        max_bytes: int = MAX_DOC_BYTES,
+        max_author_bytes: int | None = None,
+    ) -> Document:
         """The document ``name`` (created on first use, restored from disk, kept in sync).
 
         ``writers``: the peers allowed to write (None: anyone); ``max_bytes``: the size limit (local
-        writes beyond it raise DocumentFull, remote updates beyond it are rejected). Both apply on
+        writes beyond it raise DocumentFull, remote updates beyond it are rejected);
+        ``max_author_bytes``: one author's share (None: ``DocLimits.author_quota``). They apply on
         first open; later calls return the open document."""
         doc = self.docs.get(name)
         if doc is None:
             directory = self.node.config.data_dir / "crdt"
             doc = Document(name, self.node.host.keypair, directory, writers=writers, max_bytes=max_bytes,
-                           fsync=self.fsync)  # type: ignore[arg-type]  # fmt: skip
+                           fsync=self.fsync, max_author_bytes=max_author_bytes,  # type: ignore[arg-type]
+                           limits=self.limits)  # fmt: skip
             if doc.needs_compaction():
                 doc.compact()
             doc.observe(lambda change, d=doc: self._on_change(d, change))
             self.docs[name] = doc
             pubsub = self._pubsub()
             if pubsub is not None:
-                pubsub.subscribe(TOPIC_PREFIX + name, lambda peer, data, d=doc: self._on_gossip(d, data))
+                pubsub.subscribe(TOPIC_PREFIX + name, functools.partial(self._on_gossip, doc))
             if self._nursery is not None:
                 for peer in self._peers():
                     self._keep(peer)
@@ -197,8 +218,9 @@ class CRDT:
         services = getattr(self.node, "services", {})
         return services.get("pubsub") if self.gossip else None
 
-    def _on_gossip(self, doc: Document, data: bytes) -> bool:
-        """A batch from the topic's mesh: apply it; False (not forwarded) if anything was rejected."""
+    def _on_gossip(self, doc: Document, peer: PeerId, data: bytes) -> bool:
+        """A batch from the topic's mesh: apply it; False (not forwarded) unless every update in it
+        was applied or already known."""
         try:
             raws = msgpack.unpackb(data, raw=False, max_array_len=10_000, max_map_len=0, max_str_len=0)
         except (ValueError, msgpack.UnpackException):
@@ -207,9 +229,7 @@ class CRDT:
         if not isinstance(raws, list):
             self.stats["bad_frames"] += 1
             return False
-        rejected = self.stats["rejected"]
-        self._apply_all(doc, raws)
-        return self.stats["rejected"] == rejected
+        return self._apply_all(doc, raws, peer)
 
     async def _publisher(self, doc: Document) -> None:
         """Publish what was written since the last run: one message per <= FRAME_BUDGET of updates."""
@@ -382,28 +402,45 @@ class CRDT:
             message = await _recv(stream)
             if message["t"] != "updates":
                 raise PayloadError(f"expected updates, got {message['t']!r}")
-            self._apply_all(doc, message.get("u"))
+            self._apply_all(doc, message.get("u"), stream.remote_peer)
             if message.get("last"):
                 version = message.get("v")
                 return _version(version) if isinstance(version, dict) else None
         raise PayloadError("too many update frames")
 
-    def _apply_all(self, doc: Document | None, raw: Any) -> None:
-        """Verify and apply a batch (one fsync for all of it)."""
+    def _apply_all(self, doc: Document | None, raw: Any, peer: PeerId | None = None) -> bool:
+        """Verify and apply a batch from ``peer`` (one fsync for all of it); True if every update in
+        it was applied or already known. Updates an honest peer never sends cost ``peer`` points."""
         if doc is None or not isinstance(raw, list):
-            return
+            return False
         updates = []
+        undecodable = 0
         for item in raw[:10_000]:
             try:
                 updates.append(SignedUpdate.decode(item))
             except PayloadError:
-                self.stats["rejected"] += 1
-        rejected_before = doc.stats.rejected
+                undecodable += 1
+        before = dataclasses.replace(doc.stats)
         applied = doc.apply_many(updates, sync=self._nursery is None)
+        after = doc.stats
         self.stats["applied"] += applied
-        self.stats["rejected"] += doc.stats.rejected - rejected_before
+        self.stats["rejected"] += undecodable + after.rejected - before.rejected
+        invalid = undecodable + after.invalid - before.invalid
+        self.stats["held"] += after.held - before.held
+        self.stats["invalid"] += invalid
+        if invalid and peer is not None:
+            self._penalize(peer, doc, invalid)
         if applied and self._nursery is not None:
             self._flush_soon(doc)
+        skipped = after.rejected + after.held + after.dropped_pending
+        return not undecodable and skipped == before.rejected + before.held + before.dropped_pending
+
+    def _penalize(self, peer: PeerId, doc: Document, invalid: int) -> None:
+        """Misbehaviour points for updates no honest peer sends (it checks them before forwarding)."""
+        penalize = getattr(self.node.host, "penalize", None) if self.node is not None else None
+        if penalize is not None:
+            reason = f"{invalid} malformed or forged CRDT updates for {doc.name!r}"
+            penalize(peer, reason, points=PENALTY_MALFORMED * invalid)
 
     def _flush_soon(self, doc: Document) -> None:
         """fsync received updates in the background (one pending flush per document)."""
@@ -430,7 +467,7 @@ class CRDT:
             name = message.get("doc")
             doc = self.docs.get(name) if isinstance(name, str) else None
             if message["t"] == "push":  # a pusher's stream: open as long as it has updates for us
-                self._apply_all(doc, message.get("u"))
+                self._apply_all(doc, message.get("u"), stream.remote_peer)
                 await self._more_pushes(stream)
             elif message["t"] == "sync":
                 theirs = _version(message.get("v"))
@@ -458,19 +495,28 @@ class CRDT:
                 return
             if message["t"] != "push" or not isinstance(message.get("doc"), str):
                 raise PayloadError("a push stream carries pushes only")
-            self._apply_all(self.docs.get(message["doc"]), message.get("u"))
+            self._apply_all(self.docs.get(message["doc"]), message.get("u"), stream.remote_peer)
 
     # -- control API
     async def _op_open(
-        self, doc: str, writers: list[str] | None = None, max_bytes: int = MAX_DOC_BYTES
+        self,
+        doc: str,
+        writers: list[str] | None = None,
+        max_bytes: int = MAX_DOC_BYTES,
+        max_author_bytes: int | None = None,
     ) -> dict:
-        """Open a document with its access list (peer ids) and size limit; returns its version."""
+        """Open a document with its access list (peer ids), size limit and per-author share (None:
+        the fair share of DocLimits); returns its version."""
         if writers is not None and (not isinstance(writers, list) or len(writers) > 10_000):
             raise PayloadError("writers must be a list of peer ids")
         if type(max_bytes) is not int or not 0 < max_bytes <= MAX_DOC_BYTES:
             raise PayloadError(f"max_bytes must be an integer in 1..{MAX_DOC_BYTES}")
+        if max_author_bytes is not None and (
+            type(max_author_bytes) is not int or not 0 < max_author_bytes <= max_bytes
+        ):
+            raise PayloadError("max_author_bytes must be an integer in 1..max_bytes")
         allowed = None if writers is None else {PeerId.from_string(str(w)) for w in writers}
-        document = self.open(doc, writers=allowed, max_bytes=max_bytes)
+        document = self.open(doc, writers=allowed, max_bytes=max_bytes, max_author_bytes=max_author_bytes)
         return {"version": document.version(), "bytes": document.size()}
 
     async def _op_get(self, doc: str, map: str = "root") -> dict:
@@ -478,7 +524,7 @@ class CRDT:
 
     async def _op_set(self, doc: str, key: str, value: Any, map: str = "root") -> dict:
         document = self.open(doc)
-        with document.deferred():
+        with document.deferred(), document.transaction():  # a refusal raises as itself (DocumentFull)
             document.get_map(map)[key] = value
         await document.flush()  # acknowledged once durable; concurrent writers share the fsync
         return {"version": document.version()}
@@ -491,7 +537,7 @@ class CRDT:
         document = self.open(doc)
         start = trio.current_time()
         for i in range(count):
-            with document.deferred():
+            with document.deferred(), document.transaction():
                 document.get_map(map)[f"{prefix}{i}"] = i
             if i % 16 == 15:
                 await trio.sleep(0)  # let pushes and incoming updates interleave with the writes
@@ -515,7 +561,8 @@ class CRDT:
     def _doc_status(d: Document) -> dict:
         writers = None if d.writers is None else sorted(map(str, d.writers))
         extra = {"bytes": d.size(), "log_frames": d.log_frames(), "log_dropped_bytes": d.log_dropped_bytes(),
-                 "writers": writers}  # fmt: skip
+                 "writers": writers, "max_bytes": d.max_bytes, "max_author_bytes": d.max_author_bytes,
+                 "pending": d.pending_count(), "pending_bytes": d.pending_bytes()}  # fmt: skip
         return {"version": d.version(), **extra, **dataclasses.asdict(d.stats)}
 
     def _gossip_status(self) -> dict | None:

@@ -38,7 +38,7 @@ from lattice.identity import PeerId
 from lattice.multiaddr import Multiaddr, MultiaddrError
 from lattice.transport.framing import read_delimited
 from lattice.transport.host import Connection, Host
-from lattice.transport.resources import ip_prefix
+from lattice.transport.limits import ip_prefix
 from lattice.transport.yamux import YamuxStream
 
 log = logging.getLogger(__name__)

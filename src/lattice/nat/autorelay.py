@@ -27,7 +27,7 @@ from lattice.multiaddr import Multiaddr
 from lattice.nat import circuit
 from lattice.nat.circuit import CircuitListener, Reservation
 from lattice.transport.host import Connection, Host
-from lattice.transport.resources import ip_prefix
+from lattice.transport.limits import ip_prefix
 
 log = logging.getLogger(__name__)
 

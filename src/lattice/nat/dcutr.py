@@ -75,6 +75,11 @@ async def read(stream: YamuxStream, expect: int) -> list[Multiaddr]:
     data = await read_delimited(stream, MAX_MESSAGE)
     if data is None:
         raise ProtocolError("hole punch stream closed early")
+    return decode(data, expect)
+
+
+def decode(data: bytes, expect: int) -> list[Multiaddr]:
+    """The direct TCP addresses in a HolePunch message of type ``expect`` (ProtocolError otherwise)."""
     try:
         fields = _proto.decode(data, max_fields=64)
         mtype = _proto.one_int(fields, 1)

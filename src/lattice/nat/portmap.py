@@ -4,9 +4,11 @@ Why: behind a consumer NAT a node cannot be dialed; a port mapping makes it dire
 without a relay or hole punching. Opt-in (``--upnp``): it changes the router's configuration.
 
 Everything here treats the router as untrusted: every wait has a timeout (``timeout``, 2 s by
-default), every HTTP response and XML document has a size limit, XML with a DOCTYPE or ENTITY is
-refused (the stdlib parser would expand entities), the description and control URLs must live on
-the host that answered the SSDP search, and no failure propagates: :meth:`PortMapper.map` logs the
+default), every HTTP response and XML document has a size limit, HTTP is parsed and framed by
+``h11`` (a URL with control characters is refused, not written into a request), XML is parsed by
+``defusedxml`` with DOCTYPE and entity declarations refused (the stdlib parser would expand
+entities), the description and control URLs must live on the host that answered the SSDP search,
+and no failure propagates: :meth:`PortMapper.map` logs the
 reason, keeps it in ``last_error`` and returns None.
 """
 
@@ -25,12 +27,24 @@ from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit
 from xml.sax.saxutils import escape
 
+import defusedxml.ElementTree
+import h11
 import trio
+from defusedxml import DefusedXmlException
 
 from lattice.errors import TransportError
 from lattice.multiaddr import Multiaddr
 
-__all__ = ["Mapping", "PortMapError", "PortMapper", "default_gateway", "external_multiaddr", "parse_xml"]
+__all__ = [
+    "Mapping",
+    "PortMapError",
+    "PortMapper",
+    "default_gateway",
+    "external_multiaddr",
+    "parse_http_response",
+    "parse_ssdp_response",
+    "parse_xml",
+]
 
 log = logging.getLogger(__name__)
 
@@ -132,11 +146,10 @@ def parse_xml(data: bytes, limit: int) -> ET.Element:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError:
         raise PortMapError("XML document is not UTF-8")
-    upper = text.upper()
-    if "<!DOCTYPE" in upper or "<!ENTITY" in upper:
+    try:  # a str is always parsed as UTF-8, whatever the declaration says
+        return defusedxml.ElementTree.fromstring(text, forbid_dtd=True)
+    except DefusedXmlException:
         raise PortMapError("XML document with a DOCTYPE or ENTITY declaration refused")
-    try:
-        return ET.fromstring(text)  # a str is always parsed as UTF-8, whatever the declaration says
     except ET.ParseError as exc:
         raise PortMapError(f"malformed XML: {exc}")
 
@@ -156,17 +169,16 @@ def parse_ssdp_response(data: bytes) -> dict[str, str] | None:
     """Headers (lower-case names) of an SSDP ``HTTP/1.1 200`` answer, or None if it is not one."""
     if len(data) > MAX_SSDP:
         return None
-    text = data.decode("latin-1")
-    lines = text.split("\r\n")
-    status = lines[0].split()
-    if len(status) < 2 or not status[0].startswith("HTTP/1.") or status[1] != "200":
+    conn, _ = _client("M-SEARCH", "*", "239.255.255.250:1900", {}, None)
+    conn.receive_data(data)
+    conn.receive_data(b"")  # one datagram is the whole answer
+    try:
+        event = conn.next_event()
+    except h11.RemoteProtocolError:
         return None
-    headers = {}
-    for line in lines[1:]:
-        name, sep, value = line.partition(":")
-        if sep and name.strip():
-            headers[name.strip().lower()] = value.strip()
-    return headers
+    if not isinstance(event, h11.Response) or event.status_code != 200:
+        return None
+    return {name.decode("latin-1"): value.decode("latin-1") for name, value in event.headers}
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,6 +187,77 @@ class _IGD:
     control_url: str
     service_type: str
     local_ip: str
+
+
+def _client(
+    method: str, target: str, host: str, headers: dict[str, str], body: bytes | None
+) -> tuple[h11.Connection, bytes]:
+    """An h11 client connection that has sent one request (``Connection: close``), and its bytes."""
+    fields = [
+        ("Host", host),
+        ("Connection", "close"),
+        ("User-Agent", "lattice/0.1 UPnP/1.1"),
+        *headers.items(),
+    ]
+    if body is not None:
+        fields.append(("Content-Length", str(len(body))))
+    conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEADERS)
+    try:
+        data = conn.send(h11.Request(method=method, target=target, headers=fields))
+    except h11.LocalProtocolError as exc:  # control characters in a URL the router gave us
+        raise PortMapError(f"cannot request {host}{target[:100]!r}: {exc}")
+    if body:
+        data += conn.send(h11.Data(data=body))
+    return conn, data + conn.send(h11.EndOfMessage())
+
+
+class _ResponseReader:
+    """One HTTP response read by h11 as its bytes arrive, the body bounded to ``max_body`` bytes."""
+
+    def __init__(self, conn: h11.Connection, max_body: int, url: str) -> None:
+        self._conn = conn
+        self._max_body = max_body
+        self._url = url
+        self._status: int | None = None
+        self._body = bytearray()
+
+    def feed(self, data: bytes) -> tuple[int, bytes] | None:
+        """(status, body) once the response is complete, None while it is not; ``b""`` = closed."""
+        self._conn.receive_data(data)
+        while True:
+            try:
+                event = self._conn.next_event()
+            except h11.RemoteProtocolError as exc:
+                why = "truncated" if not data else "bad"
+                raise PortMapError(f"{why} HTTP response from {self._url}: {exc}")
+            if event is h11.NEED_DATA:
+                return None
+            if isinstance(event, h11.Response):
+                self._status = event.status_code
+                self._check_length(event.headers)
+            elif isinstance(event, h11.Data):
+                self._body += event.data
+                if len(self._body) > self._max_body:
+                    raise PortMapError(f"HTTP body from {self._url} is over the {self._max_body} byte limit")
+            elif isinstance(event, h11.EndOfMessage) and self._status is not None:
+                return self._status, bytes(self._body)
+            elif isinstance(event, h11.ConnectionClosed):
+                raise PortMapError(f"truncated HTTP response from {self._url}")
+
+    def _check_length(self, headers: list[tuple[bytes, bytes]]) -> None:
+        for name, value in headers:
+            if name == b"content-length" and int(value) > self._max_body:
+                raise PortMapError(f"HTTP body of {int(value)} bytes is over the {self._max_body} byte limit")
+
+
+def parse_http_response(data: bytes, max_body: int, url: str, method: str = "GET") -> tuple[int, bytes]:
+    """(status, body) of a complete HTTP response to ``method`` (the connection closed after it)."""
+    conn, _ = _client(method, "/", urlsplit(url).netloc or "localhost", {}, None)
+    reader = _ResponseReader(conn, max_body, url)
+    result = reader.feed(data) or reader.feed(b"")
+    if result is None:
+        raise PortMapError(f"truncated HTTP response from {url}")
+    return result
 
 
 async def _http(
@@ -189,106 +272,21 @@ async def _http(
     except ValueError:
         raise PortMapError(f"bad port in URL {url!r}")
     path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    lines = [
-        f"{'POST' if body is not None else 'GET'} {path} HTTP/1.1",
-        f"Host: {parts.hostname}:{port}",
-        "Connection: close",
-        "User-Agent: lattice/0.1 UPnP/1.1",
-    ]
-    lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
-    if body is not None:
-        lines.append(f"Content-Length: {len(body)}")
-    request = ("\r\n".join(lines) + "\r\n\r\n").encode() + (body or b"")
-    buf = bytearray()
+    method = "POST" if body is not None else "GET"
+    conn, request = _client(method, path, f"{parts.hostname}:{port}", headers or {}, body)
+    reader = _ResponseReader(conn, max_body, url)
     try:
         with trio.fail_after(timeout):
             stream = await trio.open_tcp_stream(parts.hostname, port)
             async with stream:
                 await stream.send_all(request)
-                while not _http_complete(buf, max_body):
-                    chunk = await stream.receive_some(65536)
-                    if not chunk:
-                        break
-                    buf += chunk
-                    if len(buf) > MAX_HEADERS + max_body + 1024:
-                        raise PortMapError(f"HTTP response from {url} is over the {max_body} byte limit")
+                while (result := reader.feed(await stream.receive_some(65536))) is None:
+                    pass
     except trio.TooSlowError:
         raise PortMapError(f"HTTP request to {url} timed out after {timeout} s")
     except OSError as exc:
         raise PortMapError(f"HTTP request to {url} failed: {exc}")
-    return _http_parse(bytes(buf), max_body, url)
-
-
-def _http_head(buf: bytes | bytearray) -> tuple[int, dict[str, str], int] | None:
-    end = buf.find(b"\r\n\r\n")
-    if end < 0:
-        if len(buf) > MAX_HEADERS:
-            raise PortMapError("HTTP headers too long")
-        return None
-    lines = bytes(buf[:end]).decode("latin-1").split("\r\n")
-    status = lines[0].split()
-    if len(status) < 2 or not status[0].startswith("HTTP/1.") or not status[1].isdigit():
-        raise PortMapError(f"not an HTTP response: {lines[0][:80]!r}")
-    headers = {}
-    for line in lines[1:]:
-        name, _, value = line.partition(":")
-        headers[name.strip().lower()] = value.strip()
-    return int(status[1]), headers, end + 4
-
-
-def _content_length(headers: dict[str, str], max_body: int) -> int | None:
-    if "content-length" not in headers:
-        return None
-    value = headers["content-length"]
-    if not value.isdigit():
-        raise PortMapError(f"bad Content-Length {value[:20]!r}")
-    if int(value) > max_body:
-        raise PortMapError(f"HTTP body of {value} bytes is over the {max_body} byte limit")
-    return int(value)
-
-
-def _http_complete(buf: bytearray, max_body: int) -> bool:
-    head = _http_head(buf)
-    if head is None:
-        return False
-    _, headers, start = head
-    if "chunked" in headers.get("transfer-encoding", "").lower():
-        return buf.endswith(b"0\r\n\r\n")
-    length = _content_length(headers, max_body)
-    return length is not None and len(buf) - start >= length
-
-
-def _http_parse(buf: bytes, max_body: int, url: str) -> tuple[int, bytes]:
-    head = _http_head(buf)
-    if head is None:
-        raise PortMapError(f"truncated HTTP response from {url}")
-    status, headers, start = head
-    raw = buf[start:]
-    if "chunked" in headers.get("transfer-encoding", "").lower():
-        body = bytearray()
-        pos = 0
-        while True:
-            eol = raw.find(b"\r\n", pos)
-            size_text = raw[pos:eol].split(b";")[0].strip() if eol >= 0 else b""
-            try:
-                size = int(size_text, 16)
-            except ValueError:
-                raise PortMapError(f"bad chunked encoding from {url}")
-            if size == 0:
-                break
-            if size < 0 or len(body) + size > max_body or eol + 2 + size > len(raw):
-                raise PortMapError(f"chunked body from {url} truncated or over the {max_body} byte limit")
-            body += raw[eol + 2 : eol + 2 + size]
-            pos = eol + 2 + size + 2
-        return status, bytes(body)
-    length = _content_length(headers, max_body)
-    if length is not None:
-        if len(raw) < length:
-            raise PortMapError(f"truncated HTTP body from {url}")
-        return status, raw[:length]
-    if len(raw) > max_body:
-        raise PortMapError(f"HTTP body from {url} is over the {max_body} byte limit")
-    return status, raw
+    return result
 
 
 def _same_host(url: str, host: str) -> bool:

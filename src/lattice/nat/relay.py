@@ -28,7 +28,8 @@ from lattice.multiaddr import Multiaddr
 from lattice.nat import circuit
 from lattice.nat.circuit import CircuitMessage, Limit, read_message, write_message
 from lattice.transport.host import Connection, Host
-from lattice.transport.resources import ResourceLimitExceeded, ip_prefix
+from lattice.transport.limits import ip_prefix
+from lattice.transport.resources import ResourceLimitExceeded
 from lattice.transport.yamux import YamuxStream
 
 log = logging.getLogger(__name__)

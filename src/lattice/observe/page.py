@@ -1,202 +1,38 @@
-"""The web page the daemon serves at ``/``: one static HTML file with inline JS (no CDN, nothing
-fetched but ``/api/state``), polling every 2 s. It draws the swarm as this node's graph (connected
-peers solid, DHT-only peers dashed; green direct, orange relayed), a peer table with traffic and
-RTT, traffic per protocol, limits and bans, and the panels apps push to ``node.dashboard``.
+"""The web page the daemon serves at ``/``: static files in ``lattice/observe/static/`` (HTML, one
+script, one stylesheet; no CDN, nothing fetched but ``/api/state``), polling every 2 s. It draws the
+swarm as this node's graph (connected peers solid, DHT-only peers dashed; green direct, orange
+relayed), a peer table with traffic and RTT, traffic per protocol, limits and bans, and the panels
+apps push to ``node.dashboard``.
 
 All text from the network goes in through ``textContent`` (never innerHTML): a peer's agent string
-cannot inject markup.
+cannot inject markup. The files are package data, read with importlib.resources; only the names
+below are served (no path from a request ever reaches the file system).
 """
 
-HTML = r"""<!doctype html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<title>lattice-node</title>
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<style>
-  body { font: 14px/1.4 system-ui, sans-serif; margin: 0; background: #0f1720; color: #e2e8f0; }
-  header { padding: 12px 20px; background: #16202c; display: flex; gap: 24px; flex-wrap: wrap;
-           align-items: baseline; }
-  header h1 { font-size: 18px; margin: 0; }
-  .big { font-size: 28px; font-weight: 700; color: #7dd3fc; }
-  main { display: grid; grid-template-columns: minmax(360px, 1fr) minmax(360px, 1fr); gap: 16px;
-         padding: 16px 20px; }
-  section { background: #16202c; border-radius: 8px; padding: 12px 16px; overflow: auto; }
-  h2 { font-size: 15px; margin: 0 0 8px; color: #94a3b8; font-weight: 600; }
-  table { border-collapse: collapse; width: 100%; font-size: 12px; }
-  th, td { text-align: left; padding: 3px 6px; border-bottom: 1px solid #243244; white-space: nowrap; }
-  th { color: #94a3b8; font-weight: 600; }
-  .mono { font-family: ui-monospace, monospace; }
-  .direct { color: #4ade80; } .relayed { color: #fb923c; } .none { color: #64748b; }
-  #err { color: #f87171; }
-  svg text { fill: #cbd5e1; font-size: 10px; }
-</style>
-</head>
-<body>
-<header>
-  <h1>lattice-node</h1>
-  <div><span class="big" id="peer-count">-</span> peers in the swarm
-       (<span id="connected-count">-</span> connected)</div>
-  <div>swarm <b id="swarm">-</b> <span id="roles"></span></div>
-  <div>reachability <b id="reachability">-</b></div>
-  <div>up <span id="uptime">-</span></div>
-  <div class="mono" id="peer-id"></div>
-  <div id="err"></div>
-</header>
-<main>
-  <section><h2>swarm graph</h2><svg id="graph" width="100%" viewBox="-50 -20 500 440"
-    style="max-height:440px"></svg></section>
-  <section><h2>peers</h2>
-    <table><thead><tr><th>peer</th><th>path</th><th>reach</th><th>rtt ms</th><th>in</th><th>out</th>
-    <th>in/s</th><th>dht</th></tr></thead><tbody id="peers"></tbody></table></section>
-  <section><h2>traffic by protocol</h2>
-    <table><thead><tr><th>protocol</th><th>in</th><th>out</th></tr></thead>
-    <tbody id="protocols"></tbody></table>
-    <h2 style="margin-top:12px">services and limits</h2>
-    <table><tbody id="services"></tbody></table></section>
-  <section><h2>apps</h2><div id="panels">no app has registered a panel</div></section>
-</main>
-<script>
-"use strict";
-const SVGNS = "http://www.w3.org/2000/svg";
-const COLORS = ["#7dd3fc", "#f472b6", "#a3e635", "#facc15", "#c084fc", "#fb923c"];
-let prev = null;
+from __future__ import annotations
 
-function el(tag, attrs, text) {
-  const node = tag.startsWith("svg:") ? document.createElementNS(SVGNS, tag.slice(4))
-                                      : document.createElement(tag);
-  for (const [k, v] of Object.entries(attrs || {})) node.setAttribute(k, v);
-  if (text !== undefined) node.textContent = text;
-  return node;
-}
-function bytes(n) {
-  const units = ["B", "KiB", "MiB", "GiB"];
-  let i = 0;
-  while (Math.abs(n) >= 1024 && i < units.length - 1) { n /= 1024; i++; }
-  return (i ? n.toFixed(1) : n.toFixed(0)) + " " + units[i];
-}
-function short(id) { return id.slice(0, 6) + ".." + id.slice(-6); }
-function setText(id, text) { document.getElementById(id).textContent = text; }
-function row(cells, cls) {
-  const tr = el("tr");
-  cells.forEach((c, i) => tr.appendChild(el("td", cls && cls[i] ? {class: cls[i]} : {}, String(c))));
-  return tr;
+import functools
+from importlib.resources import files
+
+__all__ = ["ASSETS", "asset"]
+
+ASSETS = {  # URL path -> (file in static/, content type)
+    "/": ("index.html", "text/html; charset=utf-8"),
+    "/index.html": ("index.html", "text/html; charset=utf-8"),
+    "/page.js": ("page.js", "text/javascript; charset=utf-8"),
+    "/page.css": ("page.css", "text/css; charset=utf-8"),
 }
 
-function drawGraph(s) {
-  const svg = document.getElementById("graph");
-  svg.replaceChildren();
-  const cx = 200, cy = 200, r = 160, peers = s.peers;
-  const maxTraffic = Math.max(1, ...peers.map(p => p.bytes_in + p.bytes_out));
-  peers.forEach((p, i) => {
-    const a = 2 * Math.PI * i / Math.max(1, peers.length) - Math.PI / 2;
-    const x = cx + r * Math.cos(a), y = cy + r * Math.sin(a);
-    const color = p.path === "relayed" ? "#fb923c" : p.connected ? "#4ade80" : "#64748b";
-    svg.appendChild(el("svg:line", {x1: cx, y1: cy, x2: x, y2: y, stroke: color, "stroke-width": 1.5,
-      "stroke-dasharray": p.connected ? "" : "4 3"}));
-    const size = 5 + 9 * Math.sqrt((p.bytes_in + p.bytes_out) / maxTraffic);
-    const dot = el("svg:circle", {cx: x, cy: y, r: size, fill: color, class: "peer-node"});
-    dot.appendChild(el("svg:title", {}, p.peer_id + " " + (p.path || "dht only")));
-    svg.appendChild(dot);
-    svg.appendChild(el("svg:text", {x: x + size + 2, y: y + 3}, p.peer_id.slice(-6)));
-  });
-  svg.appendChild(el("svg:circle", {cx, cy, r: 14, fill: "#7dd3fc", id: "self-node"}));
-  svg.appendChild(el("svg:text", {x: cx - 12, y: cy + 28}, "this node"));
-}
 
-function drawPeers(s) {
-  const dt = prev ? s.time - prev.time : 0;
-  const old = new Map((prev ? prev.peers : []).map(p => [p.peer_id, p]));
-  const body = document.getElementById("peers");
-  body.replaceChildren();
-  const rows = [...s.peers].sort((a, b) => (b.bytes_in + b.bytes_out) - (a.bytes_in + a.bytes_out));
-  for (const p of rows) {
-    const o = old.get(p.peer_id);
-    const rate = o && dt > 0 ? bytes((p.bytes_in - o.bytes_in) / dt) + "/s" : "-";
-    const tr = row([short(p.peer_id), p.path || "dht only", p.reachability,
-                    p.rtt_ms === null ? "" : p.rtt_ms.toFixed(2), bytes(p.bytes_in), bytes(p.bytes_out),
-                    rate, p.in_dht ? "yes" : ""],
-                   ["mono", p.path || "none"]);
-    tr.title = p.peer_id + (p.agent ? " (" + p.agent + ")" : "");
-    body.appendChild(tr);
-  }
-}
+@functools.cache
+def _read(name: str) -> bytes:
+    return files("lattice.observe").joinpath("static", name).read_bytes()
 
-function drawTraffic(s) {
-  const body = document.getElementById("protocols");
-  body.replaceChildren();
-  const names = [...new Set([...Object.keys(s.traffic_in), ...Object.keys(s.traffic_out)])].sort();
-  for (const n of names) body.appendChild(row([n, bytes(s.traffic_in[n] || 0), bytes(s.traffic_out[n] || 0)],
-                                              ["mono"]));
-  const svc = document.getElementById("services");
-  svc.replaceChildren();
-  if (s.dht) {
-    const lat = Object.entries(s.dht.latency).map(([op, v]) =>
-      op + " " + v.count + "x " + (1000 * v.sum_s / Math.max(1, v.count)).toFixed(1) + " ms").join(", ");
-    svc.appendChild(row(["dht", "table " + s.dht.routing_table + ", records " + s.dht.records +
-                         ", in " + (s.dht.requests_in || 0) + ", out " + (s.dht.requests_out || 0)]));
-    if (lat) svc.appendChild(row(["dht latency", lat]));
-  }
-  if (s.rpc) svc.appendChild(row(["rpc", "calls in " + s.rpc.calls_in + ", out " + s.rpc.calls_out +
-                                  ", errors " + (s.rpc.errors_in + s.rpc.errors_out)]));
-  if (s.crdt) svc.appendChild(row(["crdt", "applied " + s.crdt.applied + ", pushed " + s.crdt.pushed]));
-  if (s.limits) svc.appendChild(row(["limits", "banned " + s.limits.banned + " (total " +
-      s.limits.bans_total + "), refused connections " + s.limits.refused_connections +
-      ", throttled " + Object.values(s.limits.throttled).reduce((a, b) => a + b, 0)]));
-}
 
-function drawPanels(s) {
-  const box = document.getElementById("panels");
-  if (!s.panels.length) return;
-  box.replaceChildren();
-  for (const panel of s.panels) {
-    const div = el("div", {class: "panel", "data-panel": panel.name});
-    div.appendChild(el("h2", {}, panel.title + (panel.unit ? " (" + panel.unit + ")" : "")));
-    const all = Object.values(panel.series).flat();
-    if (all.length) {
-      const xs = all.map(p => p[0]), ys = all.map(p => p[1]);
-      const x0 = Math.min(...xs), x1 = Math.max(...xs), y0 = Math.min(...ys), y1 = Math.max(...ys);
-      const svg = el("svg:svg", {viewBox: "0 0 400 140", width: "100%"});
-      Object.entries(panel.series).forEach(([name, pts], i) => {
-        const d = pts.map(([x, y]) => (10 + 380 * (x - x0) / Math.max(1e-9, x1 - x0)).toFixed(1) + "," +
-                                    (130 - 120 * (y - y0) / Math.max(1e-9, y1 - y0)).toFixed(1)).join(" ");
-        svg.appendChild(el("svg:polyline", {points: d, fill: "none", stroke: COLORS[i % COLORS.length],
-                                            "stroke-width": 1.5}));
-        const last = pts[pts.length - 1];
-        svg.appendChild(el("svg:text", {x: 12, y: 12 + 12 * i, fill: COLORS[i % COLORS.length]},
-                           name + ": " + (last ? last[1].toPrecision(4) : "")));
-      });
-      div.appendChild(svg);
-    }
-    for (const [k, v] of Object.entries(panel.texts)) div.appendChild(el("div", {}, k + ": " + v));
-    box.appendChild(div);
-  }
-}
-
-async function refresh() {
-  try {
-    const reply = await fetch("/api/state", {cache: "no-store"});
-    const s = await reply.json();
-    setText("peer-count", s.swarm_size);
-    setText("connected-count", s.connected_peers);
-    setText("swarm", s.swarm || "-");
-    setText("roles", s.roles.length ? "(" + s.roles.join(", ") + ")" : "");
-    setText("reachability", s.reachability);
-    setText("uptime", Math.round(s.uptime_s) + " s");
-    setText("peer-id", s.peer_id);
-    setText("err", "");
-    document.title = "lattice-node: " + s.swarm_size + " peers";
-    drawGraph(s); drawPeers(s); drawTraffic(s); drawPanels(s);
-    document.body.dataset.loaded = "1";
-    prev = s;
-  } catch (e) {
-    setText("err", "cannot reach the node: " + e);
-  }
-}
-const interval = Number(new URLSearchParams(location.search).get("interval")) || 2000;
-refresh();
-setInterval(refresh, Math.max(250, interval));
-</script>
-</body>
-</html>
-"""
+def asset(path: str) -> tuple[bytes, str] | None:
+    """(body, content type) of the page file served at URL ``path``, or None if there is none."""
+    entry = ASSETS.get(path)
+    if entry is None:
+        return None
+    name, content_type = entry
+    return _read(name), content_type

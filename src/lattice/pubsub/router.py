@@ -27,9 +27,13 @@ SEEN_TTL = 120.0
 MAX_SEEN = 200_000
 PRUNE_BACKOFF = 60
 FANOUT_TTL = 60.0
-MAX_IHAVE_IDS = 5000
+MAX_IHAVE_IDS = 5000  # ids we ask one peer for per heartbeat (gossipsub v1.1's max_ihave_length)
+MAX_IHAVE_MESSAGES = 10  # IHAVE messages of one peer we follow per heartbeat (max_ihave_messages)
 MAX_IWANT_REPLIES = 3  # times one message is served to one peer through IWANT
-MAX_IWANT_BYTES = 256 * 1024  # message bytes served for one IWANT
+MAX_IWANT_BYTES = 256 * 1024  # message bytes served for one IWANT ...
+MAX_IWANT_BYTES_PER_HEARTBEAT = 1 << 20  # ... and to one peer per heartbeat (no amplification)
+MAX_PEER_TOPICS = 256  # topics one peer may be subscribed to, as far as we keep track
+MAX_BACKOFF = 3600.0  # a PRUNE's backoff is capped (a peer chooses it)
 
 
 class GossipRouter:
@@ -45,6 +49,10 @@ class GossipRouter:
         self._cache: dict[bytes, Message] = {}
         self._windows: list[list[bytes]] = [[]]
         self._served: dict[tuple[Peer, bytes], int] = {}
+        # per peer, this heartbeat: IHAVE messages followed, ids asked for, IWANT bytes served
+        self._ihave_seen: dict[Peer, int] = {}
+        self._asked: dict[Peer, int] = {}
+        self._iwant_bytes: dict[Peer, int] = {}
         self._out: dict[Peer, RPC] = {}
         self.stats = {"delivered": 0, "duplicates": 0, "forwarded": 0, "rejected": 0, "iwant_served": 0}
 
@@ -74,6 +82,9 @@ class GossipRouter:
         for peers in (*self.mesh.values(), *self.fanout.values()):
             peers.discard(peer)
         self._out.pop(peer, None)
+        for table in (self._ihave_seen, self._asked, self._iwant_bytes):
+            table.pop(peer, None)
+        self._backoff = {k: t for k, t in self._backoff.items() if k[1] != peer}
 
     def subscribe(self, topic: str) -> None:
         if topic in self.topics:
@@ -131,8 +142,10 @@ class GossipRouter:
         topics = self.peer_topics[peer]
         for subscribe, topic in rpc.subscriptions:
             if subscribe:
-                if len(topics) < 10_000:
-                    topics.add(topic)
+                if len(topics) >= MAX_PEER_TOPICS and topic not in topics:
+                    self.stats["ignored_subscriptions"] = self.stats.get("ignored_subscriptions", 0) + 1
+                    continue  # a peer claiming thousands of topics is not tracked beyond the cap
+                topics.add(topic)
                 mesh = self.mesh.get(topic)
                 if mesh is not None and len(mesh) < D and self._backoff.get((topic, peer), 0.0) <= now:
                     mesh.add(peer)  # a short mesh takes a new subscriber at once, not at the heartbeat
@@ -165,24 +178,8 @@ class GossipRouter:
         return delivered
 
     def _control(self, peer: Peer, rpc: RPC, now: float) -> None:
-        wanted: list[bytes] = []
-        for topic, ids in rpc.ihave:
-            if topic in self.topics:
-                wanted += [i for i in ids if i not in self._seen]
-        if wanted:
-            self._rpc(peer).iwant += wanted[:MAX_IHAVE_IDS]
-        budget = MAX_IWANT_BYTES
-        for mid in rpc.iwant:
-            message = self._cache.get(mid)
-            key = (peer, mid)
-            if message is None or self._served.get(key, 0) >= MAX_IWANT_REPLIES:
-                continue
-            budget -= len(message.data) + len(message.topic) + 16
-            if budget < 0:
-                break  # the rest is asked again after the next IHAVE
-            self._served[key] = self._served.get(key, 0) + 1
-            self._rpc(peer).messages.append(message)
-            self.stats["iwant_served"] += 1
+        self._ask(peer, rpc)
+        self._serve(peer, rpc)
         for topic in rpc.graft:
             mesh = self.mesh.get(topic)
             if mesh is None or self._backoff.get((topic, peer), 0.0) > now:
@@ -192,9 +189,51 @@ class GossipRouter:
             else:
                 self._rpc(peer).prune.append((topic, PRUNE_BACKOFF))
         for topic, backoff in rpc.prune:
-            if topic in self.mesh:
+            if topic in self.mesh:  # a backoff only matters (and is only kept) for our topics
                 self.mesh[topic].discard(peer)
-            self._backoff[(topic, peer)] = now + (backoff or PRUNE_BACKOFF)
+                self._backoff[(topic, peer)] = now + min(backoff or PRUNE_BACKOFF, MAX_BACKOFF)
+
+    def _ask(self, peer: Peer, rpc: RPC) -> None:
+        """IWANT what ``peer`` has that we miss, within its per-heartbeat allowance: a peer sending
+        IHAVEs of ids it never delivers cannot make us ask for more than MAX_IHAVE_IDS."""
+        if not rpc.ihave:
+            return
+        followed = self._ihave_seen.get(peer, 0)
+        room = MAX_IHAVE_IDS - self._asked.get(peer, 0)
+        wanted: list[bytes] = []
+        for topic, ids in rpc.ihave:
+            if followed >= MAX_IHAVE_MESSAGES or room <= len(wanted):
+                break
+            followed += 1
+            if topic in self.topics:
+                wanted += [i for i in ids if i not in self._seen]
+        self._ihave_seen[peer] = followed
+        wanted = wanted[: max(0, room)]
+        if wanted:
+            self._asked[peer] = self._asked.get(peer, 0) + len(wanted)
+            self._rpc(peer).iwant += wanted
+
+    def _serve(self, peer: Peer, rpc: RPC) -> None:
+        """Messages for ``peer``'s IWANT, from the cache: each at most MAX_IWANT_REPLIES times, at
+        most MAX_IWANT_BYTES per IWANT and MAX_IWANT_BYTES_PER_HEARTBEAT per peer."""
+        if not rpc.iwant:
+            return
+        budget = min(MAX_IWANT_BYTES, MAX_IWANT_BYTES_PER_HEARTBEAT - self._iwant_bytes.get(peer, 0))
+        spent = 0
+        for mid in rpc.iwant:
+            message = self._cache.get(mid)
+            key = (peer, mid)
+            if message is None or self._served.get(key, 0) >= MAX_IWANT_REPLIES:
+                continue
+            size = len(message.data) + len(message.topic) + 16
+            if spent + size > budget:
+                break  # the rest is asked again after the next IHAVE
+            spent += size
+            self._served[key] = self._served.get(key, 0) + 1
+            self._rpc(peer).messages.append(message)
+            self.stats["iwant_served"] += 1
+        if spent:
+            self._iwant_bytes[peer] = self._iwant_bytes.get(peer, 0) + spent
 
     def _remember(self, message: Message, now: float) -> None:
         mid = message.id
@@ -229,6 +268,9 @@ class GossipRouter:
             self._seen.popitem(last=False)
         self._backoff = {k: t for k, t in self._backoff.items() if t > now}
         self._served.clear()
+        self._ihave_seen.clear()
+        self._asked.clear()
+        self._iwant_bytes.clear()
 
     def _gossip(self) -> None:
         recent: dict[str, list[bytes]] = {}

@@ -11,7 +11,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,17 +62,19 @@ def start_daemon(
     host: str | None = None,
     timeout: float = 20.0,
     command: str = "run",
+    wrapper: Sequence[str] = (),
 ) -> Daemon:
     """Start ``lattice-node run`` (in ``testbed`` namespace ``host`` if given) and wait until ready.
 
-    Its data directory, control socket, ready file and log live under ``workdir/name``."""
+    Its data directory, control socket, ready file and log live under ``workdir/name``. ``wrapper``:
+    a command the daemon runs under (e.g. one that joins a memory cgroup, then execs its arguments)."""
     home = workdir / name
     home.mkdir(parents=True, exist_ok=True, mode=0o700)  # the daemon refuses a data dir others can write
     ready = home / "ready.json"
     ready.unlink(missing_ok=True)
     log = home / "daemon.log"
     argv = [
-        *CLI, command, "--data-dir", str(home), "--control", str(home / "c.sock"),
+        *wrapper, *CLI, command, "--data-dir", str(home), "--control", str(home / "c.sock"),
         "--ready-file", str(ready), *args,
     ]  # fmt: skip
     started = time.monotonic()

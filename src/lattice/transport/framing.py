@@ -11,7 +11,8 @@ __all__ = ["read_delimited"]
 
 
 async def read_delimited(stream: YamuxStream, max_size: int) -> bytes | None:
-    """One uvarint-length-prefixed message, or None at a clean end of stream."""
+    """One uvarint-length-prefixed message, or None at a clean end of stream; ProtocolError for a
+    malformed or oversized prefix (never a bare DecodeError: callers catch the transport errors)."""
     peek = getattr(stream, "first_chunk", None)
     chunk = peek() if peek is not None else None
     if chunk is None and hasattr(stream, "wait_data"):  # not here yet: wait, then take it whole
@@ -27,6 +28,8 @@ async def read_delimited(stream: YamuxStream, max_size: int) -> bytes | None:
             length, used = _proto.decode_uvarint(chunk)
         except _proto.TruncatedError:
             pass
+        except _proto.DecodeError:  # a prefix longer than any 64-bit length: the peer's fault
+            raise ProtocolError("malformed message length prefix") from None
         else:
             if length > max_size:
                 raise ProtocolError(f"message of {length} bytes exceeds the limit of {max_size}")
@@ -45,6 +48,8 @@ async def read_delimited(stream: YamuxStream, max_size: int) -> bytes | None:
             break
         except _proto.TruncatedError:
             continue
+        except _proto.DecodeError:
+            raise ProtocolError("malformed message length prefix") from None
     if length > max_size:
         raise ProtocolError(f"message of {length} bytes exceeds the limit of {max_size}")
     return await stream.read_exactly(length)

@@ -496,6 +496,8 @@ class Host:
             await trio.aclose_forcefully(conn.session.secure.raw)
         finally:
             self.resources.close_connection(conn.remote_peer, conn.ip)
+            self.stats["dropped_replies"] += conn.session.dropped_replies
+            self.stats["refused_streams"] += conn.session.refused_streams
             if (conn.session.close_reason or "").startswith("protocol error"):
                 self.penalize(conn.remote_peer, f"yamux {conn.session.close_reason}")
             conns = self._conns.get(conn.remote_peer, [])
@@ -646,6 +648,15 @@ class Host:
         stream.unread(bytes(buf))
         _recount(conn.session, stream.protocol, stream._buf_len)
         return stream
+
+    def resource_stats(self) -> dict:
+        """The budgets and their use (lattice.transport.resources), with what the muxer refused:
+        streams over a budget and replies dropped because a peer did not read them."""
+        live = self.connections()
+        out = self.resources.stats()
+        out["dropped_replies"] = self.stats["dropped_replies"] + sum(c.session.dropped_replies for c in live)
+        out["refused_streams"] = self.stats["refused_streams"] + sum(c.session.refused_streams for c in live)
+        return out
 
     # -- limits (no-ops without self.limits)
     def allow_request(self, peer: PeerId, protocol: str) -> bool:

@@ -134,12 +134,27 @@ class CipherState:
 
 
 class XXHandshake:
-    """The XX pattern as a sans-IO state machine: three messages, then two CipherStates."""
+    """The XX pattern as a sans-IO state machine: three messages, then two CipherStates.
 
-    def __init__(self, identity: KeyPair, initiator: bool) -> None:
+    With an ``identity`` it is the libp2p profile: messages 2 and 3 carry the signed identity
+    payload, checked on receipt. With ``identity=None`` it is plain Noise XX (payloads given to
+    :meth:`write_message`, returned by :meth:`read_message`), which the spec's test vectors exercise
+    together with a fixed ``prologue``, ``static_key`` and ``ephemeral_key``.
+    """
+
+    def __init__(
+        self,
+        identity: KeyPair | None,
+        initiator: bool,
+        *,
+        prologue: bytes = b"",
+        static_key: X25519PrivateKey | None = None,
+        ephemeral_key: X25519PrivateKey | None = None,
+    ) -> None:
         self.identity = identity
         self.initiator = initiator
-        self._s = X25519PrivateKey.generate()
+        self._s = static_key or X25519PrivateKey.generate()
+        self._fixed_e = ephemeral_key
         self._e: X25519PrivateKey | None = None
         self._re: bytes | None = None
         self.remote_static: bytes | None = None
@@ -147,7 +162,7 @@ class XXHandshake:
         self._h = _PROTOCOL_NAME  # exactly HASHLEN bytes: used as is
         self._ck = self._h
         self._k: CipherState | None = None
-        self._mix_hash(b"")  # empty prologue
+        self._mix_hash(prologue)  # empty in libp2p
         self._step = 0
 
     # -- symmetric state
@@ -196,39 +211,46 @@ class XXHandshake:
             raise HandshakeError("noise static key is not signed by the peer's identity key")
         self.remote_identity = key
 
+    @property
+    def handshake_hash(self) -> bytes:
+        """The transcript hash ``h`` (unique to this session once complete)."""
+        return self._h
+
     # -- messages
-    def write_message(self) -> bytes:
+    def write_message(self, payload: bytes = b"") -> bytes:
+        """The next handshake message; ``payload`` is sent in message 1, and in 2 and 3 without identity."""
         if self.initiator and self._step == 0:  # -> e
-            self._e = X25519PrivateKey.generate()
+            self._e = self._fixed_e or X25519PrivateKey.generate()
             e_pub = self._pub(self._e)
             self._mix_hash(e_pub)
-            out = e_pub + self._encrypt_and_hash(b"")
+            out = e_pub + self._encrypt_and_hash(payload)
         elif not self.initiator and self._step == 1:  # <- e, ee, s, es
             assert self._re is not None
-            self._e = X25519PrivateKey.generate()
+            self._e = self._fixed_e or X25519PrivateKey.generate()
             e_pub = self._pub(self._e)
             self._mix_hash(e_pub)
             self._mix_key(self._dh(self._e, self._re))
             out = e_pub + self._encrypt_and_hash(self._pub(self._s))
             self._mix_key(self._dh(self._s, self._re))
-            out += self._encrypt_and_hash(self._payload())
+            out += self._encrypt_and_hash(self._payload() if self.identity else payload)
         elif self.initiator and self._step == 2:  # -> s, se
             assert self._re is not None
             out = self._encrypt_and_hash(self._pub(self._s))
             self._mix_key(self._dh(self._s, self._re))
-            out += self._encrypt_and_hash(self._payload())
+            out += self._encrypt_and_hash(self._payload() if self.identity else payload)
         else:
             raise HandshakeError("noise handshake: write out of order")
         self._step += 1
         return out
 
-    def read_message(self, message: bytes) -> None:
+    def read_message(self, message: bytes) -> bytes:
+        """Consume the peer's next handshake message; its payload (checked if we have an identity)."""
         if not self.initiator and self._step == 0:  # -> e
             if len(message) < _DH_LEN:
                 raise HandshakeError("noise message 1 too short")
             self._re = message[:_DH_LEN]
             self._mix_hash(self._re)
-            self._decrypt_and_hash(message[_DH_LEN:])
+            payload = self._decrypt_and_hash(message[_DH_LEN:])
         elif self.initiator and self._step == 1:  # <- e, ee, s, es
             if len(message) < 2 * _DH_LEN + TAG_LEN + TAG_LEN:
                 raise HandshakeError("noise message 2 too short")
@@ -238,17 +260,20 @@ class XXHandshake:
             self._mix_key(self._dh(self._e, self._re))
             self.remote_static = self._decrypt_static(message[_DH_LEN : 2 * _DH_LEN + TAG_LEN])
             self._mix_key(self._dh(self._e, self.remote_static))
-            self._check_payload(self._decrypt_payload(message[2 * _DH_LEN + TAG_LEN :]))
+            payload = self._decrypt_payload(message[2 * _DH_LEN + TAG_LEN :])
         elif not self.initiator and self._step == 2:  # -> s, se
             if len(message) < _DH_LEN + 2 * TAG_LEN:
                 raise HandshakeError("noise message 3 too short")
             assert self._e is not None
             self.remote_static = self._decrypt_static(message[: _DH_LEN + TAG_LEN])
             self._mix_key(self._dh(self._e, self.remote_static))
-            self._check_payload(self._decrypt_payload(message[_DH_LEN + TAG_LEN :]))
+            payload = self._decrypt_payload(message[_DH_LEN + TAG_LEN :])
         else:
             raise HandshakeError("noise handshake: read out of order")
+        if self._step and self.identity is not None:
+            self._check_payload(payload)
         self._step += 1
+        return payload
 
     def _decrypt_static(self, data: bytes) -> bytes:
         try:

@@ -21,13 +21,13 @@ Pure bookkeeping: no sockets, no trio; the host, the muxer and the services call
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, fields
 
 from lattice.errors import ConfigError, TransportError
+from lattice.transport.limits import TokenBucket, ip_prefix
 
 __all__ = [
     "HandshakeTicket",
@@ -36,7 +36,6 @@ __all__ = [
     "ResourceLimits",
     "ResourceManager",
     "default_max_memory",
-    "ip_prefix",
 ]
 
 MiB = 1024 * 1024
@@ -61,19 +60,6 @@ def default_max_memory() -> int:
     return max(MIN_MEMORY, total // 4)
 
 
-def ip_prefix(ip: str) -> str:
-    """The network an address counts against: its /24 (IPv4) or /48 (IPv6); hosts of one home or
-    one cloud subnet share it. Unparseable strings count as themselves."""
-    try:
-        addr = ipaddress.ip_address(ip.split("%")[0])
-    except ValueError:
-        return ip
-    if addr.version == 6 and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped
-    bits = 24 if addr.version == 4 else 48
-    return str(ipaddress.ip_network(f"{addr}/{bits}", strict=False))
-
-
 @dataclass(frozen=True)
 class ResourceLimits:
     """What the node as a whole, one IP prefix, one peer and one connection may hold (NodeConfig
@@ -92,6 +78,8 @@ class ResourceLimits:
     handshake_timeout: float = 10.0
     pressured_handshake_timeout: float = 2.0  # deadline of new handshakes while half the slots are taken
     evict_after: float = 0.25  # a pending handshake younger than this is never evicted
+    ip_accept_rate: float = 8.0  # new inbound connections per second from one IP (burst: 2x) ...
+    prefix_accept_rate: float = 32.0  # ... and from one IP prefix: a reconnect storm is refused cheaply
     max_streams: int = 16384  # open streams over all connections
     peer_streams: int = 1024  # open streams of one peer over all its connections
     exempt_ips: tuple[str, ...] = ("127.0.0.1", "::1")  # no per-IP / per-prefix caps (local testnets)
@@ -220,6 +208,7 @@ class ResourceManager:
         self._peer_prefix: dict[Hashable, str] = {}
         self._services: dict[str, tuple[_Scope, int]] = {}
         self._ip_pending: dict[str, int] = {}
+        self._accept_buckets: dict[str, TokenBucket] = {}  # per IP and per prefix (bounded)
         self._pending: list[HandshakeTicket] = []  # oldest first
         self.refusals: dict[str, int] = {}  # "scope:what" -> count
         self.evicted_handshakes = 0
@@ -360,6 +349,8 @@ class ResourceManager:
         lim = self.limits
         now = self.clock()
         if not self._exempt(ip):
+            if not self._accept_rate_ok(ip, now):
+                return None
             if self._ip_pending.get(ip, 0) >= lim.ip_pending_handshakes:
                 self._refuse(self.node, "handshakes_per_ip")
                 return None
@@ -386,6 +377,23 @@ class ResourceManager:
         if prefix is not None:
             prefix.pending += 1
         return ticket
+
+    def _accept_rate_ok(self, ip: str, now: float) -> bool:
+        """Token buckets of new connections per IP and per prefix (a peer whose handshakes keep
+        being evicted or dropped just reconnects: this bounds what that costs)."""
+        lim = self.limits
+        buckets = self._accept_buckets
+        if len(buckets) > 65536:
+            buckets.clear()  # bounded; a reset only forgives
+        prefix = "p:" + ip_prefix(ip)
+        for key, rate in ((ip, lim.ip_accept_rate), (prefix, lim.prefix_accept_rate)):
+            bucket = buckets.get(key)
+            if bucket is None:
+                bucket = buckets[key] = TokenBucket(rate, 2 * rate, now)
+            if not bucket.take(now):
+                self._refuse(self.node, "accept_rate_ip" if key == ip else "accept_rate_prefix")
+                return False
+        return True
 
     def _evictable(self, now: float, newcomer: str) -> HandshakeTicket | None:
         """The pending handshake to sacrifice for a newcomer from IP ``newcomer``: the oldest of the

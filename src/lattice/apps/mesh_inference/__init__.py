@@ -3,7 +3,7 @@
 Stage servers hold a contiguous range of blocks and announce it in the DHT; a client session finds
 a chain of stages covering every block, streams hidden states through the tensor RPC, keeps KV
 caches on the servers and replays its inputs to a replacement when a stage dies. Torch is needed
-here (``pip install lattice[mesh]``) and only here. See docs/mesh-inference.md.
+here (``pip install "lattice-p2p[mesh]"``) and only here. See docs/mesh-inference.md.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 _EXPORTS = {
     "InferenceSession": "client", "MeshClient": "client",
     "CacheFull": "errors", "MeshError": "errors", "NoChainError": "errors", "ServerBusy": "errors",
-    "SessionError": "errors",
+    "RequestTooLarge": "errors", "SessionError": "errors",
     "KVCache": "model", "LlamaConfig": "config", "Stage": "model", "greedy_generate": "model",
     "tiny_config": "config",
     "ServerInfo": "routing", "choose_blocks": "routing", "find_chain": "routing", "plan_split": "routing",
@@ -41,6 +41,7 @@ __all__ = [
     "MeshError",
     "ModelSource",
     "NoChainError",
+    "RequestTooLarge",
     "ServerBusy",
     "ServerInfo",
     "ServerLimits",

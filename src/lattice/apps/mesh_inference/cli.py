@@ -38,8 +38,11 @@ def register(sub: Any, commands: dict) -> None:
     serve.add_argument("--ready-file", metavar="FILE")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     serve.add_argument("--max-sessions", type=int, default=16)
+    serve.add_argument("--max-sessions-per-peer", type=int, default=4)
     serve.add_argument("--cache-mib", type=int, default=512, help="KV-cache budget (MiB)")
-    serve.add_argument("--session-ttl", type=float, default=300.0)
+    serve.add_argument("--max-context", type=int, default=2048, help="positions per session")
+    serve.add_argument("--prefill-chunk", type=int, default=256, help="prompt positions per compute step")
+    serve.add_argument("--session-ttl", type=float, default=60.0, help="idle sessions are dropped after this")
     serve.add_argument("--announce-interval", type=float, default=10.0)
     serve.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     serve.add_argument(
@@ -113,6 +116,9 @@ def cmd_serve_model(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     source = open_model(args.model)
     blocks = _blocks(args.blocks, source.config.n_layers)
+    from lattice.apps.mesh_inference.server import release_large_buffers
+
+    release_large_buffers()  # so peak memory follows ServerLimits.step_bytes (see there)
     return trio.run(_serve, args, config, source, blocks)
 
 
@@ -127,8 +133,9 @@ async def _serve(args: argparse.Namespace, config: Any, source: Any, blocks: tup
     from lattice.apps.mesh_inference.server import ServerLimits, StageServer
     from lattice.node import Node
 
-    limits = ServerLimits(max_sessions=args.max_sessions, cache_bytes=args.cache_mib << 20,
-                          session_ttl=args.session_ttl,
+    limits = ServerLimits(max_sessions=args.max_sessions, max_sessions_per_peer=args.max_sessions_per_peer,
+                          cache_bytes=args.cache_mib << 20, max_context=args.max_context,
+                          prefill_chunk=args.prefill_chunk, session_ttl=args.session_ttl,
                           inline_tokens=args.inline_tokens)  # fmt: skip
 
     async def load(node: Any) -> Stage:

@@ -5,6 +5,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 ROPE_LAYOUTS = ("interleaved", "half")  # GGML q/k layout (pairs 2i, 2i+1) / HF rotate-half (i, i+d/2)
+ATTN_BLOCK = 256  # positions per block of attention's weighted sum (model._attention): part of the numerics
+# smallest prefill chunk: its pieces have >= 32 rows; shorter ones (softmax rows under the SIMD width,
+# matrix-vector kernels) change BLAS's summation order, and chunked prompts would not be bitwise equal
+MIN_CHUNK = 64
 
 
 @dataclass(frozen=True)
@@ -37,6 +41,17 @@ class LlamaConfig:
         """fp32 K and V for one token over ``n_blocks`` blocks (what a session's cache grows by)."""
         return 2 * n_blocks * self.n_kv_heads * self.head_dim * 4
 
+    def step_bytes(self, rows: int, context: int, logits: bool) -> int:
+        """Upper estimate of the transient fp32 memory of one forward of ``rows`` new positions
+        attending to ``context`` positions, blocks run one after another, plus the LM head if
+        ``logits``: scores and probabilities are heads x rows x context each, which is why a long
+        prompt is computed in chunks of rows (a 8,192-token prompt in one piece needs GiBs)."""
+        heads, f = self.n_heads, 4
+        attention = 2 * heads * rows * context * f + heads * rows * ATTN_BLOCK * f + 2 * rows * context
+        kv_copies = 2 * (heads + self.n_kv_heads) * context * self.head_dim * f  # repeated k/v, cache cat
+        activations = rows * (4 * self.hidden + 3 * heads * self.head_dim + 3 * self.ffn) * f
+        return attention + kv_copies + activations + (rows * self.vocab_size * f if logits else 0)
+
     def block_tensor_names(self, i: int) -> list[str]:
         return [f"blk.{i}.{n}.weight" for n in BLOCK_TENSORS]
 
@@ -59,9 +74,10 @@ BLOCK_TENSORS = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_
 
 
 def tiny_config(**overrides) -> LlamaConfig:
-    """A tiny LLaMA for tests: 6 blocks, GQA 4/2 heads, vocab 256."""
+    """A tiny LLaMA for tests: 6 blocks, GQA 4/2 heads, vocab 256, SmolLM2's 8,192 positions (so
+    tests can send the long prompts a real model accepts)."""
     base = dict(vocab_size=256, hidden=64, n_layers=6, n_heads=4, n_kv_heads=2, ffn=128, rope_theta=10000.0,
-                max_positions=512)  # fmt: skip
+                max_positions=8192)  # fmt: skip
     base.update(overrides)
     return LlamaConfig(**base)
 

@@ -31,6 +31,11 @@ class CacheFull(MeshError):
     """The server's KV-cache memory budget would be exceeded."""
 
 
+class RequestTooLarge(MeshError):
+    """A call over a per-session or per-call limit (context length, reply size), refused before any
+    compute; not re-routed: a session that long is refused by servers with the default limits."""
+
+
 class SessionError(MeshError):
     """Unknown or expired session, or a position that does not match the server's cache."""
 

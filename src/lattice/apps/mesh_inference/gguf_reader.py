@@ -17,5 +17,5 @@ def gguf_reader(path: Path) -> Any:
     try:
         from gguf import GGUFReader
     except ImportError:
-        raise ConfigError("GGUF models need `pip install gguf` (the lattice[mesh] extra)") from None
+        raise ConfigError("GGUF models need `pip install gguf` (the lattice-p2p[mesh] extra)") from None
     return GGUFReader(str(path), "r")

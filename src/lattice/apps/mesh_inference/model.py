@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from lattice.apps.mesh_inference.config import (  # noqa: F401  (re-exported)
+    ATTN_BLOCK,
     BLOCK_TENSORS,
     ROPE_LAYOUTS,
     LlamaConfig,
@@ -92,12 +93,18 @@ class Stage:
 
     @torch.inference_mode()
     def forward(
-        self, x: torch.Tensor, cache: KVCache | None = None, start: int | None = None, end: int | None = None
+        self,
+        x: torch.Tensor,
+        cache: KVCache | None = None,
+        start: int | None = None,
+        end: int | None = None,
+        head: bool = True,
     ) -> torch.Tensor:
         """Run blocks [start, end) (default: all of this stage's) on x; appends to ``cache``.
 
         x: token ids [B, T] (int64) when start == 0, else hidden states [B, T, hidden] (fp32).
-        Returns hidden states, or logits [B, T, vocab] when end is the model's last block.
+        Returns hidden states, or logits [B, T, vocab] when end is the model's last block and
+        ``head`` (False skips the final norm and LM head: a prompt chunk whose logits nobody reads).
         """
         c = self.config
         start = self.start if start is None else start
@@ -112,7 +119,7 @@ class Stage:
             h = self._block(i, h, cache, pos)
         if cache is not None:
             cache.length = pos + x.shape[1]
-        if end < c.n_layers:
+        if end < c.n_layers or not head:
             return h
         h = _rms_norm(h, self.w["output_norm.weight"], c.norm_eps)
         head = self.w["token_embd.weight" if c.tied else "output.weight"]
@@ -133,16 +140,55 @@ class Stage:
             cache.layers[i] = (k, v)
         group = c.n_heads // c.n_kv_heads
         kk, vv = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-        scores = (q @ kk.transpose(-1, -2)) * (1.0 / math.sqrt(c.head_dim))
-        total = kk.shape[2]
-        if t > 1:  # causal mask over the new positions (earlier ones are all visible)
-            mask = torch.ones(t, total, dtype=torch.bool).tril(total - t)
-            scores = scores.masked_fill(~mask, float("-inf"))
-        attn = torch.softmax(scores, dim=-1) @ vv
+        attn = _attention(q, kk, vv, c.head_dim)
+        del kk, vv
         h = h + F.linear(attn.transpose(1, 2).reshape(b, t, -1), w[p + "attn_output.weight"])
         x = _rms_norm(h, w[p + "ffn_norm.weight"], c.norm_eps)
         mlp = F.silu(F.linear(x, w[p + "ffn_gate.weight"])) * F.linear(x, w[p + "ffn_up.weight"])
         return h + F.linear(mlp, w[p + "ffn_down.weight"])
+
+
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Causal attention of q's t new positions over all k/v positions, [B, heads, t, d].
+
+    For t > 1 the weighted sum over positions runs in blocks of ATTN_BLOCK, the last one
+    zero-padded, accumulated in order: every matmul then has the same inner size however long
+    the context is, so a prompt computed in chunks against the cache gives bitwise the same
+    result as in one piece (BLAS picks its reduction order from the inner size). One row (a
+    decode step) takes the plain product: it is not bitwise comparable anyway (BLAS uses a
+    matrix-vector kernel for one row)."""
+    t, total = q.shape[2], k.shape[2]
+    scores = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(head_dim))
+    if t == 1:
+        return torch.softmax(scores, dim=-1) @ v
+    mask = torch.ones(t, total, dtype=torch.bool).tril(total - t)  # earlier positions are all visible
+    p = torch.softmax(scores.masked_fill_(~mask, float("-inf")), dim=-1)
+    del scores, mask
+    out = None
+    for a in range(0, total, ATTN_BLOCK):
+        b = min(a + ATTN_BLOCK, total)
+        pb, vb = p[..., a:b], v[..., a:b, :]
+        if b - a < ATTN_BLOCK:
+            pb, vb = F.pad(pb, (0, ATTN_BLOCK - (b - a))), F.pad(vb, (0, 0, 0, ATTN_BLOCK - (b - a)))
+        part = pb @ vb
+        out = part if out is None else out + part
+    assert out is not None
+    return out
+
+
+def chunk_bounds(n: int, chunk: int) -> list[tuple[int, int]]:
+    """Split n positions into pieces of at most ``chunk``, as even as possible: no piece is a
+    short remainder (each has at least chunk/2 rows), so BLAS uses the same kernels for all."""
+    if n <= chunk:
+        return [(0, n)]
+    pieces = -(-n // chunk)
+    base, extra = divmod(n, pieces)
+    bounds, a = [], 0
+    for i in range(pieces):
+        b = a + base + (i < extra)
+        bounds.append((a, b))
+        a = b
+    return bounds
 
 
 def split_evenly(n_layers: int, n_stages: int) -> list[tuple[int, int]]:

@@ -8,16 +8,23 @@ RPC methods (payloads are msgpack values with tensors, never pickle):
   sent one call each: that is how a client replays its history to rebuild a cache bitwise.
 - ``mesh.close`` {session} -> bool; ``mesh.info`` -> what the server holds and its limits.
 
+Strangers share the server within :class:`ServerLimits`, all checked before any compute: sessions
+per peer and in all, context length, KV-cache bytes, reply bytes; a prompt is computed in chunks
+(bounded attention workspace), and the compute lock is taken per chunk and handed over in FIFO
+order, so a long prompt delays another session's step by at most one chunk.
+
 The server announces itself under ``mesh/<model id>`` in the DHT (its own subkey, refreshed every
 ``announce_interval``, expiring after three missed refreshes).
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import statistics
 import time
-from collections.abc import Awaitable, Callable
+from collections import Counter
+from collections.abc import Awaitable, Callable, Hashable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,10 +32,11 @@ import numpy as np
 import torch
 import trio
 
-from lattice.apps.mesh_inference.errors import CacheFull, ServerBusy, SessionError
-from lattice.apps.mesh_inference.model import KVCache, Stage
+from lattice.apps.mesh_inference.config import MIN_CHUNK, LlamaConfig
+from lattice.apps.mesh_inference.errors import CacheFull, RequestTooLarge, ServerBusy, SessionError
+from lattice.apps.mesh_inference.model import KVCache, Stage, chunk_bounds
 from lattice.apps.mesh_inference.routing import ServerInfo, announcement_key
-from lattice.errors import LatticeError, PayloadError
+from lattice.errors import ConfigError, LatticeError, PayloadError
 
 log = logging.getLogger(__name__)
 
@@ -37,14 +45,71 @@ MAX_SESSION_ID = 64
 
 @dataclass
 class ServerLimits:
-    max_sessions: int = 16
+    """What a stage server gives strangers (docs/operators.md, "Mesh inference stage servers")."""
+
+    max_sessions: int = 16  # sessions over all peers
+    max_sessions_per_peer: int = 4  # so one peer cannot hold them all
     cache_bytes: int = 512 << 20  # KV-cache budget over all sessions
-    session_ttl: float = 300.0  # an idle session is dropped after this
+    max_context: int = 2048  # positions per session (never more than the model has)
+    prefill_chunk: int = 256  # positions per compute step (>= MIN_CHUNK); shrunk to fit step_bytes
+    step_bytes: int = 128 << 20  # transient memory of one step (attention scores, activations, logits)
+    max_reply_bytes: int = 64 << 20  # outputs of one call (logits="all" is vocab floats per position)
+    session_ttl: float = 60.0  # an idle session is dropped after this ...
+    pressure_ttl: float = 2.0  # ... or after this, when a newcomer or a growing cache needs the room
     max_inputs: int = 8192  # inputs in one call (a replay sends one per step so far)
     max_tokens_per_call: int = 8192
     # calls of at most this many tokens (decode steps) run on the event loop: a thread hop costs a
     # wake-up, which on a busy machine was a large part of the mesh's per-token overhead
     inline_tokens: int = 4
+
+    def __post_init__(self) -> None:
+        if min(self.max_sessions, self.max_sessions_per_peer, self.max_context) < 1:
+            raise ConfigError("max_sessions, max_sessions_per_peer and max_context must be >= 1")
+        if self.prefill_chunk < MIN_CHUNK:
+            raise ConfigError(f"prefill_chunk must be >= {MIN_CHUNK}")
+        if self.pressure_ttl <= 0 or self.session_ttl <= 0:
+            raise ConfigError("session_ttl and pressure_ttl must be > 0")
+        self.pressure_ttl = min(self.pressure_ttl, self.session_ttl)
+
+
+def fit_chunk(config: LlamaConfig, limits: ServerLimits, logits: bool) -> int:
+    """The largest chunk <= prefill_chunk whose step at the longest context fits step_bytes
+    (the estimate is affine in the chunk's rows); ConfigError if not even MIN_CHUNK fits."""
+    context = min(limits.max_context, config.max_positions)
+    fixed = config.step_bytes(0, context, logits)
+    per_row = config.step_bytes(1, context, logits) - fixed
+    chunk = min(limits.prefill_chunk, (limits.step_bytes - fixed) // per_row)
+    if chunk < MIN_CHUNK:
+        raise ConfigError(f"step_bytes {limits.step_bytes} is too small for a {context}-position context")
+    return chunk
+
+
+def reply_bytes(config: LlamaConfig, sizes: list[int], end: int, want: str, logits: str) -> int:
+    """Bytes of mesh.forward's outputs for inputs of ``sizes`` positions (fp32)."""
+    last = end == config.n_layers
+    kept = sizes if want == "all" else sizes[-1:]
+    rows = len(kept) if last and logits == "last" else sum(kept)
+    return rows * (config.vocab_size if last else config.hidden) * 4
+
+
+def pick_victim(
+    sessions: Iterable[tuple[Hashable, str, float, bool]], requester: str, now: float, idle: float
+) -> Hashable | None:
+    """The session a full server gives up for ``requester``'s new one, from (key, peer,
+    last_used, busy) rows: the longest idle (at least ``idle`` s), else the least recently used of
+    the peer holding the most sessions if it holds at least two more than the requester (so peer
+    ids share the server evenly however many there are), else None. Busy ones are never taken."""
+    rows = list(sessions)
+    free = [r for r in rows if not r[3]]
+    idle_rows = [r for r in free if now - r[2] >= idle]
+    if idle_rows:
+        return min(idle_rows, key=lambda r: r[2])[0]
+    counts = Counter(r[1] for r in rows)
+    top = max((n for p, n in counts.items() if p != requester), default=0)
+    if top < counts[requester] + 2:
+        return None
+    over = [r for r in free if r[1] != requester and counts[r[1]] == top]
+    return min(over, key=lambda r: r[2])[0] if over else None
 
 
 @dataclass
@@ -54,6 +119,17 @@ class _Session:
     cache: KVCache = field(default_factory=KVCache)
     last_used: float = field(default_factory=time.monotonic)
     lock: trio.Lock = field(default_factory=trio.Lock)
+
+
+def release_large_buffers(threshold: int = 1 << 20) -> bool:
+    """Have glibc mmap every allocation >= ``threshold`` and unmap it when freed. By default it
+    raises that threshold after each free (up to 32 MiB), so a chunked prompt's attention buffers,
+    a little bigger each chunk, pile up in the heap: the peak RSS was 1.8x the live bytes that
+    ``step_bytes`` bounds. Process-wide: `serve-model` calls it; False where there is no mallopt."""
+    try:
+        return bool(ctypes.CDLL(None).mallopt(-3, threshold))  # -3: M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
 
 
 def free_memory() -> int:
@@ -91,9 +167,11 @@ class StageServer:
         self.throughput = throughput
         self.node: Any = None
         self._sessions: dict[tuple[str, str], _Session] = {}
-        self._compute = trio.Lock()  # one forward at a time: sessions interleave per step
-        self.stats = {"forwards": 0, "tokens": 0, "replays": 0, "refused": 0, "expired": 0,
-                      "compute_s": 0.0}  # fmt: skip
+        # one step at a time; trio.Lock hands over in FIFO order, so sessions take turns per step
+        self._compute = trio.Lock()
+        self.chunk = 0  # positions per prompt step (fit_chunk, once the stage is loaded)
+        self.stats = {"forwards": 0, "tokens": 0, "replays": 0, "refused": 0, "expired": 0, "evicted": 0,
+                      "steps": 0, "compute_s": 0.0, "max_step_s": 0.0}  # fmt: skip
 
     # -- lifecycle
     async def run(self, node: Any, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
@@ -104,6 +182,7 @@ class StageServer:
         if self.stage is None:
             assert self._loader is not None
             self.stage = await self._loader(node)
+        self.chunk = fit_chunk(self.stage.config, self.limits, self.stage.end == self.stage.config.n_layers)
         if self.throughput is None:
             self.throughput = await trio.to_thread.run_sync(self._measure)
         node.rpc.register("mesh.forward", self._forward)
@@ -129,6 +208,14 @@ class StageServer:
     @property
     def cache_used(self) -> int:
         return sum(s.cache.nbytes for s in self._sessions.values())
+
+    def session_ids(self) -> list[tuple[str, str]]:
+        """(peer id, session id) of every session held."""
+        return list(self._sessions)
+
+    @property
+    def max_context(self) -> int:
+        return min(self.limits.max_context, self.stage.config.max_positions)
 
     def info(self) -> ServerInfo:
         return ServerInfo(
@@ -170,7 +257,9 @@ class StageServer:
         return {
             "model_id": self.model_id, "start": info.start, "end": info.end, "n_layers": info.n_layers,
             "config": self.stage.config.as_dict(), "throughput": info.throughput, "sessions": info.sessions,
-            "max_sessions": self.limits.max_sessions, "cache_bytes": self.limits.cache_bytes,
+            "max_sessions": self.limits.max_sessions,
+            "max_sessions_per_peer": self.limits.max_sessions_per_peer,
+            "max_context": self.max_context, "chunk": self.chunk, "cache_bytes": self.limits.cache_bytes,
             "cache_used": self.cache_used, "stats": dict(self.stats), "threads": torch.get_num_threads(),
         }  # fmt: skip
 
@@ -180,59 +269,91 @@ class StageServer:
 
     async def _forward(self, payload: Any, ctx: Any) -> dict:
         req = self._parse(payload)
+        sizes = [x.shape[1] for x in req["inputs"]]
+        self._check_size(req, sizes)
         key = (str(ctx.peer), req["session"])
         session = self._open_session(key, req)
         async with session.lock:
             if session.cache.length != req["pos"]:
                 raise SessionError(f"position {req['pos']} does not match the cache ({session.cache.length})")
-            n_tokens = sum(x.shape[1] for x in req["inputs"])
-            need = n_tokens * self.stage.config.kv_bytes_per_token(req["end"] - req["start"])
-            if self.cache_used + need > self.limits.cache_bytes:
-                self.stats["refused"] += 1
+            need = sum(sizes) * self.stage.config.kv_bytes_per_token(req["end"] - req["start"])
+            try:
+                self._reserve_cache(key, need)
+            except CacheFull:
                 if req["pos"] == 0:
                     self._sessions.pop(key, None)
-                raise CacheFull(f"KV-cache budget of {self.limits.cache_bytes} bytes would be exceeded")
-            if req["pos"] + n_tokens > self.stage.config.max_positions:
-                raise SessionError(f"the session would exceed {self.stage.config.max_positions} positions")
+                raise
             try:
-                async with self._compute:
-                    if n_tokens <= self.limits.inline_tokens:  # a decode step: tens of ms at most
-                        outputs = self._run(session, req)
-                    else:  # a prompt or a replay: keep the node's loop responsive
-                        outputs = await trio.to_thread.run_sync(self._run, session, req)
+                outputs = await self._run(session, req)
             except BaseException:
                 self._sessions.pop(key, None)  # the cache may be half-updated: the client replays
                 raise
             session.last_used = time.monotonic()
         self.stats["forwards"] += 1
-        self.stats["tokens"] += n_tokens
+        self.stats["tokens"] += sum(sizes)
         self.stats["replays"] += len(req["inputs"]) > 1
         return {"outputs": outputs}
 
-    def _run(self, session: _Session, req: dict) -> list[torch.Tensor]:
-        t0 = time.perf_counter()
-        try:
-            return self._run_inputs(session, req)
-        finally:
-            self.stats["compute_s"] += time.perf_counter() - t0
+    def _check_size(self, req: dict, sizes: list[int]) -> None:
+        """Context length and reply size, before any session is touched."""
+        total = req["pos"] + sum(sizes)
+        if total > self.max_context:
+            self.stats["refused"] += 1
+            raise RequestTooLarge(f"the session would have {total} positions; this server allows "
+                                  f"{self.max_context}")  # fmt: skip
+        size = reply_bytes(self.stage.config, sizes, req["end"], req["want"], req["logits"])
+        if size > self.limits.max_reply_bytes:
+            self.stats["refused"] += 1
+            raise RequestTooLarge(f"the reply would be {size} bytes; this server sends at most "
+                                  f"{self.limits.max_reply_bytes}")  # fmt: skip
 
-    def _run_inputs(self, session: _Session, req: dict) -> list[torch.Tensor]:
+    def _reserve_cache(self, key: tuple[str, str], need: int) -> None:
+        """Room for ``need`` more KV bytes, giving up idle sessions (pressure_ttl) if that makes it."""
+        while self.cache_used + need > self.limits.cache_bytes:
+            victim = self._oldest_idle(exclude=key)
+            if victim is None:
+                self.stats["refused"] += 1
+                raise CacheFull(f"KV-cache budget of {self.limits.cache_bytes} bytes would be exceeded")
+            self._evict(victim)
+
+    async def _run(self, session: _Session, req: dict) -> list[torch.Tensor]:
+        """Each input in order, each in chunks of at most ``self.chunk`` positions, one step each."""
         outs = []
-        last = len(req["inputs"]) - 1
+        last_stage = req["end"] == self.stage.config.n_layers
         for i, x in enumerate(req["inputs"]):
-            y = self.stage.forward(x, session.cache, req["start"], req["end"])
-            if req["want"] == "all" or i == last:
-                if req["end"] == self.stage.config.n_layers and req["logits"] == "last":
-                    y = y[:, -1:, :]
-                outs.append(y)
+            keep = req["want"] == "all" or i == len(req["inputs"]) - 1
+            bounds = chunk_bounds(x.shape[1], self.chunk)
+            pieces = []
+            for j, (a, b) in enumerate(bounds):
+                head = keep and (req["logits"] == "all" or j == len(bounds) - 1)  # logits someone reads
+                y = await self._step(session, x[:, a:b], req, head)
+                if keep and (head or not last_stage):
+                    pieces.append(y)
+            if keep:
+                y = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
+                outs.append(y[:, -1:, :] if last_stage and req["logits"] == "last" else y)
         return outs
+
+    async def _step(self, session: _Session, x: torch.Tensor, req: dict, head: bool) -> torch.Tensor:
+        """One forward under the compute lock (sessions waiting for it go first at the next step)."""
+        args = (x.contiguous(), session.cache, req["start"], req["end"], head)
+        async with self._compute:
+            t0 = time.perf_counter()
+            if x.shape[1] <= self.limits.inline_tokens:  # a decode step: tens of ms at most
+                y = self.stage.forward(*args)
+            else:  # a prompt chunk or a replay: keep the node's loop responsive
+                y = await trio.to_thread.run_sync(self.stage.forward, *args)
+            elapsed = time.perf_counter() - t0
+        self.stats["steps"] += 1
+        self.stats["compute_s"] += elapsed
+        self.stats["max_step_s"] = max(self.stats["max_step_s"], round(elapsed, 4))
+        return y
 
     def _open_session(self, key: tuple[str, str], req: dict) -> _Session:
         session = self._sessions.get(key)
         if req["pos"] == 0:
-            if session is None and len(self._sessions) >= self.limits.max_sessions:
-                self.stats["refused"] += 1
-                raise ServerBusy(f"server has {len(self._sessions)} of {self.limits.max_sessions} sessions")
+            if session is None:
+                self._admit(key)
             if session is None or session.lock.locked() is False:
                 session = self._sessions[key] = _Session(req["start"], req["end"])
             return session
@@ -242,6 +363,38 @@ class StageServer:
             raise SessionError("the session was opened for other blocks")
         session.last_used = time.monotonic()
         return session
+
+    def _admit(self, key: tuple[str, str]) -> None:
+        """Room for a new session of peer key[0]: its own cap, then the server's (pick_victim)."""
+        peer, limits = key[0], self.limits
+        held = sum(1 for k in self._sessions if k[0] == peer)
+        if held >= limits.max_sessions_per_peer:
+            victim = self._oldest_idle(peer=peer)
+            if victim is None:
+                self.stats["refused"] += 1
+                raise ServerBusy(f"this peer holds {held} of the {limits.max_sessions_per_peer} sessions a "
+                                 "peer may have")  # fmt: skip
+            self._evict(victim)
+        if len(self._sessions) >= limits.max_sessions:
+            rows = [(k, k[0], s.last_used, s.lock.locked()) for k, s in self._sessions.items()]
+            victim = pick_victim(rows, peer, time.monotonic(), limits.pressure_ttl)
+            if victim is None:
+                self.stats["refused"] += 1
+                raise ServerBusy(f"server has {len(self._sessions)} of {limits.max_sessions} sessions")
+            self._evict(victim)
+
+    def _oldest_idle(self, peer: str | None = None, exclude: Any = None) -> tuple[str, str] | None:
+        """The longest idle session (idle >= pressure_ttl, no step in flight), of ``peer`` if given."""
+        cutoff = time.monotonic() - self.limits.pressure_ttl
+        idle = [(s.last_used, k) for k, s in self._sessions.items()
+                if k != exclude and (peer is None or k[0] == peer) and s.last_used <= cutoff
+                and not s.lock.locked()]  # fmt: skip
+        return min(idle)[1] if idle else None
+
+    def _evict(self, key: tuple[str, str]) -> None:
+        if self._sessions.pop(key, None) is not None:
+            self.stats["evicted"] += 1
+            log.debug("mesh session %s of %s given up for a newcomer", key[1], key[0])
 
     def _parse(self, payload: Any) -> dict:
         """Validate every field before any compute (sizes, dtypes, shapes, ranges)."""

@@ -13,7 +13,7 @@ def tokenizer_from_gguf(path: Path) -> Any:
     try:
         from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
     except ImportError:
-        raise ConfigError("the tokenizer needs `pip install tokenizers` (lattice[mesh])") from None
+        raise ConfigError("the tokenizer needs `pip install tokenizers` (lattice-p2p[mesh])") from None
     from lattice.apps.mesh_inference.gguf_reader import gguf_reader
 
     reader = gguf_reader(Path(path))
