@@ -97,7 +97,9 @@ class AutoNAT:
         self.rejected = 0  # OK answers naming an address we did not ask for (lying servers)
         # address -> {server prefix: when it confirmed}; oldest address first
         self._confirmed: dict[Multiaddr, dict[str, float]] = {}
-        self._asked: set[str] = set()  # server prefixes asked since an address became pending
+        # server prefixes asked this round (a round ends after ``interval``): while an address awaits
+        # confirmation, each other prefix is asked once per round, not every 2 s
+        self._asked: set[str] = set()
         self.results: deque[dict] = deque(maxlen=8)
         self.on_change: list[Callable[[str], None]] = []
         self._pending: dict[int, trio.Event] = {}
@@ -166,7 +168,7 @@ class AutoNAT:
         return out
 
     def _unasked_servers(self) -> list[Connection]:
-        """Servers on prefixes not asked since an address became pending (none if none is pending)."""
+        """Servers on prefixes not asked this round (none if no address awaits confirmation)."""
         if not self._pending_addrs():
             return []
         return [c for c in self._servers() if server_prefix(c) not in self._asked]
@@ -234,10 +236,8 @@ class AutoNAT:
         """Count a server of ``prefix`` reaching us at ``addr``; advertise the address once servers
         of ``confirmations`` prefixes did within ``confirm_ttl``."""
         now = time.monotonic()
-        if addr not in self._confirmed:
-            self._asked = {prefix}  # a new pending address: ask the other prefixes again
-            if len(self._confirmed) >= MAX_CONFIRMING:
-                del self._confirmed[next(iter(self._confirmed))]
+        if addr not in self._confirmed and len(self._confirmed) >= MAX_CONFIRMING:
+            del self._confirmed[next(iter(self._confirmed))]
         by = self._confirmed.pop(addr, {})
         by[prefix] = now
         self._confirmed[addr] = {p: t for p, t in by.items() if now - t < self.confirm_ttl}
@@ -264,8 +264,10 @@ class AutoNAT:
         task_status.started()
         while True:
             settled = self.reachability != UNKNOWN and not self._wants_confirmation()
-            with trio.move_on_after(self.interval if settled else 2.0):
+            with trio.move_on_after(self.interval if settled else 2.0) as waited:
                 await self._wake.wait()
+            if settled and waited.cancelled_caught:
+                self._asked.clear()  # a new round
             self._wake = trio.Event()
             result = await self.check()
             if result is not None and self.reachability != result:

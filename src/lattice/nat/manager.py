@@ -203,6 +203,7 @@ class NATManager:
             "reachability": self.reachability,
             "detected": self.autonat.status(),
             "relays": self.autorelay.status(),
+            "relay_discovery": dict(self.autorelay.stats),  # candidates verified / refused
             "relay_service": self.relay_server.status() if self.relay_server else None,
             "port_mapping": _mapping_status(self),
             "lan_peers": len(self.mdns_found) if self.config.mdns else None,
