@@ -15,7 +15,6 @@ from lattice.nat import circuit
 from lattice.nat.circuit import CircuitListener, CircuitMessage
 from lattice.nat.relay import RelayLimits, RelayServer
 from lattice.transport import ping
-from lattice.transport.peerstore import PeerInfo
 
 ECHO = "/test/echo/1.0.0"
 
@@ -82,11 +81,9 @@ async def test_reserve_dial_and_stream_over_a_relay(host_factory):
 
 async def test_connect_peer_falls_back_to_the_relayed_address(host_factory):
     _r, a, b, _server, rsvp = await relay_setup(host_factory)
-    from lattice.transport.peerstore import PeerInfo
-
     # B's direct address is a black hole (nothing answers), its relayed one works
     dead = Multiaddr.parse("/ip4/10.255.255.1/tcp/9")
-    a.peerstore[b.peer_id] = PeerInfo(b.peer_id, addrs=[dead, rsvp.addrs[0]])
+    a.peerstore.add_addrs(b.peer_id, [dead, rsvp.addrs[0]], replace=True)
     start = trio.current_time()
     conn = await a.connect_peer(b.peer_id, timeout=5)
     assert conn.relayed and trio.current_time() - start < 2.0
@@ -236,7 +233,7 @@ async def test_connect_by_peer_id_falls_back_to_the_relays_we_share(host_factory
     a_rsvp = await circuit.reserve(a, a_conn)
     a.add_address_source(lambda: list(a_rsvp.addrs))  # A advertises its relayed address, as autorelay does
     dead = Multiaddr.parse("/ip4/127.0.0.1/tcp/1")
-    a.peerstore.setdefault(b.peer_id, PeerInfo(b.peer_id)).addrs = [dead]
+    a.peerstore.add_addrs(b.peer_id, [dead], replace=True)
     with trio.fail_after(10):
         conn = await a.connect_peer(b.peer_id, timeout=5)
     assert conn.relayed and conn.remote_peer == b.peer_id
@@ -252,7 +249,7 @@ async def test_relay_fallback_also_when_the_router_finds_only_dead_direct_addres
     a_conn = await a.connect(full_addr(r))
     a_rsvp = await circuit.reserve(a, a_conn)
     a.add_address_source(lambda: list(a_rsvp.addrs))
-    a.peerstore.setdefault(b.peer_id, PeerInfo(b.peer_id)).addrs = [Multiaddr.parse("/ip4/127.0.0.1/tcp/1")]
+    a.peerstore.add_addrs(b.peer_id, [Multiaddr.parse("/ip4/127.0.0.1/tcp/1")], replace=True)
 
     async def router(peer):
         return [Multiaddr.parse("/ip4/127.0.0.1/tcp/2")]
@@ -261,3 +258,83 @@ async def test_relay_fallback_also_when_the_router_finds_only_dead_direct_addres
     with trio.fail_after(10):
         conn = await a.connect_peer(b.peer_id, timeout=5)
     assert conn.relayed and conn.remote_peer == b.peer_id
+
+
+def test_relay_candidates_spread_over_prefixes():
+    from lattice.nat.autorelay import spread_by_prefix
+
+    crowd = [Multiaddr.parse(f"/ip4/203.0.113.{i}/tcp/4001") for i in range(1, 6)]
+    lone = [Multiaddr.parse("/ip4/198.51.100.9/tcp/4001"), Multiaddr.parse("/ip6/2001:db8::1/tcp/4001")]
+    out = spread_by_prefix([*crowd, *lone])
+    assert out[:3] == [crowd[0], *lone] and sorted(map(str, out)) == sorted(map(str, crowd + lone))
+
+
+def test_punch_targets_are_few_unicast_tcp_addresses():
+    from lattice.nat.dcutr import punch_targets
+
+    addrs = [Multiaddr.parse(a) for a in (
+        "/ip4/0.0.0.0/tcp/4001", "/ip4/224.0.0.1/tcp/4001", "/ip4/255.255.255.255/tcp/1",
+        "/ip4/1.2.3.4/tcp/0", "/ip4/1.2.3.4/tcp/4001", "/ip4/1.2.3.4/tcp/4001", "/ip4/10.0.0.2/tcp/4001",
+        "/ip6/::1/tcp/4001",
+        "/ip4/5.6.7.8/tcp/4001", "/ip4/9.9.9.9/tcp/4001",
+    )]  # fmt: skip
+    assert [str(a) for a in punch_targets(addrs, 4)] == [
+        "/ip4/1.2.3.4/tcp/4001", "/ip4/10.0.0.2/tcp/4001", "/ip6/::1/tcp/4001", "/ip4/5.6.7.8/tcp/4001",
+    ]  # fmt: skip
+
+
+async def test_hole_punch_requests_over_a_direct_connection_are_refused(host_factory):
+    from lattice.nat import dcutr
+
+    a, b = await host_factory(), await host_factory()
+    puncher = dcutr.HolePuncher(a, a.advertised_addrs)
+    puncher.install()
+    conn = await b.connect(full_addr(a))
+    stream = await b.new_stream(conn, [dcutr.PROTOCOL_ID])
+    with pytest.raises(TransportError), trio.fail_after(5):  # reset: no dial to what we name
+        await stream.write(dcutr.encode(dcutr.CONNECT, [Multiaddr.parse("/ip4/127.0.0.1/tcp/1")]))
+        await dcutr.read(stream, dcutr.CONNECT)
+    assert puncher.refused == 1
+
+
+async def test_an_idle_circuit_is_closed(host_factory):
+    _r, a, b, server, rsvp = await relay_setup(host_factory, RelayLimits(circuit_idle=0.5))
+    conn = await a.connect(circuit_addr(rsvp, b))
+    assert len(await ping.ping(a, conn, count=1)) == 1
+    with trio.fail_after(5):  # no byte either way for 0.5 s (no keepalive on bare hosts)
+        while not conn.closed:
+            await trio.sleep(0.05)
+    assert server.status()["idle_closed"] == 1
+
+
+async def test_a_relay_cannot_push_unbounded_pending_circuits(host_factory):
+    """A relay we reserved on (anyone can run one) opens 24 circuits whose dialer never speaks."""
+    relay, b = await host_factory(), await host_factory()
+    listener = CircuitListener(b, max_pending=16)
+    listener.install()
+    listener.relays.add(relay.peer_id)
+    conn = await relay.connect(full_addr(b))
+    answers = []
+
+    async def stop_request():
+        stream = await relay.new_stream(conn, [circuit.STOP])
+        msg = CircuitMessage(circuit.STOP_CONNECT, peer=relay.peer_id)
+        await circuit.write_message(stream, msg, hop=False)
+        answers.append((await circuit.read_message(stream, hop=False)).status)
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(24):
+            nursery.start_soon(stop_request)
+    assert answers.count(circuit.OK) == 16 and answers.count(circuit.RESOURCE_LIMIT_EXCEEDED) == 8
+    assert listener.pending == 16
+
+
+async def test_a_circuits_buffers_are_charged_to_the_node_budget(host_factory):
+    r, a, b, server, rsvp = await relay_setup(host_factory, RelayLimits(buffer=64 * 1024))
+    conn = await a.connect(circuit_addr(rsvp, b))
+    assert r.resources.stats()["services"]["relay"]["memory"] == 2 * 64 * 1024
+    await conn.close()
+    with trio.fail_after(5):
+        while server.status()["circuits"]:
+            await trio.sleep(0.02)
+    assert r.resources.stats()["services"]["relay"]["memory"] == 0

@@ -73,6 +73,9 @@ class NodeConfig:
     relays: tuple[str, ...] = ()  # relays to reserve on when private (default: bootstrap peers that relay)
     reachability: str = "auto"  # auto (detect) | public | private
     hole_punching: bool = True
+    # AutoNAT servers on distinct IP prefixes (/24, /48) that must reach us at an address before we
+    # advertise it as our public one (a lying server cannot make us advertise a third party's address)
+    autonat_confirmations: int = 2
     relay_max_reservations: int = 128
     relay_max_circuits: int = 64
     relay_circuit_duration: int = 3600  # seconds
@@ -157,7 +160,12 @@ class NodeConfig:
                 raise ConfigError(f"relay address {addr} must be /ip4|ip6|dns/.../tcp/PORT/p2p/PEER")
         if self.reachability not in ("auto", "public", "private"):
             raise ConfigError("reachability must be one of auto, public, private")
-        for name in ("relay_max_reservations", "relay_max_circuits", "relay_circuit_duration"):
+        for name in (
+            "relay_max_reservations",
+            "relay_max_circuits",
+            "relay_circuit_duration",
+            "autonat_confirmations",
+        ):
             self._positive_int(name)
         self._positive_int("relay_circuit_bytes")
         for name in (

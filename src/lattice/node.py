@@ -28,7 +28,7 @@ from lattice._version import __version__
 from lattice.config import NodeConfig
 from lattice.errors import DialError, LatticeError, NodeError
 from lattice.identity import KeyPair, PeerId, load_or_create_key
-from lattice.multiaddr import Multiaddr
+from lattice.multiaddr import Multiaddr, dialable
 from lattice.nat.manager import NATConfig, NATManager
 from lattice.nat.relay import RelayLimits
 from lattice.transport import ping as ping_protocol
@@ -76,6 +76,7 @@ def _nat_config(cfg: NodeConfig) -> NATConfig:
         relay_limits=limits,
         relays=[Multiaddr.parse(a) for a in cfg.relays],
         hole_punching=cfg.hole_punching,
+        autonat_confirmations=cfg.autonat_confirmations,
         upnp=cfg.upnp,
         mdns=cfg.mdns,
     )
@@ -200,18 +201,18 @@ class Node:
 
     def _wire_relay_discovery(self) -> None:
         """Relays announce themselves as providers of RELAY_KEY in the DHT; NATed nodes look there
-        when their bootstrap peers and configured relays are not enough."""
+        when their bootstrap peers and configured relays are not enough. Anyone can announce, so
+        every provider the DHT lists is fetched (64 per key at most) and each is only a candidate:
+        autorelay uses it once the peer at its address grants a reservation."""
         assert self.nat is not None and self._nursery is not None
         dht = self.services["dht"]
 
         async def discover() -> list[Multiaddr]:
             out = []
-            for peer, addrs in await dht.find_providers(RELAY_KEY, count=16):
-                for addr in addrs:
-                    ma = Multiaddr.parse(addr)
-                    if ma.tcp_target():
-                        out.append(ma.with_peer(PeerId.from_string(peer)))
-                        break
+            for peer, addrs in await dht.find_providers(RELAY_KEY, count=64):
+                direct = [a for a in dialable([Multiaddr.parse(a) for a in addrs]) if a.tcp_target()]
+                if direct:  # the best one (public before private before loopback)
+                    out.append(direct[0].with_peer(PeerId.from_string(peer)))
             return out
 
         self.nat.autorelay.discover = discover
@@ -403,6 +404,7 @@ class Node:
             "direct_peers": len(direct),
             "relayed_peers": len({c.remote_peer for c in conns if c.relayed} - direct),
             "observed_addrs": [str(a) for a, _ in host.observed_addrs.most_common(4)],
+            "peerstore": host.peerstore.status(),
             "bootstrap": [
                 {
                     "addr": str(a),

@@ -126,6 +126,7 @@ class DHT:
         self.node = node
         host = node.host
         self.table = RoutingTable(host.peer_id, self.config.k)
+        host.peerstore.keep(self.table.__contains__)  # routing-table peers stay in the peer store
         path = node.config.data_dir / "dht.sqlite" if self.config.persist else None
         limits = self.config.store_limits or _store_limits(node.config)
         self.store = await trio.to_thread.run_sync(Store, path, limits)
@@ -190,9 +191,9 @@ class DHT:
 
     def _remember(self, peer: PeerId, addrs: list[Multiaddr]) -> None:
         if addrs and peer != self.node.host.peer_id:
-            info = self.node.host.peerstore.setdefault(peer, PeerInfo(peer))
-            if not info.addrs:
-                info.addrs = addrs[:8]
+            info = self.node.host.peerstore.get(peer)
+            if info is None or not info.addrs:
+                self.node.host.peerstore.add_addrs(peer, addrs[:8])
 
     async def _maintain(self) -> None:
         """Bootstrap (self-lookup once we know a peer), then refresh and republish periodically."""
@@ -587,8 +588,9 @@ class DHT:
 
         await self._lookup(target.multihash, protocol.FIND_NODE, on_reply)
         if found:
-            info = self.node.host.peerstore.setdefault(target, PeerInfo(target))
-            info.addrs = dialable(found + info.addrs)
+            store = self.node.host.peerstore
+            known = store.get(target)
+            store.add_addrs(target, dialable(found + (known.addrs if known else [])), replace=True)
         return found
 
     async def _route_peer(self, peer: PeerId) -> list[Multiaddr]:

@@ -11,6 +11,13 @@ amplifier), at most ``max_concurrent`` at a time and one request per peer every 
 Candidates are the addresses peers observed for us (identify), each also with our listen port.
 A state changes after two agreeing results (one from unknown), and is re-checked every
 ``interval`` seconds and whenever peers observe us at a new IP.
+
+A server chooses what it reports as dialed, and a peer chooses what it reports as observed, so a
+server that dials back genuinely but names a third party's address could make us advertise that
+address as ours. A reported address therefore counts only if it is one of the candidates we sent,
+and it is advertised (``public_addrs``) only once servers on ``confirmations`` different IP prefixes
+(/24, /48) reported it within ``confirm_ttl`` seconds. An honest server dials only the IP it sees us
+at, so a forged address never gets its second confirmation.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ from lattice.identity import PeerId
 from lattice.multiaddr import Multiaddr, MultiaddrError
 from lattice.transport.framing import read_delimited
 from lattice.transport.host import Connection, Host
+from lattice.transport.limits import ip_prefix
 from lattice.transport.yamux import YamuxStream
 
 log = logging.getLogger(__name__)
@@ -39,6 +47,8 @@ PROTOCOL_ID = "/lattice/autonat/1.0.0"
 DIAL_BACK_ID = "/lattice/autonat/dial-back/1.0.0"
 MAX_MESSAGE = 4096
 MAX_ADDRS = 8
+MAX_CONFIRMING = 16  # addresses awaiting or holding confirmations
+MAX_OBSERVED_IPS = 256
 PROBE_GRACE = 10.0  # seconds a server's dial-back may trail our check (its own dial timeouts)
 
 OK, DIAL_ERROR, REFUSED, RATE_LIMITED = 0, 1, 2, 3
@@ -71,6 +81,8 @@ class AutoNAT:
         max_concurrent: int = 4,
         per_peer_interval: float = 5.0,
         serve: bool = True,
+        confirmations: int = 2,
+        confirm_ttl: float = 3600.0,
     ) -> None:
         self.host = host
         self.interval = interval
@@ -78,8 +90,16 @@ class AutoNAT:
         self.max_concurrent = max_concurrent
         self.per_peer_interval = per_peer_interval
         self.serve = serve
+        self.confirmations = confirmations
+        self.confirm_ttl = confirm_ttl
         self.reachability = UNKNOWN
-        self.public_addrs: list[Multiaddr] = []  # addresses a dial-back reached
+        self.public_addrs: list[Multiaddr] = []  # addresses dial-backs from enough prefixes reached
+        self.rejected = 0  # OK answers naming an address we did not ask for (lying servers)
+        # address -> {server prefix: when it confirmed}; oldest address first
+        self._confirmed: dict[Multiaddr, dict[str, float]] = {}
+        # server prefixes asked this round (a round ends after ``interval``): while an address awaits
+        # confirmation, each other prefix is asked once per round, not every 2 s
+        self._asked: set[str] = set()
         self.results: deque[dict] = deque(maxlen=8)
         self.on_change: list[Callable[[str], None]] = []
         self._pending: dict[int, trio.Event] = {}
@@ -100,6 +120,8 @@ class AutoNAT:
         return {
             "reachability": self.reachability,
             "public_addrs": [str(a) for a in self.public_addrs],
+            "confirming": {str(a): len(p) for a, p in self._confirmed.items() if a not in self.public_addrs},
+            "rejected_answers": self.rejected,
             "last_checks": list(self.results)[-3:],
         }
 
@@ -115,7 +137,11 @@ class AutoNAT:
         self._observed_seen = len(observed)
         fresh = {addr.parts[0] for addr in itertools.islice(observed, start, None)} - self._observed_ips
         if fresh:
+            if len(self._observed_ips) + len(fresh) > MAX_OBSERVED_IPS:  # peers choose them: bounded
+                self._observed_ips = set()
             self._observed_ips |= fresh
+            self._wake.set()
+        elif self._wants_confirmation():  # a server on a prefix we have not asked yet showed up
             self._wake.set()
 
     # -- client
@@ -141,13 +167,28 @@ class AutoNAT:
                 out.append(conn)
         return out
 
+    def _unasked_servers(self) -> list[Connection]:
+        """Servers on prefixes not asked this round (none if no address awaits confirmation)."""
+        if not self._pending_addrs():
+            return []
+        return [c for c in self._servers() if server_prefix(c) not in self._asked]
+
+    def _pending_addrs(self) -> list[Multiaddr]:
+        return [a for a in self._confirmed if a not in self.public_addrs]
+
+    def _wants_confirmation(self) -> bool:
+        return self.reachability == PUBLIC and bool(self._unasked_servers())
+
     async def check(self, conn: Connection | None = None) -> str | None:
-        """One check with one server; returns public/private, or None if it told us nothing."""
+        """One check with one server; returns public/private, or None if it told us nothing. While
+        an address awaits confirmation, a server of a prefix not asked yet is preferred."""
         if conn is None:
-            servers = self._servers()
+            servers = self._unasked_servers() or self._servers()
             if not servers:
                 return None
             conn = random.choice(servers)
+        prefix = server_prefix(conn)
+        self._asked.add(prefix)
         addrs = self.candidates()
         if not addrs:
             return None
@@ -169,7 +210,11 @@ class AutoNAT:
                     await stream.close()
             status = _proto.one_int(reply, 1)
             raw = _proto.one_bytes(reply, 2)
-            dialed = Multiaddr.from_bytes(raw) if raw else None
+            dialed = Multiaddr.from_bytes(raw).without_peer() if raw else None
+            if status == OK and dialed not in addrs:  # a server naming an address we never sent
+                self.rejected += 1
+                log.info("AutoNAT server %s reported an address we never sent: %s", conn.remote_peer, dialed)
+                status = None
             if status == OK:
                 with trio.move_on_after(1.0):
                     await event.wait()  # the nonce may trail the answer by a moment
@@ -184,12 +229,23 @@ class AutoNAT:
             {"server": str(conn.remote_peer), "status": status, "result": result, "at": round(time.time(), 1)}
         )
         if result is not None:
-            self._update(result, dialed)
+            self._update(result, dialed if result == PUBLIC else None, prefix)
         return result
 
-    def _update(self, result: str, dialed: Multiaddr | None) -> None:
-        if result == PUBLIC and dialed is not None and dialed not in self.public_addrs:
-            self.public_addrs = [dialed, *self.public_addrs][:4]
+    def _confirm(self, addr: Multiaddr, prefix: str) -> None:
+        """Count a server of ``prefix`` reaching us at ``addr``; advertise the address once servers
+        of ``confirmations`` prefixes did within ``confirm_ttl``."""
+        now = time.monotonic()
+        if addr not in self._confirmed and len(self._confirmed) >= MAX_CONFIRMING:
+            del self._confirmed[next(iter(self._confirmed))]
+        by = self._confirmed.pop(addr, {})
+        by[prefix] = now
+        self._confirmed[addr] = {p: t for p, t in by.items() if now - t < self.confirm_ttl}
+        self.public_addrs = confirmed_addrs(self._confirmed, now, self.confirm_ttl, self.confirmations)
+
+    def _update(self, result: str, dialed: Multiaddr | None, prefix: str = "") -> None:
+        if result == PUBLIC and dialed is not None:
+            self._confirm(dialed, prefix)
         if result == self.reachability:
             return
         conclusive = [r["result"] for r in self.results if r["result"] is not None]
@@ -198,6 +254,7 @@ class AutoNAT:
         self.reachability = result
         if result == PRIVATE:
             self.public_addrs = []
+            self._confirmed.clear()
         log.info("reachability: %s", result)
         for callback in self.on_change:
             callback(result)
@@ -206,8 +263,11 @@ class AutoNAT:
         """Check as soon as a server and a candidate exist, then every ``interval`` or on change."""
         task_status.started()
         while True:
-            with trio.move_on_after(self.interval if self.reachability != UNKNOWN else 2.0):
+            settled = self.reachability != UNKNOWN and not self._wants_confirmation()
+            with trio.move_on_after(self.interval if settled else 2.0) as waited:
                 await self._wake.wait()
+            if settled and waited.cancelled_caught:
+                self._asked.clear()  # a new round
             self._wake = trio.Event()
             result = await self.check()
             if result is not None and self.reachability != result:
@@ -309,6 +369,20 @@ class AutoNAT:
             return False
         finally:
             await conn.close()
+
+
+def server_prefix(conn: Connection) -> str:
+    """The IP prefix (/24, /48) a server's confirmations count for."""
+    return ip_prefix(conn.remote_addr.ip or "")
+
+
+def confirmed_addrs(
+    confirmed: dict[Multiaddr, dict[str, float]], now: float, ttl: float, needed: int
+) -> list[Multiaddr]:
+    """Addresses reached by servers of at least ``needed`` prefixes within ``ttl``, newest first, at
+    most 4."""
+    fresh = [a for a, by in confirmed.items() if sum(1 for t in by.values() if now - t < ttl) >= needed]
+    return fresh[::-1][:4]
 
 
 __all__ = ["PRIVATE", "PROTOCOL_ID", "PUBLIC", "UNKNOWN", "AutoNAT"]

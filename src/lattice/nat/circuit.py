@@ -273,12 +273,16 @@ async def reserve(host: Host, conn: Connection, timeout: float = TIMEOUT) -> Res
 
 
 class CircuitListener:
-    """Accepts circuits the relays we hold reservations on open to us (the stop protocol)."""
+    """Accepts circuits the relays we hold reservations on open to us (the stop protocol). At most
+    ``max_pending`` relayed handshakes at a time: a circuit whose dialer never speaks holds one
+    until the handshake timeout, and a relay (any stranger can run one) may open many."""
 
-    def __init__(self, host: Host) -> None:
+    def __init__(self, host: Host, max_pending: int = 16) -> None:
         self.host = host
         self.relays: set[PeerId] = set()  # relays we accept circuits from (reserved on)
         self.accept_any_relay = False
+        self.max_pending = max_pending
+        self.pending = 0
         self.stats: dict[str, int] = {"accepted": 0, "refused": 0}
 
     def install(self) -> None:
@@ -299,20 +303,25 @@ class CircuitListener:
             refusal = UNEXPECTED_MESSAGE if msg.type != STOP_CONNECT else MALFORMED_MESSAGE
         elif relay not in self.relays and not self.accept_any_relay:
             refusal = PERMISSION_DENIED
+        elif self.pending >= self.max_pending:
+            refusal = RESOURCE_LIMIT_EXCEEDED
         if refusal is not None:
             self.stats["refused"] += 1
             await write_message(stream, CircuitMessage(STOP_STATUS, status=refusal), hop=False)
             return
         assert msg.peer is not None
-        await write_message(stream, CircuitMessage(STOP_STATUS, status=OK), hop=False)
-        relay_conn = self.host.connection_to(relay)
-        base = relay_conn.remote_addr if relay_conn is not None else Multiaddr.parse("/ip4/0.0.0.0/tcp/0")
-        remote = base.with_peer(relay).circuit()
+        self.pending += 1  # before any wait: concurrent requests must see each other
         try:
+            await write_message(stream, CircuitMessage(STOP_STATUS, status=OK), hop=False)
+            relay_conn = self.host.connection_to(relay)
+            base = relay_conn.remote_addr if relay_conn is not None else Multiaddr.parse("/ip4/0.0.0.0/tcp/0")
+            remote = base.with_peer(relay).circuit()
             conn = await self.host.adopt(CircuitStream(stream), False, remote, expected=msg.peer)
         except DialError as exc:
             log.debug("relayed connection from %s via %s failed: %s", msg.peer, relay, exc)
             return
+        finally:
+            self.pending -= 1
         self.stats["accepted"] += 1
         await conn.session.wait_closed()  # the stream belongs to the connection until it ends
 

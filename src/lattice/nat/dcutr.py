@@ -11,10 +11,17 @@ Once the direct connection exists the host prefers it for new streams (``Host.co
 the relayed one is closed after ``relayed_grace`` seconds (streams already on it may finish).
 Behind a symmetric NAT the punch cannot work; after ``attempts`` tries the peers stay relayed and
 the outcome is recorded per peer for ``lattice-node status``.
+
+The addresses come from the other peer, so a punch could make us dial anyone (a reflector for
+strangers). Hence: punches only over relayed connections (where the protocol belongs), at most
+``max_dial_addrs`` unicast addresses dialed per punch, ``per_peer`` punches per peer in
+``per_peer_window`` seconds (both roles together: an honest peer needs ``attempts``), and at most
+``max_concurrent`` punches at a time.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import time
 from collections.abc import Callable
@@ -35,7 +42,28 @@ PROTOCOL_ID = "/libp2p/dcutr"
 CONNECT, SYNC = 100, 300
 MAX_MESSAGE = 4096
 MAX_ADDRS = 8
+MAX_RESULTS = 256  # outcomes kept for status (the most recent peers)
 TIMEOUT = 10.0
+
+
+def punch_targets(addrs: list[Multiaddr], limit: int) -> list[Multiaddr]:
+    """The first ``limit`` distinct addresses worth a dial: TCP to a unicast IP and a real port (no
+    unspecified, multicast, broadcast or reserved address)."""
+    out: list[Multiaddr] = []
+    for addr in addrs:
+        target = addr.tcp_target()
+        if target is None or target[1] == 0 or addr in out:
+            continue
+        try:
+            ip = ipaddress.ip_address(target[0])
+        except ValueError:
+            continue  # a DNS name: not what a punch partner sends
+        if ip.is_unspecified or ip.is_multicast or (ip.version == 4 and ip.is_reserved):  # 240/4
+            continue
+        out.append(addr)
+        if len(out) >= limit:
+            break
+    return out
 
 
 def encode(mtype: int, addrs: list[Multiaddr] = ()) -> bytes:  # type: ignore[assignment]
@@ -81,14 +109,42 @@ class HolePuncher:
         attempts: int = 3,
         dial_timeout: float = 3.0,  # a punch lands within the first SYN retransmission (1 s)
         relayed_grace: float = 10.0,
+        max_dial_addrs: int = 4,
+        per_peer: int = 3,
+        per_peer_window: float = 60.0,
+        max_concurrent: int = 8,
     ) -> None:
         self.host = host
         self.public_addrs = public_addrs
         self.attempts = attempts
         self.dial_timeout = dial_timeout
         self.relayed_grace = relayed_grace
+        self.max_dial_addrs = max_dial_addrs
+        self.per_peer = per_peer
+        self.per_peer_window = per_peer_window
+        self.max_concurrent = max_concurrent
         self.results: dict[PeerId, dict] = {}  # last outcome per peer, for status
+        self.refused = 0  # punch requests refused (direct connection, over the rate, too many)
         self._busy: set[PeerId] = set()
+        self._recent: dict[PeerId, list[float]] = {}  # start times of a peer's punches, in the window
+        self._running = 0
+
+    def _admit(self, peer: PeerId) -> bool:
+        """Room for one more punch with ``peer`` (its rate, the node's concurrency)? If so it is
+        counted, and the caller calls :meth:`_release` when the punch ends."""
+        now = time.monotonic()
+        recent = [t for t in self._recent.get(peer, ()) if now - t < self.per_peer_window]
+        if len(recent) >= self.per_peer or self._running >= self.max_concurrent:
+            self.refused += 1
+            return False
+        self._recent[peer] = [*recent, now]
+        if len(self._recent) > 4 * MAX_RESULTS:
+            self._recent = {p: ts for p, ts in self._recent.items() if now - ts[-1] < self.per_peer_window}
+        self._running += 1
+        return True
+
+    def _release(self) -> None:
+        self._running -= 1
 
     def install(self) -> None:
         self.host.set_stream_handler(PROTOCOL_ID, self._handle)
@@ -135,6 +191,15 @@ class HolePuncher:
 
     async def _punch_once(self, conn: Connection) -> None:
         peer = conn.remote_peer
+        if not self._admit(peer):
+            raise DialError("too many hole punches with this peer or at once")
+        try:
+            await self._coordinate_and_dial(conn)
+        finally:
+            self._release()
+
+    async def _coordinate_and_dial(self, conn: Connection) -> None:
+        peer = conn.remote_peer
         with trio.fail_after(TIMEOUT):
             stream = await self.host.new_stream(conn, [PROTOCOL_ID])
             try:
@@ -151,8 +216,21 @@ class HolePuncher:
         await self._dial_any(peer, theirs, outbound=False)
 
     async def _handle(self, stream: YamuxStream) -> None:
-        """A's side: answer CONNECT, then dial the moment SYNC arrives."""
+        """A's side: answer CONNECT, then dial the moment SYNC arrives (on a relayed connection,
+        within the peer's rate)."""
         peer = stream.remote_peer
+        conn = self.host.connection_of(stream)
+        if conn is None or not conn.relayed or not self._admit(peer):
+            if conn is not None and not conn.relayed:
+                self.refused += 1
+            await stream.reset()
+            return
+        try:
+            await self._answer(stream, peer)
+        finally:
+            self._release()
+
+    async def _answer(self, stream: YamuxStream, peer: PeerId) -> None:
         start = time.monotonic()
         try:
             with trio.fail_after(TIMEOUT):
@@ -180,7 +258,9 @@ class HolePuncher:
         return None
 
     async def _dial_any(self, peer: PeerId, addrs: list[Multiaddr], outbound: bool) -> Connection:
-        """Dial every address at once from our listen port; the first socket that connects wins."""
+        """Dial the addresses (at most ``max_dial_addrs`` of them, see :func:`punch_targets`) at once
+        from our listen port; the first socket that connects wins."""
+        addrs = punch_targets(addrs, self.max_dial_addrs)
         won: list[trio.SocketStream] = []
         errors: list[str] = []
         with trio.move_on_after(self.dial_timeout):  # bounds every attempt, not just their start
@@ -217,6 +297,9 @@ class HolePuncher:
         return conn if conn is not None and not conn.relayed else None
 
     def _record(self, peer: PeerId, outcome: str, start: float, attempts: int) -> None:
+        self.results.pop(peer, None)
+        if len(self.results) >= MAX_RESULTS:
+            del self.results[next(iter(self.results))]
         self.results[peer] = {
             "outcome": outcome,
             "seconds": round(time.monotonic() - start, 3),

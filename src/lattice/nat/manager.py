@@ -41,6 +41,7 @@ class NATConfig:
     hole_punching: bool = True
     autonat_interval: float = 300.0
     autonat_dial_timeout: float = 3.0
+    autonat_confirmations: int = 2  # servers on distinct /24 (/48) before a public address is advertised
     upnp: bool = False  # map the listen port on the gateway (UPnP IGD / NAT-PMP) and announce it
     mdns: bool = False  # find and connect to peers on the LAN
     mdns_max_dials: int = 16  # LAN peers dialed at most (anyone on the LAN can announce)
@@ -50,7 +51,12 @@ class NATManager:
     def __init__(self, host: Host, config: NATConfig | None = None) -> None:
         self.host = host
         self.config = cfg = config or NATConfig()
-        self.autonat = AutoNAT(host, interval=cfg.autonat_interval, dial_timeout=cfg.autonat_dial_timeout)
+        self.autonat = AutoNAT(
+            host,
+            interval=cfg.autonat_interval,
+            dial_timeout=cfg.autonat_dial_timeout,
+            confirmations=cfg.autonat_confirmations,
+        )
         self.listener = CircuitListener(host)
         self.autorelay = AutoRelay(host, self.listener, cfg.relays, want=cfg.want_relays)
         self.puncher = HolePuncher(host, self.punch_addrs) if cfg.hole_punching else None
@@ -197,6 +203,7 @@ class NATManager:
             "reachability": self.reachability,
             "detected": self.autonat.status(),
             "relays": self.autorelay.status(),
+            "relay_discovery": dict(self.autorelay.stats),  # candidates verified / refused
             "relay_service": self.relay_server.status() if self.relay_server else None,
             "port_mapping": _mapping_status(self),
             "lan_peers": len(self.mdns_found) if self.config.mdns else None,

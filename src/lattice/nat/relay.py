@@ -1,9 +1,14 @@
 """Circuit relay v2, the relay side (``lattice-node run --relay``): reservations and relayed circuits.
 
 A public node lends its reachability to private ones: a private peer reserves a slot, and others
-reach it through us. Everything is bounded (reservations in all and per IP, circuits in all and per
-peer, seconds and bytes per circuit) because a relay open to strangers is a resource to protect.
-The bytes we forward are the two ends' Noise ciphertext: a relay cannot read or alter them.
+reach it through us. Everything is bounded because a relay open to strangers is a resource to
+protect: reservations in all, per IP and per IP prefix (/24, /48), each one only while its peer
+stays connected; circuits in all, per source prefix, per peer, per (source, target) pair and per
+(source prefix, target), counted before the target is asked, so a burst of CONNECTs cannot pass a
+cap and one stranger cannot take all the circuits of the peer it targets; seconds, bytes and idle
+seconds per circuit; and the copy buffers of a circuit are reserved from the node's memory budget
+(resource manager, service "relay") before it opens. The bytes we forward are the two ends' Noise
+ciphertext: a relay cannot read or alter them.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import ipaddress
 import logging
 import time
 from collections import Counter
+from collections.abc import Hashable
 from dataclasses import dataclass
 
 import trio
@@ -21,8 +27,9 @@ from lattice.identity import PeerId
 from lattice.multiaddr import Multiaddr
 from lattice.nat import circuit
 from lattice.nat.circuit import CircuitMessage, Limit, read_message, write_message
-from lattice.transport.host import Host
-from lattice.transport.peerstore import PeerInfo
+from lattice.transport.host import Connection, Host
+from lattice.transport.limits import ip_prefix
+from lattice.transport.resources import ResourceLimitExceeded
 from lattice.transport.yamux import YamuxStream
 
 log = logging.getLogger(__name__)
@@ -35,18 +42,46 @@ class RelayLimits:
 
     max_reservations: int = 128
     max_reservations_per_ip: int = 8
+    max_reservations_per_prefix: int = 16  # one /24 (/48) cannot take the relay's slots
     reservation_ttl: int = 3600
     max_circuits: int = 64
-    max_circuits_per_peer: int = 8
+    max_circuits_per_peer: int = 8  # as either end
+    max_circuits_per_pair: int = 2  # from one source to one target
+    max_circuits_per_prefix: int = 16  # from sources of one /24 (/48)
+    max_circuits_per_prefix_to_peer: int = 4  # from sources of one prefix to one target
     circuit_duration: int = 3600
     circuit_bytes: int = 1 << 30  # per direction
+    circuit_idle: float = 120.0  # seconds without a byte either way (keepalives pass every 30 s)
     buffer: int = 256 * 1024
+
+
+def circuit_refusal(
+    limits: RelayLimits, counts: Counter, src: Hashable, dst: Hashable, src_prefix: str | None
+) -> str | None:
+    """The cap a new circuit from ``src`` (of ``src_prefix``; None: exempt) to ``dst`` would pass, or
+    None. ``counts`` holds open circuits by key: "*", peer, (src, dst), prefix, (prefix, dst)."""
+    checks = [
+        ("*", limits.max_circuits, "circuits"),
+        (src, limits.max_circuits_per_peer, "circuits of the source"),
+        (dst, limits.max_circuits_per_peer, "circuits of the target"),
+        ((src, dst), limits.max_circuits_per_pair, "circuits from the source to the target"),
+    ]
+    if src_prefix is not None:
+        checks += [
+            (src_prefix, limits.max_circuits_per_prefix, "circuits of the source's network"),
+            ((src_prefix, dst), limits.max_circuits_per_prefix_to_peer, "circuits of its network to it"),
+        ]
+    for key, cap, what in checks:
+        if counts[key] >= cap:
+            return what
+    return None
 
 
 @dataclass
 class _Slot:
     expire: float
     ip: str
+    prefix: str | None
 
 
 class _LimitReached(Exception):
@@ -60,12 +95,27 @@ class RelayServer:
         self.host = host
         self.limits = limits or RelayLimits()
         self.reservations: dict[PeerId, _Slot] = {}
-        self.circuits: Counter[PeerId] = Counter()  # open circuits per peer (either end)
-        self.open_circuits = 0
+        # open circuits (and those being set up) by key: "*", peer, (src, dst), prefix, (prefix, dst)
+        self.circuits: Counter = Counter()
         self.stats: Counter[str] = Counter()
+
+    @property
+    def open_circuits(self) -> int:
+        return self.circuits["*"]
 
     def install(self) -> None:
         self.host.set_stream_handler(circuit.HOP, self._handle_hop)
+        self.host.on_disconnect(self._on_disconnect)
+
+    def _on_disconnect(self, conn: Connection) -> None:
+        """A reservation lasts only while its peer is connected: circuits need that connection, and
+        a reservation left behind would hold a slot for its whole lifetime."""
+        if conn.remote_peer in self.reservations and self.host.connection_to(conn.remote_peer) is None:
+            del self.reservations[conn.remote_peer]
+
+    def _prefix(self, ip: str) -> str | None:
+        """The network a stranger's budget counts against (None: an exempt address, e.g. loopback)."""
+        return None if ip in self.host.resources.limits.exempt_ips else ip_prefix(ip)
 
     def status(self) -> dict:
         now = time.time()
@@ -74,6 +124,7 @@ class RelayServer:
             "circuits": self.open_circuits,
             "relayed_bytes": self.stats["relayed_bytes"],
             "refused": self.stats["refused"],
+            "idle_closed": self.stats["idle_closed"],
         }
 
     async def _reply(self, stream: YamuxStream, status: int, **fields) -> None:
@@ -97,7 +148,7 @@ class RelayServer:
         if msg.type == circuit.RESERVE:
             await self._reserve(stream, peer, conn.remote_addr.ip or "")
         elif msg.type == circuit.CONNECT and msg.peer is not None:
-            await self._connect(stream, peer, msg.peer)
+            await self._connect(stream, peer, msg.peer, self._prefix(conn.remote_addr.ip or ""))
         else:
             await self._reply(stream, circuit.UNEXPECTED_MESSAGE)
 
@@ -110,15 +161,19 @@ class RelayServer:
         self._expire()
         limits = self.limits
         renewing = peer in self.reservations
-        same_ip = sum(1 for p, s in self.reservations.items() if s.ip == ip and p != peer)
-        if not renewing and len(self.reservations) >= limits.max_reservations:
-            await self._reply(stream, circuit.RESOURCE_LIMIT_EXCEEDED)
-            return
-        if same_ip >= limits.max_reservations_per_ip:
+        prefix = self._prefix(ip)
+        others = [s for p, s in self.reservations.items() if p != peer]
+        same_ip = sum(1 for s in others if s.ip == ip)
+        same_prefix = sum(1 for s in others if prefix is not None and s.prefix == prefix)
+        if (
+            (not renewing and len(self.reservations) >= limits.max_reservations)
+            or same_ip >= limits.max_reservations_per_ip
+            or same_prefix >= limits.max_reservations_per_prefix
+        ):
             await self._reply(stream, circuit.RESOURCE_LIMIT_EXCEEDED)
             return
         expire = int(time.time()) + limits.reservation_ttl
-        self.reservations[peer] = _Slot(expire, ip)
+        self.reservations[peer] = _Slot(expire, ip, prefix)
         self.stats["reservations"] += 1
         addrs = self._public_addrs(ip)
         await self._reply(
@@ -130,9 +185,7 @@ class RelayServer:
         )
         # We know the peer's relayed address now; peers asking the DHT for it should not have to wait
         # for its identify push.
-        info = self.host.peerstore.setdefault(peer, PeerInfo(peer))
-        relayed = [a.circuit() for a in addrs]
-        info.addrs = [*relayed, *(a for a in info.addrs if a not in relayed)]
+        self.host.peerstore.add_addrs(peer, [a.circuit() for a in addrs])
 
     def _public_addrs(self, requester_ip: str) -> list[Multiaddr]:
         """Our direct addresses as the reserving peer can use them (no loopback for remote peers)."""
@@ -145,19 +198,36 @@ class RelayServer:
             addrs = [a for a in addrs if not a.is_loopback()]
         return [a.with_peer(self.host.peer_id) for a in addrs]
 
-    async def _connect(self, stream: YamuxStream, src: PeerId, dst: PeerId) -> None:
+    async def _connect(self, stream: YamuxStream, src: PeerId, dst: PeerId, src_prefix: str | None) -> None:
         self._expire()
-        limits = self.limits
         if dst not in self.reservations:
             await self._reply(stream, circuit.NO_RESERVATION)
             return
-        if (
-            self.open_circuits >= limits.max_circuits
-            or self.circuits[src] >= limits.max_circuits_per_peer
-            or self.circuits[dst] >= limits.max_circuits_per_peer
-        ):
+        refusal = circuit_refusal(self.limits, self.circuits, src, dst, src_prefix)
+        if refusal is not None:
+            log.debug("circuit %s -> %s refused: %s", src, dst, refusal)
             await self._reply(stream, circuit.RESOURCE_LIMIT_EXCEEDED)
             return
+        keys = ["*", src, dst, (src, dst), *((src_prefix, (src_prefix, dst)) if src_prefix else ())]
+        lease = self.host.resources.lease(src, "relay")
+        try:
+            lease.grow(2 * self.limits.buffer)  # the copy buffers, both ways
+        except ResourceLimitExceeded as exc:
+            log.debug("circuit %s -> %s refused: %s", src, dst, exc)
+            await self._reply(stream, circuit.RESOURCE_LIMIT_EXCEEDED)
+            return
+        self.circuits.update(keys)  # counted now: concurrent CONNECTs must see each other
+        try:
+            with lease:
+                await self._open(stream, src, dst)
+        finally:
+            self.circuits.subtract(keys)
+            for key in keys:
+                if self.circuits[key] <= 0:
+                    del self.circuits[key]
+
+    async def _open(self, stream: YamuxStream, src: PeerId, dst: PeerId) -> None:
+        limits = self.limits
         dst_conn = self.host.connection_to(dst)
         if dst_conn is None or dst_conn.relayed:
             await self._reply(stream, circuit.CONNECTION_FAILED)
@@ -183,23 +253,15 @@ class RelayServer:
             await self._reply(stream, circuit.CONNECTION_FAILED)
             return
         await self._reply(stream, circuit.OK, limit=limit)
-        self.open_circuits += 1
-        self.circuits[src] += 1
-        self.circuits[dst] += 1
         self.stats["circuits"] += 1
-        try:
-            await self._bridge(stream, dst_stream)
-        finally:
-            self.open_circuits -= 1
-            for peer in (src, dst):
-                self.circuits[peer] -= 1
-                if self.circuits[peer] <= 0:
-                    del self.circuits[peer]
+        await self._bridge(stream, dst_stream)
 
     async def _bridge(self, a: YamuxStream, b: YamuxStream) -> None:
-        """Copy both ways until both ends finish; a limit or error resets both streams."""
+        """Copy both ways until both ends finish; a limit, an error or ``circuit_idle`` seconds
+        without a byte either way reset both streams."""
         limits = self.limits
         failed = False
+        idle = limits.circuit_idle or float("inf")
 
         async def pipe(src: YamuxStream, dst: YamuxStream) -> None:
             nonlocal failed
@@ -210,6 +272,7 @@ class RelayServer:
                     if not data:
                         await dst.close()
                         return
+                    watchdog.deadline = trio.current_time() + idle
                     sent += len(data)
                     if limits.circuit_bytes and sent > limits.circuit_bytes:
                         raise _LimitReached
@@ -220,10 +283,13 @@ class RelayServer:
                 nursery.cancel_scope.cancel()
 
         with trio.move_on_after(limits.circuit_duration or float("inf")) as scope:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(pipe, a, b)
-                nursery.start_soon(pipe, b, a)
-        if failed or scope.cancelled_caught:
+            with trio.CancelScope(deadline=trio.current_time() + idle) as watchdog:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(pipe, a, b)
+                    nursery.start_soon(pipe, b, a)
+        if watchdog.cancelled_caught:
+            self.stats["idle_closed"] += 1
+        if failed or scope.cancelled_caught or watchdog.cancelled_caught:
             await a.reset()
             await b.reset()
 

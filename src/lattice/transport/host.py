@@ -29,7 +29,7 @@ from lattice.identity import KeyPair, PeerId
 from lattice.multiaddr import Multiaddr, MultiaddrError, dialable
 from lattice.transport import multistream, noise, yamux
 from lattice.transport.limits import PENALTY_MALFORMED, PeerLimits
-from lattice.transport.peerstore import PeerInfo
+from lattice.transport.peerstore import PeerInfo, PeerStore
 from lattice.transport.resources import (
     HandshakeTicket,
     ResourceLimitExceeded,
@@ -137,9 +137,11 @@ class Host:
         self._listeners: list[trio.SocketListener] = []
         self._paused: list[trio.SocketListener] = []
         self.listen_addrs: list[Multiaddr] = []
-        self.peerstore: dict[PeerId, PeerInfo] = {}
-        self.observed_addrs: Counter[Multiaddr] = Counter()
         self.resources = ResourceManager(config.resources)
+        self.peerstore = PeerStore(config.resources.peerstore_peers, config.resources.peerstore_addrs)
+        self.peerstore.keep(self._conns.__contains__)  # connected peers stay
+        self.peerstore.on_remove(self._forget_peer)
+        self.observed_addrs: Counter[Multiaddr] = Counter()
         self._connect_callbacks: list[Callable[[Connection], None]] = []
         self._disconnect_callbacks: list[Callable[[Connection], None]] = []
         self._closed = False
@@ -178,16 +180,38 @@ class Host:
 
     def identified(self, peer: PeerId) -> None:
         """Called by identify when a peer's info is fresh; wakes :meth:`wait_identified`."""
-        self._identified.setdefault(peer, trio.Event()).set()
         info = self.peerstore.get(peer)
-        if info is not None:
-            for callback in self._identify_callbacks:
-                callback(info)
+        if info is None:  # evicted meanwhile: no event may outlive its peer
+            return
+        self._identified.setdefault(peer, trio.Event()).set()
+        for callback in self._identify_callbacks:
+            callback(info)
 
     async def wait_identified(self, peer: PeerId, timeout: float = 10.0) -> PeerInfo:
-        with trio.fail_after(timeout):
-            await self._identified.setdefault(peer, trio.Event()).wait()
-        return self.peerstore[peer]
+        event = self._identified.setdefault(peer, trio.Event())
+        try:
+            with trio.fail_after(timeout):
+                await event.wait()
+        finally:
+            if not event.is_set() and peer not in self.peerstore and self._identified.get(peer) is event:
+                del self._identified[peer]  # a peer we never met: its event must not stay behind
+        info = self.peerstore.get(peer)
+        if info is None:
+            raise DialError(f"{peer} was identified but is no longer known (not connected)")
+        return info
+
+    def _forget_peer(self, peer: PeerId) -> None:
+        """A peer left the peer store: its identify event goes with it."""
+        self._identified.pop(peer, None)
+
+    def note_observed(self, addr: Multiaddr, keep: int = 64) -> None:
+        """Count an address a peer observed for us (identify). At most ``keep`` distinct ones are
+        remembered: peers choose what they report, so the least reported make room."""
+        self.observed_addrs[addr] += 1
+        if len(self.observed_addrs) > keep:
+            for old, _ in self.observed_addrs.most_common()[keep // 2 :]:
+                if old != addr:
+                    del self.observed_addrs[old]
 
     def set_relayed_dialer(self, dialer: RelayedDialer) -> None:
         """Dial ``/p2p-circuit`` addresses with ``dialer`` (NAT traversal installs it: the circuit
@@ -456,7 +480,7 @@ class Host:
         )
         conn_ref.append(conn)
         self._conns.setdefault(conn.remote_peer, []).append(conn)
-        info = self.peerstore.setdefault(conn.remote_peer, PeerInfo(conn.remote_peer))
+        info = self.peerstore.add(conn.remote_peer)
         info.public_key = secure.remote_public_key
         info.last_seen = time.time()
         self.stats["connections_opened"] += 1

@@ -83,12 +83,12 @@ def install(host: Host) -> None:
 
     async def push_handler(stream: YamuxStream) -> None:
         peer = stream.remote_peer
-        info = host.peerstore.setdefault(peer, PeerInfo(peer))
         try:
             with trio.fail_after(TIMEOUT):
                 message = await read_delimited(stream, MAX_MESSAGE)
             if message is None:
                 return
+            info = host.peerstore.add(peer)
             protocols = info.protocols
             decode(message, info)
             if not info.protocols:  # a push may carry only what changed
@@ -96,6 +96,7 @@ def install(host: Host) -> None:
         except (trio.TooSlowError, _proto.DecodeError, IdentityError, TransportError) as exc:
             log.debug("bad identify push from %s: %s", peer, exc)
             return
+        host.peerstore.add_addrs(peer, info.addrs, replace=True)  # capped per peer
         host.identified(peer)
 
     def on_connect(conn: Connection) -> None:
@@ -115,7 +116,7 @@ async def _identify_quietly(host: Host, conn: Connection) -> None:
 
 async def identify(host: Host, conn: Connection) -> PeerInfo:
     """Ask the peer on ``conn`` who it is; update the peerstore and our observed addresses."""
-    info = host.peerstore.setdefault(conn.remote_peer, PeerInfo(conn.remote_peer))
+    info = host.peerstore.add(conn.remote_peer)
     with trio.fail_after(TIMEOUT):
         stream = await host.new_stream(conn, [PROTOCOL_ID])
         try:
@@ -131,8 +132,9 @@ async def identify(host: Host, conn: Connection) -> PeerInfo:
                 raise ProtocolError(f"malformed identify message: {exc}") from None
         finally:
             await stream.close()
+    host.peerstore.add_addrs(conn.remote_peer, info.addrs, replace=True)  # capped per peer
     if observed is not None:
-        host.observed_addrs[observed] += 1
+        host.note_observed(observed)
     host.identified(conn.remote_peer)
     return info
 

@@ -83,6 +83,8 @@ class ResourceLimits:
     max_streams: int = 16384  # open streams over all connections
     peer_streams: int = 1024  # open streams of one peer over all its connections
     exempt_ips: tuple[str, ...] = ("127.0.0.1", "::1")  # no per-IP / per-prefix caps (local testnets)
+    peerstore_peers: int = 10_000  # peers the peer store remembers (connected and DHT-table ones stay)
+    peerstore_addrs: int = 16  # addresses remembered per peer (newest kept)
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -96,6 +98,8 @@ class ResourceLimits:
                 raise ConfigError(f"resources.{f.name} must be a non-negative number")
             if f.name in ("peer_memory", "prefix_memory", "fair_share_above") and not 0 < value <= 1:
                 raise ConfigError(f"resources.{f.name} must be a fraction in (0, 1]")
+        if self.peerstore_peers < 1 or self.peerstore_addrs < 1:
+            raise ConfigError("resources.peerstore_peers and resources.peerstore_addrs must be at least 1")
         if self.max_memory and self.max_memory < 16 * MiB:
             raise ConfigError("resources.max_memory must be at least 16 MiB")
 
