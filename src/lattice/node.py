@@ -34,6 +34,7 @@ from lattice.nat.relay import RelayLimits
 from lattice.transport import ping as ping_protocol
 from lattice.transport.connmgr import ConnectionManager
 from lattice.transport.host import Connection, Host, HostConfig
+from lattice.transport.sink import drain
 from lattice.transport.stack import open_host
 
 __all__ = ["BlockingNode", "Node", "Service"]
@@ -152,6 +153,8 @@ class Node:
                 control = ControlServer(self.control_path)
                 await control.bind()
             self._install_swarm_guard()
+            for proto in profile.sink_protocols:
+                self.host.set_stream_handler(proto, drain)
             for service in self.services.values():  # handlers exist before any peer can identify us
                 await self._nursery.start(service.run, self)
             self.host.start_accepting()
