@@ -40,7 +40,14 @@ def build_parser(with_apps: bool = True) -> argparse.ArgumentParser:
     )
     run.add_argument("--config", metavar="FILE", help="TOML config file")
     run.add_argument("--listen", metavar="MULTIADDR", action="append", help="listen address (repeatable)")
-    run.add_argument("--bootstrap", metavar="MULTIADDR", action="append", help="bootstrap peer (repeatable)")
+    run.add_argument(
+        "--bootstrap", metavar="MULTIADDR", action="append",
+        help="bootstrap peer, or /dnsaddr/DOMAIN for a list published in DNS (repeatable)",
+    )  # fmt: skip
+    run.add_argument(
+        "--dns-server", metavar="IP[:PORT]", action="append", dest="dns_servers",
+        help="DNS resolver for /dnsaddr/ bootstrap addresses (repeatable; default: the system's)",
+    )  # fmt: skip
     run.add_argument("--key", metavar="FILE", help="identity key file (created with mode 0600 if missing)")
     run.add_argument("--data-dir", metavar="DIR", help="directory for all persistent state")
     run.add_argument("--control", metavar="SOCKET", help="control socket path")
@@ -228,6 +235,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         args.config,
         listen=args.listen,
         bootstrap=args.bootstrap,
+        dns_servers=args.dns_servers,
         key_file=args.key,
         data_dir=args.data_dir,
         control_socket=args.control,

@@ -31,6 +31,7 @@ from lattice.identity import KeyPair, PeerId, load_or_create_key
 from lattice.multiaddr import Multiaddr
 from lattice.nat.manager import NATConfig, NATManager
 from lattice.nat.relay import RelayLimits
+from lattice.transport import dnsaddr
 from lattice.transport import ping as ping_protocol
 from lattice.transport.connmgr import ConnectionManager
 from lattice.transport.host import Connection, Host, HostConfig
@@ -160,10 +161,13 @@ class Node:
             self.host.start_accepting()
             if "dht" in self.services:
                 self._wire_relay_discovery()
-            boot_addrs = list(dict.fromkeys([*cfg.bootstrap, *profile.bootstrap]))
-            bootstrap = [
-                Multiaddr.parse(a) for a in boot_addrs if Multiaddr.parse(a).peer_id != keypair.peer_id
-            ]
+            boot_addrs = [Multiaddr.parse(a) for a in dict.fromkeys([*cfg.bootstrap, *profile.bootstrap])]
+            if any(a.parts[0][0] == "dnsaddr" for a in boot_addrs):  # the swarm's list, published in DNS
+                named = ", ".join(str(a) for a in boot_addrs)
+                boot_addrs = await dnsaddr.resolve_all(boot_addrs, dnsaddr.dns_lookup(cfg.dns_servers))
+                if not boot_addrs and not cfg.bootstrap_node:
+                    raise dnsaddr.DnsaddrError(f"no bootstrap address: {named} did not resolve (see the log)")
+            bootstrap = [a for a in boot_addrs if a.peer_id != keypair.peer_id]
             self.connmgr = ConnectionManager(self.host, bootstrap, keepalive_interval=cfg.keepalive_interval)
             self._nursery.start_soon(self.connmgr.run)
             if cfg.metrics_listen:

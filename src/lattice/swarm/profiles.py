@@ -34,6 +34,8 @@ __all__ = ["BUILTIN", "DEFAULT", "SwarmLimits", "SwarmProfile", "load_profiles",
 _ID = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 DEFAULT_KAD = "/lattice/kad/1.0.0"
 DEFAULT_IDENTIFY = "lattice/1.0.0"
+# where the public test swarm's operators publish its bootstrap list (docs/operators.md)
+PUBLIC_TEST_DNSADDR = "/dnsaddr/public-test.lattice-p2p.org"
 # identify versions of other implementations that name a swarm of their own: prefix -> swarm id
 FOREIGN_SWARMS = {"/lattica/": "lattica"}  # Lattica (rust-libp2p) drops a peer that is not "/lattica/1.0.0"
 
@@ -73,8 +75,12 @@ class SwarmProfile:
             )
         for addr in self.bootstrap:
             ma = Multiaddr.parse(addr)
+            if ma.parts[0][0] == "dnsaddr":  # resolved at start (lattice.transport.dnsaddr)
+                continue
             if ma.tcp_target() is None or ma.peer_id is None:
-                raise ConfigError(f"bootstrap address {addr} of swarm {self.name!r} needs /tcp/PORT/p2p/PEER")
+                raise ConfigError(
+                    f"bootstrap address {addr} of swarm {self.name!r} needs /tcp/PORT/p2p/PEER or /dnsaddr/"
+                )
 
 
 def swarm_of(protocol_version: str) -> str | None:
@@ -95,9 +101,9 @@ def swarm_of(protocol_version: str) -> str | None:
 DEFAULT = SwarmProfile("default", "default")
 BUILTIN: dict[str, SwarmProfile] = {
     "default": DEFAULT,
-    # The public test swarm: its operators publish the bootstrap list as a profile file
-    # (docs/operators.md); until then, join it with --bootstrap ADDR.
-    "public-test": SwarmProfile("public-test", "public-test"),
+    # The public test swarm: its operators publish the bootstrap list in DNS (TXT records under
+    # _dnsaddr.<domain>, docs/operators.md), so it changes without a release
+    "public-test": SwarmProfile("public-test", "public-test", bootstrap=(PUBLIC_TEST_DNSADDR,)),
     # Kademlia under the libp2p id go/rust/py libp2p peers use by default (no bootstrap list: it is
     # not the IPFS network, it lets libp2p peers of your own query and be queried; docs/interop.md)
     "libp2p": SwarmProfile("libp2p", "libp2p", kad_protocol="/ipfs/kad/1.0.0"),
