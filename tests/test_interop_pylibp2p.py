@@ -17,12 +17,17 @@ from libp2p.host.ping import PingService  # noqa: E402
 from libp2p.kad_dht import KadDHT  # noqa: E402
 from libp2p.kad_dht.kad_dht import DHTMode  # noqa: E402
 from libp2p.peer.peerinfo import info_from_p2p_addr  # noqa: E402
+from libp2p.relay.circuit_v2.protocol import CircuitV2Protocol  # noqa: E402
+from libp2p.relay.circuit_v2.resources import RelayLimits as PyRelayLimits  # noqa: E402
 from libp2p.tools.anyio_service import background_trio_service  # noqa: E402
 from multiaddr import Multiaddr as PyMultiaddr  # noqa: E402
 
 from lattice import Node, NodeConfig  # noqa: E402
 from lattice.dht import DHT  # noqa: E402
 from lattice.identity import PeerId  # noqa: E402
+from lattice.multiaddr import Multiaddr  # noqa: E402
+from lattice.nat import circuit  # noqa: E402
+from lattice.nat.circuit import CircuitListener  # noqa: E402
 from lattice.transport import ping  # noqa: E402
 
 pytestmark = pytest.mark.interop
@@ -161,3 +166,29 @@ async def test_pylibp2p_values_are_refused_and_both_keep_serving(tmp_path):
             assert len(rtts) == 2
             key = hashlib.sha256(b"after the refused put").digest()
             assert await a.dht.provide(key) >= 1
+
+
+# -- circuit relay v2: py-libp2p's relay server between two Lattice hosts
+
+
+async def test_relay_v2_through_a_pylibp2p_relay(host_factory):
+    """B reserves a slot on py-libp2p's relay (HOP RESERVE), A dials B through it (HOP CONNECT, then
+    py's STOP to B): identify and ping over the relayed connection."""
+    a, b = await host_factory(), await host_factory()
+    relay = new_host(key_pair=create_new_key_pair())
+    async with relay.run(listen_addrs=[PyMultiaddr("/ip4/127.0.0.1/tcp/0")]):
+        limits = PyRelayLimits(duration=60, data=1 << 20, max_circuit_conns=4, max_reservations=4)
+        async with background_trio_service(CircuitV2Protocol(relay, limits=limits, allow_hop=True)):
+            listener = CircuitListener(b)
+            listener.install()
+            circuit.install_dialer(a)
+            with trio.fail_after(15):
+                conn = await b.connect(py_addr(relay))
+                rsvp = await circuit.reserve(b, conn)
+                listener.relays.add(conn.remote_peer)
+                assert rsvp.relay == conn.remote_peer and rsvp.expire > 0
+                target = Multiaddr.parse(f"{py_addr(relay)}/p2p-circuit/p2p/{b.peer_id}")
+                relayed = await a.connect(target)
+                assert relayed.relayed and relayed.remote_peer == b.peer_id
+                assert (await a.wait_identified(b.peer_id)).agent_version.startswith("lattice/")
+                assert len(await ping.ping(a, b.peer_id, count=3)) == 3
