@@ -195,6 +195,20 @@ async def test_we_dial_go_identify_ping_and_use_its_dht(tmp_path):
             assert node.dht.stats["failed_requests"] == 0 and node.dht.stats["malformed"] == 0
 
 
+async def test_we_find_a_third_peer_through_go(tmp_path):
+    """We know one go peer, which knows another: FIND_NODE to the first finds the second, and we dial
+    it by peer id alone."""
+    async with lattice_node(tmp_path, "a") as node, go_peer() as go1, go_peer() as go2:
+        with trio.fail_after(TIMEOUT):
+            await go2.control.connect(go1.peer_id, go1.addrs)
+            await go_closest_peers(go1, timeout=10)  # go2 is in go1's routing table
+            await node.connect(str(go1.addrs[0].with_peer(go1.peer_id)))
+            await node.host.wait_identified(go1.peer_id)
+            addrs = await node.dht.find_peer(go2.peer_id)
+            assert go2.addrs[0] in [a.without_peer() for a in addrs]
+            assert await node.connect(str(go2.peer_id)) == str(go2.peer_id)
+
+
 # go-libp2p-kad-dht (v0.25.1 in this p2pd build) admits a newly identified DHT server into its routing
 # table only after a "lookup check": a FIND_NODE of that peer's own id must return at least one peer.
 # A lone Lattice node lists itself (DHT._find_node), so it passes.
