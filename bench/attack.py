@@ -196,7 +196,36 @@ async def attack_dht_fill(v: Victim, args: argparse.Namespace) -> dict:
     return result
 
 
+async def attack_crdt_gap(v: Victim, args: argparse.Namespace) -> dict:
+    from attacks.crdt_gap import crdt_gap_flood
+
+    v.daemon.call("crdt.open", doc="open-doc")  # a document without a writer list: anyone may write
+    result = await crdt_gap_flood(v.addr, "open-doc", held=1100, quota_updates=40)
+    status = v.daemon.call("crdt.status")
+    result["victim_docs"] = status.get("docs", status) if isinstance(status, dict) else status
+    return result
+
+
+async def attack_gossip_flood(v: Victim, args: argparse.Namespace) -> dict:
+    from attacks.gossip_flood import gossip_flood
+
+    v.daemon.call("crdt.open", doc="shared")  # the victim subscribes to the document's topic
+    return await gossip_flood(
+        v.addr, "/lattice/crdt/shared", rpcs=300, seconds=args.seconds, victim_pid=v.pid
+    )
+
+
+async def attack_bad_prefix(v: Victim, args: argparse.Namespace) -> dict:
+    from attacks.bad_prefix import bad_prefix_peer
+    from lattice.transport import identify
+
+    return await bad_prefix_peer(v.addr, [identify.PUSH_ID, "/lattice/kad/1.0.0"], hold=args.seconds)
+
+
 ATTACKS: dict[str, Attack] = {
+    "crdt_gap": attack_crdt_gap,
+    "gossip_flood": attack_gossip_flood,
+    "bad_prefix": attack_bad_prefix,
     "no_read_replies": attack_no_read_replies,
     "connection_churn": attack_connection_churn,
     "slowloris": attack_slowloris,

@@ -7,16 +7,23 @@ Figures (one JSON line each):
 
     python bench/gossip_sgd_net.py --peers 8 --rounds 100 --algorithm dfedavg
     python bench/gossip_sgd_net.py --only round_time
+
+round_time starts its peers as `python bench/gossip_sgd_net.py exchange-peer PEER_OPTIONS --numel N`:
+a gossip peer (lattice.apps.gossip_sgd.network.run_peer) whose body is :func:`exchange_rounds`
+instead of training.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import itertools
 import json
 import os
 import shutil
 import signal
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,6 +34,8 @@ import torch
 from lattice.apps.gossip_sgd.experiment import Config, prepare, simulate
 from lattice.apps.gossip_sgd.launch import read_log, start_peers
 from lattice.apps.gossip_sgd.models import accuracy
+
+EXCHANGE_PEER = [sys.executable, str(Path(__file__).resolve()), "exchange-peer"]
 
 
 def _wait(procs, timeout):
@@ -45,7 +54,7 @@ def round_time(args, root: Path) -> dict:
         [
             "--rounds",
             str(rounds),
-            "--bench-exchange",
+            "--numel",
             str(args.numel),
             "--timeout",
             "30",
@@ -55,6 +64,7 @@ def round_time(args, root: Path) -> dict:
             "10",
             *[f"--set={x}" for x in args.set],
         ],
+        command=EXCHANGE_PEER,
     )
     try:
         _wait(procs, 600)
@@ -93,6 +103,57 @@ def round_time(args, root: Path) -> dict:
         "load_avg_1m": round(os.getloadavg()[0], 2),
         "anchor_hivemind_allreduce_4peers_16mb_s": 0.46,
     }
+
+
+def _minor_faults() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+async def exchange_rounds(run, numel: int) -> dict:
+    """A peer's body for round_time: no data, one NUMEL-float32 message per round, mixed. Per round:
+    CPU seconds of this process (all threads), wall seconds of the whole loop (exchange + mix +
+    progress write), minor page faults."""
+    from lattice.apps.gossip_sgd.algorithms import Send
+
+    gossip, rounds = run.gossip, run.cfg.rounds
+    x = torch.randn(1, numel, generator=torch.Generator().manual_seed(run.rank))
+    cpu, wall, faults = [time.process_time()], [time.perf_counter()], [_minor_faults()]
+    for t in range(rounds):
+        r = await gossip.exchange(t, Send("bench", {"x": x}, {"x": run.cfg.hp.codec}))
+        x = r.mix("x")
+        gossip.progress(t, final=t == rounds - 1)
+        cpu.append(time.process_time())
+        wall.append(time.perf_counter())
+        faults.append(_minor_faults())
+    return {
+        "event": "done",
+        "peer": gossip.me,
+        "exchange_s": gossip.stats.exchange_s,
+        "cpu_s": [round(b - a, 4) for a, b in itertools.pairwise(cpu)],
+        "loop_s": [round(b - a, 4) for a, b in itertools.pairwise(wall)],
+        "minor_faults": [b - a for a, b in itertools.pairwise(faults)],
+        "timeouts": gossip.stats.timeouts,
+        "bytes_sent": gossip.stats.bytes_sent,
+    }
+
+
+def exchange_peer(argv: list[str]) -> None:
+    """One peer of round_time (started by start_peers): the peer options of `gossip-sgd peer`."""
+    import trio
+
+    from lattice.apps.gossip_sgd.cli import add_peer_options
+    from lattice.apps.gossip_sgd.network import run_peer
+    from lattice.apps.gossip_sgd.options import add_config_args
+
+    ap = argparse.ArgumentParser(prog="gossip_sgd_net.py exchange-peer")
+    add_config_args(ap)
+    add_peer_options(ap)
+    ap.add_argument("--numel", type=int, required=True, help="float32 values per message")
+    args = ap.parse_args(argv)
+    body = functools.partial(exchange_rounds, numel=args.numel)
+    print(json.dumps(trio.run(functools.partial(run_peer, args, body))))
 
 
 def _cfg(args) -> Config:
@@ -186,6 +247,8 @@ def train(args, root: Path, name: str, kill: int) -> dict:
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["exchange-peer"]:
+        return exchange_peer(sys.argv[2:])
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--peers", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=100)

@@ -5,13 +5,8 @@ from __future__ import annotations
 import pytest
 
 from lattice.errors import ConfigError
-from lattice.transport.resources import (
-    MiB,
-    ResourceLimitExceeded,
-    ResourceLimits,
-    ResourceManager,
-    ip_prefix,
-)
+from lattice.transport.limits import ip_prefix
+from lattice.transport.resources import MiB, ResourceLimitExceeded, ResourceLimits, ResourceManager
 
 
 class Clock:

@@ -38,6 +38,7 @@ def _check_page(net: Testnet, node_index: int, tmp_path, expected: int) -> None:
     dom = browser.dump_dom(url)
     assert 'data-loaded="1"' in dom
     assert _peer_count(dom) == expected
+    assert "budget: memory" in dom and "budget: slots" in dom  # the resource manager's use
     assert dom.count('class="peer-node"') == expected - 1
     with urllib.request.urlopen(url + "metrics", timeout=5) as reply:
         assert f"lattice_swarm_known_peers {expected}" in reply.read().decode()

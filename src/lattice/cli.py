@@ -11,7 +11,10 @@ import argparse
 import json
 import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from lattice.config import NodeConfig
 
 EXIT_USAGE = 2
 
@@ -34,38 +37,53 @@ def build_parser(with_apps: bool = True) -> argparse.ArgumentParser:
     parser = _Parser(prog="lattice-node", description="Lattice peer-to-peer node for decentralized AI.")
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    _add_run_command(sub)
+    _add_node_commands(sub)
+    _add_rpc_commands(sub)
+    _add_crdt_commands(sub)
+    _add_send_tensor_command(sub)
+    _add_dht_commands(sub)
+    from lattice.swarm import commands as swarm_commands  # testnet, top, bans
 
-    run = sub.add_parser(
-        "run", help="run the node daemon", description="Run the node daemon in the foreground."
-    )
-    run.add_argument("--config", metavar="FILE", help="TOML config file")
-    run.add_argument("--listen", metavar="MULTIADDR", action="append", help="listen address (repeatable)")
-    run.add_argument(
+    _COMMANDS.update(swarm_commands.register(sub))
+    if with_apps:  # installed plug-ins (lattice.plugins): serve-model, generate, gossip-sgd, ...
+        from lattice.plugins import installed_apps
+
+        for app in installed_apps():
+            if app.add_commands is not None:
+                app.add_commands(sub, _COMMANDS)
+    return parser
+
+
+def add_node_options(parser: argparse.ArgumentParser) -> None:
+    """Add the options that configure a node (config file, addresses, identity, control socket,
+    limits, apps, NAT traversal, swarm) to ``parser``. `run`, `serve-model`, `gossip-sgd peer` and
+    apps' own node commands share them; :func:`node_config` makes the NodeConfig."""
+    parser.add_argument("--config", metavar="FILE", help="TOML config file")
+    parser.add_argument("--listen", metavar="MULTIADDR", action="append", help="listen address (repeatable)")
+    parser.add_argument(
         "--bootstrap", metavar="MULTIADDR", action="append",
         help="bootstrap peer, or /dnsaddr/DOMAIN for a list published in DNS (repeatable)",
     )  # fmt: skip
-    run.add_argument(
+    parser.add_argument(
         "--dns-server", metavar="IP[:PORT]", action="append", dest="dns_servers",
         help="DNS resolver for /dnsaddr/ bootstrap addresses (repeatable; default: the system's)",
     )  # fmt: skip
-    run.add_argument("--key", metavar="FILE", help="identity key file (created with mode 0600 if missing)")
-    run.add_argument("--data-dir", metavar="DIR", help="directory for all persistent state")
-    run.add_argument("--control", metavar="SOCKET", help="control socket path")
-    run.add_argument(
-        "--ready-file", metavar="FILE", help="write {peer_id, addrs, control} as JSON when ready"
-    )
-    run.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
-    run.add_argument("--max-connections", type=int, metavar="N")
-    run.add_argument(
+    parser.add_argument("--key", metavar="FILE", help="identity key file (created with mode 0600 if missing)")
+    parser.add_argument("--data-dir", metavar="DIR", help="directory for all persistent state")
+    parser.add_argument("--control", metavar="SOCKET", help="control socket path")
+    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--max-connections", type=int, metavar="N")
+    parser.add_argument(
         "--max-memory",
         metavar="SIZE",
         help="memory peers' traffic may hold, e.g. 2GiB (default: a quarter of RAM, >= 256 MiB)",
     )
-    run.add_argument("--enable-bench", action="store_true", help="serve the lattice.bench.* RPC methods")
-    run.add_argument(
-        "--inbox", action="store_true", help="accept tensors from `send-tensor` into <data-dir>/inbox (.npy)"
-    )
-    nat = run.add_argument_group("NAT traversal")
+    parser.add_argument(
+        "--app", dest="apps", metavar="NAME", action="append",
+        help="run the services of installed app NAME in the node (repeatable; replaces the config's apps)",
+    )  # fmt: skip
+    nat = parser.add_argument_group("NAT traversal")
     nat.add_argument(
         "--relay", action="store_true", default=None, help="serve as a circuit relay for NATed peers"
     )
@@ -90,19 +108,66 @@ def build_parser(with_apps: bool = True) -> argparse.ArgumentParser:
         "--no-hole-punching", dest="hole_punching", action="store_false", default=None,
         help="stay on relayed connections (no DCUtR)",
     )  # fmt: skip
+    from lattice.swarm import commands as swarm_commands  # --join, --bootstrap-node, --metrics-listen
 
+    swarm_commands.add_run_options(parser)
+
+
+def node_config(args: argparse.Namespace, **defaults: Any) -> NodeConfig:
+    """The NodeConfig of a command that called :func:`add_node_options`: ``defaults`` (the command's
+    own, e.g. a loopback listen address) < config file < environment (LATTICE_*) < the options given."""
+    from lattice.config import NodeConfig
+    from lattice.swarm.commands import run_overrides
+
+    return NodeConfig.load(
+        args.config,
+        defaults=defaults,
+        listen=args.listen,
+        bootstrap=args.bootstrap,
+        dns_servers=args.dns_servers,
+        key_file=args.key,
+        data_dir=args.data_dir,
+        control_socket=args.control,
+        control=True if args.control else None,  # a socket given is a socket wanted
+        log_level=args.log_level,
+        max_connections=args.max_connections,
+        max_memory=args.max_memory,
+        apps=args.apps,
+        relay=args.relay,
+        relays=args.use_relay,
+        reachability=args.reachability,
+        hole_punching=args.hole_punching,
+        upnp=args.upnp,
+        mdns=args.mdns,
+        **run_overrides(args),
+    )
+
+
+def _add_run_command(sub: Any) -> None:
+    run = sub.add_parser(
+        "run", help="run the node daemon", description="Run the node daemon in the foreground."
+    )
+    add_node_options(run)
+    run.add_argument(
+        "--ready-file", metavar="FILE", help="write {peer_id, addrs, control} as JSON when ready"
+    )
+    run.add_argument("--enable-bench", action="store_true", help="serve the lattice.bench.* RPC methods")
+    run.add_argument(
+        "--inbox", action="store_true", help="accept tensors from `send-tensor` into <data-dir>/inbox (.npy)"
+    )
+
+
+def _add_node_commands(sub: Any) -> None:
+    """id, peers, ping, connect, status, stop: one daemon, through its control socket."""
     ident = sub.add_parser("id", help="print this node's peer id", description="Print the peer id.")
     ident.add_argument("--key", metavar="FILE", help="read the peer id from a key file (no daemon needed)")
     _add_control(ident)
-
     peers = sub.add_parser("peers", help="list connected peers", description="List connected peers.")
     _add_control(peers)
-
     ping = sub.add_parser("ping", help="ping a peer", description="Ping a peer by multiaddr or peer id.")
     ping.add_argument("target", metavar="MULTIADDR", help="multiaddr (or peer id of a connected peer)")
     ping.add_argument("-c", "--count", type=int, default=3, help="number of pings (default 3)")
     _add_control(ping)
-
     connect = sub.add_parser(
         "connect",
         help="connect to a peer",
@@ -110,13 +175,13 @@ def build_parser(with_apps: bool = True) -> argparse.ArgumentParser:
     )
     connect.add_argument("target", metavar="MULTIADDR|PEER_ID")
     _add_control(connect)
-
     status = sub.add_parser("status", help="show node status", description="Show the node's status.")
     _add_control(status)
-
     stop = sub.add_parser("stop", help="stop the daemon", description="Ask the running daemon to shut down.")
     _add_control(stop)
 
+
+def _add_rpc_commands(sub: Any) -> None:
     rpc = sub.add_parser("rpc", help="call peers' methods, measure transfers", description="Tensor RPC.")
     rpc_sub = rpc.add_subparsers(dest="rpc_command", metavar="ACTION", parser_class=_Parser, required=True)
     methods = rpc_sub.add_parser("methods", help="methods the daemon serves")
@@ -133,6 +198,8 @@ def build_parser(with_apps: bool = True) -> argparse.ArgumentParser:
     for p in (methods, call, bench):
         _add_control(p)
 
+
+def _add_crdt_commands(sub: Any) -> None:
     crdt = sub.add_parser(
         "crdt", help="replicated documents", description="Read and write the daemon's replicated documents."
     )
@@ -154,6 +221,8 @@ def build_parser(with_apps: bool = True) -> argparse.ArgumentParser:
     for p in (cget, cset, cwatch, cstatus):
         _add_control(p)
 
+
+def _add_send_tensor_command(sub: Any) -> None:
     send = sub.add_parser(
         "send-tensor",
         help="send a .npy tensor to a peer's inbox",
@@ -166,6 +235,8 @@ def build_parser(with_apps: bool = True) -> argparse.ArgumentParser:
     send.add_argument("--timeout", type=float, default=600.0)
     _add_control(send)
 
+
+def _add_dht_commands(sub: Any) -> None:
     dht = sub.add_parser(
         "dht", help="DHT records and providers", description="Use the DHT of a running daemon."
     )
@@ -185,17 +256,6 @@ def build_parser(with_apps: bool = True) -> argparse.ArgumentParser:
     dht_status = dht_sub.add_parser("status", help="routing table and store sizes, counters")
     for p in (put, get, provide, providers, dht_status):
         _add_control(p)
-    from lattice.swarm import commands as swarm_commands  # testnet, top, --join, roles, metrics
-
-    swarm_commands.add_run_options(run)
-    _COMMANDS.update(swarm_commands.register(sub))
-    if with_apps:  # installed plug-ins (lattice.plugins): mesh inference's serve-model, generate, ...
-        from lattice.plugins import installed_apps
-
-        for app in installed_apps():
-            if app.add_commands is not None:
-                app.add_commands(sub, _COMMANDS)
-    return parser
 
 
 def _version() -> str:
@@ -218,55 +278,39 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return _COMMANDS[args.command](args)
-    except LatticeError as exc:  # may quote a remote peer (its error reply): one inert line
-        print(f"lattice-node: error: {inert(exc)}", file=sys.stderr)
+    except (LatticeError, KeyboardInterrupt, BaseExceptionGroup) as exc:
+        error = _sole_error(exc)
+        if isinstance(error, KeyboardInterrupt):
+            return 130
+        if not isinstance(error, LatticeError):
+            raise
+        print(f"lattice-node: error: {inert(error)}", file=sys.stderr)  # may quote a remote peer
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        return 130
+
+
+def _sole_error(exc: BaseException) -> BaseException:
+    """The one error inside nested exception groups of one member each (what trio makes of an error
+    raised in the body of ``async with Node(...)``), else ``exc`` itself."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
 
 
 # -- the daemon
 def cmd_run(args: argparse.Namespace) -> int:
     import trio
 
-    from lattice.config import NodeConfig
-
-    config = NodeConfig.load(
-        args.config,
-        listen=args.listen,
-        bootstrap=args.bootstrap,
-        dns_servers=args.dns_servers,
-        key_file=args.key,
-        data_dir=args.data_dir,
-        control_socket=args.control,
-        log_level=args.log_level,
-        max_connections=args.max_connections,
-        max_memory=args.max_memory,
-        relay=args.relay,
-        relays=args.use_relay,
-        reachability=args.reachability,
-        hole_punching=args.hole_punching,
-        upnp=args.upnp,
-        mdns=args.mdns,
-        **_swarm_overrides(args),
-    )
     from lattice.observe.logs import setup_logging
 
+    config = node_config(args)
     setup_logging(config.log_level, config.log_format)
     return trio.run(_run_daemon, config, args.ready_file, args.enable_bench, args.inbox)
 
 
-def _swarm_overrides(args: argparse.Namespace) -> dict:
-    from lattice.swarm.commands import run_overrides
-
-    return run_overrides(args)
-
-
 async def _run_daemon(config, ready_file: str | None, enable_bench: bool = False, inbox: bool = False) -> int:
+    from lattice.plugins import build_node
 
-    from lattice.node import Node
-
-    node = Node(config)
+    node = build_node(config)  # with the services of the apps the config enables
     if enable_bench:
         from lattice.rpc import bench
 
@@ -508,20 +552,6 @@ def cmd_stop(args: argparse.Namespace) -> int:
     return 0
 
 
-_UNITS = {"": 1, "b": 1, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "kb": 1000, "mb": 10**6, "gb": 10**9}
-
-
-def _parse_size(text: str) -> int:
-    import re
-
-    from lattice.errors import ConfigError
-
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
-    if not match or match.group(2).lower() not in _UNITS:
-        raise ConfigError(f"invalid size {text!r} (examples: 8, 1MiB, 64MiB, 1GiB)")
-    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
-
-
 def _summarise(value: Any) -> Any:
     """JSON-printable view of a reply: tensors become their dtype and shape."""
     if hasattr(value, "shape") and hasattr(value, "dtype"):
@@ -550,7 +580,9 @@ def cmd_rpc(args: argparse.Namespace) -> int:
             reply = client.rpc.call(args.peer, args.method, payload, timeout=args.timeout)
             print(json.dumps(_summarise(reply), indent=2 if not args.json else None))
         else:
-            size = _parse_size(args.size)
+            from lattice.config import parse_size
+
+            size = parse_size(args.size, "--size")
             if not 1 <= args.count <= 10_000:
                 raise ConfigError("--count must be between 1 and 10000")
             result = client.rpc.bench(args.peer, size, count=args.count, direction=args.direction)

@@ -96,6 +96,8 @@ class NodeConfig:
     inbox_max_bytes: int = 16 << 30  # bytes in the inbox, from all peers
     inbox_max_files_per_peer: int = 128  # so that one peer cannot take the whole inbox
     inbox_max_bytes_per_peer: int = 4 << 30
+    # Installed apps whose services run inside this node (lattice.plugins; `run --app NAME`)
+    apps: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "max_memory", parse_size(self.max_memory, "max_memory"))
@@ -176,6 +178,7 @@ class NodeConfig:
             raise ConfigError("log_format must be text or json")
         if self.log_level not in _LOG_LEVELS:
             raise ConfigError(f"log_level must be one of {', '.join(_LOG_LEVELS)}")
+        object.__setattr__(self, "apps", _app_names(self.apps))
 
     @property
     def resource_limits(self) -> ResourceLimits:
@@ -212,11 +215,13 @@ class NodeConfig:
         cls,
         file: str | os.PathLike[str] | None = None,
         env: dict[str, str] | None = None,
+        defaults: dict[str, Any] | None = None,
         **overrides: Any,
     ) -> NodeConfig:
-        """Build the config from defaults, then ``file`` (or $LATTICE_CONFIG), the environment, overrides."""
+        """Build the config from defaults (``defaults``: a command's own, over the built-in ones), then
+        ``file`` (or $LATTICE_CONFIG), the environment, overrides."""
         env = dict(os.environ) if env is None else env
-        values: dict[str, Any] = {}
+        values: dict[str, Any] = dict(defaults or {})
         file = file or env.get("LATTICE_CONFIG")
         if file:
             values.update(_read_toml(Path(file)))
@@ -232,7 +237,25 @@ class NodeConfig:
             raise ConfigError(f"invalid configuration: {exc}") from None
 
 
-_ENV_LISTS = {"LATTICE_LISTEN": "listen", "LATTICE_BOOTSTRAP": "bootstrap", "LATTICE_RELAYS": "relays"}
+_ENV_LISTS = {
+    "LATTICE_LISTEN": "listen",
+    "LATTICE_BOOTSTRAP": "bootstrap",
+    "LATTICE_RELAYS": "relays",
+    "LATTICE_APPS": "apps",
+}
+_APP_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+def _app_names(value: Any) -> tuple[str, ...]:
+    """``apps`` as a tuple of entry-point names (checked here, looked up when the node is built)."""
+    if isinstance(value, str) or not isinstance(value, list | tuple):
+        raise ConfigError("apps must be a list of app names")
+    for name in value:
+        if not isinstance(name, str) or not _APP_NAME.fullmatch(name):
+            raise ConfigError(f"apps: {name!r} is not an app name (letters, digits, _ . -)")
+    return tuple(dict.fromkeys(value))
+
+
 _ENV_SCALARS = {
     "LATTICE_DATA_DIR": ("data_dir", str),
     "LATTICE_KEY_FILE": ("key_file", str),

@@ -100,6 +100,13 @@ class RPC:
         self.graft += other.graft
         self.prune += other.prune
 
+    def items(self) -> int:
+        """Entries to process: subscriptions, messages, control entries and message ids."""
+        return (
+            len(self.subscriptions) + len(self.messages) + len(self.iwant) + len(self.graft) + len(self.prune)
+            + sum(1 + len(ids) for _, ids in self.ihave)
+        )  # fmt: skip
+
     def size_hint(self) -> int:
         return (
             sum(len(m.data) + len(m.topic) + 8 for m in self.messages)

@@ -27,6 +27,7 @@ from lattice.errors import LatticeError, PayloadError, TransportError
 from lattice.identity import PeerId
 from lattice.transport.framing import read_delimited
 from lattice.transport.host import Connection
+from lattice.transport.limits import TokenBucket
 from lattice.transport.peerstore import PeerInfo
 from lattice.transport.yamux import YamuxStream
 
@@ -37,14 +38,20 @@ from .router import HEARTBEAT, GossipRouter
 log = logging.getLogger(__name__)
 
 MAX_QUEUE = 32
+PEER_RATE = 2 << 20  # work units (RPC bytes + 64 per control item) one peer may cost us per second ...
+PEER_BURST = 8 << 20  # ... and at once: beyond it we stop reading its stream for a while
 Handler = Callable[[PeerId, bytes], bool | None]
 
 
 class PubSub:
     name = "pubsub"
 
-    def __init__(self, sign: bool = True) -> None:
+    def __init__(
+        self, sign: bool = True, peer_rate: float = PEER_RATE, peer_burst: float = PEER_BURST
+    ) -> None:
         self.sign = sign
+        self.peer_rate = peer_rate
+        self.peer_burst = peer_burst
         self._seqno = time.time_ns()  # as go-libp2p: unique across restarts, then incremented
         self.router = GossipRouter()
         self.node: Any = None
@@ -200,6 +207,7 @@ class PubSub:
         peer = stream.remote_peer
         if peer not in self._queues and self._nursery is not None:
             self._start_peer(peer)  # it talks pubsub: talk back (identify may not have run yet)
+        bucket = TokenBucket(self.peer_rate, self.peer_burst, trio.current_time())
         try:
             for _ in range(1 << 62):  # the stream lives as long as the connection
                 raw = await read_delimited(stream, protocol.MAX_RPC)
@@ -209,10 +217,22 @@ class PubSub:
                 self.stats["rpcs_in"] += 1
                 self.router.handle(peer, rpc, trio.current_time(), self._deliver)
                 self._flush()
+                await self._pace(bucket, len(raw) + 64 * rpc.items())
         except (PayloadError, TransportError) as exc:
             self.stats["bad_rpcs"] += 1
             log.debug("pubsub stream from %s: %s", peer, exc)
             await stream.reset()
+
+    async def _pace(self, bucket: TokenBucket, cost: int) -> None:
+        """Charge one RPC's work to its peer; over the peer's rate, stop reading its stream until
+        the bucket refills (backpressure through the stream window, nothing dropped): one peer's
+        flood of large control messages cannot take the CPU from the others."""
+        now = trio.current_time()
+        if bucket.take(now, cost):
+            return
+        self.stats["paced"] = self.stats.get("paced", 0) + 1
+        await trio.sleep(min(10.0, (cost - bucket.tokens) / bucket.rate))
+        bucket.take(trio.current_time(), min(cost, bucket.burst))
 
     def _deliver(self, peer: Any, message: Message) -> bool:
         handler = self._handlers.get(message.topic)

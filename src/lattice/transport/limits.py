@@ -53,7 +53,10 @@ class Limits:
 def ip_prefix(ip: str) -> str:
     """The block a budget per IP prefix charges ``ip`` to: its /24 (IPv4) or /48 (IPv6). One operator
     usually holds a whole such block, so sybils from it share one budget."""
-    addr = ipaddress.ip_address(ip)
+    try:
+        addr = ipaddress.ip_address(ip.split("%")[0])
+    except ValueError:
+        return ip  # not an address (a test's peer name): counts as itself
     if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
         addr = addr.ipv4_mapped
     bits = 24 if addr.version == 4 else 48

@@ -21,14 +21,13 @@ Pure bookkeeping: no sockets, no trio; the host, the muxer and the services call
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, fields
 
 from lattice.errors import ConfigError, TransportError
-from lattice.transport.limits import TokenBucket
+from lattice.transport.limits import TokenBucket, ip_prefix
 
 __all__ = [
     "HandshakeTicket",
@@ -37,7 +36,6 @@ __all__ = [
     "ResourceLimits",
     "ResourceManager",
     "default_max_memory",
-    "ip_prefix",
 ]
 
 MiB = 1024 * 1024
@@ -60,19 +58,6 @@ def default_max_memory() -> int:
     except (ValueError, OSError, AttributeError):
         total = 4 * MIN_MEMORY
     return max(MIN_MEMORY, total // 4)
-
-
-def ip_prefix(ip: str) -> str:
-    """The network an address counts against: its /24 (IPv4) or /48 (IPv6); hosts of one home or
-    one cloud subnet share it. Unparseable strings count as themselves."""
-    try:
-        addr = ipaddress.ip_address(ip.split("%")[0])
-    except ValueError:
-        return ip
-    if addr.version == 6 and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped
-    bits = 24 if addr.version == 4 else 48
-    return str(ipaddress.ip_network(f"{addr}/{bits}", strict=False))
 
 
 @dataclass(frozen=True)

@@ -17,11 +17,15 @@ def start_peers(
     args: list[str],
     extra: dict[int, list[str]] | None = None,
     timeout: float = 30.0,
+    command: list[str] | None = None,
 ) -> list[subprocess.Popen]:
-    """Peer i writes to ``out/peer<i>``; returns the processes (the caller waits or kills them)."""
+    """Peer i writes to ``out/peer<i>``; returns the processes (the caller waits or kills them).
+    ``command``: what starts one peer (default ``python -m lattice.apps.gossip_sgd peer``); it gets
+    the peer options (--run, --peers, --out, --addr-file or --bootstrap, ``args``) appended."""
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    base = [sys.executable, "-m", "lattice.apps.gossip_sgd", "peer", "--run", run, "--peers", str(n), *args]
+    command = command or [sys.executable, "-m", "lattice.apps.gossip_sgd", "peer"]
+    base = [*command, "--run", run, "--peers", str(n), *args]
     addr_file = out / "bootstrap.addr"
     addr_file.unlink(missing_ok=True)
     procs = []

@@ -17,13 +17,11 @@ Only a node's public services are used, as a third party would:
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import math
-import os
 import random
-import sys
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,8 +32,9 @@ import trio
 from torch import Tensor
 
 from lattice.apps.gossip_sgd import topology
-from lattice.apps.gossip_sgd.algorithms import Send
+from lattice.apps.gossip_sgd.algorithms import Algorithm, Send
 from lattice.apps.gossip_sgd.compress import wire_bytes
+from lattice.apps.gossip_sgd.experiment import Config, Prepared, build, evaluate, prepare
 from lattice.codec import compression
 
 METHOD = "gossip_sgd.exchange"
@@ -291,134 +290,159 @@ def _advance(gen: Any, value: Any) -> Send | None:
         return None
 
 
-def _minor_faults() -> int:
-    try:
-        import resource
-    except ImportError:  # pragma: no cover - not on Windows
-        return 0
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-
-
 # -- one peer process
-async def run_peer(args: argparse.Namespace) -> dict:
-    """Join run ``args.run``, wait for ``args.peers`` members, train, write the final model."""
-    from lattice import Node, NodeConfig
-    from lattice.apps.gossip_sgd.experiment import build, evaluate, prepare
+LOOPBACK = "/ip4/127.0.0.1/tcp/0"  # a peer's listen address unless --listen, the config or env says
+
+
+class RunLog:
+    """A peer's ``log.jsonl``: one JSON object per line, with the seconds since it was opened ("t")."""
+
+    def __init__(self, path: Path) -> None:
+        self._fh = path.open("a")
+        self._started = time.perf_counter()
+
+    def emit(self, rec: dict) -> None:
+        self._fh.write(json.dumps({"t": round(time.perf_counter() - self._started, 3), **rec}) + "\n")
+        self._fh.flush()
+
+    def __enter__(self) -> RunLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._fh.close()
+
+
+@dataclass
+class PeerRun:
+    """One peer's part in a run once it has joined: what a run body (:func:`train`) works with."""
+
+    gossip: Gossip
+    cfg: Config
+    rank: int  # this peer's data shard
+    first: int  # the first round it takes part in (> 0 when it joined late)
+    out: Path
+    log: RunLog
+
+
+RunBody = Callable[[PeerRun], Awaitable[dict]]  # what a joined peer does (train; a bench's loop)
+
+
+async def run_peer(args: argparse.Namespace, body: RunBody | None = None) -> dict:
+    """Join run ``args.run`` with an embedded node, wait for ``args.peers`` members, run ``body``
+    (default :func:`train`), then serve until the others finish. Returns the body's summary."""
     from lattice.apps.gossip_sgd.options import config_from
+    from lattice.cli import node_config, write_atomic
+    from lattice.plugins import build_node
 
     torch.set_num_threads(args.threads)
+    cfg = config_from(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = config_from(args)
-    config = NodeConfig(listen=[args.listen], bootstrap=args.bootstrap, data_dir=out / "node", control=False)
-    log = open(out / "log.jsonl", "a")  # noqa: SIM115
-    started = time.perf_counter()
-
-    def emit(rec: dict) -> None:
-        rec = {"t": round(time.perf_counter() - started, 3), **rec}
-        log.write(json.dumps(rec) + "\n")
-        log.flush()
-
-    async with Node(config) as node:
-        if args.addr_file:
-            from lattice.cli import write_atomic
-
-            write_atomic(args.addr_file, node.addrs[0] + "\n", what="address file")
-        # Membership and progress are rebuilt by anti-entropy after a crash: no fsync per update (a
-        # blocking fsync per neighbour's progress write stalled the event loop, 5 % of a round)
-        node.crdt.fsync = "batch"
-        gossip = Gossip(node, args.run, cfg.topology, cfg.degree, cfg.seed, timeout=args.timeout)
-        first = 0
-        if args.late:  # join a run in progress: take part from a couple of rounds ahead
-            with trio.move_on_after(args.wait):
-                while gossip.furthest_round() < 0:
-                    await gossip.discover()
-                    await trio.sleep(0.5)
-            first = gossip.furthest_round() + 1 + PROGRESS_EVERY  # 2 rounds ahead + the lag of progress
-        gossip.join(first)
-        await gossip.announce()
-        with trio.move_on_after(args.wait):  # everyone present (bounded): ranks come from membership
-            while len(gossip.members()) < cfg.peers:
-                await gossip.discover()
-                await trio.sleep(0.2 + random.random() * 0.3)
-        members = sorted(gossip.members())
-        await gossip.discover()
-        rank = members.index(gossip.me) % cfg.peers
-        emit({"event": "start", "peer": gossip.me, "rank": rank, "members": len(members)})
-        if args.bench_exchange:  # gossip round time only: no data, one model-sized message per round
-            x = torch.randn(1, args.bench_exchange, generator=torch.Generator().manual_seed(rank))
-            # per round: CPU seconds of this process (all threads), wall seconds of the whole loop
-            # (exchange + mix + progress write), minor page faults
-            cpu, wall, faults = [time.process_time()], [time.perf_counter()], [_minor_faults()]
-            for t in range(cfg.rounds):
-                r = await gossip.exchange(t, Send("bench", {"x": x}, {"x": cfg.hp.codec}))
-                x = r.mix("x")
-                gossip.progress(t, final=t == cfg.rounds - 1)
-                cpu.append(time.process_time())
-                wall.append(time.perf_counter())
-                faults.append(_minor_faults())
-            ex = gossip.stats.exchange_s
-            summary = {
-                "event": "done",
-                "peer": gossip.me,
-                "exchange_s": ex,
-                "cpu_s": [round(b - a, 4) for a, b in itertools.pairwise(cpu)],
-                "loop_s": [round(b - a, 4) for a, b in itertools.pairwise(wall)],
-                "minor_faults": [b - a for a, b in itertools.pairwise(faults)],
-                "timeouts": gossip.stats.timeouts,
-                "bytes_sent": gossip.stats.bytes_sent,
-            }
-            emit(summary)
-            await _linger(gossip, cfg.rounds, args.linger)
-            log.close()
-            return summary
-        prep = await trio.to_thread.run_sync(lambda: prepare(cfg, [rank]))
-        algo = build(cfg, prep)
-        if first > 0:
-            gossip.round = first
-        for t in range(first, cfg.rounds):
-            if args.stop_after and t >= args.stop_after:
-                os._exit(0)
-            gen = algo.round(t)
-            send = await trio.to_thread.run_sync(_advance, gen, None)
-            while send is not None:  # the simulator's drive(), with the exchange over the network
-                received = await gossip.exchange(t, send)
-                send = await trio.to_thread.run_sync(_advance, gen, received)
-            gossip.progress(t, final=t == cfg.rounds - 1)
-            if cfg.eval_every and ((t + 1) % cfg.eval_every == 0 or t == cfg.rounds - 1):
-                metrics = await trio.to_thread.run_sync(lambda: evaluate(algo, prep, 2000))
-                emit(
-                    {
-                        "event": "round",
-                        "round": t + 1,
-                        "loss": algo.last_loss,
-                        **metrics,
-                        "bytes_sent": gossip.stats.bytes_sent,
-                        "live": len(gossip.live(t)),
-                        "timeouts": gossip.stats.timeouts,
-                    }
-                )
-        np.save(out / "model.npy", algo.models()[0].numpy())
-        ex = gossip.stats.exchange_s
-        summary = {
-            "event": "done",
-            "peer": gossip.me,
-            "rank": rank,
-            "bytes_sent": gossip.stats.bytes_sent,
-            "messages_sent": gossip.stats.messages_sent,
-            "timeouts": gossip.stats.timeouts,
-            "duplicates": gossip.stats.duplicates,
-            "refused": gossip.stats.refused,
-            "exchange_median_s": float(np.median(ex)) if ex else None,
-            "dead": sorted(gossip.dead()),
-        }
-        emit(summary)
-        await _linger(gossip, cfg.rounds, args.linger)
-    log.close()
+    config = node_config(args, listen=[LOOPBACK], data_dir=out / "node", control=False)
+    with RunLog(out / "log.jsonl") as log:
+        async with build_node(config) as node:
+            if args.addr_file:
+                write_atomic(args.addr_file, node.addrs[0] + "\n", what="address file")
+            gossip = open_gossip(node, args.run, cfg, args.timeout)
+            first, members = await join_run(gossip, cfg.peers, args.wait, late=args.late)
+            run = PeerRun(gossip, cfg, members.index(gossip.me) % cfg.peers, first, out, log)
+            log.emit({"event": "start", "peer": gossip.me, "rank": run.rank, "members": len(members)})
+            summary = await (body or train)(run)
+            log.emit(summary)
+            await linger(gossip, cfg.rounds, args.linger)
     return summary
 
 
-async def _linger(gossip: Gossip, rounds: int, limit: float) -> None:
+def open_gossip(node: Any, run: str, cfg: Config, timeout: float) -> Gossip:
+    # Membership and progress are rebuilt by anti-entropy after a crash: no fsync per update (a
+    # blocking fsync per neighbour's progress write stalled the event loop, 5 % of a round)
+    node.crdt.fsync = "batch"
+    return Gossip(node, run, cfg.topology, cfg.degree, cfg.seed, timeout=timeout)
+
+
+async def join_run(gossip: Gossip, peers: int, wait: float, late: bool = False) -> tuple[int, list[str]]:
+    """Become a member (``late``: from a few rounds ahead of the run's progress), announce ourselves,
+    wait up to ``wait`` s for ``peers`` members (ranks come from the sorted membership).
+    Returns (first round, sorted members)."""
+    first = await _late_start(gossip, wait) if late else 0
+    gossip.join(first)
+    await gossip.announce()
+    with trio.move_on_after(wait):
+        while len(gossip.members()) < peers:
+            await gossip.discover()
+            await trio.sleep(0.2 + random.random() * 0.3)
+    members = sorted(gossip.members())
+    await gossip.discover()
+    return first, members
+
+
+async def _late_start(gossip: Gossip, wait: float) -> int:
+    """The first round of a peer joining a run in progress: 2 rounds ahead + the lag of progress."""
+    with trio.move_on_after(wait):
+        while gossip.furthest_round() < 0:
+            await gossip.discover()
+            await trio.sleep(0.5)
+    return gossip.furthest_round() + 1 + PROGRESS_EVERY
+
+
+async def train(run: PeerRun) -> dict:
+    """Train this peer's shard from round ``run.first`` on; write ``model.npy``; the summary."""
+    cfg, gossip = run.cfg, run.gossip
+    prep = await trio.to_thread.run_sync(lambda: prepare(cfg, [run.rank]))
+    algo = build(cfg, prep)
+    gossip.round = run.first
+    for t in range(run.first, cfg.rounds):
+        await run_round(gossip, algo, t)
+        gossip.progress(t, final=t == cfg.rounds - 1)
+        if cfg.eval_every and ((t + 1) % cfg.eval_every == 0 or t == cfg.rounds - 1):
+            run.log.emit(await _evaluation(gossip, algo, prep, t))
+    np.save(run.out / "model.npy", algo.models()[0].numpy())
+    return _summary(gossip, run.rank)
+
+
+async def run_round(gossip: Gossip, algo: Algorithm, t: int) -> None:
+    """Round ``t``: compute (in a thread) up to each Send, exchange it over the network, resume."""
+    gen = algo.round(t)
+    send = await trio.to_thread.run_sync(_advance, gen, None)
+    while send is not None:
+        received = await gossip.exchange(t, send)
+        send = await trio.to_thread.run_sync(_advance, gen, received)
+
+
+async def _evaluation(gossip: Gossip, algo: Algorithm, prep: Prepared, t: int) -> dict:
+    """The "round" record after round ``t``; its curve also goes to the node's dashboard panel."""
+    metrics = await trio.to_thread.run_sync(lambda: evaluate(algo, prep, 2000))
+    panel = gossip.node.dashboard.panel("gossip-sgd", title=f"gossip SGD run {gossip.run}", unit="accuracy")
+    panel.push("local accuracy", t + 1, metrics["acc_local"])
+    stats = gossip.stats
+    return {
+        "event": "round",
+        "round": t + 1,
+        "loss": algo.last_loss,
+        **metrics,
+        "bytes_sent": stats.bytes_sent,
+        "live": len(gossip.live(t)),
+        "timeouts": stats.timeouts,
+    }
+
+
+def _summary(gossip: Gossip, rank: int) -> dict:
+    ex = gossip.stats.exchange_s
+    return {
+        "event": "done",
+        "peer": gossip.me,
+        "rank": rank,
+        "bytes_sent": gossip.stats.bytes_sent,
+        "messages_sent": gossip.stats.messages_sent,
+        "timeouts": gossip.stats.timeouts,
+        "duplicates": gossip.stats.duplicates,
+        "refused": gossip.stats.refused,
+        "exchange_median_s": float(np.median(ex)) if ex else None,
+        "dead": sorted(gossip.dead()),
+    }
+
+
+async def linger(gossip: Gossip, rounds: int, limit: float) -> None:
     """Keep serving until every live peer finished (neighbours a phase behind still need us)."""
     with trio.move_on_after(limit):
         while True:
@@ -426,31 +450,3 @@ async def _linger(gossip: Gossip, rounds: int, limit: float) -> None:
             if all(prog.get(p, -1) >= rounds - 1 for p in gossip.live(rounds)):
                 return
             await trio.sleep(0.2)
-
-
-def add_cli(sub: Any, add_config_args: Any) -> None:
-    p = sub.add_parser("peer", help="one peer process of a real run (embedded node)")
-    add_config_args(p)
-    p.add_argument("--run", required=True, help="run id shared by all peers")
-    p.add_argument("--listen", default="/ip4/127.0.0.1/tcp/0")
-    p.add_argument("--bootstrap", action="append", default=[])
-    p.add_argument("--addr-file", help="write this node's address here once listening")
-    p.add_argument("--out", required=True, help="directory for log.jsonl, model.npy and node data")
-    p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for a neighbour per phase")
-    p.add_argument("--wait", type=float, default=60.0, help="seconds to wait for all peers at the start")
-    p.add_argument("--late", action="store_true", help="join a run already in progress")
-    p.add_argument("--linger", type=float, default=15.0)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--stop-after", type=int, default=0, help=argparse.SUPPRESS)
-    p.add_argument(
-        "--bench-exchange",
-        type=int,
-        default=0,
-        metavar="NUMEL",
-        help="measure gossip rounds of a NUMEL-float32 message instead of training",
-    )
-    p.set_defaults(fn=lambda a: (print(json.dumps(trio.run(run_peer, a))), 0)[1])
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit("use: python -m lattice.apps.gossip_sgd peer ...")

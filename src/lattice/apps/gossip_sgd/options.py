@@ -1,12 +1,12 @@
 """Command-line options of a run and the experiment Config they make (shared by ``sim`` and
-``peer``, and by the benches)."""
+``peer``, and by the benches). No torch at import: `lattice-node` builds these options to list them."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 
-from lattice.apps.gossip_sgd.algorithms import ALGORITHMS, Hyper
+from lattice.apps.gossip_sgd.hyper import ALGORITHMS, Hyper
 
 __all__ = ["add_config_args", "config_from", "hyper_from"]
 
@@ -20,7 +20,9 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--alpha", type=float, default=0.3)
     p.add_argument("--rounds", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--data", dest="data_dir", default=None, help="directory of the Fashion-MNIST IDX files")
+    p.add_argument(
+        "--data", dest="dataset", metavar="DIR", default=None, help="directory of the Fashion-MNIST IDX files"
+    )
     p.add_argument("--train-limit", type=int, default=0)
     p.add_argument("--test-limit", type=int, default=0)
     p.add_argument("--eval-every", type=int, default=10)
@@ -35,28 +37,38 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def hyper_from(overrides: list[str], base: Hyper | None = None) -> Hyper:
+    """``base`` (default Hyper()) with ``KEY=VALUE`` overrides; a bad one is a ConfigError."""
+    from lattice.errors import ConfigError
+
     hp = dataclasses.replace(base or Hyper())
-    types = {f.name: f.type for f in dataclasses.fields(Hyper)}
+    names = {f.name for f in dataclasses.fields(Hyper)}
     for item in overrides:
         key, _, value = item.partition("=")
-        if key not in types:
-            raise SystemExit(f"unknown hyper-parameter {key!r}")
-        current = getattr(hp, key)
-        if value in ("none", "None", ""):
-            setattr(hp, key, None)
-        elif isinstance(current, bool):
-            setattr(hp, key, value.lower() in ("1", "true", "yes"))
-        elif isinstance(current, int):
-            setattr(hp, key, int(value))
-        elif isinstance(current, float):
-            setattr(hp, key, float(value))
-        else:
-            setattr(hp, key, value)
+        if key not in names:
+            raise ConfigError(f"unknown hyper-parameter {key!r} (known: {', '.join(sorted(names))})")
+        try:
+            setattr(hp, key, _typed(value, getattr(hp, key)))
+        except ValueError:
+            raise ConfigError(f"--set {item}: {value!r} is not a {type(getattr(hp, key)).__name__}") from None
     return hp
+
+
+def _typed(value: str, current: object) -> object:
+    """``value`` as the type of the ``current`` value of the hyper-parameter ("none": None)."""
+    if value in ("none", "None", ""):
+        return None
+    if isinstance(current, bool):
+        return value.lower() in ("1", "true", "yes")
+    if isinstance(current, int):
+        return int(value)
+    if isinstance(current, float):
+        return float(value)
+    return value
 
 
 def config_from(args: argparse.Namespace):
     from lattice.apps.gossip_sgd.experiment import Config
 
-    names = {f.name for f in dataclasses.fields(Config)} - {"hp"}
-    return Config(**{k: v for k, v in vars(args).items() if k in names}, hp=hyper_from(args.set))
+    names = {f.name for f in dataclasses.fields(Config)} - {"hp", "data_dir"}  # data_dir: the node's
+    values = {k: v for k, v in vars(args).items() if k in names}
+    return Config(**values, data_dir=args.dataset, hp=hyper_from(args.set))

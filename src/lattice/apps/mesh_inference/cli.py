@@ -8,6 +8,7 @@ import os
 import sys
 from typing import Any
 
+from lattice.cli import add_node_options, node_config, write_atomic
 from lattice.plugins import App
 
 
@@ -29,14 +30,10 @@ def register(sub: Any, commands: dict) -> None:
         default=None,
         help="weights budget, --blocks auto (default: half free)",
     )
-    serve.add_argument("--listen", metavar="MULTIADDR", action="append")
-    serve.add_argument("--bootstrap", metavar="MULTIADDR", action="append")
-    serve.add_argument("--key", metavar="FILE")
-    serve.add_argument("--data-dir", metavar="DIR")
-    serve.add_argument("--control", metavar="SOCKET")
-    serve.add_argument("--config", metavar="FILE")
-    serve.add_argument("--ready-file", metavar="FILE")
-    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    add_node_options(serve)  # --config, --listen, --bootstrap, --data-dir, --control, --join, ... as `run`
+    serve.add_argument(
+        "--ready-file", metavar="FILE", help="write {peer_id, addrs, blocks, ...} when serving"
+    )
     serve.add_argument("--max-sessions", type=int, default=16)
     serve.add_argument("--max-sessions-per-peer", type=int, default=4)
     serve.add_argument("--cache-mib", type=int, default=512, help="KV-cache budget (MiB)")
@@ -103,13 +100,10 @@ def cmd_serve_model(args: argparse.Namespace) -> int:
     import trio
 
     from lattice.apps.mesh_inference.weights import open_model
-    from lattice.config import NodeConfig
     from lattice.observe.logs import setup_logging
 
-    config = NodeConfig.load(args.config, listen=args.listen, bootstrap=args.bootstrap, key_file=args.key,
-                             data_dir=args.data_dir, control_socket=args.control,
-                             log_level=args.log_level)  # fmt: skip
-    setup_logging(config.log_level)  # text lines, remote strings in them inert
+    config = node_config(args)
+    setup_logging(config.log_level, config.log_format)  # remote strings in log lines inert
     if args.threads:
         import torch
 
@@ -131,7 +125,7 @@ async def _serve(args: argparse.Namespace, config: Any, source: Any, blocks: tup
     from lattice.apps.mesh_inference.model import Stage
     from lattice.apps.mesh_inference.routing import choose_blocks
     from lattice.apps.mesh_inference.server import ServerLimits, StageServer
-    from lattice.node import Node
+    from lattice.plugins import build_node
 
     limits = ServerLimits(max_sessions=args.max_sessions, max_sessions_per_peer=args.max_sessions_per_peer,
                           cache_bytes=args.cache_mib << 20, max_context=args.max_context,
@@ -153,7 +147,7 @@ async def _serve(args: argparse.Namespace, config: Any, source: Any, blocks: tup
         return Stage(source.config, weights, start, end)
 
     server = StageServer(load, source.model_id, limits, announce_interval=args.announce_interval)
-    node = Node(config)
+    node = build_node(config)  # with the services of other apps the config enables
     node.add_service(server)
     async with node:
         await server.ready.wait()
@@ -167,8 +161,6 @@ async def _serve(args: argparse.Namespace, config: Any, source: Any, blocks: tup
         for addr in info["addrs"]:
             print(f"listening: {addr}", flush=True)
         if args.ready_file:
-            from lattice.cli import write_atomic
-
             write_atomic(args.ready_file, json.dumps(info))
         await node.serve_until_stopped()
     if args.ready_file:

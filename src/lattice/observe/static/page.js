@@ -86,6 +86,31 @@ function drawTraffic(s) {
   if (s.limits) svc.appendChild(row(["limits", "banned " + s.limits.banned + " (total " +
       s.limits.bans_total + "), refused connections " + s.limits.refused_connections +
       ", throttled " + Object.values(s.limits.throttled).reduce((a, b) => a + b, 0)]));
+  drawBudgets(s.resources, svc);
+}
+
+// The resource manager's budgets (docs/operators.md, "Limits and budgets"): use against limits,
+// the heaviest peers and prefixes, refusals by scope. Peer ids and prefixes are remote text: textContent.
+function drawBudgets(r, svc) {
+  if (!r) return;
+  const n = r.node;
+  const pct = (a, b) => b ? " (" + Math.round(100 * a / b) + " %)" : "";
+  svc.appendChild(row(["budget: memory", bytes(n.memory) + " of " + bytes(n.memory_limit) +
+                       pct(n.memory, n.memory_limit) + ", peak " + bytes(n.peak_memory)]));
+  svc.appendChild(row(["budget: slots", "connections " + n.connections + "/" + n.connections_limit +
+                       ", streams " + n.streams + "/" + n.streams_limit + ", pending handshakes " +
+                       n.pending_handshakes + "/" + n.pending_handshakes_limit]));
+  for (const p of r.peers.slice(0, 4)) {
+    if (p.memory) svc.appendChild(row(["  peer " + short(p.name), bytes(p.memory) + ", " + p.streams +
+                                       " streams" + (p.refused ? ", refused " + p.refused : "")], ["", "mono"]));
+  }
+  for (const p of r.prefixes.slice(0, 4)) {
+    if (p.memory || p.pending_handshakes) svc.appendChild(row(["  prefix " + p.name, bytes(p.memory) +
+        ", " + p.connections + " connections, " + p.pending_handshakes + " pending"], ["", "mono"]));
+  }
+  const refused = Object.entries(r.refusals).map(([k, v]) => k + " " + v).join(", ");
+  svc.appendChild(row(["budget: refused", (refused || "none") + "; evicted handshakes " +
+                       r.evicted_handshakes + ", dropped replies " + r.dropped_replies]));
 }
 
 function drawPanels(s) {

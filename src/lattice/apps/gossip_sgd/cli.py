@@ -1,0 +1,132 @@
+"""``lattice-node gossip-sgd sim|peer`` (and ``python -m lattice.apps.gossip_sgd sim|peer``): simulate a
+run with every peer in this process, or take part in a real run as one peer with an embedded node.
+
+    lattice-node gossip-sgd sim --algorithm dsgt --peers 16 --rounds 100 --log runs/dsgt.jsonl --plots runs/
+    lattice-node gossip-sgd peer --run demo --peers 8 --out /tmp/p1 --bootstrap /ip4/.../p2p/12D3KooW...
+
+This module is the app's plug-in door (``APP``): it imports no torch, so listing the commands is cheap.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from lattice.apps.gossip_sgd.options import add_config_args, config_from
+from lattice.cli import add_node_options
+from lattice.plugins import App, Command
+
+__all__ = ["APP", "add_subcommands", "run_command"]
+
+
+def register(sub: Any, commands: dict[str, Command]) -> None:
+    """Add ``gossip-sgd`` (with its actions sim and peer) to lattice-node's parser."""
+    gossip = sub.add_parser(
+        "gossip-sgd",
+        help="decentralized training: simulate a run (sim) or join one as a peer (peer)",
+        description="Gossip SGD: the same algorithms in one process (sim) or over the network (peer).",
+    )
+    add_subcommands(gossip.add_subparsers(dest="gossip_command", metavar="ACTION", required=True))
+    commands["gossip-sgd"] = run_command
+
+
+def add_subcommands(sub: Any) -> None:
+    """The ``sim`` and ``peer`` parsers; each sets ``fn``, the handler :func:`run_command` calls."""
+    sim = sub.add_parser(
+        "sim", help="all peers in this process", description="Simulate a run in this process."
+    )
+    add_config_args(sim)
+    sim.add_argument("--log", help="append one JSON line per evaluation to this file")
+    sim.add_argument("--plots", help="write accuracy PNGs (vs rounds, vs bytes) into this directory")
+    sim.add_argument(
+        "--no-progress", dest="progress", action="store_false", help="JSON lines instead of a bar"
+    )
+    sim.set_defaults(fn=cmd_sim)
+    peer = sub.add_parser(
+        "peer",
+        help="one peer process of a real run (embedded node)",
+        description="Join run RUN as one peer: a node of its own (options as `lattice-node run`), "
+        "data shard by rank, messages over the tensor RPC; writes log.jsonl and model.npy in --out.",
+    )
+    add_config_args(peer)
+    add_peer_options(peer)
+    peer.set_defaults(fn=cmd_peer)
+
+
+def add_peer_options(p: argparse.ArgumentParser) -> None:
+    """Options of ``peer``: the run, the node (:func:`lattice.cli.add_node_options`), timing."""
+    p.add_argument("--run", required=True, help="run id shared by all peers")
+    p.add_argument("--out", required=True, help="directory for log.jsonl, model.npy and node data")
+    p.add_argument("--addr-file", help="write this node's address here once listening")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for a neighbour per phase")
+    p.add_argument("--wait", type=float, default=60.0, help="seconds to wait for all peers at the start")
+    p.add_argument("--late", action="store_true", help="join a run already in progress")
+    p.add_argument(
+        "--linger", type=float, default=15.0, help="seconds to keep serving slower peers at the end"
+    )
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    node = p.add_argument_group(
+        "node (as `lattice-node run`; default: 127.0.0.1, data in OUT/node, no control)"
+    )
+    add_node_options(node)
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Run the action ``args.fn``; a missing dataset or torch is a one-line ConfigError."""
+    from lattice.errors import ConfigError
+
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        raise ConfigError('gossip SGD needs torch: pip install "lattice-p2p[apps]"') from None
+    from lattice.apps.gossip_sgd.data import DatasetMissing
+
+    try:
+        return args.fn(args)
+    except DatasetMissing as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def cmd_sim(args: argparse.Namespace) -> int:
+    from lattice.apps.gossip_sgd import plots
+    from lattice.apps.gossip_sgd.experiment import json_line, simulate
+
+    cfg = config_from(args)
+    log = open(args.log, "a") if args.log else None  # noqa: SIM115
+    try:
+
+        def on_record(rec: dict) -> None:
+            line = json_line(rec)
+            if log:
+                log.write(line + "\n")
+                log.flush()
+            if not args.progress:
+                print(line, flush=True)
+
+        records = simulate(cfg, on_record, progress=args.progress)
+    finally:
+        if log:
+            log.close()
+    print(json.dumps({"final": records[-1], "config": cfg.as_dict()}))
+    if args.plots:
+        for path in plots.plot({cfg.algorithm: records}, args.plots, f"{cfg.peers} peers, {cfg.topology}"):
+            print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+def cmd_peer(args: argparse.Namespace) -> int:
+    import trio
+
+    from lattice.apps.gossip_sgd.network import run_peer
+
+    print(json.dumps(trio.run(run_peer, args)))
+    return 0
+
+
+APP = App(
+    name="gossip_sgd",
+    description="decentralized training over gossip (gossip-sgd sim|peer)",
+    add_commands=register,
+)
