@@ -196,11 +196,11 @@ class ControlClient:
             await conn.aclose()
 
     async def dht(self, dht_type: int, *, peer: PeerId | None = None, cid: bytes | None = None,
-                  key: bytes | None = None, count: int | None = None,
+                  key: bytes | None = None, value: bytes | None = None, count: int | None = None,
                   timeout: int = 10) -> list[dict[int, list[int | bytes]]]:  # fmt: skip
         """A DHT request; the DHTResponse messages (one, or the VALUEs between BEGIN and END)."""
-        body = [(1, dht_type), (2, peer.multihash if peer else None), (3, cid), (4, key), (6, count),
-                (7, timeout)]  # fmt: skip
+        body = [(1, dht_type), (2, peer.multihash if peer else None), (3, cid), (4, key), (5, value),
+                (6, count), (7, timeout)]  # fmt: skip
         conn = await self._open()
         try:
             await conn.send_msg(_proto.encode([(1, DHT), (5, _proto.encode(body))]))
@@ -229,6 +229,10 @@ class ControlClient:
     async def provide(self, cid: bytes, timeout: int = 10) -> None:
         """Announce ``cid`` (binary CID; a bare sha2-256 multihash is a CIDv0) to the closest peers."""
         await self.dht(DHT_PROVIDE, cid=cid, timeout=timeout)
+
+    async def put_value(self, key: bytes, value: bytes, timeout: int = 10) -> None:
+        """PUT_VALUE of a libp2p record (go validates it first: ``/pk/<peer id>`` -> its public key)."""
+        await self.dht(DHT_PUT_VALUE, key=key, value=value, timeout=timeout)
 
     async def find_providers(self, cid: bytes, count: int = 20, timeout: int = 10) -> list[PeerRecord]:
         replies = await self.dht(DHT_FIND_PROVIDERS, cid=cid, count=count, timeout=timeout)

@@ -17,12 +17,14 @@ import trio
 
 from _p2pd import P2PDError, find_p2pd, start_p2pd
 from lattice import Node, NodeConfig, _proto
-from lattice.dht import DHT, DHTConfig
+from lattice.dht import DHT
 from lattice.dht import protocol as kad
-from lattice.identity import PeerId
+from lattice.errors import LatticeError
+from lattice.identity import KeyPair, PeerId
 from lattice.multiaddr import Multiaddr
 from lattice.rpc import RPC
 from lattice.transport import ping
+from lattice.transport.framing import read_delimited
 from lattice.transport.identify import decode as decode_identify
 from lattice.transport.peerstore import PeerInfo
 
@@ -43,15 +45,17 @@ NO_PEERS = "failed to find any peer in table"  # go-libp2p-kad-dht, routing tabl
 
 @asynccontextmanager
 async def lattice_node(tmp_path, name: str):
-    cfg = NodeConfig(listen=["/ip4/127.0.0.1/tcp/0"], data_dir=tmp_path / name, control=False)
-    async with Node(cfg, services=[RPC(), DHT(DHTConfig(protocol_id=KAD))]) as node:
+    """A node with the profile a user picks to speak with libp2p peers' Kademlia (``--join libp2p``)."""
+    cfg = NodeConfig(listen=["/ip4/127.0.0.1/tcp/0"], data_dir=tmp_path / name, control=False, swarm="libp2p")
+    async with Node(cfg, services=[RPC(), DHT()]) as node:
+        assert node.dht.config.protocol_id == KAD
         yield node
 
 
 @asynccontextmanager
-async def go_peer():
+async def go_peer(dht: str = "server"):
     assert P2PD is not None
-    async with start_p2pd(P2PD, dht="server") as daemon:
+    async with start_p2pd(P2PD, dht=dht) as daemon:
         yield daemon
 
 
@@ -191,17 +195,23 @@ async def test_we_dial_go_identify_ping_and_use_its_dht(tmp_path):
             assert node.dht.stats["failed_requests"] == 0 and node.dht.stats["malformed"] == 0
 
 
-# -- known defect: FIND_NODE for the answering node's own id
-#
-# go-libp2p-kad-dht (v0.25.1 in this p2pd build) admits a newly identified DHT server into its
-# routing table only after a "lookup check": a FIND_NODE whose key is that peer's own id, which must
-# return at least one closer peer. go's own handler puts itself in closerPeers when the key is its own
-# id; Lattice's (DHT._answer, FIND_NODE) returns only routing-table contacts minus the requester. A
-# Lattice node whose only contact is the go peer answers with no peers, p2pd logs "connected peer not
-# answering DHT request as expected ... failed to return its closest peers, got 0", and the node never
-# enters go's routing table (every DHT query from go then fails: "failed to find any peer in table").
-# With a second contact (test_go_queries_our_dht) the check passes. These two tests pin the defect;
-# strict, so they fail (XPASS) once it is fixed and the marks should go.
+async def test_we_find_a_third_peer_through_go(tmp_path):
+    """We know one go peer, which knows another: FIND_NODE to the first finds the second, and we dial
+    it by peer id alone."""
+    async with lattice_node(tmp_path, "a") as node, go_peer() as go1, go_peer() as go2:
+        with trio.fail_after(TIMEOUT):
+            await go2.control.connect(go1.peer_id, go1.addrs)
+            await go_closest_peers(go1, timeout=10)  # go2 is in go1's routing table
+            await node.connect(str(go1.addrs[0].with_peer(go1.peer_id)))
+            await node.host.wait_identified(go1.peer_id)
+            addrs = await node.dht.find_peer(go2.peer_id)
+            assert go2.addrs[0] in [a.without_peer() for a in addrs]
+            assert await node.connect(str(go2.peer_id)) == str(go2.peer_id)
+
+
+# go-libp2p-kad-dht (v0.25.1 in this p2pd build) admits a newly identified DHT server into its routing
+# table only after a "lookup check": a FIND_NODE of that peer's own id must return at least one peer.
+# A lone Lattice node lists itself (DHT._find_node), so it passes.
 
 
 async def test_find_node_for_our_own_id_lists_us(tmp_path):
@@ -224,3 +234,86 @@ async def test_go_adds_a_lone_lattice_node_to_its_routing_table(tmp_path):
             closest = await go_closest_peers(go, timeout=10)
         me = node.peer_id
     assert closest == [me], f"go's routing table stayed empty ({NO_PEERS!r})"
+
+
+# -- what a go peer's writes and client-mode requests get
+
+
+def pk_record(keypair) -> tuple[bytes, bytes]:
+    """A standard libp2p record go validates and stores: /pk/<peer id multihash> -> the public key."""
+    return b"/pk/" + keypair.peer_id.multihash, keypair.public_key.to_protobuf()
+
+
+async def test_go_put_value_of_a_libp2p_record_is_refused_and_go_survives(tmp_path):
+    """go's PUT_VALUE of a /pk/ record: Lattice stores only its own signed records, so it refuses it as
+    go's own server refuses a record its validator rejects (stream reset). An empty PUT_VALUE reply
+    made p2pd panic and exit; now go logs the refused peer and keeps serving."""
+    async with lattice_node(tmp_path, "a") as node, go_peer() as go:
+        with trio.fail_after(TIMEOUT):
+            await go_connects_to(go, node)
+            await go_closest_peers(go, timeout=10)  # the Lattice node is in go's table
+            key, value = pk_record(KeyPair.generate())
+            await go.control.put_value(key, value)  # go keeps it locally; it logs the refused peer
+            await trio.sleep(0.5)
+            assert go.process.poll() is None, f"p2pd exited: {go.log()[-3000:]}"
+            assert node.dht.stats["rejected_records"] >= 1 and node.dht.store.record_count == 0
+            # both sides still serve: go finds our providers, we find go's
+            cid = cid_v0(b"after the refused put")
+            assert await node.dht.provide(cid) == 1
+            assert [p.peer for p in await go.control.find_providers(cid, count=1)] == [node.peer_id]
+            cid = cid_v0(b"go provides after the refused put")
+            await go.control.provide(cid)
+            assert str(go.peer_id) in [p for p, _ in await node.dht.find_providers(cid)]
+
+
+async def test_a_refused_put_still_lists_closer_peers_to_a_lattice_putter(tmp_path):
+    """A Lattice putter that asked for closer peers (WANT_CLOSER) gets them even when refused: the reset
+    is for putters that expect libp2p's reply (go, rust)."""
+    async with (
+        lattice_node(tmp_path, "a") as a,
+        lattice_node(tmp_path, "b") as b,
+        lattice_node(tmp_path, "c") as c,
+    ):
+        with trio.fail_after(TIMEOUT):
+            await a.connect(b.addrs[0])
+            await c.connect(b.addrs[0])
+            await b.host.wait_identified(a.peer_id)
+            await b.host.wait_identified(c.peer_id)
+            request = kad.Message(kad.PUT_VALUE, b"k", b"k", b"not a lattice record", want_closer=True)
+            reply = await raw_request(a, b.peer_id, request)
+            assert reply is not None and reply.type == kad.PUT_VALUE and reply.record_value is None
+            assert [e.peer for e in reply.closer] == [c.peer_id]  # B's contacts but the requester
+            # without WANT_CLOSER: the stream is reset, as go's server does
+            refused = kad.Message(kad.PUT_VALUE, b"k", b"k", b"not a lattice record either")
+            assert await raw_request(a, b.peer_id, refused) is None
+            assert b.dht.stats["rejected_records"] == 2
+
+
+async def raw_request(node, peer: PeerId, message: kad.Message) -> kad.Message | None:
+    """One Kademlia request on a new stream; None if the peer reset or closed it instead of replying."""
+    stream = await node.host.new_stream(node.host.connection_to(peer), [KAD])
+    await stream.write(_proto.delimited(kad.encode(message)))
+    try:
+        raw = await read_delimited(stream, kad.MAX_MESSAGE)
+    except LatticeError:
+        return None
+    return kad.decode(raw) if raw is not None else None
+
+
+async def test_go_in_client_mode_is_served_but_not_in_our_routing_table(tmp_path):
+    """A go peer in DHT client mode (-dhtClient: identify does not list the kad protocol) queries us
+    and is answered, but it does not enter our routing table (Kademlia spec): lookups must not waste
+    queries on a peer that does not serve them."""
+    async with lattice_node(tmp_path, "a") as a, lattice_node(tmp_path, "b") as b, go_peer("client") as go:
+        with trio.fail_after(TIMEOUT):
+            await a.connect(b.addrs[0])
+            await a.host.wait_identified(b.peer_id)
+            await go_connects_to(go, a)
+            info = await a.host.wait_identified(go.peer_id)
+            assert KAD not in info.protocols  # a client does not announce the protocol
+            for _ in range(2):  # go's FIND_NODEs to A and B, after both identified go
+                assert set(await go_closest_peers(go, timeout=10)) == {a.peer_id, b.peer_id}
+            assert a.dht.stats["requests_in"] > 0
+            for node in (a, b):
+                assert node.dht.table.get(go.peer_id) is None
+            assert a.dht.table.get(b.peer_id) is not None  # servers still are

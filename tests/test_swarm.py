@@ -120,7 +120,7 @@ def test_bootstrap_peers_of_an_incompatible_version_are_a_clear_error(tmp_path):
 
 def test_join_without_bootstrap_peers_says_so(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "lattice.cli", "run", "--data-dir", str(tmp_path), "--join", "public-test"],
+        [sys.executable, "-m", "lattice.cli", "run", "--data-dir", str(tmp_path), "--join", "lattica"],
         capture_output=True, text=True, timeout=30,
     )  # fmt: skip
     assert result.returncode == 2

@@ -62,8 +62,13 @@ def add_node_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="FILE", help="TOML config file")
     parser.add_argument("--listen", metavar="MULTIADDR", action="append", help="listen address (repeatable)")
     parser.add_argument(
-        "--bootstrap", metavar="MULTIADDR", action="append", help="bootstrap peer (repeatable)"
-    )
+        "--bootstrap", metavar="MULTIADDR", action="append",
+        help="bootstrap peer, or /dnsaddr/DOMAIN for a list published in DNS (repeatable)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--dns-server", metavar="IP[:PORT]", action="append", dest="dns_servers",
+        help="DNS resolver for /dnsaddr/ bootstrap addresses (repeatable; default: the system's)",
+    )  # fmt: skip
     parser.add_argument("--key", metavar="FILE", help="identity key file (created with mode 0600 if missing)")
     parser.add_argument("--data-dir", metavar="DIR", help="directory for all persistent state")
     parser.add_argument("--control", metavar="SOCKET", help="control socket path")
@@ -119,6 +124,7 @@ def node_config(args: argparse.Namespace, **defaults: Any) -> NodeConfig:
         defaults=defaults,
         listen=args.listen,
         bootstrap=args.bootstrap,
+        dns_servers=args.dns_servers,
         key_file=args.key,
         data_dir=args.data_dir,
         control_socket=args.control,

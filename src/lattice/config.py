@@ -55,7 +55,8 @@ class NodeConfig:
     """
 
     listen: tuple[str, ...] = ("/ip4/0.0.0.0/tcp/0",)
-    bootstrap: tuple[str, ...] = ()
+    bootstrap: tuple[str, ...] = ()  # multiaddrs; /dnsaddr/DOMAIN ones are resolved at start
+    dns_servers: tuple[str, ...] = ()  # resolvers for /dnsaddr/ ("IP" or "IP:PORT"; default: the system's)
     data_dir: Path = field(default_factory=default_data_dir)
     key_file: Path | None = None
     control_socket: Path | None = None
@@ -128,10 +129,14 @@ class NodeConfig:
             if ma.tcp_target() is None or ma.parts[0][0] not in ("ip4", "ip6") or ma.peer_id is not None:
                 raise ConfigError(f"cannot listen on {addr}: expected /ip4|ip6/ADDRESS/tcp/PORT")
         for addr in self.bootstrap:
-            if Multiaddr.parse(addr).tcp_target() is None:
+            ma = Multiaddr.parse(addr)
+            if ma.tcp_target() is None and ma.parts[0][0] != "dnsaddr":
                 raise ConfigError(
-                    f"bootstrap address {addr} is not a direct /ip4|ip6|dns/.../tcp/PORT address"
+                    f"bootstrap address {addr} is not /ip4|ip6|dns/.../tcp/PORT nor /dnsaddr/DOMAIN"
                 )
+        if isinstance(self.dns_servers, str) or not isinstance(self.dns_servers, list | tuple):
+            raise ConfigError("dns_servers must be a list of IP or IP:PORT")
+        object.__setattr__(self, "dns_servers", tuple(str(s) for s in self.dns_servers))
         if not isinstance(self.swarm, str) or not self.swarm:
             raise ConfigError("swarm must be the name of a swarm profile")
         for name in ("data_dir", "key_file", "control_socket", "swarm_file"):

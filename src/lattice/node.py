@@ -31,9 +31,11 @@ from lattice.identity import KeyPair, PeerId, load_or_create_key
 from lattice.multiaddr import Multiaddr, dialable
 from lattice.nat.manager import NATConfig, NATManager
 from lattice.nat.relay import RelayLimits
+from lattice.transport import dnsaddr
 from lattice.transport import ping as ping_protocol
 from lattice.transport.connmgr import ConnectionManager
 from lattice.transport.host import Connection, Host, HostConfig
+from lattice.transport.sink import drain
 from lattice.transport.stack import open_host
 
 __all__ = ["BlockingNode", "Node", "Service"]
@@ -153,15 +155,20 @@ class Node:
                 control = ControlServer(self.control_path)
                 await control.bind()
             self._install_swarm_guard()
+            for proto in profile.sink_protocols:
+                self.host.set_stream_handler(proto, drain)
             for service in self.services.values():  # handlers exist before any peer can identify us
                 await self._nursery.start(service.run, self)
             self.host.start_accepting()
             if "dht" in self.services:
                 self._wire_relay_discovery()
-            boot_addrs = list(dict.fromkeys([*cfg.bootstrap, *profile.bootstrap]))
-            bootstrap = [
-                Multiaddr.parse(a) for a in boot_addrs if Multiaddr.parse(a).peer_id != keypair.peer_id
-            ]
+            boot_addrs = [Multiaddr.parse(a) for a in dict.fromkeys([*cfg.bootstrap, *profile.bootstrap])]
+            if any(a.parts[0][0] == "dnsaddr" for a in boot_addrs):  # the swarm's list, published in DNS
+                named = ", ".join(str(a) for a in boot_addrs)
+                boot_addrs = await dnsaddr.resolve_all(boot_addrs, dnsaddr.dns_lookup(cfg.dns_servers))
+                if not boot_addrs and not cfg.bootstrap_node:
+                    raise dnsaddr.DnsaddrError(f"no bootstrap address: {named} did not resolve (see the log)")
+            bootstrap = [a for a in boot_addrs if a.peer_id != keypair.peer_id]
             self.connmgr = ConnectionManager(self.host, bootstrap, keepalive_interval=cfg.keepalive_interval)
             self._nursery.start_soon(self.connmgr.run)
             if cfg.metrics_listen:

@@ -22,7 +22,7 @@ import trio
 from lattice import _proto
 from lattice.dht import protocol, records
 from lattice.dht.records import Record
-from lattice.errors import LatticeError
+from lattice.errors import LatticeError, StreamReset
 from lattice.identity import KeyPair, PeerId
 from lattice.transport import open_host
 from lattice.transport.framing import read_delimited
@@ -44,27 +44,34 @@ def signed_record(
 
 
 async def _put_all(victim: str, keypair: KeyPair, recs: list[Record], protocol_id: str) -> dict:
-    """Send ``recs`` on one stream from a host with ``keypair``; count what the victim echoed (stored)."""
+    """Send ``recs`` from a host with ``keypair``, on one stream while the victim stores them; count what
+    it echoed (stored) and refused (a reset stream)."""
     out = {"sent": 0, "stored": 0, "refused": 0, "stored_value_bytes": 0, "cut_off": False, "error": ""}
     try:
         async with open_host(keypair) as host:
             with trio.fail_after(10):
                 conn = await host.connect(victim)
-                stream = await host.new_stream(conn, [protocol_id])
+                stream: Any = await host.new_stream(conn, [protocol_id])
             for rec in recs:
                 body = protocol.encode(protocol.Message(protocol.PUT_VALUE, rec.key, rec.key, rec.encode()))
                 with trio.fail_after(10):
+                    if stream is None:  # a refusal resets the stream (as go's server does): reopen
+                        stream = await host.new_stream(conn, [protocol_id])
                     await stream.write(_proto.delimited(body))
                     out["sent"] += 1
-                    raw = await read_delimited(stream, protocol.MAX_MESSAGE)
+                    try:
+                        raw = await read_delimited(stream, protocol.MAX_MESSAGE)
+                    except StreamReset:
+                        raw, stream = b"", None
                 if raw is None:
                     raise LatticeError("the victim closed the stream")
-                if protocol.decode(raw).record_value == rec.encode():
+                if raw and protocol.decode(raw).record_value == rec.encode():
                     out["stored"] += 1
                     out["stored_value_bytes"] += len(rec.value)
                 else:
                     out["refused"] += 1
-            await stream.close()
+            if stream is not None:
+                await stream.close()
     except* (LatticeError, OSError, trio.TooSlowError) as group:  # reset or refused: we were cut off
         exc = group.exceptions[0]
         out["cut_off"] = True

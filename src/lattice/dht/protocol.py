@@ -1,7 +1,11 @@
 """libp2p Kademlia wire messages (protobuf ``dht.pb.Message``), encoded with the bounded codec.
 
-Lattice records travel in ``Message.record.value`` (a msgpack Record, see records.py), so a go- or
-rust-libp2p peer can route (FIND_NODE) through a Lattice node and carry its records unmodified.
+The messages are libp2p's, so go/rust/py libp2p peers route through a Lattice node (FIND_NODE) and
+exchange provider records with it (ADD_PROVIDER, GET_PROVIDERS), under a shared protocol id (the
+``libp2p`` or ``lattica`` swarm profile). Values do not cross implementations: a Lattice record in
+``Message.record.value`` is a msgpack Record signed by its publisher (records.py), which other
+implementations neither make nor check; a Lattice node refuses their records (a libp2p ``/pk/`` or
+``/ipns/`` record, a Lattica pickle) with a stream reset, and never decodes them beyond msgpack.
 """
 
 from __future__ import annotations

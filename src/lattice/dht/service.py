@@ -4,13 +4,17 @@
     entries = await node.dht.get(b"model/llama/shard-3")                   # one Entry per subkey
     await node.dht.provide(b"tensor:abc123");  await node.dht.find_providers(b"tensor:abc123")
 
-Wire: libp2p Kademlia messages (varint-delimited protobuf) under a configurable protocol id
-(default ``/lattice/kad/1.0.0``). Streams to a peer are pooled and reused across requests, so a
-lookup pays no protocol negotiation per hop. Every record is verified on every hop (signature,
+Wire: libp2p Kademlia messages (varint-delimited protobuf) under the swarm profile's protocol id
+(``/lattice/kad/1.0.0`` by default; ``/ipfs/kad/1.0.0`` in the ``libp2p`` profile, which go/rust/py
+libp2p peers query). Only DHT servers enter the routing table: peers whose identify lists that id
+(a peer in client mode is served, never queried). Streams to a peer are pooled and reused across
+requests, so a lookup pays no protocol negotiation per hop. Every record is verified on every hop (signature,
 expiry, size, ownership, the peer-id subkey rule); rejections are counted in ``stats``. What a
 stranger may store here is bounded by byte quotas (store, publisher, sender IP prefix: ``StoreLimits``);
-a refusal is answered like any refused PUT, counted (``quota_refused*``), and a peer that keeps
-writing after its refusals earns misbehaviour points.
+a refused PUT_VALUE (over a quota, or not a valid Lattice record: e.g. a go peer's ``/pk/`` or
+``/ipns/`` record, a Lattica peer's pickled value) resets the stream as go-libp2p-kad-dht's server
+does, is counted (``quota_refused*``, ``rejected_records``), and a peer that keeps writing after its
+refusals earns misbehaviour points.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ _OP_NAMES = {protocol.FIND_NODE: "find_node", protocol.GET_VALUE: "get_value",
              protocol.GET_PROVIDERS: "get_providers"}  # fmt: skip
 EARLY_SELF_LOOKUPS = (1.0, 4.0, 15.0)  # seconds between the first self-lookups after bootstrap
 MAX_REPLY_RECORDS = 64 * 1024 * 3  # bytes of records in one GET_VALUE reply
+REFUSED = protocol.Message(protocol.PUT_VALUE)  # _answer's "reset the stream" (identity-compared)
 
 
 @dataclass
@@ -169,8 +174,18 @@ class DHT:
                 self._dirty.set()
 
     def _on_identified(self, info: PeerInfo) -> None:
-        if self.config.protocol_id in info.protocols and self.table is not None:
+        """A DHT server (identify lists our protocol) enters the table; a peer in client mode never
+        does (Kademlia spec: a lookup must not waste queries on it), nor one that stopped serving."""
+        if self.table is None:
+            return
+        if self.serves_dht(info):
             self._add_contact(info.peer_id, dialable(info.addrs))
+        elif self.table.get(info.peer_id) is not None:
+            self.table.remove(info.peer_id)
+
+    def serves_dht(self, info: PeerInfo | None) -> bool:
+        """Does this peer's identify list our Kademlia protocol (a DHT server, not a client)?"""
+        return info is not None and self.config.protocol_id in info.protocols
 
     def _admitted(self, peer: PeerId) -> bool:
         limits = getattr(self.node.host, "limits", None)
@@ -607,11 +622,12 @@ class DHT:
         host = self.node.host
         conn = host.connection_to(peer)
         info = host.peerstore.get(peer)
-        self._add_contact(
-            peer,
-            dialable(info.addrs if info else [])
-            or ([conn.remote_addr] if conn is not None and conn.direction == "outbound" else []),
-        )
+        if self.serves_dht(info):  # a client's requests are served, it is not a contact (spec)
+            self._add_contact(
+                peer,
+                dialable(info.addrs if info else [])
+                or ([conn.remote_addr] if conn is not None and conn.direction == "outbound" else []),
+            )
         # one scope for the stream (cheaper than a scope per request); its deadline is moved only when
         # less than half of it is left, so an idle stream is closed after 30-60 s
         with trio.CancelScope() as idle:
@@ -635,6 +651,9 @@ class DHT:
                     await stream.reset()
                     return
                 reply = self._answer(request, peer)
+                if reply is REFUSED:  # as go-libp2p-kad-dht's server does (its putter expects it)
+                    await stream.reset()
+                    return
                 if reply is None:
                     continue
                 if reply is request:  # a stored PUT_VALUE: echo the request's bytes (as go-libp2p does)
@@ -672,6 +691,7 @@ class DHT:
         return closer
 
     def _answer(self, req: protocol.Message, requester: PeerId) -> protocol.Message | None:
+        """The reply to ``req``: a message, None (no reply: ADD_PROVIDER) or REFUSED (reset)."""
         key = req.key
         if req.type == protocol.PING:
             return protocol.Message(protocol.PING)
@@ -705,7 +725,9 @@ class DHT:
                 stored = False
             closer = self._find_node(key, requester) if req.want_closer else []
             if not stored:
-                return protocol.Message(protocol.PUT_VALUE, key, closer=closer)
+                # go/rust putters expect the record echoed or the stream reset (an empty reply made
+                # p2pd panic); a Lattice putter asking for closer peers gets them without the record
+                return protocol.Message(protocol.PUT_VALUE, key, closer=closer) if closer else REFUSED
             if not closer:
                 return req  # the reply to a stored record is the request itself (libp2p)
             return protocol.Message(protocol.PUT_VALUE, key, key, req.record_value, closer=closer)

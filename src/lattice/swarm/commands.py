@@ -60,7 +60,7 @@ def register(sub: Any) -> dict[str, Callable[[argparse.Namespace], int]]:
     testnet.add_argument("--dir", metavar="DIR", help="directory for the nodes' state (default: a temp dir)")
     testnet.add_argument(
         "--no-wait-dht", dest="wait_dht", action="store_false",
-        help="do not wait until every node has the others in its DHT",
+        help="do not wait until every node has min(20, N-1) DHT contacts (enough to find every other)",
     )  # fmt: skip
     testnet.add_argument("--json", action="store_true", help="print one JSON summary line")
     testnet.add_argument(

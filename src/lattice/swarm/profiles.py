@@ -3,14 +3,16 @@
 A profile names a swarm id, its bootstrap peers, the Kademlia protocol id, the identify
 ``protocol_version`` and the limits of its public nodes. Two swarms use different DHT protocol ids
 (a request of the other swarm fails negotiation) and different identify versions (a peer whose
-version names another swarm is never added to the routing table). The ``default`` profile keeps
-the ids a libp2p peer expects, so go/rust peers still identify, ping and query a default node.
+version names another swarm is never added to the routing table). go/rust/py libp2p peers connect,
+identify and ping a node of any profile; their Kademlia speaks ``/ipfs/kad/1.0.0``, which only the
+``libp2p`` profile serves (the ``default`` one speaks ``/lattice/kad/1.0.0``). The ``lattica``
+profile speaks with Lattica nodes (its identify version and Kademlia id are both ``/lattica/1.0.0``).
 
 Built-in profiles live in :data:`BUILTIN`; more come from TOML files (``--swarm-file``)::
 
     [swarm.mynet]
     bootstrap = ["/dns4/boot1.example.org/tcp/4001/p2p/12D3KooW..."]
-    # optional: id (default: the name), kad_protocol, identify_version
+    # optional: id (default: the name), kad_protocol, identify_version, sink_protocols
     [swarm.mynet.limits]
     max_conns_per_ip = 8
 """
@@ -32,6 +34,10 @@ __all__ = ["BUILTIN", "DEFAULT", "SwarmLimits", "SwarmProfile", "load_profiles",
 _ID = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 DEFAULT_KAD = "/lattice/kad/1.0.0"
 DEFAULT_IDENTIFY = "lattice/1.0.0"
+# where the public test swarm's operators publish its bootstrap list (docs/operators.md)
+PUBLIC_TEST_DNSADDR = "/dnsaddr/public-test.lattice-p2p.org"
+# identify versions of other implementations that name a swarm of their own: prefix -> swarm id
+FOREIGN_SWARMS = {"/lattica/": "lattica"}  # Lattica (rust-libp2p) drops a peer that is not "/lattica/1.0.0"
 
 
 SwarmLimits = Limits  # what one peer may cost a node (enforced by lattice.transport.limits)
@@ -45,6 +51,9 @@ class SwarmProfile:
     kad_protocol: str = ""
     identify_version: str = ""
     limits: SwarmLimits = field(default_factory=SwarmLimits)
+    # protocols accepted and read to nothing (lattice.transport.sink): this swarm's peers reopen
+    # them in a loop when refused (Lattica's bitswap), which our stream rate limit would punish
+    sink_protocols: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not _ID.fullmatch(self.swarm_id):
@@ -62,16 +71,25 @@ class SwarmProfile:
             raise ConfigError(
                 f"identify_version {self.identify_version!r} of swarm {self.name!r} must read "
                 f"lattice/{self.swarm_id}/VERSION"
+                + (f" (or {self.swarm_id}'s own version)" if self.swarm_id in FOREIGN_SWARMS.values() else "")
             )
         for addr in self.bootstrap:
             ma = Multiaddr.parse(addr)
+            if ma.parts[0][0] == "dnsaddr":  # resolved at start (lattice.transport.dnsaddr)
+                continue
             if ma.tcp_target() is None or ma.peer_id is None:
-                raise ConfigError(f"bootstrap address {addr} of swarm {self.name!r} needs /tcp/PORT/p2p/PEER")
+                raise ConfigError(
+                    f"bootstrap address {addr} of swarm {self.name!r} needs /tcp/PORT/p2p/PEER or /dnsaddr/"
+                )
 
 
 def swarm_of(protocol_version: str) -> str | None:
     """The swarm id a peer's identify ``protocol_version`` names: ``lattice/<id>/<v>`` -> id,
-    ``lattice/<v>`` (digits) -> "default"; None for other implementations (go, rust, ...)."""
+    ``lattice/<v>`` (digits) -> "default", ``/lattica/<v>`` -> "lattica" (FOREIGN_SWARMS); None for
+    other implementations (go, rust, py: their Kademlia protocol id decides whether they are in ours)."""
+    for prefix, swarm in FOREIGN_SWARMS.items():
+        if protocol_version.startswith(prefix):
+            return swarm
     parts = protocol_version.split("/")
     if len(parts) < 2 or parts[0] != "lattice":
         return None
@@ -83,9 +101,20 @@ def swarm_of(protocol_version: str) -> str | None:
 DEFAULT = SwarmProfile("default", "default")
 BUILTIN: dict[str, SwarmProfile] = {
     "default": DEFAULT,
-    # The public test swarm: its operators publish the bootstrap list as a profile file
-    # (docs/operators.md); until then, join it with --bootstrap ADDR.
-    "public-test": SwarmProfile("public-test", "public-test"),
+    # The public test swarm: its operators publish the bootstrap list in DNS (TXT records under
+    # _dnsaddr.<domain>, docs/operators.md), so it changes without a release
+    "public-test": SwarmProfile("public-test", "public-test", bootstrap=(PUBLIC_TEST_DNSADDR,)),
+    # Kademlia under the libp2p id go/rust/py libp2p peers use by default (no bootstrap list: it is
+    # not the IPFS network, it lets libp2p peers of your own query and be queried; docs/interop.md)
+    "libp2p": SwarmProfile("libp2p", "libp2p", kad_protocol="/ipfs/kad/1.0.0"),
+    # Lattica's swarm (rust-libp2p): Kademlia under its id, its identify version (docs/interop.md)
+    "lattica": SwarmProfile(
+        "lattica",
+        "lattica",
+        kad_protocol="/lattica/1.0.0",
+        identify_version="/lattica/1.0.0",
+        sink_protocols=("/ipfs/bitswap/1.2.0",),
+    ),
 }
 
 
@@ -104,7 +133,7 @@ def load_profiles(path: Path) -> dict[str, SwarmProfile]:
 
 
 def _profile(name: str, table: dict[str, Any], path: Path) -> SwarmProfile:
-    known = {"id", "bootstrap", "kad_protocol", "identify_version", "limits"}
+    known = {"id", "bootstrap", "kad_protocol", "identify_version", "limits", "sink_protocols"}
     unknown = set(table) - known
     if unknown:
         raise ConfigError(f"swarm file {path}: unknown keys in [swarm.{name}]: {', '.join(sorted(unknown))}")
@@ -118,6 +147,9 @@ def _profile(name: str, table: dict[str, Any], path: Path) -> SwarmProfile:
     bootstrap = table.get("bootstrap", [])
     if not isinstance(bootstrap, list) or not all(isinstance(a, str) for a in bootstrap):
         raise ConfigError(f"swarm file {path}: bootstrap of {name!r} must be a list of multiaddrs")
+    sinks = table.get("sink_protocols", [])
+    if not isinstance(sinks, list) or not all(isinstance(p, str) and p.startswith("/") for p in sinks):
+        raise ConfigError(f"swarm file {path}: sink_protocols of {name!r} must be a list of protocol ids")
     return SwarmProfile(
         name=name,
         swarm_id=str(table.get("id", name)),
@@ -125,6 +157,7 @@ def _profile(name: str, table: dict[str, Any], path: Path) -> SwarmProfile:
         kad_protocol=str(table.get("kad_protocol", "")),
         identify_version=str(table.get("identify_version", "")),
         limits=_limits(limits, path),
+        sink_protocols=tuple(sinks),
     )
 
 
