@@ -222,7 +222,39 @@ async def attack_bad_prefix(v: Victim, args: argparse.Namespace) -> dict:
     return await bad_prefix_peer(v.addr, [identify.PUSH_ID, "/lattice/kad/1.0.0"], hold=args.seconds)
 
 
+async def attack_rpc_big_payloads(v: Victim, args: argparse.Namespace) -> dict:
+    from attacks.rpc_flood import big_payloads
+
+    missing = await big_payloads(v.addr, "no.such.method", count=3, size=1 << 30, victim_pid=v.pid)
+    small = await big_payloads(v.addr, "lattice.bench.echo", count=3, size=1 << 30, victim_pid=v.pid)
+    return {"missing_method": missing, "default_limit": small}
+
+
+async def attack_rpc_stalled_calls(v: Victim, args: argparse.Namespace) -> dict:
+    from attacks.rpc_flood import stalled_calls
+
+    return await stalled_calls(
+        v.addr, "lattice.bench.sink", identities=33, per_identity=64, hold=args.seconds
+    )
+
+
+async def attack_rpc_upload_squat(v: Victim, args: argparse.Namespace) -> dict:
+    from attacks.rpc_flood import upload_squat
+
+    return await upload_squat(v.addr, identities=2, nbytes=4 << 30)
+
+
+async def attack_rpc_bad_shapes(v: Victim, args: argparse.Namespace) -> dict:
+    from attacks.rpc_flood import bad_shapes
+
+    return await bad_shapes(v.addr, "lattice.bench.echo")
+
+
 ATTACKS: dict[str, Attack] = {
+    "rpc_big_payloads": attack_rpc_big_payloads,
+    "rpc_stalled_calls": attack_rpc_stalled_calls,
+    "rpc_upload_squat": attack_rpc_upload_squat,
+    "rpc_bad_shapes": attack_rpc_bad_shapes,
     "crdt_gap": attack_crdt_gap,
     "gossip_flood": attack_gossip_flood,
     "bad_prefix": attack_bad_prefix,

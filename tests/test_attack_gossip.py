@@ -32,11 +32,11 @@ async def test_a_gossip_flood_neither_grows_memory_nor_stops_replication(pair):
     result = await gossip_flood(
         victim.info["addrs"][0], TOPIC, rpcs=60, seconds=1.0, victim_pid=victim.proc.pid
     )
-    assert result["rpcs_sent"] == 60, result
+    assert result["rpcs_sent"] == 60 or result["reset_by_victim"], result
     # 60 RPCs of ~300 KB named 240 k topics to prune and 60 k to subscribe to: none of it is kept
     assert result["victim_rss_after_mib"] - result["victim_rss_before_mib"] < 40, result
     # and the victim read them at its per-peer pace (2 MiB/s after an 8 MiB burst), not at once
-    assert time.monotonic() - started > 3.0
+    assert result["reset_by_victim"] or time.monotonic() - started > 3.0
     honest.call("crdt.set", doc="shared", key="after", value="the flood")
     wait_for(lambda: victim.call("crdt.get", doc="shared").get("after") == "the flood", 10, "replication")
     assert "Traceback" not in victim.log()

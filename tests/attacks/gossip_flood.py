@@ -28,14 +28,18 @@ async def gossip_flood(
     an IWANT of 2,000 ids) over ``seconds``, reading whatever the victim answers."""
     before = rss_mib(victim_pid) if victim_pid else None
     sent = received = 0
+    reset = False
     async with open_host(KeyPair.generate(), HostConfig()) as host:
         conn = await host.connect(target)
         stream = await host.new_stream(conn, [protocol.PROTOCOL_ID])
 
         async def drain() -> None:
             nonlocal received
-            while await stream.read(1 << 16):
-                received += 1
+            try:
+                while await stream.read(1 << 16):
+                    received += 1
+            except Exception:  # the victim reset our stream: it may, it is a flood
+                pass
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(drain)
@@ -53,11 +57,12 @@ async def gossip_flood(
                 try:
                     await stream.write(_proto.delimited(raw))
                 except Exception:
+                    reset = True
                     break  # the victim cut us off: fine
                 sent += 1
                 await trio.sleep(seconds / rpcs)
             nursery.cancel_scope.cancel()
-    out: dict = {"rpcs_sent": sent, "reads": received}
+    out: dict = {"rpcs_sent": sent, "reads": received, "reset_by_victim": reset}
     if victim_pid:
         await trio.sleep(1.0)
         out.update(
