@@ -87,6 +87,9 @@ class NodeConfig:
     dht_max_bytes: int = 256 << 20  # whole store (RAM, and about as much in dht.sqlite)
     dht_max_bytes_per_publisher: int = 4 << 20  # one signer's records
     dht_max_bytes_per_prefix: int = 16 << 20  # records PUT by peers of one /24 or /48 (not exempt IPs)
+    # Content store (lattice.content): disk for added and fetched content ("64GiB" works too); room is
+    # made by dropping unpinned content, least recently used first
+    content_max_bytes: int | str = 32 << 30
     # Observability (lattice.observe)
     metrics_listen: str | None = None  # HOST:PORT of /metrics, /api/state and the web page (off if None)
     log_format: str = "text"  # text | json (one JSON object per line)
@@ -138,6 +141,7 @@ class NodeConfig:
         if not isinstance(self.max_connections, int) or self.max_connections < 1:
             raise ConfigError("max_connections must be a positive integer")
         _ = self.resource_limits  # validates every budget now (ResourceLimits raises ConfigError)
+        object.__setattr__(self, "content_max_bytes", parse_size(self.content_max_bytes, "content_max_bytes"))
         for name in ("keepalive_interval", "dial_timeout"):
             value = getattr(self, name)
             if not isinstance(value, int | float) or value <= 0:
