@@ -11,7 +11,7 @@ import pytest
 from lattice.content.cid import BLAKE3, DAG_JSON, RAW, SHA2_256, ContentId
 from lattice.content.errors import ContentError, IntegrityError, PayloadError, StoreFull
 from lattice.content.manifest import Manifest, safetensors_layout
-from lattice.content.schedule import NEEDED, UNEXPECTED, Scheduler
+from lattice.content.schedule import DUPLICATE, NEEDED, UNEXPECTED, Scheduler
 from lattice.content.store import Store
 
 MiB = 1 << 20
@@ -176,7 +176,8 @@ def test_scheduler_endgame_races_inflight_chunks_and_cancels_losers():
         assert s.arrived(rid_fast, i) == NEEDED
         cancel = s.completed(rid_fast, i, 0.2)
     assert cancel == [rid_slow] and s.complete
-    assert s.arrived(rid_slow, 0) == UNEXPECTED  # cancelled: nothing outstanding
+    assert s.arrived(rid_slow, 0) == DUPLICATE  # asked, but another copy won
+    assert s.arrived(rid_slow, 0) == UNEXPECTED  # twice
     assert s.finish(rid_slow) == []
 
 
@@ -200,7 +201,7 @@ def test_scheduler_duplicates_lacks_and_failures():
     r2, _ = s2.request("b", 0)
     assert s2.arrived(r1, 0) == NEEDED
     s2.completed(r1, 0, 0.1)
-    assert s2.arrived(r2, 0) == UNEXPECTED  # its copy was cancelled by the completion
+    assert s2.arrived(r2, 0) == DUPLICATE and s2.duplicates == 1
 
 
 # -- the store
@@ -313,3 +314,22 @@ def test_store_quota_evicts_unpinned_lru_and_refuses_when_pinned(tmp_path):
     store.unpin(new)
     assert store.gc() == {"removed": 1, "freed_bytes": 2 * CHUNK}
     assert [row["cid"] for row in store.listing()] == [str(kept)]
+
+
+# -- configuration
+def test_content_limits_come_from_a_node_content_table(tmp_path):
+    from lattice.config import NodeConfig
+    from lattice.errors import ConfigError
+
+    path = tmp_path / "node.toml"
+    path.write_text(
+        '[node]\ncontent_max_bytes = "2GiB"\n'
+        "[node.content]\nserve_peer_requests = 2\nfetch_max_providers = 3\n"
+    )
+    cfg = NodeConfig.load(path, env={}).content_config
+    assert cfg.max_bytes == 2 << 30 and cfg.serve_peer_requests == 2 and cfg.fetch.max_providers == 3
+    for bad in ({"serve_peer_request": 2}, {"serve_peer_requests": -1}, {"serve_peer_requests": 1.5},
+                {"verify_on_open": 1}, {"chunk_size": 3}, {"fetch_request_timeout": "x"}):  # fmt: skip
+        with pytest.raises(ConfigError) as info:
+            NodeConfig(data_dir=tmp_path, content=bad)
+        assert "\n" not in str(info.value)

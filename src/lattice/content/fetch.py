@@ -14,12 +14,12 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any
 
 import trio
 
 from lattice.content import protocol
+from lattice.content.config import FetchLimits
 from lattice.content.errors import ContentNotFound, PayloadError
 from lattice.content.schedule import DUPLICATE, UNEXPECTED, Scheduler
 from lattice.content.store import Partial
@@ -31,21 +31,6 @@ __all__ = ["Fetch", "FetchLimits"]
 log = logging.getLogger(__name__)
 
 Discover = Callable[[], Awaitable[list[tuple[str, str]]]]
-
-
-@dataclass
-class FetchLimits:
-    """How a fetch uses its providers (ContentConfig's ``fetch_*`` fields)."""
-
-    requests_per_provider: int = 2
-    max_requests: int = 16
-    max_batch: int = 8
-    max_providers: int = 8
-    request_timeout: float = 30.0
-    endgame_copies: int = 2
-    max_failures: int = 3
-    discover_interval: float = 5.0
-    stall_timeout: float = 30.0  # no provider able to help for this long: the fetch fails
 
 
 class Fetch:
@@ -174,7 +159,7 @@ class Fetch:
                 continue
             rid, indices = job
             self._inflight += 1
-            ok = False
+            ok = busy = False
             try:
                 with trio.CancelScope() as scope:
                     self._scopes[rid] = scope
@@ -185,6 +170,7 @@ class Fetch:
                 log.debug("content request to %s refused: %s", peer, exc)
                 if exc.type == "ContentNotFound":
                     sched.drop(peer, "does not have it")
+                busy = exc.type == "ContentBusy"
             except PayloadError as exc:  # over the reply limit, or malformed
                 self._bad(peer, f"malformed reply: {exc}")
             except (LatticeError, trio.TooSlowError) as exc:  # timeout, lost connection
@@ -197,7 +183,8 @@ class Fetch:
             if ok:
                 backoff = 0.1
             elif prov.dropped is None:
-                sched.failed(peer)
+                if not busy:  # a provider at its limits is not failing: it is asked again later
+                    sched.failed(peer)
                 await trio.sleep(backoff)
                 backoff = min(2.0, backoff * 2)
 
@@ -234,6 +221,9 @@ class Fetch:
                     sched.rejected(rid, reply.index)
                     self._bad(peer, f"chunk {reply.index} does not match its hash")
                     return False
+                if reply.index in sched.done:  # another copy was written meanwhile (endgame)
+                    sched.duplicates += 1
+                    continue
                 self.fetched += 1
                 self.fetched_bytes += reply.data.nbytes
                 for other in sched.completed(rid, reply.index, trio.current_time()):

@@ -39,8 +39,9 @@ class Provider:
 class _Request:
     peer: Hashable
     asked: list[int]
-    outstanding: set[int]
+    outstanding: set[int]  # asked, not delivered, not done by another copy
     started: float
+    received: set[int] = field(default_factory=set)
 
 
 class Scheduler:
@@ -154,10 +155,12 @@ class Scheduler:
 
     def arrived(self, rid: int, index: int) -> str:
         """A chunk arrived on request ``rid``: UNEXPECTED (not asked, or twice: a protocol violation),
-        NEEDED (verify and write it, then :meth:`completed`) or DUPLICATE (another copy won)."""
+        NEEDED (verify and write it, then :meth:`completed`) or DUPLICATE (another copy won).
+        (``asked`` is a short list: a request holds at most ``max_batch`` chunks.)"""
         req = self.requests.get(rid)
-        if req is None or index not in req.outstanding:
+        if req is None or index in req.received or index not in req.asked:
             return UNEXPECTED
+        req.received.add(index)
         req.outstanding.discard(index)
         rids = self.holders.get(index)
         if rids is not None:

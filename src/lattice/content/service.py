@@ -23,7 +23,6 @@ import os
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +32,9 @@ import trio
 from lattice._files import exclusive_temp
 from lattice.content import protocol
 from lattice.content.cid import ContentId
+from lattice.content.config import ContentConfig
 from lattice.content.errors import ContentBusy, ContentError, ContentNotFound, PayloadError
-from lattice.content.fetch import Fetch, FetchLimits
-from lattice.content.manifest import MAX_CHUNK, MIN_CHUNK
+from lattice.content.fetch import Fetch
 from lattice.content.store import COMPLETE, Store
 from lattice.errors import LatticeError
 from lattice.identity import PeerId
@@ -49,26 +48,6 @@ __all__ = ["Admission", "Content", "ContentConfig"]
 log = logging.getLogger(__name__)
 
 MAX_TRACKED_PEERS = 4096
-
-
-@dataclass
-class ContentConfig:
-    """Limits of the content service (docs/operators.md, "Content store and transfers")."""
-
-    chunk_size: int = 1 << 20  # new content is cut into chunks of this size (4 KiB - 4 MiB)
-    max_bytes: int | None = None  # store quota; None: NodeConfig.content_max_bytes (32 GiB)
-    max_manifest: int = 16 << 20  # largest manifest accepted (~230,000 chunks)
-    verify_on_open: bool = False  # re-hash every stored chunk at start (sizes are always checked)
-    announce_interval: float = 3600.0  # pinned content is re-announced in the DHT this often
-    # serving: what one peer, and all of them, may make this node do
-    serve_max_requests: int = 64  # chunk requests served at once, all peers
-    serve_peer_requests: int = 4  # ... from one peer
-    serve_min_per_peer: int = 1  # ... that a peer gets even when the node is at its total
-    serve_peer_rate: float = 0.0  # bytes per second one peer is served (0: no cap)
-    max_request_chunks: int = 16  # chunks one request may ask for
-    # fetching
-    fetch: FetchLimits = field(default_factory=FetchLimits)
-    bad_provider_ttl: float = 3600.0  # a provider that sent a bad chunk is not used again for this long
 
 
 class Admission:
@@ -101,6 +80,10 @@ class Admission:
             self.peers.pop(peer, None)
 
 
+def _admission(cfg: ContentConfig) -> Admission:
+    return Admission(cfg.serve_max_requests, cfg.serve_peer_requests, cfg.serve_min_per_peer)
+
+
 def _bounded_put(table: OrderedDict, key: Any, value: Any) -> None:
     table[key] = value
     table.move_to_end(key)
@@ -113,16 +96,14 @@ class Content:
 
     def __init__(self, config: ContentConfig | None = None) -> None:
         self.config = config or ContentConfig()
-        if not MIN_CHUNK <= self.config.chunk_size <= MAX_CHUNK:
-            raise ContentError(f"chunk_size must be in [{MIN_CHUNK}, {MAX_CHUNK}]")
+        self._configured = config is not None  # else the node's config sets the limits (run)
         self.node: Any = None
         self.store: Store | None = None
-        self.admission = Admission(
-            self.config.serve_max_requests, self.config.serve_peer_requests, self.config.serve_min_per_peer
-        )
+        self.admission = _admission(self.config)
         self.served: OrderedDict[str, int] = OrderedDict()  # peer -> bytes served
         self.bad_providers: OrderedDict[str, tuple[float, str]] = OrderedDict()  # peer -> (until, why)
         self.fetches: dict[str, Fetch] = {}
+        self.scores: OrderedDict[str, dict] = OrderedDict()  # provider -> how its fetches went
         self._locks: dict[str, trio.Lock] = {}
         self._buckets: OrderedDict[Hashable, TokenBucket] = OrderedDict()
         self._announced: set[str] = set()
@@ -134,6 +115,9 @@ class Content:
     # -- lifecycle
     async def run(self, node: Any, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
         self.node = node
+        if not self._configured:
+            self.config = node.config.content_config
+            self.admission = _admission(self.config)
         cfg = self.config
         max_bytes = cfg.max_bytes if cfg.max_bytes is not None else node.config.content_max_bytes
         self.store = Store(node.config.data_dir / "content", max_bytes, cfg.max_manifest, cfg.verify_on_open)
@@ -300,6 +284,7 @@ class Content:
                 finally:
                     self.stats["chunks_fetched"] += fetch.fetched
                     self.stats["bytes_fetched"] += fetch.fetched_bytes
+                    self._score(fetch)
                     self.fetches.pop(key, None)
                     store.release(partial)
             finally:
@@ -327,7 +312,8 @@ class Content:
                         out.setdefault(peer, peer)
                 except LatticeError as exc:
                     log.debug("provider lookup for %s failed: %s", cid, exc)
-        return [(p, t) for p, t in out.items() if p != me and not self._is_bad(p)]
+        found = [(p, t) for p, t in out.items() if p != me and not self._is_bad(p)]
+        return sorted(found, key=lambda pt: -self.scores.get(pt[0], {}).get("rate", 0.0))
 
     async def _find_manifest(self, cid: ContentId, candidates: list[tuple[str, str]]) -> bytes:
         """The manifest from the first provider that has it (checked against the id)."""
@@ -359,6 +345,19 @@ class Content:
                 errors.append(f"{peer[-8:]}: {exc}")
         tried = "; ".join(errors[:4]) if errors else "no provider found"
         raise ContentNotFound(f"no manifest for {cid} ({tried})")
+
+    def _score(self, fetch: Fetch) -> None:
+        """Remember how each provider of a fetch did (rate, chunks, why dropped): the next fetch
+        tries the fastest known providers first."""
+        for prov in fetch.sched.providers.values():
+            row = self.scores.get(prov.peer) or {"chunks": 0, "bytes": 0, "rate": 0.0, "fetches": 0}
+            row["chunks"] += prov.chunks
+            row["bytes"] += prov.bytes
+            row["fetches"] += 1
+            if prov.rate > 0:
+                row["rate"] = prov.rate if row["rate"] <= 0 else 0.5 * (row["rate"] + prov.rate)
+            row["dropped"] = prov.dropped
+            _bounded_put(self.scores, prov.peer, row)
 
     def _on_bad_provider(self, peer: str, reason: str) -> None:
         """A provider sent bytes that are not what was asked: not used again for a while, and a
@@ -535,6 +534,7 @@ class Content:
             "serving": {"active": self.admission.active, "peers": len(self.admission.peers), **self.stats},
             "fetching": {key: fetch.progress() for key, fetch in self.fetches.items()},
             "bad_providers": {p: why for p, (_, why) in self.bad_providers.items()},
+            "providers": dict(list(self.scores.items())[-32:]),
             "announced": len(self._announced),
         }
 
