@@ -450,7 +450,9 @@ class Content:
         finally:  # no await here: this may run when the RPC drops the generator
             if reader is not None:
                 reader.close()
-                store.damaged(cid, reader.bad)
+                if reader.bad:
+                    store.damaged(cid, reader.bad)
+                    self._repair_soon(cid)
             lease.close()
             self.admission.end(peer)
 
@@ -473,6 +475,18 @@ class Content:
         key = str(peer)
         _bounded_put(self.served, key, self.served.get(key, 0) + nbytes)
 
+    def _repair_soon(self, cid: ContentId) -> None:
+        """Pinned content found damaged on disk: fetch the lost chunks again (in the background)."""
+        if self._nursery is not None and str(cid) in self._require_store().pinned:
+            self._nursery.start_soon(self._repair, cid)
+
+    async def _repair(self, cid: ContentId) -> None:
+        try:
+            await self.get(cid)
+            log.info("content %s repaired", cid)
+        except LatticeError as exc:
+            log.warning("content %s is damaged and could not be repaired yet: %s", cid, exc)
+
     # -- announcing
     def _announce_soon(self, cid: ContentId) -> None:
         if self._nursery is not None and self._dht() is not None:
@@ -490,11 +504,17 @@ class Content:
             log.debug("announcing %s failed: %s", key, exc)
 
     async def _announce_loop(self) -> None:
+        """Soon after start (once the DHT may know peers), then every ``announce_interval``: announce
+        pinned content; pinned content found damaged when the store opened is repaired."""
+        store = self._require_store()
+        await trio.sleep(min(5.0, self.config.announce_interval))
+        for key in store.damaged_objects():
+            if key in store.pinned:
+                self._repair_soon(ContentId.parse(key))
         while True:
-            await trio.sleep(self.config.announce_interval)
-            store = self._require_store()
             for key in sorted(store.pinned):
                 await self._announce(key)
+            await trio.sleep(self.config.announce_interval)
 
     # -- pins, status (also control operations)
     async def pin(self, cid: str) -> None:
@@ -522,8 +542,11 @@ class Content:
         return self._require_store().gc()
 
     async def verify(self, cid: str) -> dict:
-        """Re-hash every chunk of a stored object; corrupt ones are dropped (refetched by ``get``)."""
-        bad = await trio.to_thread.run_sync(self._require_store().verify, ContentId.parse(cid))
+        """Re-hash every chunk of a stored object; corrupt ones are dropped and, if pinned, refetched."""
+        parsed = ContentId.parse(cid)
+        bad = await trio.to_thread.run_sync(self._require_store().verify, parsed)
+        if bad:
+            self._repair_soon(parsed)
         return {"cid": cid, "bad_chunks": bad}
 
     async def status(self) -> dict:

@@ -227,8 +227,9 @@ class Store:
             if self.verify_on_open:
                 bad = self._bad_chunks(data, manifest)
                 if bad:
-                    self._demote(key, manifest, bad)
                     self.objects[key] = entry
+                    self.stats["corrupt_chunks"] += len(bad)
+                    self._demote(key, manifest, bad)
                     return
             entry["state"] = COMPLETE
         else:
@@ -292,6 +293,10 @@ class Store:
     def manifest_bytes(self, cid: ContentId | str) -> bytes | None:
         key = str(cid)
         return self._manifest_path(key).read_bytes() if key in self.objects else None
+
+    def damaged_objects(self) -> list[str]:
+        """Objects that were complete and lost chunks on disk (since the store opened)."""
+        return sorted(k for k, e in self.objects.items() if e.get("damaged") and e["state"] == PARTIAL)
 
     def usage(self) -> dict:
         complete = [e for e in self.objects.values() if e["state"] == COMPLETE]
@@ -471,6 +476,7 @@ class Store:
         os.replace(data, self.data_path(key))
         have.unlink(missing_ok=True)
         self.objects[key]["state"] = COMPLETE
+        self.objects[key].pop("damaged", None)
         self.used[key] = time.time()
         self._save_state()
 
@@ -556,9 +562,10 @@ class Store:
         have.write_bytes(bytes(marks))
         if key in self.objects:
             self.objects[key]["state"] = PARTIAL
+            self.objects[key]["damaged"] = True
 
     def verify(self, cid: ContentId | str) -> list[int]:
-        """Re-hash every chunk of a complete object; corrupt ones are dropped (see read_chunk)."""
+        """Re-hash every chunk of a complete object; corrupt ones are dropped (see :meth:`damaged`)."""
         key = str(cid)
         manifest = self.manifest(key)
         if manifest is None or self.state(key) != COMPLETE:
