@@ -649,8 +649,9 @@ class Store:
 
 
 def _preallocate(fd: int, size: int) -> None:
-    """Reserve the disk now (writes into holes of a sparse file were 10x slower here, 345 MiB/s, and
-    a full disk shows up before the fetch instead of in the middle of it)."""
+    """Reserve the disk now: writes into holes of a fresh sparse file ran at 291-345 MiB/s in most
+    runs here against 2.2-4.2 GB/s once allocated, and a full disk shows up before the fetch
+    instead of in the middle of it."""
     try:
         if size:
             os.posix_fallocate(fd, 0, size)
