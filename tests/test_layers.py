@@ -15,7 +15,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
               "lattice.multiaddr", "lattice.codec")),
     ("transport", ("lattice.transport",)),
     ("nat", ("lattice.nat",)),
-    ("services", ("lattice.rpc", "lattice.dht", "lattice.pubsub", "lattice.crdt")),
+    ("services", ("lattice.rpc", "lattice.dht", "lattice.pubsub", "lattice.crdt", "lattice.content")),
     ("node", ("lattice.node", "lattice.config", "lattice.cli", "lattice.control", "lattice.observe",
               "lattice.swarm", "lattice.plugins", "lattice.testing")),
     ("apps", ("lattice.apps",)),

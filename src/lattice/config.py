@@ -96,6 +96,10 @@ class NodeConfig:
     rpc_max_inbound_per_peer: int = 64  # calls of one peer in progress here (node-wide: 2048)
     rpc_message_idle_timeout: float = 30.0  # an inbound message stalled this long is reset
     rpc_upload_peer_bytes: int | str = 2 << 30  # resumable-upload staging one peer may hold
+    # Content store (lattice.content): disk for added and fetched content ("64GiB" works too); room is
+    # made by dropping unpinned content, least recently used first
+    content_max_bytes: int | str = 32 << 30
+    content: dict[str, Any] = field(default_factory=dict)  # other ContentConfig fields ([node.content])
     # Observability (lattice.observe)
     metrics_listen: str | None = None  # HOST:PORT of /metrics, /api/state and the web page (off if None)
     log_format: str = "text"  # text | json (one JSON object per line)
@@ -155,6 +159,8 @@ class NodeConfig:
         if not isinstance(self.max_connections, int) or self.max_connections < 1:
             raise ConfigError("max_connections must be a positive integer")
         _ = self.resource_limits  # validates every budget now (ResourceLimits raises ConfigError)
+        object.__setattr__(self, "content_max_bytes", parse_size(self.content_max_bytes, "content_max_bytes"))
+        _ = self.content_config  # validates the [node.content] table now
         for name in ("keepalive_interval", "dial_timeout"):
             value = getattr(self, name)
             if not isinstance(value, int | float) or value <= 0:
@@ -207,6 +213,13 @@ class NodeConfig:
         return ResourceLimits(
             **{**self.resources, "max_memory": self.max_memory, "max_connections": self.max_connections}
         )
+
+    @property
+    def content_config(self):  # -> lattice.content.ContentConfig
+        """The content service's limits: ``content`` with ``content_max_bytes``."""
+        from lattice.content.config import ContentConfig
+
+        return ContentConfig.from_table(self.content, max_bytes=self.content_max_bytes)
 
     def _positive_int(self, name: str) -> None:
         value = getattr(self, name)

@@ -316,6 +316,14 @@ class Node:
         except KeyError:
             raise NodeError("this node runs without the CRDT service") from None
 
+    @property
+    def content(self):  # -> lattice.content.Content
+        """Content-addressed blobs and checkpoints (``cid = await node.content.add(path)``, ``get``)."""
+        try:
+            return self.services["content"]
+        except KeyError:
+            raise NodeError("this node runs without the content service") from None
+
     # -- identity and addresses
     def _require_host(self) -> Host:
         if self.host is None:
@@ -477,12 +485,13 @@ def default_services() -> list[Service]:
     node.py is the composition root: this is the one place where the node layer names the services
     above it (imported here, lazily, so the layers stay one-way everywhere else).
     """
+    from lattice.content.service import Content
     from lattice.crdt.service import CRDT
     from lattice.dht.service import DHT
     from lattice.pubsub import PubSub
     from lattice.rpc import RPC
 
-    return [RPC(), DHT(), PubSub(), CRDT()]
+    return [RPC(), DHT(), PubSub(), CRDT(), Content()]
 
 
 def _as_peer(peer: str | PeerId) -> PeerId:

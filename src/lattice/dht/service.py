@@ -562,6 +562,11 @@ class DHT:
                 nursery.start_soon(announce, peer)
         return sent
 
+    def unprovide(self, key: bytes | str) -> bool:
+        """Stop listing this node as a provider of ``key`` in our own store (Kademlia has no withdraw:
+        the entries other peers hold expire after their TTL unless provide() is called again)."""
+        return self.store.remove_provider(_as_key(key), self.node.host.peer_id)
+
     async def _send_only(self, peer: PeerId, message: protocol.Message) -> None:
         host = self.node.host
         with trio.fail_after(self.config.request_timeout):

@@ -415,6 +415,13 @@ class Store:
                 raise QuotaExceeded("provider_key", "this key has as many providers as it may list")
             self._remove_provider(key, victim)
 
+    def remove_provider(self, key: bytes, peer: PeerId) -> bool:
+        """Forget that ``peer`` provides ``key`` (False if it was not listed)."""
+        if peer not in self.providers.get(key, {}):
+            return False
+        self._remove_provider(key, peer)
+        return True
+
     def _remove_provider(self, key: bytes, peer: PeerId, on_disk: bool = True) -> None:
         entries = self.providers[key]
         _, _, prefix = entries.pop(peer)

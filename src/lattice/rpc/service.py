@@ -537,11 +537,16 @@ class RPC:
         timeout: float | None = None,
         codec: str | None = None,
         as_torch: bool | None = None,
+        max_reply: int | None = None,
     ) -> AsyncIterator[RPCStream]:
         """Server-streaming call: ``async with rpc.call_stream(...) as items: async for x in items``.
 
         ``timeout`` covers the whole exchange; leaving the block early resets the stream.
+        ``max_reply``: the largest reply message accepted (tensor bytes; default and cap
+        ``RPCConfig.max_message``), checked before anything is allocated, so a caller that knows
+        what it asked for bounds what a hostile callee can make it hold.
         """
+        limit = self.config.max_message if max_reply is None else min(max_reply, self.config.max_message)
         async with self._call_scope(method, timeout):
             stream, slots = await self._open(peer)
             try:
@@ -557,7 +562,7 @@ class RPC:
                     on_error=lambda: self._peer_error(stream),
                 )
                 await self._check_negotiation(stream)
-                rpc_stream = RPCStream(stream, self.config.max_message, codec, as_torch)
+                rpc_stream = RPCStream(stream, limit, codec, as_torch)
                 rpc_stream._sent_end = True
                 yield rpc_stream
                 if not rpc_stream._got_end:

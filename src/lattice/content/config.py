@@ -1,0 +1,85 @@
+"""The content service's limits: ``ContentConfig`` (a ``[node.content]`` table in the config file;
+docs/operators.md, "Content store and transfers")."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from lattice.content.manifest import MAX_CHUNK, MIN_CHUNK
+from lattice.errors import ConfigError
+
+__all__ = ["ContentConfig", "FetchLimits"]
+
+
+@dataclass
+class FetchLimits:
+    """How a fetch uses its providers (``fetch_*`` keys of ``[node.content]``)."""
+
+    requests_per_provider: int = 2  # requests in flight to one provider
+    max_requests: int = 16  # ... and to all of them (receiver memory: about this many chunks + windows)
+    max_batch: int = 8  # chunks one request asks for, at most (fewer from slow providers)
+    max_providers: int = 8  # providers used at once
+    request_timeout: float = 30.0  # one request (a batch of chunks); then its chunks go elsewhere
+    endgame_copies: int = 2  # copies of a chunk raced at the end
+    max_failures: int = 3  # failed requests in a row before a provider is dropped
+    discover_interval: float = 5.0  # the DHT is asked for more providers this often
+    stall_timeout: float = 30.0  # no provider able to help for this long: the fetch fails
+
+
+@dataclass
+class ContentConfig:
+    """Limits of the content service."""
+
+    chunk_size: int = 1 << 20  # new content is cut into chunks of this size (4 KiB - 4 MiB)
+    max_bytes: int | None = None  # store quota; None: NodeConfig.content_max_bytes (32 GiB)
+    max_manifest: int = 16 << 20  # largest manifest accepted (~230,000 chunks)
+    verify_on_open: bool = False  # re-hash every stored chunk at start (sizes are always checked)
+    announce_interval: float = 3600.0  # pinned content is re-announced in the DHT this often
+    # serving: what one peer, and all of them, may make this node do
+    serve_max_requests: int = 64  # chunk requests served at once, all peers
+    serve_peer_requests: int = 4  # ... from one peer
+    serve_min_per_peer: int = 1  # ... that a peer gets even when the node is at its total
+    serve_peer_rate: float = 0.0  # bytes per second one peer is served (0: no cap)
+    max_request_chunks: int = 16  # chunks one request may ask for
+    bad_provider_ttl: float = 3600.0  # a provider that sent a bad chunk is not used again for this long
+    fetch: FetchLimits = field(default_factory=FetchLimits)
+
+    def __post_init__(self) -> None:
+        if not MIN_CHUNK <= self.chunk_size <= MAX_CHUNK:
+            raise ConfigError(f"content.chunk_size must be in [{MIN_CHUNK}, {MAX_CHUNK}]")
+
+    @classmethod
+    def from_table(cls, table: dict[str, Any], max_bytes: int | None = None) -> ContentConfig:
+        """From a ``[node.content]`` table (``fetch_<name>`` keys set FetchLimits); ConfigError names
+        an unknown key or a bad value."""
+        if not isinstance(table, dict):
+            raise ConfigError("content must be a table of content limits")
+        own = {f.name: f for f in fields(cls) if f.name not in ("fetch", "max_bytes")}
+        fetch = {f"fetch_{f.name}": f for f in fields(FetchLimits)}
+        values: dict[str, Any] = {}
+        fetch_values: dict[str, Any] = {}
+        for key, value in table.items():
+            f = own.get(key) or fetch.get(key)
+            if f is None:
+                known = ", ".join(sorted([*own, *fetch]))
+                raise ConfigError(f"unknown content key {key!r} (known: {known})")
+            default = f.default
+            if isinstance(default, bool):
+                ok = isinstance(value, bool)
+            else:
+                ok = isinstance(value, int | float) and not isinstance(value, bool) and value >= 0
+                ok = ok and (isinstance(value, int) or not isinstance(default, int))
+            if not ok:
+                raise ConfigError(f"content.{key} must be {_kind(default)}")
+            if key in fetch:
+                fetch_values[key.removeprefix("fetch_")] = value
+            else:
+                values[key] = value
+        return cls(**values, max_bytes=max_bytes, fetch=FetchLimits(**fetch_values))
+
+
+def _kind(default: Any) -> str:
+    if isinstance(default, bool):
+        return "true or false"
+    return "a non-negative integer" if isinstance(default, int) else "a non-negative number"

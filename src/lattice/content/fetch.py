@@ -1,0 +1,285 @@
+"""One fetch: chunks of one object from many providers at once, into a partial object on disk.
+
+The decisions are the scheduler's (lattice.content.schedule); this module does the I/O: a few
+workers per provider, each running one ``content.chunks`` request (a server-streaming RPC) at a
+time. Every chunk is checked against the hash its manifest names before it is written; a provider
+that sends a wrong chunk, a chunk it was not asked for or a malformed reply is dropped at once and
+reported (``on_bad``). Receiver memory is bounded: each request's replies are limited to one chunk
+(``max_reply``, checked before anything is allocated), and at most ``requests_per_provider``
+requests per provider and ``max_requests`` in all are in flight.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import trio
+
+from lattice.content import protocol
+from lattice.content.config import FetchLimits
+from lattice.content.errors import ContentNotFound, PayloadError
+from lattice.content.schedule import DUPLICATE, UNEXPECTED, Scheduler
+from lattice.content.store import Partial
+from lattice.errors import LatticeError
+from lattice.rpc.errors import RemoteError
+
+__all__ = ["Fetch", "FetchLimits"]
+
+log = logging.getLogger(__name__)
+
+Discover = Callable[[], Awaitable[list[tuple[str, str]]]]
+
+
+class Fetch:
+    def __init__(
+        self,
+        rpc: Any,
+        partial: Partial,
+        limits: FetchLimits,
+        *,
+        wanted: list[int] | None = None,
+        on_bad: Callable[[str, str], None] = lambda peer, reason: None,
+        on_progress: Callable[[dict], None] | None = None,
+        skip: Callable[[str], bool] = lambda peer: False,
+    ) -> None:
+        self.rpc = rpc
+        self.partial = partial
+        self.limits = limits
+        m = partial.manifest
+        self.wanted = list(range(m.count)) if wanted is None else sorted(set(wanted))
+        missing = partial.missing(self.wanted)
+        self.had = len(self.wanted) - len(missing)
+        self.sched = Scheduler(
+            missing,
+            m.chunk_len,
+            m.chunk_size,
+            max_batch=limits.max_batch,
+            endgame_copies=limits.endgame_copies,
+            max_failures=limits.max_failures,
+        )
+        self.on_bad = on_bad
+        self.on_progress = on_progress
+        self.skip = skip  # providers not to use (known bad)
+        self.targets: dict[str, str] = {}  # peer id -> what to dial (a multiaddr or the peer id)
+        self.fetched = 0
+        self.fetched_bytes = 0
+        self.started = 0.0
+        self._inflight = 0
+        self._changed = trio.Event()
+        self._scopes: dict[int, trio.CancelScope] = {}
+        self._nursery: trio.Nursery | None = None
+        self._last_progress = 0.0
+        self._disk = trio.CapacityLimiter(2)  # worker threads hashing and writing chunks
+
+    # -- driving
+    async def run(self, providers: list[tuple[str, str]], discover: Discover | None = None) -> None:
+        """Fetch every wanted chunk; ContentNotFound if the providers cannot supply them."""
+        self.started = trio.current_time()
+        if self.sched.complete:
+            self._progress(final=True)
+            return
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            for peer, target in providers:
+                self.add_provider(peer, target)
+            if discover is not None:
+                nursery.start_soon(self._discover_loop, discover)
+            stuck_since: float | None = None
+            while not self.sched.complete:
+                stuck = self.sched.stuck()
+                now = trio.current_time()
+                if stuck:
+                    stuck_since = stuck_since if stuck_since is not None else now
+                    if now - stuck_since >= self.limits.stall_timeout or discover is None:
+                        raise ContentNotFound(self._stuck_message(stuck))
+                else:
+                    stuck_since = None
+                with trio.move_on_after(1.0 if stuck else 5.0):
+                    await self._wait()
+            nursery.cancel_scope.cancel()
+        self._progress(final=True)
+
+    def _stuck_message(self, stuck: list[int]) -> str:
+        tried = [f"{p.peer[-8:]}: {p.dropped or 'lacks them'}" for p in self.sched.providers.values()]
+        who = "; ".join(tried[:6]) if tried else "no provider found"
+        return f"{len(stuck)} chunks of {self.partial.cid} could not be fetched ({who})"
+
+    def add_provider(self, peer: str, target: str) -> bool:
+        """Use one more provider (ignored if known, to be skipped, or too many)."""
+        if peer in self.targets or self.skip(peer) or self._nursery is None:
+            return False
+        if len(self.sched.active()) >= self.limits.max_providers:
+            return False
+        self.targets[peer] = target
+        self.sched.add(peer)
+        for _ in range(self.limits.requests_per_provider):
+            self._nursery.start_soon(self._worker, peer, target)
+        self._notify()
+        return True
+
+    async def _discover_loop(self, discover: Discover) -> None:
+        while True:
+            await trio.sleep(self.limits.discover_interval)
+            if len(self.sched.active()) >= self.limits.max_providers:
+                continue
+            try:
+                found = await discover()
+            except (LatticeError, trio.TooSlowError) as exc:
+                log.debug("provider discovery failed: %s", exc)
+                continue
+            for peer, target in found:
+                self.add_provider(peer, target)
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def _wait(self) -> None:
+        await self._changed.wait()
+
+    # -- one provider
+    async def _worker(self, peer: str, target: str) -> None:
+        sched = self.sched
+        backoff = 0.1
+        while not sched.complete:
+            prov = sched.providers[peer]
+            if prov.dropped is not None:
+                self._notify()
+                return
+            job = (
+                sched.request(peer, trio.current_time())
+                if self._inflight < self.limits.max_requests
+                else None
+            )
+            if job is None:
+                await self._wait()
+                continue
+            rid, indices = job
+            self._inflight += 1
+            ok = busy = False
+            try:
+                with trio.CancelScope() as scope:
+                    self._scopes[rid] = scope
+                    ok = await self._request(peer, target, rid, indices)
+                if scope.cancelled_caught:
+                    ok = True  # cancelled because others delivered its chunks: not the provider's fault
+            except RemoteError as exc:  # refused: busy (retried after a pause), or it has no such content
+                log.debug("content request to %s refused: %s", peer, exc)
+                if exc.type == "ContentNotFound":
+                    sched.drop(peer, "does not have it")
+                busy = exc.type == "ContentBusy"
+            except PayloadError as exc:  # over the reply limit, or malformed
+                self._bad(peer, f"malformed reply: {exc}")
+            except (LatticeError, trio.TooSlowError) as exc:  # timeout, lost connection
+                log.debug("content request to %s failed: %s", peer, exc)
+            finally:
+                self._inflight -= 1
+                self._scopes.pop(rid, None)
+                sched.finish(rid)
+                self._notify()
+            if ok:
+                backoff = 0.1
+            elif prov.dropped is None:
+                if not busy:  # a provider at its limits is not failing: it is asked again later
+                    sched.failed(peer)
+                await trio.sleep(backoff)
+                backoff = min(2.0, backoff * 2)
+
+    async def _request(self, peer: str, target: str, rid: int, indices: list[int]) -> bool:
+        """Run one request; True if the provider answered every chunk it was asked for."""
+        sched, partial = self.sched, self.partial
+        m = partial.manifest
+        payload = {"cid": str(partial.cid), "chunks": indices}
+        timeout = self.limits.request_timeout
+        async with self.rpc.call_stream(
+            target,
+            protocol.CHUNKS,
+            payload,
+            timeout=timeout,
+            as_torch=False,
+            max_reply=m.chunk_size + protocol.REPLY_SLACK,
+        ) as items:
+            async for item in items:
+                reply = protocol.parse_chunk_reply(item)
+                status = sched.arrived(rid, reply.index)
+                if status == UNEXPECTED:
+                    self._bad(peer, f"sent chunk {reply.index}, which it was not asked for")
+                    return False
+                if reply.data is None:
+                    sched.lacks(rid, reply.index)
+                    self._notify()
+                    continue
+                if status == DUPLICATE:
+                    continue
+                stored = await trio.to_thread.run_sync(
+                    self._store, reply.index, reply.data, limiter=self._disk
+                )
+                if not stored:
+                    sched.rejected(rid, reply.index)
+                    self._bad(peer, f"chunk {reply.index} does not match its hash")
+                    return False
+                if reply.index in sched.done:  # another copy was written meanwhile (endgame)
+                    sched.duplicates += 1
+                    continue
+                self.fetched += 1
+                self.fetched_bytes += reply.data.nbytes
+                for other in sched.completed(rid, reply.index, trio.current_time()):
+                    scope = self._scopes.get(other)
+                    if scope is not None:
+                        scope.cancel()
+                self._notify()
+                self._progress()
+        return not sched.requests[rid].outstanding
+
+    def _store(self, index: int, data: Any) -> bool:
+        """Verify and write one chunk (in a worker thread: hashing and disk writes overlap the
+        network); False if it is not the chunk."""
+        if not self.partial.verify(index, data):
+            return False
+        self.partial.write(index, data, verified=True)
+        return True
+
+    def _bad(self, peer: str, reason: str) -> None:
+        log.warning("content provider %s dropped: %s", peer, reason)
+        self.sched.drop(peer, reason)
+        self.on_bad(peer, reason)
+        for rid, req in list(self.sched.requests.items()):
+            if req.peer == peer and rid in self._scopes:
+                self._scopes[rid].cancel()
+
+    # -- progress
+    def progress(self) -> dict:
+        m = self.partial.manifest
+        elapsed = max(trio.current_time() - self.started, 1e-6)
+        rate = self.fetched_bytes / elapsed
+        left = self.sched.remaining * m.chunk_size
+        return {
+            "cid": str(self.partial.cid),
+            "chunks": len(self.wanted),
+            "had": self.had,
+            "fetched": self.fetched,
+            "remaining": self.sched.remaining,
+            "bytes": self.fetched_bytes,
+            "size": m.size,
+            "rate": rate,
+            "eta_s": left / rate if rate > 0 else math.inf,
+            "elapsed_s": elapsed,
+            "providers": len(self.sched.active()),
+            "duplicates": self.sched.duplicates,
+            "dropped": {str(p.peer): p.dropped for p in self.sched.providers.values() if p.dropped},
+            "per_provider": {
+                str(p.peer): {"chunks": p.chunks, "bytes": p.bytes, "rate": p.rate}
+                for p in self.sched.providers.values()
+            },
+        }
+
+    def _progress(self, final: bool = False) -> None:
+        if self.on_progress is None:
+            return
+        now = trio.current_time()
+        if final or now - self._last_progress >= 0.2:
+            self._last_progress = now
+            self.on_progress(self.progress())

@@ -1,0 +1,601 @@
+"""The content service (``node.content``): add content, find it in the DHT, fetch it from many peers.
+
+    cid = await node.content.add("model.safetensors")        # or bytes, or a dict of numpy arrays
+    path = await node.content.get(cid, "out.safetensors")      # from every provider the DHT knows
+    weights = await node.content.get_tensors(cid, ["h.0.w"])   # only the chunks holding those tensors
+
+Built only on the node's public services: ``node.rpc`` (two server-streaming methods, see
+lattice.content.protocol) and ``node.dht`` (provide / find_providers). Pinned complete content is
+announced, re-announced every ``announce_interval`` and no longer announced once unpinned.
+
+Serving: every inbound request is admitted against the node's limits before any disk read or
+allocation: concurrent requests per peer (``serve_peer_requests``) and in all
+(``serve_max_requests``, with ``serve_min_per_peer`` kept for each peer so a crowd cannot lock out a
+newcomer), a lease of one chunk on the peer's memory budget (the node's resource manager, service
+"content"), and optionally bytes per second per peer (``serve_peer_rate``). A malformed request costs
+the peer misbehaviour points; a refusal tells it ``ContentBusy``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import trio
+
+from lattice._files import exclusive_temp
+from lattice.content import protocol
+from lattice.content.cid import ContentId
+from lattice.content.config import ContentConfig
+from lattice.content.errors import ContentBusy, ContentError, ContentNotFound, PayloadError
+from lattice.content.fetch import Fetch
+from lattice.content.store import COMPLETE, Store
+from lattice.errors import LatticeError
+from lattice.identity import PeerId
+from lattice.multiaddr import Multiaddr
+from lattice.rpc.errors import RemoteError
+from lattice.transport.limits import PENALTY_MALFORMED, TokenBucket
+from lattice.transport.resources import ResourceLimitExceeded
+
+__all__ = ["Admission", "Content", "ContentConfig"]
+
+log = logging.getLogger(__name__)
+
+MAX_TRACKED_PEERS = 4096
+
+
+class Admission:
+    """Concurrent requests per peer and in all (pure bookkeeping)."""
+
+    def __init__(self, total: int, per_peer: int, min_per_peer: int) -> None:
+        self.total, self.per_peer, self.min_per_peer = total, per_peer, min_per_peer
+        self.active = 0
+        self.peers: dict[Hashable, int] = {}
+
+    def refusal(self, peer: Hashable) -> str | None:
+        """Why a new request from ``peer`` is refused now, or None (then call :meth:`begin`)."""
+        mine = self.peers.get(peer, 0)
+        if mine >= self.per_peer:
+            return f"too many requests in progress from this peer (limit {self.per_peer})"
+        if self.active >= self.total and mine >= self.min_per_peer:
+            return f"too many requests in progress (limit {self.total})"
+        return None
+
+    def begin(self, peer: Hashable) -> None:
+        self.active += 1
+        self.peers[peer] = self.peers.get(peer, 0) + 1
+
+    def end(self, peer: Hashable) -> None:
+        self.active -= 1
+        left = self.peers.get(peer, 1) - 1
+        if left > 0:
+            self.peers[peer] = left
+        else:
+            self.peers.pop(peer, None)
+
+
+def _admission(cfg: ContentConfig) -> Admission:
+    return Admission(cfg.serve_max_requests, cfg.serve_peer_requests, cfg.serve_min_per_peer)
+
+
+def _bounded_put(table: OrderedDict, key: Any, value: Any) -> None:
+    table[key] = value
+    table.move_to_end(key)
+    while len(table) > MAX_TRACKED_PEERS:
+        table.popitem(last=False)
+
+
+class Content:
+    name = "content"
+
+    def __init__(self, config: ContentConfig | None = None) -> None:
+        self.config = config or ContentConfig()
+        self._configured = config is not None  # else the node's config sets the limits (run)
+        self.node: Any = None
+        self.store: Store | None = None
+        self.admission = _admission(self.config)
+        self.served: OrderedDict[str, int] = OrderedDict()  # peer -> bytes served
+        self.bad_providers: OrderedDict[str, tuple[float, str]] = OrderedDict()  # peer -> (until, why)
+        self.fetches: dict[str, Fetch] = {}
+        self.scores: OrderedDict[str, dict] = OrderedDict()  # provider -> how its fetches went
+        self._locks: dict[str, trio.Lock] = {}
+        self._buckets: OrderedDict[Hashable, TokenBucket] = OrderedDict()
+        self._announced: set[str] = set()
+        self._disk = trio.CapacityLimiter(4)  # worker threads reading and hashing served chunks
+        self._nursery: trio.Nursery | None = None
+        self.stats = {"requests": 0, "refused": 0, "malformed": 0, "chunks_served": 0, "bytes_served": 0,
+                      "chunks_fetched": 0, "bytes_fetched": 0, "bad_chunks": 0}  # fmt: skip
+
+    # -- lifecycle
+    async def run(self, node: Any, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
+        self.node = node
+        if not self._configured:
+            self.config = node.config.content_config
+            self.admission = _admission(self.config)
+        cfg = self.config
+        max_bytes = cfg.max_bytes if cfg.max_bytes is not None else node.config.content_max_bytes
+        self.store = Store(node.config.data_dir / "content", max_bytes, cfg.max_manifest, cfg.verify_on_open)
+        await trio.to_thread.run_sync(self.store.open)
+        rpc = node.rpc
+        # requests are small maps (a content id, chunk indexes): 4 KiB is plenty
+        rpc.register(protocol.MANIFEST, self._serve_manifest, stream="server", max_payload=4096)
+        rpc.register(protocol.CHUNKS, self._serve_chunks, stream="server", max_payload=4096)
+        for name, op in (
+            ("content.add", self._op_add),
+            ("content.get", self._op_get),
+            ("content.pins", self._op_pins),
+            ("content.pin", self.pin),
+            ("content.unpin", self.unpin),
+            ("content.gc", self.gc),
+            ("content.status", self.status),
+            ("content.verify", self.verify),
+        ):
+            node.add_control_op(name, op)
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._announce_loop)
+                task_status.started()
+                await trio.sleep_forever()
+        finally:
+            self._nursery = None
+            self.store.close()
+
+    def _require_store(self) -> Store:
+        if self.store is None:
+            raise ContentError("the content service is not running")
+        return self.store
+
+    def _dht(self) -> Any:
+        return self.node.services.get("dht") if self.node is not None else None
+
+    # -- adding
+    async def add(
+        self, source: str | os.PathLike | bytes | dict, *, pin: bool = True, chunk_size: int | None = None
+    ) -> ContentId:
+        """Add a file (a path), bytes, or a dict of numpy arrays (stored as a safetensors file) and
+        return its id; pinned content is announced in the DHT."""
+        store = self._require_store()
+        size = chunk_size or self.config.chunk_size
+        if isinstance(source, bytes | bytearray | memoryview):
+            cid = await trio.to_thread.run_sync(self._add_bytes, store, bytes(source), size)
+        elif isinstance(source, dict):
+            cid = await trio.to_thread.run_sync(self._add_tensors, store, source, size)
+        else:
+            path = Path(source)
+            if not path.is_file():
+                raise ContentError(f"{path} is not a file")
+            cid = await trio.to_thread.run_sync(store.add_file, path, size)
+        if pin:
+            store.pin(cid)
+            self._announce_soon(cid)
+        return cid
+
+    @staticmethod
+    def _add_bytes(store: Store, data: bytes, chunk_size: int) -> ContentId:
+        fd, tmp = exclusive_temp(store.root / "data", "add", ".tmp")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        try:
+            return store.add_file(tmp, chunk_size, kind="blob", move=True)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    @staticmethod
+    def _add_tensors(store: Store, tensors: dict, chunk_size: int) -> ContentId:
+        from safetensors.numpy import save_file
+
+        if not all(isinstance(k, str) and isinstance(v, np.ndarray) for k, v in tensors.items()):
+            raise ContentError(
+                "add a dict of numpy arrays by name (torch users: safetensors.torch.save_file)"
+            )
+        fd, tmp = exclusive_temp(store.root / "data", "add", ".safetensors")
+        os.close(fd)
+        try:
+            save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp))
+            return store.add_file(tmp, chunk_size, kind="safetensors", move=True)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    # -- fetching
+    async def get(
+        self,
+        cid: str | ContentId,
+        dest: str | os.PathLike | None = None,
+        *,
+        providers: list[str] | None = None,
+        pin: bool = True,
+        on_progress: Callable[[dict], None] | None = None,
+    ) -> Path:
+        """Fetch ``cid`` into the store (from ``providers``, multiaddrs or peer ids, and those the DHT
+        knows), verified chunk by chunk; resumes what an interrupted fetch left. Returns the stored
+        file, or ``dest`` (a copy) if given."""
+        store = self._require_store()
+        cid = ContentId.parse(cid)
+        await self._fetch(cid, None, providers, pin, on_progress)
+        if pin:
+            store.pin(cid)
+            self._announce_soon(cid)
+        if dest is not None:
+            return await trio.to_thread.run_sync(store.export, cid, Path(dest))
+        return store.data_path(cid)
+
+    async def get_tensors(
+        self, cid: str | ContentId, names: list[str], *, providers: list[str] | None = None
+    ) -> dict[str, np.ndarray]:
+        """Only the tensors ``names`` of a safetensors content, fetching only the chunks that hold
+        them (kept in the store, unpinned, for the next call). bfloat16 and float8 tensors come back
+        as their raw words (uint16 / uint8)."""
+        store = self._require_store()
+        cid = ContentId.parse(cid)
+        manifest = store.manifest(cid)
+        if manifest is None:
+            raw = await self._find_manifest(cid, await self._providers(cid, providers))
+            partial = store.begin(cid, raw)
+            store.release(partial)
+            manifest = store.manifest(cid)
+            assert manifest is not None
+        wanted = manifest.chunks_for(names)
+        await self._fetch(cid, wanted, providers, False, None)
+        return await trio.to_thread.run_sync(store.tensors, cid, names)
+
+    async def _fetch(
+        self,
+        cid: ContentId,
+        wanted: list[int] | None,
+        providers: list[str] | None,
+        pin: bool,
+        on_progress: Callable[[dict], None] | None,
+    ) -> None:
+        store = self._require_store()
+        key = str(cid)
+        lock = self._locks.setdefault(key, trio.Lock())
+        async with lock:  # one fetch of an object at a time; a second caller waits, then finds it
+            try:
+                if store.state(cid) == COMPLETE:
+                    return
+                candidates = await self._providers(cid, providers)
+                raw = store.manifest_bytes(cid)
+                if raw is None:
+                    raw = await self._find_manifest(cid, candidates)
+                partial = store.begin(cid, raw)
+                if pin:
+                    store.pin(cid)
+                fetch = Fetch(
+                    self.node.rpc,
+                    partial,
+                    self.config.fetch,
+                    wanted=wanted,
+                    on_bad=self._on_bad_provider,
+                    on_progress=on_progress,
+                    skip=self._is_bad,
+                )
+                self.fetches[key] = fetch
+                try:
+                    await fetch.run(candidates, lambda: self._providers(cid, None))
+                    if partial.complete:
+                        await trio.to_thread.run_sync(store.finish, partial)
+                finally:
+                    self.stats["chunks_fetched"] += fetch.fetched
+                    self.stats["bytes_fetched"] += fetch.fetched_bytes
+                    self._score(fetch)
+                    self.fetches.pop(key, None)
+                    store.release(partial)
+            finally:
+                if not lock.statistics().tasks_waiting:
+                    self._locks.pop(key, None)
+
+    async def _providers(self, cid: ContentId, explicit: list[str] | None) -> list[tuple[str, str]]:
+        """(peer id, dial target) of providers: the ones given, then the DHT's (not us, not bad ones)."""
+        me = str(self.node.host.peer_id)
+        out: dict[str, str] = {}
+        for target in explicit or []:
+            if target.startswith("/"):
+                peer = Multiaddr.parse(target).peer_id
+                if peer is None:
+                    raise ContentError(f"provider address {target} must end in /p2p/<peer id>")
+                out.setdefault(str(peer), target)
+            else:
+                out.setdefault(target, target)
+        dht = self._dht()
+        if dht is not None:
+            count = 2 * self.config.fetch.max_providers
+            with trio.move_on_after(self.config.fetch.request_timeout):
+                try:
+                    for peer, _addrs in await dht.find_providers(protocol.provider_key(cid), count=count):
+                        out.setdefault(peer, peer)
+                except LatticeError as exc:
+                    log.debug("provider lookup for %s failed: %s", cid, exc)
+        found = [(p, t) for p, t in out.items() if p != me and not self._is_bad(p)]
+        return sorted(found, key=lambda pt: -self.scores.get(pt[0], {}).get("rate", 0.0))
+
+    async def _find_manifest(self, cid: ContentId, candidates: list[tuple[str, str]]) -> bytes:
+        """The manifest from the first provider that has it (checked against the id)."""
+        limit = self.config.max_manifest + protocol.REPLY_SLACK
+        errors = []
+        for peer, target in candidates:
+            try:
+                async with self.node.rpc.call_stream(
+                    target,
+                    protocol.MANIFEST,
+                    {"cid": str(cid)},
+                    timeout=self.config.fetch.request_timeout,
+                    as_torch=False,
+                    max_reply=limit,
+                ) as items:
+                    raw = None
+                    async for item in items:
+                        if not isinstance(item, np.ndarray) or item.dtype != np.uint8 or raw is not None:
+                            raise PayloadError("a manifest reply is one uint8 array")
+                        raw = item.tobytes()
+                if raw is not None and cid.matches(raw):
+                    return raw
+                self._on_bad_provider(peer, "sent a manifest that does not hash to the id")
+                errors.append(f"{peer[-8:]}: bad manifest")
+            except PayloadError as exc:
+                self._on_bad_provider(peer, f"malformed manifest reply: {exc}")
+                errors.append(f"{peer[-8:]}: {exc}")
+            except (LatticeError, trio.TooSlowError) as exc:
+                errors.append(f"{peer[-8:]}: {exc}")
+        tried = "; ".join(errors[:4]) if errors else "no provider found"
+        raise ContentNotFound(f"no manifest for {cid} ({tried})")
+
+    def _score(self, fetch: Fetch) -> None:
+        """Remember how each provider of a fetch did (rate, chunks, why dropped): the next fetch
+        tries the fastest known providers first."""
+        for prov in fetch.sched.providers.values():
+            row = self.scores.get(prov.peer) or {"chunks": 0, "bytes": 0, "rate": 0.0, "fetches": 0}
+            row["chunks"] += prov.chunks
+            row["bytes"] += prov.bytes
+            row["fetches"] += 1
+            if prov.rate > 0:
+                row["rate"] = prov.rate if row["rate"] <= 0 else 0.5 * (row["rate"] + prov.rate)
+            row["dropped"] = prov.dropped
+            _bounded_put(self.scores, prov.peer, row)
+
+    def _on_bad_provider(self, peer: str, reason: str) -> None:
+        """A provider sent bytes that are not what was asked: not used again for a while, and a
+        misbehaviour point on its record (honest nodes verify what they serve)."""
+        self.stats["bad_chunks"] += 1
+        _bounded_put(self.bad_providers, peer, (time.monotonic() + self.config.bad_provider_ttl, reason))
+        host = self.node.host if self.node is not None else None
+        if host is not None:
+            try:
+                host.penalize(PeerId.from_string(peer), f"content: {reason}", PENALTY_MALFORMED)
+            except (LatticeError, ValueError):
+                pass
+
+    def _is_bad(self, peer: str) -> bool:
+        entry = self.bad_providers.get(peer)
+        if entry is None:
+            return False
+        if entry[0] > time.monotonic():
+            return True
+        del self.bad_providers[peer]
+        return False
+
+    # -- serving
+    def _admit(self, peer: Any) -> None:
+        refusal = self.admission.refusal(peer)
+        if refusal is not None:
+            self.stats["refused"] += 1
+            raise ContentBusy(refusal)
+
+    def _malformed(self, peer: Any, exc: Exception) -> None:
+        self.stats["malformed"] += 1
+        self.node.host.penalize(peer, f"content: {exc}", PENALTY_MALFORMED)
+
+    async def _serve_manifest(self, payload: Any, ctx: Any):
+        try:
+            cid = protocol.parse_cid(payload)
+        except PayloadError as exc:
+            self._malformed(ctx.peer, exc)
+            raise
+        self._admit(ctx.peer)
+        self.admission.begin(ctx.peer)
+        try:
+            raw = self._require_store().manifest_bytes(cid)
+            if raw is None:
+                raise ContentNotFound(f"{cid} is not here")
+            yield np.frombuffer(raw, np.uint8)
+        finally:
+            self.admission.end(ctx.peer)
+
+    async def _serve_chunks(self, payload: Any, ctx: Any):
+        """Chunks asked for, each read and verified just before it is sent (a file that changed on
+        disk is never passed on); ``missing`` for those this node does not have."""
+        peer = ctx.peer
+        store = self._require_store()
+        try:
+            cid, indices = protocol.parse_chunk_request(payload, self.config.max_request_chunks)
+        except PayloadError as exc:
+            self._malformed(peer, exc)
+            raise
+        manifest = store.manifest(cid)
+        if manifest is None:
+            raise ContentNotFound(f"{cid} is not here")
+        if max(indices) >= manifest.count:
+            exc = PayloadError(f"chunk index out of range (the content has {manifest.count})")
+            self._malformed(peer, exc)
+            raise exc
+        self._admit(peer)
+        self.admission.begin(peer)
+        self.stats["requests"] += 1
+        lease = self.node.host.resources.lease(peer, self.name)
+        reader = None
+        try:
+            try:
+                lease.grow(manifest.chunk_size)
+            except ResourceLimitExceeded as exc:
+                self.stats["refused"] += 1
+                raise ContentBusy(str(exc)) from None
+            reader = store.reader(cid)
+            if reader is None:
+                raise ContentNotFound(f"{cid} is not here")
+            buf = np.empty(manifest.chunk_size, np.uint8)
+            for index in indices:
+                await self._throttle(peer, manifest.chunk_len(index))
+                data = await trio.to_thread.run_sync(reader.read, index, buf, limiter=self._disk)
+                if data is None:
+                    yield {"i": index, "missing": True}
+                    continue
+                self._count_served(peer, data.nbytes)
+                yield {"i": index, "d": data}
+        finally:  # no await here: this may run when the RPC drops the generator
+            if reader is not None:
+                reader.close()
+                if reader.bad:
+                    store.damaged(cid, reader.bad)
+                    self._repair_soon(cid)
+            lease.close()
+            self.admission.end(peer)
+
+    async def _throttle(self, peer: Hashable, nbytes: int) -> None:
+        rate = self.config.serve_peer_rate
+        if rate <= 0:
+            return
+        now = trio.current_time()
+        bucket = self._buckets.get(peer)
+        if bucket is None:
+            bucket = TokenBucket(rate, max(rate, float(nbytes)), now)
+            _bounded_put(self._buckets, peer, bucket)
+        while not bucket.take(now, nbytes):
+            await trio.sleep((nbytes - bucket.tokens) / rate)
+            now = trio.current_time()
+
+    def _count_served(self, peer: Any, nbytes: int) -> None:
+        self.stats["chunks_served"] += 1
+        self.stats["bytes_served"] += nbytes
+        key = str(peer)
+        _bounded_put(self.served, key, self.served.get(key, 0) + nbytes)
+
+    def _repair_soon(self, cid: ContentId) -> None:
+        """Pinned content found damaged on disk: fetch the lost chunks again (in the background)."""
+        if self._nursery is not None and str(cid) in self._require_store().pinned:
+            self._nursery.start_soon(self._repair, cid)
+
+    async def _repair(self, cid: ContentId) -> None:
+        try:
+            await self.get(cid)
+            log.info("content %s repaired", cid)
+        except LatticeError as exc:
+            log.warning("content %s is damaged and could not be repaired yet: %s", cid, exc)
+
+    # -- announcing
+    def _announce_soon(self, cid: ContentId) -> None:
+        if self._nursery is not None and self._dht() is not None:
+            self._nursery.start_soon(self._announce, str(cid))
+
+    async def _announce(self, key: str) -> None:
+        store = self._require_store()
+        if key not in store.pinned or store.state(key) != COMPLETE:
+            return
+        try:
+            with trio.move_on_after(60):
+                await self._dht().provide(protocol.provider_key(ContentId.parse(key)))
+                self._announced.add(key)
+        except LatticeError as exc:
+            log.debug("announcing %s failed: %s", key, exc)
+
+    async def _announce_loop(self) -> None:
+        """Soon after start (once the DHT may know peers), then every ``announce_interval``: announce
+        pinned content; pinned content found damaged when the store opened is repaired."""
+        store = self._require_store()
+        await trio.sleep(min(5.0, self.config.announce_interval))
+        for key in store.damaged_objects():
+            if key in store.pinned:
+                self._repair_soon(ContentId.parse(key))
+        while True:
+            for key in sorted(store.pinned):
+                await self._announce(key)
+            await trio.sleep(self.config.announce_interval)
+
+    # -- pins, status (also control operations)
+    async def pin(self, cid: str) -> None:
+        """Keep ``cid`` (no GC) and announce it."""
+        store = self._require_store()
+        store.pin(ContentId.parse(cid))
+        self._announce_soon(ContentId.parse(cid))
+
+    async def unpin(self, cid: str) -> bool:
+        """Let GC drop ``cid`` and stop announcing it (DHT entries others hold expire in a day)."""
+        store = self._require_store()
+        parsed = ContentId.parse(cid)
+        changed = store.unpin(parsed)
+        self._announced.discard(str(parsed))
+        dht = self._dht()
+        if dht is not None:
+            dht.unprovide(protocol.provider_key(parsed))
+        return changed
+
+    async def pins(self) -> list[dict]:
+        return [row for row in self._require_store().listing() if row["pinned"]]
+
+    async def gc(self) -> dict:
+        """Drop unpinned content now."""
+        return self._require_store().gc()
+
+    async def verify(self, cid: str) -> dict:
+        """Re-hash every chunk of a stored object; corrupt ones are dropped and, if pinned, refetched."""
+        parsed = ContentId.parse(cid)
+        bad = await trio.to_thread.run_sync(self._require_store().verify, parsed)
+        if bad:
+            self._repair_soon(parsed)
+        return {"cid": cid, "bad_chunks": bad}
+
+    async def status(self) -> dict:
+        store = self._require_store()
+        return {
+            "store": store.usage(),
+            "objects": store.listing(),
+            "serving": {"active": self.admission.active, "peers": len(self.admission.peers), **self.stats},
+            "fetching": {key: fetch.progress() for key, fetch in self.fetches.items()},
+            "bad_providers": {p: why for p, (_, why) in self.bad_providers.items()},
+            "providers": dict(list(self.scores.items())[-32:]),
+            "announced": len(self._announced),
+        }
+
+    # -- control operations
+    async def _op_add(self, path: str, pin: bool = True, chunk_size: int | None = None) -> dict:
+        cid = await self.add(Path(path), pin=pin, chunk_size=chunk_size)
+        manifest = self._require_store().manifest(cid)
+        return {"cid": str(cid), "size": manifest.size if manifest else 0}
+
+    async def _op_get(
+        self, cid: str, output: str | None = None, providers: list[str] | None = None, pin: bool = True
+    ):
+        """Streams progress dicts, then {"done": True, "path": ...}."""
+        send, receive = trio.open_memory_channel(1)
+        result: dict = {}
+
+        def on_progress(progress: dict) -> None:
+            try:
+                send.send_nowait(progress)
+            except trio.WouldBlock:
+                pass  # the client is slow: it gets the next one
+
+        async def run() -> None:
+            async with send:
+                try:
+                    path = await self.get(cid, output, providers=providers, pin=pin, on_progress=on_progress)
+                    result.update(done=True, path=str(path))
+                except (LatticeError, RemoteError) as exc:
+                    result.update(done=False, error=str(exc))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run)
+            async with receive:
+                async for progress in receive:
+                    yield progress
+        if result.get("error"):
+            raise ContentError(result["error"])
+        yield result
+
+    async def _op_pins(self) -> list[dict]:
+        return await self.pins()

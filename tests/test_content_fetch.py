@@ -1,0 +1,171 @@
+"""lattice.content between real nodes on loopback: add, find in the DHT, get, resume, range reads,
+and a receiver that stays bounded whatever a provider sends."""
+
+from __future__ import annotations
+
+import os
+from contextlib import AsyncExitStack
+
+import numpy as np
+import pytest
+import trio
+
+from lattice import Node, NodeConfig
+from lattice.content import Content, ContentConfig, ContentNotFound
+from lattice.content.protocol import CHUNKS, MANIFEST
+from lattice.dht.service import DHT
+from lattice.rpc import RPC
+
+CHUNK = 64 << 10
+
+
+async def start_nodes(tmp_path, nursery, count: int, services=None, join: bool = True) -> list:
+    """``count`` nodes on loopback (``services(i)`` gives node i's services, default: all), each
+    connected to the first; they run until the test ends."""
+    nodes: list = []
+    ready = trio.Event()
+
+    async def run() -> None:
+        async with AsyncExitStack() as stack:
+            for i in range(count):
+                cfg = NodeConfig(listen=["/ip4/127.0.0.1/tcp/0"], data_dir=tmp_path / f"n{i}", control=False)
+                node = Node(cfg, services=services(i) if services else None)
+                nodes.append(await stack.enter_async_context(node))
+                if join and i:
+                    await node.connect(nodes[0].addrs[0])
+            ready.set()
+            await trio.sleep_forever()
+
+    nursery.start_soon(run)
+    with trio.fail_after(10):
+        await ready.wait()
+    return nodes
+
+
+def all_services(content: ContentConfig | None = None):
+    from lattice.node import default_services
+
+    out = default_services()
+    if content is not None:
+        out[-1] = Content(content)
+    return out
+
+
+async def test_get_finds_providers_in_the_dht_and_then_provides_itself(tmp_path, nursery):
+    a, b, c = await start_nodes(tmp_path, nursery, 3)
+    data = os.urandom(3 * CHUNK + 123)
+    cid = await a.content.add(data, chunk_size=CHUNK)
+    with trio.fail_after(10):
+        while not await b.dht.find_providers(b"/lattice/content/" + cid.to_bytes()):
+            await trio.sleep(0.05)
+    path = await b.content.get(cid)  # no provider named: the DHT says who has it
+    assert path.read_bytes() == data
+    assert a.content.stats["chunks_served"] == 4 and b.content.stats["chunks_fetched"] == 4
+    await a.content.unpin(str(cid))
+    await a.content.gc()  # a no longer has it; b announced it after its get
+    assert a.content.store.state(cid) is None
+    out = tmp_path / "copy.bin"
+    with trio.fail_after(10):
+        while True:
+            try:
+                assert await c.content.get(cid, out) == out
+                break
+            except ContentNotFound:  # b's announcement may still be on its way
+                await trio.sleep(0.1)
+    assert out.read_bytes() == data and b.content.stats["chunks_served"] == 4
+    status = await c.content.status()
+    assert status["store"]["objects"] == 1 and status["objects"][0]["pinned"]
+
+
+async def test_an_interrupted_get_resumes_with_only_the_missing_chunks(tmp_path, nursery):
+    slow = ContentConfig(serve_peer_rate=8 * CHUNK)  # 8 chunks per second: the get is cut mid-way
+    a, b = await start_nodes(tmp_path, nursery, 2, services=lambda i: all_services(slow if i == 0 else None))
+    data = os.urandom(24 * CHUNK)
+    cid = await a.content.add(data, chunk_size=CHUNK)
+    seen: list[dict] = []
+    with trio.CancelScope() as scope:
+
+        def stop_after_some(progress: dict) -> None:
+            seen.append(progress)
+            if progress["fetched"] >= 5:
+                scope.cancel()
+
+        await b.content.get(cid, providers=[a.addrs[0]], on_progress=stop_after_some)
+    assert scope.cancelled_caught
+    had = (await b.content.status())["objects"][0]["have_chunks"]
+    assert 5 <= had < 24
+    a.content.config.serve_peer_rate = 0.0
+    final: list[dict] = []
+    path = await b.content.get(cid, providers=[a.addrs[0]], on_progress=final.append)
+    assert path.read_bytes() == data
+    assert final[-1]["had"] == had and final[-1]["fetched"] == 24 - had
+    assert b.content.stats["chunks_fetched"] == 24  # every chunk moved once over both attempts
+
+
+async def test_get_tensors_fetches_only_the_chunks_holding_them(tmp_path, nursery):
+    a, b = await start_nodes(tmp_path, nursery, 2)
+    tensors = {f"layer.{i}.w": np.random.default_rng(i).random((64, 256), np.float32) for i in range(6)}
+    cid = await a.content.add(tensors, chunk_size=CHUNK)
+    manifest = a.content.store.manifest(cid)
+    assert manifest.kind == "safetensors" and len(manifest.tensors) == 6
+    names = ["layer.4.w", "layer.1.w"]
+    got = await b.content.get_tensors(cid, names, providers=[a.addrs[0]])
+    for name in names:
+        np.testing.assert_array_equal(got[name], tensors[name])
+    needed = manifest.chunks_for(names)
+    assert a.content.stats["chunks_served"] == len(needed) < manifest.count
+    # the whole file later: only the other chunks move, and any safetensors reader can open it
+    path = await b.content.get(cid, tmp_path / "all.safetensors", providers=[a.addrs[0]])
+    from safetensors.numpy import load_file
+
+    loaded = load_file(str(path))
+    assert all(np.array_equal(loaded[k], v) for k, v in tensors.items())
+    assert a.content.stats["chunks_served"] == manifest.count
+
+
+def rogue_services(i: int, behaviour: dict):
+    """Node 0 is a rogue provider (RPC and DHT only, its own content handlers); others are honest."""
+    if i != 0:
+        return None
+    rpc = RPC()
+
+    async def manifest(payload, ctx):
+        yield np.frombuffer(behaviour["manifest"], np.uint8)
+
+    async def chunks(payload, ctx):
+        for index in payload["chunks"]:
+            yield {"i": index, "d": behaviour["reply"](index)}
+
+    rpc.register(MANIFEST, manifest, stream="server")
+    rpc.register(CHUNKS, chunks, stream="server")
+    return [rpc, DHT()]
+
+
+@pytest.mark.parametrize("attack", ["oversized", "corrupt"])
+async def test_a_provider_sending_oversized_or_corrupt_chunks_is_dropped_and_the_result_is_right(
+    tmp_path, nursery, attack
+):
+    behaviour: dict = {}
+    rogue, honest, fetcher = await start_nodes(
+        tmp_path, nursery, 3, services=lambda i: rogue_services(i, behaviour)
+    )
+    data = os.urandom(8 * CHUNK)
+    cid = await honest.content.add(data, chunk_size=CHUNK)
+    behaviour["manifest"] = honest.content.store.manifest_bytes(cid)
+    if attack == "oversized":  # 64 MiB per reply: must be refused before it is allocated
+        behaviour["reply"] = lambda index: np.zeros(64 << 20, np.uint8)
+    else:
+        behaviour["reply"] = lambda index: np.frombuffer(os.urandom(CHUNK), np.uint8)
+    path = await fetcher.content.get(cid, providers=[rogue.addrs[0], honest.addrs[0]])
+    assert path.read_bytes() == data
+    bad = fetcher.content.bad_providers
+    assert list(bad) == [str(rogue.peer_id)]
+    reason = bad[str(rogue.peer_id)][1]
+    assert ("over the limit" in reason) if attack == "oversized" else ("does not match its hash" in reason)
+    assert fetcher.host.limits.score(rogue.peer_id) > 0  # and a misbehaviour mark on its record
+    # it is not asked again
+    behaviour["reply"] = lambda index: np.frombuffer(data[index * CHUNK : (index + 1) * CHUNK], np.uint8)
+    await fetcher.content.unpin(str(cid))
+    await fetcher.content.gc()
+    await fetcher.content.get(cid, providers=[rogue.addrs[0], honest.addrs[0]])
+    assert fetcher.content.stats["bad_chunks"] == 1

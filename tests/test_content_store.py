@@ -1,0 +1,138 @@
+"""The content store as a service on real nodes (issue 20, step 3): pins and announcements, the
+quota, garbage collection, and the integrity checks (on open, when serving) with repair."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import trio
+
+from lattice import Node, NodeConfig
+from lattice.content import Content, ContentConfig, ContentNotFound, StoreFull
+from lattice.content.protocol import CHUNKS, provider_key
+from lattice.node import default_services
+from test_content_fetch import start_nodes
+
+CHUNK = 64 << 10
+
+
+def with_content(config: ContentConfig):
+    out = default_services()
+    out[-1] = Content(config)
+    return out
+
+
+async def test_pinned_content_is_announced_and_reannounced_and_unpinning_withdraws_it(tmp_path, nursery):
+    a, b = await start_nodes(
+        tmp_path, nursery, 2, services=lambda i: with_content(ContentConfig(announce_interval=0.3))
+    )
+    announced: list[bytes] = []
+    provide = a.dht.provide
+
+    async def counting(key):
+        announced.append(key)
+        return await provide(key)
+
+    a.dht.provide = counting
+    cid = await a.content.add(os.urandom(2 * CHUNK), chunk_size=CHUNK)
+    key = provider_key(cid)
+    with trio.fail_after(5):
+        while announced.count(key) < 3:  # at once, then every announce_interval
+            await trio.sleep(0.05)
+    assert [p for p, _ in await b.dht.find_providers(key)] == [str(a.peer_id)]
+    assert await a.content.unpin(str(cid)) is True
+    assert a.peer_id not in [p for p, _ in a.dht.store.get_providers(key)]  # no longer listed here
+    count = announced.count(key)
+    await trio.sleep(0.8)
+    assert announced.count(key) == count  # and no longer announced
+    assert (await a.content.gc())["removed"] == 1 and a.content.store.state(cid) is None
+    b.dht.store.remove_provider(key, a.peer_id)  # (others' entries expire within a day)
+    with pytest.raises(ContentNotFound):
+        await b.content.get(cid)
+
+
+async def test_the_quota_refuses_before_fetching_and_makes_room_from_unpinned_content(tmp_path, nursery):
+    small = NodeConfig(listen=["/ip4/127.0.0.1/tcp/0"], data_dir=tmp_path / "small", control=False,
+                       content_max_bytes=5 * CHUNK)  # fmt: skip
+    (a,) = await start_nodes(tmp_path, nursery, 1)
+    first = await a.content.add(os.urandom(3 * CHUNK), chunk_size=CHUNK)
+    second = await a.content.add(os.urandom(3 * CHUNK), chunk_size=CHUNK)
+    async with Node(small) as b:
+        await b.connect(a.addrs[0])
+        await b.content.get(first, providers=[a.addrs[0]])
+        served = a.content.stats["chunks_served"]
+        with pytest.raises(StoreFull, match="content_max_bytes"):
+            await b.content.get(second, providers=[a.addrs[0]])
+        assert a.content.stats["chunks_served"] == served  # refused before a chunk moved
+        assert b.content.store.state(second) is None and b.content.store.used_bytes() <= 5 * CHUNK
+        await b.content.unpin(str(first))  # unpinned: the next get may drop it
+        await b.content.get(second, providers=[a.addrs[0]])
+        assert b.content.store.state(first) is None and b.content.store.state(second) == "complete"
+        assert b.content.store.usage()["evicted"] == 1
+
+
+def _corrupt(path: Path, offset: int) -> None:
+    os.chmod(path, 0o644)
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(b"\xff" * 32)
+
+
+async def test_a_chunk_corrupt_on_disk_is_never_served_and_is_repaired_from_peers(tmp_path, nursery):
+    config = ContentConfig(announce_interval=0.2)
+    a, b, c = await start_nodes(tmp_path, nursery, 3, services=lambda i: with_content(config))
+    data = os.urandom(6 * CHUNK)
+    cid = await a.content.add(data, chunk_size=CHUNK)
+    await b.content.get(cid, providers=[a.addrs[0]])  # b holds (and serves) it too
+    _corrupt(a.content.store.data_path(cid), 2 * CHUNK + 100)
+    async with c.rpc.call_stream(a.addrs[0], CHUNKS, {"cid": str(cid), "chunks": [1, 2]}) as items:
+        replies = [item async for item in items]
+    assert replies[0]["i"] == 1 and bytes(replies[0]["d"]) == data[CHUNK : 2 * CHUNK]
+    assert replies[1] == {"i": 2, "missing": True}  # read, found corrupt, not passed on
+    assert a.content.store.stats["corrupt_chunks"] == 1
+    with trio.fail_after(5):  # a, pinned, repairs itself from b: only the lost chunk moves
+        while a.content.store.state(cid) != "complete" or a.content.fetches:
+            await trio.sleep(0.05)
+    assert a.content.stats["chunks_fetched"] == 1
+    assert a.content.store.data_path(cid).read_bytes() == data
+
+
+async def test_a_full_check_on_open_finds_damage_and_a_restarted_node_repairs_it(tmp_path, nursery):
+    (b,) = await start_nodes(tmp_path, nursery, 1)
+    data = os.urandom(6 * CHUNK)
+    cfg = NodeConfig(listen=["/ip4/127.0.0.1/tcp/0"], data_dir=tmp_path / "a", control=False)
+    async with Node(cfg) as a:
+        cid = await a.content.add(data, chunk_size=CHUNK)
+        await b.content.get(cid, providers=[a.addrs[0]])
+    _corrupt(tmp_path / "a" / "content" / "data" / str(cid), 4 * CHUNK)
+    checked = with_content(ContentConfig(verify_on_open=True, announce_interval=0.2))
+    async with Node(cfg, services=checked) as a:
+        assert a.content.store.state(cid) == "partial"  # found at start, never served
+        assert a.content.store.stats["corrupt_chunks"] == 1
+        await a.connect(b.addrs[0])
+        with trio.fail_after(10):
+            while a.content.store.state(cid) != "complete" or a.content.fetches:
+                await trio.sleep(0.05)
+        assert a.content.stats["chunks_fetched"] == 1
+        assert (tmp_path / "a" / "content" / "data" / str(cid)).read_bytes() == data
+
+
+async def test_a_get_cut_by_a_restart_resumes_with_only_the_missing_chunks(tmp_path, nursery):
+    slow = with_content(ContentConfig(serve_peer_rate=8 * CHUNK))
+    (a,) = await start_nodes(tmp_path, nursery, 1, services=lambda i: slow)
+    data = os.urandom(20 * CHUNK)
+    cid = await a.content.add(data, chunk_size=CHUNK)
+    cfg = NodeConfig(listen=["/ip4/127.0.0.1/tcp/0"], data_dir=tmp_path / "b", control=False)
+    async with Node(cfg) as b:
+        with trio.move_on_after(1.0):  # ~8 chunks in, the node stops
+            await b.content.get(cid, providers=[a.addrs[0]])
+    a.content.config.serve_peer_rate = 0.0
+    async with Node(cfg) as b:
+        have = b.content.store.listing()[0]
+        assert have["state"] == "partial" and 0 < have["have_chunks"] < 20
+        final: list[dict] = []
+        await b.content.get(cid, providers=[a.addrs[0]], on_progress=final.append)
+        assert final[-1]["had"] == have["have_chunks"] and final[-1]["fetched"] == 20 - have["have_chunks"]
+        assert b.content.store.data_path(cid).read_bytes() == data
