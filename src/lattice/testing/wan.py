@@ -156,7 +156,8 @@ class WanTestbed(Testbed):
     """Public hosts on shaped links (see the module doc); a :class:`Testbed` otherwise.
 
     ``preset``: a name from :data:`PRESETS`, ``"mixed"`` or a :class:`Preset`; ``links`` overrides
-    it per host. ``probe(a, b)`` measures what a path really gives."""
+    it per host. ``sysctls`` are set in every host's namespace (e.g. a tuned host's
+    ``net.ipv4.tcp_wmem``). ``probe(a, b)`` measures what a path really gives."""
 
     def __init__(
         self,
@@ -164,11 +165,13 @@ class WanTestbed(Testbed):
         preset: str | Preset = "continental",
         links: Mapping[str, Link] | None = None,
         *,
+        sysctls: Mapping[str, str] | None = None,
         clean_stale: bool = True,
     ) -> None:
         names = [f"h{i}" for i in range(hosts)] if isinstance(hosts, int) else list(hosts)
         self.links = {**links_for(names, preset), **(links or {})}
         self.preset = preset if isinstance(preset, str) else preset.name
+        self.sysctls = dict(sysctls or {})
         self._delayline: subprocess.Popen[str] | None = None
         super().__init__(public=names, sites=(), clean_stale=clean_stale)
         try:
@@ -193,6 +196,10 @@ class WanTestbed(Testbed):
             host = q["host"]
             rules = f"*mangle\n-A PREROUTING -i {self.uplink(host)} -j NFQUEUE --queue-num 0\nCOMMIT\n"
             procs.append(_spawn(self.exec_argv(host, ["iptables-restore"]), rules))
+        if self.sysctls:
+            settings = [f"{key}={value}" for key, value in self.sysctls.items()]
+            for host in self.links:
+                procs.append(_spawn(self.exec_argv(host, ["sysctl", "-q", "-w", *settings]), ""))
         _wait(procs, "shaping links")
         if queues:
             self._start_delayline(queues)
