@@ -70,29 +70,17 @@ def _pair(preset: str | Preset) -> tuple[list[str], str, str]:
     return ["a", "b"], "a", "b"
 
 
-def bench_rpc(preset: str | Preset, runs: int, gib: bool) -> None:
+def bench_rpc(preset: str | Preset, runs: int, gib: bool, compare_window: bool = False) -> None:
     hosts, src, dst = _pair(preset)
     with tempfile.TemporaryDirectory() as tmp, WanTestbed(hosts, preset, sysctls=SYSCTLS) as tb:
         rate, rtt = tb.rate_mbit(src, dst), tb.rtt_ms(src, dst)
         where = {"preset": _name(preset), "rate_mbit": rate, "rtt_ms": rtt, **_tuned()}
-        a = _start(tb, Path(tmp), src, "--enable-bench")
-        b = _start(tb, Path(tmp), dst, "--enable-bench")
-        try:
-            with Client(a.info["control"], timeout=900) as client:  # long transfers on slow links
-                peer = b.info["addrs"][0]
-                client.connect(peer)
-                sizes = [(64 * MIB, "64mib")] + ([(1 << 30, "1gib")] if gib and rate >= 500 else [])
-                for size, label in sizes:
-                    r = client.rpc.bench(peer, size, count=runs, direction="up")
-                    fractions = [size * 8 / t / 1e6 / rate for t in r["times_s"]]
-                    emit("wan", "lattice", f"rpc_up_{label}_link_fraction", fractions, **where)
-                echo = [
-                    client.rpc.bench(peer, 8, count=50, direction="echo")["median_s"] for _ in range(runs)
-                ]
-                emit("wan", "lattice", "small_call_rtts", [t * 1000 / rtt for t in echo], **where)
-        finally:
-            a.stop()
-            b.stop()
+        if compare_window:  # the same run without window auto-tuning (the window stays 4 MiB)
+            fixed = Path(tmp) / "fixed-window.toml"
+            fixed.write_text("[node]\nstream_window_max = 4194304\n")
+            flags = ("--config", str(fixed))
+            _rpc(tb, Path(tmp) / "fixed", src, dst, runs, False, where, "lattice-fixed-4mib-window", flags)
+        _rpc(tb, Path(tmp), src, dst, runs, gib, where, "lattice", ())
         tcp, tcp_echo = [], []
         for _ in range(runs):
             p = tb.probe(src, dst, megabytes=64, pings=50)
@@ -100,6 +88,28 @@ def bench_rpc(preset: str | Preset, runs: int, gib: bool) -> None:
             tcp_echo.append(p["echo_ms"] / rtt)
         emit("wan", "plain-tcp", "rpc_up_64mib_link_fraction", tcp, **where, note="64 MiB, unencrypted")
         emit("wan", "plain-tcp", "small_call_rtts", tcp_echo, **where, note="8-byte echo")
+
+
+def _rpc(tb: WanTestbed, work: Path, src: str, dst: str, runs: int, gib: bool, where: dict, system: str,
+         flags: tuple[str, ...]) -> None:  # fmt: skip
+    """Our figures between daemons in ``src`` and ``dst`` started with ``flags``, as ``system``."""
+    rate, rtt = where["rate_mbit"], where["rtt_ms"]
+    a = _start(tb, work, src, "--enable-bench", *flags)
+    b = _start(tb, work, dst, "--enable-bench", *flags)
+    try:
+        with Client(a.info["control"], timeout=900) as client:  # long transfers on slow links
+            peer = b.info["addrs"][0]
+            client.connect(peer)
+            sizes = [(64 * MIB, "64mib")] + ([(1 << 30, "1gib")] if gib and rate >= 500 else [])
+            for size, label in sizes:
+                r = client.rpc.bench(peer, size, count=runs, direction="up")
+                fractions = [size * 8 / t / 1e6 / rate for t in r["times_s"]]
+                emit("wan", system, f"rpc_up_{label}_link_fraction", fractions, **where)
+            echo = [client.rpc.bench(peer, 8, count=50, direction="echo")["median_s"] for _ in range(runs)]
+            emit("wan", system, "small_call_rtts", [t * 1000 / rtt for t in echo], **where)
+    finally:
+        a.stop()
+        b.stop()
 
 
 def _tuned() -> dict[str, str]:
@@ -162,6 +172,8 @@ def main() -> None:
     parser.add_argument("--no-rpc", action="store_true")
     parser.add_argument("--gib", action="store_true", help="also 1 GiB on links of 500 Mbit/s and more")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--compare-window", action="store_true",
+                        help="also our RPC with a fixed 4 MiB stream window (no auto-tuning)")  # fmt: skip
     parser.add_argument("--tcp-mem-max", type=int, default=0, help="raise tcp_rmem/tcp_wmem max to this")
     args = parser.parse_args()
     if args.tcp_mem_max:
@@ -172,7 +184,7 @@ def main() -> None:
     print(json.dumps({"bench": "wan", "loadavg": os.getloadavg(), "cpus": os.cpu_count()}), flush=True)
     for preset in map(parse_preset, args.presets.split(",")):
         if not args.no_rpc:
-            bench_rpc(preset, args.runs, args.gib)
+            bench_rpc(preset, args.runs, args.gib, args.compare_window)
         if not args.no_dht:
             bench_dht(preset, args.dht_nodes, args.dht_ops, args.seed)
     print(json.dumps({"bench": "wan", "loadavg_end": os.getloadavg()}), flush=True)
