@@ -68,6 +68,11 @@ class NodeConfig:
     resources: dict[str, Any] = field(default_factory=dict)  # other ResourceLimits fields ([node.resources])
     keepalive_interval: float = 30.0
     dial_timeout: float = 10.0
+    # Yamux receive window of each stream (memory a peer may make us hold per stream, from its
+    # budget), and what a busy stream's window may grow to when it, not the link, limits a transfer
+    # (one stream moves at most a window per RTT: 4 MiB is 33 MiB/s at 120 ms). docs/operators.md.
+    stream_window: int = 4 << 20
+    stream_window_max: int = 16 << 20
     log_level: str = "info"
     # NAT traversal (lattice.nat.manager)
     relay: bool = False  # serve as a circuit relay for NATed peers
@@ -179,6 +184,10 @@ class NodeConfig:
         ):
             self._positive_int(name)
         self._positive_int("relay_circuit_bytes")
+        self._positive_int("stream_window")
+        self._positive_int("stream_window_max")
+        if self.stream_window_max < self.stream_window:
+            raise ConfigError("stream_window_max must be at least stream_window")
         for name in (
             "inbox_max_files",
             "inbox_max_bytes",

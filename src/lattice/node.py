@@ -133,6 +133,8 @@ class Node:
             protocol_version=profile.identify_version,
             resources=cfg.resource_limits,
             dial_timeout=cfg.dial_timeout,
+            stream_window=cfg.stream_window,
+            stream_window_max=cfg.stream_window_max,
         )
         self._stack = AsyncExitStack()
         await self._stack.__aenter__()

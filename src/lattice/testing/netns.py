@@ -278,6 +278,7 @@ class Testbed:
         self.internet = ""
         self._ips: dict[str, str] = {}
         self._site_of: dict[str, str] = {}
+        self._ports: dict[str, str] = {}
         self._procs: list[subprocess.Popen[Any]] = []
         self._made: list[str] = []
         self._closed = False
@@ -323,6 +324,7 @@ class Testbed:
         def uplink(host: str, ifname: str, addr: str) -> None:
             nonlocal port
             root.append(_veth(f"p{port}", inet, ifname, self.ns[host]))
+            self._ports[host] = f"p{port}"
             per_ns[inet] += [f"link set p{port} master br0", f"link set p{port} up"]
             per_ns[self.ns[host]] += [f"addr add {addr}/24 dev {ifname}", f"link set {ifname} up"]
             port += 1
@@ -415,6 +417,18 @@ table ip lt_nat {{
         if name in self.public:
             return self._ips[name]
         raise KeyError(f"no site or host {name!r} in this testbed")
+
+    def port(self, host: str) -> str:
+        """The bridge port (an interface in the "internet" namespace) of a public host's or a
+        router's uplink: what the internet sends to ``host`` leaves through it."""
+        if host not in self._ports:
+            raise KeyError(f"{host!r} has no uplink on the internet bridge")
+        return self._ports[host]
+
+    def uplink(self, host: str) -> str:
+        """The interface, inside ``host``'s namespace, that leads to the internet."""
+        self.port(host)
+        return "wan" if host in self.sites else "eth0"
 
     def site_of(self, peer: str) -> str | None:
         """The site a peer is behind, or None for public hosts and routers."""

@@ -13,6 +13,7 @@ Design choices, each fixing a measured py-libp2p defect (see shared/notes):
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import struct
 from collections import Counter, deque
@@ -96,6 +97,7 @@ class YamuxStream:
         self._sink_pos = 0
         self._woken = 0  # reader woken by new data and not parked since: it may be about to set a sink
         self.received = 0  # payload bytes that arrived so far (what an idle-message reaper watches)
+        self._epoch = trio.current_time()  # when we last returned window (auto-tuning)
 
     @property
     def remote_peer(self):
@@ -269,10 +271,28 @@ class YamuxStream:
         self._buf_len -= n
         self._unacked += n
         if self._unacked >= self.window // 2 and self._error is None and not self._remote_fin:
-            delta = self._unacked
+            delta = self._unacked + self._grow_window()
             self._unacked = 0
             self._recv_window += delta
             self.session._queue_control(header(TYPE_WINDOW_UPDATE, 0, self.id, delta))
+
+    def _grow_window(self) -> int:
+        """Double the window (up to the session's ``max_window``) when half of it was consumed
+        within ``4 x RTT``: the window, not the link, may be what limits this stream (go-yamux's
+        rule). The extra memory comes from the peer's budget; when it says no, the window stays.
+        Returns the bytes added."""
+        now = trio.current_time()
+        elapsed, self._epoch = now - self._epoch, now
+        extra = min(self.window * 2, self.session.max_window) - self.window
+        if extra <= 0:
+            return 0
+        rtt = self.session.rtt_estimate()
+        if rtt is None or elapsed >= 4 * rtt:
+            return 0
+        if self._lease is not None and not self._lease.try_grow(extra):
+            return 0
+        self.window += extra
+        return extra
 
     # -- writing
     def _one_frame(self, n: int) -> bool:
@@ -483,11 +503,18 @@ class YamuxSession:
         initial_data: bytes = b"",
         resources: ResourceManager | None = None,
         max_queued_out: int = 4 * 1024 * 1024,
+        max_window: int = 0,
+        rtt: Callable[[], float | None] | None = None,
     ) -> None:
         self.secure = secure
         self.remote_peer = secure.remote_peer
         self.is_client = is_client
         self.window = max(window, INITIAL_WINDOW)
+        # a stream's window may grow to max_window when it limits a fast stream; ``rtt`` gives the
+        # connection's round-trip time in seconds (None: unknown, and then windows do not grow)
+        self.max_window = max(max_window, self.window)
+        self._rtt = rtt
+        self.rtt: float | None = None  # the last yamux ping's round trip
         self.max_frame = max_frame
         self.max_batch = max_batch  # bytes of one stream sent per lock hold: others interleave
         self.max_inbound_streams = max_inbound_streams
@@ -581,6 +608,15 @@ class YamuxSession:
     def num_streams(self) -> int:
         return len(self._streams)
 
+    def rtt_estimate(self) -> float | None:
+        """The connection's round-trip time in seconds: the transport's estimate (TCP's smoothed
+        RTT) if it has one, else the last ping's, else None."""
+        if self._rtt is not None:
+            with contextlib.suppress(OSError):
+                if (rtt := self._rtt()) is not None:
+                    return rtt
+        return self.rtt
+
     async def ping(self, timeout: float = 10.0) -> float:
         """Yamux-level ping; round-trip time in seconds."""
         self._ping_id = (self._ping_id + 1) & 0xFFFFFFFF
@@ -595,7 +631,8 @@ class YamuxSession:
             self._pings.pop(pid, None)
         if self.closed:
             raise ConnectionLost("connection closed during ping")
-        return trio.current_time() - start
+        self.rtt = trio.current_time() - start
+        return self.rtt
 
     async def wait_closed(self) -> None:
         await self._closed_event.wait()

@@ -1,0 +1,194 @@
+"""bench/wan: Lattice against plain TCP on emulated wide-area links (lattice.testing.wan), same run.
+
+    python bench/wan.py [--presets lan,metro,continental,intercontinental,mixed] [--runs 3]
+                        [--dht-nodes 32] [--dht-ops 30] [--no-dht] [--no-rpc] [--gib]
+                        [--tcp-mem-max BYTES]
+
+A preset may also be given as NAME=RTT_MS/MBIT[/LOSS], e.g. ``fat=120/400`` (a long fat pipe).
+``--tcp-mem-max`` raises the hosts' TCP buffer limits (tcp_rmem/tcp_wmem max; Linux's default
+send-buffer limit, 4 MiB, caps one TCP connection at 4 MiB per RTT).
+
+Per preset, one JSON line per figure (medians of --runs), each as a ratio to the link:
+- RPC: a 64 MiB tensor a -> b (`rpc.bench`, timed inside daemon a) and a plain TCP transfer of
+  64 MiB on the same path, as a fraction of the link rate (1 GiB too with --gib, lan and metro);
+- small calls: our 8-byte echo call and a plain TCP 8-byte echo, in link RTTs;
+- DHT: put and get through random daemons of a --dht-nodes swarm (each daemon in its own
+  namespace), in link RTTs (for `mixed`, the median RTT over all pairs).
+Needs root (network namespaces, tc, iptables). The machine's load is printed first: the emulated
+links are exact, the CPU is not (a 2-core machine shared with other work).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import emit
+
+from lattice import Client
+from lattice.testing.daemons import Daemon, start_daemon, wait_for
+from lattice.testing.wan import PRESETS, Preset, WanTestbed, wan_unavailable
+
+MIB = 1 << 20
+PORT = 4001
+SYSCTLS: dict[str, str] = {}  # set from --tcp-mem-max
+
+
+def parse_preset(text: str) -> str | Preset:
+    """A preset name, or NAME=RTT_MS/MBIT[/LOSS]."""
+    if "=" not in text:
+        if text not in PRESETS and text != "mixed":
+            raise SystemExit(f"unknown preset {text!r}")
+        return text
+    name, spec = text.split("=", 1)
+    parts = [float(x) for x in spec.split("/")]
+    return Preset(name, rtt_ms=parts[0], rate_mbit=parts[1], loss=parts[2] if len(parts) > 2 else 0.0)
+
+
+def _name(preset: str | Preset) -> str:
+    return preset if isinstance(preset, str) else preset.name
+
+
+def _start(tb: WanTestbed, work: Path, host: str, *extra: str) -> Daemon:
+    args = ["--listen", f"/ip4/{tb.ip(host)}/tcp/{PORT}", "--log-level", "warning", *extra]
+    return start_daemon(work, host, args, testbed=tb, host=host, timeout=60)
+
+
+def _pair(preset: str | Preset) -> tuple[list[str], str, str]:
+    """Hosts of the RPC testbed and the path measured (for `mixed`: a home cable uplink to a cloud)."""
+    if preset == "mixed":
+        return ["cloud", "lab", "fibre", "cable"], "cable", "cloud"
+    return ["a", "b"], "a", "b"
+
+
+def bench_rpc(preset: str | Preset, runs: int, gib: bool, compare_window: bool = False) -> None:
+    hosts, src, dst = _pair(preset)
+    with tempfile.TemporaryDirectory() as tmp, WanTestbed(hosts, preset, sysctls=SYSCTLS) as tb:
+        rate, rtt = tb.rate_mbit(src, dst), tb.rtt_ms(src, dst)
+        where = {"preset": _name(preset), "rate_mbit": rate, "rtt_ms": rtt, **_tuned()}
+        if compare_window:  # the same run without window auto-tuning (the window stays 4 MiB)
+            fixed = Path(tmp) / "fixed-window.toml"
+            fixed.write_text("[node]\nstream_window_max = 4194304\n")
+            flags = ("--config", str(fixed))
+            _rpc(tb, Path(tmp) / "fixed", src, dst, runs, False, where, "lattice-fixed-4mib-window", flags)
+        _rpc(tb, Path(tmp), src, dst, runs, gib, where, "lattice", ())
+        tcp, tcp_echo = [], []
+        for _ in range(runs):
+            p = tb.probe(src, dst, megabytes=64, pings=50)
+            tcp.append(p["goodput_mbit"] / rate)
+            tcp_echo.append(p["echo_ms"] / rtt)
+        emit("wan", "plain-tcp", "rpc_up_64mib_link_fraction", tcp, **where, note="64 MiB, unencrypted")
+        emit("wan", "plain-tcp", "small_call_rtts", tcp_echo, **where, note="8-byte echo")
+
+
+def _rpc(tb: WanTestbed, work: Path, src: str, dst: str, runs: int, gib: bool, where: dict, system: str,
+         flags: tuple[str, ...]) -> None:  # fmt: skip
+    """Our figures between daemons in ``src`` and ``dst`` started with ``flags``, as ``system``."""
+    rate, rtt = where["rate_mbit"], where["rtt_ms"]
+    a = _start(tb, work, src, "--enable-bench", *flags)
+    b = _start(tb, work, dst, "--enable-bench", *flags)
+    try:
+        with Client(a.info["control"], timeout=900) as client:  # long transfers on slow links
+            peer = b.info["addrs"][0]
+            client.connect(peer)
+            sizes = [(64 * MIB, "64mib")] + ([(1 << 30, "1gib")] if gib and rate >= 500 else [])
+            for size, label in sizes:
+                r = client.rpc.bench(peer, size, count=runs, direction="up")
+                fractions = [size * 8 / t / 1e6 / rate for t in r["times_s"]]
+                emit("wan", system, f"rpc_up_{label}_link_fraction", fractions, **where)
+            echo = [client.rpc.bench(peer, 8, count=50, direction="echo")["median_s"] for _ in range(runs)]
+            emit("wan", system, "small_call_rtts", [t * 1000 / rtt for t in echo], **where)
+    finally:
+        a.stop()
+        b.stop()
+
+
+def _tuned() -> dict[str, str]:
+    return {"tcp_wmem": SYSCTLS["net.ipv4.tcp_wmem"]} if SYSCTLS else {}
+
+
+def bench_dht(preset: str | Preset, nodes: int, ops: int, seed: int) -> None:
+    rng = random.Random(seed)
+    hosts = [f"n{i}" for i in range(nodes)]
+    t0 = time.monotonic()
+    with tempfile.TemporaryDirectory() as tmp, WanTestbed(hosts, preset, sysctls=SYSCTLS) as tb:
+        rtts = [tb.rtt_ms(x, y) for i, x in enumerate(hosts) for y in hosts[i + 1 :]]
+        rtt = statistics.median(rtts)
+        where = {"preset": _name(preset), "nodes": nodes, "rtt_ms": rtt}
+        daemons = [_start(tb, Path(tmp), hosts[0])]
+        boot = daemons[0].info["addrs"][0]
+        try:
+            with ThreadPoolExecutor(4) as pool:
+                daemons += pool.map(lambda h: _start(tb, Path(tmp), h, "--bootstrap", boot), hosts[1:])
+            clients = [Client(d.info["control"], timeout=120) for d in daemons]
+            want = min(nodes - 1, 20)
+            try:
+                wait_for(lambda: min(c.dht.status()["routing_table"] for c in clients) >= want, 60, "tables")
+            except TimeoutError:
+                pass
+            sizes = [c.dht.status()["routing_table"] for c in clients]
+            setup = {"routing_table_min": min(sizes), "setup_s": round(time.monotonic() - t0, 1)}
+            print(json.dumps({"bench": "wan", "preset": _name(preset), "nodes": nodes, **setup}), flush=True)
+            keys = [f"wan/{seed}/{i}" for i in range(ops)]
+            put_ms, get_ms, ok = [], [], 0
+            for key in keys:
+                start = time.perf_counter()
+                rng.choice(clients).dht.put(key, key.encode(), ttl=600)
+                put_ms.append((time.perf_counter() - start) * 1000)
+            for key in keys:
+                start = time.perf_counter()
+                entries = rng.choice(clients).dht.get(key, latest=False)
+                get_ms.append((time.perf_counter() - start) * 1000)
+                ok += bool(entries) and entries[0]["value"] == key.encode()
+            emit("wan", "lattice", "dht_store_rtts", [t / rtt for t in put_ms], **where,
+                 median_ms=round(statistics.median(put_ms), 1))  # fmt: skip
+            emit("wan", "lattice", "dht_get_rtts", [t / rtt for t in get_ms], **where,
+                 median_ms=round(statistics.median(get_ms), 1), success=ok / len(keys))  # fmt: skip
+            for c in clients:
+                c.close()
+        finally:
+            with ThreadPoolExecutor(8) as pool:
+                list(pool.map(lambda d: d.stop(), daemons))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--presets", default="lan,metro,continental,intercontinental,mixed")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--dht-nodes", type=int, default=32)
+    parser.add_argument("--dht-ops", type=int, default=30)
+    parser.add_argument("--no-dht", action="store_true")
+    parser.add_argument("--no-rpc", action="store_true")
+    parser.add_argument("--gib", action="store_true", help="also 1 GiB on links of 500 Mbit/s and more")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--compare-window", action="store_true",
+                        help="also our RPC with a fixed 4 MiB stream window (no auto-tuning)")  # fmt: skip
+    parser.add_argument("--tcp-mem-max", type=int, default=0, help="raise tcp_rmem/tcp_wmem max to this")
+    args = parser.parse_args()
+    if args.tcp_mem_max:
+        SYSCTLS["net.ipv4.tcp_rmem"] = f"4096 131072 {args.tcp_mem_max}"
+        SYSCTLS["net.ipv4.tcp_wmem"] = f"4096 16384 {args.tcp_mem_max}"
+    if reason := wan_unavailable():
+        raise SystemExit(f"bench/wan needs a WAN testbed: {reason}")
+    print(json.dumps({"bench": "wan", "loadavg": os.getloadavg(), "cpus": os.cpu_count()}), flush=True)
+    for preset in map(parse_preset, args.presets.split(",")):
+        if not args.no_rpc:
+            bench_rpc(preset, args.runs, args.gib, args.compare_window)
+        if not args.no_dht:
+            bench_dht(preset, args.dht_nodes, args.dht_ops, args.seed)
+    print(json.dumps({"bench": "wan", "loadavg_end": os.getloadavg()}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
