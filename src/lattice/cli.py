@@ -43,6 +43,7 @@ def build_parser(with_apps: bool = True) -> argparse.ArgumentParser:
     _add_crdt_commands(sub)
     _add_send_tensor_command(sub)
     _add_dht_commands(sub)
+    _add_content_commands(sub)
     from lattice.swarm import commands as swarm_commands  # testnet, top, bans
 
     _COMMANDS.update(swarm_commands.register(sub))
@@ -258,6 +259,53 @@ def _add_dht_commands(sub: Any) -> None:
         _add_control(p)
 
 
+def _add_content_commands(sub: Any) -> None:
+    """add, get, pins, content {status,pin,unpin,gc,verify}: the daemon's content store."""
+    add = sub.add_parser(
+        "add", help="add a file to the content store (prints its id)",
+        description="Add FILE to the daemon's content store, pin it and announce it; print its id.",
+    )  # fmt: skip
+    add.add_argument("file", metavar="FILE")
+    add.add_argument("--no-pin", dest="pin", action="store_false", help="do not pin (GC may drop it)")
+    add.add_argument(
+        "--chunk-size", metavar="SIZE", help="chunk size, 4KiB-4MiB (default: the daemon's, 1MiB)"
+    )
+    get = sub.add_parser(
+        "get", help="fetch content by id from the swarm",
+        description="Fetch ID from its providers (the DHT's and --provider), verified chunk by chunk. "
+        "An interrupted get resumes: only the missing chunks move.",
+    )  # fmt: skip
+    get.add_argument("cid", metavar="ID")
+    get.add_argument("-o", "--output", metavar="FILE", help="copy it here (default: keep it in the store)")
+    get.add_argument(
+        "--provider", dest="providers", metavar="MULTIADDR|PEER_ID", action="append",
+        help="ask this peer too (repeatable)",
+    )  # fmt: skip
+    get.add_argument("--no-pin", dest="pin", action="store_false", help="do not pin (GC may drop it)")
+    get.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    pins = sub.add_parser("pins", help="list pinned content", description="List the daemon's pinned content.")
+    content = sub.add_parser(
+        "content", help="the content store: status, pin, unpin, gc, verify",
+        description="The daemon's content store.",
+    )  # fmt: skip
+    csub = content.add_subparsers(
+        dest="content_command", metavar="ACTION", parser_class=_Parser, required=True
+    )
+    cstatus = csub.add_parser(
+        "status", help="store usage, transfers in progress, serving counters, providers"
+    )
+    actions = [
+        csub.add_parser("pin", help="keep ID (no GC) and announce it"),
+        csub.add_parser("unpin", help="let GC drop ID and stop announcing it"),
+        csub.add_parser("verify", help="re-hash every chunk of ID (corrupt ones are refetched if pinned)"),
+    ]
+    for p in actions:
+        p.add_argument("cid", metavar="ID")
+    gc = csub.add_parser("gc", help="drop unpinned content now")
+    for p in (add, get, pins, cstatus, gc, *actions):
+        _add_control(p)
+
+
 def _version() -> str:
     from lattice._version import __version__
 
@@ -376,12 +424,12 @@ def write_atomic(path: str, text: str, what: str = "ready file") -> None:
 
 
 # -- client commands
-def _client(args: argparse.Namespace):
+def _client(args: argparse.Namespace, timeout: float = 60.0):
     from lattice.config import NodeConfig
     from lattice.control.client import Client
 
     path = args.control or NodeConfig.load(args.config).control_path
-    return Client(path)
+    return Client(path, timeout=timeout)
 
 
 def _add_row(table: Any, *cells: Any) -> None:
@@ -718,6 +766,170 @@ def cmd_dht(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_cid(text: str) -> None:
+    from lattice.content import ContentId
+
+    ContentId.parse(text)  # a clear error before contacting the daemon
+
+
+def _mib(n: float) -> str:
+    return f"{n / (1 << 20):,.1f} MiB"
+
+
+def cmd_add(args: argparse.Namespace) -> int:
+    from lattice.errors import ConfigError
+
+    if not os.path.isfile(args.file):
+        raise ConfigError(f"{args.file} is not a file")
+    chunk_size = None
+    if args.chunk_size:
+        from lattice.config import parse_size
+
+        chunk_size = parse_size(args.chunk_size, "--chunk-size")
+    with _client(args) as client:
+        added = client.content.add(args.file, pin=args.pin, chunk_size=chunk_size)
+    _print(args, added, lambda d: print(d["cid"]))
+    return 0
+
+
+def cmd_get(args: argparse.Namespace) -> int:
+    """Fetch with a progress bar (providers, rate, ETA) fed by the daemon's progress items."""
+    _check_cid(args.cid)
+    if args.output and os.path.isdir(args.output):
+        from lattice.errors import ConfigError
+
+        raise ConfigError(f"{args.output} is a directory: give a file name")
+    with _client(args, timeout=600.0) as client:  # finding providers and a manifest may take minutes
+        items = client.content.get(args.cid, args.output, providers=args.providers, pin=args.pin)
+        if args.json or args.quiet:
+            result = {}
+            for item in items:
+                result = item
+        else:
+            result = _get_with_progress(items)
+    result = {k: v for k, v in result.items() if k not in ("eta_s",)}
+
+    def show(r: dict) -> None:
+        moved = (
+            f"{r['fetched']} chunks fetched, {r['had']} already here" if r.get("chunks") else "already here"
+        )
+        rate = f", {_mib(r['bytes'] / r['elapsed_s'])}/s" if r.get("elapsed_s") else ""
+        print(f"{r['path']} ({moved}{rate})")
+
+    _print(args, result, show)
+    return 0
+
+
+def _get_with_progress(items: Any) -> dict:
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
+
+    from lattice.observe.inert import inert
+
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(binary_units=True),
+        TextColumn("{task.fields[rate]}/s  ETA {task.fields[eta]}  {task.fields[providers]} provider(s)"),
+    )
+    result: dict = {}
+    with Progress(*columns, transient=False) as bar:
+        task = None
+        for item in items:
+            result = item
+            if "chunks" not in item or "size" not in item:
+                continue
+            chunks = max(item["chunks"], 1)
+            done = item["size"] * (item["chunks"] - item["remaining"]) / chunks
+            eta = item.get("eta_s")
+            fields = {
+                "rate": _mib(item["rate"]),
+                "eta": "-" if eta is None or eta == float("inf") else f"{eta:.0f} s",
+                "providers": item["providers"],
+            }
+            if task is None:
+                task = bar.add_task(inert(item["cid"])[-12:], total=item["size"], **fields)
+            bar.update(task, completed=done, **fields)
+    return result
+
+
+def cmd_pins(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        rows = client.content.pins()
+
+    def render(rows: list[dict]) -> None:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=f"{len(rows)} pinned")
+        for col in ("id", "size", "state"):
+            table.add_column(col, overflow="fold")
+        for r in rows:
+            state = (
+                r["state"] if "have_chunks" not in r else f"{r['state']} ({r['have_chunks']}/{r['chunks']})"
+            )
+            _add_row(table, r["cid"], _mib(r["size"]), state)
+        Console().print(table)
+
+    _print(args, rows, render)
+    return 0
+
+
+def cmd_content(args: argparse.Namespace) -> int:
+    action = args.content_command
+    if action in ("pin", "unpin", "verify"):
+        _check_cid(args.cid)
+    with _client(args) as client:
+        if action == "status":
+            _print(args, client.content.status(), _render_content_status)
+        elif action == "pin":
+            client.content.pin(args.cid)
+            _print(args, {"pinned": args.cid}, lambda d: print(f"pinned {d['pinned']}"))
+        elif action == "unpin":
+            changed = client.content.unpin(args.cid)
+            _print(args, {"unpinned": changed}, lambda d: print("unpinned" if changed else "was not pinned"))
+        elif action == "gc":
+            _print(args, client.content.gc(), lambda d: print(
+                f"removed {d['removed']} object(s), freed {_mib(d['freed_bytes'])}"))  # fmt: skip
+        else:
+            r = client.content.verify(args.cid)
+            _print(args, r, lambda d: print(f"{len(d['bad_chunks'])} corrupt chunk(s)"))
+    return 0
+
+
+def _render_content_status(s: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    store, serving = s["store"], s["serving"]
+    table = Table(title="content", show_header=False)
+    table.add_column("key", style="bold")
+    table.add_column("value", overflow="fold")
+    used = f"{_mib(store['used_bytes'])} of {_mib(store['max_bytes'])}"
+    _add_row(table, "store", f"{used}: {store['objects']} complete, {store['partial']} partial, "
+             f"{store['pinned']} pinned")  # fmt: skip
+    _add_row(table, "announced", s["announced"])
+    fetching = [
+        f"{cid[-12:]}: {p['chunks'] - p['remaining']}/{p['chunks']} chunks, {_mib(p['rate'])}/s, "
+        f"{p['providers']} provider(s)"
+        for cid, p in s["fetching"].items()
+    ]
+    _add_row(table, "fetching", fetching)
+    _add_row(table, "fetched", f"{serving['chunks_fetched']} chunks, {_mib(serving['bytes_fetched'])}, "
+             f"{serving['bad_chunks']} bad")  # fmt: skip
+    _add_row(table, "serving", f"{serving['active']} request(s) from {serving['peers']} peer(s)")
+    _add_row(
+        table,
+        "served",
+        f"{serving['requests']} requests, {serving['chunks_served']} chunks, "
+        f"{_mib(serving['bytes_served'])}; refused {serving['refused']}, malformed {serving['malformed']}",
+    )
+    providers = [f"{p[-8:]}: {_mib(r['rate'])}/s, {r['chunks']} chunks" + (f" (dropped: {r['dropped']})"
+                 if r.get("dropped") else "") for p, r in s["providers"].items()]  # fmt: skip
+    _add_row(table, "providers", providers)
+    _add_row(table, "bad providers", [f"{p[-8:]}: {why}" for p, why in s["bad_providers"].items()])
+    Console().print(table)
+
+
 _COMMANDS = {
     "run": cmd_run,
     "id": cmd_id,
@@ -730,6 +942,10 @@ _COMMANDS = {
     "rpc": cmd_rpc,
     "send-tensor": cmd_send_tensor,
     "crdt": cmd_crdt,
+    "add": cmd_add,
+    "get": cmd_get,
+    "pins": cmd_pins,
+    "content": cmd_content,
 }
 
 if __name__ == "__main__":

@@ -553,6 +553,14 @@ class BlockingNode:
         return BlockingCRDT(self, self.node.crdt)
 
     @property
+    def content(self) -> BlockingService:
+        """Content-addressed blobs and checkpoints, blocking (same names as ``Node.content``:
+        ``cid = node.content.add("model.safetensors")``, ``node.content.get(cid, "out")``); a ``get``'s
+        ``on_progress`` callback runs on the node's thread."""
+        names = ("add", "get", "get_tensors", "pin", "unpin", "pins", "gc", "status", "verify")
+        return BlockingService(self, self.node.content, names)
+
+    @property
     def rpc(self) -> BlockingRPC:
         """The RPC service, blocking (same method names as ``Node.rpc``)."""
         return BlockingRPC(self, self.node.rpc)

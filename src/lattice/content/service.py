@@ -84,6 +84,12 @@ def _admission(cfg: ContentConfig) -> Admission:
     return Admission(cfg.serve_max_requests, cfg.serve_peer_requests, cfg.serve_min_per_peer)
 
 
+def _summary(progress: dict) -> dict:
+    """What a finished fetch did (all zero if the content was here already)."""
+    keys = ("chunks", "had", "fetched", "bytes", "elapsed_s", "duplicates")
+    return {k: progress.get(k, 0) for k in keys}
+
+
 def _bounded_put(table: OrderedDict, key: Any, value: Any) -> None:
     table[key] = value
     table.move_to_end(key)
@@ -573,8 +579,10 @@ class Content:
         """Streams progress dicts, then {"done": True, "path": ...}."""
         send, receive = trio.open_memory_channel(1)
         result: dict = {}
+        last: dict = {}
 
         def on_progress(progress: dict) -> None:
+            last.update(progress)
             try:
                 send.send_nowait(progress)
             except trio.WouldBlock:
@@ -584,7 +592,7 @@ class Content:
             async with send:
                 try:
                     path = await self.get(cid, output, providers=providers, pin=pin, on_progress=on_progress)
-                    result.update(done=True, path=str(path))
+                    result.update(done=True, path=str(path), **_summary(last))
                 except (LatticeError, RemoteError) as exc:
                     result.update(done=False, error=str(exc))
 

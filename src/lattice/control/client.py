@@ -128,6 +128,11 @@ class Client:
         return _ClientDHT(self)
 
     @property
+    def content(self) -> _ClientContent:
+        """The daemon's content store: ``client.content.add(path)``, ``get(cid, output)``, ``pins()``."""
+        return _ClientContent(self)
+
+    @property
     def rpc(self) -> _ClientRPC:
         """RPC through the daemon: ``client.rpc.call(peer, "svc.method", payload)`` (tensors allowed)."""
         return _ClientRPC(self)
@@ -192,3 +197,44 @@ class _ClientDHT:
 
     def status(self) -> dict:
         return self._client.call("dht.status")
+
+
+class _ClientContent:
+    """Paths are the daemon's: give absolute ones (the daemon's working directory is not yours)."""
+
+    def __init__(self, client: Client) -> None:
+        self._client = client
+
+    def add(self, path: str | os.PathLike[str], pin: bool = True, chunk_size: int | None = None) -> dict:
+        """{"cid", "size"} of a file added (read by the daemon)."""
+        return self._client.call("content.add", path=os.path.abspath(path), pin=pin, chunk_size=chunk_size)
+
+    def get(
+        self,
+        cid: str,
+        output: str | os.PathLike[str] | None = None,
+        providers: list[str] | None = None,
+        pin: bool = True,
+    ) -> Iterator[dict]:
+        """Progress dicts as the fetch goes, then {"done": True, "path", ...}. Closing the connection
+        (or the process) cancels the fetch; the next ``get`` resumes it."""
+        out = os.path.abspath(output) if output is not None else None
+        yield from self._client.stream("content.get", cid=str(cid), output=out, providers=providers, pin=pin)
+
+    def pins(self) -> list[dict]:
+        return self._client.call("content.pins")
+
+    def pin(self, cid: str) -> None:
+        self._client.call("content.pin", cid=str(cid))
+
+    def unpin(self, cid: str) -> bool:
+        return self._client.call("content.unpin", cid=str(cid))
+
+    def gc(self) -> dict:
+        return self._client.call("content.gc")
+
+    def verify(self, cid: str) -> dict:
+        return self._client.call("content.verify", cid=str(cid))
+
+    def status(self) -> dict:
+        return self._client.call("content.status")

@@ -86,7 +86,8 @@ class ControlServer:
                 send_lock = trio.Lock()
                 while True:
                     message = await _read_frame(stream, buf)
-                    if message is None:
+                    if message is None:  # the client went away: nobody waits for what it asked
+                        nursery.cancel_scope.cancel()  # (a killed `lattice-node get` stops its fetch)
                         return
                     nursery.start_soon(self._dispatch, stream, send_lock, message)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
