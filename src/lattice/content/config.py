@@ -19,12 +19,18 @@ class FetchLimits:
     requests_per_provider: int = 2  # requests in flight to one provider
     max_requests: int = 16  # ... and to all of them (receiver memory: about this many chunks + windows)
     max_batch: int = 8  # chunks one request asks for, at most (fewer from slow providers)
+    write_queue: int = 8  # chunks received and waiting to be verified and written (receiver memory)
     max_providers: int = 8  # providers used at once
     request_timeout: float = 30.0  # one request (a batch of chunks); then its chunks go elsewhere
     endgame_copies: int = 2  # copies of a chunk raced at the end
     max_failures: int = 3  # failed requests in a row before a provider is dropped
     discover_interval: float = 5.0  # the DHT is asked for more providers this often
     stall_timeout: float = 30.0  # no provider able to help for this long: the fetch fails
+
+    def __post_init__(self) -> None:
+        for name in ("requests_per_provider", "max_requests", "max_batch", "write_queue", "max_providers"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"content.fetch_{name} must be at least 1")
 
 
 @dataclass
@@ -35,6 +41,7 @@ class ContentConfig:
     max_bytes: int | None = None  # store quota; None: NodeConfig.content_max_bytes (32 GiB)
     max_manifest: int = 16 << 20  # largest manifest accepted (~230,000 chunks)
     verify_on_open: bool = False  # re-hash every stored chunk at start (sizes are always checked)
+    direct_writes: bool = True  # fetched chunks bypass the page cache (O_DIRECT) where the FS allows
     announce_interval: float = 3600.0  # pinned content is re-announced in the DHT this often
     # serving: what one peer, and all of them, may make this node do
     serve_max_requests: int = 64  # chunk requests served at once, all peers

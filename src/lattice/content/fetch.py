@@ -4,9 +4,10 @@ The decisions are the scheduler's (lattice.content.schedule); this module does t
 workers per provider, each running one ``content.chunks`` request (a server-streaming RPC) at a
 time. Every chunk is checked against the hash its manifest names before it is written; a provider
 that sends a wrong chunk, a chunk it was not asked for or a malformed reply is dropped at once and
-reported (``on_bad``). Receiver memory is bounded: each request's replies are limited to one chunk
-(``max_reply``, checked before anything is allocated), and at most ``requests_per_provider``
-requests per provider and ``max_requests`` in all are in flight.
+reported (``on_bad``). Hashing and writing run in worker threads while the next chunks arrive.
+Receiver memory is bounded: each request's replies are limited to one chunk (``max_reply``, checked
+before anything is allocated), at most ``requests_per_provider`` requests per provider and
+``max_requests`` in all are in flight, and at most ``write_queue`` chunks wait to be written.
 """
 
 from __future__ import annotations
@@ -73,6 +74,8 @@ class Fetch:
         self._nursery: trio.Nursery | None = None
         self._last_progress = 0.0
         self._disk = trio.CapacityLimiter(2)  # worker threads hashing and writing chunks
+        self._write_queue = trio.Semaphore(limits.write_queue)  # chunks received, not yet written
+        self._reported: set[str] = set()  # providers found bad
 
     # -- driving
     async def run(self, providers: list[tuple[str, str]], discover: Discover | None = None) -> None:
@@ -189,16 +192,29 @@ class Fetch:
                 backoff = min(2.0, backoff * 2)
 
     async def _request(self, peer: str, target: str, rid: int, indices: list[int]) -> bool:
-        """Run one request; True if the provider answered every chunk it was asked for."""
+        """Run one request; True if the provider answered every chunk it was asked for. Each chunk
+        is verified and written by a worker thread while the next ones arrive (:meth:`_write`)."""
+        failure: Exception | None = None
+        async with trio.open_nursery() as writes:
+            try:
+                ok = await self._receive(peer, target, rid, indices, writes)
+            except Exception as exc:  # raised as itself once the writes are done, not in a group
+                failure = exc
+        if failure is not None:
+            raise failure
+        return ok and not self.sched.requests[rid].outstanding
+
+    async def _receive(
+        self, peer: str, target: str, rid: int, indices: list[int], writes: trio.Nursery
+    ) -> bool:
         sched, partial = self.sched, self.partial
         m = partial.manifest
         payload = {"cid": str(partial.cid), "chunks": indices}
-        timeout = self.limits.request_timeout
         async with self.rpc.call_stream(
             target,
             protocol.CHUNKS,
             payload,
-            timeout=timeout,
+            timeout=self.limits.request_timeout,
             as_torch=False,
             max_reply=m.chunk_size + protocol.REPLY_SLACK,
         ) as items:
@@ -214,25 +230,35 @@ class Fetch:
                     continue
                 if status == DUPLICATE:
                     continue
-                stored = await trio.to_thread.run_sync(
-                    self._store, reply.index, reply.data, limiter=self._disk
-                )
-                if not stored:
-                    sched.rejected(rid, reply.index)
-                    self._bad(peer, f"chunk {reply.index} does not match its hash")
-                    return False
-                if reply.index in sched.done:  # another copy was written meanwhile (endgame)
-                    sched.duplicates += 1
-                    continue
-                self.fetched += 1
-                self.fetched_bytes += reply.data.nbytes
-                for other in sched.completed(rid, reply.index, trio.current_time()):
-                    scope = self._scopes.get(other)
-                    if scope is not None:
-                        scope.cancel()
-                self._notify()
-                self._progress()
-        return not sched.requests[rid].outstanding
+                await self._write_queue.acquire()  # back-pressure: the disk is behind
+                writes.start_soon(self._write, peer, rid, reply.index, reply.data)
+        return True
+
+    async def _write(self, peer: str, rid: int, index: int, data: Any) -> None:
+        """Verify and write one chunk (a worker thread), then count it. At most ``write_queue``
+        chunks wait for this in all (receiver memory). Shielded: a chunk on disk is always counted,
+        even if its request was cancelled meanwhile (endgame, a dropped provider)."""
+        sched = self.sched
+        try:
+            with trio.CancelScope(shield=True):
+                stored = await trio.to_thread.run_sync(self._store, index, data, limiter=self._disk)
+        finally:
+            self._write_queue.release()
+        if not stored:
+            sched.rejected(rid, index)
+            self._bad(peer, f"chunk {index} does not match its hash")
+            return
+        if index in sched.done:  # another copy was written meanwhile (endgame)
+            sched.duplicates += 1
+            return
+        self.fetched += 1
+        self.fetched_bytes += data.nbytes
+        for other in sched.completed(rid, index, trio.current_time()):
+            scope = self._scopes.get(other)
+            if scope is not None:
+                scope.cancel()
+        self._notify()
+        self._progress()
 
     def _store(self, index: int, data: Any) -> bool:
         """Verify and write one chunk (in a worker thread: hashing and disk writes overlap the
@@ -243,9 +269,13 @@ class Fetch:
         return True
 
     def _bad(self, peer: str, reason: str) -> None:
-        log.warning("content provider %s dropped: %s", peer, reason)
-        self.sched.drop(peer, reason)
-        self.on_bad(peer, reason)
+        """Drop a provider that sent what it should not have; reported once (more of its chunks may
+        be waiting to be verified)."""
+        if peer not in self._reported:
+            self._reported.add(peer)
+            log.warning("content provider %s dropped: %s", peer, reason)
+            self.sched.drop(peer, reason)
+            self.on_bad(peer, reason)
         for rid, req in list(self.sched.requests.items()):
             if req.peer == peer and rid in self._scopes:
                 self._scopes[rid].cancel()

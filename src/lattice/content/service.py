@@ -35,7 +35,7 @@ from lattice.content.cid import ContentId
 from lattice.content.config import ContentConfig
 from lattice.content.errors import ContentBusy, ContentError, ContentNotFound, PayloadError
 from lattice.content.fetch import Fetch
-from lattice.content.store import COMPLETE, Store
+from lattice.content.store import COMPLETE, Reader, Store
 from lattice.errors import LatticeError
 from lattice.identity import PeerId
 from lattice.multiaddr import Multiaddr
@@ -43,11 +43,71 @@ from lattice.rpc.errors import RemoteError
 from lattice.transport.limits import PENALTY_MALFORMED, TokenBucket
 from lattice.transport.resources import ResourceLimitExceeded
 
-__all__ = ["Admission", "Content", "ContentConfig"]
+__all__ = ["Admission", "Content", "ContentConfig", "ReadAhead"]
 
 log = logging.getLogger(__name__)
 
 MAX_TRACKED_PEERS = 4096
+
+
+class ReadAhead:
+    """The chunks of one request read one ahead of the sender: chunk i+1 comes off the disk (and is
+    hashed, if need be) in a worker thread while chunk i is on the wire. :meth:`run` is a task of
+    the service's nursery and owns the reader: it closes it after its last read, also when the
+    request ends early (:meth:`close`), so a read in flight never meets a closed descriptor."""
+
+    def __init__(
+        self,
+        reader: Reader,
+        indices: list[int],
+        buffers: int,
+        limiter: trio.CapacityLimiter,
+        on_done: Callable[[Reader], None],
+    ) -> None:
+        self.reader = reader
+        self.indices = indices
+        self.limiter = limiter
+        self.on_done = on_done
+        self.scope = trio.CancelScope()
+        self.error: str | None = None
+        self._ready_send, self._ready = trio.open_memory_channel(buffers)
+        self._free_send, self._free = trio.open_memory_channel(buffers)
+        size = reader.manifest.chunk_size
+        for _ in range(buffers):
+            self._free_send.send_nowait(np.empty(size, np.uint8))
+
+    async def run(self) -> None:
+        try:
+            with self.scope:
+                async with self._ready_send:
+                    for index in self.indices:
+                        buf = await self._free.receive()
+                        bad = len(self.reader.bad)
+                        data = self.reader.read_now(index, buf)  # cached and known good: no thread
+                        if data is None:
+                            data = await trio.to_thread.run_sync(
+                                self.reader.read, index, buf, limiter=self.limiter
+                            )
+                        await self._ready_send.send((index, data, len(self.reader.bad) > bad))
+        except OSError as exc:  # the disk failed: the request ends with an error
+            self.error = exc.strerror or str(exc)
+        finally:
+            self.reader.close()
+            self.on_done(self.reader)
+
+    async def next(self) -> tuple[int, np.ndarray | None, bool]:
+        """(index, chunk bytes or None, found corrupt) of the next chunk, in request order."""
+        try:
+            return await self._ready.receive()
+        except trio.EndOfChannel:
+            raise ContentError(f"cannot read {self.reader.key}: {self.error or 'stopped'}") from None
+
+    def recycle(self, data: np.ndarray) -> None:
+        """A chunk was sent: its buffer may take the next read."""
+        self._free_send.send_nowait(data.base if data.base is not None else data)
+
+    def close(self) -> None:
+        self.scope.cancel()
 
 
 class Admission:
@@ -116,7 +176,8 @@ class Content:
         self._disk = trio.CapacityLimiter(4)  # worker threads reading and hashing served chunks
         self._nursery: trio.Nursery | None = None
         self.stats = {"requests": 0, "refused": 0, "malformed": 0, "chunks_served": 0, "bytes_served": 0,
-                      "chunks_fetched": 0, "bytes_fetched": 0, "bad_chunks": 0}  # fmt: skip
+                      "chunks_hashed": 0, "chunks_fetched": 0, "bytes_fetched": 0,
+                      "bad_chunks": 0}  # fmt: skip
 
     # -- lifecycle
     async def run(self, node: Any, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
@@ -126,7 +187,8 @@ class Content:
             self.admission = _admission(self.config)
         cfg = self.config
         max_bytes = cfg.max_bytes if cfg.max_bytes is not None else node.config.content_max_bytes
-        self.store = Store(node.config.data_dir / "content", max_bytes, cfg.max_manifest, cfg.verify_on_open)
+        root = node.config.data_dir / "content"
+        self.store = Store(root, max_bytes, cfg.max_manifest, cfg.verify_on_open, cfg.direct_writes)
         await trio.to_thread.run_sync(self.store.open)
         rpc = node.rpc
         # requests are small maps (a content id, chunk indexes): 4 KiB is plenty
@@ -414,8 +476,8 @@ class Content:
             self.admission.end(ctx.peer)
 
     async def _serve_chunks(self, payload: Any, ctx: Any):
-        """Chunks asked for, each read and verified just before it is sent (a file that changed on
-        disk is never passed on); ``missing`` for those this node does not have."""
+        """Chunks asked for, each read and verified (:class:`ReadAhead`: one ahead of the sender; a
+        file that changed on disk is never passed on); ``missing`` for those this node does not have."""
         peer = ctx.peer
         store = self._require_store()
         try:
@@ -434,33 +496,41 @@ class Content:
         self.admission.begin(peer)
         self.stats["requests"] += 1
         lease = self.node.host.resources.lease(peer, self.name)
-        reader = None
+        reads: ReadAhead | None = None
         try:
+            buffers = min(2, len(indices))  # one chunk on the wire, the next one being read
             try:
-                lease.grow(manifest.chunk_size)
+                lease.grow(buffers * manifest.chunk_size)
             except ResourceLimitExceeded as exc:
                 self.stats["refused"] += 1
                 raise ContentBusy(str(exc)) from None
             reader = store.reader(cid)
-            if reader is None:
+            if reader is None or self._nursery is None:
+                if reader is not None:
+                    reader.close()
                 raise ContentNotFound(f"{cid} is not here")
-            buf = np.empty(manifest.chunk_size, np.uint8)
-            for index in indices:
-                await self._throttle(peer, manifest.chunk_len(index))
-                data = await trio.to_thread.run_sync(reader.read, index, buf, limiter=self._disk)
+            reads = ReadAhead(reader, indices, buffers, self._disk, self._read_done)
+            self._nursery.start_soon(reads.run)
+            for _ in indices:
+                index, data, corrupt = await reads.next()
+                if corrupt:  # never passed on; the object becomes partial (repaired if pinned)
+                    store.damaged(cid, [index])
+                    self._repair_soon(cid)
                 if data is None:
                     yield {"i": index, "missing": True}
                     continue
+                await self._throttle(peer, data.nbytes)
                 self._count_served(peer, data.nbytes)
                 yield {"i": index, "d": data}
+                reads.recycle(data)  # sent: its buffer takes the chunk after next
         finally:  # no await here: this may run when the RPC drops the generator
-            if reader is not None:
-                reader.close()
-                if reader.bad:
-                    store.damaged(cid, reader.bad)
-                    self._repair_soon(cid)
+            if reads is not None:
+                reads.close()  # its task closes the reader once no read is in flight
             lease.close()
             self.admission.end(peer)
+
+    def _read_done(self, reader: Reader) -> None:
+        self.stats["chunks_hashed"] += reader.hashed
 
     async def _throttle(self, peer: Hashable, nbytes: int) -> None:
         rate = self.config.serve_peer_rate
