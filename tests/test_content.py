@@ -269,6 +269,46 @@ def test_store_partial_resumes_and_reverifies_claimed_chunks(tmp_path):
     assert not dst.partial_paths(cid)[1].exists()
 
 
+@pytest.mark.parametrize("direct", [True, False])
+def test_store_partial_writes_with_and_without_o_direct(tmp_path, direct):
+    path, data = _blob(tmp_path, 5 * CHUNK + 1000)  # the last chunk: whole blocks and a tail
+    src = _store(tmp_path / "src")
+    cid = src.add_file(path, CHUNK)
+    dst = _store(tmp_path / "dst", direct_writes=direct)
+    part = dst.begin(cid, src.manifest_bytes(cid))
+    assert part.direct is direct  # /tmp is ext4 here; tmpfs would say no (plain writes)
+    for i in (5, 0, 3, 1, 4, 2):
+        part.write(i, np.frombuffer(data[i * CHUNK : (i + 1) * CHUNK], np.uint8))
+    dst.finish(part)
+    assert dst.data_path(cid).read_bytes() == data and _read_all(dst, cid) == data
+    odd = src.add_file(_blob(tmp_path, 3 * 6000, "odd")[0], 6000)
+    assert dst.begin(odd, src.manifest_bytes(odd)).direct is False  # not whole 4 KiB blocks: plain writes
+
+
+def test_served_chunks_are_hashed_once_while_the_file_is_unchanged(tmp_path):
+    path, data = _blob(tmp_path, 3 * CHUNK)
+    store = _store(tmp_path)
+    cid = store.add_file(path, CHUNK)  # hashed on the way in
+    buf = np.empty(CHUNK, np.uint8)
+
+    def serve() -> tuple[int, list]:
+        reader = store.reader(cid)
+        out = []
+        for i in range(3):
+            chunk = reader.read_now(i, buf)  # what the event loop tries first
+            out.append(bytes(chunk if chunk is not None else reader.read(i, buf)))
+        reader.close()
+        assert b"".join(out) == data
+        return reader.hashed, reader.bad
+
+    assert serve() == (0, [])
+    os.chmod(store.data_path(cid), 0o444)  # a chmod moves the ctime: the file may have changed
+    assert serve() == (3, [])
+    assert serve() == (0, [])
+    store.close()
+    assert _store(tmp_path).reader(cid).read_now(0, buf) is None  # after a restart: hashed first
+
+
 def test_store_open_drops_what_does_not_check_out(tmp_path):
     store = _store(tmp_path)
     a = store.add_file(_blob(tmp_path, 2 * CHUNK, "a")[0], CHUNK)

@@ -136,3 +136,39 @@ async def test_a_get_cut_by_a_restart_resumes_with_only_the_missing_chunks(tmp_p
         await b.content.get(cid, providers=[a.addrs[0]], on_progress=final.append)
         assert final[-1]["had"] == have["have_chunks"] and final[-1]["fetched"] == 20 - have["have_chunks"]
         assert b.content.store.data_path(cid).read_bytes() == data
+
+
+async def test_a_provider_hashes_a_chunk_once_while_its_file_is_unchanged(tmp_path, nursery):
+    a, b = await start_nodes(tmp_path, nursery, 2)
+    data = os.urandom(6 * CHUNK + 100)
+    cid = await a.content.add(data, chunk_size=CHUNK)  # hashed on the way in: known good
+
+    async def fetch_again() -> None:
+        await b.content.unpin(str(cid))
+        await b.content.gc()
+        assert (await b.content.get(cid, providers=[a.addrs[0]])).read_bytes() == data
+
+    await fetch_again()
+    assert a.content.stats["chunks_served"] == 7 and a.content.stats["chunks_hashed"] == 0
+    os.utime(a.content.store.data_path(cid))  # the same bytes, but the file may have changed
+    await fetch_again()
+    assert a.content.stats["chunks_hashed"] == 7  # hashed again, once
+    await fetch_again()
+    assert a.content.stats["chunks_served"] == 21 and a.content.stats["chunks_hashed"] == 7
+    # b fetched it: verified before written, so b serves it without hashing too
+    (c,) = await start_nodes(tmp_path / "c", nursery, 1)
+    await c.connect(b.addrs[0])
+    assert (await c.content.get(cid, providers=[b.addrs[0]])).read_bytes() == data
+    assert b.content.stats["chunks_served"] == 7 and b.content.stats["chunks_hashed"] == 0
+
+
+@pytest.mark.parametrize("chunk", [CHUNK, 6000])  # 6000: not whole 4 KiB blocks, so no O_DIRECT
+async def test_fetched_chunks_are_written_right_with_a_write_queue_of_one(tmp_path, nursery, chunk):
+    from lattice.content import FetchLimits
+
+    config = ContentConfig(fetch=FetchLimits(write_queue=1, max_batch=4))
+    a, b = await start_nodes(tmp_path, nursery, 2, services=lambda i: with_content(config))
+    data = os.urandom(9 * chunk + 1234)
+    cid = await a.content.add(data, chunk_size=chunk)
+    path = await b.content.get(cid, providers=[a.addrs[0]])
+    assert path.read_bytes() == data and b.content.stats["chunks_fetched"] == 10

@@ -18,7 +18,7 @@ class FetchLimits:
 
     requests_per_provider: int = 2  # requests in flight to one provider
     max_requests: int = 16  # ... and to all of them (receiver memory: about this many chunks + windows)
-    max_batch: int = 8  # chunks one request asks for, at most (fewer from slow providers)
+    max_batch: int = 16  # chunks one request asks for, at most (fewer from slow providers)
     write_queue: int = 8  # chunks received and waiting to be verified and written (receiver memory)
     max_providers: int = 8  # providers used at once
     request_timeout: float = 30.0  # one request (a batch of chunks); then its chunks go elsewhere
