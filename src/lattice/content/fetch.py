@@ -230,7 +230,11 @@ class Fetch:
                     continue
                 if status == DUPLICATE:
                     continue
-                await self._write_queue.acquire()  # back-pressure: the disk is behind
+                try:
+                    await self._write_queue.acquire()  # back-pressure: the disk is behind
+                except BaseException:  # cancelled (endgame, a dropped provider): needed again
+                    sched.rejected(rid, reply.index)
+                    raise
                 writes.start_soon(self._write, peer, rid, reply.index, reply.data)
         return True
 

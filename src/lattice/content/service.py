@@ -88,23 +88,24 @@ class ReadAhead:
                             data = await trio.to_thread.run_sync(
                                 self.reader.read, index, buf, limiter=self.limiter
                             )
-                        await self._ready_send.send((index, data, len(self.reader.bad) > bad))
+                        await self._ready_send.send((index, data, len(self.reader.bad) > bad, buf))
         except OSError as exc:  # the disk failed: the request ends with an error
             self.error = exc.strerror or str(exc)
         finally:
             self.reader.close()
             self.on_done(self.reader)
 
-    async def next(self) -> tuple[int, np.ndarray | None, bool]:
-        """(index, chunk bytes or None, found corrupt) of the next chunk, in request order."""
+    async def next(self) -> tuple[int, np.ndarray | None, bool, np.ndarray]:
+        """(index, chunk bytes or None, found corrupt, its buffer: :meth:`recycle` it once the
+        chunk is sent) of the next chunk, in request order."""
         try:
             return await self._ready.receive()
         except trio.EndOfChannel:
             raise ContentError(f"cannot read {self.reader.key}: {self.error or 'stopped'}") from None
 
-    def recycle(self, data: np.ndarray) -> None:
-        """A chunk was sent: its buffer may take the next read."""
-        self._free_send.send_nowait(data.base if data.base is not None else data)
+    def recycle(self, buf: np.ndarray) -> None:
+        """A chunk was sent (or found missing): its buffer may take the next read."""
+        self._free_send.send_nowait(buf)
 
     def close(self) -> None:
         self.scope.cancel()
@@ -512,17 +513,17 @@ class Content:
             reads = ReadAhead(reader, indices, buffers, self._disk, self._read_done)
             self._nursery.start_soon(reads.run)
             for _ in indices:
-                index, data, corrupt = await reads.next()
+                index, data, corrupt, buf = await reads.next()
                 if corrupt:  # never passed on; the object becomes partial (repaired if pinned)
                     store.damaged(cid, [index])
                     self._repair_soon(cid)
                 if data is None:
                     yield {"i": index, "missing": True}
-                    continue
-                await self._throttle(peer, data.nbytes)
-                self._count_served(peer, data.nbytes)
-                yield {"i": index, "d": data}
-                reads.recycle(data)  # sent: its buffer takes the chunk after next
+                else:
+                    await self._throttle(peer, data.nbytes)
+                    self._count_served(peer, data.nbytes)
+                    yield {"i": index, "d": data}
+                reads.recycle(buf)  # sent: its buffer takes the chunk after next
         finally:  # no await here: this may run when the RPC drops the generator
             if reads is not None:
                 reads.close()  # its task closes the reader once no read is in flight

@@ -1,0 +1,420 @@
+"""bench/content: model sync (issue 20) between `lattice-node` daemons, with plain TCP, the RPC, a
+libtorrent swarm and Lattica's bitswap in the same run.
+
+    python bench/content.py [--size 1GiB] [--runs 3] [--no-anchors] [--lattica-size 256MiB]
+
+Daemons on 127.0.0.1: four providers that added the same random file, one fetcher. Every get is
+`content.get` through the fetcher's control socket (as `lattice-node get` does), timed from the
+request to the answer (finding the manifest, every chunk verified and written, the object made
+complete and fsync'ed); the fetched copy is dropped (gc) between runs. One JSON line per figure:
+
+- plain_tcp: the same bytes one way between two processes (unencrypted, no framing, into memory);
+  rpc_64mib_down: our RPC, 64 MiB calls, provider to fetcher (`rpc.bench`): what the transport does
+- one_provider / four_providers: MiB/s (medians of --runs, alternated with plain TCP)
+- receiver_rss: the fetcher's RSS above idle, peak while fetching (sampled every 20 ms)
+- corrupt_provider: a provider serving random bytes (tests/attacks/content.py) beside an honest one:
+  dropped, named in bad_providers, the result bitwise right
+- killed_providers: 2 of 4 providers SIGKILLed at 40 %: the fetch completes, bitwise right
+- killed_get_resumed: `lattice-node get` SIGKILLed at 40 %, run again: chunks had and moved
+- libtorrent (1 and 4 seeders, TCP, its high-performance seed preset) and lattica_bitswap
+  (1 MiB blocks, 16 in flight; --lattica-size, its fetcher's RSS grows with the size)
+
+The last line, "summary", holds the issue's targets and whether each was met. Note the load: on a
+shared 2-core VM every figure swings; compare the ratios of one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent / "tests"))  # the attackers live with the attack tests
+from _common import emit, start_daemon, stop  # noqa: E402
+
+from lattice import Client  # noqa: E402
+from lattice.config import parse_size  # noqa: E402
+
+MIB = 1 << 20
+CLI = [sys.executable, "-m", "lattice.cli"]
+
+_SINK = r"""
+import socket, sys
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+buf = bytearray(1 << 22); view = memoryview(buf)
+while s.recv_into(view): pass
+"""
+
+
+def plain_tcp(size: int) -> float:
+    """MiB/s of ``size`` bytes sent from this process to a sink process (64 MiB sends)."""
+    block = bytes(64 * MIB)
+    with socket.create_server(("127.0.0.1", 0)) as srv:
+        peer = subprocess.Popen([sys.executable, "-c", _SINK, str(srv.getsockname()[1])])
+        conn, _ = srv.accept()
+        start = time.perf_counter()
+        left = size
+        while left:
+            n = min(left, len(block))
+            conn.sendall(memoryview(block)[:n])
+            left -= n
+        conn.shutdown(socket.SHUT_WR)
+        peer.wait(120)
+        seconds = time.perf_counter() - start
+        conn.close()
+    return size / MIB / seconds
+
+
+class RSSPeak:
+    """The peak RSS of a process while the block runs (sampled every 20 ms), in MiB."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid, self.peak, self._stop = pid, 0.0, threading.Event()
+
+    def rss(self) -> float:
+        with open(f"/proc/{self.pid}/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+        return 0.0
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.rss())
+            time.sleep(0.02)
+
+    def __enter__(self) -> RSSPeak:
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def same_bytes(a: Path, b: Path) -> bool:
+    def digest(path: Path) -> bytes:
+        h = hashlib.blake2b()
+        with open(path, "rb") as f:
+            while block := f.read(8 * MIB):
+                h.update(block)
+        return h.digest()
+
+    return a.stat().st_size == b.stat().st_size and digest(a) == digest(b)
+
+
+def get(fetcher: dict, cid: str, providers: list[str], output: Path | None = None, on_item=None) -> dict:
+    """One content.get through the fetcher's control socket; the last item, with "seconds"."""
+    start = time.perf_counter()
+    last: dict = {}
+    with Client(fetcher["control"], timeout=600) as client:
+        for item in client.stream(
+            "content.get", cid=cid, providers=providers, pin=False, output=str(output) if output else None
+        ):
+            last = item
+            if on_item is not None:
+                on_item(item)
+    last["seconds"] = time.perf_counter() - start
+    return last
+
+
+def drop(fetcher: dict) -> None:
+    with Client(fetcher["control"]) as client:
+        client.content.gc()
+
+
+def transfers(args, fetcher, fetcher_proc, providers, cid, size) -> dict:
+    """plain TCP, the RPC, one and four providers (alternated), the receiver's RSS."""
+    addrs = [p[1]["addrs"][0] for p in providers]
+    rows: dict[str, list[float]] = {"plain_tcp": [], "one_provider": [], "four_providers": [], "rpc": []}
+    rss_above: list[float] = []
+    idle = RSSPeak(fetcher_proc.pid).rss()
+    for _ in range(args.runs):
+        rows["plain_tcp"].append(plain_tcp(size))
+        with Client(fetcher["control"], timeout=600) as client:
+            calls = max(1, size // (64 * MIB))
+            rows["rpc"].append(
+                client.rpc.bench(addrs[0], 64 * MIB, count=calls, direction="down")["mib_per_s"]
+            )
+        for name, provs in (("one_provider", addrs[:1]), ("four_providers", addrs)):
+            with RSSPeak(fetcher_proc.pid) as peak:
+                done = get(fetcher, cid, provs)
+            assert done.get("done") and done["fetched"] == done["chunks"], done
+            rows[name].append(size / MIB / done["seconds"])
+            rss_above.append(peak.peak - idle)
+            drop(fetcher)
+    tcp = emit("content", "plain-tcp", "mib_per_s", rows["plain_tcp"], note="unencrypted, into memory")
+    emit("content", "lattice", "rpc_64mib_down_mib_per_s", rows["rpc"])
+    out = {"tcp": tcp["median"]}
+    for name in ("one_provider", "four_providers"):
+        line = emit(
+            "content",
+            "lattice",
+            f"{name}_mib_per_s",
+            rows[name],
+            size_mib=size // MIB,
+            fraction_of_plain_tcp=round(statistics.median(rows[name]) / tcp["median"], 3),
+        )
+        out[name] = line["median"]
+    out["rss"] = emit(
+        "content", "lattice", "receiver_rss_above_idle_mib", rss_above, idle_mib=round(idle, 1)
+    )["median"]
+    out["rss_max"] = max(rss_above)
+    return out
+
+
+def corrupt_provider(fetcher, honest_addr: str, cid: str, blob: Path, work: Path) -> dict:
+    import trio
+
+    from attacks import content as attack
+
+    out = work / "corrupt.out"
+    start = time.perf_counter()
+    got = trio.run(
+        attack.rogue_provider, fetcher["control"], honest_addr, cid, "corrupt", str(out), work / "rogue"
+    )
+    seconds = time.perf_counter() - start
+    with Client(fetcher["control"]) as client:
+        bad = client.content.status()["bad_providers"]
+    right = got["victim"].get("done") is True and same_bytes(out, blob)
+    line = {
+        "bench": "content",
+        "system": "lattice",
+        "metric": "corrupt_provider",
+        "seconds": round(seconds, 2),
+        "rogue_served_chunks": got["served"].get("chunks", 0),
+        "rogue_dropped": got["rogue"] in bad,
+        "reason": bad.get(got["rogue"]),
+        "bitwise_right": right,
+    }
+    print(json.dumps(line), flush=True)
+    out.unlink(missing_ok=True)
+    drop(fetcher)
+    return line
+
+
+def killed_get_resumed(fetcher, provider_addr: str, cid: str, blob: Path, work: Path, chunks: int) -> dict:
+    """`lattice-node get` SIGKILLed at 40 %, then run again: how many chunks each run moved."""
+    out = work / "resumed.out"
+    cmd = [*CLI, "get", cid, "-o", str(out), "--provider", provider_addr, "--control", fetcher["control"]]
+    first = subprocess.Popen([*cmd, "-q"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    had = 0
+    with Client(fetcher["control"]) as client:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            progress = client.content.status()["fetching"].get(cid)
+            if progress and progress["fetched"] >= 0.4 * chunks:
+                break
+            time.sleep(0.02)
+        first.send_signal(signal.SIGKILL)
+        first.wait(10)
+        time.sleep(0.5)
+        status = client.content.status()
+        row = next((r for r in status["objects"] if r["cid"] == cid), {})
+        had = row.get("have_chunks", 0)
+        stopped = not status["fetching"]
+    again = subprocess.run([*cmd, "--json"], capture_output=True, text=True, timeout=600)
+    result = json.loads(again.stdout) if again.returncode == 0 else {"error": again.stderr.strip()}
+    line = {
+        "bench": "content",
+        "system": "lattice",
+        "metric": "killed_get_resumed",
+        "chunks": chunks,
+        "had_after_kill": had,
+        "daemon_stopped_fetching": stopped,
+        "second_run_had": result.get("had"),
+        "second_run_fetched": result.get("fetched"),
+        "only_missing_moved": result.get("fetched") == chunks - had and result.get("had") == had,
+        "bitwise_right": again.returncode == 0 and same_bytes(out, blob),
+    }
+    print(json.dumps(line), flush=True)
+    out.unlink(missing_ok=True)
+    drop(fetcher)
+    return line
+
+
+def killed_providers(fetcher, providers, cid: str, blob: Path, work: Path, chunks: int) -> dict:
+    """2 of 4 providers SIGKILLed once 40 % of the chunks arrived."""
+    out = work / "killed.out"
+    killed: list[int] = []
+
+    def on_item(item: dict) -> None:
+        if not killed and item.get("fetched", 0) >= 0.4 * chunks:
+            for proc, _info, _ in providers[2:]:
+                proc.send_signal(signal.SIGKILL)
+                killed.append(proc.pid)
+
+    done = get(fetcher, cid, [p[1]["addrs"][0] for p in providers], out, on_item)
+    line = {
+        "bench": "content",
+        "system": "lattice",
+        "metric": "killed_providers",
+        "killed": len(killed),
+        "completed": done.get("done") is True,
+        "seconds": round(done["seconds"], 2),
+        "bitwise_right": bool(done.get("done")) and same_bytes(out, blob),
+    }
+    print(json.dumps(line), flush=True)
+    out.unlink(missing_ok=True)
+    drop(fetcher)
+    return line
+
+
+def anchor(cmd: list[str], timeout: float = 1200) -> list[dict]:
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return [{"error": f"timed out after {timeout:.0f} s"}]
+    lines = []
+    for raw in out.stdout.splitlines():
+        try:
+            lines.append(json.loads(raw))
+        except json.JSONDecodeError:
+            pass
+    return lines or [{"error": (out.stderr.strip().splitlines() or ["no output"])[-1][-300:]}]
+
+
+def anchors(args, blob: Path, runs: int) -> dict:
+    rates: dict[str, float] = {}
+    for seeders in (1, 4):
+        lines = anchor(
+            [
+                sys.executable,
+                str(HERE / "anchors" / "content_libtorrent.py"),
+                "--file",
+                str(blob),
+                "--seeders",
+                str(seeders),
+                "--runs",
+                str(runs),
+            ]
+        )
+        name = f"libtorrent_{seeders}_seeder{'s' if seeders > 1 else ''}"
+        good = [ln["mib_per_s"] for ln in lines if "mib_per_s" in ln and ln.get("complete")]
+        if good:
+            rates[name] = emit(
+                "content",
+                "libtorrent",
+                f"{name}_mib_per_s",
+                good,
+                size_mib=blob.stat().st_size // MIB,
+                note="TCP, high_performance_seed, SHA-1/SHA-256 piece checks",
+            )["median"]
+        else:
+            print(
+                json.dumps({"bench": "content", "system": "libtorrent", "metric": name, **lines[0]}),
+                flush=True,
+            )
+    size_mib = parse_size(args.lattica_size, "--lattica-size") // MIB
+    lines = anchor(
+        [
+            sys.executable,
+            str(HERE / "anchors" / "content_lattica.py"),
+            "--size-mib",
+            str(size_mib),
+            "--runs",
+            str(runs),
+        ]
+    )
+    good = [ln for ln in lines if "mib_per_s" in ln and ln.get("complete")]
+    if good:
+        rates["lattica"] = emit(
+            "content",
+            "lattica",
+            "bitswap_mib_per_s",
+            [ln["mib_per_s"] for ln in good],
+            size_mib=size_mib,
+            peak_rss_mib=max(ln["peak_rss_mib"] for ln in good),
+        )["median"]
+    else:
+        print(
+            json.dumps({"bench": "content", "system": "lattica", "metric": "bitswap", **lines[0]}), flush=True
+        )
+    return rates
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--size", default="1GiB")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--no-anchors", action="store_true")
+    parser.add_argument(
+        "--lattica-size", default="256MiB", help="bytes Lattica's bitswap moves (default 256MiB)"
+    )
+    args = parser.parse_args()
+    size = parse_size(args.size, "--size") // MIB * MIB
+    chunks = size // MIB
+    load_before = os.getloadavg()
+    work = Path(tempfile.mkdtemp(prefix="lattice-bench-content-"))
+    started = []
+    try:
+        blob = work / "blob.bin"
+        with open(blob, "wb") as f:
+            for _ in range(size // (64 * MIB)):
+                f.write(os.urandom(64 * MIB))
+            f.write(os.urandom(size % (64 * MIB)))
+        providers = [start_daemon(work, f"p{i}", "--enable-bench") for i in range(4)]
+        started += [p[0] for p in providers]
+        fproc, fetcher, _ = start_daemon(work, "fetcher", "--enable-bench")
+        started.append(fproc)
+        cids = set()
+        for _proc, info, _ in providers:
+            with Client(info["control"], timeout=600) as client:
+                cids.add(client.content.add(blob)["cid"])
+        (cid,) = cids
+        figures = transfers(args, fetcher, fproc, providers, cid, size)
+        corrupt = corrupt_provider(fetcher, providers[0][1]["addrs"][0], cid, blob, work)
+        resumed = killed_get_resumed(fetcher, providers[0][1]["addrs"][0], cid, blob, work, chunks)
+        killed = killed_providers(fetcher, providers, cid, blob, work, chunks)
+        rates = {} if args.no_anchors else anchors(args, blob, args.runs)
+        one = figures["one_provider"]
+        targets = {
+            "one_provider_half_of_plain_tcp": one >= 0.5 * figures["tcp"],
+            "four_at_least_one": figures["four_providers"] >= one,
+            "killed_providers_complete": killed["completed"] and killed["bitwise_right"],
+            "corrupt_provider_dropped": corrupt["rogue_dropped"] and corrupt["bitwise_right"],
+            "receiver_rss_under_128mib": figures["rss_max"] <= 128,
+            "resumed_moves_only_missing": resumed["only_missing_moved"] and resumed["bitwise_right"],
+        }
+        for name, rate in rates.items():
+            targets[f"faster_than_{name}"] = (figures["four_providers"] if "4" in name else one) > rate
+        print(
+            json.dumps(
+                {
+                    "bench": "content",
+                    "metric": "summary",
+                    "size_mib": size // MIB,
+                    "runs": args.runs,
+                    "one_provider_fraction_of_tcp": round(one / figures["tcp"], 3),
+                    "targets": targets,
+                    "targets_met": all(targets.values()),
+                    "load_before": [round(x, 2) for x in load_before],
+                    "load_after": [round(x, 2) for x in os.getloadavg()],
+                }
+            ),
+            flush=True,
+        )
+    finally:
+        for proc in started:
+            stop(proc)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
