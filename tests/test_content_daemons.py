@@ -43,7 +43,10 @@ def test_a_fetch_from_four_providers_survives_two_of_them_killed_midway(tmp_path
         assert killed.is_set() and items[-1]["done"] is True, items[-1]
         assert out.read_bytes() == blob.read_bytes()
         progress = [i for i in items if "done" not in i]
-        assert progress[-1]["fetched"] == 48 and progress[-1]["providers"] == 2, progress[-1]
+        assert progress[-1]["fetched"] == 48, progress[-1]
+        # the killed ones are dropped once they fail 3 requests in a row; with 4 MiB batches the
+        # live two may finish first (nothing left to ask the dead ones): never a live one dropped
+        assert set(progress[-1]["dropped"]) <= {p.peer_id for p in providers[:2]}, progress[-1]
         per = progress[-1]["per_provider"]
         assert all(per[p.peer_id]["chunks"] > 0 for p in providers), per  # all four served a part
         assert "Traceback" not in fetcher.log()
