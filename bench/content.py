@@ -132,8 +132,11 @@ def get(fetcher: dict, cid: str, providers: list[str], output: Path | None = Non
     return last
 
 
-def drop(fetcher: dict) -> None:
+def drop(fetcher: dict, cid: str | None = None) -> None:
+    """Forget the fetched copy (unpinned first: the rogue's get pins what it fetches)."""
     with Client(fetcher["control"]) as client:
+        if cid is not None:
+            client.content.unpin(cid)
         client.content.gc()
 
 
@@ -203,14 +206,25 @@ def corrupt_provider(fetcher, honest_addr: str, cid: str, blob: Path, work: Path
     }
     print(json.dumps(line), flush=True)
     out.unlink(missing_ok=True)
-    drop(fetcher)
+    drop(fetcher, cid)
     return line
 
 
 def killed_get_resumed(fetcher, provider_addr: str, cid: str, blob: Path, work: Path, chunks: int) -> dict:
     """`lattice-node get` SIGKILLed at 40 %, then run again: how many chunks each run moved."""
     out = work / "resumed.out"
-    cmd = [*CLI, "get", cid, "-o", str(out), "--provider", provider_addr, "--control", fetcher["control"]]
+    cmd = [
+        *CLI,
+        "get",
+        cid,
+        "-o",
+        str(out),
+        "--provider",
+        provider_addr,
+        "--control",
+        fetcher["control"],
+        "--no-pin",
+    ]
     first = subprocess.Popen([*cmd, "-q"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     had = 0
     with Client(fetcher["control"]) as client:
@@ -243,7 +257,7 @@ def killed_get_resumed(fetcher, provider_addr: str, cid: str, blob: Path, work: 
     }
     print(json.dumps(line), flush=True)
     out.unlink(missing_ok=True)
-    drop(fetcher)
+    drop(fetcher, cid)
     return line
 
 
@@ -270,7 +284,7 @@ def killed_providers(fetcher, providers, cid: str, blob: Path, work: Path, chunk
     }
     print(json.dumps(line), flush=True)
     out.unlink(missing_ok=True)
-    drop(fetcher)
+    drop(fetcher, cid)
     return line
 
 

@@ -166,19 +166,30 @@ def test_scheduler_pulls_lowest_first_and_faster_providers_get_bigger_batches():
 
 
 def test_scheduler_endgame_races_inflight_chunks_and_cancels_losers():
-    s = Scheduler(range(3), lambda i: CHUNK, CHUNK, max_batch=4, first_batch=4, endgame_copies=2)
+    s = Scheduler(
+        range(3), lambda i: CHUNK, CHUNK, max_batch=4, first_batch=4, endgame_copies=2, endgame_batch=4
+    )
     rid_slow, asked = s.request("slow", 0.0)
     assert asked == [0, 1, 2]
-    rid_fast, raced = s.request("fast", 0.1)  # nothing pending: race what slow holds
-    assert raced == [0, 1, 2]
+    rid_fast, raced = s.request("fast", 0.1)  # nothing pending: race what slow holds, its last first
+    assert raced == [2, 1, 0]
     assert s.request("third", 0.1) is None  # at most two copies of a chunk
-    for i in (0, 1, 2):
+    for i in (2, 1, 0):
         assert s.arrived(rid_fast, i) == NEEDED
         cancel = s.completed(rid_fast, i, 0.2)
     assert cancel == [rid_slow] and s.complete
     assert s.arrived(rid_slow, 0) == DUPLICATE  # asked, but another copy won
     assert s.arrived(rid_slow, 0) == UNEXPECTED  # twice
     assert s.finish(rid_slow) == []
+
+
+def test_scheduler_endgame_races_a_few_chunks_from_the_tail():
+    s = Scheduler(range(32), lambda i: CHUNK, CHUNK, max_batch=16, first_batch=16)
+    _, a = s.request("a", 0.0)
+    _, b = s.request("b", 0.0)
+    assert a == list(range(16)) and b == list(range(16, 32))
+    assert s.request("c", 0.1)[1] == [31, 15]  # the last of each, two at a time
+    assert s.request("c", 0.1)[1] == [30, 14]
 
 
 def test_scheduler_duplicates_lacks_and_failures():

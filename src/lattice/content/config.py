@@ -23,12 +23,20 @@ class FetchLimits:
     max_providers: int = 8  # providers used at once
     request_timeout: float = 30.0  # one request (a batch of chunks); then its chunks go elsewhere
     endgame_copies: int = 2  # copies of a chunk raced at the end
+    endgame_batch: int = 2  # chunks an idle provider races at a time (those due last elsewhere)
     max_failures: int = 3  # failed requests in a row before a provider is dropped
     discover_interval: float = 5.0  # the DHT is asked for more providers this often
     stall_timeout: float = 30.0  # no provider able to help for this long: the fetch fails
 
     def __post_init__(self) -> None:
-        for name in ("requests_per_provider", "max_requests", "max_batch", "write_queue", "max_providers"):
+        for name in (
+            "requests_per_provider",
+            "max_requests",
+            "max_batch",
+            "write_queue",
+            "max_providers",
+            "endgame_batch",
+        ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"content.fetch_{name} must be at least 1")
 

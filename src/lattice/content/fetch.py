@@ -59,6 +59,7 @@ class Fetch:
             m.chunk_size,
             max_batch=limits.max_batch,
             endgame_copies=limits.endgame_copies,
+            endgame_batch=limits.endgame_batch,
             max_failures=limits.max_failures,
         )
         self.on_bad = on_bad

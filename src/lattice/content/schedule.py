@@ -6,8 +6,9 @@
   holds few chunks and cannot stall the end.
 - Lowest index first (content is often read front to back).
 - Endgame (BitTorrent's): once every missing chunk is asked for, an idle provider races chunks that
-  are in flight at others (at most ``endgame_copies`` copies of one chunk); the first verified copy
-  wins and requests left with nothing to deliver are cancelled.
+  are in flight at others, those due last, ``endgame_batch`` at a time (at most ``endgame_copies``
+  copies of one chunk); the first verified copy wins and requests left with nothing to deliver are
+  cancelled.
 - A provider that says it lacks a chunk is not asked for it again; one that fails
   ``max_failures`` times in a row, or sends a bad chunk, is dropped.
 """
@@ -55,6 +56,7 @@ class Scheduler:
         first_batch: int = 2,
         target_seconds: float = 0.25,
         endgame_copies: int = 2,
+        endgame_batch: int = 2,
         max_failures: int = 3,
     ) -> None:
         self.chunk_len = chunk_len
@@ -63,6 +65,7 @@ class Scheduler:
         self.first_batch = first_batch
         self.target_seconds = target_seconds
         self.endgame_copies = endgame_copies
+        self.endgame_batch = endgame_batch
         self.max_failures = max_failures
         self._pending = sorted(set(wanted))  # a heap (sorted lists are heaps)
         self._pending_set = set(self._pending)
@@ -144,14 +147,22 @@ class Scheduler:
         return chosen
 
     def _endgame(self, prov: Provider, n: int) -> list[int]:
+        """Chunks in flight at others to race: the ones they will deliver last (a request's chunks
+        arrive in order, so the highest indices), a few at a time (``endgame_batch``): with large
+        batches everything is in flight long before the end, and racing whole requests from their
+        head doubled the bytes moved (46 duplicates in 128 chunks from 5 providers)."""
         mine = {i for r in self.requests.values() if r.peer == prov.peer for i in r.outstanding}
+        due: dict[int, int] = {}  # chunk -> how many chunks its holder sends before it
+        for r in self.requests.values():
+            for place, i in enumerate(j for j in r.asked if j in r.outstanding):
+                due[i] = min(due.get(i, place), place)
         racing = [
-            (len(rids), i)
+            (len(rids), -due.get(i, 0), -i)
             for i, rids in self.holders.items()
             if rids and i not in mine and i not in prov.lacks and len(rids) < self.endgame_copies
         ]
         racing.sort()
-        return [i for _, i in racing[:n]]
+        return [-i for _, _, i in racing[: min(n, self.endgame_batch)]]
 
     def arrived(self, rid: int, index: int) -> str:
         """A chunk arrived on request ``rid``: UNEXPECTED (not asked, or twice: a protocol violation),
