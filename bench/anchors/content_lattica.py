@@ -17,6 +17,7 @@ import json
 import os
 import resource
 import select
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -36,7 +37,8 @@ def provide(size_mib: int, cids_file: str) -> None:
     from rpc_lattica import build_node
 
     port = _common.free_tcp_port()
-    node, addr = build_node(tempfile.mkdtemp(prefix="lattica-provider-"), port)
+    data_dir = tempfile.mkdtemp(prefix="lattica-provider-")
+    node, addr = build_node(data_dir, port)
     _common.wait_probe(port)
     cids = [node.put_block(os.urandom(MIB)) for _ in range(size_mib)]
     Path(cids_file).write_text("\n".join(cids))
@@ -46,6 +48,7 @@ def provide(size_mib: int, cids_file: str) -> None:
         if ready and not os.read(sys.stdin.fileno(), 4096):
             break
     node.close()
+    shutil.rmtree(data_dir, ignore_errors=True)  # the blocks: as many bytes as were moved
 
 
 def fetch(addr: str, cids_file: str, runs: int, concurrency: int) -> None:
@@ -57,7 +60,8 @@ def fetch(addr: str, cids_file: str, runs: int, concurrency: int) -> None:
 
     cids = Path(cids_file).read_text().split()
     for run in range(runs):
-        node, _ = build_node(tempfile.mkdtemp(prefix="lattica-fetcher-"), _common.free_tcp_port(), [addr])
+        data_dir = tempfile.mkdtemp(prefix="lattica-fetcher-")
+        node, _ = build_node(data_dir, _common.free_tcp_port(), [addr])
         time.sleep(1.0)  # connected and identified
         start = time.perf_counter()
         with ThreadPoolExecutor(concurrency) as pool:
@@ -78,6 +82,7 @@ def fetch(addr: str, cids_file: str, runs: int, concurrency: int) -> None:
             flush=True,
         )
         node.close()
+        shutil.rmtree(data_dir, ignore_errors=True)
 
 
 def inner(size_mib: int, runs: int, concurrency: int) -> None:
