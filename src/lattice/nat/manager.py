@@ -13,6 +13,7 @@ The pieces (autonat, autorelay, circuit, dcutr, relay) compose here:
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import trio
@@ -71,6 +72,11 @@ class NATManager:
         if self.config.reachability != "auto":
             return self.config.reachability
         return self.autonat.reachability
+
+    def use_relay_discovery(self, discover: Callable[[], Awaitable[list[Multiaddr]]]) -> None:
+        """Where to look for relays beyond the configured and connected ones (the node gives a DHT
+        provider lookup): each address found is only a candidate until it grants a reservation."""
+        self.autorelay.discover = discover
 
     def install(self) -> None:
         """Register protocol handlers (before the host accepts connections)."""
