@@ -460,7 +460,7 @@ class Node:
             ],
             "bytes_sent": sum(c.session.bytes_sent for c in conns),
             "bytes_received": sum(c.session.bytes_received for c in conns),
-            "services": sorted(self.services),
+            "services": sorted([*self.services, *self.app_services]),
             "resources": host.resource_stats(),
             "control": str(self.control_path) if self.control_path else None,
             "swarm": self.swarm.swarm_id if self.swarm else None,
