@@ -163,12 +163,14 @@ async def test_a_provider_sending_oversized_or_corrupt_chunks_is_dropped_and_the
     reason = bad[str(rogue.peer_id)][1]
     assert ("over the limit" in reason) if attack == "oversized" else ("does not match its hash" in reason)
     assert fetcher.host.limits.score(rogue.peer_id) > 0  # and a misbehaviour mark on its record
-    # it is not asked again
+    # it is not asked again (chunks already in flight when the first bad one came may count too)
+    bad_chunks = fetcher.content.stats["bad_chunks"]
+    assert 1 <= bad_chunks <= 4
     behaviour["reply"] = lambda index: np.frombuffer(data[index * CHUNK : (index + 1) * CHUNK], np.uint8)
     await fetcher.content.unpin(str(cid))
     await fetcher.content.gc()
     await fetcher.content.get(cid, providers=[rogue.addrs[0], honest.addrs[0]])
-    assert fetcher.content.stats["bad_chunks"] == 1
+    assert fetcher.content.stats["bad_chunks"] == bad_chunks
 
 
 async def test_a_rogue_among_honest_providers_never_loses_a_chunk(tmp_path, nursery):

@@ -72,7 +72,7 @@ async def _raw_request(node: Node, target: Node, message: protocol.Message) -> p
 
 
 def protocol_id(node: Node) -> str:
-    return node.dht.config.protocol_id
+    return node.dht.protocol_id
 
 
 async def test_forged_expired_and_mismatched_records_are_rejected_and_counted(swarm):

@@ -48,7 +48,7 @@ async def lattice_node(tmp_path, name: str):
     """A node with the profile a user picks to speak with libp2p peers' Kademlia (``--join libp2p``)."""
     cfg = NodeConfig(listen=["/ip4/127.0.0.1/tcp/0"], data_dir=tmp_path / name, control=False, swarm="libp2p")
     async with Node(cfg, services=[RPC(), DHT()]) as node:
-        assert node.dht.config.protocol_id == KAD
+        assert node.dht.protocol_id == KAD
         yield node
 
 

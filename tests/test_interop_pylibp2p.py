@@ -79,7 +79,7 @@ def _py_id(peer: PeerId):
 async def lattice_node(tmp_path, name: str):
     cfg = NodeConfig(listen=["/ip4/127.0.0.1/tcp/0"], data_dir=tmp_path / name, control=False, swarm="libp2p")
     async with Node(cfg, services=[DHT()]) as node:
-        assert node.dht.config.protocol_id == KAD
+        assert node.dht.protocol_id == KAD
         yield node
 
 

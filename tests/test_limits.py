@@ -81,7 +81,7 @@ async def test_connection_cap_per_ip(tmp_path):
 
 async def test_a_peer_sending_junk_is_banned_and_others_are_served(tmp_path):
     async with _node(tmp_path, "a") as a, _node(tmp_path, "b") as b, open_host(KeyPair.generate()) as junk:
-        kad = a.dht.config.protocol_id
+        kad = a.dht.protocol_id
         with trio.fail_after(15):
             await b.connect(a.addrs[0])
             await junk.connect(a.addrs[0])
@@ -131,7 +131,7 @@ async def test_a_flood_of_valid_requests_is_throttled(tmp_path):
                 except (LatticeError, trio.TooSlowError):
                     failed += 1
         assert ok < 150 and failed > 0
-        assert a.host.limits.throttled[a.dht.config.protocol_id] > 0
+        assert a.host.limits.throttled[a.dht.protocol_id] > 0
 
 
 def test_bans_command(tmp_path):

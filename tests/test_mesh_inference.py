@@ -28,9 +28,9 @@ def reference(prompt, n):
     return greedy_generate([Stage(CONFIG, WEIGHTS, 0, CONFIG.n_layers)], prompt, n)
 
 
-async def _run_node(cfg, services, task_status=trio.TASK_STATUS_IGNORED):
+async def _run_node(cfg, services, apps=(), task_status=trio.TASK_STATUS_IGNORED):
     with trio.CancelScope() as scope:
-        async with Node(cfg, services=services) as node:
+        async with Node(cfg, services=services, apps=list(apps)) as node:
             task_status.started((node, scope))
             await trio.sleep_forever()
 
@@ -48,7 +48,9 @@ async def mesh(tmp_path, nursery):
                                  announce_interval=2.0)  # fmt: skip
             cfg = NodeConfig(listen=["/ip4/127.0.0.1/tcp/0"], data_dir=tmp_path / f"s{i}", control=False,
                              bootstrap=boot[:1])  # fmt: skip
-            node, scope = await nursery.start(_run_node, cfg, [RPC(), DHT(DHTConfig(persist=False)), server])
+            node, scope = await nursery.start(
+                _run_node, cfg, [RPC(), DHT(DHTConfig(persist=False))], [server]
+            )
             server.kill = scope.cancel
             boot = boot or node.addrs
             servers.setdefault((a, b), []).append(server)

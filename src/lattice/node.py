@@ -20,7 +20,8 @@ import signal
 import threading
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import trio
 
@@ -31,6 +32,7 @@ from lattice.identity import KeyPair, PeerId, load_or_create_key
 from lattice.multiaddr import Multiaddr, dialable
 from lattice.nat.manager import NATConfig, NATManager
 from lattice.nat.relay import RelayLimits
+from lattice.service import Service, ServiceContext
 from lattice.transport import dnsaddr
 from lattice.transport import ping as ping_protocol
 from lattice.transport.connmgr import ConnectionManager
@@ -38,13 +40,25 @@ from lattice.transport.host import Connection, Host, HostConfig
 from lattice.transport.sink import drain
 from lattice.transport.stack import open_host
 
-__all__ = ["BlockingNode", "Node", "Service"]
+if TYPE_CHECKING:  # the services' types, for IDEs and the type checker (imported lazily at run time)
+    from lattice.content.service import Content
+    from lattice.crdt.blocking import BlockingCRDT
+    from lattice.crdt.service import CRDT
+    from lattice.dht.service import DHT
+    from lattice.pubsub.service import PubSub
+    from lattice.rpc.service import RPC
+    from lattice.swarm.profiles import SwarmProfile
+
+_S = TypeVar("_S")
+
+__all__ = ["AppService", "BlockingNode", "Node", "Service", "ServiceContext", "default_services"]
 
 log = logging.getLogger(__name__)
 
 
-class Service(Protocol):
-    """A plug-in service (DHT, CRDT, RPC, apps): started with the node, stopped with it."""
+class AppService(Protocol):
+    """An application's service (``node.add_service``): built on the node's public API (``node.rpc``,
+    ``node.dht``, ``node.dashboard``, ...), started after the node's own services, stopped with it."""
 
     name: str
 
@@ -91,16 +105,23 @@ class Node:
         *,
         keypair: KeyPair | None = None,
         services: list[Service] | None = None,
-        swarm: Any = None,  # a lattice.swarm.profiles.SwarmProfile (default: from config.swarm)
+        apps: list[AppService] | None = None,
+        swarm: SwarmProfile | None = None,  # default: the profile config.swarm names
     ) -> None:
+        """``services``: the node's own services (run with a ServiceContext); default: RPC, DHT,
+        pubsub, CRDT and content, configured from ``config`` (:func:`default_services`).
+        ``apps``: applications' services (run with the node, after its own; see add_service)."""
         from lattice.swarm import roles
 
         self.config = roles.apply(config or NodeConfig())
         self._keypair = keypair
         self.host: Host | None = None
         self.services: dict[str, Service] = {}
-        for service in services if services is not None else default_services():
+        for service in services if services is not None else default_services(self.config):
             self.services[service.name] = service
+        self.app_services: dict[str, AppService] = {}
+        for app in apps or ():
+            self.add_service(app)
         self.control_ops: dict[str, Callable[..., Any]] = {}
         self.control_path = self.config.control_path
         self._stack: Any = None
@@ -132,6 +153,7 @@ class Node:
             agent_version=f"lattice/{__version__}",
             protocol_version=profile.identify_version,
             resources=cfg.resource_limits,
+            peer_limits=profile.limits,  # per-IP caps, rate limits, bans
             dial_timeout=cfg.dial_timeout,
             stream_window=cfg.stream_window,
             stream_window_max=cfg.stream_window_max,
@@ -140,9 +162,6 @@ class Node:
         await self._stack.__aenter__()
         try:
             self.host = await self._stack.enter_async_context(open_host(keypair, host_config))
-            from lattice.transport.limits import PeerLimits
-
-            self.host.limits = PeerLimits(profile.limits)  # per-IP caps, rate limits, bans
             self._nursery = await self._stack.enter_async_context(trio.open_nursery())
             self._stack.callback(self._nursery.cancel_scope.cancel)  # runs before the nursery exits
             for addr in cfg.listen:  # bind now (a busy port fails fast), accept once services are up
@@ -159,8 +178,19 @@ class Node:
             self._install_swarm_guard()
             for proto in profile.sink_protocols:
                 self.host.set_stream_handler(proto, drain)
+            ctx = ServiceContext(
+                host=self.host,
+                data_dir=cfg.data_dir,
+                add_control_op=self.add_control_op,
+                services=MappingProxyType(self.services),
+                admit=self.swarm_guard.admit,
+                protocol_ids=MappingProxyType({"kad": profile.kad_protocol}),
+                keep_connected=self._keep_connected,
+            )
             for service in self.services.values():  # handlers exist before any peer can identify us
-                await self._nursery.start(service.run, self)
+                await self._nursery.start(service.run, ctx)
+            for app in self.app_services.values():  # apps build on the services just started
+                await self._nursery.start(app.run, self)
             self.host.start_accepting()
             if "dht" in self.services:
                 self._wire_relay_discovery()
@@ -186,17 +216,16 @@ class Node:
         self._started_at = time.time()
         return self
 
-    def _resolve_swarm(self) -> Any:
-        """The swarm profile; the DHT takes its protocol id unless one was configured explicitly."""
-        from lattice.dht.service import PROTOCOL_ID as DEFAULT_KAD
+    def _keep_connected(self, peer: PeerId) -> None:
+        if self.connmgr is not None:
+            self.connmgr.keep(peer)
+
+    def _resolve_swarm(self) -> SwarmProfile:
+        """The swarm profile (its protocol ids reach the services through their context)."""
         from lattice.swarm.profiles import resolve
 
         if self.swarm is None:
             self.swarm = resolve(self.config.swarm, self.config.swarm_file)
-        dht = self.services.get("dht")
-        dht_config = getattr(dht, "config", None)
-        if dht_config is not None and dht_config.protocol_id == DEFAULT_KAD:
-            dht_config.protocol_id = self.swarm.kad_protocol
         return self.swarm
 
     def _install_swarm_guard(self) -> None:
@@ -204,9 +233,6 @@ class Node:
 
         self.swarm_guard = SwarmGuard(self, self.swarm)
         self.swarm_guard.install()
-        dht = self.services.get("dht")
-        if dht is not None and hasattr(dht, "admit"):
-            dht.admit = self.swarm_guard.admit
 
     def _wire_relay_discovery(self) -> None:
         """Relays announce themselves as providers of RELAY_KEY in the DHT; NATed nodes look there
@@ -214,7 +240,7 @@ class Node:
         every provider the DHT lists is fetched (64 per key at most) and each is only a candidate:
         autorelay uses it once the peer at its address grants a reservation."""
         assert self.nat is not None and self._nursery is not None
-        dht = self.services["dht"]
+        dht = self.dht
 
         async def discover() -> list[Multiaddr]:
             out = []
@@ -224,7 +250,7 @@ class Node:
                     out.append(direct[0].with_peer(PeerId.from_string(peer)))
             return out
 
-        self.nat.autorelay.discover = discover
+        self.nat.use_relay_discovery(discover)
         if self.config.relay:
 
             async def announce() -> None:
@@ -247,13 +273,14 @@ class Node:
     async def aclose(self) -> None:
         await self.__aexit__(None, None, None)
 
-    def add_service(self, service: Service) -> None:
-        """Register a service before the node starts (it starts with the node)."""
+    def add_service(self, service: AppService) -> None:
+        """Register an application's service before the node starts: it starts with the node,
+        after the node's own services, and gets the node itself (its public API)."""
         if self.host is not None:
             raise NodeError("add services before the node starts")
-        if service.name in self.services:
+        if service.name in self.services or service.name in self.app_services:
             raise NodeError(f"service {service.name!r} is already registered")
-        self.services[service.name] = service
+        self.app_services[service.name] = service
 
     def add_control_op(self, name: str, op: Callable[..., Any]) -> None:
         """Expose an operation on the daemon's control API (and so to ``lattice.Client``)."""
@@ -287,44 +314,45 @@ class Node:
                 nursery.start_soon(on_shutdown)
 
     @property
-    def rpc(self):  # -> lattice.rpc.RPC
+    def rpc(self) -> RPC:
         """The tensor RPC service (``node.rpc.call(peer, "svc.method", payload)``)."""
-        try:
-            return self.services["rpc"]
-        except KeyError:
-            raise NodeError("this node runs without the RPC service") from None
+        from lattice.rpc.service import RPC
+
+        return self._service("rpc", RPC, "RPC")
 
     @property
-    def dht(self):  # -> lattice.dht.DHT
+    def dht(self) -> DHT:
         """The Kademlia DHT (``node.dht.put(key, value)``, ``get``, ``provide``, ``find_providers``)."""
-        try:
-            return self.services["dht"]
-        except KeyError:
-            raise NodeError("this node runs without the DHT service") from None
+        from lattice.dht.service import DHT
+
+        return self._service("dht", DHT, "DHT")
 
     @property
-    def pubsub(self):  # -> lattice.pubsub.PubSub
+    def pubsub(self) -> PubSub:
         """Publish/subscribe over a gossipsub mesh (``node.pubsub.publish("topic", b"...")``)."""
-        try:
-            return self.services["pubsub"]
-        except KeyError:
-            raise NodeError("this node runs without the pubsub service") from None
+        from lattice.pubsub.service import PubSub
+
+        return self._service("pubsub", PubSub, "pubsub")
 
     @property
-    def crdt(self):  # -> lattice.crdt.service.CRDT
+    def crdt(self) -> CRDT:
         """Replicated documents (``node.crdt.open("swarm/config").get_map("root")["lr"] = 0.1``)."""
-        try:
-            return self.services["crdt"]
-        except KeyError:
-            raise NodeError("this node runs without the CRDT service") from None
+        from lattice.crdt.service import CRDT
+
+        return self._service("crdt", CRDT, "CRDT")
 
     @property
-    def content(self):  # -> lattice.content.Content
+    def content(self) -> Content:
         """Content-addressed blobs and checkpoints (``cid = await node.content.add(path)``, ``get``)."""
-        try:
-            return self.services["content"]
-        except KeyError:
-            raise NodeError("this node runs without the content service") from None
+        from lattice.content.service import Content
+
+        return self._service("content", Content, "content")
+
+    def _service(self, name: str, kind: type[_S], what: str) -> _S:
+        found = self.services.get(name)
+        if not isinstance(found, kind):
+            raise NodeError(f"this node runs without the {what} service")
+        return found
 
     # -- identity and addresses
     def _require_host(self) -> Host:
@@ -432,7 +460,7 @@ class Node:
             ],
             "bytes_sent": sum(c.session.bytes_sent for c in conns),
             "bytes_received": sum(c.session.bytes_received for c in conns),
-            "services": sorted(self.services),
+            "services": sorted([*self.services, *self.app_services]),
             "resources": host.resource_stats(),
             "control": str(self.control_path) if self.control_path else None,
             "swarm": self.swarm.swarm_id if self.swarm else None,
@@ -481,19 +509,40 @@ class Node:
         return BlockingNode(cls(config, keypair=keypair))
 
 
-def default_services() -> list[Service]:
-    """The services every node runs unless told otherwise.
+def default_services(config: NodeConfig | None = None) -> list[Service]:
+    """The services every node runs unless told otherwise, configured from ``config``.
 
     node.py is the composition root: this is the one place where the node layer names the services
-    above it (imported here, lazily, so the layers stay one-way everywhere else).
+    and turns the node's configuration into theirs (imported lazily: a node without them pays
+    nothing).
     """
     from lattice.content.service import Content
     from lattice.crdt.service import CRDT
-    from lattice.dht.service import DHT
+    from lattice.dht.service import DHT, DHTConfig
+    from lattice.dht.store import StoreLimits
     from lattice.pubsub import PubSub
-    from lattice.rpc import RPC
+    from lattice.rpc import RPC, RPCConfig
 
-    return [RPC(), DHT(), PubSub(), CRDT(), Content()]
+    config = config or NodeConfig()
+    store = StoreLimits(
+        max_bytes=config.dht_max_bytes,
+        max_bytes_per_publisher=config.dht_max_bytes_per_publisher,
+        max_bytes_per_prefix=config.dht_max_bytes_per_prefix,
+    )
+    return [
+        RPC(
+            RPCConfig(
+                max_payload=config.rpc_max_payload,
+                max_inbound_per_peer=config.rpc_max_inbound_per_peer,
+                message_idle_timeout=config.rpc_message_idle_timeout,
+                upload_peer_bytes=config.rpc_upload_peer_bytes,
+            )
+        ),
+        DHT(DHTConfig(store_limits=store)),
+        PubSub(),
+        CRDT(),
+        Content(config.content_config),
+    ]
 
 
 def _as_peer(peer: str | PeerId) -> PeerId:
@@ -545,7 +594,7 @@ class BlockingNode:
         return BlockingService(self, self.node.dht, ("put", "get", "provide", "find_providers"))
 
     @property
-    def crdt(self):  # -> lattice.crdt.blocking.BlockingCRDT
+    def crdt(self) -> BlockingCRDT:
         """Replicated documents, blocking (``node.crdt.open("swarm/config").get_map("root")["lr"] = 0.1``;
         reads and writes run on the node's loop, values come back as plain Python)."""
         from lattice.crdt.blocking import BlockingCRDT  # lazily: the node layer stays below services

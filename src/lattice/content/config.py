@@ -12,6 +12,9 @@ from lattice.errors import ConfigError
 __all__ = ["ContentConfig", "FetchLimits"]
 
 
+DEFAULT_MAX_BYTES = 32 << 30  # the store's quota when nothing else is said
+
+
 @dataclass
 class FetchLimits:
     """How a fetch uses its providers (``fetch_*`` keys of ``[node.content]``)."""
@@ -46,7 +49,7 @@ class ContentConfig:
     """Limits of the content service."""
 
     chunk_size: int = 1 << 20  # new content is cut into chunks of this size (4 KiB - 4 MiB)
-    max_bytes: int | None = None  # store quota; None: NodeConfig.content_max_bytes (32 GiB)
+    max_bytes: int | None = None  # store quota; None: DEFAULT_MAX_BYTES (NodeConfig.content_max_bytes)
     max_manifest: int = 16 << 20  # largest manifest accepted (~230,000 chunks)
     verify_on_open: bool = False  # re-hash every stored chunk at start (sizes are always checked)
     direct_writes: bool = True  # fetched chunks bypass the page cache (O_DIRECT) where the FS allows

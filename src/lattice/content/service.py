@@ -32,14 +32,17 @@ import trio
 from lattice._files import exclusive_temp
 from lattice.content import protocol
 from lattice.content.cid import ContentId
-from lattice.content.config import ContentConfig
+from lattice.content.config import DEFAULT_MAX_BYTES, ContentConfig
 from lattice.content.errors import ContentBusy, ContentError, ContentNotFound, PayloadError
 from lattice.content.fetch import Fetch
 from lattice.content.store import COMPLETE, Reader, Store
+from lattice.dht.service import DHT
 from lattice.errors import LatticeError
 from lattice.identity import PeerId
 from lattice.multiaddr import Multiaddr
 from lattice.rpc.errors import RemoteError
+from lattice.rpc.service import RPC
+from lattice.service import ServiceContext
 from lattice.transport.limits import PENALTY_MALFORMED, TokenBucket
 from lattice.transport.resources import ResourceLimitExceeded
 
@@ -163,8 +166,7 @@ class Content:
 
     def __init__(self, config: ContentConfig | None = None) -> None:
         self.config = config or ContentConfig()
-        self._configured = config is not None  # else the node's config sets the limits (run)
-        self.node: Any = None
+        self._ctx: ServiceContext | None = None
         self.store: Store | None = None
         self.admission = _admission(self.config)
         self.served: OrderedDict[str, int] = OrderedDict()  # peer -> bytes served
@@ -181,17 +183,27 @@ class Content:
                       "bad_chunks": 0}  # fmt: skip
 
     # -- lifecycle
-    async def run(self, node: Any, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
-        self.node = node
-        if not self._configured:
-            self.config = node.config.content_config
-            self.admission = _admission(self.config)
+    @property
+    def ctx(self) -> ServiceContext:
+        if self._ctx is None:
+            raise ContentError("the content service is not running")
+        return self._ctx
+
+    @property
+    def rpc(self) -> RPC:
+        rpc = self.ctx.service("rpc", RPC)
+        if rpc is None:
+            raise ContentError("the content service needs the node's RPC service")
+        return rpc
+
+    async def run(self, ctx: ServiceContext, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
+        self._ctx = ctx
         cfg = self.config
-        max_bytes = cfg.max_bytes if cfg.max_bytes is not None else node.config.content_max_bytes
-        root = node.config.data_dir / "content"
+        max_bytes = cfg.max_bytes if cfg.max_bytes is not None else DEFAULT_MAX_BYTES
+        root = ctx.data_dir / "content"
         self.store = Store(root, max_bytes, cfg.max_manifest, cfg.verify_on_open, cfg.direct_writes)
         await trio.to_thread.run_sync(self.store.open)
-        rpc = node.rpc
+        rpc = self.rpc
         # requests are small maps (a content id, chunk indexes): 4 KiB is plenty
         rpc.register(protocol.MANIFEST, self._serve_manifest, stream="server", max_payload=4096)
         rpc.register(protocol.CHUNKS, self._serve_chunks, stream="server", max_payload=4096)
@@ -205,7 +217,7 @@ class Content:
             ("content.status", self.status),
             ("content.verify", self.verify),
         ):
-            node.add_control_op(name, op)
+            ctx.add_control_op(name, op)
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -221,8 +233,8 @@ class Content:
             raise ContentError("the content service is not running")
         return self.store
 
-    def _dht(self) -> Any:
-        return self.node.services.get("dht") if self.node is not None else None
+    def _dht(self) -> DHT | None:
+        return self._ctx.service("dht", DHT) if self._ctx is not None else None
 
     # -- adding
     async def add(
@@ -337,7 +349,7 @@ class Content:
                 if pin:
                     store.pin(cid)
                 fetch = Fetch(
-                    self.node.rpc,
+                    self.rpc,
                     partial,
                     self.config.fetch,
                     wanted=wanted,
@@ -362,7 +374,7 @@ class Content:
 
     async def _providers(self, cid: ContentId, explicit: list[str] | None) -> list[tuple[str, str]]:
         """(peer id, dial target) of providers: the ones given, then the DHT's (not us, not bad ones)."""
-        me = str(self.node.host.peer_id)
+        me = str(self.ctx.host.peer_id)
         out: dict[str, str] = {}
         for target in explicit or []:
             if target.startswith("/"):
@@ -390,7 +402,7 @@ class Content:
         errors = []
         for peer, target in candidates:
             try:
-                async with self.node.rpc.call_stream(
+                async with self.rpc.call_stream(
                     target,
                     protocol.MANIFEST,
                     {"cid": str(cid)},
@@ -433,7 +445,7 @@ class Content:
         misbehaviour point on its record (honest nodes verify what they serve)."""
         self.stats["bad_chunks"] += 1
         _bounded_put(self.bad_providers, peer, (time.monotonic() + self.config.bad_provider_ttl, reason))
-        host = self.node.host if self.node is not None else None
+        host = self._ctx.host if self._ctx is not None else None
         if host is not None:
             try:
                 host.penalize(PeerId.from_string(peer), f"content: {reason}", PENALTY_MALFORMED)
@@ -458,7 +470,7 @@ class Content:
 
     def _malformed(self, peer: Any, exc: Exception) -> None:
         self.stats["malformed"] += 1
-        self.node.host.penalize(peer, f"content: {exc}", PENALTY_MALFORMED)
+        self.ctx.host.penalize(peer, f"content: {exc}", PENALTY_MALFORMED)
 
     async def _serve_manifest(self, payload: Any, ctx: Any):
         try:
@@ -496,7 +508,7 @@ class Content:
         self._admit(peer)
         self.admission.begin(peer)
         self.stats["requests"] += 1
-        lease = self.node.host.resources.lease(peer, self.name)
+        lease = self.ctx.host.resources.lease(peer, self.name)
         reads: ReadAhead | None = None
         try:
             buffers = min(2, len(indices))  # one chunk on the wire, the next one being read

@@ -39,9 +39,12 @@ import msgpack
 import trio
 
 from lattice.crdt.document import MAX_DOC_BYTES, Change, DocLimits, Document
+from lattice.crdt.log import FsyncPolicy
 from lattice.crdt.updates import SignedUpdate
 from lattice.errors import LatticeError, PayloadError, TransportError
 from lattice.identity import PeerId
+from lattice.pubsub.service import PubSub
+from lattice.service import ServiceContext
 from lattice.transport.limits import PENALTY_MALFORMED
 from lattice.transport.peerstore import PeerInfo
 from lattice.transport.yamux import YamuxStream
@@ -119,7 +122,7 @@ class CRDT:
     def __init__(
         self,
         sync_interval: float = 5.0,
-        fsync: str = "always",
+        fsync: FsyncPolicy = "always",
         gossip: bool = True,
         gossip_above: int = 12,
         limits: DocLimits | None = None,
@@ -130,7 +133,7 @@ class CRDT:
         self.gossip_above = gossip_above  # ... and more replicas are connected than a mesh holds
         self.fsync = fsync
         self.docs: dict[str, Document] = {}
-        self.node: Any = None
+        self._ctx: ServiceContext | None = None
         self._nursery: trio.Nursery | None = None
         self._outbox: dict[PeerId, list[tuple[str, bytes]]] = {}
         self._gossip_box: dict[str, list[bytes]] = {}  # per document: local updates to publish
@@ -143,10 +146,16 @@ class CRDT:
         self.stats["invalid"] = 0  # updates that cost their sender misbehaviour points
 
     # -- lifecycle
-    async def run(self, node: Any, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
-        self.node = node
-        node.host.set_stream_handler(PROTOCOL_ID, self._handle)
-        node.host.on_identify(self._on_identify)
+    @property
+    def ctx(self) -> ServiceContext:
+        if self._ctx is None:
+            raise LatticeError("the CRDT service is not running")
+        return self._ctx
+
+    async def run(self, ctx: ServiceContext, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
+        self._ctx = ctx
+        ctx.host.set_stream_handler(PROTOCOL_ID, self._handle)
+        ctx.host.on_identify(self._on_identify)
         for name, op in (
             ("crdt.open", self._op_open),
             ("crdt.get", self._op_get),
@@ -155,7 +164,7 @@ class CRDT:
             ("crdt.fill", self._op_fill),
             ("crdt.watch", self._op_watch),
         ):
-            node.add_control_op(name, op)
+            ctx.add_control_op(name, op)
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -172,18 +181,21 @@ class CRDT:
         writers: set[PeerId] | None = None,
         max_bytes: int = MAX_DOC_BYTES,
         max_author_bytes: int | None = None,
+        fsync: FsyncPolicy | None = None,
     ) -> Document:
         """The document ``name`` (created on first use, restored from disk, kept in sync).
 
         ``writers``: the peers allowed to write (None: anyone); ``max_bytes``: the size limit (local
         writes beyond it raise DocumentFull, remote updates beyond it are rejected);
-        ``max_author_bytes``: one author's share (None: ``DocLimits.author_quota``). They apply on
-        first open; later calls return the open document."""
+        ``max_author_bytes``: one author's share (None: ``DocLimits.author_quota``);
+        ``fsync``: this document's durability ("always": every write is fsynced before the call
+        returns; "batch": grouped, for documents anti-entropy can rebuild); default: the service's.
+        They apply on first open; later calls return the open document."""
         doc = self.docs.get(name)
         if doc is None:
-            directory = self.node.config.data_dir / "crdt"
-            doc = Document(name, self.node.host.keypair, directory, writers=writers, max_bytes=max_bytes,
-                           fsync=self.fsync, max_author_bytes=max_author_bytes,  # type: ignore[arg-type]
+            directory = self.ctx.data_dir / "crdt"
+            doc = Document(name, self.ctx.host.keypair, directory, writers=writers, max_bytes=max_bytes,
+                           fsync=fsync or self.fsync, max_author_bytes=max_author_bytes,
                            limits=self.limits)  # fmt: skip
             if doc.needs_compaction():
                 doc.compact()
@@ -205,7 +217,7 @@ class CRDT:
         now = trio.current_time()
         if self._peers_cache is not None and now - self._peers_cache[0] < PEERS_TTL:
             return self._peers_cache[1]
-        host = self.node.host
+        host = self.ctx.host
         out = []
         for peer in host.connected_peers():
             info = host.peerstore.get(peer)
@@ -214,9 +226,8 @@ class CRDT:
         self._peers_cache = (now, out)
         return out
 
-    def _pubsub(self) -> Any:
-        services = getattr(self.node, "services", {})
-        return services.get("pubsub") if self.gossip else None
+    def _pubsub(self) -> PubSub | None:
+        return self.ctx.service("pubsub", PubSub) if self.gossip else None
 
     def _on_gossip(self, doc: Document, peer: PeerId, data: bytes) -> bool:
         """A batch from the topic's mesh: apply it; False (not forwarded) unless every update in it
@@ -302,7 +313,7 @@ class CRDT:
                         if doc is not None:
                             await doc.flush()
                     if stream is None:
-                        stream = await self.node.host.new_stream(peer, [PROTOCOL_ID])
+                        stream = await self.ctx.host.new_stream(peer, [PROTOCOL_ID])
                     for name, raws in batch.items():
                         await _send(stream, {"t": "push", "doc": name, "u": raws})
                 self.stats["pushed"] += taken
@@ -350,9 +361,7 @@ class CRDT:
 
     def _keep(self, peer: PeerId) -> None:
         """A replica (we have documents open): re-dialed at once when lost, so partitions heal fast."""
-        connmgr = getattr(self.node, "connmgr", None)
-        if connmgr is not None:
-            connmgr.keep(peer)
+        self.ctx.keep_connected(peer)
 
     async def _anti_entropy(self) -> None:
         while True:
@@ -376,7 +385,7 @@ class CRDT:
     async def sync(self, peer: PeerId, doc: Document) -> None:
         """Swap version vectors with ``peer`` and exchange exactly the missing updates."""
         await doc.flush()  # the version vector we send covers only durable updates
-        stream = await self.node.host.new_stream(peer, [PROTOCOL_ID])
+        stream = await self.ctx.host.new_stream(peer, [PROTOCOL_ID])
         try:
             await _send(stream, {"t": "sync", "doc": doc.name, "v": doc.version()})
             theirs = await self._receive_updates(stream, doc)
@@ -437,7 +446,7 @@ class CRDT:
 
     def _penalize(self, peer: PeerId, doc: Document, invalid: int) -> None:
         """Misbehaviour points for updates no honest peer sends (it checks them before forwarding)."""
-        penalize = getattr(self.node.host, "penalize", None) if self.node is not None else None
+        penalize = self._ctx.host.penalize if self._ctx is not None else None
         if penalize is not None:
             reason = f"{invalid} malformed or forged CRDT updates for {doc.name!r}"
             penalize(peer, reason, points=PENALTY_MALFORMED * invalid)
@@ -482,8 +491,8 @@ class CRDT:
         except (PayloadError, TransportError, trio.TooSlowError) as exc:
             self.stats["bad_frames"] += 1
             log.debug("CRDT stream from %s: %s", stream.remote_peer, exc)
-            if isinstance(exc, PayloadError) and hasattr(self.node.host, "penalize"):
-                self.node.host.penalize(stream.remote_peer, f"malformed CRDT frame: {exc}")
+            if isinstance(exc, PayloadError):
+                self.ctx.host.penalize(stream.remote_peer, f"malformed CRDT frame: {exc}")
             await stream.reset()
 
     async def _more_pushes(self, stream: YamuxStream) -> None:

@@ -39,6 +39,7 @@ from lattice.dht.store import WRITE_BEHIND, QuotaExceeded, Store, StoreLimits
 from lattice.errors import LatticeError, PayloadError, TransportError
 from lattice.identity import PeerId
 from lattice.multiaddr import Multiaddr, dialable, is_public
+from lattice.service import ServiceContext
 from lattice.transport.framing import read_delimited
 from lattice.transport.limits import PENALTY_THROTTLED, TokenBucket
 from lattice.transport.peerstore import PeerInfo
@@ -59,7 +60,7 @@ REFUSED = protocol.Message(protocol.PUT_VALUE)  # _answer's "reset the stream" (
 
 @dataclass
 class DHTConfig:
-    protocol_id: str = PROTOCOL_ID
+    protocol_id: str | None = None  # None: the swarm profile's (ServiceContext.protocol_ids["kad"])
     k: int = 20
     alpha: int = 3
     beta: int = 3  # a store/provide lookup ends when the 3 closest live peers answered
@@ -68,7 +69,9 @@ class DHTConfig:
     republish_interval: float = 3600.0
     persist: bool = True
     optimistic_store: bool = True  # PUT_VALUE to the table's k closest while the lookup runs
-    store_limits: StoreLimits | None = None  # None: from the node's config (dht_max_bytes, ...)
+    store_limits: StoreLimits = field(
+        default_factory=StoreLimits
+    )  # byte quotas (the node sets them from NodeConfig)
     # refusals over a quota forgiven per peer (a burst, refilled per second); each one beyond costs
     # the peer a misbehaviour point: an honest peer is refused rarely, an abuser keeps sending
     quota_grace: float = 16.0
@@ -112,14 +115,14 @@ class DHT:
 
     def __init__(self, config: DHTConfig | None = None) -> None:
         self.config = config or DHTConfig()
-        self.node: Any = None
+        self._ctx: ServiceContext | None = None
+        self.protocol_id = self.config.protocol_id or PROTOCOL_ID  # the swarm's, once running
         self.table: RoutingTable | None = None
         self.store: Store | None = None
         self._pools: dict[PeerId, list[YamuxStream]] = {}
         self._published: dict[tuple[bytes, bytes], Record] = {}
         self._table_changed = trio.Event()
         self._dirty = trio.Event()  # the store has records to commit (the write-behind task's cue)
-        self.admit: Any = None  # (PeerInfo) -> bool: may this peer enter the routing table (swarm guard)
         self.stats = {"requests_in": 0, "requests_out": 0, "rejected_records": 0, "malformed": 0,
                       "failed_requests": 0, "quota_refused": 0}  # fmt: skip
         self._refusals: dict[PeerId, TokenBucket] = {}  # quota refusals forgiven per peer
@@ -127,25 +130,31 @@ class DHT:
         self.latency: dict[str, list[float]] = {}
 
     # -- lifecycle
-    async def run(self, node: Any, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
-        self.node = node
-        host = node.host
+    @property
+    def ctx(self) -> ServiceContext:
+        if self._ctx is None:
+            raise LatticeError("the DHT service is not running")
+        return self._ctx
+
+    async def run(self, ctx: ServiceContext, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
+        self._ctx = ctx
+        self.protocol_id = self.config.protocol_id or ctx.protocol_ids.get("kad", PROTOCOL_ID)
+        host = ctx.host
         self.table = RoutingTable(host.peer_id, self.config.k)
         host.peerstore.keep(self.table.__contains__)  # routing-table peers stay in the peer store
-        path = node.config.data_dir / "dht.sqlite" if self.config.persist else None
-        limits = self.config.store_limits or _store_limits(node.config)
-        self.store = await trio.to_thread.run_sync(Store, path, limits)
+        path = ctx.data_dir / "dht.sqlite" if self.config.persist else None
+        self.store = await trio.to_thread.run_sync(Store, path, self.config.store_limits)
         for peer, raw_addrs in self.store.load_routing():
             addrs = _parse_addrs(raw_addrs)
             self._remember(peer, addrs)
             self.table.add(peer, addrs)
-        host.set_stream_handler(self.config.protocol_id, self._handle)
+        host.set_stream_handler(self.protocol_id, self._handle)
         host.on_identify(self._on_identified)
         host.peer_router = self._route_peer
         ops = {"dht.put": self._op_put, "dht.get": self._op_get, "dht.provide": self._op_provide,
                "dht.providers": self._op_providers, "dht.status": self._op_status}  # fmt: skip
         for name, op in ops.items():
-            node.add_control_op(name, op)
+            ctx.add_control_op(name, op)
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._maintain)
@@ -185,14 +194,14 @@ class DHT:
 
     def serves_dht(self, info: PeerInfo | None) -> bool:
         """Does this peer's identify list our Kademlia protocol (a DHT server, not a client)?"""
-        return info is not None and self.config.protocol_id in info.protocols
+        return info is not None and self.protocol_id in info.protocols
 
     def _admitted(self, peer: PeerId) -> bool:
-        limits = getattr(self.node.host, "limits", None)
+        limits = self.ctx.host.limits
         if limits is not None and limits.is_banned(peer):
             return False
-        info = self.node.host.peerstore.get(peer)
-        return self.admit is None or info is None or self.admit(info)
+        info = self.ctx.host.peerstore.get(peer)
+        return info is None or self.ctx.admit(info)
 
     def _add_contact(self, peer: PeerId, addrs: list[Multiaddr]) -> None:
         assert self.table is not None
@@ -205,20 +214,20 @@ class DHT:
         self._table_changed.set()
 
     def _remember(self, peer: PeerId, addrs: list[Multiaddr]) -> None:
-        if addrs and peer != self.node.host.peer_id:
-            info = self.node.host.peerstore.get(peer)
+        if addrs and peer != self.ctx.host.peer_id:
+            info = self.ctx.host.peerstore.get(peer)
             if info is None or not info.addrs:
-                self.node.host.peerstore.add_addrs(peer, addrs[:8])
+                self.ctx.host.peerstore.add_addrs(peer, addrs[:8])
 
     async def _maintain(self) -> None:
         """Bootstrap (self-lookup once we know a peer), then refresh and republish periodically."""
         while self.table is not None and len(self.table) == 0:
             await self._table_changed.wait()
             self._table_changed = trio.Event()
-        await self._safe_lookup(self.node.host.peer_id.multihash)
+        await self._safe_lookup(self.ctx.host.peer_id.multihash)
         for delay in EARLY_SELF_LOOKUPS:  # peers that joined at the same time find each other
             await trio.sleep(delay)
-            await self._safe_lookup(self.node.host.peer_id.multihash)
+            await self._safe_lookup(self.ctx.host.peer_id.multihash)
         last_refresh = last_republish = trio.current_time()
         while True:
             await trio.sleep(min(self.config.refresh_interval, self.config.republish_interval, 60.0))
@@ -262,7 +271,7 @@ class DHT:
     async def _request_inner(
         self, peer: PeerId, message: protocol.Message, body: bytes | None, echo: bytes | None
     ) -> protocol.Message:
-        host = self.node.host
+        host = self.ctx.host
         self.stats["requests_out"] += 1
         # a plain deadline scope: trio.fail_after is a generator context manager (hot: ~20 per put)
         with trio.CancelScope(deadline=trio.current_time() + self.config.request_timeout) as scope:
@@ -270,7 +279,7 @@ class DHT:
             stream = pool.pop() if pool else None
             if stream is None or stream._error is not None or stream.remote_closed:
                 conn = await host.connect_peer(peer, timeout=self.config.request_timeout, route=False)
-                stream = await host.new_stream(conn, [self.config.protocol_id])
+                stream = await host.new_stream(conn, [self.protocol_id])
             try:
                 if body is None:
                     body = _proto.delimited(protocol.encode(message))
@@ -317,7 +326,7 @@ class DHT:
     ) -> Lookup:
         assert self.table is not None
         target = key_id(key)
-        me = self.node.host.peer_id
+        me = self.ctx.host.peer_id
         seeds = [(c.peer, c.key) for c in self.table.closest(target)]
         look = Lookup(target, seeds, self.config.k, self.config.alpha, beta)
         send, receive = trio.open_memory_channel[tuple[PeerId, protocol.Message | None]](1024)
@@ -383,7 +392,7 @@ class DHT:
         value = _as_key(value)
         expires = expires_at if expires_at is not None else time.time() + (ttl or 3600.0)
         sub = _as_key(subkey) if subkey is not None else None
-        record = records.create(self.node.host.keypair, key, value, expires, sub)
+        record = records.create(self.ctx.host.keypair, key, value, expires, sub)
         self.store.check(record)
         self._published[(record.key, record.subkey)] = record
         return await self._replicate(record)
@@ -444,7 +453,7 @@ class DHT:
             look = await self._lookup(record.key, protocol.FIND_NODE, beta=self.config.beta, answers=answers)
             t1 = trio.current_time()
             closest = look.closest_known(k)
-            me_key = peer_key(self.node.host.peer_id)
+            me_key = peer_key(self.ctx.host.peer_id)
             far = max((peer_key(p) ^ target for p in closest), default=0)
             stored = 0
             if len(closest) < k or me_key ^ target <= far:  # we are among the k closest
@@ -539,7 +548,7 @@ class DHT:
     async def provide(self, key: bytes | str) -> int:
         """Announce that this node holds ``key`` (content, a capability) to the k closest peers."""
         key = _as_key(key)
-        host = self.node.host
+        host = self.ctx.host
         me = protocol.PeerEntry(host.peer_id, dialable(host.advertised_addrs()))
         try:
             self.store.add_provider(key, host.peer_id, [a.to_bytes() for a in me.addrs])
@@ -565,13 +574,13 @@ class DHT:
     def unprovide(self, key: bytes | str) -> bool:
         """Stop listing this node as a provider of ``key`` in our own store (Kademlia has no withdraw:
         the entries other peers hold expire after their TTL unless provide() is called again)."""
-        return self.store.remove_provider(_as_key(key), self.node.host.peer_id)
+        return self.store.remove_provider(_as_key(key), self.ctx.host.peer_id)
 
     async def _send_only(self, peer: PeerId, message: protocol.Message) -> None:
-        host = self.node.host
+        host = self.ctx.host
         with trio.fail_after(self.config.request_timeout):
             conn = await host.connect_peer(peer, timeout=self.config.request_timeout, route=False)
-            stream = await host.new_stream(conn, [self.config.protocol_id])
+            stream = await host.new_stream(conn, [self.protocol_id])
             body = protocol.encode(message)
             await stream.write(_proto.delimited(body), fin=True)
 
@@ -608,7 +617,7 @@ class DHT:
 
         await self._lookup(target.multihash, protocol.FIND_NODE, on_reply)
         if found:
-            store = self.node.host.peerstore
+            store = self.ctx.host.peerstore
             known = store.get(target)
             store.add_addrs(target, dialable(found + (known.addrs if known else [])), replace=True)
         return found
@@ -624,7 +633,7 @@ class DHT:
     # -- serving
     async def _handle(self, stream: YamuxStream) -> None:
         peer = stream.remote_peer
-        host = self.node.host
+        host = self.ctx.host
         conn = host.connection_to(peer)
         info = host.peerstore.get(peer)
         if self.serves_dht(info):  # a client's requests are served, it is not a contact (spec)
@@ -644,7 +653,7 @@ class DHT:
                 if raw is None:
                     return
                 self.stats["requests_in"] += 1
-                if not host.allow_request(peer, self.config.protocol_id):  # over its rate: drop the stream
+                if not host.allow_request(peer, self.protocol_id):  # over its rate: drop the stream
                     self.stats["throttled"] = self.stats.get("throttled", 0) + 1
                     await stream.reset()
                     return
@@ -679,7 +688,7 @@ class DHT:
         somebody: a lone node (a bootstrap node) must list itself (found by tests/test_interop_go.py).
         """
         closer = self._closer(key, requester)
-        host = self.node.host
+        host = self.ctx.host
         named: protocol.PeerEntry | None = None
         if key == host.peer_id.multihash:
             named = protocol.PeerEntry(host.peer_id, dialable(host.advertised_addrs(), 6))
@@ -755,7 +764,7 @@ class DHT:
 
     def _prefix_of(self, peer: PeerId) -> str | None:
         """The IP prefix budgets charge ``peer`` to (None: exempt address, e.g. loopback, or unknown)."""
-        host = self.node.host
+        host = self.ctx.host
         conn = host.connection_to(peer)
         limits = getattr(host, "limits", None)
         if conn is None or limits is None:
@@ -777,7 +786,7 @@ class DHT:
             bucket = self._refusals[peer] = grace
         if not bucket.take(now):
             reason = f"keeps writing over its DHT quota ({exc.scope})"
-            self.node.host.penalize(peer, reason, PENALTY_THROTTLED)
+            self.ctx.host.penalize(peer, reason, PENALTY_THROTTLED)
 
     # -- control operations
     async def _op_put(
@@ -805,15 +814,6 @@ class DHT:
         return {"records": store.record_count, "stored_bytes": store.stored_bytes,
                 "max_bytes": store.limits.max_bytes, "providers": store.provider_count,
                 "evicted": store.evicted}  # fmt: skip
-
-
-def _store_limits(cfg: Any) -> StoreLimits:
-    """The store's limits from a NodeConfig: its byte quotas, the other limits at their defaults."""
-    return StoreLimits(
-        max_bytes=cfg.dht_max_bytes,
-        max_bytes_per_publisher=cfg.dht_max_bytes_per_publisher,
-        max_bytes_per_prefix=cfg.dht_max_bytes_per_prefix,
-    )
 
 
 def _parse_addrs(raw: list) -> list[Multiaddr]:

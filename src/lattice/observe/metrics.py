@@ -97,7 +97,7 @@ def snapshot(node: Any) -> dict:
         else {
             "routing_table": len(dht.table) if dht.table is not None else 0,
             **dht.store_status(),
-            "protocol": dht.config.protocol_id,
+            "protocol": dht.protocol_id,
             **{k: v for k, v in dht.stats.items() if isinstance(v, int | float)},
             "latency": {op: {"count": c, "sum_s": round(s, 6)} for op, (c, s) in dht.latency.items()},
         },

@@ -25,6 +25,7 @@ import trio
 from lattice import _proto
 from lattice.errors import LatticeError, PayloadError, TransportError
 from lattice.identity import PeerId
+from lattice.service import ServiceContext
 from lattice.transport.framing import read_delimited
 from lattice.transport.host import Connection
 from lattice.transport.limits import TokenBucket
@@ -54,18 +55,24 @@ class PubSub:
         self.peer_burst = peer_burst
         self._seqno = time.time_ns()  # as go-libp2p: unique across restarts, then incremented
         self.router = GossipRouter()
-        self.node: Any = None
+        self._ctx: ServiceContext | None = None
         self._handlers: dict[str, Handler] = {}
         self._queues: dict[PeerId, trio.MemorySendChannel[RPC]] = {}
         self._nursery: trio.Nursery | None = None
         self.stats = {"rpcs_in": 0, "rpcs_out": 0, "dropped": 0, "bad_rpcs": 0, "bad_signatures": 0}
 
-    async def run(self, node: Any, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
-        self.node = node
+    @property
+    def ctx(self) -> ServiceContext:
+        if self._ctx is None:
+            raise LatticeError("the pubsub service is not running")
+        return self._ctx
+
+    async def run(self, ctx: ServiceContext, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
+        self._ctx = ctx
         for proto in protocol.PROTOCOLS:
-            node.host.set_stream_handler(proto, self._handle)
-        node.host.on_identify(self._on_identify)
-        node.host.on_disconnect(self._on_disconnect)
+            ctx.host.set_stream_handler(proto, self._handle)
+        ctx.host.on_identify(self._on_identify)
+        ctx.host.on_disconnect(self._on_disconnect)
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -97,7 +104,7 @@ class PubSub:
         message = None
         if self.sign:
             self._seqno += 1
-            message = protocol.signed(self.node.host.keypair, topic, bytes(data), self._seqno)
+            message = protocol.signed(self.ctx.host.keypair, topic, bytes(data), self._seqno)
         mid = self.router.publish(topic, bytes(data), trio.current_time(), message)
         self._flush()
         return mid
@@ -115,7 +122,7 @@ class PubSub:
 
     def _on_disconnect(self, conn: Connection) -> None:
         peer = conn.remote_peer
-        if self.node.host.connection_to(peer) is None:
+        if self.ctx.host.connection_to(peer) is None:
             queue = self._queues.pop(peer, None)
             if queue is not None:
                 queue.close()
@@ -179,7 +186,7 @@ class PubSub:
             if self._queues.get(peer) is not None:
                 self._queues.pop(peer).close()
                 self.router.remove_peer(peer)
-                if self.node.host.connection_to(peer) is not None and self._nursery is not None:
+                if self.ctx.host.connection_to(peer) is not None and self._nursery is not None:
                     with contextlib.suppress(RuntimeError):  # unless shutting down
                         self._nursery.start_soon(self._restart, peer)
             if stream is not None:
@@ -189,15 +196,15 @@ class PubSub:
     async def _restart(self, peer: PeerId) -> None:
         """A broken stream on a live connection: start over (subscriptions, mesh) after a pause."""
         await trio.sleep(1.0)
-        info = self.node.host.peerstore.get(peer)
+        info = self.ctx.host.peerstore.get(peer)
         speaks = info is not None and any(p in info.protocols for p in protocol.PROTOCOLS)
-        if speaks and peer not in self._queues and self.node.host.connection_to(peer) is not None:
+        if speaks and peer not in self._queues and self.ctx.host.connection_to(peer) is not None:
             self._start_peer(peer)
 
     async def _write(self, peer: PeerId, stream: YamuxStream | None, rpc: RPC) -> YamuxStream:
         with trio.fail_after(10):
             if stream is None:
-                stream = await self.node.host.new_stream(peer, protocol.PROTOCOLS)
+                stream = await self.ctx.host.new_stream(peer, protocol.PROTOCOLS)
             body = protocol.encode(rpc)
             await stream.write(_proto.delimited(body))
         self.stats["rpcs_out"] += 1

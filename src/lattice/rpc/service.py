@@ -41,6 +41,7 @@ from lattice.errors import LatticeError, NegotiationError, PayloadError, StreamE
 from lattice.identity import PeerId
 from lattice.rpc import lane, wire
 from lattice.rpc.errors import MethodNotFound, OverLimit, Overloaded, RemoteError, RPCError, RPCTimeout
+from lattice.service import ServiceContext
 from lattice.transport import multistream
 from lattice.transport.limits import PENALTY_THROTTLED
 from lattice.transport.resources import Lease, ResourceLimitExceeded
@@ -70,16 +71,6 @@ class RPCConfig:
     upload_peer_count: int = 8  # uploads in progress from one peer
     upload_first_chunk_timeout: float = 30.0  # staging that gets no data is dropped after this ...
     upload_ttl: float = 300.0  # ... and after this long without a new chunk (a re-begin does not count)
-
-    @classmethod
-    def from_node_config(cls, cfg: Any) -> RPCConfig:
-        """The limits a NodeConfig sets (``rpc_*`` keys), the others at their defaults."""
-        return cls(
-            max_payload=cfg.rpc_max_payload,
-            max_inbound_per_peer=cfg.rpc_max_inbound_per_peer,
-            message_idle_timeout=cfg.rpc_message_idle_timeout,
-            upload_peer_bytes=cfg.rpc_upload_peer_bytes,
-        )
 
 
 @dataclass
@@ -196,10 +187,9 @@ class RPC:
 
     def __init__(self, config: RPCConfig | None = None, protocol_id: str = PROTOCOL_ID) -> None:
         self.config = config or RPCConfig()
-        self._configured = config is not None  # else the node's config sets the limits (run)
         self.protocol_id = protocol_id
         self._methods: dict[str, _Method] = {}
-        self._node: Any = None
+        self._ctx: ServiceContext | None = None
         self._slots: dict[PeerId, trio.Semaphore] = {}
         self._inbound = 0  # inbound calls in progress (own streams and fast lanes) ...
         self._inbound_peers: dict[PeerId, int] = {}  # ... per peer
@@ -217,16 +207,19 @@ class RPC:
                       "refused_size": 0, "refused_memory": 0, "malformed": 0, "idle_reset": 0}  # fmt: skip
 
     # -- lifecycle
-    async def run(self, node: Any, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
-        self._node = node
-        node_config = getattr(node, "config", None)
-        if not self._configured and node_config is not None:
-            self.config = RPCConfig.from_node_config(node_config)
-        node.host.set_stream_handler(self.protocol_id, self._serve)
-        node.host.set_stream_handler(lane.PROTOCOL_ID, self._serve_lane)
-        node.add_control_op("rpc.call", self._op_call)
-        node.add_control_op("rpc.methods", self._op_methods)
-        node.add_control_op("rpc.bench", self._op_bench)
+    @property
+    def ctx(self) -> ServiceContext:
+        if self._ctx is None:
+            raise RPCError("the RPC service is not running")
+        return self._ctx
+
+    async def run(self, ctx: ServiceContext, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
+        self._ctx = ctx
+        ctx.host.set_stream_handler(self.protocol_id, self._serve)
+        ctx.host.set_stream_handler(lane.PROTOCOL_ID, self._serve_lane)
+        ctx.add_control_op("rpc.call", self._op_call)
+        ctx.add_control_op("rpc.methods", self._op_methods)
+        ctx.add_control_op("rpc.bench", self._op_bench)
         async with trio.open_nursery() as nursery:
             self._nursery = nursery  # the lanes' reply readers
             nursery.start_soon(self._reap_idle)
@@ -322,10 +315,7 @@ class RPC:
     # -- client side
     async def _resolve(self, peer: PeerId | str) -> tuple[PeerId, Any]:
         """(peer id, live connection), dialing a multiaddr or a known address if needed."""
-        node = self._node
-        if node is None:
-            raise RPCError("the RPC service is not running")
-        host = node.host
+        host = self.ctx.host
         if isinstance(peer, str) and peer.startswith("/"):
             known = self._addr_peers.get(peer)  # a live connection to its peer: no parse, no dial
             conn = host.connection_to(known) if known is not None else None
@@ -378,7 +368,7 @@ class RPC:
             if current is not None and not current.closed and current.stream.session is conn.session:
                 return current
             try:
-                stream = await self._node.host.new_stream(conn, [lane.PROTOCOL_ID])
+                stream = await self.ctx.host.new_stream(conn, [lane.PROTOCOL_ID])
             except NegotiationError:
                 self._no_lane.add(peer_id)  # an older peer: per-call streams only
                 return None
@@ -707,7 +697,7 @@ class RPC:
         if lease is None:
             if not size:
                 return None
-            lease = self._node.host.resources.lease(peer, self.name)
+            lease = self.ctx.host.resources.lease(peer, self.name)
         if lease.held:
             lease.shrink(lease.held)
         try:
@@ -721,7 +711,7 @@ class RPC:
 
     def penalize(self, peer: PeerId, reason: str, points: float | None = None) -> None:
         """Feed the peer's misbehaviour score (malformed messages by default; see transport.limits)."""
-        host = self._node.host if self._node is not None else None
+        host = self._ctx.host if self._ctx is not None else None
         if host is None:
             return
         if points is None:

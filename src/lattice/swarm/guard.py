@@ -62,11 +62,11 @@ class SwarmGuard:
         dht = self.node.services.get("dht")
         if dht is None or swarm_of(info.protocol_version) is None:
             return  # another implementation: whether it serves our DHT is its business
-        if dht.config.protocol_id in info.protocols or info.peer_id not in self._bootstrap_peers():
+        if dht.protocol_id in info.protocols or info.peer_id not in self._bootstrap_peers():
             return
         theirs = [p for p in info.protocols if "/kad/" in p][:3]
         self.incompatible[info.peer_id] = ", ".join(theirs) or "no DHT"
-        log.error("bootstrap peer %s does not speak %s (it speaks %s)", info.peer_id, dht.config.protocol_id,
+        log.error("bootstrap peer %s does not speak %s (it speaks %s)", info.peer_id, dht.protocol_id,
                   self.incompatible[info.peer_id])  # fmt: skip
         self._check_bootstrap_left(self._bootstrap_peers())
 
@@ -90,7 +90,7 @@ class SwarmGuard:
             theirs = sorted({self.incompatible[p] for p in boot})
             message = (
                 f"the bootstrap peers of swarm {ours!r} speak DHT protocol {', '.join(theirs)}, this node "
-                f"speaks {dht.config.protocol_id}: incompatible versions (upgrade, or use their profile)"
+                f"speaks {dht.protocol_id}: incompatible versions (upgrade, or use their profile)"
             )
         self.node.fatal_error = message
         self.node.request_shutdown()

@@ -29,7 +29,7 @@ from lattice.errors import (
 from lattice.identity import KeyPair, PeerId
 from lattice.multiaddr import Multiaddr, MultiaddrError, dialable
 from lattice.transport import multistream, noise, yamux
-from lattice.transport.limits import PENALTY_MALFORMED, PeerLimits
+from lattice.transport.limits import PENALTY_MALFORMED, Limits, PeerLimits
 from lattice.transport.peerstore import PeerInfo, PeerStore
 from lattice.transport.resources import (
     HandshakeTicket,
@@ -52,6 +52,7 @@ class HostConfig:
     protocol_version: str = "lattice/1.0.0"
     # budgets of memory, connections, pending handshakes and streams (lattice.transport.resources)
     resources: ResourceLimits = field(default_factory=ResourceLimits)
+    peer_limits: Limits | None = None  # per-IP caps, rate limits, misbehaviour score, bans (limits.py)
     dial_timeout: float = 10.0
     handshake_timeout: float = 10.0  # outbound; inbound ones follow resources.handshake_timeout
     negotiate_timeout: float = 10.0
@@ -152,7 +153,7 @@ class Host:
         self._identified: dict[PeerId, trio.Event] = {}
         self._identify_callbacks: list[Callable[[PeerInfo], None]] = []
         self.stats = Counter()
-        self.limits: PeerLimits | None = None  # per-IP caps, rate limits, bans (the node installs them)
+        self.limits = PeerLimits(config.peer_limits) if config.peer_limits is not None else None
         self.traffic_in: Counter = Counter()  # payload bytes per protocol, all connections (metrics)
         self.traffic_out: Counter = Counter()
         # Finds a peer's current addresses when ours fail or are missing (the DHT installs one).

@@ -24,7 +24,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -36,6 +36,9 @@ from lattice.apps.gossip_sgd.algorithms import Algorithm, Send
 from lattice.apps.gossip_sgd.compress import wire_bytes
 from lattice.apps.gossip_sgd.experiment import Config, Prepared, build, evaluate, prepare
 from lattice.codec import compression
+
+if TYPE_CHECKING:
+    from lattice.node import Node
 
 METHOD = "gossip_sgd.exchange"
 MAX_PAYLOAD = 256 << 20  # one phase's tensors (models up to ~64M float32 parameters, uncompressed)
@@ -87,7 +90,7 @@ class Gossip:
 
     def __init__(
         self,
-        node: Any,
+        node: Node,
         run: str,
         kind: str = "ring",
         degree: int = 4,
@@ -98,7 +101,9 @@ class Gossip:
         self.node, self.run, self.kind, self.degree, self.seed = node, run, kind, degree, seed
         self.timeout = timeout
         self.me = str(node.peer_id)
-        self.doc = node.crdt.open(f"gossip_sgd/{run}")
+        # membership and progress are rebuilt by anti-entropy after a crash: no fsync per update (a
+        # blocking fsync per neighbour's progress write stalled the event loop, 5 % of a round)
+        self.doc = node.crdt.open(f"gossip_sgd/{run}", fsync="batch")
         self.round = 0
         self.stats = Stats()
         self._inbox: dict[tuple[int, str, str], dict[str, np.ndarray]] = {}
@@ -361,10 +366,7 @@ async def run_peer(args: argparse.Namespace, body: RunBody | None = None) -> dic
     return summary
 
 
-def open_gossip(node: Any, run: str, cfg: Config, timeout: float) -> Gossip:
-    # Membership and progress are rebuilt by anti-entropy after a crash: no fsync per update (a
-    # blocking fsync per neighbour's progress write stalled the event loop, 5 % of a round)
-    node.crdt.fsync = "batch"
+def open_gossip(node: Node, run: str, cfg: Config, timeout: float) -> Gossip:
     return Gossip(node, run, cfg.topology, cfg.degree, cfg.seed, timeout=timeout)
 
 

@@ -6,10 +6,13 @@ import argparse
 import json
 import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lattice.cli import add_node_options, node_config, write_atomic
 from lattice.plugins import App
+
+if TYPE_CHECKING:
+    from lattice.node import Node
 
 
 def register(sub: Any, commands: dict) -> None:
@@ -132,7 +135,7 @@ async def _serve(args: argparse.Namespace, config: Any, source: Any, blocks: tup
                           prefill_chunk=args.prefill_chunk, session_ttl=args.session_ttl,
                           inline_tokens=args.inline_tokens)  # fmt: skip
 
-    async def load(node: Any) -> Stage:
+    async def load(node: Node) -> Stage:
         nonlocal blocks
         if blocks is None:  # look at what the network serves, take the least-served window
             n = source.config.n_layers

@@ -17,7 +17,7 @@ import logging
 import secrets
 import time
 from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import trio
@@ -27,6 +27,9 @@ from lattice.apps.mesh_inference.routing import Hop, ServerInfo, announcement_ke
 from lattice.errors import DialError, LatticeError
 from lattice.rpc import RemoteError, RPCError
 
+if TYPE_CHECKING:
+    from lattice.node import Node
+
 log = logging.getLogger(__name__)
 
 
@@ -35,7 +38,7 @@ class MeshClient:
 
     def __init__(
         self,
-        node: Any,
+        node: Node,
         model_id: str,
         *,
         call_timeout: float = 30.0,

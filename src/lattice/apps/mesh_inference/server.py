@@ -26,7 +26,7 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Hashable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -37,6 +37,9 @@ from lattice.apps.mesh_inference.errors import CacheFull, RequestTooLarge, Serve
 from lattice.apps.mesh_inference.model import KVCache, Stage, chunk_bounds
 from lattice.apps.mesh_inference.routing import ServerInfo, announcement_key
 from lattice.errors import ConfigError, LatticeError, PayloadError
+
+if TYPE_CHECKING:
+    from lattice.node import Node
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +168,7 @@ class StageServer:
         self.limits = limits or ServerLimits()
         self.announce_interval = announce_interval
         self.throughput = throughput
-        self.node: Any = None
+        self.node: Node | None = None
         self._sessions: dict[tuple[str, str], _Session] = {}
         # one step at a time; trio.Lock hands over in FIFO order, so sessions take turns per step
         self._compute = trio.Lock()
@@ -174,7 +177,7 @@ class StageServer:
                       "steps": 0, "compute_s": 0.0, "max_step_s": 0.0}  # fmt: skip
 
     # -- lifecycle
-    async def run(self, node: Any, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, node: Node, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
         """Starts at once (the node can finish starting and join the network); a loader given
         instead of a stage runs first (it may look at the DHT), then the methods are served."""
         self.node = node
