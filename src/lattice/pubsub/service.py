@@ -129,8 +129,8 @@ class PubSub:
             self.router.remove_peer(peer)
 
     def _start_peer(self, peer: PeerId) -> None:
-        if self._nursery is None:
-            return
+        if self._nursery is None or peer in self._queues:
+            return  # (a second start would orphan the first writer's queue)
         send, receive = trio.open_memory_channel[RPC](MAX_QUEUE)
         try:
             self._nursery.start_soon(self._writer, peer, receive)
@@ -149,8 +149,8 @@ class PubSub:
                 queue.send_nowait(rpc)
             except trio.WouldBlock:
                 self.stats["dropped"] += 1
-            except trio.ClosedResourceError:
-                pass
+            except (trio.ClosedResourceError, trio.BrokenResourceError):
+                pass  # its writer has ended (the stream broke): it cleans up and restarts
 
     async def _heartbeat(self) -> None:
         while True:
