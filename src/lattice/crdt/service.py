@@ -47,7 +47,7 @@ from lattice.pubsub.service import PubSub
 from lattice.service import ServiceContext
 from lattice.transport.limits import PENALTY_MALFORMED
 from lattice.transport.peerstore import PeerInfo
-from lattice.transport.yamux import YamuxStream
+from lattice.transport.stream import Stream
 
 log = logging.getLogger(__name__)
 
@@ -62,12 +62,12 @@ PEERS_TTL = 0.05  # seconds the list of connected replicas is reused
 PUSH_IDLE = 60.0  # a push stream silent for longer is closed (pushers close theirs after 30 s)
 
 
-async def _send(stream: YamuxStream, message: dict) -> None:
+async def _send(stream: Stream, message: dict) -> None:
     body = msgpack.packb(message, use_bin_type=True)
     await stream.write(struct.pack(">I", len(body)) + body)
 
 
-async def _recv(stream: YamuxStream, eof_ok: bool = False) -> dict | None:
+async def _recv(stream: Stream, eof_ok: bool = False) -> dict | None:
     header = await stream.read(4)
     if not header:
         if eof_ok:
@@ -397,7 +397,7 @@ class CRDT:
             await stream.reset()
             raise
 
-    async def _send_updates(self, stream: YamuxStream, doc: Document, updates: list[SignedUpdate]) -> None:
+    async def _send_updates(self, stream: Stream, doc: Document, updates: list[SignedUpdate]) -> None:
         await doc.flush()
         batches = _batches(updates)
         for i, batch in enumerate(batches):
@@ -405,7 +405,7 @@ class CRDT:
             version = doc.version() if last else None
             await _send(stream, {"t": "updates", "doc": doc.name, "u": batch, "v": version, "last": last})
 
-    async def _receive_updates(self, stream: YamuxStream, doc: Document | None) -> dict | None:
+    async def _receive_updates(self, stream: Stream, doc: Document | None) -> dict | None:
         """Apply 'updates' frames until the last; returns the sender's version vector (or None)."""
         for _ in range(100_000):  # bounded: a document is at most max_bytes of updates
             message = await _recv(stream)
@@ -468,7 +468,7 @@ class CRDT:
         except RuntimeError:  # shutting down: close() fsyncs
             self._flushing.discard(doc.name)
 
-    async def _handle(self, stream: YamuxStream) -> None:
+    async def _handle(self, stream: Stream) -> None:
         try:
             with trio.fail_after(TIMEOUT):
                 message = await _recv(stream)
@@ -495,7 +495,7 @@ class CRDT:
                 self.ctx.host.penalize(stream.remote_peer, f"malformed CRDT frame: {exc}")
             await stream.reset()
 
-    async def _more_pushes(self, stream: YamuxStream) -> None:
+    async def _more_pushes(self, stream: Stream) -> None:
         """A pusher keeps its stream: apply its frames until it closes (it does after 30 s idle)."""
         while True:
             with trio.fail_after(PUSH_IDLE):

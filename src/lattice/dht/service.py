@@ -43,7 +43,7 @@ from lattice.service import ServiceContext
 from lattice.transport.framing import read_delimited
 from lattice.transport.limits import PENALTY_THROTTLED, TokenBucket
 from lattice.transport.peerstore import PeerInfo
-from lattice.transport.yamux import YamuxStream
+from lattice.transport.stream import Stream
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +119,7 @@ class DHT:
         self.protocol_id = self.config.protocol_id or PROTOCOL_ID  # the swarm's, once running
         self.table: RoutingTable | None = None
         self.store: Store | None = None
-        self._pools: dict[PeerId, list[YamuxStream]] = {}
+        self._pools: dict[PeerId, list[Stream]] = {}
         self._published: dict[tuple[bytes, bytes], Record] = {}
         self._table_changed = trio.Event()
         self._dirty = trio.Event()  # the store has records to commit (the write-behind task's cue)
@@ -277,7 +277,7 @@ class DHT:
         with trio.CancelScope(deadline=trio.current_time() + self.config.request_timeout) as scope:
             pool = self._pools.setdefault(peer, [])
             stream = pool.pop() if pool else None
-            if stream is None or stream._error is not None or stream.remote_closed:
+            if stream is None or stream.failed or stream.remote_closed:
                 conn = await host.connect_peer(peer, timeout=self.config.request_timeout, route=False)
                 stream = await host.new_stream(conn, [self.protocol_id])
             try:
@@ -631,7 +631,7 @@ class DHT:
             return []
 
     # -- serving
-    async def _handle(self, stream: YamuxStream) -> None:
+    async def _handle(self, stream: Stream) -> None:
         peer = stream.remote_peer
         host = self.ctx.host
         conn = host.connection_to(peer)

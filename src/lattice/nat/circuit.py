@@ -22,7 +22,7 @@ from lattice.identity import PeerId
 from lattice.multiaddr import Multiaddr, MultiaddrError
 from lattice.transport.framing import read_delimited
 from lattice.transport.host import Connection, Host
-from lattice.transport.yamux import YamuxStream
+from lattice.transport.stream import Stream
 
 log = logging.getLogger(__name__)
 
@@ -134,12 +134,12 @@ def decode(data: bytes, hop: bool) -> CircuitMessage:
         raise ProtocolError(f"malformed circuit relay message: {exc}") from None
 
 
-async def write_message(stream: YamuxStream, msg: CircuitMessage, hop: bool) -> None:
+async def write_message(stream: Stream, msg: CircuitMessage, hop: bool) -> None:
     body = encode(msg, hop)
     await stream.write(_proto.delimited(body))
 
 
-async def read_message(stream: YamuxStream, hop: bool) -> CircuitMessage:
+async def read_message(stream: Stream, hop: bool) -> CircuitMessage:
     data = await read_delimited(stream, MAX_MESSAGE)
     if data is None:
         raise ProtocolError("circuit relay stream closed before a message")
@@ -157,7 +157,7 @@ class CircuitStream:
     or lost circuit reads as a broken stream, which the secure channel reports as connection lost.
     """
 
-    def __init__(self, stream: YamuxStream) -> None:
+    def __init__(self, stream: Stream) -> None:
         self.stream = stream
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
@@ -289,7 +289,7 @@ class CircuitListener:
         self.host.set_stream_handler(STOP, self._handle_stop)
         install_dialer(self.host)
 
-    async def _handle_stop(self, stream: YamuxStream) -> None:
+    async def _handle_stop(self, stream: Stream) -> None:
         relay = stream.remote_peer
         try:
             with trio.fail_after(TIMEOUT):
@@ -323,7 +323,7 @@ class CircuitListener:
         finally:
             self.pending -= 1
         self.stats["accepted"] += 1
-        await conn.session.wait_closed()  # the stream belongs to the connection until it ends
+        await conn.wait_closed()  # the stream belongs to the connection until it ends
 
 
 __all__ = [

@@ -30,7 +30,7 @@ from lattice.transport.framing import read_delimited
 from lattice.transport.host import Connection
 from lattice.transport.limits import TokenBucket
 from lattice.transport.peerstore import PeerInfo
-from lattice.transport.yamux import YamuxStream
+from lattice.transport.stream import Stream
 
 from . import protocol
 from .protocol import RPC, Message
@@ -160,7 +160,7 @@ class PubSub:
 
     # -- I/O
     async def _writer(self, peer: PeerId, queue: trio.MemoryReceiveChannel[RPC]) -> None:
-        stream: YamuxStream | None = None
+        stream: Stream | None = None
         try:
             async with queue:
                 async for first in queue:
@@ -201,7 +201,7 @@ class PubSub:
         if speaks and peer not in self._queues and self.ctx.host.connection_to(peer) is not None:
             self._start_peer(peer)
 
-    async def _write(self, peer: PeerId, stream: YamuxStream | None, rpc: RPC) -> YamuxStream:
+    async def _write(self, peer: PeerId, stream: Stream | None, rpc: RPC) -> Stream:
         with trio.fail_after(10):
             if stream is None:
                 stream = await self.ctx.host.new_stream(peer, protocol.PROTOCOLS)
@@ -210,7 +210,7 @@ class PubSub:
         self.stats["rpcs_out"] += 1
         return stream
 
-    async def _handle(self, stream: YamuxStream) -> None:
+    async def _handle(self, stream: Stream) -> None:
         peer = stream.remote_peer
         if peer not in self._queues and self._nursery is not None:
             self._start_peer(peer)  # it talks pubsub: talk back (identify may not have run yet)

@@ -9,7 +9,7 @@ Wire: the same messages as lattice.rpc.wire, with ``"i"`` (call id) in every hea
 times out sends ``cancel`` for its id and the callee cancels just that handler. If the lane's stream
 fails, its pending calls fail with RPCError and the next call opens a new lane.
 
-Both sides parse complete small messages in the connection's reader (``YamuxStream.on_data``, while
+Both sides parse complete small messages in the connection's reader (``Stream.on_data``, while
 their own reader task waits at a message boundary): a reply wakes its parked caller directly and a
 call goes straight to a parked worker, two task switches less per round trip. Anything incomplete
 or unusual is left in the buffer for the reader task, which reads it the ordinary way.
@@ -34,7 +34,7 @@ from lattice.errors import PayloadError, StreamError
 from lattice.identity import PeerId
 from lattice.rpc import wire
 from lattice.rpc.errors import MethodNotFound, OverLimit, Overloaded, RemoteError, RPCError
-from lattice.transport.yamux import YamuxStream
+from lattice.transport.stream import Stream
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ class Lane:
     deadline scope costs ~12 us to enter and leave, a third of the fast path's own work.
     """
 
-    def __init__(self, stream: YamuxStream, max_message: int) -> None:
+    def __init__(self, stream: Stream, max_message: int) -> None:
         self.stream = stream
         self.max_message = max_message
         self.pending: dict[int, _Call] = {}
@@ -218,7 +218,7 @@ class _Workers:
     (no task spawn, and one cancel scope per worker instead of one per call); a call's cancel
     cancels its worker's scope, and that worker carries on in a new one."""
 
-    def __init__(self, rpc: Any, stream: YamuxStream, nursery: trio.Nursery) -> None:
+    def __init__(self, rpc: Any, stream: Stream, nursery: trio.Nursery) -> None:
         self.rpc = rpc
         self.stream = stream
         self.peer: PeerId = stream.remote_peer
@@ -278,7 +278,7 @@ class _Workers:
         return await trio.lowlevel.wait_task_rescheduled(abort)
 
 
-async def serve(rpc: Any, stream: YamuxStream) -> None:
+async def serve(rpc: Any, stream: Stream) -> None:
     """Callee side: run calls concurrently (up to MAX_LANE_CALLS, and within the peer's and the
     node's caps on inbound calls); replies go back tagged with the call's id. Only small calls come
     this way (SMALL_CALL bytes of payload at most: what a caller sends on its lane), left raw until
@@ -353,7 +353,7 @@ async def serve(rpc: Any, stream: YamuxStream) -> None:
             nursery.cancel_scope.cancel()
 
 
-async def _one_call(rpc: Any, stream: YamuxStream, peer: PeerId, message: Any) -> None:
+async def _one_call(rpc: Any, stream: Stream, peer: PeerId, message: Any) -> None:
     cid = message.call_id
     method = message.method
     entry = rpc.lookup(method)

@@ -45,7 +45,7 @@ from lattice.service import ServiceContext
 from lattice.transport import multistream
 from lattice.transport.limits import PENALTY_THROTTLED
 from lattice.transport.resources import Lease, ResourceLimitExceeded
-from lattice.transport.yamux import YamuxStream
+from lattice.transport.stream import Stream
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ class _Inbound:
 
     __slots__ = ("entry", "lease", "mark", "method", "peer", "since", "stream")
 
-    def __init__(self, stream: YamuxStream) -> None:
+    def __init__(self, stream: Stream) -> None:
         self.stream = stream
         self.peer: PeerId = stream.remote_peer
         self.entry: _Method | None = None
@@ -116,12 +116,14 @@ class RPCStream:
 
     def __init__(
         self,
-        stream: YamuxStream,
+        stream: Stream,
         max_message: int,
         codec: str | None,
         as_torch: bool | None,
         source: Callable[[], Awaitable[wire.Message]] | None = None,
         on_error: Callable[[], Awaitable[None]] | None = None,
+        prefix: bytes = b"",
+        confirm: Callable[[], Awaitable[None]] | None = None,
     ):
         self._stream = stream
         self._max = max_message
@@ -131,7 +133,23 @@ class RPCStream:
         self._on_error = on_error  # the caller: after a failed send, read why the callee refused
         self._sent_end = False
         self._got_end = False
-        self._prefix = b""  # lazy protocol negotiation rides on the first write
+        self._prefix = prefix  # the caller's call header rides on its first write
+        self._confirm = confirm  # the caller: read the callee's protocol answer before its replies
+
+    @property
+    def opened(self) -> bool:
+        """The callee's protocol answer was read (the caller's side; always True on the callee's)."""
+        return self._confirm is None
+
+    async def open(self) -> None:
+        """Caller side: send the call header if nothing was sent yet, then read the callee's
+        protocol answer (once; before the first receive)."""
+        confirm, self._confirm = self._confirm, None
+        if confirm is not None:
+            if self._prefix:
+                prefix, self._prefix = self._prefix, b""
+                await self._stream.write(prefix)
+            await confirm()
 
     async def send(self, value: Any, codec: str | None = None) -> None:
         if self._sent_end:
@@ -155,6 +173,8 @@ class RPCStream:
 
     async def receive(self) -> Any:
         """The next value; raises EndOfStream when the peer is done sending."""
+        if self._confirm is not None:
+            await self.open()
         if self._got_end:
             raise trio.EndOfChannel
         if self._source is not None:
@@ -194,7 +214,6 @@ class RPC:
         self._inbound = 0  # inbound calls in progress (own streams and fast lanes) ...
         self._inbound_peers: dict[PeerId, int] = {}  # ... per peer
         self._receiving: dict[_Inbound, None] = {}  # inbound messages in progress (the idle reaper's)
-        self._negotiation_bytes: bytes | None = None
         self._nursery: trio.Nursery | None = None
         self._lanes: dict[PeerId, lane.Lane] = {}
         self._lane_locks: dict[PeerId, trio.Lock] = {}
@@ -345,11 +364,12 @@ class RPC:
             await slots.acquire()
         return slots
 
-    async def _open(self, peer: PeerId | str) -> tuple[YamuxStream, trio.Semaphore]:
+    async def _open(self, peer: PeerId | str) -> tuple[Stream, trio.Semaphore]:
+        """A call's stream (its protocol proposed lazily: see _confirm) and the peer's call slot."""
         peer_id, conn = await self._resolve(peer)
         slots = await self._slot(peer_id)
         try:
-            stream = await conn.session.open_stream()
+            stream = await self.ctx.host.new_stream(conn, [self.protocol_id], lazy=True)
         except BaseException:
             slots.release()
             raise
@@ -377,26 +397,12 @@ class RPC:
             self._nursery.start_soon(current.run)
             return current
 
-    def _negotiation(self) -> bytes:
-        if self._negotiation_bytes is None:
-            self._negotiation_bytes = multistream.encode(multistream.HEADER) + multistream.encode(
-                self.protocol_id
-            )
-        return self._negotiation_bytes
-
-    async def _check_negotiation(self, stream: YamuxStream) -> None:
-        expected = self._negotiation()
-        got = await stream.read_exactly(len(expected)) if stream._buf_len >= len(expected) else None
-        if got == expected:  # the usual case: compare bytes, no parsing
-            return
-        if got is not None:
-            stream.unread(got)
-        buf = bytearray()
-        header = await multistream.read_message(stream, buf)
-        answer = await multistream.read_message(stream, buf)
-        stream.unread(bytes(buf))
-        if header != multistream.HEADER or answer != self.protocol_id:
-            raise RPCError("the peer does not serve Lattice RPC")
+    async def _confirm(self, stream: Stream) -> None:
+        """The callee's answer to the call's lazy protocol proposal (it precedes the reply)."""
+        try:
+            await multistream.confirm(stream, self.protocol_id)
+        except NegotiationError:
+            raise RPCError("the peer does not serve Lattice RPC") from None
 
     def _call_failed(self, method: str, timeout: float, exc: BaseException) -> BaseException:
         """The error a caller sees: timeouts and lost streams named after the call."""
@@ -407,12 +413,12 @@ class RPC:
             return RPCError(f"{method} failed: {exc}")
         return exc
 
-    async def _peer_error(self, stream: YamuxStream, negotiated: bool = False) -> None:
+    async def _peer_error(self, stream: Stream, negotiated: bool = False) -> None:
         """After our write failed: if the peer explained why before resetting, raise that instead."""
         try:
             with trio.move_on_after(0.5):
                 if not negotiated:
-                    await self._check_negotiation(stream)
+                    await self._confirm(stream)
                 await _receive(stream, self.config.max_message, False)
         except (RemoteError, MethodNotFound):
             raise
@@ -473,12 +479,11 @@ class RPC:
                         stream,
                         wire.CALL,
                         encoded=encoded,
-                        prefix=self._negotiation(),
                         method=method,
                         end=True,
                         on_error=lambda: self._peer_error(stream),
                     )
-                    await self._check_negotiation(stream)
+                    await self._confirm(stream)
                     reply = await _receive(stream, self.config.max_message, as_torch)
                     if reply.kind != wire.MSG or not reply.last:
                         raise PayloadError("a unary reply must be a single final message")
@@ -546,12 +551,11 @@ class RPC:
                     payload,
                     has_value=True,
                     codec=codec,
-                    prefix=self._negotiation(),
                     method=method,
                     end=True,
                     on_error=lambda: self._peer_error(stream),
                 )
-                await self._check_negotiation(stream)
+                await self._confirm(stream)
                 rpc_stream = RPCStream(stream, limit, codec, as_torch)
                 rpc_stream._sent_end = True
                 yield rpc_stream
@@ -598,34 +602,22 @@ class RPC:
         async with self._call_scope(method, timeout):
             stream, slots = await self._open(peer)
             try:
-                call_header = self._negotiation() + wire.encode_header(wire.CALL, method=method)
-                checked = False
 
                 async def refused() -> None:  # a send failed: the callee may have said why
-                    await self._peer_error(stream, negotiated=checked)
+                    await self._peer_error(stream, negotiated=rpc_stream.opened)
 
-                rpc_stream = RPCStream(stream, self.config.max_message, codec, as_torch, on_error=refused)
-                rpc_stream._prefix = call_header
-
-                async def ensure_negotiated() -> None:
-                    nonlocal checked
-                    if not checked:
-                        checked = True
-                        if rpc_stream._prefix:  # nothing sent yet: open the call now
-                            prefix, rpc_stream._prefix = rpc_stream._prefix, b""
-                            await stream.write(prefix)
-                        await self._check_negotiation(stream)
-
-                original_receive = rpc_stream.receive
-
-                async def receive() -> Any:
-                    await ensure_negotiated()
-                    return await original_receive()
-
-                rpc_stream.receive = receive  # type: ignore[method-assign]
+                rpc_stream = RPCStream(
+                    stream,
+                    self.config.max_message,
+                    codec,
+                    as_torch,
+                    on_error=refused,
+                    prefix=wire.encode_header(wire.CALL, method=method),
+                    confirm=lambda: self._confirm(stream),
+                )
                 yield rpc_stream
                 await rpc_stream.done_sending()
-                await ensure_negotiated()
+                await rpc_stream.open()
                 while not rpc_stream._got_end:  # drain: the peer must finish cleanly
                     try:
                         await rpc_stream.receive()
@@ -776,10 +768,10 @@ class RPC:
             self.uploads.expire()
 
     # -- server side: calls
-    async def _serve_lane(self, stream: YamuxStream) -> None:
+    async def _serve_lane(self, stream: Stream) -> None:
         await lane.serve(self, stream)
 
-    async def _serve(self, stream: YamuxStream) -> None:
+    async def _serve(self, stream: Stream) -> None:
         peer = stream.remote_peer
         refusal = self.inbound_refusal(peer)
         if refusal is not None:
@@ -864,7 +856,7 @@ def _call(entry: _Method, first: Any, ctx: CallContext) -> Any:
     return entry.fn(first, ctx) if entry.takes_ctx else entry.fn(first)
 
 
-async def _receive(stream: YamuxStream, limit: int, as_torch: bool | None) -> wire.Message:
+async def _receive(stream: Stream, limit: int, as_torch: bool | None) -> wire.Message:
     return _raise_error(await wire.receive(stream, limit, as_torch))
 
 
@@ -882,7 +874,7 @@ def _error_type(exc: Exception) -> str:
     return "PayloadError" if isinstance(exc, PayloadError) else type(exc).__name__
 
 
-async def _reject(stream: YamuxStream, type_name: str, message: str) -> None:
+async def _reject(stream: Stream, type_name: str, message: str) -> None:
     """Tell the caller why, then reset if it is still sending (so its write fails instead of stalling)."""
     try:
         await wire.send_error(stream, type_name, message)

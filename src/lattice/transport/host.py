@@ -37,10 +37,11 @@ from lattice.transport.resources import (
     ResourceLimits,
     ResourceManager,
 )
+from lattice.transport.stream import Stream
 
 log = logging.getLogger(__name__)
 
-StreamHandler = Callable[[yamux.YamuxStream], Awaitable[None]]
+StreamHandler = Callable[[Stream], Awaitable[None]]
 RelayedDialer = Callable[[Multiaddr, float | None], Awaitable["Connection"]]
 
 
@@ -91,6 +92,9 @@ class Connection:
 
     async def close(self) -> None:
         await self.session.aclose()
+
+    async def wait_closed(self) -> None:
+        await self.session.wait_closed()
 
 
 _IFACE_TTL = 5.0  # interface addresses are re-read at most this often (reading costs ~0.2 ms)
@@ -613,7 +617,7 @@ class Host:
             self._probes_from = {p: t for p, t in self._probes_from.items() if t > now}
         self._probes_from[peer] = max(self._probes_from.get(peer, now), now + seconds)
 
-    def connection_of(self, stream: yamux.YamuxStream) -> Connection | None:
+    def connection_of(self, stream: Stream) -> Connection | None:
         """The connection a stream belongs to."""
         for conn in self._conns.get(stream.remote_peer, ()):
             if conn.session is stream.session:
@@ -636,13 +640,27 @@ class Host:
 
     # -- streams
     async def new_stream(
-        self, peer: PeerId | Connection, protocols: Sequence[str], timeout: float | None = None
-    ) -> yamux.YamuxStream:
-        """Open a stream to a connected peer and negotiate the first protocol it accepts."""
+        self,
+        peer: PeerId | Connection,
+        protocols: Sequence[str],
+        timeout: float | None = None,
+        *,
+        lazy: bool = False,
+    ) -> Stream:
+        """Open a stream to a connected peer and negotiate the first protocol it accepts.
+
+        ``lazy=True`` (one protocol) does not wait: the proposal goes out in front of the first
+        write, and the caller reads the answer with ``multistream.confirm`` before the reply (one
+        round trip for a whole call: what the RPC does)."""
         conn = peer if isinstance(peer, Connection) else self.connection_to(peer)
         if conn is None:
             raise DialError(f"not connected to {peer}")
         stream = await conn.session.open_stream()
+        if lazy:
+            (protocol,) = protocols
+            stream.protocol = protocol
+            stream.pending_prefix = multistream.proposal(protocol)
+            return stream
         try:
             with trio.fail_after(timeout or self.config.negotiate_timeout):
                 buf = bytearray()
@@ -653,7 +671,7 @@ class Host:
                 raise NegotiationError(f"protocol negotiation with {conn.remote_peer} timed out") from None
             raise
         stream.unread(bytes(buf))
-        _recount(conn.session, stream.protocol, stream._buf_len)
+        _recount(conn.session, stream.protocol, stream.buffered)
         return stream
 
     def resource_stats(self) -> dict:
@@ -710,7 +728,7 @@ class Host:
             return
         stream.protocol = proto
         stream.unread(bytes(buf))
-        _recount(conn.session, proto, stream._buf_len)
+        _recount(conn.session, proto, stream.buffered)
         handler = self._handlers.get(proto)
         if handler is None or not self.allow_request(conn.remote_peer, proto):
             await stream.reset()
