@@ -212,7 +212,7 @@ async def test_garbage_and_silent_sockets_do_not_hurt_the_host(host_factory):
         await b.connect(full_addr(a))
         assert len(await ping.ping(b, a.peer_id)) == 1
     await trio.sleep(1.5)  # silent sockets are dropped after the handshake timeout
-    assert a.stats["inbound_handshake_failed"] >= 20
+    assert a.counters["inbound_handshake_failed"] >= 20
     for s in silent:
         await s.aclose()
 

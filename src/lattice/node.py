@@ -36,7 +36,7 @@ from lattice.service import Service, ServiceContext
 from lattice.transport import dnsaddr
 from lattice.transport import ping as ping_protocol
 from lattice.transport.connmgr import ConnectionManager
-from lattice.transport.host import Connection, Host, HostConfig
+from lattice.transport.host import Host, HostConfig
 from lattice.transport.sink import drain
 from lattice.transport.stack import open_host
 
@@ -67,16 +67,6 @@ class AppService(Protocol):
 
 
 RELAY_KEY = "/lattice/relays"  # DHT provider key under which relays announce themselves
-
-
-def _conn_row(conn: Connection) -> dict:
-    return {
-        "addr": str(conn.remote_addr),
-        "direction": conn.direction,
-        "relayed": conn.relayed,
-        "streams": conn.session.num_streams,
-        "age_s": round(time.time() - conn.opened_at, 1),
-    }
 
 
 def _nat_config(cfg: NodeConfig) -> NATConfig:
@@ -127,7 +117,7 @@ class Node:
         self._stack: Any = None
         self._nursery: trio.Nursery | None = None
         self._shutdown = trio.Event()
-        self._started_at = 0.0
+        self.started_at = 0.0  # wall-clock time the node started (0: not yet)
         self.connmgr: ConnectionManager | None = None
         self.nat: NATManager | None = None
         self.swarm = swarm  # the SwarmProfile, resolved at start if not given
@@ -213,7 +203,7 @@ class Node:
         except BaseException:
             await self._stack.__aexit__(None, None, None)
             raise
-        self._started_at = time.time()
+        self.started_at = time.time()
         return self
 
     def _keep_connected(self, peer: PeerId) -> None:
@@ -402,54 +392,38 @@ class Node:
         return await ping_protocol.ping(host, peer, count=count, timeout=timeout)
 
     async def peers(self) -> list[dict]:
-        """Connected peers with their connection details."""
+        """Connected peers with their connection details (Host.peer_stats) and hole punches."""
         host = self._require_host()
         punches = self.nat.puncher.results if self.nat and self.nat.puncher else {}
-        out = []
-        for peer in host.connected_peers():
-            conn = host.connection_to(peer)
-            info = host.peerstore.get(peer)
-            if conn is None:
-                continue
-            out.append(
-                {
-                    "peer_id": str(peer),
-                    "addr": str(conn.remote_addr),
-                    "direction": conn.direction,
-                    "relayed": conn.relayed,
-                    "hole_punch": punches.get(peer),
-                    "rtt_ms": round(conn.rtt * 1000, 3) if conn.rtt is not None else None,
-                    "agent": info.agent_version if info else "",
-                    "listen_addrs": [str(a) for a in info.addrs] if info else [],
-                    "protocols": info.protocols if info else [],
-                    "streams": conn.session.num_streams,
-                    "connections": [_conn_row(c) for c in host._conns.get(peer, ()) if not c.closed],
-                    "connected_for_s": round(time.time() - conn.opened_at, 1),
-                }
-            )
-        return out
+        rows = ((peer, host.peer_stats(peer)) for peer in host.connected_peers())
+        return [{**row, "hole_punch": punches.get(peer)} for peer, row in rows if row is not None]
+
+    @property
+    def uptime(self) -> float:
+        """Seconds since the node started (0 before)."""
+        return time.time() - self.started_at if self.started_at else 0.0
 
     async def status(self) -> dict:
+        """The node at a glance: the host's stats (Host.stats), NAT, bootstrap peers, services."""
         host = self._require_host()
         cfg = self.config
-        conns = host.connections()
-        direct = {c.remote_peer for c in conns if not c.relayed}
+        h = host.stats()
         boot = self.connmgr.bootstrap_peers if self.connmgr else {}
         return {
             "peer_id": str(host.peer_id),
             "version": __version__,
             "addrs": self.addrs,
             "listen": [str(a) for a in host.listen_addrs],
-            "uptime_s": round(time.time() - self._started_at, 1),
-            "peers": len(host.connected_peers()),
-            "connections": len(conns),
+            "uptime_s": round(self.uptime, 1),
+            "peers": h["peers"],
+            "connections": h["connections"],
             "reachability": self.nat.reachability if self.nat else "unknown",
             "nat": self.nat.status() if self.nat else None,
-            "paths": {str(p): "direct" if p in direct else "relayed" for p in {c.remote_peer for c in conns}},
-            "direct_peers": len(direct),
-            "relayed_peers": len({c.remote_peer for c in conns if c.relayed} - direct),
-            "observed_addrs": [str(a) for a, _ in host.observed_addrs.most_common(4)],
-            "peerstore": host.peerstore.status(),
+            "paths": h["paths"],
+            "direct_peers": h["direct_peers"],
+            "relayed_peers": h["relayed_peers"],
+            "observed_addrs": h["observed_addrs"],
+            "peerstore": h["peerstore"],
             "bootstrap": [
                 {
                     "addr": str(a),
@@ -458,10 +432,10 @@ class Node:
                 }
                 for a, p in boot.items()
             ],
-            "bytes_sent": sum(c.session.bytes_sent for c in conns),
-            "bytes_received": sum(c.session.bytes_received for c in conns),
+            "bytes_sent": h["bytes_out"],
+            "bytes_received": h["bytes_in"],
             "services": sorted([*self.services, *self.app_services]),
-            "resources": host.resource_stats(),
+            "resources": h["resources"],
             "control": str(self.control_path) if self.control_path else None,
             "swarm": self.swarm.swarm_id if self.swarm else None,
             "roles": [r for r, on in (("bootstrap", cfg.bootstrap_node), ("relay", cfg.relay)) if on],
@@ -489,7 +463,7 @@ class Node:
         if host.limits is not None:
             target = _as_peer(peer)
             host.limits.ban(target, reason, seconds)
-            host._enforce_ban(target)
+            host.enforce_ban(target)
 
     async def unban(self, target: str) -> bool:
         """Lift the ban of a peer id or an IP address."""

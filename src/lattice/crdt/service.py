@@ -140,10 +140,10 @@ class CRDT:
         self._outbox_wake: dict[PeerId, trio.Event] = {}
         self._flushing: set[str] = set()  # documents with a background fsync scheduled
         self._peers_cache: tuple[float, list[PeerId]] | None = None
-        self.stats = {"pushed": 0, "synced": 0, "applied": 0, "rejected": 0, "bad_frames": 0}
-        self.stats["compactions"] = 0
-        self.stats["held"] = 0  # updates taken ahead of a sequence gap (DocStats.held, all documents)
-        self.stats["invalid"] = 0  # updates that cost their sender misbehaviour points
+        self.counters = {"pushed": 0, "synced": 0, "applied": 0, "rejected": 0, "bad_frames": 0}
+        self.counters["compactions"] = 0
+        self.counters["held"] = 0  # updates taken ahead of a sequence gap (DocStats.held, all documents)
+        self.counters["invalid"] = 0  # updates that cost their sender misbehaviour points
 
     # -- lifecycle
     @property
@@ -235,10 +235,10 @@ class CRDT:
         try:
             raws = msgpack.unpackb(data, raw=False, max_array_len=10_000, max_map_len=0, max_str_len=0)
         except (ValueError, msgpack.UnpackException):
-            self.stats["bad_frames"] += 1
+            self.counters["bad_frames"] += 1
             return False
         if not isinstance(raws, list):
-            self.stats["bad_frames"] += 1
+            self.counters["bad_frames"] += 1
             return False
         return self._apply_all(doc, raws, peer)
 
@@ -252,7 +252,7 @@ class CRDT:
         for batch in _raw_batches(box):
             try:
                 pubsub.publish(TOPIC_PREFIX + doc.name, msgpack.packb(batch, use_bin_type=True))
-                self.stats["pushed"] += len(batch)
+                self.counters["pushed"] += len(batch)
             except LatticeError as exc:  # anti-entropy repairs it
                 log.debug("CRDT publish on %s failed: %s", doc.name, exc)
 
@@ -316,7 +316,7 @@ class CRDT:
                         stream = await self.ctx.host.new_stream(peer, [PROTOCOL_ID])
                     for name, raws in batch.items():
                         await _send(stream, {"t": "push", "doc": name, "u": raws})
-                self.stats["pushed"] += taken
+                self.counters["pushed"] += taken
         except (LatticeError, trio.TooSlowError) as exc:
             log.debug("CRDT push to %s failed: %s", peer, exc)  # anti-entropy repairs it
         finally:
@@ -373,7 +373,7 @@ class CRDT:
                     await self._sync_quietly(peer, doc)
                 if doc.needs_compaction():  # periodic compaction (see Document.needs_compaction)
                     doc.compact()
-                    self.stats["compactions"] += 1
+                    self.counters["compactions"] += 1
 
     async def _sync_quietly(self, peer: PeerId, doc: Document) -> None:
         try:
@@ -392,7 +392,7 @@ class CRDT:
             if theirs is not None:
                 await self._send_updates(stream, doc, doc.missing_for(theirs))
             await stream.close()
-            self.stats["synced"] += 1
+            self.counters["synced"] += 1
         except BaseException:
             await stream.reset()
             raise
@@ -432,11 +432,11 @@ class CRDT:
         before = dataclasses.replace(doc.stats)
         applied = doc.apply_many(updates, sync=self._nursery is None)
         after = doc.stats
-        self.stats["applied"] += applied
-        self.stats["rejected"] += undecodable + after.rejected - before.rejected
+        self.counters["applied"] += applied
+        self.counters["rejected"] += undecodable + after.rejected - before.rejected
         invalid = undecodable + after.invalid - before.invalid
-        self.stats["held"] += after.held - before.held
-        self.stats["invalid"] += invalid
+        self.counters["held"] += after.held - before.held
+        self.counters["invalid"] += invalid
         if invalid and peer is not None:
             self._penalize(peer, doc, invalid)
         if applied and self._nursery is not None:
@@ -489,7 +489,7 @@ class CRDT:
             else:
                 raise PayloadError(f"unknown CRDT message {message['t']!r}")
         except (PayloadError, TransportError, trio.TooSlowError) as exc:
-            self.stats["bad_frames"] += 1
+            self.counters["bad_frames"] += 1
             log.debug("CRDT stream from %s: %s", stream.remote_peer, exc)
             if isinstance(exc, PayloadError):
                 self.ctx.host.penalize(stream.remote_peer, f"malformed CRDT frame: {exc}")
@@ -583,13 +583,17 @@ class CRDT:
             for t, m in pubsub.router.mesh.items()
             if t.startswith(TOPIC_PREFIX)
         }
-        return {**pubsub.stats, **pubsub.router.stats, "mesh": meshes}
+        return {**pubsub.stats(), "mesh": meshes}
+
+    def stats(self) -> dict:
+        """Updates counted since start and the open documents (JSON-able; /metrics)."""
+        return {**self.counters, "documents": len(self.docs)}
 
     async def _op_status(self) -> dict:
         return {
             "docs": {name: self._doc_status(d) for name, d in self.docs.items()},
             "gossip": self._gossip_status(),
-            **self.stats,
+            **self.stats(),
         }
 
 

@@ -9,7 +9,7 @@ Wire: libp2p Kademlia messages (varint-delimited protobuf) under the swarm profi
 libp2p peers query). Only DHT servers enter the routing table: peers whose identify lists that id
 (a peer in client mode is served, never queried). Streams to a peer are pooled and reused across
 requests, so a lookup pays no protocol negotiation per hop. Every record is verified on every hop (signature,
-expiry, size, ownership, the peer-id subkey rule); rejections are counted in ``stats``. What a
+expiry, size, ownership, the peer-id subkey rule); rejections are counted in ``counters``. What a
 stranger may store here is bounded by byte quotas (store, publisher, sender IP prefix: ``StoreLimits``);
 a refused PUT_VALUE (over a quota, or not a valid Lattice record: e.g. a go peer's ``/pk/`` or
 ``/ipns/`` record, a Lattica peer's pickled value) resets the stream as go-libp2p-kad-dht's server
@@ -123,8 +123,8 @@ class DHT:
         self._published: dict[tuple[bytes, bytes], Record] = {}
         self._table_changed = trio.Event()
         self._dirty = trio.Event()  # the store has records to commit (the write-behind task's cue)
-        self.stats = {"requests_in": 0, "requests_out": 0, "rejected_records": 0, "malformed": 0,
-                      "failed_requests": 0, "quota_refused": 0}  # fmt: skip
+        self.counters = {"requests_in": 0, "requests_out": 0, "rejected_records": 0, "malformed": 0,
+                         "failed_requests": 0, "quota_refused": 0}  # fmt: skip
         self._refusals: dict[PeerId, TokenBucket] = {}  # quota refusals forgiven per peer
         # operation -> [count, total seconds] (Prometheus summaries: lattice_dht_op_seconds)
         self.latency: dict[str, list[float]] = {}
@@ -179,7 +179,7 @@ class DHT:
                 self.store.flush()
             except sqlite3.Error as exc:  # kept pending: retried on the next cycle
                 log.warning("DHT store commit failed (%d records pending): %s", self.store.pending, exc)
-                self.stats["write_errors"] = self.store.write_errors
+                self.counters["write_errors"] = self.store.write_errors
                 self._dirty.set()
 
     def _on_identified(self, info: PeerInfo) -> None:
@@ -272,7 +272,7 @@ class DHT:
         self, peer: PeerId, message: protocol.Message, body: bytes | None, echo: bytes | None
     ) -> protocol.Message:
         host = self.ctx.host
-        self.stats["requests_out"] += 1
+        self.counters["requests_out"] += 1
         # a plain deadline scope: trio.fail_after is a generator context manager (hot: ~20 per put)
         with trio.CancelScope(deadline=trio.current_time() + self.config.request_timeout) as scope:
             pool = self._pools.setdefault(peer, [])
@@ -355,7 +355,7 @@ class DHT:
                     break
                 peer, reply = await receive.receive()
                 if reply is None:
-                    self.stats["failed_requests"] += 1
+                    self.counters["failed_requests"] += 1
                     look.on_failure(peer)
                     self.table.failed(peer)
                     continue
@@ -434,7 +434,7 @@ class DHT:
                 if answer is not None:
                     answer.reply = reply
             except (LatticeError, trio.TooSlowError, OSError):
-                self.stats["failed_requests"] += 1
+                self.counters["failed_requests"] += 1
             finally:
                 if answer is not None:
                     answer.done.set()
@@ -488,8 +488,8 @@ class DHT:
 
     def _timing(self, name: str, value: float) -> None:
         """Exponentially weighted average of a phase's duration (shown by `lattice-node dht status`)."""
-        old = self.stats.get(name)
-        self.stats[name] = round(value if old is None else 0.9 * old + 0.1 * value, 3)
+        old = self.counters.get(name)
+        self.counters[name] = round(value if old is None else 0.9 * old + 0.1 * value, 3)
 
     async def get(self, key: bytes | str, latest: bool = True) -> list[Entry]:
         """Values under ``key``, one Entry per subkey (newest version), newest first.
@@ -530,7 +530,7 @@ class DHT:
             if not isinstance(blobs, list):
                 raise PayloadError("records must be a list")
         except Exception:
-            self.stats["malformed"] += 1
+            self.counters["malformed"] += 1
             return []
         out = []
         for blob in blobs:
@@ -540,7 +540,7 @@ class DHT:
                     raise RecordError("record for another key")
                 records.validate(record, now)
             except RecordError:
-                self.stats["rejected_records"] += 1
+                self.counters["rejected_records"] += 1
                 continue
             out.append(record)
         return out
@@ -564,7 +564,7 @@ class DHT:
                 await self._send_only(peer, message)
                 sent += 1
             except (LatticeError, trio.TooSlowError, OSError):
-                self.stats["failed_requests"] += 1
+                self.counters["failed_requests"] += 1
 
         async with trio.open_nursery() as nursery:
             for peer in look.closest_known(self.config.k):
@@ -652,15 +652,15 @@ class DHT:
                 raw = await read_delimited(stream, protocol.MAX_MESSAGE)
                 if raw is None:
                     return
-                self.stats["requests_in"] += 1
+                self.counters["requests_in"] += 1
                 if not host.allow_request(peer, self.protocol_id):  # over its rate: drop the stream
-                    self.stats["throttled"] = self.stats.get("throttled", 0) + 1
+                    self.counters["throttled"] = self.counters.get("throttled", 0) + 1
                     await stream.reset()
                     return
                 try:
                     request = protocol.decode(raw)
                 except PayloadError:
-                    self.stats["malformed"] += 1
+                    self.counters["malformed"] += 1
                     host.penalize(peer, "malformed DHT message")
                     await stream.reset()
                     return
@@ -734,7 +734,7 @@ class DHT:
                 self._refused(requester, exc)
                 stored = False
             except RecordError as exc:
-                self.stats["rejected_records"] += 1
+                self.counters["rejected_records"] += 1
                 log.debug("rejected record from %s: %s", requester, exc)
                 stored = False
             closer = self._find_node(key, requester) if req.want_closer else []
@@ -773,9 +773,9 @@ class DHT:
 
     def _refused(self, peer: PeerId, exc: QuotaExceeded) -> None:
         """Count a refusal over a quota; a peer that keeps sending after its grace is misbehaving."""
-        self.stats["quota_refused"] += 1
+        self.counters["quota_refused"] += 1
         name = f"quota_refused_{exc.scope}"
-        self.stats[name] = self.stats.get(name, 0) + 1
+        self.counters[name] = self.counters.get(name, 0) + 1
         log.debug("refused a DHT write of %s: %s", peer, exc)
         now = time.monotonic()
         bucket = self._refusals.get(peer)
@@ -804,7 +804,18 @@ class DHT:
         return [list(p) for p in await self.find_providers(key, count)]
 
     async def _op_status(self) -> dict:
-        return {"routing_table": len(self.table) if self.table else 0, **self.store_status(), **self.stats}
+        return self.stats()
+
+    def stats(self) -> dict:
+        """Routing table and store sizes, requests and refusals counted since start, phase timings
+        and operation latencies (JSON-able: ``dht status``, /metrics)."""
+        return {
+            "protocol": self.protocol_id,
+            "routing_table": len(self.table) if self.table is not None else 0,
+            **self.store_status(),
+            **{k: v for k, v in self.counters.items() if isinstance(v, int | float)},
+            "latency": {op: {"count": c, "sum_s": round(s, 6)} for op, (c, s) in self.latency.items()},
+        }
 
     def store_status(self) -> dict:
         """What the store holds against its quotas (``dht status``, /metrics)."""

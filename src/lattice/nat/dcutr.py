@@ -152,9 +152,9 @@ class HolePuncher:
 
     def _on_connect(self, conn: Connection) -> None:
         if conn.relayed and conn.direction == "inbound":
-            self.host._nursery.start_soon(self.punch, conn)
-        elif not conn.relayed and any(c.relayed for c in self.host._conns.get(conn.remote_peer, ())):
-            self.host._nursery.start_soon(self._retire_relayed, conn.remote_peer)
+            self.host.start_soon(self.punch, conn)
+        elif not conn.relayed and any(c.relayed for c in self.host.connections_to(conn.remote_peer)):
+            self.host.start_soon(self._retire_relayed, conn.remote_peer)
 
     def _our_addrs(self) -> list[Multiaddr]:
         return [a for a in self.public_addrs() if a.tcp_target()][:MAX_ADDRS]
@@ -313,7 +313,7 @@ class HolePuncher:
         await trio.sleep(self.relayed_grace)
         if self._direct(peer) is None:
             return
-        for conn in list(self.host._conns.get(peer, ())):
+        for conn in self.host.connections_to(peer):
             if conn.relayed and not conn.closed:
                 await conn.close()
 

@@ -59,13 +59,17 @@ class PubSub:
         self._handlers: dict[str, Handler] = {}
         self._queues: dict[PeerId, trio.MemorySendChannel[RPC]] = {}
         self._nursery: trio.Nursery | None = None
-        self.stats = {"rpcs_in": 0, "rpcs_out": 0, "dropped": 0, "bad_rpcs": 0, "bad_signatures": 0}
+        self.counters = {"rpcs_in": 0, "rpcs_out": 0, "dropped": 0, "bad_rpcs": 0, "bad_signatures": 0}
 
     @property
     def ctx(self) -> ServiceContext:
         if self._ctx is None:
             raise LatticeError("the pubsub service is not running")
         return self._ctx
+
+    def stats(self) -> dict:
+        """Messages and refusals counted since start, the router's included (JSON-able)."""
+        return {**self.counters, **self.router.stats}
 
     async def run(self, ctx: ServiceContext, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
         self._ctx = ctx
@@ -148,7 +152,7 @@ class PubSub:
             try:
                 queue.send_nowait(rpc)
             except trio.WouldBlock:
-                self.stats["dropped"] += 1
+                self.counters["dropped"] += 1
             except trio.ClosedResourceError:
                 pass
 
@@ -207,7 +211,7 @@ class PubSub:
                 stream = await self.ctx.host.new_stream(peer, protocol.PROTOCOLS)
             body = protocol.encode(rpc)
             await stream.write(_proto.delimited(body))
-        self.stats["rpcs_out"] += 1
+        self.counters["rpcs_out"] += 1
         return stream
 
     async def _handle(self, stream: Stream) -> None:
@@ -221,12 +225,12 @@ class PubSub:
                 if raw is None:
                     return
                 rpc = protocol.decode(raw)
-                self.stats["rpcs_in"] += 1
+                self.counters["rpcs_in"] += 1
                 self.router.handle(peer, rpc, trio.current_time(), self._deliver)
                 self._flush()
                 await self._pace(bucket, len(raw) + 64 * rpc.items())
         except (PayloadError, TransportError) as exc:
-            self.stats["bad_rpcs"] += 1
+            self.counters["bad_rpcs"] += 1
             log.debug("pubsub stream from %s: %s", peer, exc)
             await stream.reset()
 
@@ -237,7 +241,7 @@ class PubSub:
         now = trio.current_time()
         if bucket.take(now, cost):
             return
-        self.stats["paced"] = self.stats.get("paced", 0) + 1
+        self.counters["paced"] = self.counters.get("paced", 0) + 1
         await trio.sleep(min(10.0, (cost - bucket.tokens) / bucket.rate))
         bucket.take(trio.current_time(), min(cost, bucket.burst))
 
@@ -246,7 +250,7 @@ class PubSub:
         if handler is None:
             return False
         if self.sign and not message.verify():
-            self.stats["bad_signatures"] += 1
+            self.counters["bad_signatures"] += 1
             return False
         try:
             return handler(peer, message.data) is not False

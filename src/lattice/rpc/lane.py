@@ -380,13 +380,13 @@ async def _one_call(rpc: Any, stream: Stream, peer: PeerId, message: Any) -> Non
             rpc.penalize(peer, f"malformed RPC message: {exc}")
             await wire.send_error(stream, "PayloadError", str(exc), cid, fin=False)
             return
-        rpc.stats["calls_in"] += 1
+        rpc.counters["calls_in"] += 1
         try:
-            result = await rpc._invoke(entry, value, rpc.context(peer, method))
+            result = await rpc.invoke(entry, value, rpc.context(peer, method))
         except StreamError:
             raise
         except Exception as exc:
-            rpc.stats["errors_in"] += 1
+            rpc.counters["errors_in"] += 1
             await wire.send_error(stream, type(exc).__name__, str(exc), cid, fin=False)
             return
         encoded = tensors.encode(result, entry.codec)

@@ -168,7 +168,7 @@ class Uploads:
             )
             spec.buffer = staged.buffer
             payload = tensors.finish(spec)
-            return await self.rpc._invoke(entry, payload, ctx)
+            return await self.rpc.invoke(entry, payload, ctx)
         finally:
             staged.release()  # held until the method is done with the tensor
 
@@ -193,13 +193,13 @@ async def call(
     begin = {"id": tid, "dtype": dtype, "shape": list(shape), "chunk": chunk}
     deadline = trio.current_time() + (timeout if timeout is not None else rpc.config.default_timeout)
     attempt = 0
-    rpc.stats.setdefault("resumed", 0)
+    rpc.counters.setdefault("resumed", 0)
     while True:
         try:
             remaining = max(0.1, deadline - trio.current_time())
             have = set((await rpc.call(peer, "lattice.upload.begin", begin, timeout=remaining))["have"])
             if attempt:
-                rpc.stats["resumed"] += 1
+                rpc.counters["resumed"] += 1
             for index in range(nchunks):
                 if index in have:
                     continue

@@ -222,8 +222,8 @@ class RPC:
         from lattice.rpc.resumable import Uploads
 
         self.uploads = Uploads(self)
-        self.stats = {"calls_out": 0, "calls_in": 0, "errors_out": 0, "errors_in": 0, "rejected": 0,
-                      "refused_size": 0, "refused_memory": 0, "malformed": 0, "idle_reset": 0}  # fmt: skip
+        self.counters = {"calls_out": 0, "calls_in": 0, "errors_out": 0, "errors_in": 0, "rejected": 0,
+                         "refused_size": 0, "refused_memory": 0, "malformed": 0, "idle_reset": 0}  # fmt: skip
 
     # -- lifecycle
     @property
@@ -244,6 +244,11 @@ class RPC:
             nursery.start_soon(self._reap_idle)
             task_status.started()
             await trio.sleep_forever()
+
+    def stats(self) -> dict:
+        """Calls and refusals counted since start, and the calls in progress (JSON-able)."""
+        lanes = sum(1 for fast in self._lanes.values() if not fast.closed)
+        return {**self.counters, "inbound_calls": self._inbound, "lanes": lanes}
 
     # -- control operations (lattice.Client.rpc)
     async def _op_call(
@@ -406,7 +411,7 @@ class RPC:
 
     def _call_failed(self, method: str, timeout: float, exc: BaseException) -> BaseException:
         """The error a caller sees: timeouts and lost streams named after the call."""
-        self.stats["errors_out"] += 1
+        self.counters["errors_out"] += 1
         if isinstance(exc, trio.TooSlowError):
             return RPCTimeout(f"{method} timed out after {timeout:g}s")
         if isinstance(exc, StreamError | NegotiationError):
@@ -428,7 +433,7 @@ class RPC:
     @asynccontextmanager
     async def _call_scope(self, method: str, timeout: float | None):
         timeout = self.config.default_timeout if timeout is None else timeout
-        self.stats["calls_out"] += 1
+        self.counters["calls_out"] += 1
         try:
             with trio.fail_after(timeout):
                 yield
@@ -458,7 +463,7 @@ class RPC:
         timeout = self.config.default_timeout if timeout is None else timeout
         if not timeout >= 0:  # what trio.fail_after would say (NaN included)
             raise ValueError("timeout must be non-negative")
-        self.stats["calls_out"] += 1
+        self.counters["calls_out"] += 1
         encoded = tensors.encode(payload, codec)
         small = len(encoded[0]) + sum([b.nbytes for b in encoded[1]]) <= lane.SMALL_CALL
         try:
@@ -646,7 +651,7 @@ class RPC:
         throttle point), or None."""
         if not self.inbound_full(peer):
             return None
-        self.stats["rejected"] += 1
+        self.counters["rejected"] += 1
         cap = self.config.max_inbound_per_peer
         if self._inbound_peers.get(peer, 0) < cap:
             return f"too many calls in progress (limit {self.config.max_inbound_calls})"
@@ -676,7 +681,7 @@ class RPC:
         """The method's payload limit; OverLimit (and a throttle point) if ``size`` is over it."""
         limit = self.payload_limit(entry)
         if size > limit:
-            self.stats["refused_size"] += 1
+            self.counters["refused_size"] += 1
             self.penalize(peer, f"RPC message over the limit of {method}", PENALTY_THROTTLED)
             what = f"message payload of {size} bytes"
             raise OverLimit(f"{what} is over the limit of {limit} bytes for {method}")
@@ -695,7 +700,7 @@ class RPC:
         try:
             lease.grow(size)
         except ResourceLimitExceeded as exc:
-            self.stats["refused_memory"] += 1
+            self.counters["refused_memory"] += 1
             if exc.scope in ("peer", "prefix"):
                 self.penalize(peer, f"RPC message over the {exc.scope}'s memory budget", PENALTY_THROTTLED)
             raise Overloaded(str(exc)) from None
@@ -707,7 +712,7 @@ class RPC:
         if host is None:
             return
         if points is None:
-            self.stats["malformed"] += 1
+            self.counters["malformed"] += 1
             host.penalize(peer, reason)
         else:
             host.penalize(peer, reason, points)
@@ -762,7 +767,7 @@ class RPC:
                     call.mark, call.since = received, now
                 elif now - call.since >= timeout:
                     del self._receiving[call]
-                    self.stats["idle_reset"] += 1
+                    self.counters["idle_reset"] += 1
                     self.penalize(call.peer, "stalled RPC message", PENALTY_THROTTLED)
                     await call.stream.reset()
             self.uploads.expire()
@@ -792,7 +797,7 @@ class RPC:
         except StreamError:
             return  # reset (by the caller, or as idle) or lost: nobody to answer
         except (PayloadError, RPCError) as exc:
-            self.stats["errors_in"] += 1
+            self.counters["errors_in"] += 1
             await _reject(stream, _error_type(exc), str(exc))
             return
         if first.kind != wire.CALL or not first.method:
@@ -804,7 +809,7 @@ class RPC:
             await _reject(stream, "MethodNotFound", f"no method {first.method!r}")
             return
         call.entry, call.method = entry, first.method
-        self.stats["calls_in"] += 1
+        self.counters["calls_in"] += 1
         ctx = CallContext(peer, first.method)
         try:
             with trio.CancelScope() as scope:
@@ -813,7 +818,7 @@ class RPC:
                     if not first.has_value or not first.last:
                         raise PayloadError("a unary or server-streaming call sends one final message")
                     if entry.kind == "unary":
-                        result = await self._invoke(entry, first.value, ctx)
+                        result = await self.invoke(entry, first.value, ctx)
                         await wire.send(stream, wire.MSG, result, has_value=True, codec=entry.codec, end=True)
                     else:
                         async for item in _call(entry, first.value, ctx):
@@ -836,16 +841,18 @@ class RPC:
         except StreamError:
             return  # the caller went away or reset: nothing to answer
         except (PayloadError, RPCError) as exc:
-            self.stats["errors_in"] += 1
+            self.counters["errors_in"] += 1
             await _reject(stream, _error_type(exc), str(exc))
         except Exception as exc:
-            self.stats["errors_in"] += 1
+            self.counters["errors_in"] += 1
             log.info("handler %s raised %s: %s", first.method, type(exc).__name__, exc)
             await _reject(stream, type(exc).__name__, str(exc))
 
     context = CallContext  # for lattice.rpc.lane (which cannot import this module: import cycle)
 
-    async def _invoke(self, entry: _Method, payload: Any, ctx: CallContext) -> Any:
+    async def invoke(self, entry: _Method, payload: Any, ctx: CallContext) -> Any:
+        """Run a registered method's handler on a decoded request (sync handlers in a worker
+        thread): for the fast lane and resumable uploads, which receive requests their own way."""
         args = (payload, ctx) if entry.takes_ctx else (payload,)
         if entry.is_async:
             return await entry.fn(*args)

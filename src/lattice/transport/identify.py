@@ -100,7 +100,7 @@ def install(host: Host) -> None:
         host.identified(peer)
 
     def on_connect(conn: Connection) -> None:
-        host._nursery.start_soon(_identify_quietly, host, conn)
+        host.start_soon(_identify_quietly, host, conn)
 
     host.set_stream_handler(PROTOCOL_ID, handler)
     host.set_stream_handler(PUSH_ID, push_handler)
