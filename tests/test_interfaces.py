@@ -32,3 +32,37 @@ def test_only_the_transport_knows_the_muxer():
         if any(n == "lattice.transport.yamux" or n.startswith("lattice.transport.yamux.") for n in names):
             bad.append(str(rel))
     assert bad == []
+
+
+# Private names one class reads of another class of the same module (one state machine split in two
+# classes); None: any.
+SAME_MODULE: dict[str, set[str] | None] = {
+    "transport/yamux.py": None,  # YamuxSession and its YamuxStreams
+    "transport/noise.py": {"_buf"},  # the handshake hands its read-ahead to the SecureStream it built
+    "rpc/service.py": {"_sent_end", "_got_end", "_iterate"},  # RPC and its RPCStreams
+    "blocking.py": None,  # the facades of one node share its loop runner
+}
+
+
+def private_accesses(path: Path) -> list[str]:
+    """``x._name`` where ``x`` is not ``self``/``cls``: a reach into another object's internals."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if not isinstance(node, ast.Attribute) or not node.attr.startswith("_") or node.attr.startswith("__"):
+            continue
+        if isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"):
+            continue
+        found.append(f"{node.lineno}: {ast.unparse(node)}")
+    return found
+
+
+def test_no_reach_into_other_objects_private_names():
+    bad = []
+    for path in sorted(SRC.rglob("*.py")):
+        rel = str(path.relative_to(SRC))
+        allowed = SAME_MODULE.get(rel, set())
+        for access in private_accesses(path):
+            if allowed is None or access.rpartition("._")[2] in {n.lstrip("_") for n in allowed}:
+                continue
+            bad.append(f"{rel}:{access}")
+    assert bad == []

@@ -14,18 +14,17 @@ Blocking, for ordinary scripts (the trio loop runs in a background thread; same 
 
 from __future__ import annotations
 
-import functools
 import logging
 import signal
-import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import trio
 
 from lattice._version import __version__
+from lattice.blocking import BlockingNode
 from lattice.config import NodeConfig
 from lattice.errors import DialError, LatticeError, NodeError
 from lattice.identity import KeyPair, PeerId, load_or_create_key
@@ -42,7 +41,6 @@ from lattice.transport.stack import open_host
 
 if TYPE_CHECKING:  # the services' types, for IDEs and the type checker (imported lazily at run time)
     from lattice.content.service import Content
-    from lattice.crdt.blocking import BlockingCRDT
     from lattice.crdt.service import CRDT
     from lattice.dht.service import DHT
     from lattice.pubsub.service import PubSub
@@ -521,157 +519,3 @@ def default_services(config: NodeConfig | None = None) -> list[Service]:
 
 def _as_peer(peer: str | PeerId) -> PeerId:
     return peer if isinstance(peer, PeerId) else PeerId.from_string(str(peer))
-
-
-class BlockingNode:
-    """The same node and method names, blocking: for training scripts and notebooks."""
-
-    def __init__(self, node: Node, start_timeout: float = 30.0) -> None:
-        self.node = node
-        self._token: trio.lowlevel.TrioToken | None = None
-        self._error: BaseException | None = None
-        self._ready = threading.Event()
-        self._stop: trio.Event | None = None
-        self._thread = threading.Thread(target=self._main, name="lattice-node", daemon=True)
-        self._thread.start()
-        if not self._ready.wait(start_timeout):
-            raise NodeError(f"node did not start within {start_timeout:.0f}s")
-        if self._error is not None:
-            raise self._error
-
-    def _main(self) -> None:
-        async def run() -> None:
-            self._token = trio.lowlevel.current_trio_token()
-            self._stop = trio.Event()
-            try:
-                async with self.node:
-                    self._ready.set()
-                    await self._stop.wait()
-            except BaseException as exc:  # surfaced to the caller of start()
-                self._error = exc
-                self._ready.set()
-
-        trio.run(run)
-
-    def _call(self, fn: Callable[..., Awaitable[Any]], *args: Any, **kwargs: Any) -> Any:
-        if self._token is None or not self._thread.is_alive():
-            raise NodeError("the node is closed")
-        return trio.from_thread.run(functools.partial(fn, *args, **kwargs), trio_token=self._token)
-
-    @property
-    def peer_id(self) -> PeerId:
-        return self.node.peer_id
-
-    @property
-    def dht(self) -> BlockingService:
-        """The DHT, blocking (same method names as ``Node.dht``)."""
-        return BlockingService(self, self.node.dht, ("put", "get", "provide", "find_providers"))
-
-    @property
-    def crdt(self) -> BlockingCRDT:
-        """Replicated documents, blocking (``node.crdt.open("swarm/config").get_map("root")["lr"] = 0.1``;
-        reads and writes run on the node's loop, values come back as plain Python)."""
-        from lattice.crdt.blocking import BlockingCRDT  # lazily: the node layer stays below services
-
-        return BlockingCRDT(self, self.node.crdt)
-
-    @property
-    def rpc(self) -> BlockingRPC:
-        """The RPC service, blocking (same method names as ``Node.rpc``)."""
-        return BlockingRPC(self, self.node.rpc)
-
-    @property
-    def addrs(self) -> list[str]:
-        return self._call(_sync_to_async(lambda: self.node.addrs))
-
-    def run(self, fn: Callable[..., Awaitable[Any]], *args: Any, **kwargs: Any) -> Any:
-        """Run any coroutine function on the node's trio loop (for services' async APIs)."""
-        return self._call(fn, *args, **kwargs)
-
-    def id(self) -> dict:
-        return self._call(self.node.id)
-
-    def connect(self, addr: str, timeout: float | None = None) -> str:
-        return self._call(self.node.connect, addr, timeout)
-
-    def disconnect(self, peer: str | PeerId) -> None:
-        return self._call(self.node.disconnect, peer)
-
-    def ping(self, target: str | PeerId, count: int = 1, timeout: float | None = None) -> list[float]:
-        return self._call(self.node.ping, target, count, timeout)
-
-    def peers(self) -> list[dict]:
-        return self._call(self.node.peers)
-
-    def status(self) -> dict:
-        return self._call(self.node.status)
-
-    def close(self) -> None:
-        """Stop the node and its thread (idempotent)."""
-        if self._token is not None and self._thread.is_alive() and self._stop is not None:
-            try:
-                trio.from_thread.run_sync(self._stop.set, trio_token=self._token)
-            except trio.RunFinishedError:
-                pass
-        self._thread.join(timeout=10)
-
-    def __enter__(self) -> BlockingNode:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def _sync_to_async(fn: Callable[[], Any]) -> Callable[[], Awaitable[Any]]:
-    async def wrapper() -> Any:
-        return fn()
-
-    return wrapper
-
-
-class BlockingRPC:
-    """``node.rpc`` for blocking code: calls block; plain (sync) handlers run in worker threads."""
-
-    def __init__(self, owner: BlockingNode, rpc: Any) -> None:
-        self._owner = owner
-        self._rpc = rpc
-
-    def register(self, name: str, fn: Callable[..., Any], **kwargs: Any) -> None:
-        self._rpc.register(name, fn, **kwargs)
-
-    def method(self, name: str, **kwargs: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-        return self._rpc.method(name, **kwargs)
-
-    @property
-    def methods(self) -> list[str]:
-        return self._rpc.methods
-
-    def call(self, peer: Any, method: str, payload: Any = None, **kwargs: Any) -> Any:
-        return self._owner._call(self._rpc.call, peer, method, payload, **kwargs)
-
-    def call_client_stream(self, peer: Any, method: str, values: Any, **kwargs: Any) -> Any:
-        return self._owner._call(self._rpc.call_client_stream, peer, method, list(values), **kwargs)
-
-    def call_stream(self, peer: Any, method: str, payload: Any = None, **kwargs: Any) -> list[Any]:
-        """All values of a server-streaming call (use the async API to consume them one by one)."""
-
-        async def collect() -> list[Any]:
-            async with self._rpc.call_stream(peer, method, payload, **kwargs) as items:
-                return [item async for item in items]
-
-        return self._owner._call(collect)
-
-
-class BlockingService:
-    """A service's async methods as blocking calls on the node's loop (same names)."""
-
-    def __init__(self, owner: BlockingNode, service: Any, names: tuple[str, ...]) -> None:
-        self._owner = owner
-        self._service = service
-        self._names = names
-
-    def __getattr__(self, name: str) -> Any:
-        if name not in self._names:
-            raise AttributeError(name)
-        method = getattr(self._service, name)
-        return lambda *args, **kwargs: self._owner._call(method, *args, **kwargs)
