@@ -33,7 +33,7 @@ from lattice.codec import tensors
 from lattice.errors import PayloadError, StreamError
 from lattice.identity import PeerId
 from lattice.rpc import wire
-from lattice.rpc.errors import MethodNotFound, OverLimit, Overloaded, RemoteError, RPCError
+from lattice.rpc.errors import MethodNotFound, OverLimit, Overloaded, RemoteCallError, RPCError
 from lattice.transport.stream import Stream
 
 log = logging.getLogger(__name__)
@@ -207,7 +207,7 @@ def result_of(message: Any) -> Any:
     if message.kind == wire.ERR:
         if message.error_type == "MethodNotFound":
             raise MethodNotFound(message.error_message or "")
-        raise RemoteError(message.error_type or "Error", message.error_message or "")
+        raise RemoteCallError(message.error_type or "Error", message.error_message or "")
     if message.kind != wire.MSG:
         raise PayloadError(f"unexpected {message.kind!r} reply on the fast lane")
     return message.value

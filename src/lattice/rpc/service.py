@@ -40,7 +40,15 @@ from lattice.codec import tensors
 from lattice.errors import LatticeError, NegotiationError, PayloadError, StreamError
 from lattice.identity import PeerId
 from lattice.rpc import lane, wire
-from lattice.rpc.errors import MethodNotFound, OverLimit, Overloaded, RemoteError, RPCError, RPCTimeout
+from lattice.rpc.errors import (
+    MethodNotFound,
+    OverLimit,
+    Overloaded,
+    RemoteCallError,
+    RemoteError,
+    RPCError,
+    RPCTimeout,
+)
 from lattice.service import ServiceContext
 from lattice.transport import multistream
 from lattice.transport.limits import PENALTY_THROTTLED
@@ -872,7 +880,7 @@ def _raise_error(message: wire.Message) -> wire.Message:
     if message.kind == wire.ERR:
         if message.error_type == "MethodNotFound":
             raise MethodNotFound(message.error_message or "")
-        raise RemoteError(message.error_type or "Error", message.error_message or "")
+        raise RemoteCallError(message.error_type or "Error", message.error_message or "")
     return message
 
 
