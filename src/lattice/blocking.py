@@ -260,8 +260,11 @@ class BlockingCRDT:
         max_author_bytes: int | None = None,
     ) -> BlockingDocument:
         """As ``CRDT.open`` (``max_bytes`` None: its default)."""
-        limit = {} if max_bytes is None else {"max_bytes": max_bytes}
-        self._sync(lambda: self._service.open(name, writers, max_author_bytes=max_author_bytes, **limit))
+        service = self._service
+        if max_bytes is None:
+            self._sync(lambda: service.open(name, writers, max_author_bytes=max_author_bytes))
+        else:
+            self._sync(lambda: service.open(name, writers, max_bytes, max_author_bytes))
         return BlockingDocument(self, name)
 
     @property

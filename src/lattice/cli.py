@@ -11,16 +11,17 @@ import argparse
 import json
 import os
 import sys
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 if TYPE_CHECKING:
     from lattice.config import NodeConfig
+    from lattice.plugins import Command
 
 EXIT_USAGE = 2
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2 (argparse prints usage + error)
+    def error(self, message: str) -> NoReturn:  # one line, exit 2 (argparse prints usage + error)
         print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
         raise SystemExit(EXIT_USAGE)
 
@@ -718,7 +719,7 @@ def cmd_dht(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS = {
+_COMMANDS: dict[str, Command] = {
     "run": cmd_run,
     "id": cmd_id,
     "peers": cmd_peers,

@@ -25,7 +25,7 @@ import trio
 
 from lattice._version import __version__
 from lattice.blocking import BlockingNode
-from lattice.config import NodeConfig
+from lattice.config import NodeConfig, parse_size
 from lattice.errors import DialError, LatticeError, NodeError
 from lattice.identity import KeyPair, PeerId, load_or_create_key
 from lattice.multiaddr import Multiaddr, dialable
@@ -163,7 +163,7 @@ class Node:
 
                 control = ControlServer(self.control_path)
                 await control.bind()
-            self._install_swarm_guard()
+            self._install_swarm_guard(profile)
             for proto in profile.sink_protocols:
                 self.host.set_stream_handler(proto, drain)
             ctx = ServiceContext(
@@ -216,10 +216,10 @@ class Node:
             self.swarm = resolve(self.config.swarm, self.config.swarm_file)
         return self.swarm
 
-    def _install_swarm_guard(self) -> None:
+    def _install_swarm_guard(self, profile: SwarmProfile) -> None:
         from lattice.swarm.guard import SwarmGuard
 
-        self.swarm_guard = SwarmGuard(self, self.swarm)
+        self.swarm_guard = SwarmGuard(self, profile)
         self.swarm_guard.install()
 
     def _wire_relay_discovery(self) -> None:
@@ -504,10 +504,10 @@ def default_services(config: NodeConfig | None = None) -> list[Service]:
     return [
         RPC(
             RPCConfig(
-                max_payload=config.rpc_max_payload,
+                max_payload=parse_size(config.rpc_max_payload),
                 max_inbound_per_peer=config.rpc_max_inbound_per_peer,
                 message_idle_timeout=config.rpc_message_idle_timeout,
-                upload_peer_bytes=config.rpc_upload_peer_bytes,
+                upload_peer_bytes=parse_size(config.rpc_upload_peer_bytes),
             )
         ),
         DHT(DHTConfig(store_limits=store)),

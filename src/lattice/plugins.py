@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # types only: importing the node here would cost every `lattice-node` start
     from lattice.config import NodeConfig
-    from lattice.node import Node, Service
+    from lattice.node import AppService, Node
 
 __all__ = ["ENTRY_POINT_GROUP", "App", "Command", "app_services", "build_node", "find_app", "installed_apps"]
 
@@ -59,7 +59,7 @@ class App:
     add_commands: AddCommands | None = None
     # services(config): the services to run inside a node that enables this app; each one gets the
     # node in ``run(node, task_status)`` and registers its RPC methods, control ops and panels there.
-    services: Callable[[NodeConfig], list[Service]] | None = None
+    services: Callable[[NodeConfig], list[AppService]] | None = None
 
 
 def _load(ep: Any) -> App | None:
@@ -98,11 +98,11 @@ def find_app(name: str) -> App:
     raise ConfigError(f"app {name!r} is not installed (installed apps: {known})")
 
 
-def app_services(config: NodeConfig) -> list[Service]:
+def app_services(config: NodeConfig) -> list[AppService]:
     """The services of the apps ``config.apps`` enables, in that order."""
     from lattice.errors import ConfigError
 
-    out: list[Service] = []
+    out: list[AppService] = []
     for name in config.apps:
         app = find_app(name)
         if app.services is None:

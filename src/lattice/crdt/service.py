@@ -33,7 +33,7 @@ import logging
 import random
 import struct
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Literal, overload
 
 import msgpack
 import trio
@@ -67,6 +67,10 @@ async def _send(stream: Stream, message: dict) -> None:
     await stream.write(struct.pack(">I", len(body)) + body)
 
 
+@overload
+async def _recv(stream: Stream, eof_ok: Literal[False] = False) -> dict: ...
+@overload
+async def _recv(stream: Stream, eof_ok: bool) -> dict | None: ...
 async def _recv(stream: Stream, eof_ok: bool = False) -> dict | None:
     header = await stream.read(4)
     if not header:
@@ -199,7 +203,7 @@ class CRDT:
                            limits=self.limits)  # fmt: skip
             if doc.needs_compaction():
                 doc.compact()
-            doc.observe(lambda change, d=doc: self._on_change(d, change))
+            doc.observe(functools.partial(self._on_change, doc))
             self.docs[name] = doc
             pubsub = self._pubsub()
             if pubsub is not None:
@@ -275,12 +279,12 @@ class CRDT:
             box.append(raw)
             return
         for peer in peers:
-            box = self._outbox.get(peer)
-            if box is None:
-                box = self._outbox[peer] = []
+            outbox = self._outbox.get(peer)
+            if outbox is None:
+                outbox = self._outbox[peer] = []
                 self._nursery.start_soon(self._pusher, peer)
-            if len(box) < MAX_QUEUED:  # beyond: dropped, anti-entropy repairs it
-                box.append((doc.name, raw))
+            if len(outbox) < MAX_QUEUED:  # beyond: dropped, anti-entropy repairs it
+                outbox.append((doc.name, raw))
             wake = self._outbox_wake.get(peer)
             if wake is not None:
                 wake.set()

@@ -23,6 +23,7 @@ import logging
 import os
 import sqlite3
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -123,8 +124,10 @@ class DHT:
         self._published: dict[tuple[bytes, bytes], Record] = {}
         self._table_changed = trio.Event()
         self._dirty = trio.Event()  # the store has records to commit (the write-behind task's cue)
-        self.counters = {"requests_in": 0, "requests_out": 0, "rejected_records": 0, "malformed": 0,
-                         "failed_requests": 0, "quota_refused": 0}  # fmt: skip
+        self.counters: dict[str, float] = {
+            "requests_in": 0, "requests_out": 0, "rejected_records": 0, "malformed": 0,
+            "failed_requests": 0, "quota_refused": 0,
+        }  # fmt: skip
         self._refusals: dict[PeerId, TokenBucket] = {}  # quota refusals forgiven per peer
         # operation -> [count, total seconds] (Prometheus summaries: lattice_dht_op_seconds)
         self.latency: dict[str, list[float]] = {}
@@ -135,6 +138,12 @@ class DHT:
         if self._ctx is None:
             raise LatticeError("the DHT service is not running")
         return self._ctx
+
+    def _store(self) -> Store:
+        """The record store (opened by run)."""
+        if self.store is None:
+            raise LatticeError("the DHT is not running")
+        return self.store
 
     async def run(self, ctx: ServiceContext, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
         self._ctx = ctx
@@ -151,8 +160,10 @@ class DHT:
         host.set_stream_handler(self.protocol_id, self._handle)
         host.on_identify(self._on_identified)
         host.peer_router = self._route_peer
-        ops = {"dht.put": self._op_put, "dht.get": self._op_get, "dht.provide": self._op_provide,
-               "dht.providers": self._op_providers, "dht.status": self._op_status}  # fmt: skip
+        ops: dict[str, Callable[..., Any]] = {
+            "dht.put": self._op_put, "dht.get": self._op_get, "dht.provide": self._op_provide,
+            "dht.providers": self._op_providers, "dht.status": self._op_status,
+        }  # fmt: skip
         for name, op in ops.items():
             ctx.add_control_op(name, op)
         try:
@@ -238,7 +249,7 @@ class DHT:
             if now - last_republish >= self.config.republish_interval:
                 last_republish = now
                 await self._republish()
-            self.store.expire()
+            self._store().expire()
             self._dirty.set()  # expired records leave the disk with the next commit
 
     async def _safe_lookup(self, key: bytes) -> None:
@@ -293,6 +304,7 @@ class DHT:
                 raise
         if scope.cancelled_caught:
             raise trio.TooSlowError
+        assert stream is not None  # the scope's body ran to its end
         if len(pool) < MAX_IDLE_STREAMS:
             pool.append(stream)
         else:
@@ -359,7 +371,8 @@ class DHT:
                     look.on_failure(peer)
                     self.table.failed(peer)
                     continue
-                self._add_contact(peer, self.table.get(peer).addrs if self.table.get(peer) else [])
+                known = self.table.get(peer)
+                self._add_contact(peer, known.addrs if known is not None else [])
                 closer = []
                 for entry in reply.closer:
                     if entry.peer != me:
@@ -393,7 +406,7 @@ class DHT:
         expires = expires_at if expires_at is not None else time.time() + (ttl or 3600.0)
         sub = _as_key(subkey) if subkey is not None else None
         record = records.create(self.ctx.host.keypair, key, value, expires, sub)
-        self.store.check(record)
+        self._store().check(record)
         self._published[(record.key, record.subkey)] = record
         return await self._replicate(record)
 
@@ -458,7 +471,7 @@ class DHT:
             stored = 0
             if len(closest) < k or me_key ^ target <= far:  # we are among the k closest
                 try:
-                    stored += self.store.put(record, defer=True)
+                    stored += self._store().put(record, defer=True)
                     self._dirty.set()
                 except QuotaExceeded as exc:  # full of others' records: the replicas may take it
                     log.info("this node did not keep its own record: %s", exc)
@@ -507,7 +520,7 @@ class DHT:
             if old is None or record.published_at > old.published_at:
                 found[record.subkey] = record
 
-        for record in self.store.get(key, now):
+        for record in self._store().get(key, now):
             merge(record)
 
         def on_reply(peer: PeerId, reply: protocol.Message) -> bool:
@@ -551,7 +564,7 @@ class DHT:
         host = self.ctx.host
         me = protocol.PeerEntry(host.peer_id, dialable(host.advertised_addrs()))
         try:
-            self.store.add_provider(key, host.peer_id, [a.to_bytes() for a in me.addrs])
+            self._store().add_provider(key, host.peer_id, [a.to_bytes() for a in me.addrs])
         except QuotaExceeded as exc:  # announced to the others all the same
             log.info("this node did not list itself as a provider: %s", exc)
         look = await self._lookup(key, protocol.FIND_NODE, beta=self.config.beta)
@@ -574,7 +587,7 @@ class DHT:
     def unprovide(self, key: bytes | str) -> bool:
         """Stop listing this node as a provider of ``key`` in our own store (Kademlia has no withdraw:
         the entries other peers hold expire after their TTL unless provide() is called again)."""
-        return self.store.remove_provider(_as_key(key), self.ctx.host.peer_id)
+        return self._store().remove_provider(_as_key(key), self.ctx.host.peer_id)
 
     async def _send_only(self, peer: PeerId, message: protocol.Message) -> None:
         host = self.ctx.host
@@ -588,7 +601,7 @@ class DHT:
         """Peers that announced ``key``: [(peer id, [multiaddrs])]."""
         key = _as_key(key)
         found: dict[PeerId, list[Multiaddr]] = {}
-        for peer, raw in self.store.get_providers(key):
+        for peer, raw in self._store().get_providers(key):
             found[peer] = _parse_addrs(raw)
 
         def on_reply(peer: PeerId, reply: protocol.Message) -> bool:
@@ -698,7 +711,7 @@ class DHT:
             except LatticeError:
                 peer = None
             info = host.peerstore.get(peer) if peer is not None and peer != requester else None
-            if info is not None and info.addrs:
+            if peer is not None and info is not None and info.addrs:
                 named = protocol.PeerEntry(peer, dialable(info.addrs, 6))
         if named is not None:
             closer = [named, *(e for e in closer if e.peer != named.peer)][: self.config.k]
@@ -713,7 +726,7 @@ class DHT:
             return protocol.Message(protocol.FIND_NODE, key, closer=self._find_node(key, requester))
         if req.type == protocol.GET_VALUE:
             blobs, size = [], 0
-            for record in self.store.get(key):
+            for record in self._store().get(key):
                 blob = record.encode()
                 if size + len(blob) > MAX_REPLY_RECORDS:
                     break
@@ -728,7 +741,7 @@ class DHT:
                 if record.key != key:
                     raise RecordError("record key does not match the request key")
                 prefix = self._prefix_of(requester)
-                stored = self.store.put(record, defer=True, prefix=prefix)  # committed behind
+                stored = self._store().put(record, defer=True, prefix=prefix)  # committed behind
                 self._dirty.set()
             except QuotaExceeded as exc:
                 self._refused(requester, exc)
@@ -750,14 +763,14 @@ class DHT:
                 if entry.peer == requester:  # a peer may only announce itself
                     try:
                         addrs = [a.to_bytes() for a in entry.addrs]
-                        self.store.add_provider(key, entry.peer, addrs, prefix=self._prefix_of(requester))
+                        self._store().add_provider(key, entry.peer, addrs, prefix=self._prefix_of(requester))
                     except QuotaExceeded as exc:
                         self._refused(requester, exc)
                         continue
                     self._remember(entry.peer, entry.addrs)
             return None
         if req.type == protocol.GET_PROVIDERS:
-            providers = [protocol.PeerEntry(p, _parse_addrs(a)) for p, a in self.store.get_providers(key)]
+            providers = [protocol.PeerEntry(p, _parse_addrs(a)) for p, a in self._store().get_providers(key)]
             return protocol.Message(protocol.GET_PROVIDERS, key, providers=providers[: protocol.MAX_PEERS],
                                     closer=self._closer(key, requester))  # fmt: skip
         return None

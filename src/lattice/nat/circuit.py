@@ -96,7 +96,8 @@ def encode(msg: CircuitMessage, hop: bool) -> bytes:
     if msg.peer is not None:
         fields.append((2, _encode_peer(msg.peer, msg.peer_addrs)))
     if hop and msg.expire is not None:
-        rsvp = [(1, msg.expire), *((2, a.to_bytes()) for a in msg.reservation_addrs[:MAX_ADDRS])]
+        rsvp: list[tuple[int, int | bytes]] = [(1, msg.expire)]
+        rsvp += [(2, a.to_bytes()) for a in msg.reservation_addrs[:MAX_ADDRS]]
         fields.append((3, _proto.encode(rsvp)))
     if msg.limit is not None:
         limit = _proto.encode([(1, msg.limit.duration or None), (2, msg.limit.data or None)])
@@ -150,7 +151,7 @@ def status_text(code: int | None) -> str:
     return STATUS_NAMES.get(code or 0, f"status {code}")
 
 
-class CircuitStream:
+class CircuitStream(trio.abc.Stream):
     """A relayed Yamux stream as the byte stream a connection is upgraded over.
 
     Closing it resets the circuit (a connection that ends is done in both directions), and a reset
@@ -166,11 +167,14 @@ class CircuitStream:
         except StreamError as exc:
             raise trio.BrokenResourceError(str(exc)) from None
 
-    async def receive_some(self, max_bytes: int = 65536) -> bytes:
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
         try:
-            return await self.stream.read(max_bytes)
+            return await self.stream.read(65536 if max_bytes is None else max_bytes)
         except StreamError as exc:
             raise trio.BrokenResourceError(str(exc)) from None
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await trio.lowlevel.checkpoint()  # flow control waits inside send_all (the stream's window)
 
     async def aclose(self) -> None:
         await self.stream.reset()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -26,6 +27,9 @@ from lattice.nat.dcutr import HolePuncher
 from lattice.nat.relay import RelayLimits, RelayServer
 from lattice.transport import identify
 from lattice.transport.host import Host
+
+if TYPE_CHECKING:  # imported when port mapping starts (most nodes never map a port)
+    from lattice.nat.portmap import Mapping, PortMapper
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +67,8 @@ class NATManager:
         self.puncher = HolePuncher(host, self.punch_addrs) if cfg.hole_punching else None
         self.relay_server = RelayServer(host, cfg.relay_limits) if cfg.relay_service else None
         self._push = trio.Event()
-        self.mapping = None  # portmap.Mapping once the gateway mapped our port
-        self.mapper = None
+        self.mapping: Mapping | None = None  # once the gateway mapped our port
+        self.mapper: PortMapper | None = None
         self.mdns_found: dict[str, list[Multiaddr]] = {}
 
     @property
@@ -101,7 +105,7 @@ class NATManager:
 
     def extra_addrs(self) -> list[Multiaddr]:
         """Addresses beyond our listen addresses: mapped and confirmed public ones, relayed ones."""
-        mapped = []
+        mapped: list[Multiaddr] = []
         if self.mapping is not None and self.mapping.is_public:
             from lattice.nat.portmap import external_multiaddr
 
@@ -133,7 +137,8 @@ class NATManager:
         """Map our TCP listen port on the gateway, keep it renewed, announce the external address."""
         from lattice.nat.portmap import PortMapper
 
-        port = next((int(a.parts[1][1]) for a in self.host.listen_addrs if a.parts[0][0] == "ip4"), None)
+        targets = [a.tcp_target() for a in self.host.listen_addrs if a.parts[0][0] == "ip4"]
+        port = next((t[1] for t in targets if t is not None), None)
         if port is None:
             return
         self.mapper = mapper = PortMapper()

@@ -9,7 +9,7 @@ format (escaping, number formatting, content negotiation) from a registry of the
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -122,7 +122,9 @@ def snapshot(node: Observed) -> dict:
     }
 
 
-def _family(kind: str, name: str, help_text: str, samples: list[tuple[float, dict[str, Any]]]) -> Metric:
+def _family(
+    kind: str, name: str, help_text: str, samples: Sequence[tuple[float, Mapping[str, Any]]]
+) -> Metric:
     """One metric family (``kind`` gauge or counter) with its samples; label names from the first."""
     labels = list(samples[0][1]) if samples else []
     family = (CounterMetricFamily if kind == "counter" else GaugeMetricFamily)(name, help_text, labels=labels)

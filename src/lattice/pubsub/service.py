@@ -54,7 +54,7 @@ class PubSub:
         self.peer_rate = peer_rate
         self.peer_burst = peer_burst
         self._seqno = time.time_ns()  # as go-libp2p: unique across restarts, then incremented
-        self.router = GossipRouter()
+        self.router: GossipRouter[PeerId] = GossipRouter()
         self._ctx: ServiceContext | None = None
         self._handlers: dict[str, Handler] = {}
         self._queues: dict[PeerId, trio.MemorySendChannel[RPC]] = {}
@@ -115,7 +115,7 @@ class PubSub:
 
     def peers(self, topic: str) -> list[PeerId]:
         """Peers known to be subscribed to ``topic``."""
-        return [p for p, topics in self.router.peer_topics.items() if topic in topics]  # type: ignore[misc]
+        return [p for p, topics in self.router.peer_topics.items() if topic in topics]
 
     # -- events
     def _on_identify(self, info: PeerInfo) -> None:
@@ -146,7 +146,7 @@ class PubSub:
 
     def _flush(self) -> None:
         for peer, rpc in self.router.drain():
-            queue = self._queues.get(peer)  # type: ignore[arg-type]
+            queue = self._queues.get(peer)
             if queue is None:
                 continue
             try:

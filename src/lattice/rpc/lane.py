@@ -24,7 +24,7 @@ from __future__ import annotations
 import heapq
 import logging
 import math
-from typing import Any
+from typing import Any, Literal
 
 import outcome
 import trio
@@ -223,7 +223,8 @@ class _Workers:
         self.stream = stream
         self.peer: PeerId = stream.remote_peer
         self.nursery = nursery
-        self.scopes: dict[int, trio.CancelScope] = {}  # call id -> the scope its worker runs it in
+        # call id -> the scope its worker runs it in (None: not started yet, False: cancelled before)
+        self.scopes: dict[int, trio.CancelScope | Literal[False] | None] = {}
         self.idle: list[Any] = []  # parked worker tasks, most recent last
 
     @property
@@ -231,7 +232,7 @@ class _Workers:
         return len(self.scopes)
 
     def submit(self, message: Any) -> None:
-        self.scopes[message.call_id] = None  # type: ignore[assignment]  # counted at once
+        self.scopes[message.call_id] = None  # counted at once
         self.rpc.begin_inbound(self.peer)  # in the peer's and the node's inbound calls until it ends
         if self.idle:
             trio.lowlevel.reschedule(self.idle.pop(), outcome.Value(message))
@@ -243,7 +244,7 @@ class _Workers:
         if scope:
             scope.cancel()
         elif scope is None and call_id in self.scopes:  # not started yet: it never runs
-            self.scopes[call_id] = False  # type: ignore[assignment]
+            self.scopes[call_id] = False
 
     async def _work(self, message: Any) -> None:
         while message is not None:

@@ -29,7 +29,7 @@ from __future__ import annotations
 import inspect
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -355,9 +355,11 @@ class RPC:
                 conn = await host.connect(peer)
                 self._remember(peer, conn.remote_peer)
             return conn.remote_peer, conn
-        peer_id = peer if isinstance(peer, PeerId) else self._addr_peers.get(peer)
-        if peer_id is None:
-            peer_id = self._remember(peer, PeerId.from_string(str(peer)))
+        if isinstance(peer, PeerId):
+            peer_id = peer
+        else:
+            known = self._addr_peers.get(peer)
+            peer_id = known if known is not None else self._remember(peer, PeerId.from_string(peer))
         return peer_id, await host.connect_peer(peer_id)
 
     def _remember(self, text: str, peer_id: PeerId) -> PeerId:
@@ -515,7 +517,9 @@ class RPC:
     def _ready_lane(self, peer: PeerId | str) -> tuple[lane.Lane, PeerId] | None:
         """The peer's lane if it is open on a live direct connection (no await, no lookup)."""
         peer_id = self._addr_peers.get(peer) if isinstance(peer, str) else peer
-        fast = self._lanes.get(peer_id) if peer_id is not None else None
+        if peer_id is None:
+            return None
+        fast = self._lanes.get(peer_id)
         if fast is None or fast.closed or not fast.direct:
             return None
         session = fast.stream.session
@@ -592,11 +596,11 @@ class RPC:
     ) -> Any:
         """Client-streaming call: send every value of ``values``, return the peer's single reply."""
         async with self.open_stream(peer, method, timeout=timeout, codec=codec, as_torch=as_torch) as s:
-            if hasattr(values, "__aiter__"):
-                async for value in values:  # type: ignore[union-attr]
+            if isinstance(values, AsyncIterable):
+                async for value in values:
                     await s.send(value)
             else:
-                for value in values:  # type: ignore[union-attr]
+                for value in values:
                     await s.send(value)
             await s.done_sending()
             return await s.receive()

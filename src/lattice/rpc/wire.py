@@ -94,7 +94,7 @@ async def send(
     fin: bool | None = None,
     method: str | None = None,
     call_id: int | None = None,
-    encoded: tuple[bytes, list] | None = None,
+    encoded: tuple[bytes | None, list[memoryview]] | None = None,
     on_error: Any = None,
 ) -> None:
     """Send one message; ``prefix`` (protocol negotiation) rides in front. ``end`` marks it as the

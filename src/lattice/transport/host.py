@@ -948,7 +948,7 @@ class _SecureReader:
     async def send_all(self, data: bytes) -> None:
         await self.secure.send_all(data)
 
-    async def receive_some(self, max_bytes: int = 65536) -> bytes:
+    async def receive_some(self, max_bytes: int = 65536) -> bytes | bytearray:
         data = await self.secure.receive_some()
         if not data:
             raise ConnectionLost("connection closed during negotiation")

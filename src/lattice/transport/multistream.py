@@ -24,8 +24,10 @@ MAX_ATTEMPTS = 16
 
 
 class ByteStream(Protocol):
+    """What negotiation reads and writes: a socket, a secure channel or a stream."""
+
     async def send_all(self, data: bytes) -> None: ...
-    async def receive_some(self, max_bytes: int = ...) -> bytes: ...
+    async def receive_some(self, max_bytes: int) -> bytes | bytearray: ...
 
 
 def encode(message: str) -> bytes:

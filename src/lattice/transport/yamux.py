@@ -69,7 +69,7 @@ class YamuxStream:
         self.id = stream_id
         self.outbound = outbound
         self.protocol: str | None = None
-        self._buf: deque[bytes] = deque()
+        self._buf: deque[bytes | memoryview] = deque()
         self._buf_len = 0
         # We grant our full window up front: on the SYN (outbound) or the ACK (inbound). It is
         # memory the peer may make us hold, reserved from its budget (``lease``) by the session.
@@ -275,7 +275,9 @@ class YamuxStream:
         self._sink_pos += n
         self._buf_len += n  # _consumed takes them off again and returns the window
         self._consumed(n)
-        if self._sink_pos == len(self._sink):
+        sink = self._sink
+        assert sink is not None  # the session places payload only into a waiting sink
+        if self._sink_pos == len(sink):
             self._read_lot.unpark_all()
 
     def _consumed(self, n: int) -> None:
@@ -840,7 +842,9 @@ class YamuxSession:
         self.bytes_received += size
         self.bytes_in_place += size
         self._data_left -= size
-        self._data_stream._on_placed(size)
+        stream = self._data_stream
+        assert stream is not None  # _place gave a destination only for a stream's data frame
+        stream._on_placed(size)
         if not self._data_left:
             self._after_data()
 
