@@ -13,9 +13,11 @@ per-prefix budgets) where the attack lets them choose.
 
 One JSON line per attack: victim peak RSS vs its budget, whether it survived, honest success rates
 (existing connections: calls; new connections: handshakes) during the attack, the honest round
-trip during / baseline, whether the attacker was banned, tracebacks in the victim's log, the
-attack's own figures, and ``targets_met`` (peak <= budget, alive, calls >= 99 %, new connections
->= 95 %, round trip <= 2x, no traceback).
+trip during / baseline (and the same ratio to a second daemon nobody attacks: what the machine
+itself does to every round trip while the attacker's process and others share its cores), the
+victim's CPU during the attack (cores), whether the attacker was banned, tracebacks in the victim's
+log, the attack's own figures, and ``targets_met`` (peak <= budget, alive, calls >= 99 %, new
+connections >= 95 %, round trip <= 2x, no traceback).
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ class Honest:
     calls_ok: int = 0
     calls_failed: int = 0
     rtts: list[float] = field(default_factory=list)
+    control_rtts: list[float] = field(default_factory=list)  # to a node nobody attacks (the machine)
     conns_ok: int = 0
     conns_failed: int = 0
 
@@ -70,6 +73,9 @@ class Honest:
             "calls": calls,
             "calls_success": round(self.calls_ok / calls, 4) if calls else None,
             "rtt_ms_median": round(statistics.median(self.rtts) * 1000, 3) if self.rtts else None,
+            "control_rtt_ms_median": (
+                round(statistics.median(self.control_rtts) * 1000, 3) if self.control_rtts else None
+            ),
             "new_connections": conns,
             "new_connections_success": round(self.conns_ok / conns, 4) if conns else None,
         }
@@ -104,6 +110,16 @@ def _read(path: Path) -> str:
         return ""
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far (/proc)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
 def cgroup_peak(path: Path) -> float | None:
     for name in ("memory.peak", "memory.max_usage_in_bytes"):
         if (path / name).exists():
@@ -131,7 +147,9 @@ def start_victim(workdir: Path, name: str, max_memory: int, budget: int) -> Vict
 
 
 # -- the honest peer
-async def honest_calls(node, addr: str, into: list[Honest]) -> None:
+async def honest_calls(node, addr: str, into: list[Honest], control: bool = False) -> None:
+    """16-byte echo calls every 50 ms; to the victim (success and round trip) or, with
+    ``control``, to a node nobody attacks (the round trip the machine itself allows)."""
     peer = await node.connect(addr)
     while True:
         phase = into[-1]
@@ -139,6 +157,10 @@ async def honest_calls(node, addr: str, into: list[Honest]) -> None:
         try:
             with trio.fail_after(2):
                 await node.rpc.call(peer, "lattice.bench.echo", b"x" * 16, timeout=2)
+            if control:
+                phase.control_rtts.append(trio.current_time() - start)
+                await trio.sleep(0.05)
+                continue
             phase.calls_ok += 1
             phase.rtts.append(trio.current_time() - start)
         except Exception:
@@ -293,19 +315,27 @@ async def run_one(name: str, attack: Attack, args: argparse.Namespace, work: Pat
     from lattice import Node, NodeConfig
 
     victim = start_victim(work, name, args.max_memory, args.budget)
+    control = start_daemon(work, f"{name}-control", ["--listen", "/ip4/127.0.0.1/tcp/0", "--enable-bench"])
     phases: list[Honest] = [Honest()]
+    cpu = [0.0, 0.0]
     result: dict = {}
     banned = None
     try:
         config = NodeConfig(listen=["/ip4/127.0.0.1/tcp/0"], data_dir=work / f"{name}-honest", control=False)
         async with Node(config) as honest, trio.open_nursery() as nursery:
             nursery.start_soon(honest_calls, honest, victim.addr, phases)
+            nursery.start_soon(honest_calls, honest, control.info["addrs"][0], phases, True)
             nursery.start_soon(honest_connections, victim.addr, phases)
             await trio.sleep(args.baseline)
             phases.append(Honest())
             started = time.monotonic()
+            cpu[0] = cpu_seconds(victim.pid)
             result = await run_attacker(name, victim, args)
+            cpu[1] = cpu_seconds(victim.pid)
             result["attack_seconds"] = round(time.monotonic() - started, 2)
+            result["victim_cores_during"] = round(
+                (cpu[1] - cpu[0]) / max(1e-9, time.monotonic() - started), 2
+            )
             phases.append(Honest())
             await trio.sleep(args.after)
             nursery.cancel_scope.cancel()
@@ -327,12 +357,15 @@ async def run_one(name: str, attack: Attack, args: argparse.Namespace, work: Pat
             peak = max(p for p in (peak, charged) if p is not None) if (peak or charged) else None
         log = victim.daemon.log() if Path(victim.daemon.info["log"]).exists() else ""
         victim.daemon.stop()
+        control.stop()
         if victim.cgroup is not None:
             remove_cgroup(victim.cgroup)
     base, during, after = (p.row() for p in phases)
-    ratio = None
+    ratio = control_ratio = None
     if base["rtt_ms_median"] and during["rtt_ms_median"]:
         ratio = round(during["rtt_ms_median"] / base["rtt_ms_median"], 2)
+    if base["control_rtt_ms_median"] and during["control_rtt_ms_median"]:
+        control_ratio = round(during["control_rtt_ms_median"] / base["control_rtt_ms_median"], 2)
     line = {
         "bench": "attack",
         "attack": name,
@@ -345,6 +378,9 @@ async def run_one(name: str, attack: Attack, args: argparse.Namespace, work: Pat
         "honest_during": during,
         "honest_after": after,
         "honest_rtt_ratio": ratio,
+        # the same ratio to a node nobody attacks: what the attacker's and others' CPU on this
+        # machine costs every process (the victim's own share is the difference)
+        "control_rtt_ratio": control_ratio,
         "attacker_banned": banned,
         "tracebacks": log.count("Traceback"),
         "result": result,

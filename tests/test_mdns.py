@@ -16,6 +16,7 @@ import socket
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -123,6 +124,39 @@ def test_handle_packet_ignores_own_answers_and_reports_others():
     assert seen[-1] == (other, [new_addr])
     # queries for other services are not ours to answer
     assert not mdns.handle_packet(encode_message(Message(questions=[Question("_http._tcp.local")])))
+
+
+def test_one_lan_address_cannot_flood_discovery_with_made_up_peers():
+    """A spoofer announcing 1,000 peers from one address gets 16 reported; a real peer announced
+    from another address still is."""
+    from lattice.nat.mdns import MAX_PEERS_PER_SOURCE
+
+    seen = []
+    mdns = MDNS(_pid(), lambda: [], lambda p, a: seen.append(p))
+    addr = [Multiaddr.parse("/ip4/192.168.1.66/tcp/1")]
+    for i in range(1000):
+        mdns.handle_packet(build_response(f"s{i}", _pid(), addr), "192.168.1.66")
+    assert len(seen) == MAX_PEERS_PER_SOURCE and mdns.ignored == 1000 - MAX_PEERS_PER_SOURCE
+    real = _pid()
+    mdns.handle_packet(
+        build_response("real", real, [Multiaddr.parse("/ip4/192.168.1.7/tcp/4001")]), "192.168.1.7"
+    )
+    assert seen[-1] == real
+
+
+async def test_lan_dials_are_bounded_and_failed_peers_wait(host_factory):
+    """The node side: remembered LAN peers are bounded, dials come from a bucket, and a peer whose
+    dial failed is not dialed again for a while (fakes cannot use up discovery for good)."""
+    from lattice.nat.manager import NATConfig, NATManager
+
+    nat = NATManager(await host_factory(), NATConfig(mdns=True, mdns_max_peers=64, mdns_max_dials=4))
+    for i in range(1000):
+        nat._remember_lan_peer(str(_pid()), [Multiaddr.parse(f"/ip4/10.0.0.{i % 250 + 1}/tcp/1")])
+    assert len(nat.mdns_found) == 64
+    assert [nat._may_dial_lan_peer(f"p{i}") for i in range(6)] == [True] * 4 + [False] * 2  # the burst
+    nat._mdns_failed["bad"] = time.monotonic() + 600
+    nat._mdns_bucket.tokens = 4
+    assert not nat._may_dial_lan_peer("bad") and nat._may_dial_lan_peer("good")
 
 
 @pytest.mark.parametrize(

@@ -195,3 +195,20 @@ def test_a_reconnect_storm_is_refused_at_accept_per_ip_and_per_prefix():
     clock.now += 1.0
     assert rm.begin_handshake("198.51.100.1") is not None  # refilled
     assert rm.refusals["node:accept_rate_ip"] == 1 and rm.refusals["node:accept_rate_prefix"] == 1
+
+
+def test_the_node_wide_accept_rate_is_shared_fairly_between_prefixes():
+    rm, clock = manager(node_accept_rate=20.0, ip_accept_rate=1000.0, prefix_accept_rate=1000.0,
+                        ip_pending_handshakes=1000, prefix_pending_handshakes=1000,
+                        max_pending_handshakes=1000)  # fmt: skip
+    admitted = 0
+    for i in range(200):  # a Sybil reconnecting from 4 prefixes, within one second
+        ticket = rm.begin_handshake(f"198.51.{100 + i % 4}.{1 + i // 4 % 200}")
+        if ticket is not None:
+            admitted += 1
+            rm.end_handshake(ticket)
+    assert admitted <= 25  # about the node-wide rate, not 200
+    assert rm.begin_handshake("203.0.113.9") is not None  # a quiet prefix still gets in
+    assert rm.refusals["node:accept_rate_node"] > 0
+    clock.now += 1.0
+    assert rm.begin_handshake("198.51.100.1") is not None  # a new second

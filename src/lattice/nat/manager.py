@@ -13,6 +13,8 @@ The pieces (autonat, autorelay, circuit, dcutr, relay) compose here:
 from __future__ import annotations
 
 import logging
+import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -27,6 +29,7 @@ from lattice.nat.dcutr import HolePuncher
 from lattice.nat.relay import RelayLimits, RelayServer
 from lattice.transport import identify
 from lattice.transport.host import Host
+from lattice.transport.limits import TokenBucket
 
 if TYPE_CHECKING:  # imported when port mapping starts (most nodes never map a port)
     from lattice.nat.portmap import Mapping, PortMapper
@@ -49,7 +52,9 @@ class NATConfig:
     autonat_confirmations: int = 2  # servers on distinct /24 (/48) before a public address is advertised
     upnp: bool = False  # map the listen port on the gateway (UPnP IGD / NAT-PMP) and announce it
     mdns: bool = False  # find and connect to peers on the LAN
-    mdns_max_dials: int = 16  # LAN peers dialed at most (anyone on the LAN can announce)
+    mdns_max_dials: int = 16  # LAN peers dialed at once (anyone on the LAN can announce) ...
+    mdns_dials_per_minute: float = 12.0  # ... and per minute; a peer whose dial failed waits 10 min
+    mdns_max_peers: int = 256  # LAN peers remembered (the most recently announced)
 
 
 class NATManager:
@@ -69,7 +74,12 @@ class NATManager:
         self._push = trio.Event()
         self.mapping: Mapping | None = None  # once the gateway mapped our port
         self.mapper: PortMapper | None = None
-        self.mdns_found: dict[str, list[Multiaddr]] = {}
+        self.mdns_found: OrderedDict[str, list[Multiaddr]] = OrderedDict()
+        self._mdns_dialing = 0
+        self._mdns_failed: OrderedDict[str, float] = OrderedDict()  # peer -> until when not dialed
+        self._mdns_bucket = TokenBucket(
+            self.config.mdns_dials_per_minute / 60.0, float(self.config.mdns_max_dials), time.monotonic()
+        )
 
     @property
     def reachability(self) -> str:
@@ -189,25 +199,50 @@ class NATManager:
                     peer = PeerId.from_string(peer_text)
                 except LatticeError:
                     continue
-                known = self.mdns_found.setdefault(peer_text, [])
-                known.extend(a for a in addrs if a not in known)
-                del known[16:]
-                if (
-                    self.host.connection_to(peer) is None
-                    and len(self.mdns_found) <= self.config.mdns_max_dials
-                ):
+                known = self._remember_lan_peer(peer_text, addrs)
+                if self.host.connection_to(peer) is None and self._may_dial_lan_peer(peer_text):
                     nursery.start_soon(self._dial_lan_peer, peer, list(known))
+
+    def _remember_lan_peer(self, peer: str, addrs: list[Multiaddr]) -> list[Multiaddr]:
+        """Bounded memory of LAN announcements: a spoofer naming thousands of peers only pushes
+        out older entries."""
+        known = self.mdns_found.pop(peer, [])
+        known.extend(a for a in addrs if a not in known)
+        del known[16:]
+        self.mdns_found[peer] = known
+        while len(self.mdns_found) > self.config.mdns_max_peers:
+            self.mdns_found.popitem(last=False)
+        return known
+
+    def _may_dial_lan_peer(self, peer: str) -> bool:
+        """At most ``mdns_max_dials`` dials at once and ``mdns_dials_per_minute`` after a burst,
+        never a peer whose dial failed in the last 10 minutes: fake announcements cannot use up
+        discovery for good, nor make us dial third parties at their rate."""
+        now = time.monotonic()
+        until = self._mdns_failed.get(peer)
+        if until is not None and until > now:
+            return False
+        if self._mdns_dialing >= self.config.mdns_max_dials:
+            return False
+        return self._mdns_bucket.take(now)
 
     async def _dial_lan_peer(self, peer, addrs: list[Multiaddr]) -> None:
         from lattice.errors import LatticeError
 
-        for addr in addrs[:4]:
-            try:
-                await self.host.connect(addr.with_peer(peer), timeout=5.0)
-                log.info("connected to LAN peer %s", peer)
-                return
-            except (LatticeError, trio.TooSlowError):
-                continue
+        self._mdns_dialing += 1
+        try:
+            for addr in addrs[:4]:
+                try:
+                    await self.host.connect(addr.with_peer(peer), timeout=5.0)
+                    log.info("connected to LAN peer %s", peer)
+                    return
+                except (LatticeError, trio.TooSlowError):
+                    continue
+            self._mdns_failed[str(peer)] = time.monotonic() + 600.0
+            while len(self._mdns_failed) > 1024:
+                self._mdns_failed.popitem(last=False)
+        finally:
+            self._mdns_dialing -= 1
 
     def status(self) -> dict:
         return {

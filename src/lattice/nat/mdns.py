@@ -56,6 +56,8 @@ MAX_RECORDS = 128  # per section; more is abuse on a LAN
 MAX_ADDRS_PER_PEER = 32
 MAX_PEERS_PER_PACKET = 16
 MAX_SEEN = 1024
+MAX_PEERS_PER_SOURCE = 16  # peers one LAN address may introduce (a spoofer names thousands; a
+# machine running several nodes names a few)
 
 
 class DNSError(ValueError):
@@ -356,6 +358,8 @@ class MDNS:
         self.min_answer_interval = min_answer_interval  # RFC 6762: at most one multicast per second
         self._answer_wanted = trio.Event()
         self._seen: dict[str, tuple[tuple[Multiaddr, ...], float]] = {}
+        self._by_source: dict[str, set[str]] = {}  # source address -> peers it introduced (bounded)
+        self.ignored = 0  # announcements over a source's share
         self._sock: trio.socket.SocketType | None = None
         self._joined: list[str] = []
         self._send_lock = trio.Lock()
@@ -364,7 +368,7 @@ class MDNS:
 
     # -- sans-IO part: decide what a datagram means, without touching sockets
 
-    def handle_packet(self, data: bytes) -> bool:
+    def handle_packet(self, data: bytes, source: str | None = None) -> bool:
         """Process one datagram; return True when it asks for our answer. Never raises on bad input."""
         try:
             msg = decode_message(data)
@@ -378,10 +382,28 @@ class MDNS:
                 for q in msg.questions
             )
         for peer, addrs in peers_from_response(msg).items():
-            if peer == self.peer_id or not addrs:
+            if peer == self.peer_id or not addrs or not self._from_fair_source(peer, source):
                 continue
             self._report(peer, addrs)
         return False
+
+    def _from_fair_source(self, peer: str, source: str | None) -> bool:
+        """One LAN address introduces at most MAX_PEERS_PER_SOURCE peers: a host announcing
+        thousands of made-up peers cannot push the real ones out of discovery."""
+        if source is None:
+            return True
+        peers = self._by_source.get(source)
+        if peers is None:
+            if len(self._by_source) >= MAX_SEEN:
+                self._by_source.pop(next(iter(self._by_source)))
+            peers = self._by_source[source] = set()
+        if peer in peers:
+            return True
+        if len(peers) >= MAX_PEERS_PER_SOURCE:
+            self.ignored += 1
+            return False
+        peers.add(peer)
+        return True
 
     def _report(self, peer: str, addrs: list[Multiaddr]) -> None:
         now = time.monotonic()
@@ -483,12 +505,12 @@ class MDNS:
                 task_status.started()
                 while True:
                     try:
-                        data, _addr = await self._sock.recvfrom(MAX_PACKET + 1)
+                        data, source = await self._sock.recvfrom(MAX_PACKET + 1)
                     except OSError as exc:  # e.g. ICMP errors surfacing on the socket
                         log.debug("mdns: receive failed: %s", exc)
                         await trio.sleep(0.1)
                         continue
-                    if self.handle_packet(data):
+                    if self.handle_packet(data, str(source[0]) if source else None):
                         self._answer_wanted.set()
         finally:
             self._sock.close()

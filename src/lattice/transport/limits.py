@@ -12,6 +12,7 @@ capped or banned by IP; their peers can still be banned by peer id.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import time
 from collections import Counter
@@ -50,6 +51,7 @@ class Limits:
                 raise ConfigError(f"swarm limit {f.name} must be a positive number")
 
 
+@functools.lru_cache(maxsize=8192)  # parsing an address costs ~5 us; accept paths ask often
 def ip_prefix(ip: str) -> str:
     """The block a budget per IP prefix charges ``ip`` to: its /24 (IPv4) or /48 (IPv6). One operator
     usually holds a whole such block, so sybils from it share one budget."""

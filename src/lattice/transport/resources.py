@@ -80,6 +80,9 @@ class ResourceLimits:
     evict_after: float = 0.25  # a pending handshake younger than this is never evicted
     ip_accept_rate: float = 8.0  # new inbound connections per second from one IP (burst: 2x) ...
     prefix_accept_rate: float = 32.0  # ... and from one IP prefix: a reconnect storm is refused cheaply
+    # ... and for the node (a handshake costs ~1 ms of CPU): past it in one second, a prefix gets in
+    # only below its equal share of that second's admissions (newcomers of a quiet prefix always do)
+    node_accept_rate: float = 128.0
     max_streams: int = 16384  # open streams over all connections
     peer_streams: int = 1024  # open streams of one peer over all its connections
     exempt_ips: tuple[str, ...] = ("127.0.0.1", "::1")  # no per-IP / per-prefix caps (local testnets)
@@ -189,6 +192,7 @@ class HandshakeTicket:
     """One pending inbound handshake; ``evict`` (set by the host) aborts it."""
 
     ip: str
+    prefix: str  # what it counts against ("" for an exempt address)
     started: float
     timeout: float  # seconds it may take (shorter under pressure)
     evict: Callable[[], None] | None = None
@@ -209,6 +213,9 @@ class ResourceManager:
         self._services: dict[str, tuple[_Scope, int]] = {}
         self._ip_pending: dict[str, int] = {}
         self._accept_buckets: dict[str, TokenBucket] = {}  # per IP and per prefix (bounded)
+        self._second = 0.0  # the node-wide admissions of the current second, per prefix
+        self._admitted: dict[str, int] = {}
+        self._admitted_total = 0
         self._pending: list[HandshakeTicket] = []  # oldest first
         self.refusals: dict[str, int] = {}  # "scope:what" -> count
         self.evicted_handshakes = 0
@@ -369,7 +376,9 @@ class ResourceManager:
             self.end_handshake(victim)
             if victim.evict is not None:
                 victim.evict()
-        ticket = HandshakeTicket(ip, now, self.handshake_deadline())
+        ticket = HandshakeTicket(
+            ip, "" if self._exempt(ip) else ip_prefix(ip), now, self.handshake_deadline()
+        )
         self._pending.append(ticket)
         self.node.pending += 1
         self._ip_pending[ip] = self._ip_pending.get(ip, 0) + 1
@@ -393,6 +402,23 @@ class ResourceManager:
             if not bucket.take(now):
                 self._refuse(self.node, "accept_rate_ip" if key == ip else "accept_rate_prefix")
                 return False
+        return self._fair_second(prefix, now)
+
+    def _fair_second(self, prefix: str, now: float) -> bool:
+        """The node-wide rate of new connections, shared fairly: once ``node_accept_rate`` were
+        admitted this second, a prefix is admitted only while it holds less than an equal share of
+        them. A Sybil reconnecting from many prefixes is held to the rate; a newcomer from a prefix
+        that is not flooding still gets in."""
+        if now - self._second >= 1.0:
+            self._second, self._admitted, self._admitted_total = now, {}, 0
+        mine = self._admitted.get(prefix, 0)
+        if self._admitted_total >= self.limits.node_accept_rate:
+            share = self.limits.node_accept_rate / (len(self._admitted) + (prefix not in self._admitted))
+            if mine >= share:
+                self._refuse(self.node, "accept_rate_node")
+                return False
+        self._admitted[prefix] = mine + 1
+        self._admitted_total += 1
         return True
 
     def _evictable(self, now: float, newcomer: str) -> HandshakeTicket | None:
@@ -402,16 +428,13 @@ class ResourceManager:
         socket silent that long is not a peer completing a handshake)."""
         counts: dict[str, int] = {}
         for t in self._pending:
-            key = "" if self._exempt(t.ip) else ip_prefix(t.ip)
-            counts[key] = counts.get(key, 0) + 1
+            counts[t.prefix] = counts.get(t.prefix, 0) + 1
         counts.pop("", None)
         mine = 0 if self._exempt(newcomer) else counts.get(ip_prefix(newcomer), 0)
         if counts:
             worst_prefix, worst = max(counts.items(), key=lambda kv: kv[1])
             if worst > mine + 1:
-                return next(
-                    t for t in self._pending if not self._exempt(t.ip) and ip_prefix(t.ip) == worst_prefix
-                )
+                return next(t for t in self._pending if t.prefix == worst_prefix)
         oldest = self._pending[0] if self._pending else None
         if oldest is not None and now - oldest.started >= self.limits.evict_after:
             return oldest
