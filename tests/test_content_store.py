@@ -62,10 +62,10 @@ async def test_the_quota_refuses_before_fetching_and_makes_room_from_unpinned_co
     async with Node(small) as b:
         await b.connect(a.addrs[0])
         await b.content.get(first, providers=[a.addrs[0]])
-        served = a.content.stats["chunks_served"]
+        served = a.content.counters["chunks_served"]
         with pytest.raises(StoreFull, match="content_max_bytes"):
             await b.content.get(second, providers=[a.addrs[0]])
-        assert a.content.stats["chunks_served"] == served  # refused before a chunk moved
+        assert a.content.counters["chunks_served"] == served  # refused before a chunk moved
         assert b.content.store.state(second) is None and b.content.store.used_bytes() <= 5 * CHUNK
         await b.content.unpin(str(first))  # unpinned: the next get may drop it
         await b.content.get(second, providers=[a.addrs[0]])
@@ -95,7 +95,7 @@ async def test_a_chunk_corrupt_on_disk_is_never_served_and_is_repaired_from_peer
     with trio.fail_after(5):  # a, pinned, repairs itself from b: only the lost chunk moves
         while a.content.store.state(cid) != "complete" or a.content.fetches:
             await trio.sleep(0.05)
-    assert a.content.stats["chunks_fetched"] == 1
+    assert a.content.counters["chunks_fetched"] == 1
     assert a.content.store.data_path(cid).read_bytes() == data
 
 
@@ -115,7 +115,7 @@ async def test_a_full_check_on_open_finds_damage_and_a_restarted_node_repairs_it
         with trio.fail_after(10):
             while a.content.store.state(cid) != "complete" or a.content.fetches:
                 await trio.sleep(0.05)
-        assert a.content.stats["chunks_fetched"] == 1
+        assert a.content.counters["chunks_fetched"] == 1
         assert (tmp_path / "a" / "content" / "data" / str(cid)).read_bytes() == data
 
 

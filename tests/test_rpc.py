@@ -537,7 +537,7 @@ async def test_a_call_never_lands_on_a_reachability_probe_connection(pair):
     sock = await trio.open_tcp_stream(*addr.tcp_target())
     probe = await b.host.adopt(sock, True, addr, expected=pid, probe=True)
     with trio.fail_after(5):
-        while not a.host._conns.get(b.host.peer_id):
+        while not a.host.connections_to(b.host.peer_id):
             await trio.sleep(0.01)
     assert b.host.connection_to(pid) is None and a.host.connection_to(b.host.peer_id) is None
     with trio.fail_after(10):

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 if TYPE_CHECKING:
     from lattice.config import NodeConfig
-    from lattice.plugins import Command
+    from lattice.plugins import Command, OptionGroup
 
 EXIT_USAGE = 2
 
@@ -56,7 +56,7 @@ def build_parser(with_apps: bool = True) -> argparse.ArgumentParser:
     return parser
 
 
-def add_node_options(parser: argparse.ArgumentParser) -> None:
+def add_node_options(parser: OptionGroup) -> None:
     """Add the options that configure a node (config file, addresses, identity, control socket,
     limits, apps, NAT traversal, swarm) to ``parser``. `run`, `serve-model`, `gossip-sgd peer` and
     apps' own node commands share them; :func:`node_config` makes the NodeConfig."""

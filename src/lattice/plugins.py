@@ -34,18 +34,34 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import entry_points
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:  # types only: importing the node here would cost every `lattice-node` start
     from lattice.config import NodeConfig
     from lattice.node import AppService, Node
 
-__all__ = ["ENTRY_POINT_GROUP", "App", "Command", "app_services", "build_node", "find_app", "installed_apps"]
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "App",
+    "Command",
+    "OptionGroup",
+    "app_services",
+    "build_node",
+    "find_app",
+    "installed_apps",
+]
 
 ENTRY_POINT_GROUP = "lattice.apps"
 
 Command = Callable[[argparse.Namespace], int]  # a subcommand: parsed arguments -> exit code
 AddCommands = Callable[[Any, dict[str, Command]], None]  # (argparse subparsers, name -> Command)
+
+
+class OptionGroup(Protocol):
+    """Where options go: an argparse parser or one of its argument groups."""
+
+    def add_argument(self, *args: Any, **kwargs: Any) -> argparse.Action: ...
+    def add_argument_group(self, *args: Any, **kwargs: Any) -> Any: ...
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,7 @@ from lattice.content.manifest import (
     MAX_SAFETENSORS_HEADER,
     MIN_CHUNK,
     Manifest,
+    TensorEntry,
     safetensors_layout,
 )
 
@@ -70,6 +71,11 @@ NUMPY_DTYPES = {
     "U64": "uint64",
     "F64": "float64",
 }  # fmt: skip  (bfloat16 and float8 come back as their raw words, as lattice.codec sends bfloat16)
+
+
+def _bytes(data: bytes | memoryview | np.ndarray) -> memoryview:
+    """The bytes of a chunk, whatever holds them."""
+    return (data.data if isinstance(data, np.ndarray) else memoryview(data)).cast("B")
 
 
 class Partial:
@@ -102,7 +108,7 @@ class Partial:
     def verify(self, index: int, data: bytes | memoryview | np.ndarray) -> bool:
         """Is ``data`` chunk ``index`` (length and hash)?"""
         m = self.manifest
-        view = memoryview(data).cast("B")
+        view = _bytes(data)
         return view.nbytes == m.chunk_len(index) and digest(m.hash_code, view) == m.chunks[index]
 
     def write(self, index: int, data: bytes | memoryview | np.ndarray, verified: bool = False) -> None:
@@ -110,7 +116,7 @@ class Partial:
         if not verified and not self.verify(index, data):
             raise IntegrityError(f"chunk {index} of {self.cid} does not match its hash")
         fd, have_fd = self._open()
-        view = memoryview(data).cast("B")
+        view = _bytes(data)
         offset = self.manifest.chunk_range(index)[0]
         while view.nbytes:
             n = os.pwrite(fd, view, offset)
@@ -122,6 +128,11 @@ class Partial:
         """Bytes [start, end) of the object (their chunks must be had)."""
         fd, _ = self._open()
         return os.pread(fd, end - start, start)
+
+    def sync(self) -> None:
+        """Flush the object's bytes to disk (before it becomes a complete object)."""
+        fd, _ = self._open()
+        os.fsync(fd)
 
     def close(self) -> None:
         for fd in (self._fd, self._have_fd):
@@ -148,7 +159,8 @@ class Reader:
             return None
         start, end = m.chunk_range(index)
         view = out[: end - start]
-        if os.preadv(self.fd, [view], start) == end - start and digest(m.hash_code, view) == m.chunks[index]:
+        raw = view.data
+        if os.preadv(self.fd, [raw], start) == end - start and digest(m.hash_code, raw) == m.chunks[index]:
             return view
         self.bad.append(index)
         return None
@@ -381,7 +393,7 @@ class Store:
                     chunks.append(digest(code, block))
                     if out is not None:
                         out.write(block)
-                tensors = ()
+                tensors: tuple[TensorEntry, ...] = ()
                 if kind == "safetensors":
                     src.seek(0)
                     head = src.read(8)
@@ -467,8 +479,7 @@ class Store:
         key = str(partial.cid)
         if not partial.complete:
             raise ContentError(f"{key} is missing {len(partial.missing())} chunks")
-        fd, _ = partial._open()
-        os.fsync(fd)
+        partial.sync()
         partial.close()
         self._partials.pop(key, None)
         data, have = self.partial_paths(key)

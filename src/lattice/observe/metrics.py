@@ -31,7 +31,7 @@ __all__ = ["SnapshotCollector", "families", "prometheus", "registry", "snapshot"
 
 _REACHABILITY = ("public", "private", "unknown")
 MAX_PEER_ROWS = 512
-SHOWN = ("dht", "rpc", "crdt")  # services whose stats() a snapshot shows
+SHOWN = ("dht", "rpc", "crdt", "content")  # services whose stats() a snapshot shows
 
 
 class Observed(Protocol):
@@ -116,6 +116,7 @@ def snapshot(node: Observed) -> dict:
         "dht": services.get("dht"),
         "rpc": services.get("rpc"),
         "crdt": services.get("crdt"),
+        "content": services.get("content"),
         "limits": h["limits"],
         "resources": h["resources"],
         "panels": node.dashboard.as_list(),
