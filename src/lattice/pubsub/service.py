@@ -153,8 +153,8 @@ class PubSub:
                 queue.send_nowait(rpc)
             except trio.WouldBlock:
                 self.counters["dropped"] += 1
-            except trio.ClosedResourceError:
-                pass
+            except (trio.ClosedResourceError, trio.BrokenResourceError):
+                pass  # the peer's writer ended (its stream failed): it unregisters the queue itself
 
     async def _heartbeat(self) -> None:
         while True:
