@@ -56,7 +56,7 @@ async def test_wrong_checksum_on_an_in_place_payload_is_refused(pair):
     Noise frames are fine but whose bytes are wrong is caught, and the handler never runs."""
     a, b, peer = pair
     arr = np.random.default_rng(3).standard_normal(1 << 20).astype(np.float32)  # 4 MiB: bulk path
-    calls = a.rpc.stats["calls_in"]
+    calls = a.rpc.counters["calls_in"]
     rogue = await b.host.new_stream(PeerId.from_string(peer), [PROTOCOL_ID])
     doc, buffers = wire.tensors.encode(arr)
     await rogue.write(wire.encode_header(wire.CALL, doc, arr.nbytes, method="echo", last=True))
@@ -65,5 +65,5 @@ async def test_wrong_checksum_on_an_in_place_payload_is_refused(pair):
     with trio.fail_after(10):
         err = await wire.receive(rogue, 1 << 20)
     assert err.kind == "err" and "checksum" in err.error_message
-    assert a.rpc.stats["calls_in"] == calls
+    assert a.rpc.counters["calls_in"] == calls
     assert await b.rpc.call(peer, "echo", 1) == 1

@@ -60,7 +60,7 @@ async def test_get_finds_providers_in_the_dht_and_then_provides_itself(tmp_path,
             await trio.sleep(0.05)
     path = await b.content.get(cid)  # no provider named: the DHT says who has it
     assert path.read_bytes() == data
-    assert a.content.stats["chunks_served"] == 4 and b.content.stats["chunks_fetched"] == 4
+    assert a.content.counters["chunks_served"] == 4 and b.content.counters["chunks_fetched"] == 4
     await a.content.unpin(str(cid))
     await a.content.gc()  # a no longer has it; b announced it after its get
     assert a.content.store.state(cid) is None
@@ -72,7 +72,7 @@ async def test_get_finds_providers_in_the_dht_and_then_provides_itself(tmp_path,
                 break
             except ContentNotFound:  # b's announcement may still be on its way
                 await trio.sleep(0.1)
-    assert out.read_bytes() == data and b.content.stats["chunks_served"] == 4
+    assert out.read_bytes() == data and b.content.counters["chunks_served"] == 4
     status = await c.content.status()
     assert status["store"]["objects"] == 1 and status["objects"][0]["pinned"]
 
@@ -99,7 +99,7 @@ async def test_an_interrupted_get_resumes_with_only_the_missing_chunks(tmp_path,
     path = await b.content.get(cid, providers=[a.addrs[0]], on_progress=final.append)
     assert path.read_bytes() == data
     assert final[-1]["had"] == had and final[-1]["fetched"] == 24 - had
-    assert b.content.stats["chunks_fetched"] == 24  # every chunk moved once over both attempts
+    assert b.content.counters["chunks_fetched"] == 24  # every chunk moved once over both attempts
 
 
 async def test_get_tensors_fetches_only_the_chunks_holding_them(tmp_path, nursery):
@@ -113,14 +113,14 @@ async def test_get_tensors_fetches_only_the_chunks_holding_them(tmp_path, nurser
     for name in names:
         np.testing.assert_array_equal(got[name], tensors[name])
     needed = manifest.chunks_for(names)
-    assert a.content.stats["chunks_served"] == len(needed) < manifest.count
+    assert a.content.counters["chunks_served"] == len(needed) < manifest.count
     # the whole file later: only the other chunks move, and any safetensors reader can open it
     path = await b.content.get(cid, tmp_path / "all.safetensors", providers=[a.addrs[0]])
     from safetensors.numpy import load_file
 
     loaded = load_file(str(path))
     assert all(np.array_equal(loaded[k], v) for k, v in tensors.items())
-    assert a.content.stats["chunks_served"] == manifest.count
+    assert a.content.counters["chunks_served"] == manifest.count
 
 
 def rogue_services(i: int, behaviour: dict):
@@ -164,13 +164,13 @@ async def test_a_provider_sending_oversized_or_corrupt_chunks_is_dropped_and_the
     assert ("over the limit" in reason) if attack == "oversized" else ("does not match its hash" in reason)
     assert fetcher.host.limits.score(rogue.peer_id) > 0  # and a misbehaviour mark on its record
     # it is not asked again (chunks already in flight when the first bad one came may count too)
-    bad_chunks = fetcher.content.stats["bad_chunks"]
+    bad_chunks = fetcher.content.counters["bad_chunks"]
     assert 1 <= bad_chunks <= 4
     behaviour["reply"] = lambda index: np.frombuffer(data[index * CHUNK : (index + 1) * CHUNK], np.uint8)
     await fetcher.content.unpin(str(cid))
     await fetcher.content.gc()
     await fetcher.content.get(cid, providers=[rogue.addrs[0], honest.addrs[0]])
-    assert fetcher.content.stats["bad_chunks"] == bad_chunks
+    assert fetcher.content.counters["bad_chunks"] == bad_chunks
 
 
 async def test_a_rogue_among_honest_providers_never_loses_a_chunk(tmp_path, nursery):

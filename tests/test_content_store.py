@@ -62,10 +62,10 @@ async def test_the_quota_refuses_before_fetching_and_makes_room_from_unpinned_co
     async with Node(small) as b:
         await b.connect(a.addrs[0])
         await b.content.get(first, providers=[a.addrs[0]])
-        served = a.content.stats["chunks_served"]
+        served = a.content.counters["chunks_served"]
         with pytest.raises(StoreFull, match="content_max_bytes"):
             await b.content.get(second, providers=[a.addrs[0]])
-        assert a.content.stats["chunks_served"] == served  # refused before a chunk moved
+        assert a.content.counters["chunks_served"] == served  # refused before a chunk moved
         assert b.content.store.state(second) is None and b.content.store.used_bytes() <= 5 * CHUNK
         await b.content.unpin(str(first))  # unpinned: the next get may drop it
         await b.content.get(second, providers=[a.addrs[0]])
@@ -95,7 +95,7 @@ async def test_a_chunk_corrupt_on_disk_is_never_served_and_is_repaired_from_peer
     with trio.fail_after(5):  # a, pinned, repairs itself from b: only the lost chunk moves
         while a.content.store.state(cid) != "complete" or a.content.fetches:
             await trio.sleep(0.05)
-    assert a.content.stats["chunks_fetched"] == 1
+    assert a.content.counters["chunks_fetched"] == 1
     assert a.content.store.data_path(cid).read_bytes() == data
 
 
@@ -115,7 +115,7 @@ async def test_a_full_check_on_open_finds_damage_and_a_restarted_node_repairs_it
         with trio.fail_after(10):
             while a.content.store.state(cid) != "complete" or a.content.fetches:
                 await trio.sleep(0.05)
-        assert a.content.stats["chunks_fetched"] == 1
+        assert a.content.counters["chunks_fetched"] == 1
         assert (tmp_path / "a" / "content" / "data" / str(cid)).read_bytes() == data
 
 
@@ -149,17 +149,17 @@ async def test_a_provider_hashes_a_chunk_once_while_its_file_is_unchanged(tmp_pa
         assert (await b.content.get(cid, providers=[a.addrs[0]])).read_bytes() == data
 
     await fetch_again()
-    assert a.content.stats["chunks_served"] == 7 and a.content.stats["chunks_hashed"] == 0
+    assert a.content.counters["chunks_served"] == 7 and a.content.counters["chunks_hashed"] == 0
     os.utime(a.content.store.data_path(cid))  # the same bytes, but the file may have changed
     await fetch_again()
-    assert a.content.stats["chunks_hashed"] == 7  # hashed again, once
+    assert a.content.counters["chunks_hashed"] == 7  # hashed again, once
     await fetch_again()
-    assert a.content.stats["chunks_served"] == 21 and a.content.stats["chunks_hashed"] == 7
+    assert a.content.counters["chunks_served"] == 21 and a.content.counters["chunks_hashed"] == 7
     # b fetched it: verified before written, so b serves it without hashing too
     (c,) = await start_nodes(tmp_path / "c", nursery, 1)
     await c.connect(b.addrs[0])
     assert (await c.content.get(cid, providers=[b.addrs[0]])).read_bytes() == data
-    assert b.content.stats["chunks_served"] == 7 and b.content.stats["chunks_hashed"] == 0
+    assert b.content.counters["chunks_served"] == 7 and b.content.counters["chunks_hashed"] == 0
 
 
 @pytest.mark.parametrize("chunk", [CHUNK, 6000])  # 6000: not whole 4 KiB blocks, so no O_DIRECT
@@ -171,4 +171,4 @@ async def test_fetched_chunks_are_written_right_with_a_write_queue_of_one(tmp_pa
     data = os.urandom(9 * chunk + 1234)
     cid = await a.content.add(data, chunk_size=chunk)
     path = await b.content.get(cid, providers=[a.addrs[0]])
-    assert path.read_bytes() == data and b.content.stats["chunks_fetched"] == 10
+    assert path.read_bytes() == data and b.content.counters["chunks_fetched"] == 10

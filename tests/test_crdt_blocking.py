@@ -9,8 +9,8 @@ import pytest
 import trio
 
 from lattice import Node, NodeConfig
+from lattice.blocking import BlockingDocument
 from lattice.crdt import AccessDenied, Document, DocumentFull, UpdateLog, log_path
-from lattice.crdt.blocking import BlockingDocument
 from lattice.identity import KeyPair
 
 

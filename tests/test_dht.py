@@ -82,13 +82,13 @@ async def test_forged_expired_and_mismatched_records_are_rejected_and_counted(sw
     forged = Record(**{**good.__dict__, "value": b"fake"})
     expired_rec = records.create(honest, b"k2", b"old", time.time() + 600)
     expired = Record(**{**expired_rec.__dict__, "expires_at": time.time() - 1})
-    before = victim.dht.stats["rejected_records"]
+    before = victim.dht.counters["rejected_records"]
     for record, key in ((forged, b"k"), (expired, b"k2"), (good, b"other-key")):
         reply = await _raw_request(
             attacker, victim, protocol.Message(protocol.PUT_VALUE, key, key, record.encode())
         )
         assert reply is None  # not echoed, the stream reset: not stored
-    assert victim.dht.stats["rejected_records"] - before == 3
+    assert victim.dht.counters["rejected_records"] - before == 3
     assert victim.dht.store.get(b"k") == [] and victim.dht.store.get(b"k2") == []
     # a peer returning forged records in GET_VALUE: the reader drops them
     reply = protocol.Message(protocol.GET_VALUE, b"k", b"k", msgpack.packb([forged.encode(), b"junk"]))
@@ -98,7 +98,7 @@ async def test_forged_expired_and_mismatched_records_are_rejected_and_counted(sw
 async def test_malformed_messages_and_junk_flood(swarm):
     attacker, victim, other = swarm[1], swarm[2], swarm[3]
     await other.dht.put("still-here", b"yes")
-    before = victim.dht.stats["malformed"]
+    before = victim.dht.counters["malformed"]
     for junk in (b"\x08\x63", b"\x12\xff\xff\xff", b"\xff" * 11):
         stream = await attacker.host.new_stream(victim.peer_id, [protocol_id(attacker)])
         await stream.write(_proto.encode_uvarint(len(junk)) + junk)
@@ -108,7 +108,7 @@ async def test_malformed_messages_and_junk_flood(swarm):
                     pass
             except LatticeError:
                 pass
-    assert victim.dht.stats["malformed"] - before == 3
+    assert victim.dht.counters["malformed"] - before == 3
     # a flood of valid-but-useless requests on one stream: answered, and others still served fast
     stream = await attacker.host.new_stream(victim.peer_id, [protocol_id(attacker)])
     body = protocol.encode(protocol.Message(protocol.FIND_NODE, b"x" * 32))

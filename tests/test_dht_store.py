@@ -46,7 +46,7 @@ async def test_small_swarm_stores_optimistically_and_counts_every_replica(tmp_pa
     seen = _record_requests([n for n in nodes if n is not putter], monkeypatch)
     assert await putter.dht.put("opt/1", b"v", ttl=600) == 6  # fewer nodes than k: all of them
     assert sorted(t for t, key in seen if key == b"opt/1") == [protocol.PUT_VALUE] * 5  # no FIND_NODE
-    stats = putter.dht.stats
+    stats = putter.dht.counters
     assert stats["put_sent_early"] == 5 and stats["put_sent_late"] == 0
     # the lookup's 3 first queries were answered by the PUT_VALUE replies of those peers (WANT_CLOSER)
     assert stats["put_lookup_queries"] == 3 and stats["put_queries_answered_by_put"] == 3
@@ -60,7 +60,7 @@ async def test_peers_without_the_want_closer_extension_get_a_find_node(tmp_path,
     putter, others = nodes[0], nodes[1:]
     seen = _record_requests(others, monkeypatch, like_go=True)
     assert await putter.dht.put("opt/go", b"v", ttl=600) == 6
-    assert putter.dht.stats["put_queries_answered_by_put"] == 0
+    assert putter.dht.counters["put_queries_answered_by_put"] == 0
     mine = [t for t, key in seen if key == b"opt/go"]
     assert mine.count(protocol.PUT_VALUE) == 5 and mine.count(protocol.FIND_NODE) == 3
 
@@ -106,7 +106,7 @@ async def test_optimistic_sends_outside_the_final_k_closest_are_not_counted(tmp_
     far = max(_distance(n, key) for n in ranked[:k])
     me = _distance(putter, key) <= far  # the putter itself is among the k closest
     assert count == len(final & holders) + me == k + me
-    stats = putter.dht.stats
+    stats = putter.dht.counters
     assert stats["put_sent_early"] == len(early) and stats["put_sent_late"] == len(final - set(early))
     assert {h.peer_id for h in hidden} <= final - set(early)  # the hidden peers got it after the lookup
     assert stats["put_early_unneeded"] == len(set(early) - final) > 0

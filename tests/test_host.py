@@ -12,8 +12,9 @@ from conftest import full_addr
 from lattice.errors import ConnectionLost, DialError, NegotiationError, StreamError
 from lattice.identity import KeyPair
 from lattice.multiaddr import Multiaddr
-from lattice.transport import HostConfig, ping
+from lattice.transport import HostConfig, multistream, ping
 from lattice.transport.resources import ResourceLimits
+from lattice.transport.stream import Stream
 
 ECHO = "/test/echo/1.0.0"
 SINK = "/test/sink/1.0.0"
@@ -167,6 +168,29 @@ async def test_unknown_protocol_and_wrong_peer_id(host_factory):
         await b.connect(closed_port)
 
 
+async def test_lazy_stream_proposes_with_its_first_write(host_factory):
+    """``new_stream(lazy=True)`` sends its proposal with the first data (no round trip first); the
+    listener's answer precedes its reply, read by multistream.confirm; a refusal is an error."""
+    a, b = await host_factory(), await host_factory()
+    a.set_stream_handler(ECHO, echo_handler)
+    conn = await b.connect(full_addr(a))
+    with trio.fail_after(10):
+        stream = await b.new_stream(conn, [ECHO], lazy=True)
+        assert isinstance(stream, Stream)  # what services are promised, the muxer's stream has
+        assert stream.protocol == ECHO and stream.buffered == 0
+        await stream.write(b"hello")
+        await multistream.confirm(stream, ECHO)
+        assert await stream.read_exactly(5) == b"hello"
+        await stream.write(b"again", fin=True)
+        assert await stream.read_exactly(5) == b"again"
+
+        unserved = await b.new_stream(conn, ["/nobody/speaks/this"], lazy=True)
+        await unserved.write(b"x")
+        with pytest.raises(NegotiationError):
+            await multistream.confirm(unserved, "/nobody/speaks/this")
+        await unserved.reset()
+
+
 async def test_garbage_and_silent_sockets_do_not_hurt_the_host(host_factory):
     a = await host_factory(HostConfig(resources=ResourceLimits(handshake_timeout=1.0)))
     b = await host_factory()
@@ -188,7 +212,7 @@ async def test_garbage_and_silent_sockets_do_not_hurt_the_host(host_factory):
         await b.connect(full_addr(a))
         assert len(await ping.ping(b, a.peer_id)) == 1
     await trio.sleep(1.5)  # silent sockets are dropped after the handshake timeout
-    assert a.stats["inbound_handshake_failed"] >= 20
+    assert a.counters["inbound_handshake_failed"] >= 20
     for s in silent:
         await s.aclose()
 

@@ -145,8 +145,8 @@ async def test_go_queries_our_dht(tmp_path):
 
             closest = await go_closest_peers(go, timeout=10)
             assert set(closest) == {a.peer_id, b.peer_id}
-            assert a.dht.stats["requests_in"] > 0 and b.dht.stats["requests_in"] > 0
-            assert a.dht.stats["malformed"] == b.dht.stats["malformed"] == 0
+            assert a.dht.counters["requests_in"] > 0 and b.dht.counters["requests_in"] > 0
+            assert a.dht.counters["malformed"] == b.dht.counters["malformed"] == 0
 
             # FIND_PEER through the DHT: B's address came from A's reply, and go dialled it
             found = await go.control.find_peer(b.peer_id)
@@ -192,7 +192,7 @@ async def test_we_dial_go_identify_ping_and_use_its_dht(tmp_path):
             assert await node.dht.provide(key) == 1
             providers = await go.control.find_providers(key, count=1)
             assert [p.peer for p in providers] == [node.peer_id]
-            assert node.dht.stats["failed_requests"] == 0 and node.dht.stats["malformed"] == 0
+            assert node.dht.counters["failed_requests"] == 0 and node.dht.counters["malformed"] == 0
 
 
 async def test_we_find_a_third_peer_through_go(tmp_path):
@@ -256,7 +256,7 @@ async def test_go_put_value_of_a_libp2p_record_is_refused_and_go_survives(tmp_pa
             await go.control.put_value(key, value)  # go keeps it locally; it logs the refused peer
             await trio.sleep(0.5)
             assert go.process.poll() is None, f"p2pd exited: {go.log()[-3000:]}"
-            assert node.dht.stats["rejected_records"] >= 1 and node.dht.store.record_count == 0
+            assert node.dht.counters["rejected_records"] >= 1 and node.dht.store.record_count == 0
             # both sides still serve: go finds our providers, we find go's
             cid = cid_v0(b"after the refused put")
             assert await node.dht.provide(cid) == 1
@@ -286,7 +286,7 @@ async def test_a_refused_put_still_lists_closer_peers_to_a_lattice_putter(tmp_pa
             # without WANT_CLOSER: the stream is reset, as go's server does
             refused = kad.Message(kad.PUT_VALUE, b"k", b"k", b"not a lattice record either")
             assert await raw_request(a, b.peer_id, refused) is None
-            assert b.dht.stats["rejected_records"] == 2
+            assert b.dht.counters["rejected_records"] == 2
 
 
 async def raw_request(node, peer: PeerId, message: kad.Message) -> kad.Message | None:
@@ -313,7 +313,7 @@ async def test_go_in_client_mode_is_served_but_not_in_our_routing_table(tmp_path
             assert KAD not in info.protocols  # a client does not announce the protocol
             for _ in range(2):  # go's FIND_NODEs to A and B, after both identified go
                 assert set(await go_closest_peers(go, timeout=10)) == {a.peer_id, b.peer_id}
-            assert a.dht.stats["requests_in"] > 0
+            assert a.dht.counters["requests_in"] > 0
             for node in (a, b):
                 assert node.dht.table.get(go.peer_id) is None
             assert a.dht.table.get(b.peer_id) is not None  # servers still are

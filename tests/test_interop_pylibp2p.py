@@ -120,7 +120,7 @@ async def test_pylibp2p_finds_a_third_peer_through_us(tmp_path):
             found = await dht.find_peer(_py_id(b.peer_id))  # FIND_NODE to A, which knows B
             assert found is not None and str(found.peer_id) == str(b.peer_id)
             assert b.addrs[0].split("/p2p/")[0] in [str(x) for x in found.addrs]
-            assert a.dht.stats["requests_in"] > 0 and a.dht.stats["malformed"] == 0
+            assert a.dht.counters["requests_in"] > 0 and a.dht.counters["malformed"] == 0
 
 
 async def test_we_find_a_third_peer_through_pylibp2p(tmp_path):
@@ -160,7 +160,7 @@ async def test_pylibp2p_values_are_refused_and_both_keep_serving(tmp_path):
             await py_connect(host, dht, a)
             await a.host.wait_identified(PeerId.from_string(host.get_id().to_base58()))
             await dht.put_value("py-key", b"py value")  # stored locally by py; ours refuses it
-            assert a.dht.stats["rejected_records"] >= 1 and a.dht.store.record_count == 0
+            assert a.dht.counters["rejected_records"] >= 1 and a.dht.store.record_count == 0
             assert await a.dht.get(b"py-key") == []  # py's plain value is not a Lattice record
             rtts = await ping.ping(a.host, PeerId.from_string(host.get_id().to_base58()), count=2)
             assert len(rtts) == 2

@@ -17,8 +17,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("nat", ("lattice.nat",)),
     ("services", ("lattice.service", "lattice.rpc", "lattice.dht", "lattice.pubsub", "lattice.crdt",
                   "lattice.content")),
-    ("node", ("lattice.node", "lattice.config", "lattice.cli", "lattice.control", "lattice.observe",
-              "lattice.swarm", "lattice.plugins", "lattice.testing")),
+    ("node", ("lattice.node", "lattice.blocking", "lattice.config", "lattice.cli", "lattice.control",
+              "lattice.observe", "lattice.swarm", "lattice.plugins", "lattice.testing")),
     ("apps", ("lattice.apps",)),
 ]  # fmt: skip
 FACADE = "lattice"  # the package's __init__ re-exports the public API of every layer

@@ -99,7 +99,7 @@ async def test_a_peer_sending_junk_is_banned_and_others_are_served(tmp_path):
             while a.host.connection_to(junk.peer_id) or junk.connection_to(a.peer_id):
                 await trio.sleep(0.01)
             assert a.host.limits.is_banned(junk.peer_id) and sent <= 15
-            assert a.dht.stats["malformed"] >= 10
+            assert a.dht.counters["malformed"] >= 10
             # it cannot come back (refused right after the handshake) ...
             try:
                 await junk.connect(a.addrs[0])
@@ -108,7 +108,7 @@ async def test_a_peer_sending_junk_is_banned_and_others_are_served(tmp_path):
                         await trio.sleep(0.01)
             except LatticeError:
                 pass
-            assert junk.connection_to(a.peer_id) is None and a.host.stats["inbound_refused_banned"] >= 1
+            assert junk.connection_to(a.peer_id) is None and a.host.counters["inbound_refused_banned"] >= 1
             # ... while an honest peer is still served
             assert len(await b.ping(str(a.peer_id), count=3)) == 3
             assert await b.dht.put("still", b"fine") >= 1
@@ -181,8 +181,8 @@ async def test_a_banned_ip_is_reset_at_accept_before_any_handshake(tmp_path):
                     except ConnectionResetError:
                         got = b""
                     assert got == b""  # no Noise reply: closed before the handshake
-            assert a.host.stats["inbound_refused_limits"] == 50
-            assert a.host.stats.get("inbound_handshake_failed", 0) == 0
+            assert a.host.counters["inbound_refused_limits"] == 50
+            assert a.host.counters.get("inbound_handshake_failed", 0) == 0
             assert a.host.limits.refused_connections == 50
             a.host.limits.unban("127.0.0.1")
             await b.connect(a.addrs[0])  # the listener still accepts (and handshakes) others

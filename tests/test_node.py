@@ -74,6 +74,42 @@ def test_blocking_facade_same_names(tmp_path):
         a.peers()
 
 
+def test_one_remote_error_for_peers_and_daemons(tmp_path):
+    """A handler's error on a peer and a daemon's failed operation are both lattice.RemoteError
+    (the first also an RPCError, the second a ControlError), and a peer's error seen through the
+    daemon keeps the type the peer reported. Also: the status pages compose Host.stats/peer_stats."""
+    from lattice.rpc import RPCError
+
+    node = Node.start(_config(tmp_path, "a"))
+    other = Node.start(_config(tmp_path, "b", control=False))
+
+    def refuse(payload):
+        raise ValueError(f"no good: {payload}")
+
+    other.rpc.register("refuse", refuse)
+    try:
+        node.connect(other.addrs[0])
+        with pytest.raises(RemoteError) as direct:
+            node.rpc.call(str(other.peer_id), "refuse", 1)
+        assert isinstance(direct.value, RPCError) and direct.value.type == "ValueError"
+        assert direct.value.remote_message == "no good: 1"
+        with Client(tmp_path / "a" / "control.sock") as client:
+            with pytest.raises(RemoteError) as through:
+                client.rpc.call(str(other.peer_id), "refuse", 2)
+            assert isinstance(through.value, ControlError) and through.value.type == "ValueError"
+            assert str(through.value) == "ValueError: no good: 2"
+            with pytest.raises(RemoteError) as failed:
+                client.connect("/ip4/127.0.0.1/tcp/1")
+            assert isinstance(failed.value, ControlError) and failed.value.type == "DialError"
+            (row,) = client.peers()
+            assert row["peer_id"] == str(other.peer_id) and row["bytes_in"] > 0 and row["bytes_out"] > 0
+            status = client.status()
+            assert status["paths"] == {str(other.peer_id): "direct"} and status["bytes_sent"] > 0
+    finally:
+        node.close()
+        other.close()
+
+
 def test_blocking_start_reports_errors(tmp_path):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))

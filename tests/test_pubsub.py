@@ -275,5 +275,5 @@ async def test_crdt_documents_replicate_over_the_gossip_mesh(tmp_path, nursery):
         while any(len(d.get_map("root")) < 120 for d in docs):
             await trio.sleep(0.02)
     assert all(d.get_map("root").to_py() == docs[0].get_map("root").to_py() for d in docs)
-    assert all(n.crdt.stats["pushed"] == 30 for n in nodes)  # published, not pushed per peer
+    assert all(n.crdt.counters["pushed"] == 30 for n in nodes)  # published, not pushed per peer
     assert nodes[0].pubsub.router.stats["forwarded"] > 0

@@ -71,7 +71,7 @@ async def test_lattice_and_go_libp2p_exchange_gossipsub_messages(tmp_path):
                 received.append((_proto.one_bytes(msg, 1), _proto.one_bytes(msg, 2)))
         expected = [(node.peer_id.multihash, f"from lattice {i}".encode()) for i in range(3)]
         assert sorted(received) == expected  # go validates in parallel: order is not kept
-        assert node.pubsub.stats["bad_signatures"] == 0
+        assert node.pubsub.counters["bad_signatures"] == 0
         await sub.aclose()
 
 

@@ -416,7 +416,7 @@ async def test_resumable_call_survives_dropped_connections(pair):
     finally:
         b.rpc.call = original
     assert len(seen) == 1 and np.array_equal(seen[0], x) and result == pytest.approx(float(x.sum()), rel=1e-4)
-    assert b.rpc.stats["resumed"] >= 1
+    assert b.rpc.counters["resumed"] >= 1
     assert chunk_calls == [0, 1, 1, 2]  # after reconnecting, only the lost chunk is sent again
     assert a.rpc.uploads.staged_bytes == 0
 
@@ -478,12 +478,12 @@ async def test_fast_lane_rejects_a_corrupted_payload_and_serves_batched_calls(pa
     replies = [await wire.receive(rogue, 1 << 20) for _ in range(2)]
     assert sorted(m.call_id for m in replies) == [1, 2]
     assert all(m.kind == "msg" and np.array_equal(m.value, arr) for m in replies)
-    calls_before = a.rpc.stats["calls_in"]
+    calls_before = a.rpc.counters["calls_in"]
     await rogue.write(head + bytes(buffers[0]) + struct.pack(">I", 12345))  # wrong checksum
     with trio.fail_after(5):
         err = await wire.receive(rogue, 1 << 20)
     assert err.kind == "err" and "checksum" in err.error_message
-    assert a.rpc.stats["calls_in"] == calls_before  # the corrupted call never ran
+    assert a.rpc.counters["calls_in"] == calls_before  # the corrupted call never ran
     assert await b.rpc.call(peer, "echo", "still fine") == "still fine"
 
 
@@ -537,7 +537,7 @@ async def test_a_call_never_lands_on_a_reachability_probe_connection(pair):
     sock = await trio.open_tcp_stream(*addr.tcp_target())
     probe = await b.host.adopt(sock, True, addr, expected=pid, probe=True)
     with trio.fail_after(5):
-        while not a.host._conns.get(b.host.peer_id):
+        while not a.host.connections_to(b.host.peer_id):
             await trio.sleep(0.01)
     assert b.host.connection_to(pid) is None and a.host.connection_to(b.host.peer_id) is None
     with trio.fail_after(10):

@@ -270,7 +270,7 @@ async def test_stalled_messages_are_reset_after_the_idle_timeout(tmp_path, nurse
         assert 0.6 <= trio.current_time() - started <= 2.5
     reply = await reply_of(slow)
     assert reply.kind == wire.MSG and reply.value.nbytes == 64 * 1024
-    assert a.rpc.stats["idle_reset"] == 1 and a.rpc.inbound_calls == 0
+    assert a.rpc.counters["idle_reset"] == 1 and a.rpc.inbound_calls == 0
     assert rpc_memory(a)["memory"] == 0
     assert await b.rpc.call(peer, "echo", 5) == 5
 
@@ -283,7 +283,7 @@ async def test_lane_carries_small_calls_and_checks_each_against_its_method(tmp_p
     with pytest.raises(RemoteError, match="over the limit of 131072 bytes for tiny"):
         await b.rpc.call(peer, "tiny", x, codec="topk:0.01")  # 16 KB on the wire: the lane
     assert await b.rpc.call(peer, "echo", 3) == 3
-    assert a.rpc.stats["malformed"] == 0  # answered on its own: the lane was not dropped as broken
+    assert a.rpc.counters["malformed"] == 0  # answered on its own: the lane was not dropped as broken
     rogue = await b.host.new_stream(b.host.connection_to(a.host.peer_id), [lane.PROTOCOL_ID])
     await rogue.write(call_bytes("echo", 1 * MIB, call_id=1))  # more than a lane call may carry
     reply = await reply_of(rogue)

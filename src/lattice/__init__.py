@@ -12,10 +12,10 @@ from lattice._version import __version__
 
 _EXPORTS = {
     "Node": "lattice.node",
-    "BlockingNode": "lattice.node",
+    "BlockingNode": "lattice.blocking",
     "NodeConfig": "lattice.config",
     "Client": "lattice.control.client",
-    "RemoteError": "lattice.control.client",
+    "RemoteError": "lattice.errors",
     "KeyPair": "lattice.identity",
     "PeerId": "lattice.identity",
     "Multiaddr": "lattice.multiaddr",
@@ -25,12 +25,13 @@ _EXPORTS = {
 __all__ = ["__version__", *_EXPORTS]
 
 if TYPE_CHECKING:
+    from lattice.blocking import BlockingNode
     from lattice.config import NodeConfig
-    from lattice.control.client import Client, RemoteError
-    from lattice.errors import LatticeError
+    from lattice.control.client import Client
+    from lattice.errors import LatticeError, RemoteError
     from lattice.identity import KeyPair, PeerId
     from lattice.multiaddr import Multiaddr
-    from lattice.node import BlockingNode, Node
+    from lattice.node import Node
 
 
 def __getattr__(name: str) -> Any:

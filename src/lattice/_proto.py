@@ -8,6 +8,7 @@ before anything is allocated.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Literal, overload
 
 __all__ = ["DecodeError", "Field", "TruncatedError", "decode", "decode_uvarint", "encode", "encode_uvarint"]
 
@@ -146,6 +147,10 @@ def decode(data: bytes | bytearray | memoryview, max_fields: int = 1024) -> dict
     return fields
 
 
+@overload
+def one_bytes(fields: dict[int, list[int | bytes]], number: int, required: Literal[True]) -> bytes: ...
+@overload
+def one_bytes(fields: dict[int, list[int | bytes]], number: int, required: bool = False) -> bytes | None: ...
 def one_bytes(fields: dict[int, list[int | bytes]], number: int, required: bool = False) -> bytes | None:
     """The last value of a length-delimited field (protobuf semantics: last one wins)."""
     values = fields.get(number)
@@ -159,6 +164,10 @@ def one_bytes(fields: dict[int, list[int | bytes]], number: int, required: bool 
     return value
 
 
+@overload
+def one_int(fields: dict[int, list[int | bytes]], number: int, default: int) -> int: ...
+@overload
+def one_int(fields: dict[int, list[int | bytes]], number: int, default: None = None) -> int | None: ...
 def one_int(fields: dict[int, list[int | bytes]], number: int, default: int | None = None) -> int | None:
     values = fields.get(number)
     if not values:

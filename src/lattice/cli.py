@@ -11,16 +11,17 @@ import argparse
 import json
 import os
 import sys
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 if TYPE_CHECKING:
     from lattice.config import NodeConfig
+    from lattice.plugins import Command, OptionGroup
 
 EXIT_USAGE = 2
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2 (argparse prints usage + error)
+    def error(self, message: str) -> NoReturn:  # one line, exit 2 (argparse prints usage + error)
         print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
         raise SystemExit(EXIT_USAGE)
 
@@ -56,7 +57,7 @@ def build_parser(with_apps: bool = True) -> argparse.ArgumentParser:
     return parser
 
 
-def add_node_options(parser: argparse.ArgumentParser) -> None:
+def add_node_options(parser: OptionGroup) -> None:
     """Add the options that configure a node (config file, addresses, identity, control socket,
     limits, apps, NAT traversal, swarm) to ``parser``. `run`, `serve-model`, `gossip-sgd peer` and
     apps' own node commands share them; :func:`node_config` makes the NodeConfig."""
@@ -930,7 +931,7 @@ def _render_content_status(s: dict) -> None:
     Console().print(table)
 
 
-_COMMANDS = {
+_COMMANDS: dict[str, Command] = {
     "run": cmd_run,
     "id": cmd_id,
     "peers": cmd_peers,

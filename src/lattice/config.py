@@ -9,13 +9,17 @@ from __future__ import annotations
 import os
 import re
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lattice.errors import ConfigError
 from lattice.multiaddr import Multiaddr
 from lattice.transport.resources import ResourceLimits
+
+if TYPE_CHECKING:
+    from lattice.content.config import ContentConfig
 
 __all__ = ["NodeConfig", "default_data_dir", "parse_size"]
 
@@ -224,11 +228,11 @@ class NodeConfig:
         )
 
     @property
-    def content_config(self):  # -> lattice.content.ContentConfig
+    def content_config(self) -> ContentConfig:
         """The content service's limits: ``content`` with ``content_max_bytes``."""
         from lattice.content.config import ContentConfig
 
-        return ContentConfig.from_table(self.content, max_bytes=self.content_max_bytes)
+        return ContentConfig.from_table(self.content, max_bytes=parse_size(self.content_max_bytes))
 
     def _positive_int(self, name: str) -> None:
         value = getattr(self, name)
@@ -299,7 +303,7 @@ def _app_names(value: Any) -> tuple[str, ...]:
     return tuple(dict.fromkeys(value))
 
 
-_ENV_SCALARS = {
+_ENV_SCALARS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "LATTICE_DATA_DIR": ("data_dir", str),
     "LATTICE_KEY_FILE": ("key_file", str),
     "LATTICE_CONTROL_SOCKET": ("control_socket", str),

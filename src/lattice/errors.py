@@ -55,5 +55,17 @@ class NodeError(LatticeError):
     """A node operation failed (not started, already closed, ...)."""
 
 
+class RemoteError(LatticeError):
+    """The other side ran the operation and it raised: a handler on a peer (an RPC call: the
+    ``lattice.rpc.RemoteCallError`` subclass, also an RPCError) or a daemon's control operation
+    (``lattice.Client``: ``lattice.control.ControlRemoteError``, also a ControlError). ``type`` is
+    the remote error's class name, ``remote_message`` its message."""
+
+    def __init__(self, type_name: str, message: str) -> None:
+        super().__init__(f"{type_name}: {message}")
+        self.type = type_name
+        self.remote_message = message
+
+
 class PayloadError(LatticeError):
     """A value cannot be encoded, or a received message is malformed or over a limit."""

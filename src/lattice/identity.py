@@ -75,7 +75,7 @@ class PublicKey:
             raise IdentityError(f"malformed public key: {exc}") from None
         if key_type != KEY_TYPE_ED25519:
             raise IdentityError(f"unsupported key type {key_type} (only Ed25519 is accepted)")
-        return cls(raw)  # type: ignore[arg-type]
+        return cls(raw)
 
     def to_protobuf(self) -> bytes:
         return _proto.encode([(1, KEY_TYPE_ED25519), (2, self.raw)])

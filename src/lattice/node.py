@@ -14,19 +14,18 @@ Blocking, for ordinary scripts (the trio loop runs in a background thread; same 
 
 from __future__ import annotations
 
-import functools
 import logging
 import signal
-import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import trio
 
 from lattice._version import __version__
-from lattice.config import NodeConfig
+from lattice.blocking import BlockingNode
+from lattice.config import NodeConfig, parse_size
 from lattice.errors import DialError, LatticeError, NodeError
 from lattice.identity import KeyPair, PeerId, load_or_create_key
 from lattice.multiaddr import Multiaddr, dialable
@@ -36,13 +35,12 @@ from lattice.service import Service, ServiceContext
 from lattice.transport import dnsaddr
 from lattice.transport import ping as ping_protocol
 from lattice.transport.connmgr import ConnectionManager
-from lattice.transport.host import Connection, Host, HostConfig
+from lattice.transport.host import Host, HostConfig
 from lattice.transport.sink import drain
 from lattice.transport.stack import open_host
 
 if TYPE_CHECKING:  # the services' types, for IDEs and the type checker (imported lazily at run time)
     from lattice.content.service import Content
-    from lattice.crdt.blocking import BlockingCRDT
     from lattice.crdt.service import CRDT
     from lattice.dht.service import DHT
     from lattice.pubsub.service import PubSub
@@ -67,16 +65,6 @@ class AppService(Protocol):
 
 
 RELAY_KEY = "/lattice/relays"  # DHT provider key under which relays announce themselves
-
-
-def _conn_row(conn: Connection) -> dict:
-    return {
-        "addr": str(conn.remote_addr),
-        "direction": conn.direction,
-        "relayed": conn.relayed,
-        "streams": conn.session.num_streams,
-        "age_s": round(time.time() - conn.opened_at, 1),
-    }
 
 
 def _nat_config(cfg: NodeConfig) -> NATConfig:
@@ -127,7 +115,7 @@ class Node:
         self._stack: Any = None
         self._nursery: trio.Nursery | None = None
         self._shutdown = trio.Event()
-        self._started_at = 0.0
+        self.started_at = 0.0  # wall-clock time the node started (0: not yet)
         self.connmgr: ConnectionManager | None = None
         self.nat: NATManager | None = None
         self.swarm = swarm  # the SwarmProfile, resolved at start if not given
@@ -175,7 +163,7 @@ class Node:
 
                 control = ControlServer(self.control_path)
                 await control.bind()
-            self._install_swarm_guard()
+            self._install_swarm_guard(profile)
             for proto in profile.sink_protocols:
                 self.host.set_stream_handler(proto, drain)
             ctx = ServiceContext(
@@ -213,7 +201,7 @@ class Node:
         except BaseException:
             await self._stack.__aexit__(None, None, None)
             raise
-        self._started_at = time.time()
+        self.started_at = time.time()
         return self
 
     def _keep_connected(self, peer: PeerId) -> None:
@@ -228,10 +216,10 @@ class Node:
             self.swarm = resolve(self.config.swarm, self.config.swarm_file)
         return self.swarm
 
-    def _install_swarm_guard(self) -> None:
+    def _install_swarm_guard(self, profile: SwarmProfile) -> None:
         from lattice.swarm.guard import SwarmGuard
 
-        self.swarm_guard = SwarmGuard(self, self.swarm)
+        self.swarm_guard = SwarmGuard(self, profile)
         self.swarm_guard.install()
 
     def _wire_relay_discovery(self) -> None:
@@ -402,54 +390,38 @@ class Node:
         return await ping_protocol.ping(host, peer, count=count, timeout=timeout)
 
     async def peers(self) -> list[dict]:
-        """Connected peers with their connection details."""
+        """Connected peers with their connection details (Host.peer_stats) and hole punches."""
         host = self._require_host()
         punches = self.nat.puncher.results if self.nat and self.nat.puncher else {}
-        out = []
-        for peer in host.connected_peers():
-            conn = host.connection_to(peer)
-            info = host.peerstore.get(peer)
-            if conn is None:
-                continue
-            out.append(
-                {
-                    "peer_id": str(peer),
-                    "addr": str(conn.remote_addr),
-                    "direction": conn.direction,
-                    "relayed": conn.relayed,
-                    "hole_punch": punches.get(peer),
-                    "rtt_ms": round(conn.rtt * 1000, 3) if conn.rtt is not None else None,
-                    "agent": info.agent_version if info else "",
-                    "listen_addrs": [str(a) for a in info.addrs] if info else [],
-                    "protocols": info.protocols if info else [],
-                    "streams": conn.session.num_streams,
-                    "connections": [_conn_row(c) for c in host._conns.get(peer, ()) if not c.closed],
-                    "connected_for_s": round(time.time() - conn.opened_at, 1),
-                }
-            )
-        return out
+        rows = ((peer, host.peer_stats(peer)) for peer in host.connected_peers())
+        return [{**row, "hole_punch": punches.get(peer)} for peer, row in rows if row is not None]
+
+    @property
+    def uptime(self) -> float:
+        """Seconds since the node started (0 before)."""
+        return time.time() - self.started_at if self.started_at else 0.0
 
     async def status(self) -> dict:
+        """The node at a glance: the host's stats (Host.stats), NAT, bootstrap peers, services."""
         host = self._require_host()
         cfg = self.config
-        conns = host.connections()
-        direct = {c.remote_peer for c in conns if not c.relayed}
+        h = host.stats()
         boot = self.connmgr.bootstrap_peers if self.connmgr else {}
         return {
             "peer_id": str(host.peer_id),
             "version": __version__,
             "addrs": self.addrs,
             "listen": [str(a) for a in host.listen_addrs],
-            "uptime_s": round(time.time() - self._started_at, 1),
-            "peers": len(host.connected_peers()),
-            "connections": len(conns),
+            "uptime_s": round(self.uptime, 1),
+            "peers": h["peers"],
+            "connections": h["connections"],
             "reachability": self.nat.reachability if self.nat else "unknown",
             "nat": self.nat.status() if self.nat else None,
-            "paths": {str(p): "direct" if p in direct else "relayed" for p in {c.remote_peer for c in conns}},
-            "direct_peers": len(direct),
-            "relayed_peers": len({c.remote_peer for c in conns if c.relayed} - direct),
-            "observed_addrs": [str(a) for a, _ in host.observed_addrs.most_common(4)],
-            "peerstore": host.peerstore.status(),
+            "paths": h["paths"],
+            "direct_peers": h["direct_peers"],
+            "relayed_peers": h["relayed_peers"],
+            "observed_addrs": h["observed_addrs"],
+            "peerstore": h["peerstore"],
             "bootstrap": [
                 {
                     "addr": str(a),
@@ -458,10 +430,10 @@ class Node:
                 }
                 for a, p in boot.items()
             ],
-            "bytes_sent": sum(c.session.bytes_sent for c in conns),
-            "bytes_received": sum(c.session.bytes_received for c in conns),
+            "bytes_sent": h["bytes_out"],
+            "bytes_received": h["bytes_in"],
             "services": sorted([*self.services, *self.app_services]),
-            "resources": host.resource_stats(),
+            "resources": h["resources"],
             "control": str(self.control_path) if self.control_path else None,
             "swarm": self.swarm.swarm_id if self.swarm else None,
             "roles": [r for r, on in (("bootstrap", cfg.bootstrap_node), ("relay", cfg.relay)) if on],
@@ -489,7 +461,7 @@ class Node:
         if host.limits is not None:
             target = _as_peer(peer)
             host.limits.ban(target, reason, seconds)
-            host._enforce_ban(target)
+            host.enforce_ban(target)
 
     async def unban(self, target: str) -> bool:
         """Lift the ban of a peer id or an IP address."""
@@ -532,10 +504,10 @@ def default_services(config: NodeConfig | None = None) -> list[Service]:
     return [
         RPC(
             RPCConfig(
-                max_payload=config.rpc_max_payload,
+                max_payload=parse_size(config.rpc_max_payload),
                 max_inbound_per_peer=config.rpc_max_inbound_per_peer,
                 message_idle_timeout=config.rpc_message_idle_timeout,
-                upload_peer_bytes=config.rpc_upload_peer_bytes,
+                upload_peer_bytes=parse_size(config.rpc_upload_peer_bytes),
             )
         ),
         DHT(DHTConfig(store_limits=store)),
@@ -547,165 +519,3 @@ def default_services(config: NodeConfig | None = None) -> list[Service]:
 
 def _as_peer(peer: str | PeerId) -> PeerId:
     return peer if isinstance(peer, PeerId) else PeerId.from_string(str(peer))
-
-
-class BlockingNode:
-    """The same node and method names, blocking: for training scripts and notebooks."""
-
-    def __init__(self, node: Node, start_timeout: float = 30.0) -> None:
-        self.node = node
-        self._token: trio.lowlevel.TrioToken | None = None
-        self._error: BaseException | None = None
-        self._ready = threading.Event()
-        self._stop: trio.Event | None = None
-        self._thread = threading.Thread(target=self._main, name="lattice-node", daemon=True)
-        self._thread.start()
-        if not self._ready.wait(start_timeout):
-            raise NodeError(f"node did not start within {start_timeout:.0f}s")
-        if self._error is not None:
-            raise self._error
-
-    def _main(self) -> None:
-        async def run() -> None:
-            self._token = trio.lowlevel.current_trio_token()
-            self._stop = trio.Event()
-            try:
-                async with self.node:
-                    self._ready.set()
-                    await self._stop.wait()
-            except BaseException as exc:  # surfaced to the caller of start()
-                self._error = exc
-                self._ready.set()
-
-        trio.run(run)
-
-    def _call(self, fn: Callable[..., Awaitable[Any]], *args: Any, **kwargs: Any) -> Any:
-        if self._token is None or not self._thread.is_alive():
-            raise NodeError("the node is closed")
-        return trio.from_thread.run(functools.partial(fn, *args, **kwargs), trio_token=self._token)
-
-    @property
-    def peer_id(self) -> PeerId:
-        return self.node.peer_id
-
-    @property
-    def dht(self) -> BlockingService:
-        """The DHT, blocking (same method names as ``Node.dht``)."""
-        return BlockingService(self, self.node.dht, ("put", "get", "provide", "find_providers"))
-
-    @property
-    def crdt(self) -> BlockingCRDT:
-        """Replicated documents, blocking (``node.crdt.open("swarm/config").get_map("root")["lr"] = 0.1``;
-        reads and writes run on the node's loop, values come back as plain Python)."""
-        from lattice.crdt.blocking import BlockingCRDT  # lazily: the node layer stays below services
-
-        return BlockingCRDT(self, self.node.crdt)
-
-    @property
-    def content(self) -> BlockingService:
-        """Content-addressed blobs and checkpoints, blocking (same names as ``Node.content``:
-        ``cid = node.content.add("model.safetensors")``, ``node.content.get(cid, "out")``); a ``get``'s
-        ``on_progress`` callback runs on the node's thread."""
-        names = ("add", "get", "get_tensors", "pin", "unpin", "pins", "gc", "status", "verify")
-        return BlockingService(self, self.node.content, names)
-
-    @property
-    def rpc(self) -> BlockingRPC:
-        """The RPC service, blocking (same method names as ``Node.rpc``)."""
-        return BlockingRPC(self, self.node.rpc)
-
-    @property
-    def addrs(self) -> list[str]:
-        return self._call(_sync_to_async(lambda: self.node.addrs))
-
-    def run(self, fn: Callable[..., Awaitable[Any]], *args: Any, **kwargs: Any) -> Any:
-        """Run any coroutine function on the node's trio loop (for services' async APIs)."""
-        return self._call(fn, *args, **kwargs)
-
-    def id(self) -> dict:
-        return self._call(self.node.id)
-
-    def connect(self, addr: str, timeout: float | None = None) -> str:
-        return self._call(self.node.connect, addr, timeout)
-
-    def disconnect(self, peer: str | PeerId) -> None:
-        return self._call(self.node.disconnect, peer)
-
-    def ping(self, target: str | PeerId, count: int = 1, timeout: float | None = None) -> list[float]:
-        return self._call(self.node.ping, target, count, timeout)
-
-    def peers(self) -> list[dict]:
-        return self._call(self.node.peers)
-
-    def status(self) -> dict:
-        return self._call(self.node.status)
-
-    def close(self) -> None:
-        """Stop the node and its thread (idempotent)."""
-        if self._token is not None and self._thread.is_alive() and self._stop is not None:
-            try:
-                trio.from_thread.run_sync(self._stop.set, trio_token=self._token)
-            except trio.RunFinishedError:
-                pass
-        self._thread.join(timeout=10)
-
-    def __enter__(self) -> BlockingNode:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def _sync_to_async(fn: Callable[[], Any]) -> Callable[[], Awaitable[Any]]:
-    async def wrapper() -> Any:
-        return fn()
-
-    return wrapper
-
-
-class BlockingRPC:
-    """``node.rpc`` for blocking code: calls block; plain (sync) handlers run in worker threads."""
-
-    def __init__(self, owner: BlockingNode, rpc: Any) -> None:
-        self._owner = owner
-        self._rpc = rpc
-
-    def register(self, name: str, fn: Callable[..., Any], **kwargs: Any) -> None:
-        self._rpc.register(name, fn, **kwargs)
-
-    def method(self, name: str, **kwargs: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-        return self._rpc.method(name, **kwargs)
-
-    @property
-    def methods(self) -> list[str]:
-        return self._rpc.methods
-
-    def call(self, peer: Any, method: str, payload: Any = None, **kwargs: Any) -> Any:
-        return self._owner._call(self._rpc.call, peer, method, payload, **kwargs)
-
-    def call_client_stream(self, peer: Any, method: str, values: Any, **kwargs: Any) -> Any:
-        return self._owner._call(self._rpc.call_client_stream, peer, method, list(values), **kwargs)
-
-    def call_stream(self, peer: Any, method: str, payload: Any = None, **kwargs: Any) -> list[Any]:
-        """All values of a server-streaming call (use the async API to consume them one by one)."""
-
-        async def collect() -> list[Any]:
-            async with self._rpc.call_stream(peer, method, payload, **kwargs) as items:
-                return [item async for item in items]
-
-        return self._owner._call(collect)
-
-
-class BlockingService:
-    """A service's async methods as blocking calls on the node's loop (same names)."""
-
-    def __init__(self, owner: BlockingNode, service: Any, names: tuple[str, ...]) -> None:
-        self._owner = owner
-        self._service = service
-        self._names = names
-
-    def __getattr__(self, name: str) -> Any:
-        if name not in self._names:
-            raise AttributeError(name)
-        method = getattr(self._service, name)
-        return lambda *args, **kwargs: self._owner._call(method, *args, **kwargs)

@@ -34,18 +34,34 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import entry_points
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:  # types only: importing the node here would cost every `lattice-node` start
     from lattice.config import NodeConfig
-    from lattice.node import Node, Service
+    from lattice.node import AppService, Node
 
-__all__ = ["ENTRY_POINT_GROUP", "App", "Command", "app_services", "build_node", "find_app", "installed_apps"]
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "App",
+    "Command",
+    "OptionGroup",
+    "app_services",
+    "build_node",
+    "find_app",
+    "installed_apps",
+]
 
 ENTRY_POINT_GROUP = "lattice.apps"
 
 Command = Callable[[argparse.Namespace], int]  # a subcommand: parsed arguments -> exit code
 AddCommands = Callable[[Any, dict[str, Command]], None]  # (argparse subparsers, name -> Command)
+
+
+class OptionGroup(Protocol):
+    """Where options go: an argparse parser or one of its argument groups."""
+
+    def add_argument(self, *args: Any, **kwargs: Any) -> argparse.Action: ...
+    def add_argument_group(self, *args: Any, **kwargs: Any) -> Any: ...
 
 
 @dataclass(frozen=True)
@@ -59,7 +75,7 @@ class App:
     add_commands: AddCommands | None = None
     # services(config): the services to run inside a node that enables this app; each one gets the
     # node in ``run(node, task_status)`` and registers its RPC methods, control ops and panels there.
-    services: Callable[[NodeConfig], list[Service]] | None = None
+    services: Callable[[NodeConfig], list[AppService]] | None = None
 
 
 def _load(ep: Any) -> App | None:
@@ -98,11 +114,11 @@ def find_app(name: str) -> App:
     raise ConfigError(f"app {name!r} is not installed (installed apps: {known})")
 
 
-def app_services(config: NodeConfig) -> list[Service]:
+def app_services(config: NodeConfig) -> list[AppService]:
     """The services of the apps ``config.apps`` enables, in that order."""
     from lattice.errors import ConfigError
 
-    out: list[Service] = []
+    out: list[AppService] = []
     for name in config.apps:
         app = find_app(name)
         if app.services is None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import trio
 
@@ -28,7 +28,7 @@ from lattice.identity import PeerId
 from lattice.transport.host import Host
 from lattice.transport.peerstore import PeerInfo
 
-__all__ = ["Service", "ServiceContext"]
+__all__ = ["Reporting", "Service", "ServiceContext"]
 
 T = TypeVar("T")
 
@@ -40,6 +40,15 @@ class Service(Protocol):
 
     async def run(self, ctx: ServiceContext, task_status: trio.TaskStatus = ...) -> None:
         """Run until cancelled; call ``task_status.started()`` once usable."""
+
+
+@runtime_checkable
+class Reporting(Protocol):
+    """A service (or the host) that reports its state: counters and gauges, cheap to compute."""
+
+    def stats(self) -> dict[str, Any]:
+        """JSON-able; what status pages and /metrics compose (lattice.observe.metrics)."""
+        ...
 
 
 def _admit_all(info: PeerInfo) -> bool:

@@ -140,7 +140,7 @@ def _torch_to_numpy(obj: Any) -> np.ndarray:
 
 def _compressed_ext(c: Any, buffers: list[memoryview]) -> msgpack.ExtType:
     data = np.ascontiguousarray(c.data)
-    raw = memoryview(data.reshape(-1)).cast("B")
+    raw = data.reshape(-1).data.cast("B")
     buffers.append(raw)
     desc = [data.dtype.name, list(data.shape), raw.nbytes, c.origin, c.codec, c.meta]
     return msgpack.ExtType(TENSOR_EXT, msgpack.packb(desc, use_bin_type=True))
@@ -205,7 +205,7 @@ def _validate(desc: Any, max_payload: int) -> TensorSpec:
 def allocate(spec: TensorSpec) -> memoryview:
     """The destination buffer for a tensor's bytes (filled in place by the transport)."""
     spec.buffer = np.empty(spec.nbytes, dtype=np.uint8)
-    return memoryview(spec.buffer)
+    return spec.buffer.data
 
 
 def finish(value: Any, as_torch: bool | None = None, max_bytes: int | None = None) -> Any:

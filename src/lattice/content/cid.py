@@ -16,9 +16,11 @@ import binascii
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import ModuleType
 
 from lattice.content.errors import ContentError
 
+_blake3: ModuleType | None
 try:
     import blake3 as _blake3
 except ImportError:  # pragma: no cover - blake3 is a dependency; SHA-256 still works

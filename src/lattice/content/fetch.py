@@ -107,7 +107,7 @@ class Fetch:
         self._progress(final=True)
 
     def _stuck_message(self, stuck: list[int]) -> str:
-        tried = [f"{p.peer[-8:]}: {p.dropped or 'lacks them'}" for p in self.sched.providers.values()]
+        tried = [f"{str(p.peer)[-8:]}: {p.dropped or 'lacks them'}" for p in self.sched.providers.values()]
         who = "; ".join(tried[:6]) if tried else "no provider found"
         return f"{len(stuck)} chunks of {self.partial.cid} could not be fetched ({who})"
 

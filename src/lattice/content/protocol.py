@@ -35,8 +35,11 @@ def provider_key(cid: ContentId) -> bytes:
 def parse_cid(payload: Any) -> ContentId:
     if not isinstance(payload, dict):
         raise PayloadError("a content request is a map")
+    cid = payload.get("cid")
+    if not isinstance(cid, str):
+        raise PayloadError("a content request names its cid")
     try:
-        return ContentId.parse(payload.get("cid"))
+        return ContentId.parse(cid)
     except ContentError as exc:
         raise PayloadError(str(exc)) from None
 

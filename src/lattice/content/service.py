@@ -178,7 +178,7 @@ class Content:
         self._announced: set[str] = set()
         self._disk = trio.CapacityLimiter(4)  # worker threads reading and hashing served chunks
         self._nursery: trio.Nursery | None = None
-        self.stats = {"requests": 0, "refused": 0, "malformed": 0, "chunks_served": 0, "bytes_served": 0,
+        self.counters = {"requests": 0, "refused": 0, "malformed": 0, "chunks_served": 0, "bytes_served": 0,
                       "chunks_hashed": 0, "chunks_fetched": 0, "bytes_fetched": 0,
                       "bad_chunks": 0}  # fmt: skip
 
@@ -363,8 +363,8 @@ class Content:
                     if partial.complete:
                         await trio.to_thread.run_sync(store.finish, partial)
                 finally:
-                    self.stats["chunks_fetched"] += fetch.fetched
-                    self.stats["bytes_fetched"] += fetch.fetched_bytes
+                    self.counters["chunks_fetched"] += fetch.fetched
+                    self.counters["bytes_fetched"] += fetch.fetched_bytes
                     self._score(fetch)
                     self.fetches.pop(key, None)
                     store.release(partial)
@@ -389,8 +389,8 @@ class Content:
             count = 2 * self.config.fetch.max_providers
             with trio.move_on_after(self.config.fetch.request_timeout):
                 try:
-                    for peer, _addrs in await dht.find_providers(protocol.provider_key(cid), count=count):
-                        out.setdefault(peer, peer)
+                    for provider, _addrs in await dht.find_providers(protocol.provider_key(cid), count=count):
+                        out.setdefault(provider, provider)
                 except LatticeError as exc:
                     log.debug("provider lookup for %s failed: %s", cid, exc)
         found = [(p, t) for p, t in out.items() if p != me and not self._is_bad(p)]
@@ -431,19 +431,19 @@ class Content:
         """Remember how each provider of a fetch did (rate, chunks, why dropped): the next fetch
         tries the fastest known providers first."""
         for prov in fetch.sched.providers.values():
-            row = self.scores.get(prov.peer) or {"chunks": 0, "bytes": 0, "rate": 0.0, "fetches": 0}
+            row = self.scores.get(str(prov.peer)) or {"chunks": 0, "bytes": 0, "rate": 0.0, "fetches": 0}
             row["chunks"] += prov.chunks
             row["bytes"] += prov.bytes
             row["fetches"] += 1
             if prov.rate > 0:
                 row["rate"] = prov.rate if row["rate"] <= 0 else 0.5 * (row["rate"] + prov.rate)
             row["dropped"] = prov.dropped
-            _bounded_put(self.scores, prov.peer, row)
+            _bounded_put(self.scores, str(prov.peer), row)
 
     def _on_bad_provider(self, peer: str, reason: str) -> None:
         """A provider sent bytes that are not what was asked: not used again for a while, and a
         misbehaviour point on its record (honest nodes verify what they serve)."""
-        self.stats["bad_chunks"] += 1
+        self.counters["bad_chunks"] += 1
         _bounded_put(self.bad_providers, peer, (time.monotonic() + self.config.bad_provider_ttl, reason))
         host = self._ctx.host if self._ctx is not None else None
         if host is not None:
@@ -465,11 +465,11 @@ class Content:
     def _admit(self, peer: Any) -> None:
         refusal = self.admission.refusal(peer)
         if refusal is not None:
-            self.stats["refused"] += 1
+            self.counters["refused"] += 1
             raise ContentBusy(refusal)
 
     def _malformed(self, peer: Any, exc: Exception) -> None:
-        self.stats["malformed"] += 1
+        self.counters["malformed"] += 1
         self.ctx.host.penalize(peer, f"content: {exc}", PENALTY_MALFORMED)
 
     async def _serve_manifest(self, payload: Any, ctx: Any):
@@ -502,12 +502,12 @@ class Content:
         if manifest is None:
             raise ContentNotFound(f"{cid} is not here")
         if max(indices) >= manifest.count:
-            exc = PayloadError(f"chunk index out of range (the content has {manifest.count})")
-            self._malformed(peer, exc)
-            raise exc
+            error = PayloadError(f"chunk index out of range (the content has {manifest.count})")
+            self._malformed(peer, error)
+            raise error
         self._admit(peer)
         self.admission.begin(peer)
-        self.stats["requests"] += 1
+        self.counters["requests"] += 1
         lease = self.ctx.host.resources.lease(peer, self.name)
         reads: ReadAhead | None = None
         try:
@@ -515,7 +515,7 @@ class Content:
             try:
                 lease.grow(buffers * manifest.chunk_size)
             except ResourceLimitExceeded as exc:
-                self.stats["refused"] += 1
+                self.counters["refused"] += 1
                 raise ContentBusy(str(exc)) from None
             reader = store.reader(cid)
             if reader is None or self._nursery is None:
@@ -543,7 +543,7 @@ class Content:
             self.admission.end(peer)
 
     def _read_done(self, reader: Reader) -> None:
-        self.stats["chunks_hashed"] += reader.hashed
+        self.counters["chunks_hashed"] += reader.hashed
 
     async def _throttle(self, peer: Hashable, nbytes: int) -> None:
         rate = self.config.serve_peer_rate
@@ -559,8 +559,8 @@ class Content:
             now = trio.current_time()
 
     def _count_served(self, peer: Any, nbytes: int) -> None:
-        self.stats["chunks_served"] += 1
-        self.stats["bytes_served"] += nbytes
+        self.counters["chunks_served"] += 1
+        self.counters["bytes_served"] += nbytes
         key = str(peer)
         _bounded_put(self.served, key, self.served.get(key, 0) + nbytes)
 
@@ -585,9 +585,12 @@ class Content:
         store = self._require_store()
         if key not in store.pinned or store.state(key) != COMPLETE:
             return
+        dht = self._dht()
+        if dht is None:
+            return
         try:
             with trio.move_on_after(60):
-                await self._dht().provide(protocol.provider_key(ContentId.parse(key)))
+                await dht.provide(protocol.provider_key(ContentId.parse(key)))
                 self._announced.add(key)
         except LatticeError as exc:
             log.debug("announcing %s failed: %s", key, exc)
@@ -638,12 +641,16 @@ class Content:
             self._repair_soon(parsed)
         return {"cid": cid, "bad_chunks": bad}
 
+    def stats(self) -> dict:
+        """Requests, chunks and refusals counted since start; transfers in progress (JSON-able)."""
+        return {**self.counters, "serving": self.admission.active, "fetching": len(self.fetches)}
+
     async def status(self) -> dict:
         store = self._require_store()
         return {
             "store": store.usage(),
             "objects": store.listing(),
-            "serving": {"active": self.admission.active, "peers": len(self.admission.peers), **self.stats},
+            "serving": {"active": self.admission.active, "peers": len(self.admission.peers), **self.counters},
             "fetching": {key: fetch.progress() for key, fetch in self.fetches.items()},
             "bad_providers": {p: why for p, (_, why) in self.bad_providers.items()},
             "providers": dict(list(self.scores.items())[-32:]),

@@ -47,6 +47,7 @@ from lattice.content.manifest import (
     MAX_SAFETENSORS_HEADER,
     MIN_CHUNK,
     Manifest,
+    TensorEntry,
     safetensors_layout,
 )
 
@@ -79,6 +80,11 @@ NUMPY_DTYPES = {
 }  # fmt: skip  (bfloat16 and float8 come back as their raw words, as lattice.codec sends bfloat16)
 
 
+def _bytes(data: bytes | memoryview | np.ndarray) -> memoryview:
+    """The bytes of a chunk, whatever holds them."""
+    return (data.data if isinstance(data, np.ndarray) else memoryview(data)).cast("B")
+
+
 class Partial:
     """An object being fetched: the file at its final size, and which chunks are in it.
 
@@ -108,7 +114,7 @@ class Partial:
             data, have = self.store.partial_paths(self.cid)
             self._fd = os.open(data, os.O_RDWR | os.O_CLOEXEC)
             self._have_fd = os.open(have, os.O_RDWR | os.O_CLOEXEC)
-            if self.direct:
+            if self.direct and O_DIRECT is not None:
                 try:
                     self._direct_fd = os.open(data, os.O_WRONLY | os.O_CLOEXEC | O_DIRECT)
                 except OSError:  # EINVAL: not on this file system
@@ -149,7 +155,7 @@ class Partial:
     def verify(self, index: int, data: bytes | memoryview | np.ndarray) -> bool:
         """Is ``data`` chunk ``index`` (length and hash)?"""
         m = self.manifest
-        view = memoryview(data).cast("B")
+        view = _bytes(data)
         return view.nbytes == m.chunk_len(index) and digest(m.hash_code, view) == m.chunks[index]
 
     def write(self, index: int, data: bytes | memoryview | np.ndarray, verified: bool = False) -> None:
@@ -157,7 +163,7 @@ class Partial:
         if not verified and not self.verify(index, data):
             raise IntegrityError(f"chunk {index} of {self.cid} does not match its hash")
         fd, have_fd = self._open()
-        view = memoryview(data).cast("B")
+        view = _bytes(data)
         offset = self.manifest.chunk_range(index)[0]
         if self.direct:
             done = self._write_direct(view, offset)
@@ -170,6 +176,11 @@ class Partial:
         """Bytes [start, end) of the object (their chunks must be had)."""
         fd, _ = self._open()
         return os.pread(fd, end - start, start)
+
+    def sync(self) -> None:
+        """Flush the object's bytes to disk (before it becomes a complete object)."""
+        fd, _ = self._open()
+        os.fsync(fd)
 
     def close(self) -> None:
         for fd in (self._fd, self._have_fd, self._direct_fd):
@@ -241,7 +252,7 @@ class Reader:
         start, end = m.chunk_range(index)
         view = out[: end - start]
         try:
-            if os.preadv(self.fd, [view], start, NOWAIT) != end - start:
+            if os.preadv(self.fd, [view.data], start, NOWAIT) != end - start:
                 return None
         except OSError:  # EAGAIN (not cached), or a kernel or file system without it
             return None
@@ -254,13 +265,13 @@ class Reader:
             return None
         start, end = m.chunk_range(index)
         view = out[: end - start]
-        if os.preadv(self.fd, [view], start) == end - start:
+        if os.preadv(self.fd, [view.data], start) == end - start:
             known = self.verified
-            identity = file_identity(self.fd) if known is not None else None
+            identity = file_identity(self.fd) if known is not None else (0, 0, 0, 0)
             if known is not None and known.known(identity, index):
                 return view
             self.hashed += 1
-            if digest(m.hash_code, view) == m.chunks[index]:
+            if digest(m.hash_code, view.data) == m.chunks[index]:
                 if known is not None:
                     known.mark(identity, index)
                 return view
@@ -502,7 +513,7 @@ class Store:
                     chunks.append(digest(code, block))
                     if out is not None:
                         out.write(block)
-                tensors = ()
+                tensors: tuple[TensorEntry, ...] = ()
                 if kind == "safetensors":
                     src.seek(0)
                     head = src.read(8)
@@ -589,8 +600,7 @@ class Store:
         key = str(partial.cid)
         if not partial.complete:
             raise ContentError(f"{key} is missing {len(partial.missing())} chunks")
-        fd, _ = partial._open()
-        os.fsync(fd)
+        partial.sync()
         partial.close()
         self._partials.pop(key, None)
         data, have = self.partial_paths(key)

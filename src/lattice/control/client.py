@@ -17,17 +17,14 @@ from pathlib import Path
 from typing import Any
 
 from lattice.control import protocol
-from lattice.errors import ControlError
+from lattice.errors import ControlError, RemoteError
 
-__all__ = ["Client", "RemoteError"]
+__all__ = ["Client", "ControlRemoteError", "RemoteError"]
 
 
-class RemoteError(ControlError):
-    """The daemon ran the operation and it failed; ``type`` names the daemon-side error."""
-
-    def __init__(self, type_name: str, message: str) -> None:
-        super().__init__(message)
-        self.type = type_name
+class ControlRemoteError(RemoteError, ControlError):
+    """The daemon ran the operation and it failed; ``type`` names the daemon-side error (an RPC
+    call's remote error keeps the type the peer reported)."""
 
 
 class Client:
@@ -81,7 +78,8 @@ class Client:
                     yield "result", reply.get("result")
                     return
                 error = reply.get("error") or {}
-                raise RemoteError(str(error.get("type", "Error")), str(error.get("message", "unknown error")))
+                kind, text = str(error.get("type", "Error")), str(error.get("message", "unknown error"))
+                raise ControlRemoteError(kind, text)
         except TimeoutError:
             raise ControlError(f"daemon did not answer {op!r} within {self.timeout:.0f}s") from None
         except (BrokenPipeError, ConnectionResetError):

@@ -1,6 +1,6 @@
 """Control API wire format over a local Unix socket; values may contain numpy arrays / torch tensors.
 
-frame     := u32 frame_len | u32 doc_len | doc | payload        (frame_len counts what follows it)
+frame     := u64 frame_len | u32 doc_len | doc | payload        (frame_len counts what follows it)
 doc       := msgpack map, tensors replaced by descriptors (lattice.codec.tensors); payload = their bytes
 request   {"id": int, "op": str, "args": {...}}
 reply     {"id": int, "ok": true, "result": ...}  |  {"id": int, "ok": false, "error": {"type", "message"}}

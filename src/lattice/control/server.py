@@ -21,7 +21,7 @@ import trio
 
 from lattice._files import private_dir
 from lattice.control import protocol
-from lattice.errors import ConfigError, ControlError, LatticeError, PayloadError
+from lattice.errors import ConfigError, ControlError, LatticeError, PayloadError, RemoteError
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ class ControlServer:
                 }
             )
         except LatticeError as exc:
-            await send({"ok": False, "error": {"type": type(exc).__name__, "message": str(exc)}})
+            await send({"ok": False, "error": _error(exc)})
         except trio.TooSlowError:
             await send({"ok": False, "error": {"type": "TimeoutError", "message": f"{op_name} timed out"}})
         except Exception as exc:
@@ -148,6 +148,14 @@ class ControlServer:
             await send(
                 {"ok": False, "error": {"type": "InternalError", "message": f"{type(exc).__name__}: {exc}"}}
             )
+
+
+def _error(exc: LatticeError) -> dict:
+    """A failed operation as the client sees it: its class and message; an error a peer reported
+    (an RPC handler's, RemoteError) as the peer reported it."""
+    if isinstance(exc, RemoteError):
+        return {"type": exc.type, "message": exc.remote_message}
+    return {"type": type(exc).__name__, "message": str(exc)}
 
 
 async def _read_frame(stream: trio.SocketStream, buf: bytearray) -> dict | None:

@@ -33,7 +33,7 @@ import logging
 import random
 import struct
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Literal, overload
 
 import msgpack
 import trio
@@ -47,7 +47,7 @@ from lattice.pubsub.service import PubSub
 from lattice.service import ServiceContext
 from lattice.transport.limits import PENALTY_MALFORMED
 from lattice.transport.peerstore import PeerInfo
-from lattice.transport.yamux import YamuxStream
+from lattice.transport.stream import Stream
 
 log = logging.getLogger(__name__)
 
@@ -62,12 +62,16 @@ PEERS_TTL = 0.05  # seconds the list of connected replicas is reused
 PUSH_IDLE = 60.0  # a push stream silent for longer is closed (pushers close theirs after 30 s)
 
 
-async def _send(stream: YamuxStream, message: dict) -> None:
+async def _send(stream: Stream, message: dict) -> None:
     body = msgpack.packb(message, use_bin_type=True)
     await stream.write(struct.pack(">I", len(body)) + body)
 
 
-async def _recv(stream: YamuxStream, eof_ok: bool = False) -> dict | None:
+@overload
+async def _recv(stream: Stream, eof_ok: Literal[False] = False) -> dict: ...
+@overload
+async def _recv(stream: Stream, eof_ok: bool) -> dict | None: ...
+async def _recv(stream: Stream, eof_ok: bool = False) -> dict | None:
     header = await stream.read(4)
     if not header:
         if eof_ok:
@@ -140,10 +144,10 @@ class CRDT:
         self._outbox_wake: dict[PeerId, trio.Event] = {}
         self._flushing: set[str] = set()  # documents with a background fsync scheduled
         self._peers_cache: tuple[float, list[PeerId]] | None = None
-        self.stats = {"pushed": 0, "synced": 0, "applied": 0, "rejected": 0, "bad_frames": 0}
-        self.stats["compactions"] = 0
-        self.stats["held"] = 0  # updates taken ahead of a sequence gap (DocStats.held, all documents)
-        self.stats["invalid"] = 0  # updates that cost their sender misbehaviour points
+        self.counters = {"pushed": 0, "synced": 0, "applied": 0, "rejected": 0, "bad_frames": 0}
+        self.counters["compactions"] = 0
+        self.counters["held"] = 0  # updates taken ahead of a sequence gap (DocStats.held, all documents)
+        self.counters["invalid"] = 0  # updates that cost their sender misbehaviour points
 
     # -- lifecycle
     @property
@@ -199,7 +203,7 @@ class CRDT:
                            limits=self.limits)  # fmt: skip
             if doc.needs_compaction():
                 doc.compact()
-            doc.observe(lambda change, d=doc: self._on_change(d, change))
+            doc.observe(functools.partial(self._on_change, doc))
             self.docs[name] = doc
             pubsub = self._pubsub()
             if pubsub is not None:
@@ -235,10 +239,10 @@ class CRDT:
         try:
             raws = msgpack.unpackb(data, raw=False, max_array_len=10_000, max_map_len=0, max_str_len=0)
         except (ValueError, msgpack.UnpackException):
-            self.stats["bad_frames"] += 1
+            self.counters["bad_frames"] += 1
             return False
         if not isinstance(raws, list):
-            self.stats["bad_frames"] += 1
+            self.counters["bad_frames"] += 1
             return False
         return self._apply_all(doc, raws, peer)
 
@@ -252,7 +256,7 @@ class CRDT:
         for batch in _raw_batches(box):
             try:
                 pubsub.publish(TOPIC_PREFIX + doc.name, msgpack.packb(batch, use_bin_type=True))
-                self.stats["pushed"] += len(batch)
+                self.counters["pushed"] += len(batch)
             except LatticeError as exc:  # anti-entropy repairs it
                 log.debug("CRDT publish on %s failed: %s", doc.name, exc)
 
@@ -275,12 +279,12 @@ class CRDT:
             box.append(raw)
             return
         for peer in peers:
-            box = self._outbox.get(peer)
-            if box is None:
-                box = self._outbox[peer] = []
+            outbox = self._outbox.get(peer)
+            if outbox is None:
+                outbox = self._outbox[peer] = []
                 self._nursery.start_soon(self._pusher, peer)
-            if len(box) < MAX_QUEUED:  # beyond: dropped, anti-entropy repairs it
-                box.append((doc.name, raw))
+            if len(outbox) < MAX_QUEUED:  # beyond: dropped, anti-entropy repairs it
+                outbox.append((doc.name, raw))
             wake = self._outbox_wake.get(peer)
             if wake is not None:
                 wake.set()
@@ -316,7 +320,7 @@ class CRDT:
                         stream = await self.ctx.host.new_stream(peer, [PROTOCOL_ID])
                     for name, raws in batch.items():
                         await _send(stream, {"t": "push", "doc": name, "u": raws})
-                self.stats["pushed"] += taken
+                self.counters["pushed"] += taken
         except (LatticeError, trio.TooSlowError) as exc:
             log.debug("CRDT push to %s failed: %s", peer, exc)  # anti-entropy repairs it
         finally:
@@ -373,7 +377,7 @@ class CRDT:
                     await self._sync_quietly(peer, doc)
                 if doc.needs_compaction():  # periodic compaction (see Document.needs_compaction)
                     doc.compact()
-                    self.stats["compactions"] += 1
+                    self.counters["compactions"] += 1
 
     async def _sync_quietly(self, peer: PeerId, doc: Document) -> None:
         try:
@@ -392,12 +396,12 @@ class CRDT:
             if theirs is not None:
                 await self._send_updates(stream, doc, doc.missing_for(theirs))
             await stream.close()
-            self.stats["synced"] += 1
+            self.counters["synced"] += 1
         except BaseException:
             await stream.reset()
             raise
 
-    async def _send_updates(self, stream: YamuxStream, doc: Document, updates: list[SignedUpdate]) -> None:
+    async def _send_updates(self, stream: Stream, doc: Document, updates: list[SignedUpdate]) -> None:
         await doc.flush()
         batches = _batches(updates)
         for i, batch in enumerate(batches):
@@ -405,7 +409,7 @@ class CRDT:
             version = doc.version() if last else None
             await _send(stream, {"t": "updates", "doc": doc.name, "u": batch, "v": version, "last": last})
 
-    async def _receive_updates(self, stream: YamuxStream, doc: Document | None) -> dict | None:
+    async def _receive_updates(self, stream: Stream, doc: Document | None) -> dict | None:
         """Apply 'updates' frames until the last; returns the sender's version vector (or None)."""
         for _ in range(100_000):  # bounded: a document is at most max_bytes of updates
             message = await _recv(stream)
@@ -432,11 +436,11 @@ class CRDT:
         before = dataclasses.replace(doc.stats)
         applied = doc.apply_many(updates, sync=self._nursery is None)
         after = doc.stats
-        self.stats["applied"] += applied
-        self.stats["rejected"] += undecodable + after.rejected - before.rejected
+        self.counters["applied"] += applied
+        self.counters["rejected"] += undecodable + after.rejected - before.rejected
         invalid = undecodable + after.invalid - before.invalid
-        self.stats["held"] += after.held - before.held
-        self.stats["invalid"] += invalid
+        self.counters["held"] += after.held - before.held
+        self.counters["invalid"] += invalid
         if invalid and peer is not None:
             self._penalize(peer, doc, invalid)
         if applied and self._nursery is not None:
@@ -468,7 +472,7 @@ class CRDT:
         except RuntimeError:  # shutting down: close() fsyncs
             self._flushing.discard(doc.name)
 
-    async def _handle(self, stream: YamuxStream) -> None:
+    async def _handle(self, stream: Stream) -> None:
         try:
             with trio.fail_after(TIMEOUT):
                 message = await _recv(stream)
@@ -489,13 +493,13 @@ class CRDT:
             else:
                 raise PayloadError(f"unknown CRDT message {message['t']!r}")
         except (PayloadError, TransportError, trio.TooSlowError) as exc:
-            self.stats["bad_frames"] += 1
+            self.counters["bad_frames"] += 1
             log.debug("CRDT stream from %s: %s", stream.remote_peer, exc)
             if isinstance(exc, PayloadError):
                 self.ctx.host.penalize(stream.remote_peer, f"malformed CRDT frame: {exc}")
             await stream.reset()
 
-    async def _more_pushes(self, stream: YamuxStream) -> None:
+    async def _more_pushes(self, stream: Stream) -> None:
         """A pusher keeps its stream: apply its frames until it closes (it does after 30 s idle)."""
         while True:
             with trio.fail_after(PUSH_IDLE):
@@ -583,13 +587,17 @@ class CRDT:
             for t, m in pubsub.router.mesh.items()
             if t.startswith(TOPIC_PREFIX)
         }
-        return {**pubsub.stats, **pubsub.router.stats, "mesh": meshes}
+        return {**pubsub.stats(), "mesh": meshes}
+
+    def stats(self) -> dict:
+        """Updates counted since start and the open documents (JSON-able; /metrics)."""
+        return {**self.counters, "documents": len(self.docs)}
 
     async def _op_status(self) -> dict:
         return {
             "docs": {name: self._doc_status(d) for name, d in self.docs.items()},
             "gossip": self._gossip_status(),
-            **self.stats,
+            **self.stats(),
         }
 
 

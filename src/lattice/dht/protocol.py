@@ -87,7 +87,7 @@ def _parse_peer(data: bytes) -> PeerEntry | None:
     fields = _proto.decode(data, max_fields=MAX_ADDRS * 4 + 8)
     raw = _proto.one_bytes(fields, 1, required=True)
     try:
-        peer = PeerId(raw)  # type: ignore[arg-type]
+        peer = PeerId(raw)
     except IdentityError:
         return None
     addrs = []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import heapq
 import time
 from collections import OrderedDict
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 from lattice.dht.keys import ID_BITS, bucket_index, peer_key
@@ -90,7 +91,7 @@ class RoutingTable:
     def closest(self, target: int, count: int | None = None, exclude: set | None = None) -> list[Contact]:
         """The ``count`` (default k) contacts closest to ``target`` by XOR distance."""
         count = self.k if count is None else count
-        contacts = self._all.values()
+        contacts: Collection[Contact] = self._all.values()
         if exclude:
             contacts = [c for c in contacts if c.peer not in exclude]
         if len(contacts) <= count:

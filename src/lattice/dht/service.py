@@ -9,7 +9,7 @@ Wire: libp2p Kademlia messages (varint-delimited protobuf) under the swarm profi
 libp2p peers query). Only DHT servers enter the routing table: peers whose identify lists that id
 (a peer in client mode is served, never queried). Streams to a peer are pooled and reused across
 requests, so a lookup pays no protocol negotiation per hop. Every record is verified on every hop (signature,
-expiry, size, ownership, the peer-id subkey rule); rejections are counted in ``stats``. What a
+expiry, size, ownership, the peer-id subkey rule); rejections are counted in ``counters``. What a
 stranger may store here is bounded by byte quotas (store, publisher, sender IP prefix: ``StoreLimits``);
 a refused PUT_VALUE (over a quota, or not a valid Lattice record: e.g. a go peer's ``/pk/`` or
 ``/ipns/`` record, a Lattica peer's pickled value) resets the stream as go-libp2p-kad-dht's server
@@ -23,6 +23,7 @@ import logging
 import os
 import sqlite3
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -43,7 +44,7 @@ from lattice.service import ServiceContext
 from lattice.transport.framing import read_delimited
 from lattice.transport.limits import PENALTY_THROTTLED, TokenBucket
 from lattice.transport.peerstore import PeerInfo
-from lattice.transport.yamux import YamuxStream
+from lattice.transport.stream import Stream
 
 log = logging.getLogger(__name__)
 
@@ -119,12 +120,14 @@ class DHT:
         self.protocol_id = self.config.protocol_id or PROTOCOL_ID  # the swarm's, once running
         self.table: RoutingTable | None = None
         self.store: Store | None = None
-        self._pools: dict[PeerId, list[YamuxStream]] = {}
+        self._pools: dict[PeerId, list[Stream]] = {}
         self._published: dict[tuple[bytes, bytes], Record] = {}
         self._table_changed = trio.Event()
         self._dirty = trio.Event()  # the store has records to commit (the write-behind task's cue)
-        self.stats = {"requests_in": 0, "requests_out": 0, "rejected_records": 0, "malformed": 0,
-                      "failed_requests": 0, "quota_refused": 0}  # fmt: skip
+        self.counters: dict[str, float] = {
+            "requests_in": 0, "requests_out": 0, "rejected_records": 0, "malformed": 0,
+            "failed_requests": 0, "quota_refused": 0,
+        }  # fmt: skip
         self._refusals: dict[PeerId, TokenBucket] = {}  # quota refusals forgiven per peer
         # operation -> [count, total seconds] (Prometheus summaries: lattice_dht_op_seconds)
         self.latency: dict[str, list[float]] = {}
@@ -135,6 +138,12 @@ class DHT:
         if self._ctx is None:
             raise LatticeError("the DHT service is not running")
         return self._ctx
+
+    def _store(self) -> Store:
+        """The record store (opened by run)."""
+        if self.store is None:
+            raise LatticeError("the DHT is not running")
+        return self.store
 
     async def run(self, ctx: ServiceContext, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
         self._ctx = ctx
@@ -151,8 +160,10 @@ class DHT:
         host.set_stream_handler(self.protocol_id, self._handle)
         host.on_identify(self._on_identified)
         host.peer_router = self._route_peer
-        ops = {"dht.put": self._op_put, "dht.get": self._op_get, "dht.provide": self._op_provide,
-               "dht.providers": self._op_providers, "dht.status": self._op_status}  # fmt: skip
+        ops: dict[str, Callable[..., Any]] = {
+            "dht.put": self._op_put, "dht.get": self._op_get, "dht.provide": self._op_provide,
+            "dht.providers": self._op_providers, "dht.status": self._op_status,
+        }  # fmt: skip
         for name, op in ops.items():
             ctx.add_control_op(name, op)
         try:
@@ -179,7 +190,7 @@ class DHT:
                 self.store.flush()
             except sqlite3.Error as exc:  # kept pending: retried on the next cycle
                 log.warning("DHT store commit failed (%d records pending): %s", self.store.pending, exc)
-                self.stats["write_errors"] = self.store.write_errors
+                self.counters["write_errors"] = self.store.write_errors
                 self._dirty.set()
 
     def _on_identified(self, info: PeerInfo) -> None:
@@ -238,7 +249,7 @@ class DHT:
             if now - last_republish >= self.config.republish_interval:
                 last_republish = now
                 await self._republish()
-            self.store.expire()
+            self._store().expire()
             self._dirty.set()  # expired records leave the disk with the next commit
 
     async def _safe_lookup(self, key: bytes) -> None:
@@ -272,12 +283,12 @@ class DHT:
         self, peer: PeerId, message: protocol.Message, body: bytes | None, echo: bytes | None
     ) -> protocol.Message:
         host = self.ctx.host
-        self.stats["requests_out"] += 1
+        self.counters["requests_out"] += 1
         # a plain deadline scope: trio.fail_after is a generator context manager (hot: ~20 per put)
         with trio.CancelScope(deadline=trio.current_time() + self.config.request_timeout) as scope:
             pool = self._pools.setdefault(peer, [])
             stream = pool.pop() if pool else None
-            if stream is None or stream._error is not None or stream.remote_closed:
+            if stream is None or stream.failed or stream.remote_closed:
                 conn = await host.connect_peer(peer, timeout=self.config.request_timeout, route=False)
                 stream = await host.new_stream(conn, [self.protocol_id])
             try:
@@ -293,6 +304,7 @@ class DHT:
                 raise
         if scope.cancelled_caught:
             raise trio.TooSlowError
+        assert stream is not None  # the scope's body ran to its end
         if len(pool) < MAX_IDLE_STREAMS:
             pool.append(stream)
         else:
@@ -355,11 +367,12 @@ class DHT:
                     break
                 peer, reply = await receive.receive()
                 if reply is None:
-                    self.stats["failed_requests"] += 1
+                    self.counters["failed_requests"] += 1
                     look.on_failure(peer)
                     self.table.failed(peer)
                     continue
-                self._add_contact(peer, self.table.get(peer).addrs if self.table.get(peer) else [])
+                known = self.table.get(peer)
+                self._add_contact(peer, known.addrs if known is not None else [])
                 closer = []
                 for entry in reply.closer:
                     if entry.peer != me:
@@ -393,7 +406,7 @@ class DHT:
         expires = expires_at if expires_at is not None else time.time() + (ttl or 3600.0)
         sub = _as_key(subkey) if subkey is not None else None
         record = records.create(self.ctx.host.keypair, key, value, expires, sub)
-        self.store.check(record)
+        self._store().check(record)
         self._published[(record.key, record.subkey)] = record
         return await self._replicate(record)
 
@@ -434,7 +447,7 @@ class DHT:
                 if answer is not None:
                     answer.reply = reply
             except (LatticeError, trio.TooSlowError, OSError):
-                self.stats["failed_requests"] += 1
+                self.counters["failed_requests"] += 1
             finally:
                 if answer is not None:
                     answer.done.set()
@@ -458,7 +471,7 @@ class DHT:
             stored = 0
             if len(closest) < k or me_key ^ target <= far:  # we are among the k closest
                 try:
-                    stored += self.store.put(record, defer=True)
+                    stored += self._store().put(record, defer=True)
                     self._dirty.set()
                 except QuotaExceeded as exc:  # full of others' records: the replicas may take it
                     log.info("this node did not keep its own record: %s", exc)
@@ -488,8 +501,8 @@ class DHT:
 
     def _timing(self, name: str, value: float) -> None:
         """Exponentially weighted average of a phase's duration (shown by `lattice-node dht status`)."""
-        old = self.stats.get(name)
-        self.stats[name] = round(value if old is None else 0.9 * old + 0.1 * value, 3)
+        old = self.counters.get(name)
+        self.counters[name] = round(value if old is None else 0.9 * old + 0.1 * value, 3)
 
     async def get(self, key: bytes | str, latest: bool = True) -> list[Entry]:
         """Values under ``key``, one Entry per subkey (newest version), newest first.
@@ -507,7 +520,7 @@ class DHT:
             if old is None or record.published_at > old.published_at:
                 found[record.subkey] = record
 
-        for record in self.store.get(key, now):
+        for record in self._store().get(key, now):
             merge(record)
 
         def on_reply(peer: PeerId, reply: protocol.Message) -> bool:
@@ -530,7 +543,7 @@ class DHT:
             if not isinstance(blobs, list):
                 raise PayloadError("records must be a list")
         except Exception:
-            self.stats["malformed"] += 1
+            self.counters["malformed"] += 1
             return []
         out = []
         for blob in blobs:
@@ -540,7 +553,7 @@ class DHT:
                     raise RecordError("record for another key")
                 records.validate(record, now)
             except RecordError:
-                self.stats["rejected_records"] += 1
+                self.counters["rejected_records"] += 1
                 continue
             out.append(record)
         return out
@@ -551,7 +564,7 @@ class DHT:
         host = self.ctx.host
         me = protocol.PeerEntry(host.peer_id, dialable(host.advertised_addrs()))
         try:
-            self.store.add_provider(key, host.peer_id, [a.to_bytes() for a in me.addrs])
+            self._store().add_provider(key, host.peer_id, [a.to_bytes() for a in me.addrs])
         except QuotaExceeded as exc:  # announced to the others all the same
             log.info("this node did not list itself as a provider: %s", exc)
         look = await self._lookup(key, protocol.FIND_NODE, beta=self.config.beta)
@@ -564,7 +577,7 @@ class DHT:
                 await self._send_only(peer, message)
                 sent += 1
             except (LatticeError, trio.TooSlowError, OSError):
-                self.stats["failed_requests"] += 1
+                self.counters["failed_requests"] += 1
 
         async with trio.open_nursery() as nursery:
             for peer in look.closest_known(self.config.k):
@@ -574,7 +587,7 @@ class DHT:
     def unprovide(self, key: bytes | str) -> bool:
         """Stop listing this node as a provider of ``key`` in our own store (Kademlia has no withdraw:
         the entries other peers hold expire after their TTL unless provide() is called again)."""
-        return self.store.remove_provider(_as_key(key), self.ctx.host.peer_id)
+        return self._store().remove_provider(_as_key(key), self.ctx.host.peer_id)
 
     async def _send_only(self, peer: PeerId, message: protocol.Message) -> None:
         host = self.ctx.host
@@ -588,7 +601,7 @@ class DHT:
         """Peers that announced ``key``: [(peer id, [multiaddrs])]."""
         key = _as_key(key)
         found: dict[PeerId, list[Multiaddr]] = {}
-        for peer, raw in self.store.get_providers(key):
+        for peer, raw in self._store().get_providers(key):
             found[peer] = _parse_addrs(raw)
 
         def on_reply(peer: PeerId, reply: protocol.Message) -> bool:
@@ -631,7 +644,7 @@ class DHT:
             return []
 
     # -- serving
-    async def _handle(self, stream: YamuxStream) -> None:
+    async def _handle(self, stream: Stream) -> None:
         peer = stream.remote_peer
         host = self.ctx.host
         conn = host.connection_to(peer)
@@ -652,15 +665,15 @@ class DHT:
                 raw = await read_delimited(stream, protocol.MAX_MESSAGE)
                 if raw is None:
                     return
-                self.stats["requests_in"] += 1
+                self.counters["requests_in"] += 1
                 if not host.allow_request(peer, self.protocol_id):  # over its rate: drop the stream
-                    self.stats["throttled"] = self.stats.get("throttled", 0) + 1
+                    self.counters["throttled"] = self.counters.get("throttled", 0) + 1
                     await stream.reset()
                     return
                 try:
                     request = protocol.decode(raw)
                 except PayloadError:
-                    self.stats["malformed"] += 1
+                    self.counters["malformed"] += 1
                     host.penalize(peer, "malformed DHT message")
                     await stream.reset()
                     return
@@ -698,7 +711,7 @@ class DHT:
             except LatticeError:
                 peer = None
             info = host.peerstore.get(peer) if peer is not None and peer != requester else None
-            if info is not None and info.addrs:
+            if peer is not None and info is not None and info.addrs:
                 named = protocol.PeerEntry(peer, dialable(info.addrs, 6))
         if named is not None:
             closer = [named, *(e for e in closer if e.peer != named.peer)][: self.config.k]
@@ -713,7 +726,7 @@ class DHT:
             return protocol.Message(protocol.FIND_NODE, key, closer=self._find_node(key, requester))
         if req.type == protocol.GET_VALUE:
             blobs, size = [], 0
-            for record in self.store.get(key):
+            for record in self._store().get(key):
                 blob = record.encode()
                 if size + len(blob) > MAX_REPLY_RECORDS:
                     break
@@ -728,13 +741,13 @@ class DHT:
                 if record.key != key:
                     raise RecordError("record key does not match the request key")
                 prefix = self._prefix_of(requester)
-                stored = self.store.put(record, defer=True, prefix=prefix)  # committed behind
+                stored = self._store().put(record, defer=True, prefix=prefix)  # committed behind
                 self._dirty.set()
             except QuotaExceeded as exc:
                 self._refused(requester, exc)
                 stored = False
             except RecordError as exc:
-                self.stats["rejected_records"] += 1
+                self.counters["rejected_records"] += 1
                 log.debug("rejected record from %s: %s", requester, exc)
                 stored = False
             closer = self._find_node(key, requester) if req.want_closer else []
@@ -750,14 +763,14 @@ class DHT:
                 if entry.peer == requester:  # a peer may only announce itself
                     try:
                         addrs = [a.to_bytes() for a in entry.addrs]
-                        self.store.add_provider(key, entry.peer, addrs, prefix=self._prefix_of(requester))
+                        self._store().add_provider(key, entry.peer, addrs, prefix=self._prefix_of(requester))
                     except QuotaExceeded as exc:
                         self._refused(requester, exc)
                         continue
                     self._remember(entry.peer, entry.addrs)
             return None
         if req.type == protocol.GET_PROVIDERS:
-            providers = [protocol.PeerEntry(p, _parse_addrs(a)) for p, a in self.store.get_providers(key)]
+            providers = [protocol.PeerEntry(p, _parse_addrs(a)) for p, a in self._store().get_providers(key)]
             return protocol.Message(protocol.GET_PROVIDERS, key, providers=providers[: protocol.MAX_PEERS],
                                     closer=self._closer(key, requester))  # fmt: skip
         return None
@@ -773,9 +786,9 @@ class DHT:
 
     def _refused(self, peer: PeerId, exc: QuotaExceeded) -> None:
         """Count a refusal over a quota; a peer that keeps sending after its grace is misbehaving."""
-        self.stats["quota_refused"] += 1
+        self.counters["quota_refused"] += 1
         name = f"quota_refused_{exc.scope}"
-        self.stats[name] = self.stats.get(name, 0) + 1
+        self.counters[name] = self.counters.get(name, 0) + 1
         log.debug("refused a DHT write of %s: %s", peer, exc)
         now = time.monotonic()
         bucket = self._refusals.get(peer)
@@ -804,7 +817,18 @@ class DHT:
         return [list(p) for p in await self.find_providers(key, count)]
 
     async def _op_status(self) -> dict:
-        return {"routing_table": len(self.table) if self.table else 0, **self.store_status(), **self.stats}
+        return self.stats()
+
+    def stats(self) -> dict:
+        """Routing table and store sizes, requests and refusals counted since start, phase timings
+        and operation latencies (JSON-able: ``dht status``, /metrics)."""
+        return {
+            "protocol": self.protocol_id,
+            "routing_table": len(self.table) if self.table is not None else 0,
+            **self.store_status(),
+            **{k: v for k, v in self.counters.items() if isinstance(v, int | float)},
+            "latency": {op: {"count": c, "sum_s": round(s, 6)} for op, (c, s) in self.latency.items()},
+        }
 
     def store_status(self) -> dict:
         """What the store holds against its quotas (``dht status``, /metrics)."""

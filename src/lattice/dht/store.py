@@ -26,6 +26,7 @@ from collections import Counter
 from collections.abc import Hashable
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Generic, TypeVar
 
 import msgpack
 
@@ -40,6 +41,7 @@ WRITE_BEHIND = 0.1  # seconds: the longest a deferred record waits for its commi
 PROVIDER_TTL = 24 * 3600.0
 RECORD_OVERHEAD = 512  # bytes a record costs beyond key, subkey and value (signed envelope, objects)
 EXPIRE_EVERY = 1.0  # seconds: a full store scans for expired entries at most this often
+G = TypeVar("G", bound=Hashable)
 
 
 @dataclass(frozen=True)
@@ -82,19 +84,19 @@ def over_quota(used: int, delta: int, quota: int) -> bool:
     return delta > 0 and used + delta > quota
 
 
-class Usage:
+class Usage(Generic[G]):
     """Amounts held per group (bytes per publisher), with the largest group at hand: a max-heap
     updated lazily (stale entries are skipped, the heap is rebuilt when it holds too many)."""
 
     def __init__(self) -> None:
-        self.of: dict[Hashable, int] = {}
-        self._heap: list[tuple[int, int, Hashable]] = []
+        self.of: dict[G, int] = {}
+        self._heap: list[tuple[int, int, G]] = []
         self._seq = itertools.count()
 
-    def get(self, group: Hashable) -> int:
+    def get(self, group: G) -> int:
         return self.of.get(group, 0)
 
-    def add(self, group: Hashable, delta: int) -> None:
+    def add(self, group: G, delta: int) -> None:
         value = self.of.get(group, 0) + delta
         if value > 0:
             self.of[group] = value
@@ -105,7 +107,7 @@ class Usage:
             self._heap = [(-v, next(self._seq), g) for g, v in self.of.items()]
             heapq.heapify(self._heap)
 
-    def largest(self) -> tuple[Hashable, int] | None:
+    def largest(self) -> tuple[G, int] | None:
         while self._heap:
             neg, _, group = self._heap[0]
             if self.of.get(group) == -neg:
@@ -143,7 +145,7 @@ class Store:
         self._count = 0  # records held (kept up to date: put is on the hot path)
         self.stored_bytes = 0
         self.evicted = 0  # records given up for a smaller publisher (the store was full)
-        self._publishers = Usage()  # record bytes per publisher key
+        self._publishers: Usage[bytes] = Usage()  # record bytes per publisher key
         self._prefixes: Counter[str] = Counter()  # record bytes per sender IP prefix
         self._by_publisher: dict[bytes, dict[tuple[bytes, bytes], None]] = {}  # oldest first
         self._origin: dict[tuple[bytes, bytes], str] = {}  # slot -> sender prefix (non-exempt only)
@@ -243,13 +245,13 @@ class Store:
         size = record_size(record)
         lim = self.limits
         mine = old is not None and old.publisher == record.publisher
-        delta = size - (record_size(old) if mine else 0)
+        delta = size - (record_size(old) if old is not None and mine else 0)
         if over_quota(self._publishers.get(record.publisher), delta, lim.max_bytes_per_publisher):
             quota = lim.max_bytes_per_publisher
             raise QuotaExceeded("publisher", f"the publisher's quota of {quota} bytes here is used up")
         if prefix is not None:
             same = old is not None and self._origin.get((old.key, old.subkey)) == prefix
-            delta = size - (record_size(old) if same else 0)
+            delta = size - (record_size(old) if old is not None and same else 0)
             if over_quota(self._prefixes.get(prefix, 0), delta, lim.max_bytes_per_prefix):
                 quota = lim.max_bytes_per_prefix
                 raise QuotaExceeded("prefix", f"the quota of {quota} bytes for peers of {prefix} is used up")
@@ -283,7 +285,7 @@ class Store:
                 raise QuotaExceeded("store", "this node's record store is full")
             self._evict_one(top[0], skip=slot)
 
-    def _evict_one(self, publisher: Hashable, skip: tuple[bytes, bytes]) -> None:
+    def _evict_one(self, publisher: bytes, skip: tuple[bytes, bytes]) -> None:
         slots = self._by_publisher[publisher]
         slot = next((s for s in slots if s != skip), None)
         if slot is None:  # only the slot being replaced: count it as the publisher's whole usage

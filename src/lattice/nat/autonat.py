@@ -39,7 +39,7 @@ from lattice.multiaddr import Multiaddr, MultiaddrError
 from lattice.transport.framing import read_delimited
 from lattice.transport.host import Connection, Host
 from lattice.transport.limits import ip_prefix
-from lattice.transport.yamux import YamuxStream
+from lattice.transport.stream import Stream
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ def _frame(fields: list) -> bytes:
     return _proto.delimited(body)
 
 
-async def _read(stream: YamuxStream) -> dict[int, list[int | bytes]]:
+async def _read(stream: Stream) -> dict[int, list[int | bytes]]:
     data = await read_delimited(stream, MAX_MESSAGE)
     if data is None:
         raise ProtocolError("autonat stream closed early")
@@ -274,7 +274,7 @@ class AutoNAT:
                 await trio.sleep(0.5)  # confirm a change at once, with another server if we can
                 await self.check()
 
-    async def _handle_dial_back(self, stream: YamuxStream) -> None:
+    async def _handle_dial_back(self, stream: Stream) -> None:
         conn = self.host.connection_of(stream)
         if conn is not None:  # a dial-back arriving after check() stopped expecting it
             conn.probe = True
@@ -290,7 +290,7 @@ class AutoNAT:
             event.set()
 
     # -- server
-    async def _handle_request(self, stream: YamuxStream) -> None:
+    async def _handle_request(self, stream: Stream) -> None:
         peer = stream.remote_peer
         conn = self.host.connection_of(stream)
         try:

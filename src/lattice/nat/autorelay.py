@@ -223,6 +223,7 @@ class AutoRelay:
             self._bad[where] = self._bad[str(claimed)] = now
             _prune(self._bad, now, self.bad_for)
             return
+        assert conn is not None  # the reservation came over it
         peer = conn.remote_peer
         if peer != claimed:  # a real relay, but the record naming it there was a lie
             log.info("relay candidate %s was announced by %s but is %s", where, claimed, peer)

@@ -22,7 +22,7 @@ from lattice.identity import PeerId
 from lattice.multiaddr import Multiaddr, MultiaddrError
 from lattice.transport.framing import read_delimited
 from lattice.transport.host import Connection, Host
-from lattice.transport.yamux import YamuxStream
+from lattice.transport.stream import Stream
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,8 @@ def encode(msg: CircuitMessage, hop: bool) -> bytes:
     if msg.peer is not None:
         fields.append((2, _encode_peer(msg.peer, msg.peer_addrs)))
     if hop and msg.expire is not None:
-        rsvp = [(1, msg.expire), *((2, a.to_bytes()) for a in msg.reservation_addrs[:MAX_ADDRS])]
+        rsvp: list[tuple[int, int | bytes]] = [(1, msg.expire)]
+        rsvp += [(2, a.to_bytes()) for a in msg.reservation_addrs[:MAX_ADDRS]]
         fields.append((3, _proto.encode(rsvp)))
     if msg.limit is not None:
         limit = _proto.encode([(1, msg.limit.duration or None), (2, msg.limit.data or None)])
@@ -134,12 +135,12 @@ def decode(data: bytes, hop: bool) -> CircuitMessage:
         raise ProtocolError(f"malformed circuit relay message: {exc}") from None
 
 
-async def write_message(stream: YamuxStream, msg: CircuitMessage, hop: bool) -> None:
+async def write_message(stream: Stream, msg: CircuitMessage, hop: bool) -> None:
     body = encode(msg, hop)
     await stream.write(_proto.delimited(body))
 
 
-async def read_message(stream: YamuxStream, hop: bool) -> CircuitMessage:
+async def read_message(stream: Stream, hop: bool) -> CircuitMessage:
     data = await read_delimited(stream, MAX_MESSAGE)
     if data is None:
         raise ProtocolError("circuit relay stream closed before a message")
@@ -150,14 +151,14 @@ def status_text(code: int | None) -> str:
     return STATUS_NAMES.get(code or 0, f"status {code}")
 
 
-class CircuitStream:
+class CircuitStream(trio.abc.Stream):
     """A relayed Yamux stream as the byte stream a connection is upgraded over.
 
     Closing it resets the circuit (a connection that ends is done in both directions), and a reset
     or lost circuit reads as a broken stream, which the secure channel reports as connection lost.
     """
 
-    def __init__(self, stream: YamuxStream) -> None:
+    def __init__(self, stream: Stream) -> None:
         self.stream = stream
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
@@ -166,11 +167,14 @@ class CircuitStream:
         except StreamError as exc:
             raise trio.BrokenResourceError(str(exc)) from None
 
-    async def receive_some(self, max_bytes: int = 65536) -> bytes:
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
         try:
-            return await self.stream.read(max_bytes)
+            return await self.stream.read(65536 if max_bytes is None else max_bytes)
         except StreamError as exc:
             raise trio.BrokenResourceError(str(exc)) from None
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await trio.lowlevel.checkpoint()  # flow control waits inside send_all (the stream's window)
 
     async def aclose(self) -> None:
         await self.stream.reset()
@@ -289,7 +293,7 @@ class CircuitListener:
         self.host.set_stream_handler(STOP, self._handle_stop)
         install_dialer(self.host)
 
-    async def _handle_stop(self, stream: YamuxStream) -> None:
+    async def _handle_stop(self, stream: Stream) -> None:
         relay = stream.remote_peer
         try:
             with trio.fail_after(TIMEOUT):
@@ -323,7 +327,7 @@ class CircuitListener:
         finally:
             self.pending -= 1
         self.stats["accepted"] += 1
-        await conn.session.wait_closed()  # the stream belongs to the connection until it ends
+        await conn.wait_closed()  # the stream belongs to the connection until it ends
 
 
 __all__ = [

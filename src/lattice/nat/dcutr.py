@@ -34,7 +34,7 @@ from lattice.identity import PeerId
 from lattice.multiaddr import Multiaddr, MultiaddrError
 from lattice.transport.framing import read_delimited
 from lattice.transport.host import Connection, Host, open_from_port, sockaddr_to_multiaddr
-from lattice.transport.yamux import YamuxStream
+from lattice.transport.stream import Stream
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def encode(mtype: int, addrs: list[Multiaddr] = ()) -> bytes:  # type: ignore[as
     return _proto.delimited(body)
 
 
-async def read(stream: YamuxStream, expect: int) -> list[Multiaddr]:
+async def read(stream: Stream, expect: int) -> list[Multiaddr]:
     data = await read_delimited(stream, MAX_MESSAGE)
     if data is None:
         raise ProtocolError("hole punch stream closed early")
@@ -152,9 +152,9 @@ class HolePuncher:
 
     def _on_connect(self, conn: Connection) -> None:
         if conn.relayed and conn.direction == "inbound":
-            self.host._nursery.start_soon(self.punch, conn)
-        elif not conn.relayed and any(c.relayed for c in self.host._conns.get(conn.remote_peer, ())):
-            self.host._nursery.start_soon(self._retire_relayed, conn.remote_peer)
+            self.host.start_soon(self.punch, conn)
+        elif not conn.relayed and any(c.relayed for c in self.host.connections_to(conn.remote_peer)):
+            self.host.start_soon(self._retire_relayed, conn.remote_peer)
 
     def _our_addrs(self) -> list[Multiaddr]:
         return [a for a in self.public_addrs() if a.tcp_target()][:MAX_ADDRS]
@@ -215,7 +215,7 @@ class HolePuncher:
         await trio.sleep(rtt / 2)
         await self._dial_any(peer, theirs, outbound=False)
 
-    async def _handle(self, stream: YamuxStream) -> None:
+    async def _handle(self, stream: Stream) -> None:
         """A's side: answer CONNECT, then dial the moment SYNC arrives (on a relayed connection,
         within the peer's rate)."""
         peer = stream.remote_peer
@@ -230,7 +230,7 @@ class HolePuncher:
         finally:
             self._release()
 
-    async def _answer(self, stream: YamuxStream, peer: PeerId) -> None:
+    async def _answer(self, stream: Stream, peer: PeerId) -> None:
         start = time.monotonic()
         try:
             with trio.fail_after(TIMEOUT):
@@ -313,7 +313,7 @@ class HolePuncher:
         await trio.sleep(self.relayed_grace)
         if self._direct(peer) is None:
             return
-        for conn in list(self.host._conns.get(peer, ())):
+        for conn in self.host.connections_to(peer):
             if conn.relayed and not conn.closed:
                 await conn.close()
 

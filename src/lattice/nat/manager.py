@@ -17,6 +17,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -29,6 +30,9 @@ from lattice.nat.relay import RelayLimits, RelayServer
 from lattice.transport import identify
 from lattice.transport.host import Host
 from lattice.transport.limits import TokenBucket
+
+if TYPE_CHECKING:  # imported when port mapping starts (most nodes never map a port)
+    from lattice.nat.portmap import Mapping, PortMapper
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +72,8 @@ class NATManager:
         self.puncher = HolePuncher(host, self.punch_addrs) if cfg.hole_punching else None
         self.relay_server = RelayServer(host, cfg.relay_limits) if cfg.relay_service else None
         self._push = trio.Event()
-        self.mapping = None  # portmap.Mapping once the gateway mapped our port
-        self.mapper = None
+        self.mapping: Mapping | None = None  # once the gateway mapped our port
+        self.mapper: PortMapper | None = None
         self.mdns_found: OrderedDict[str, list[Multiaddr]] = OrderedDict()
         self._mdns_dialing = 0
         self._mdns_failed: OrderedDict[str, float] = OrderedDict()  # peer -> until when not dialed
@@ -111,7 +115,7 @@ class NATManager:
 
     def extra_addrs(self) -> list[Multiaddr]:
         """Addresses beyond our listen addresses: mapped and confirmed public ones, relayed ones."""
-        mapped = []
+        mapped: list[Multiaddr] = []
         if self.mapping is not None and self.mapping.is_public:
             from lattice.nat.portmap import external_multiaddr
 
@@ -143,7 +147,8 @@ class NATManager:
         """Map our TCP listen port on the gateway, keep it renewed, announce the external address."""
         from lattice.nat.portmap import PortMapper
 
-        port = next((int(a.parts[1][1]) for a in self.host.listen_addrs if a.parts[0][0] == "ip4"), None)
+        targets = [a.tcp_target() for a in self.host.listen_addrs if a.parts[0][0] == "ip4"]
+        port = next((t[1] for t in targets if t is not None), None)
         if port is None:
             return
         self.mapper = mapper = PortMapper()

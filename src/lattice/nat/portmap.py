@@ -22,7 +22,7 @@ import socket
 import struct
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit
 from xml.sax.saxutils import escape
@@ -244,7 +244,7 @@ class _ResponseReader:
             elif isinstance(event, h11.ConnectionClosed):
                 raise PortMapError(f"truncated HTTP response from {self._url}")
 
-    def _check_length(self, headers: list[tuple[bytes, bytes]]) -> None:
+    def _check_length(self, headers: Iterable[tuple[bytes, bytes]]) -> None:
         for name, value in headers:
             if name == b"content-length" and int(value) > self._max_body:
                 raise PortMapError(f"HTTP body of {int(value)} bytes is over the {self._max_body} byte limit")

@@ -30,7 +30,7 @@ from lattice.nat.circuit import CircuitMessage, Limit, read_message, write_messa
 from lattice.transport.host import Connection, Host
 from lattice.transport.limits import ip_prefix
 from lattice.transport.resources import ResourceLimitExceeded
-from lattice.transport.yamux import YamuxStream
+from lattice.transport.stream import Stream
 
 log = logging.getLogger(__name__)
 
@@ -127,12 +127,12 @@ class RelayServer:
             "idle_closed": self.stats["idle_closed"],
         }
 
-    async def _reply(self, stream: YamuxStream, status: int, **fields) -> None:
+    async def _reply(self, stream: Stream, status: int, **fields) -> None:
         if status != circuit.OK:
             self.stats["refused"] += 1
         await write_message(stream, CircuitMessage(circuit.HOP_STATUS, status=status, **fields), hop=True)
 
-    async def _handle_hop(self, stream: YamuxStream) -> None:
+    async def _handle_hop(self, stream: Stream) -> None:
         peer = stream.remote_peer
         conn = self.host.connection_to(peer)
         try:
@@ -157,7 +157,7 @@ class RelayServer:
         for peer in [p for p, s in self.reservations.items() if s.expire <= now]:
             del self.reservations[peer]
 
-    async def _reserve(self, stream: YamuxStream, peer: PeerId, ip: str) -> None:
+    async def _reserve(self, stream: Stream, peer: PeerId, ip: str) -> None:
         self._expire()
         limits = self.limits
         renewing = peer in self.reservations
@@ -198,7 +198,7 @@ class RelayServer:
             addrs = [a for a in addrs if not a.is_loopback()]
         return [a.with_peer(self.host.peer_id) for a in addrs]
 
-    async def _connect(self, stream: YamuxStream, src: PeerId, dst: PeerId, src_prefix: str | None) -> None:
+    async def _connect(self, stream: Stream, src: PeerId, dst: PeerId, src_prefix: str | None) -> None:
         self._expire()
         if dst not in self.reservations:
             await self._reply(stream, circuit.NO_RESERVATION)
@@ -226,7 +226,7 @@ class RelayServer:
                 if self.circuits[key] <= 0:
                     del self.circuits[key]
 
-    async def _open(self, stream: YamuxStream, src: PeerId, dst: PeerId) -> None:
+    async def _open(self, stream: Stream, src: PeerId, dst: PeerId) -> None:
         limits = self.limits
         dst_conn = self.host.connection_to(dst)
         if dst_conn is None or dst_conn.relayed:
@@ -256,14 +256,14 @@ class RelayServer:
         self.stats["circuits"] += 1
         await self._bridge(stream, dst_stream)
 
-    async def _bridge(self, a: YamuxStream, b: YamuxStream) -> None:
+    async def _bridge(self, a: Stream, b: Stream) -> None:
         """Copy both ways until both ends finish; a limit, an error or ``circuit_idle`` seconds
         without a byte either way reset both streams."""
         limits = self.limits
         failed = False
         idle = limits.circuit_idle or float("inf")
 
-        async def pipe(src: YamuxStream, dst: YamuxStream) -> None:
+        async def pipe(src: Stream, dst: Stream) -> None:
             nonlocal failed
             sent = 0
             try:

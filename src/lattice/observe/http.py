@@ -155,7 +155,9 @@ async def _handle(node: Any, registry: CollectorRegistry, stream: trio.SocketStr
             await trio.aclose_forcefully(stream)
 
 
-async def serve_http(node: Any, listen: str, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
+async def serve_http(
+    node: Any, listen: str, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED
+) -> None:
     """Serve until cancelled; ``task_status.started(url)`` once bound."""
     host, port = parse_listen(listen)
     try:

@@ -9,48 +9,70 @@ format (escaping, number formatting, content negotiation) from a registry of the
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric, SummaryMetricFamily
 from prometheus_client.registry import Collector
 
 from lattice._version import __version__
+from lattice.dht.service import DHT
+from lattice.service import Reporting
+from lattice.transport.host import Host
+
+if TYPE_CHECKING:
+    from lattice.config import NodeConfig
+    from lattice.nat.manager import NATManager
+    from lattice.observe.dashboard import Dashboard
+    from lattice.swarm.profiles import SwarmProfile
 
 __all__ = ["SnapshotCollector", "families", "prometheus", "registry", "snapshot"]
 
 _REACHABILITY = ("public", "private", "unknown")
 MAX_PEER_ROWS = 512
+SHOWN = ("dht", "rpc", "crdt", "content")  # services whose stats() a snapshot shows
 
 
-def _proto_name(proto: str | None) -> str:
-    return proto if proto is not None else "negotiation"
+class Observed(Protocol):
+    """What a snapshot reads of a node (lattice.node.Node, which imports this module)."""
+
+    @property
+    def host(self) -> Host | None: ...
+    @property
+    def services(self) -> Mapping[str, object]: ...
+    @property
+    def nat(self) -> NATManager | None: ...
+    @property
+    def config(self) -> NodeConfig: ...
+    @property
+    def swarm(self) -> SwarmProfile | None: ...
+    @property
+    def dashboard(self) -> Dashboard: ...
+    @property
+    def uptime(self) -> float: ...
 
 
-def _peer_rows(node: Any) -> list[dict]:
-    host = node.host
-    dht = node.services.get("dht")
+def _peer_rows(host: Host, dht: DHT | None) -> list[dict]:
+    """Connected peers (Host.peer_stats), then peers only in the DHT's routing table."""
     table = {c.peer: c for c in dht.table.contacts()} if dht is not None and dht.table is not None else {}
     rows: dict[Any, dict] = {}
     for peer in host.connected_peers()[:MAX_PEER_ROWS]:
-        conn = host.connection_to(peer)
-        if conn is None:
+        s = host.peer_stats(peer)
+        if s is None:
             continue
-        info = host.peerstore.get(peer)
-        listen = info.addrs if info else []
         rows[peer] = {
-            "peer_id": str(peer),
+            "peer_id": s["peer_id"],
             "connected": True,
             "in_dht": peer in table,
-            "addr": str(conn.remote_addr),
-            "path": "relayed" if conn.relayed else "direct",
-            "direction": conn.direction,
-            "reachability": "relayed" if any(a.is_relayed for a in listen) else "direct",
-            "rtt_ms": round(conn.rtt * 1000, 3) if conn.rtt is not None else None,
-            "bytes_in": sum(c.session.bytes_received for c in host._conns.get(peer, ())),
-            "bytes_out": sum(c.session.bytes_sent for c in host._conns.get(peer, ())),
-            "agent": info.agent_version if info else "",
+            "addr": s["addr"],
+            "path": "relayed" if s["relayed"] else "direct",
+            "direction": s["direction"],
+            "reachability": "relayed" if any("/p2p-circuit" in a for a in s["listen_addrs"]) else "direct",
+            "rtt_ms": s["rtt_ms"],
+            "bytes_in": s["bytes_in"],
+            "bytes_out": s["bytes_out"],
+            "agent": s["agent"],
         }
     for peer, contact in table.items():
         if peer not in rows and len(rows) < MAX_PEER_ROWS:
@@ -63,15 +85,14 @@ def _peer_rows(node: Any) -> list[dict]:
     return list(rows.values())
 
 
-def snapshot(node: Any) -> dict:
-    """The node's state as plain JSON-able data."""
+def snapshot(node: Observed) -> dict:
+    """The node's state as plain JSON-able data, composed of the host's and the services' stats()."""
     host = node.host
-    conns = host.connections()
-    peers = _peer_rows(node)
+    assert host is not None, "the node is not running"
+    h = host.stats()
+    services = {name: s.stats() for name in SHOWN if isinstance(s := node.services.get(name), Reporting)}
     dht = node.services.get("dht")
-    rpc = node.services.get("rpc")
-    crdt = node.services.get("crdt")
-    limits = getattr(host, "limits", None)
+    peers = _peer_rows(host, dht if isinstance(dht, DHT) else None)
     nat = node.nat
     cfg = node.config
     return {
@@ -80,36 +101,31 @@ def snapshot(node: Any) -> dict:
         "version": __version__,
         "swarm": node.swarm.swarm_id if node.swarm else None,
         "roles": [r for r, on in (("bootstrap", cfg.bootstrap_node), ("relay", cfg.relay)) if on],
-        "uptime_s": round(time.time() - node._started_at, 1) if node._started_at else 0.0,
+        "uptime_s": round(node.uptime, 1),
         "reachability": nat.reachability if nat else "unknown",
         "relay_reservations": len(nat.autorelay.status()) if nat else 0,
         "swarm_size": 1 + len(peers),  # this node and every peer it is connected to or routes to
         "connected_peers": sum(1 for p in peers if p["connected"]),
-        "connections": len(conns),
-        "bytes_in": sum(c.session.bytes_received for c in conns),
-        "bytes_out": sum(c.session.bytes_sent for c in conns),
-        "traffic_in": {_proto_name(k): v for k, v in host.traffic_in.items()},
-        "traffic_out": {_proto_name(k): v for k, v in host.traffic_out.items()},
-        "host": dict(host.stats),
+        "connections": h["connections"],
+        "bytes_in": h["bytes_in"],
+        "bytes_out": h["bytes_out"],
+        "traffic_in": h["traffic_in"],
+        "traffic_out": h["traffic_out"],
+        "host": h["events"],
         "peers": peers,
-        "dht": None
-        if dht is None
-        else {
-            "routing_table": len(dht.table) if dht.table is not None else 0,
-            **dht.store_status(),
-            "protocol": dht.protocol_id,
-            **{k: v for k, v in dht.stats.items() if isinstance(v, int | float)},
-            "latency": {op: {"count": c, "sum_s": round(s, 6)} for op, (c, s) in dht.latency.items()},
-        },
-        "rpc": dict(rpc.stats) if rpc is not None and hasattr(rpc, "stats") else None,
-        "crdt": dict(crdt.stats) if crdt is not None and hasattr(crdt, "stats") else None,
-        "limits": limits.status() if limits is not None else None,
-        "resources": host.resource_stats(),
-        "panels": node.dashboard.as_list() if getattr(node, "dashboard", None) else [],
+        "dht": services.get("dht"),
+        "rpc": services.get("rpc"),
+        "crdt": services.get("crdt"),
+        "content": services.get("content"),
+        "limits": h["limits"],
+        "resources": h["resources"],
+        "panels": node.dashboard.as_list(),
     }
 
 
-def _family(kind: str, name: str, help_text: str, samples: list[tuple[float, dict[str, Any]]]) -> Metric:
+def _family(
+    kind: str, name: str, help_text: str, samples: Sequence[tuple[float, Mapping[str, Any]]]
+) -> Metric:
     """One metric family (``kind`` gauge or counter) with its samples; label names from the first."""
     labels = list(samples[0][1]) if samples else []
     family = (CounterMetricFamily if kind == "counter" else GaugeMetricFamily)(name, help_text, labels=labels)

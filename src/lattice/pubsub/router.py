@@ -15,10 +15,11 @@ from __future__ import annotations
 import random
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
+from typing import Generic, TypeVar
 
 from .protocol import RPC, Message
 
-Peer = Hashable
+Peer = TypeVar("Peer", bound=Hashable)  # a peer id on the network, anything hashable in tests
 
 D, D_LO, D_HI, D_LAZY = 6, 4, 12, 6
 HEARTBEAT = 1.0
@@ -36,7 +37,7 @@ MAX_PEER_TOPICS = 256  # topics one peer may be subscribed to, as far as we keep
 MAX_BACKOFF = 3600.0  # a PRUNE's backoff is capped (a peer chooses it)
 
 
-class GossipRouter:
+class GossipRouter(Generic[Peer]):
     def __init__(self, rng: random.Random | None = None) -> None:
         self.rng = rng or random.Random()
         self.topics: set[str] = set()  # ours

@@ -30,7 +30,7 @@ from lattice.transport.framing import read_delimited
 from lattice.transport.host import Connection
 from lattice.transport.limits import TokenBucket
 from lattice.transport.peerstore import PeerInfo
-from lattice.transport.yamux import YamuxStream
+from lattice.transport.stream import Stream
 
 from . import protocol
 from .protocol import RPC, Message
@@ -54,18 +54,22 @@ class PubSub:
         self.peer_rate = peer_rate
         self.peer_burst = peer_burst
         self._seqno = time.time_ns()  # as go-libp2p: unique across restarts, then incremented
-        self.router = GossipRouter()
+        self.router: GossipRouter[PeerId] = GossipRouter()
         self._ctx: ServiceContext | None = None
         self._handlers: dict[str, Handler] = {}
         self._queues: dict[PeerId, trio.MemorySendChannel[RPC]] = {}
         self._nursery: trio.Nursery | None = None
-        self.stats = {"rpcs_in": 0, "rpcs_out": 0, "dropped": 0, "bad_rpcs": 0, "bad_signatures": 0}
+        self.counters = {"rpcs_in": 0, "rpcs_out": 0, "dropped": 0, "bad_rpcs": 0, "bad_signatures": 0}
 
     @property
     def ctx(self) -> ServiceContext:
         if self._ctx is None:
             raise LatticeError("the pubsub service is not running")
         return self._ctx
+
+    def stats(self) -> dict:
+        """Messages and refusals counted since start, the router's included (JSON-able)."""
+        return {**self.counters, **self.router.stats}
 
     async def run(self, ctx: ServiceContext, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
         self._ctx = ctx
@@ -111,7 +115,7 @@ class PubSub:
 
     def peers(self, topic: str) -> list[PeerId]:
         """Peers known to be subscribed to ``topic``."""
-        return [p for p, topics in self.router.peer_topics.items() if topic in topics]  # type: ignore[misc]
+        return [p for p, topics in self.router.peer_topics.items() if topic in topics]
 
     # -- events
     def _on_identify(self, info: PeerInfo) -> None:
@@ -142,15 +146,15 @@ class PubSub:
 
     def _flush(self) -> None:
         for peer, rpc in self.router.drain():
-            queue = self._queues.get(peer)  # type: ignore[arg-type]
+            queue = self._queues.get(peer)
             if queue is None:
                 continue
             try:
                 queue.send_nowait(rpc)
             except trio.WouldBlock:
-                self.stats["dropped"] += 1
+                self.counters["dropped"] += 1
             except (trio.ClosedResourceError, trio.BrokenResourceError):
-                pass  # its writer has ended (the stream broke): it cleans up and restarts
+                pass  # the peer's writer ended (its stream failed): it unregisters the queue itself
 
     async def _heartbeat(self) -> None:
         while True:
@@ -160,7 +164,7 @@ class PubSub:
 
     # -- I/O
     async def _writer(self, peer: PeerId, queue: trio.MemoryReceiveChannel[RPC]) -> None:
-        stream: YamuxStream | None = None
+        stream: Stream | None = None
         try:
             async with queue:
                 async for first in queue:
@@ -201,16 +205,16 @@ class PubSub:
         if speaks and peer not in self._queues and self.ctx.host.connection_to(peer) is not None:
             self._start_peer(peer)
 
-    async def _write(self, peer: PeerId, stream: YamuxStream | None, rpc: RPC) -> YamuxStream:
+    async def _write(self, peer: PeerId, stream: Stream | None, rpc: RPC) -> Stream:
         with trio.fail_after(10):
             if stream is None:
                 stream = await self.ctx.host.new_stream(peer, protocol.PROTOCOLS)
             body = protocol.encode(rpc)
             await stream.write(_proto.delimited(body))
-        self.stats["rpcs_out"] += 1
+        self.counters["rpcs_out"] += 1
         return stream
 
-    async def _handle(self, stream: YamuxStream) -> None:
+    async def _handle(self, stream: Stream) -> None:
         peer = stream.remote_peer
         if peer not in self._queues and self._nursery is not None:
             self._start_peer(peer)  # it talks pubsub: talk back (identify may not have run yet)
@@ -221,12 +225,12 @@ class PubSub:
                 if raw is None:
                     return
                 rpc = protocol.decode(raw)
-                self.stats["rpcs_in"] += 1
+                self.counters["rpcs_in"] += 1
                 self.router.handle(peer, rpc, trio.current_time(), self._deliver)
                 self._flush()
                 await self._pace(bucket, len(raw) + 64 * rpc.items())
         except (PayloadError, TransportError) as exc:
-            self.stats["bad_rpcs"] += 1
+            self.counters["bad_rpcs"] += 1
             log.debug("pubsub stream from %s: %s", peer, exc)
             await stream.reset()
 
@@ -237,7 +241,7 @@ class PubSub:
         now = trio.current_time()
         if bucket.take(now, cost):
             return
-        self.stats["paced"] = self.stats.get("paced", 0) + 1
+        self.counters["paced"] = self.counters.get("paced", 0) + 1
         await trio.sleep(min(10.0, (cost - bucket.tokens) / bucket.rate))
         bucket.take(trio.current_time(), min(cost, bucket.burst))
 
@@ -246,7 +250,7 @@ class PubSub:
         if handler is None:
             return False
         if self.sign and not message.verify():
-            self.stats["bad_signatures"] += 1
+            self.counters["bad_signatures"] += 1
             return False
         try:
             return handler(peer, message.data) is not False

@@ -2,7 +2,14 @@
 
 from lattice.codec.compression import Compressed, ErrorFeedback
 from lattice.codec.compression import register as register_codec
-from lattice.rpc.errors import MethodNotFound, PayloadError, RemoteError, RPCError, RPCTimeout
+from lattice.rpc.errors import (
+    MethodNotFound,
+    PayloadError,
+    RemoteCallError,
+    RemoteError,
+    RPCError,
+    RPCTimeout,
+)
 from lattice.rpc.service import PROTOCOL_ID, RPC, CallContext, RPCConfig, RPCStream
 
 __all__ = [
@@ -17,6 +24,7 @@ __all__ = [
     "RPCError",
     "RPCStream",
     "RPCTimeout",
+    "RemoteCallError",
     "RemoteError",
     "register_codec",
 ]

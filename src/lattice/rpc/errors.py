@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lattice.errors import LatticeError, PayloadError
+from lattice.errors import LatticeError, PayloadError, RemoteError
 
 __all__ = [
     "MethodNotFound",
@@ -11,6 +11,7 @@ __all__ = [
     "PayloadError",
     "RPCError",
     "RPCTimeout",
+    "RemoteCallError",
     "RemoteError",
 ]
 
@@ -37,10 +38,6 @@ class OverLimit(PayloadError):
     caller sees a PayloadError naming the limit and the method)."""
 
 
-class RemoteError(RPCError):
-    """The handler on the peer raised; ``type`` is its exception's class name."""
-
-    def __init__(self, type_name: str, message: str) -> None:
-        super().__init__(f"{type_name}: {message}")
-        self.type = type_name
-        self.remote_message = message
+class RemoteCallError(RPCError, RemoteError):
+    """The handler on the peer raised; ``type`` is its exception's class name (``except RemoteError``
+    catches it, as does ``except RPCError``)."""

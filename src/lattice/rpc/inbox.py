@@ -93,7 +93,7 @@ def _save(directory: Path, filename: str, prefix: str, array: np.ndarray, limits
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    digest = hashlib.sha256(np.ascontiguousarray(array).view(np.uint8).reshape(-1)).hexdigest()
+    digest = hashlib.sha256(np.ascontiguousarray(array).view(np.uint8).reshape(-1).data).hexdigest()
     return {"file": filename, "bytes": int(array.nbytes), "sha256": digest}
 
 

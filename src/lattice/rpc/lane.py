@@ -9,7 +9,7 @@ Wire: the same messages as lattice.rpc.wire, with ``"i"`` (call id) in every hea
 times out sends ``cancel`` for its id and the callee cancels just that handler. If the lane's stream
 fails, its pending calls fail with RPCError and the next call opens a new lane.
 
-Both sides parse complete small messages in the connection's reader (``YamuxStream.on_data``, while
+Both sides parse complete small messages in the connection's reader (``Stream.on_data``, while
 their own reader task waits at a message boundary): a reply wakes its parked caller directly and a
 call goes straight to a parked worker, two task switches less per round trip. Anything incomplete
 or unusual is left in the buffer for the reader task, which reads it the ordinary way.
@@ -24,7 +24,7 @@ from __future__ import annotations
 import heapq
 import logging
 import math
-from typing import Any
+from typing import Any, Literal
 
 import outcome
 import trio
@@ -33,8 +33,8 @@ from lattice.codec import tensors
 from lattice.errors import PayloadError, StreamError
 from lattice.identity import PeerId
 from lattice.rpc import wire
-from lattice.rpc.errors import MethodNotFound, OverLimit, Overloaded, RemoteError, RPCError
-from lattice.transport.yamux import YamuxStream
+from lattice.rpc.errors import MethodNotFound, OverLimit, Overloaded, RemoteCallError, RPCError
+from lattice.transport.stream import Stream
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ class Lane:
     deadline scope costs ~12 us to enter and leave, a third of the fast path's own work.
     """
 
-    def __init__(self, stream: YamuxStream, max_message: int) -> None:
+    def __init__(self, stream: Stream, max_message: int) -> None:
         self.stream = stream
         self.max_message = max_message
         self.pending: dict[int, _Call] = {}
@@ -207,7 +207,7 @@ def result_of(message: Any) -> Any:
     if message.kind == wire.ERR:
         if message.error_type == "MethodNotFound":
             raise MethodNotFound(message.error_message or "")
-        raise RemoteError(message.error_type or "Error", message.error_message or "")
+        raise RemoteCallError(message.error_type or "Error", message.error_message or "")
     if message.kind != wire.MSG:
         raise PayloadError(f"unexpected {message.kind!r} reply on the fast lane")
     return message.value
@@ -218,12 +218,13 @@ class _Workers:
     (no task spawn, and one cancel scope per worker instead of one per call); a call's cancel
     cancels its worker's scope, and that worker carries on in a new one."""
 
-    def __init__(self, rpc: Any, stream: YamuxStream, nursery: trio.Nursery) -> None:
+    def __init__(self, rpc: Any, stream: Stream, nursery: trio.Nursery) -> None:
         self.rpc = rpc
         self.stream = stream
         self.peer: PeerId = stream.remote_peer
         self.nursery = nursery
-        self.scopes: dict[int, trio.CancelScope] = {}  # call id -> the scope its worker runs it in
+        # call id -> the scope its worker runs it in (None: not started yet, False: cancelled before)
+        self.scopes: dict[int, trio.CancelScope | Literal[False] | None] = {}
         self.idle: list[Any] = []  # parked worker tasks, most recent last
 
     @property
@@ -231,7 +232,7 @@ class _Workers:
         return len(self.scopes)
 
     def submit(self, message: Any) -> None:
-        self.scopes[message.call_id] = None  # type: ignore[assignment]  # counted at once
+        self.scopes[message.call_id] = None  # counted at once
         self.rpc.begin_inbound(self.peer)  # in the peer's and the node's inbound calls until it ends
         if self.idle:
             trio.lowlevel.reschedule(self.idle.pop(), outcome.Value(message))
@@ -243,7 +244,7 @@ class _Workers:
         if scope:
             scope.cancel()
         elif scope is None and call_id in self.scopes:  # not started yet: it never runs
-            self.scopes[call_id] = False  # type: ignore[assignment]
+            self.scopes[call_id] = False
 
     async def _work(self, message: Any) -> None:
         while message is not None:
@@ -278,7 +279,7 @@ class _Workers:
         return await trio.lowlevel.wait_task_rescheduled(abort)
 
 
-async def serve(rpc: Any, stream: YamuxStream) -> None:
+async def serve(rpc: Any, stream: Stream) -> None:
     """Callee side: run calls concurrently (up to MAX_LANE_CALLS, and within the peer's and the
     node's caps on inbound calls); replies go back tagged with the call's id. Only small calls come
     this way (SMALL_CALL bytes of payload at most: what a caller sends on its lane), left raw until
@@ -353,7 +354,7 @@ async def serve(rpc: Any, stream: YamuxStream) -> None:
             nursery.cancel_scope.cancel()
 
 
-async def _one_call(rpc: Any, stream: YamuxStream, peer: PeerId, message: Any) -> None:
+async def _one_call(rpc: Any, stream: Stream, peer: PeerId, message: Any) -> None:
     cid = message.call_id
     method = message.method
     entry = rpc.lookup(method)
@@ -380,13 +381,13 @@ async def _one_call(rpc: Any, stream: YamuxStream, peer: PeerId, message: Any) -
             rpc.penalize(peer, f"malformed RPC message: {exc}")
             await wire.send_error(stream, "PayloadError", str(exc), cid, fin=False)
             return
-        rpc.stats["calls_in"] += 1
+        rpc.counters["calls_in"] += 1
         try:
-            result = await rpc._invoke(entry, value, rpc.context(peer, method))
+            result = await rpc.invoke(entry, value, rpc.context(peer, method))
         except StreamError:
             raise
         except Exception as exc:
-            rpc.stats["errors_in"] += 1
+            rpc.counters["errors_in"] += 1
             await wire.send_error(stream, type(exc).__name__, str(exc), cid, fin=False)
             return
         encoded = tensors.encode(result, entry.codec)

@@ -108,6 +108,8 @@ class Uploads:
             return {"have": sorted(existing.have)}
         cfg = self.rpc.config
         dtype, shape, chunk = req.get("dtype"), req.get("shape"), req.get("chunk")
+        if not isinstance(dtype, str) or not isinstance(shape, list | tuple):
+            raise PayloadError("an upload names its tensor's dtype and shape")
         nbytes = checked_nbytes(shape, tensors.itemsize(dtype), MAX_ARRAY_BYTES)
         if nbytes > cfg.max_message:
             raise PayloadError(f"upload of {nbytes} bytes exceeds the staging limit of {cfg.max_message}")
@@ -152,14 +154,15 @@ class Uploads:
             raise PayloadError("upload.commit takes a map")
         tid = req.get("id")
         staged = self._get(tid, ctx.peer)
+        assert isinstance(tid, bytes)  # _get found it
         if len(staged.have) != staged.chunks or staged.buffer is None:
             raise PayloadError(f"upload incomplete: {len(staged.have)} of {staged.chunks} chunks")
-        if zlib.crc32(staged.buffer) != req.get("crc"):
+        if zlib.crc32(staged.buffer.data) != req.get("crc"):
             self._drop(tid)
             raise PayloadError("uploaded tensor does not match its checksum")
         method = req.get("method")
         entry = self.rpc.lookup(method)
-        if entry is None or entry.kind != "unary" or method.startswith("lattice.upload."):
+        if entry is None or entry.kind != "unary" or str(method).startswith("lattice.upload."):
             raise PayloadError(f"no unary method {method!r} to commit to")
         del self._staged[tid]
         try:
@@ -168,7 +171,7 @@ class Uploads:
             )
             spec.buffer = staged.buffer
             payload = tensors.finish(spec)
-            return await self.rpc._invoke(entry, payload, ctx)
+            return await self.rpc.invoke(entry, payload, ctx)
         finally:
             staged.release()  # held until the method is done with the tensor
 
@@ -193,13 +196,13 @@ async def call(
     begin = {"id": tid, "dtype": dtype, "shape": list(shape), "chunk": chunk}
     deadline = trio.current_time() + (timeout if timeout is not None else rpc.config.default_timeout)
     attempt = 0
-    rpc.stats.setdefault("resumed", 0)
+    rpc.counters.setdefault("resumed", 0)
     while True:
         try:
             remaining = max(0.1, deadline - trio.current_time())
             have = set((await rpc.call(peer, "lattice.upload.begin", begin, timeout=remaining))["have"])
             if attempt:
-                rpc.stats["resumed"] += 1
+                rpc.counters["resumed"] += 1
             for index in range(nchunks):
                 if index in have:
                     continue

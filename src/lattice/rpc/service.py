@@ -29,7 +29,7 @@ from __future__ import annotations
 import inspect
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -40,12 +40,20 @@ from lattice.codec import tensors
 from lattice.errors import LatticeError, NegotiationError, PayloadError, StreamError
 from lattice.identity import PeerId
 from lattice.rpc import lane, wire
-from lattice.rpc.errors import MethodNotFound, OverLimit, Overloaded, RemoteError, RPCError, RPCTimeout
+from lattice.rpc.errors import (
+    MethodNotFound,
+    OverLimit,
+    Overloaded,
+    RemoteCallError,
+    RemoteError,
+    RPCError,
+    RPCTimeout,
+)
 from lattice.service import ServiceContext
 from lattice.transport import multistream
 from lattice.transport.limits import PENALTY_THROTTLED
 from lattice.transport.resources import Lease, ResourceLimitExceeded
-from lattice.transport.yamux import YamuxStream
+from lattice.transport.stream import Stream
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +105,7 @@ class _Inbound:
 
     __slots__ = ("entry", "lease", "mark", "method", "peer", "since", "stream")
 
-    def __init__(self, stream: YamuxStream) -> None:
+    def __init__(self, stream: Stream) -> None:
         self.stream = stream
         self.peer: PeerId = stream.remote_peer
         self.entry: _Method | None = None
@@ -116,12 +124,14 @@ class RPCStream:
 
     def __init__(
         self,
-        stream: YamuxStream,
+        stream: Stream,
         max_message: int,
         codec: str | None,
         as_torch: bool | None,
         source: Callable[[], Awaitable[wire.Message]] | None = None,
         on_error: Callable[[], Awaitable[None]] | None = None,
+        prefix: bytes = b"",
+        confirm: Callable[[], Awaitable[None]] | None = None,
     ):
         self._stream = stream
         self._max = max_message
@@ -131,7 +141,23 @@ class RPCStream:
         self._on_error = on_error  # the caller: after a failed send, read why the callee refused
         self._sent_end = False
         self._got_end = False
-        self._prefix = b""  # lazy protocol negotiation rides on the first write
+        self._prefix = prefix  # the caller's call header rides on its first write
+        self._confirm = confirm  # the caller: read the callee's protocol answer before its replies
+
+    @property
+    def opened(self) -> bool:
+        """The callee's protocol answer was read (the caller's side; always True on the callee's)."""
+        return self._confirm is None
+
+    async def open(self) -> None:
+        """Caller side: send the call header if nothing was sent yet, then read the callee's
+        protocol answer (once; before the first receive)."""
+        confirm, self._confirm = self._confirm, None
+        if confirm is not None:
+            if self._prefix:
+                prefix, self._prefix = self._prefix, b""
+                await self._stream.write(prefix)
+            await confirm()
 
     async def send(self, value: Any, codec: str | None = None) -> None:
         if self._sent_end:
@@ -155,6 +181,8 @@ class RPCStream:
 
     async def receive(self) -> Any:
         """The next value; raises EndOfStream when the peer is done sending."""
+        if self._confirm is not None:
+            await self.open()
         if self._got_end:
             raise trio.EndOfChannel
         if self._source is not None:
@@ -194,7 +222,6 @@ class RPC:
         self._inbound = 0  # inbound calls in progress (own streams and fast lanes) ...
         self._inbound_peers: dict[PeerId, int] = {}  # ... per peer
         self._receiving: dict[_Inbound, None] = {}  # inbound messages in progress (the idle reaper's)
-        self._negotiation_bytes: bytes | None = None
         self._nursery: trio.Nursery | None = None
         self._lanes: dict[PeerId, lane.Lane] = {}
         self._lane_locks: dict[PeerId, trio.Lock] = {}
@@ -203,8 +230,8 @@ class RPC:
         from lattice.rpc.resumable import Uploads
 
         self.uploads = Uploads(self)
-        self.stats = {"calls_out": 0, "calls_in": 0, "errors_out": 0, "errors_in": 0, "rejected": 0,
-                      "refused_size": 0, "refused_memory": 0, "malformed": 0, "idle_reset": 0}  # fmt: skip
+        self.counters = {"calls_out": 0, "calls_in": 0, "errors_out": 0, "errors_in": 0, "rejected": 0,
+                         "refused_size": 0, "refused_memory": 0, "malformed": 0, "idle_reset": 0}  # fmt: skip
 
     # -- lifecycle
     @property
@@ -225,6 +252,11 @@ class RPC:
             nursery.start_soon(self._reap_idle)
             task_status.started()
             await trio.sleep_forever()
+
+    def stats(self) -> dict:
+        """Calls and refusals counted since start, and the calls in progress (JSON-able)."""
+        lanes = sum(1 for fast in self._lanes.values() if not fast.closed)
+        return {**self.counters, "inbound_calls": self._inbound, "lanes": lanes}
 
     # -- control operations (lattice.Client.rpc)
     async def _op_call(
@@ -323,9 +355,11 @@ class RPC:
                 conn = await host.connect(peer)
                 self._remember(peer, conn.remote_peer)
             return conn.remote_peer, conn
-        peer_id = peer if isinstance(peer, PeerId) else self._addr_peers.get(peer)
-        if peer_id is None:
-            peer_id = self._remember(peer, PeerId.from_string(str(peer)))
+        if isinstance(peer, PeerId):
+            peer_id = peer
+        else:
+            known = self._addr_peers.get(peer)
+            peer_id = known if known is not None else self._remember(peer, PeerId.from_string(peer))
         return peer_id, await host.connect_peer(peer_id)
 
     def _remember(self, text: str, peer_id: PeerId) -> PeerId:
@@ -345,11 +379,12 @@ class RPC:
             await slots.acquire()
         return slots
 
-    async def _open(self, peer: PeerId | str) -> tuple[YamuxStream, trio.Semaphore]:
+    async def _open(self, peer: PeerId | str) -> tuple[Stream, trio.Semaphore]:
+        """A call's stream (its protocol proposed lazily: see _confirm) and the peer's call slot."""
         peer_id, conn = await self._resolve(peer)
         slots = await self._slot(peer_id)
         try:
-            stream = await conn.session.open_stream()
+            stream = await self.ctx.host.new_stream(conn, [self.protocol_id], lazy=True)
         except BaseException:
             slots.release()
             raise
@@ -377,42 +412,28 @@ class RPC:
             self._nursery.start_soon(current.run)
             return current
 
-    def _negotiation(self) -> bytes:
-        if self._negotiation_bytes is None:
-            self._negotiation_bytes = multistream.encode(multistream.HEADER) + multistream.encode(
-                self.protocol_id
-            )
-        return self._negotiation_bytes
-
-    async def _check_negotiation(self, stream: YamuxStream) -> None:
-        expected = self._negotiation()
-        got = await stream.read_exactly(len(expected)) if stream._buf_len >= len(expected) else None
-        if got == expected:  # the usual case: compare bytes, no parsing
-            return
-        if got is not None:
-            stream.unread(got)
-        buf = bytearray()
-        header = await multistream.read_message(stream, buf)
-        answer = await multistream.read_message(stream, buf)
-        stream.unread(bytes(buf))
-        if header != multistream.HEADER or answer != self.protocol_id:
-            raise RPCError("the peer does not serve Lattice RPC")
+    async def _confirm(self, stream: Stream) -> None:
+        """The callee's answer to the call's lazy protocol proposal (it precedes the reply)."""
+        try:
+            await multistream.confirm(stream, self.protocol_id)
+        except NegotiationError:
+            raise RPCError("the peer does not serve Lattice RPC") from None
 
     def _call_failed(self, method: str, timeout: float, exc: BaseException) -> BaseException:
         """The error a caller sees: timeouts and lost streams named after the call."""
-        self.stats["errors_out"] += 1
+        self.counters["errors_out"] += 1
         if isinstance(exc, trio.TooSlowError):
             return RPCTimeout(f"{method} timed out after {timeout:g}s")
         if isinstance(exc, StreamError | NegotiationError):
             return RPCError(f"{method} failed: {exc}")
         return exc
 
-    async def _peer_error(self, stream: YamuxStream, negotiated: bool = False) -> None:
+    async def _peer_error(self, stream: Stream, negotiated: bool = False) -> None:
         """After our write failed: if the peer explained why before resetting, raise that instead."""
         try:
             with trio.move_on_after(0.5):
                 if not negotiated:
-                    await self._check_negotiation(stream)
+                    await self._confirm(stream)
                 await _receive(stream, self.config.max_message, False)
         except (RemoteError, MethodNotFound):
             raise
@@ -422,7 +443,7 @@ class RPC:
     @asynccontextmanager
     async def _call_scope(self, method: str, timeout: float | None):
         timeout = self.config.default_timeout if timeout is None else timeout
-        self.stats["calls_out"] += 1
+        self.counters["calls_out"] += 1
         try:
             with trio.fail_after(timeout):
                 yield
@@ -452,7 +473,7 @@ class RPC:
         timeout = self.config.default_timeout if timeout is None else timeout
         if not timeout >= 0:  # what trio.fail_after would say (NaN included)
             raise ValueError("timeout must be non-negative")
-        self.stats["calls_out"] += 1
+        self.counters["calls_out"] += 1
         encoded = tensors.encode(payload, codec)
         small = len(encoded[0]) + sum([b.nbytes for b in encoded[1]]) <= lane.SMALL_CALL
         try:
@@ -473,12 +494,11 @@ class RPC:
                         stream,
                         wire.CALL,
                         encoded=encoded,
-                        prefix=self._negotiation(),
                         method=method,
                         end=True,
                         on_error=lambda: self._peer_error(stream),
                     )
-                    await self._check_negotiation(stream)
+                    await self._confirm(stream)
                     reply = await _receive(stream, self.config.max_message, as_torch)
                     if reply.kind != wire.MSG or not reply.last:
                         raise PayloadError("a unary reply must be a single final message")
@@ -497,7 +517,9 @@ class RPC:
     def _ready_lane(self, peer: PeerId | str) -> tuple[lane.Lane, PeerId] | None:
         """The peer's lane if it is open on a live direct connection (no await, no lookup)."""
         peer_id = self._addr_peers.get(peer) if isinstance(peer, str) else peer
-        fast = self._lanes.get(peer_id) if peer_id is not None else None
+        if peer_id is None:
+            return None
+        fast = self._lanes.get(peer_id)
         if fast is None or fast.closed or not fast.direct:
             return None
         session = fast.stream.session
@@ -546,12 +568,11 @@ class RPC:
                     payload,
                     has_value=True,
                     codec=codec,
-                    prefix=self._negotiation(),
                     method=method,
                     end=True,
                     on_error=lambda: self._peer_error(stream),
                 )
-                await self._check_negotiation(stream)
+                await self._confirm(stream)
                 rpc_stream = RPCStream(stream, limit, codec, as_torch)
                 rpc_stream._sent_end = True
                 yield rpc_stream
@@ -575,11 +596,11 @@ class RPC:
     ) -> Any:
         """Client-streaming call: send every value of ``values``, return the peer's single reply."""
         async with self.open_stream(peer, method, timeout=timeout, codec=codec, as_torch=as_torch) as s:
-            if hasattr(values, "__aiter__"):
-                async for value in values:  # type: ignore[union-attr]
+            if isinstance(values, AsyncIterable):
+                async for value in values:
                     await s.send(value)
             else:
-                for value in values:  # type: ignore[union-attr]
+                for value in values:
                     await s.send(value)
             await s.done_sending()
             return await s.receive()
@@ -598,34 +619,22 @@ class RPC:
         async with self._call_scope(method, timeout):
             stream, slots = await self._open(peer)
             try:
-                call_header = self._negotiation() + wire.encode_header(wire.CALL, method=method)
-                checked = False
 
                 async def refused() -> None:  # a send failed: the callee may have said why
-                    await self._peer_error(stream, negotiated=checked)
+                    await self._peer_error(stream, negotiated=rpc_stream.opened)
 
-                rpc_stream = RPCStream(stream, self.config.max_message, codec, as_torch, on_error=refused)
-                rpc_stream._prefix = call_header
-
-                async def ensure_negotiated() -> None:
-                    nonlocal checked
-                    if not checked:
-                        checked = True
-                        if rpc_stream._prefix:  # nothing sent yet: open the call now
-                            prefix, rpc_stream._prefix = rpc_stream._prefix, b""
-                            await stream.write(prefix)
-                        await self._check_negotiation(stream)
-
-                original_receive = rpc_stream.receive
-
-                async def receive() -> Any:
-                    await ensure_negotiated()
-                    return await original_receive()
-
-                rpc_stream.receive = receive  # type: ignore[method-assign]
+                rpc_stream = RPCStream(
+                    stream,
+                    self.config.max_message,
+                    codec,
+                    as_torch,
+                    on_error=refused,
+                    prefix=wire.encode_header(wire.CALL, method=method),
+                    confirm=lambda: self._confirm(stream),
+                )
                 yield rpc_stream
                 await rpc_stream.done_sending()
-                await ensure_negotiated()
+                await rpc_stream.open()
                 while not rpc_stream._got_end:  # drain: the peer must finish cleanly
                     try:
                         await rpc_stream.receive()
@@ -654,7 +663,7 @@ class RPC:
         throttle point), or None."""
         if not self.inbound_full(peer):
             return None
-        self.stats["rejected"] += 1
+        self.counters["rejected"] += 1
         cap = self.config.max_inbound_per_peer
         if self._inbound_peers.get(peer, 0) < cap:
             return f"too many calls in progress (limit {self.config.max_inbound_calls})"
@@ -684,7 +693,7 @@ class RPC:
         """The method's payload limit; OverLimit (and a throttle point) if ``size`` is over it."""
         limit = self.payload_limit(entry)
         if size > limit:
-            self.stats["refused_size"] += 1
+            self.counters["refused_size"] += 1
             self.penalize(peer, f"RPC message over the limit of {method}", PENALTY_THROTTLED)
             what = f"message payload of {size} bytes"
             raise OverLimit(f"{what} is over the limit of {limit} bytes for {method}")
@@ -703,7 +712,7 @@ class RPC:
         try:
             lease.grow(size)
         except ResourceLimitExceeded as exc:
-            self.stats["refused_memory"] += 1
+            self.counters["refused_memory"] += 1
             if exc.scope in ("peer", "prefix"):
                 self.penalize(peer, f"RPC message over the {exc.scope}'s memory budget", PENALTY_THROTTLED)
             raise Overloaded(str(exc)) from None
@@ -715,7 +724,7 @@ class RPC:
         if host is None:
             return
         if points is None:
-            self.stats["malformed"] += 1
+            self.counters["malformed"] += 1
             host.penalize(peer, reason)
         else:
             host.penalize(peer, reason, points)
@@ -770,16 +779,16 @@ class RPC:
                     call.mark, call.since = received, now
                 elif now - call.since >= timeout:
                     del self._receiving[call]
-                    self.stats["idle_reset"] += 1
+                    self.counters["idle_reset"] += 1
                     self.penalize(call.peer, "stalled RPC message", PENALTY_THROTTLED)
                     await call.stream.reset()
             self.uploads.expire()
 
     # -- server side: calls
-    async def _serve_lane(self, stream: YamuxStream) -> None:
+    async def _serve_lane(self, stream: Stream) -> None:
         await lane.serve(self, stream)
 
-    async def _serve(self, stream: YamuxStream) -> None:
+    async def _serve(self, stream: Stream) -> None:
         peer = stream.remote_peer
         refusal = self.inbound_refusal(peer)
         if refusal is not None:
@@ -800,7 +809,7 @@ class RPC:
         except StreamError:
             return  # reset (by the caller, or as idle) or lost: nobody to answer
         except (PayloadError, RPCError) as exc:
-            self.stats["errors_in"] += 1
+            self.counters["errors_in"] += 1
             await _reject(stream, _error_type(exc), str(exc))
             return
         if first.kind != wire.CALL or not first.method:
@@ -812,7 +821,7 @@ class RPC:
             await _reject(stream, "MethodNotFound", f"no method {first.method!r}")
             return
         call.entry, call.method = entry, first.method
-        self.stats["calls_in"] += 1
+        self.counters["calls_in"] += 1
         ctx = CallContext(peer, first.method)
         try:
             with trio.CancelScope() as scope:
@@ -821,7 +830,7 @@ class RPC:
                     if not first.has_value or not first.last:
                         raise PayloadError("a unary or server-streaming call sends one final message")
                     if entry.kind == "unary":
-                        result = await self._invoke(entry, first.value, ctx)
+                        result = await self.invoke(entry, first.value, ctx)
                         await wire.send(stream, wire.MSG, result, has_value=True, codec=entry.codec, end=True)
                     else:
                         async for item in _call(entry, first.value, ctx):
@@ -844,16 +853,18 @@ class RPC:
         except StreamError:
             return  # the caller went away or reset: nothing to answer
         except (PayloadError, RPCError) as exc:
-            self.stats["errors_in"] += 1
+            self.counters["errors_in"] += 1
             await _reject(stream, _error_type(exc), str(exc))
         except Exception as exc:
-            self.stats["errors_in"] += 1
+            self.counters["errors_in"] += 1
             log.info("handler %s raised %s: %s", first.method, type(exc).__name__, exc)
             await _reject(stream, type(exc).__name__, str(exc))
 
     context = CallContext  # for lattice.rpc.lane (which cannot import this module: import cycle)
 
-    async def _invoke(self, entry: _Method, payload: Any, ctx: CallContext) -> Any:
+    async def invoke(self, entry: _Method, payload: Any, ctx: CallContext) -> Any:
+        """Run a registered method's handler on a decoded request (sync handlers in a worker
+        thread): for the fast lane and resumable uploads, which receive requests their own way."""
         args = (payload, ctx) if entry.takes_ctx else (payload,)
         if entry.is_async:
             return await entry.fn(*args)
@@ -864,7 +875,7 @@ def _call(entry: _Method, first: Any, ctx: CallContext) -> Any:
     return entry.fn(first, ctx) if entry.takes_ctx else entry.fn(first)
 
 
-async def _receive(stream: YamuxStream, limit: int, as_torch: bool | None) -> wire.Message:
+async def _receive(stream: Stream, limit: int, as_torch: bool | None) -> wire.Message:
     return _raise_error(await wire.receive(stream, limit, as_torch))
 
 
@@ -873,7 +884,7 @@ def _raise_error(message: wire.Message) -> wire.Message:
     if message.kind == wire.ERR:
         if message.error_type == "MethodNotFound":
             raise MethodNotFound(message.error_message or "")
-        raise RemoteError(message.error_type or "Error", message.error_message or "")
+        raise RemoteCallError(message.error_type or "Error", message.error_message or "")
     return message
 
 
@@ -882,7 +893,7 @@ def _error_type(exc: Exception) -> str:
     return "PayloadError" if isinstance(exc, PayloadError) else type(exc).__name__
 
 
-async def _reject(stream: YamuxStream, type_name: str, message: str) -> None:
+async def _reject(stream: Stream, type_name: str, message: str) -> None:
     """Tell the caller why, then reset if it is still sending (so its write fails instead of stalling)."""
     try:
         await wire.send_error(stream, type_name, message)

@@ -22,7 +22,7 @@ import msgpack
 
 from lattice.codec import tensors
 from lattice.errors import PayloadError, StreamError
-from lattice.transport.yamux import YamuxStream
+from lattice.transport.stream import Stream
 
 try:  # ISA-L's crc32 is zlib's (same polynomial, same value), ~4x faster: a bulk call's CRC was 15 %
     from isal.isal_zlib import crc32  # of its CPU with zlib's
@@ -83,7 +83,7 @@ def encode_header(
 
 
 async def send(
-    stream: YamuxStream,
+    stream: Stream,
     kind: str,
     value: Any = None,
     *,
@@ -94,7 +94,7 @@ async def send(
     fin: bool | None = None,
     method: str | None = None,
     call_id: int | None = None,
-    encoded: tuple[bytes, list] | None = None,
+    encoded: tuple[bytes | None, list[memoryview]] | None = None,
     on_error: Any = None,
 ) -> None:
     """Send one message; ``prefix`` (protocol negotiation) rides in front. ``end`` marks it as the
@@ -160,19 +160,19 @@ async def _send(stream, kind, encoded, prefix, last, fin, method, call_id) -> No
         await stream.write(_U32.pack(crc), fin=fin)
 
 
-async def send_end(stream: YamuxStream, fin: bool = True, prefix: bytes = b"") -> None:
+async def send_end(stream: Stream, fin: bool = True, prefix: bytes = b"") -> None:
     await stream.write(prefix + encode_header(END), fin=fin)
 
 
 async def send_error(
-    stream: YamuxStream, type_name: str, message: str, call_id: int | None = None, fin: bool = True
+    stream: Stream, type_name: str, message: str, call_id: int | None = None, fin: bool = True
 ) -> None:
     header = encode_header(ERR, error_type=type_name[:128], error_message=message[:4096], call_id=call_id)
     await stream.write(header, fin=fin)
 
 
 async def receive(
-    stream: YamuxStream,
+    stream: Stream,
     max_payload: int,
     as_torch: bool | None = None,
     *,
@@ -198,7 +198,7 @@ async def receive(
 
 
 async def _receive(
-    stream: YamuxStream,
+    stream: Stream,
     max_payload: int,
     as_torch: bool | None,
     admit: Admit | None = None,
@@ -275,7 +275,7 @@ def _check_header(header: Any, max_payload: int) -> Message | tuple:
 
 
 def parse_buffered(
-    stream: YamuxStream, max_payload: int, *, max_header: int = MAX_HEADER, raw: bool = False
+    stream: Stream, max_payload: int, *, max_header: int = MAX_HEADER, raw: bool = False
 ) -> tuple[Message, int] | None:
     """The next message and its size if it lies complete in the stream's first buffered chunk,
     parsed without waiting and without consuming (``stream.skip_first(size)`` does that); None if

@@ -10,12 +10,15 @@ import argparse
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from lattice.plugins import OptionGroup
 
 __all__ = ["add_run_options", "register", "run_overrides"]
 
 
-def add_run_options(run: argparse.ArgumentParser) -> None:
+def add_run_options(run: OptionGroup) -> None:
     group = run.add_argument_group("swarm")
     group.add_argument(
         "--bootstrap-node", action="store_true", default=None,

@@ -37,7 +37,7 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from types import FrameType
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 __all__ = ["PREFIX", "Namespaces", "Site", "Testbed", "cleanup_stale", "netns_unavailable"]
 
@@ -96,6 +96,14 @@ def _spawn(argv: Sequence[str], stdin: str) -> subprocess.Popen[str]:
         return subprocess.Popen(argv, stdin=f, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+def command_line(proc: subprocess.Popen[str]) -> str:
+    """The command a process runs, for error messages."""
+    args = proc.args
+    if isinstance(args, str | bytes | os.PathLike):
+        return os.fsdecode(args)
+    return " ".join(map(os.fsdecode, args))
+
+
 def _wait(procs: Iterable[subprocess.Popen[str]], what: str, timeout: float = 20.0) -> None:
     """Wait for setup commands; raise ``RuntimeError`` with their stderr if one failed."""
     errors = []
@@ -105,10 +113,10 @@ def _wait(procs: Iterable[subprocess.Popen[str]], what: str, timeout: float = 20
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-            errors.append(f"{proc.args}: timed out")
+            errors.append(f"{command_line(proc)}: timed out")
             continue
         if proc.returncode != 0:
-            errors.append(f"{proc.args}: exit {proc.returncode}: {err.strip()}")
+            errors.append(f"{command_line(proc)}: exit {proc.returncode}: {err.strip()}")
     if errors:
         raise RuntimeError(f"{what} failed: " + "; ".join(errors))
 
@@ -458,7 +466,7 @@ table ip lt_nat {{
     def __getitem__(self, host: str) -> str:
         return self._netns(host)
 
-    def __enter__(self) -> Testbed:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

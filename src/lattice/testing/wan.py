@@ -29,7 +29,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from lattice.testing.netns import Testbed, netns_unavailable
+from lattice.testing.netns import Testbed, command_line, netns_unavailable
 
 __all__ = ["PRESETS", "Link", "Preset", "WanTestbed", "mixed_links", "wan_unavailable"]
 
@@ -147,7 +147,7 @@ def _wait(procs: Sequence[subprocess.Popen[str]], what: str) -> None:
             proc.kill()
             _, err = proc.communicate()
         if proc.returncode != 0:
-            errors.append(f"{' '.join(map(str, proc.args))}: {err.strip()}")
+            errors.append(f"{command_line(proc)}: {err.strip()}")
     if errors:
         raise RuntimeError(f"{what} failed: " + "; ".join(errors))
 

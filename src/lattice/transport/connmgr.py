@@ -125,7 +125,7 @@ class ConnectionManager:
         return bool(won) or self.host.connection_to(peer) is not None
 
     def _on_connect(self, conn: Connection) -> None:
-        self.host._nursery.start_soon(self._first_rtt, conn)
+        self.host.start_soon(self._first_rtt, conn)
 
     async def _first_rtt(self, conn: Connection) -> None:
         """Measure a new connection's RTT once soon after it opens (status, top and the web page
@@ -174,14 +174,14 @@ class ConnectionManager:
         while True:
             await trio.sleep(self.keepalive_interval)
             for conn in self.host.connections():
-                self.host._nursery.start_soon(self._probe, conn)
+                self.host.start_soon(self._probe, conn)
 
     async def _probe_kept(self) -> None:
         while True:
             await trio.sleep(KEPT_PROBE_INTERVAL * random.uniform(0.9, 1.1))
             for conn in self.host.connections():
                 if conn.remote_peer in self.kept:
-                    self.host._nursery.start_soon(self._probe, conn, KEPT_PROBE_TIMEOUT)
+                    self.host.start_soon(self._probe, conn, KEPT_PROBE_TIMEOUT)
 
     async def _probe(self, conn: Connection, timeout: float | None = None) -> None:
         timeout = timeout or min(10.0, self.keepalive_interval)

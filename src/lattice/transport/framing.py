@@ -5,24 +5,23 @@ from __future__ import annotations
 
 from lattice import _proto
 from lattice.errors import ProtocolError, StreamError
-from lattice.transport.yamux import YamuxStream
+from lattice.transport.stream import Stream
 
 __all__ = ["read_delimited"]
 
 
-async def read_delimited(stream: YamuxStream, max_size: int) -> bytes | None:
+async def read_delimited(stream: Stream, max_size: int) -> bytes | None:
     """One uvarint-length-prefixed message, or None at a clean end of stream; ProtocolError for a
     malformed or oversized prefix (never a bare DecodeError: callers catch the transport errors)."""
-    peek = getattr(stream, "first_chunk", None)
-    chunk = peek() if peek is not None else None
-    if chunk is None and hasattr(stream, "wait_data"):  # not here yet: wait, then take it whole
+    chunk = stream.first_chunk()
+    if chunk is None:  # not here yet: wait, then take it whole
         try:
             await stream.wait_data()
         except StreamError:
             if not stream.remote_closed:  # reset or connection lost
                 raise
             return None  # a clean end of stream
-        chunk = peek()
+        chunk = stream.first_chunk()
     if chunk is not None:  # the usual case: the prefix is buffered already, no byte-wise reads
         try:
             length, used = _proto.decode_uvarint(chunk)

@@ -37,10 +37,11 @@ from lattice.transport.resources import (
     ResourceLimits,
     ResourceManager,
 )
+from lattice.transport.stream import Stream
 
 log = logging.getLogger(__name__)
 
-StreamHandler = Callable[[yamux.YamuxStream], Awaitable[None]]
+StreamHandler = Callable[[Stream], Awaitable[None]]
 RelayedDialer = Callable[[Multiaddr, float | None], Awaitable["Connection"]]
 
 
@@ -91,6 +92,18 @@ class Connection:
 
     async def close(self) -> None:
         await self.session.aclose()
+
+    async def wait_closed(self) -> None:
+        await self.session.wait_closed()
+
+    def stats(self) -> dict:
+        return {
+            "addr": str(self.remote_addr),
+            "direction": self.direction,
+            "relayed": self.relayed,
+            "streams": self.session.num_streams,
+            "age_s": round(time.time() - self.opened_at, 1),
+        }
 
 
 _IFACE_TTL = 5.0  # interface addresses are re-read at most this often (reading costs ~0.2 ms)
@@ -152,7 +165,7 @@ class Host:
         self._closed = False
         self._identified: dict[PeerId, trio.Event] = {}
         self._identify_callbacks: list[Callable[[PeerInfo], None]] = []
-        self.stats = Counter()
+        self.counters: Counter[str] = Counter()  # transport events (connections, refusals): stats()
         self.limits = PeerLimits(config.peer_limits) if config.peer_limits is not None else None
         self.traffic_in: Counter = Counter()  # payload bytes per protocol, all connections (metrics)
         self.traffic_out: Counter = Counter()
@@ -293,12 +306,12 @@ class Host:
                 continue
             ip = str(sockaddr[0]).split("%")[0] if sockaddr else ""
             if self.limits is not None and not self.limits.accept_ip(ip):
-                self.stats["inbound_refused_limits"] += 1
+                self.counters["inbound_refused_limits"] += 1
                 _refuse(sock)
                 continue
             ticket = self.resources.begin_handshake(ip) if self.resources.accepting() else None
             if ticket is None:  # full, or its IP or prefix holds its share of pending handshakes
-                self.stats["inbound_refused"] += 1
+                self.counters["inbound_refused"] += 1
                 if self.limits is not None:
                     self.limits.release_ip(ip)
                 _refuse(sock)
@@ -327,25 +340,25 @@ class Host:
                 ticket.evict = scope.cancel  # a newer handshake may take this slot (resources)
                 secure, leftover = await upgrade(stream, self.keypair, outbound=False)
         except (TransportError, OSError, trio.BrokenResourceError) as exc:
-            self.stats["inbound_handshake_failed"] += 1
+            self.counters["inbound_handshake_failed"] += 1
             log.debug("inbound handshake from %s failed: %s", remote, exc)
             await trio.aclose_forcefully(stream)
             return
         finally:
             self.resources.end_handshake(ticket)
         if scope.cancelled_caught:
-            self.stats["inbound_handshake_failed"] += 1
-            self.stats["inbound_handshake_timeout"] += 1
+            self.counters["inbound_handshake_failed"] += 1
+            self.counters["inbound_handshake_timeout"] += 1
             await trio.aclose_forcefully(stream)
             return
         if self.limits is not None and not self.limits.accept_peer(secure.remote_peer, remote.ip):
-            self.stats["inbound_refused_banned"] += 1
+            self.counters["inbound_refused_banned"] += 1
             await trio.aclose_forcefully(stream)
             return
         try:
             self.resources.open_connection(secure.remote_peer, ip)
         except ResourceLimitExceeded as exc:
-            self.stats["inbound_refused_resources"] += 1
+            self.counters["inbound_refused_resources"] += 1
             log.debug("refused a connection of %s: %s", secure.remote_peer, exc)
             await trio.aclose_forcefully(stream)
             return
@@ -490,7 +503,7 @@ class Host:
         info = self.peerstore.add(conn.remote_peer)
         info.public_key = secure.remote_public_key
         info.last_seen = time.time()
-        self.stats["connections_opened"] += 1
+        self.counters["connections_opened"] += 1
         for callback in self._connect_callbacks:
             callback(conn)
         return conn
@@ -503,8 +516,8 @@ class Host:
             await trio.aclose_forcefully(conn.session.secure.raw)
         finally:
             self.resources.close_connection(conn.remote_peer, conn.ip)
-            self.stats["dropped_replies"] += conn.session.dropped_replies
-            self.stats["refused_streams"] += conn.session.refused_streams
+            self.counters["dropped_replies"] += conn.session.dropped_replies
+            self.counters["refused_streams"] += conn.session.refused_streams
             if (conn.session.close_reason or "").startswith("protocol error"):
                 self.penalize(conn.remote_peer, f"yamux {conn.session.close_reason}")
             conns = self._conns.get(conn.remote_peer, [])
@@ -613,7 +626,7 @@ class Host:
             self._probes_from = {p: t for p, t in self._probes_from.items() if t > now}
         self._probes_from[peer] = max(self._probes_from.get(peer, now), now + seconds)
 
-    def connection_of(self, stream: yamux.YamuxStream) -> Connection | None:
+    def connection_of(self, stream: Stream) -> Connection | None:
         """The connection a stream belongs to."""
         for conn in self._conns.get(stream.remote_peer, ()):
             if conn.session is stream.session:
@@ -622,6 +635,10 @@ class Host:
 
     def connections(self) -> list[Connection]:
         return [c for conns in self._conns.values() for c in conns if not c.closed]
+
+    def connections_to(self, peer: PeerId) -> list[Connection]:
+        """Every connection to ``peer``, direct and relayed (probes and closing ones included)."""
+        return list(self._conns.get(peer, ()))
 
     @property
     def num_connections(self) -> int:
@@ -636,13 +653,27 @@ class Host:
 
     # -- streams
     async def new_stream(
-        self, peer: PeerId | Connection, protocols: Sequence[str], timeout: float | None = None
-    ) -> yamux.YamuxStream:
-        """Open a stream to a connected peer and negotiate the first protocol it accepts."""
+        self,
+        peer: PeerId | Connection,
+        protocols: Sequence[str],
+        timeout: float | None = None,
+        *,
+        lazy: bool = False,
+    ) -> Stream:
+        """Open a stream to a connected peer and negotiate the first protocol it accepts.
+
+        ``lazy=True`` (one protocol) does not wait: the proposal goes out in front of the first
+        write, and the caller reads the answer with ``multistream.confirm`` before the reply (one
+        round trip for a whole call: what the RPC does)."""
         conn = peer if isinstance(peer, Connection) else self.connection_to(peer)
         if conn is None:
             raise DialError(f"not connected to {peer}")
         stream = await conn.session.open_stream()
+        if lazy:
+            (protocol,) = protocols
+            stream.protocol = protocol
+            stream.pending_prefix = multistream.proposal(protocol)
+            return stream
         try:
             with trio.fail_after(timeout or self.config.negotiate_timeout):
                 buf = bytearray()
@@ -653,16 +684,69 @@ class Host:
                 raise NegotiationError(f"protocol negotiation with {conn.remote_peer} timed out") from None
             raise
         stream.unread(bytes(buf))
-        _recount(conn.session, stream.protocol, stream._buf_len)
+        _recount(conn.session, stream.protocol, stream.buffered)
         return stream
+
+    def start_soon(self, fn: Callable[..., Awaitable[object]], *args: object) -> None:
+        """Run ``fn(*args)`` in the host's nursery: a task that lives with the host, not with its
+        caller (identify of a new connection, a hole punch, a keep-alive probe)."""
+        self._nursery.start_soon(fn, *args)
+
+    # -- state, for status pages and /metrics (Node.status and peers, lattice.observe.metrics)
+    def stats(self) -> dict:
+        """The host's counters and gauges, JSON-able."""
+        conns = self.connections()
+        direct = {c.remote_peer for c in conns if not c.relayed}
+        peers = {c.remote_peer for c in conns}
+        return {
+            "peers": len(peers),
+            "connections": len(conns),
+            "paths": {str(p): "direct" if p in direct else "relayed" for p in peers},
+            "direct_peers": len(direct),
+            "relayed_peers": len(peers - direct),
+            "bytes_in": sum(c.session.bytes_received for c in conns),
+            "bytes_out": sum(c.session.bytes_sent for c in conns),
+            "traffic_in": {_proto_name(k): v for k, v in self.traffic_in.items()},
+            "traffic_out": {_proto_name(k): v for k, v in self.traffic_out.items()},
+            "events": dict(self.counters),
+            "observed_addrs": [str(a) for a, _ in self.observed_addrs.most_common(4)],
+            "peerstore": self.peerstore.status(),
+            "resources": self.resource_stats(),
+            "limits": self.limits.status() if self.limits is not None else None,
+        }
+
+    def peer_stats(self, peer: PeerId) -> dict | None:
+        """A connected peer, JSON-able (None if not connected): the connection streams use, what
+        identify said, every live connection and the bytes they carried."""
+        conn = self.connection_to(peer)
+        if conn is None:
+            return None
+        info = self.peerstore.get(peer)
+        live = [c for c in self._conns.get(peer, ()) if not c.closed]
+        return {
+            "peer_id": str(peer),
+            "addr": str(conn.remote_addr),
+            "direction": conn.direction,
+            "relayed": conn.relayed,
+            "rtt_ms": round(conn.rtt * 1000, 3) if conn.rtt is not None else None,
+            "agent": info.agent_version if info else "",
+            "listen_addrs": [str(a) for a in info.addrs] if info else [],
+            "protocols": info.protocols if info else [],
+            "streams": conn.session.num_streams,
+            "connections": [c.stats() for c in live],
+            "connected_for_s": round(time.time() - conn.opened_at, 1),
+            "bytes_in": sum(c.session.bytes_received for c in live),
+            "bytes_out": sum(c.session.bytes_sent for c in live),
+        }
 
     def resource_stats(self) -> dict:
         """The budgets and their use (lattice.transport.resources), with what the muxer refused:
         streams over a budget and replies dropped because a peer did not read them."""
         live = self.connections()
         out = self.resources.stats()
-        out["dropped_replies"] = self.stats["dropped_replies"] + sum(c.session.dropped_replies for c in live)
-        out["refused_streams"] = self.stats["refused_streams"] + sum(c.session.refused_streams for c in live)
+        counted = self.counters
+        out["dropped_replies"] = counted["dropped_replies"] + sum(c.session.dropped_replies for c in live)
+        out["refused_streams"] = counted["refused_streams"] + sum(c.session.refused_streams for c in live)
         return out
 
     # -- limits (no-ops without self.limits)
@@ -671,16 +755,17 @@ class Host:
         streams ask per request; the host asks per stream)."""
         if self.limits is None or self.limits.allow(peer, protocol):
             return True
-        self._enforce_ban(peer)
+        self.enforce_ban(peer)
         return False
 
     def penalize(self, peer: PeerId, reason: str, points: float = PENALTY_MALFORMED) -> None:
         """Report misbehaviour (a malformed message); enough of it bans the peer (see limits)."""
         log.debug("peer %s misbehaved: %s", peer, reason)
         if self.limits is not None and self.limits.penalize(peer, points, reason):
-            self._enforce_ban(peer)
+            self.enforce_ban(peer)
 
-    def _enforce_ban(self, peer: PeerId) -> None:
+    def enforce_ban(self, peer: PeerId) -> None:
+        """Close the connections of ``peer`` if it is banned now (after a ban by the operator)."""
         if self.limits is not None and self.limits.is_banned(peer) and self._conns.get(peer):
             log.warning("banned peer %s: %s", peer, self.limits.ban_reasons.get(str(peer), ""))
             for conn in list(self._conns.get(peer, ())):
@@ -689,7 +774,7 @@ class Host:
     async def _handle_stream(self, conn: Connection, stream: yamux.YamuxStream) -> None:
         limits = self.limits
         if limits is not None and not limits.allow_stream(conn.remote_peer):
-            self._enforce_ban(conn.remote_peer)
+            self.enforce_ban(conn.remote_peer)
             await stream.reset()
             return
         buf = bytearray()
@@ -710,7 +795,7 @@ class Host:
             return
         stream.protocol = proto
         stream.unread(bytes(buf))
-        _recount(conn.session, proto, stream._buf_len)
+        _recount(conn.session, proto, stream.buffered)
         handler = self._handlers.get(proto)
         if handler is None or not self.allow_request(conn.remote_peer, proto):
             await stream.reset()
@@ -745,6 +830,10 @@ async def _close_quietly(conn: Connection) -> None:
         await conn.close()
     except Exception:
         pass
+
+
+def _proto_name(protocol: str | None) -> str:
+    return protocol if protocol is not None else "negotiation"
 
 
 def _recount(session: yamux.YamuxSession, protocol: str | None, n: int) -> None:
@@ -859,7 +948,7 @@ class _SecureReader:
     async def send_all(self, data: bytes) -> None:
         await self.secure.send_all(data)
 
-    async def receive_some(self, max_bytes: int = 65536) -> bytes:
+    async def receive_some(self, max_bytes: int = 65536) -> bytes | bytearray:
         data = await self.secure.receive_some()
         if not data:
             raise ConnectionLost("connection closed during negotiation")

@@ -18,7 +18,7 @@ from lattice.multiaddr import Multiaddr, MultiaddrError
 from lattice.transport.framing import read_delimited
 from lattice.transport.host import Connection, Host
 from lattice.transport.peerstore import PeerInfo
-from lattice.transport.yamux import YamuxStream
+from lattice.transport.stream import Stream
 
 log = logging.getLogger(__name__)
 
@@ -75,13 +75,13 @@ def decode(data: bytes, info: PeerInfo) -> Multiaddr | None:
 
 
 def install(host: Host) -> None:
-    async def handler(stream: YamuxStream) -> None:
+    async def handler(stream: Stream) -> None:
         conn = host.connection_of(stream)
         observed = conn.remote_addr if conn is not None else None
         message = encode(host, observed)
         await stream.write(_proto.delimited(message))
 
-    async def push_handler(stream: YamuxStream) -> None:
+    async def push_handler(stream: Stream) -> None:
         peer = stream.remote_peer
         try:
             with trio.fail_after(TIMEOUT):
@@ -100,7 +100,7 @@ def install(host: Host) -> None:
         host.identified(peer)
 
     def on_connect(conn: Connection) -> None:
-        host._nursery.start_soon(_identify_quietly, host, conn)
+        host.start_soon(_identify_quietly, host, conn)
 
     host.set_stream_handler(PROTOCOL_ID, handler)
     host.set_stream_handler(PUSH_ID, push_handler)

@@ -7,11 +7,15 @@ bytes read past the negotiation are left in the caller's buffer (the peer may pi
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from lattice import _proto
 from lattice.errors import NegotiationError
+
+if TYPE_CHECKING:
+    from lattice.transport.stream import Stream
 
 HEADER = "/multistream/1.0.0"
 NA = "na"
@@ -20,8 +24,10 @@ MAX_ATTEMPTS = 16
 
 
 class ByteStream(Protocol):
+    """What negotiation reads and writes: a socket, a secure channel or a stream."""
+
     async def send_all(self, data: bytes) -> None: ...
-    async def receive_some(self, max_bytes: int = ...) -> bytes: ...
+    async def receive_some(self, max_bytes: int) -> bytes | bytearray: ...
 
 
 def encode(message: str) -> bytes:
@@ -74,6 +80,31 @@ async def select_outbound(stream: ByteStream, protocols: Sequence[str], buf: byt
         if answer != NA:
             raise NegotiationError(f"unexpected multistream answer {answer[:64]!r}")
     raise NegotiationError(f"peer supports none of {list(protocols)}")
+
+
+@functools.cache
+def proposal(protocol: str) -> bytes:
+    """What a dialer sends to propose ``protocol`` alone: the header and the proposal. A listener
+    that accepts answers with the same bytes."""
+    return encode(HEADER) + encode(protocol)
+
+
+async def confirm(stream: Stream, protocol: str) -> None:
+    """Read the listener's answer to a lazy proposal of ``protocol`` (sent in front of the dialer's
+    first data, without waiting: ``Host.new_stream(..., lazy=True)``); NegotiationError unless it
+    accepted. Bytes after the answer stay in the stream."""
+    expected = proposal(protocol)
+    got = await stream.read_exactly(len(expected)) if stream.buffered >= len(expected) else None
+    if got == expected:  # the usual case: compare bytes, no parsing
+        return
+    if got is not None:
+        stream.unread(got)
+    buf = bytearray()
+    header = await read_message(stream, buf)
+    answer = await read_message(stream, buf)
+    stream.unread(bytes(buf))
+    if header != HEADER or answer != protocol:
+        raise NegotiationError(f"the peer does not serve {protocol}")
 
 
 async def select_inbound(

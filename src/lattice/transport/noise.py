@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import socket
 import struct
 import threading
 from collections.abc import Callable
@@ -195,15 +196,17 @@ class XXHandshake:
             raise HandshakeError("invalid Diffie-Hellman public key") from None
 
     def _payload(self) -> bytes:
-        sig = self.identity.sign(_SIG_PREFIX + self._pub(self._s))
-        return _proto.encode([(1, self.identity.public_key.to_protobuf()), (2, sig)])
+        identity = self.identity
+        assert identity is not None  # plain Noise (no identity) takes its payloads from the caller
+        sig = identity.sign(_SIG_PREFIX + self._pub(self._s))
+        return _proto.encode([(1, identity.public_key.to_protobuf()), (2, sig)])
 
     def _check_payload(self, payload: bytes) -> None:
         try:
             fields = _proto.decode(payload, max_fields=16)
             key_bytes = _proto.one_bytes(fields, 1, required=True)
             sig = _proto.one_bytes(fields, 2, required=True)
-            key = PublicKey.from_protobuf(key_bytes)  # type: ignore[arg-type]
+            key = PublicKey.from_protobuf(key_bytes)
         except (_proto.DecodeError, IdentityError) as exc:
             raise HandshakeError(f"bad noise handshake payload: {exc}") from None
         assert self.remote_static is not None and sig is not None
@@ -454,8 +457,9 @@ class SecureStream:
         The pooled buffer is taken only once data is there to read (no await holds it): an idle
         connection keeps at most one partial frame (see :meth:`_release`)."""
         try:
-            if self._fd is not None:
-                n = await self._recv_fast()
+            fd = self._fd
+            if fd is not None:
+                n = await self._recv_fast(fd)
             else:
                 reader = self._sock.recv if self._sock is not None else self.raw.receive_some
                 chunk = await reader(RECV_BUFFER)
@@ -473,8 +477,7 @@ class SecureStream:
         self._rend += n
         return True
 
-    async def _recv_fast(self) -> int:
-        fd = self._fd
+    async def _recv_fast(self, fd: socket.socket) -> int:
         if self._drained:  # the last read emptied the socket: wait first, save a failing recv
             await trio.lowlevel.wait_readable(fd)
         while True:

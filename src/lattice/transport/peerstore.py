@@ -58,7 +58,9 @@ class PeerStore:
         self._removed.append(callback)
 
     def get(self, peer: PeerId | None) -> PeerInfo | None:
-        info = self._peers.get(peer) if peer is not None else None
+        if peer is None:
+            return None
+        info = self._peers.get(peer)
         if info is not None:
             self._peers.move_to_end(peer)
         return info

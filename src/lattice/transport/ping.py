@@ -9,7 +9,7 @@ import trio
 from lattice.errors import ProtocolError
 from lattice.identity import PeerId
 from lattice.transport.host import Connection, Host
-from lattice.transport.yamux import YamuxStream
+from lattice.transport.stream import Stream
 
 PROTOCOL_ID = "/ipfs/ping/1.0.0"
 PING_SIZE = 32
@@ -17,7 +17,7 @@ MAX_PINGS_PER_STREAM = 10_000
 IDLE_TIMEOUT = 60.0
 
 
-async def _handle(stream: YamuxStream) -> None:
+async def _handle(stream: Stream) -> None:
     for _ in range(MAX_PINGS_PER_STREAM):
         with trio.move_on_after(IDLE_TIMEOUT):
             first = await stream.read(PING_SIZE)

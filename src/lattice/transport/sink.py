@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import trio
 
-from lattice.transport.yamux import YamuxStream
+from lattice.transport.stream import Stream
 
 __all__ = ["IDLE_TIMEOUT", "drain"]
 
@@ -18,7 +18,7 @@ IDLE_TIMEOUT = 300.0  # seconds without a byte before the stream is closed (the 
 READ_SIZE = 16 * 1024
 
 
-async def drain(stream: YamuxStream) -> None:
+async def drain(stream: Stream) -> None:
     """Read ``stream`` until the peer ends it or stays silent for ``IDLE_TIMEOUT``; keep nothing."""
     while True:
         with trio.move_on_after(IDLE_TIMEOUT):

@@ -24,6 +24,7 @@ import trio
 from trio.lowlevel import ParkingLot
 
 from lattice.errors import ConnectionLost, ProtocolError, StreamError, StreamReset, TransportError
+from lattice.identity import PeerId
 from lattice.transport.resources import Lease, ResourceLimitExceeded, ResourceManager
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,7 @@ class YamuxStream:
         self.id = stream_id
         self.outbound = outbound
         self.protocol: str | None = None
-        self._buf: deque[bytes] = deque()
+        self._buf: deque[bytes | memoryview] = deque()
         self._buf_len = 0
         # We grant our full window up front: on the SYN (outbound) or the ACK (inbound). It is
         # memory the peer may make us hold, reserved from its budget (``lease``) by the session.
@@ -100,13 +101,23 @@ class YamuxStream:
         self._epoch = trio.current_time()  # when we last returned window (auto-tuning)
 
     @property
-    def remote_peer(self):
+    def remote_peer(self) -> PeerId:
         return self.session.remote_peer
 
     @property
     def remote_closed(self) -> bool:
         """The peer has finished sending (FIN received)."""
         return self._remote_fin
+
+    @property
+    def failed(self) -> bool:
+        """Reset (by either side) or its connection lost."""
+        return self._error is not None
+
+    @property
+    def buffered(self) -> int:
+        """Bytes that arrived and are not read yet."""
+        return self._buf_len
 
     # -- reading
     @property
@@ -264,7 +275,9 @@ class YamuxStream:
         self._sink_pos += n
         self._buf_len += n  # _consumed takes them off again and returns the window
         self._consumed(n)
-        if self._sink_pos == len(self._sink):
+        sink = self._sink
+        assert sink is not None  # the session places payload only into a waiting sink
+        if self._sink_pos == len(sink):
             self._read_lot.unpark_all()
 
     def _consumed(self, n: int) -> None:
@@ -343,18 +356,24 @@ class YamuxStream:
                     raise self._error
                 if self._local_fin:
                     raise StreamError("write after close")
-                while self._send_window == 0 and off < total:
+                while self._send_window <= 0 and off < total:
                     await self._window_lot.park()
                     if self._error is not None:
                         raise self._error
-                batch = min(self._send_window, total - off, session.max_batch)
+                # a deferred negotiation message (a lazy proposal, a listener's acceptance) rides
+                # in the frame of a small first write
+                prefix = self._take_prefix() if total <= SMALL_WRITE else b""
+                batch = max(0, min(self._send_window, total - off, session.max_batch))
                 parts: list[bytes | memoryview] = self._opening_frames()
                 end = off + batch
                 while True:
                     n = min(session.max_frame, end - off)
                     last = off + n >= end
                     flags = FLAG_FIN if (fin and last and end == total) else 0
-                    parts.append(header(TYPE_DATA, flags, self.id, n))
+                    parts.append(header(TYPE_DATA, flags, self.id, n + len(prefix)))
+                    if prefix:
+                        parts.append(prefix)
+                        prefix = b""
                     if n:
                         parts.append(view[off : off + n])
                     off += n
@@ -388,12 +407,18 @@ class YamuxStream:
         if self._ack_pending:
             parts.append(self._ack_frame())
             self._ack_pending = False
-        if self.pending_prefix:
-            prefix, self.pending_prefix = self.pending_prefix, b""
+        prefix = self._take_prefix()
+        if prefix:
             parts.append(header(TYPE_DATA, 0, self.id, len(prefix)))
             parts.append(prefix)
-            self._send_window -= len(prefix)
         return parts
+
+    def _take_prefix(self) -> bytes:
+        """The deferred negotiation bytes, counted against the send window (a few bytes the
+        peer's initial window always has room for)."""
+        prefix, self.pending_prefix = self.pending_prefix, b""
+        self._send_window -= len(prefix)
+        return prefix
 
     def _syn_frame(self, flags: int) -> bytes:
         """Open the stream and grant our window beyond the spec's initial 256 KiB in one frame."""
@@ -817,7 +842,9 @@ class YamuxSession:
         self.bytes_received += size
         self.bytes_in_place += size
         self._data_left -= size
-        self._data_stream._on_placed(size)
+        stream = self._data_stream
+        assert stream is not None  # _place gave a destination only for a stream's data frame
+        stream._on_placed(size)
         if not self._data_left:
             self._after_data()
 

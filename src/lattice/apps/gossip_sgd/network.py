@@ -123,7 +123,7 @@ class Gossip:
         return {str(k): int(v) for k, v in self.doc.get_map("members").items()}
 
     def dead(self) -> set[str]:
-        return {str(k) for k in self.doc.get_map("dead")} | self._dead
+        return set(map(str, self.doc.get_map("dead").keys())) | self._dead
 
     def live(self, round_: int) -> list[str]:
         """Sorted members taking part in ``round_`` (joined by then, not known dead)."""

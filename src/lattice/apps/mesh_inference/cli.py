@@ -211,7 +211,7 @@ async def _generate(args: argparse.Namespace, source: Any, prompt: list[int], to
     from lattice.observe.inert import inert  # server ids and generated text come from remote peers
 
     with tempfile.TemporaryDirectory(prefix="lattice-generate-") as tmp:
-        cfg = NodeConfig(listen=["/ip4/127.0.0.1/tcp/0"], bootstrap=args.bootstrap, data_dir=Path(tmp),
+        cfg = NodeConfig(listen=("/ip4/127.0.0.1/tcp/0",), bootstrap=args.bootstrap, data_dir=Path(tmp),
                          control=False)  # fmt: skip
         async with Node(cfg) as node:
             client = MeshClient(node, source.model_id)

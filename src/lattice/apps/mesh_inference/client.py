@@ -66,6 +66,10 @@ class MeshClient:
             self._fetched_at = time.monotonic()
         return self._servers
 
+    def forget_servers(self) -> None:
+        """The next :meth:`servers` asks the DHT again (the cached list failed us)."""
+        self._fetched_at = 0.0
+
     async def n_layers(self) -> int:
         servers = await self.servers()
         if not servers:
@@ -96,7 +100,7 @@ class MeshClient:
                     return await self.find_chain()
                 except NoChainError:
                     await trio.sleep(0.1)
-                    self._fetched_at = 0.0
+                    self.forget_servers()
         return await self.find_chain()
 
     def session(self) -> InferenceSession:
@@ -200,7 +204,7 @@ class InferenceSession:
             except NoChainError as exc:
                 last_error = exc
                 await trio.sleep(0.2)
-                self.client._fetched_at = 0.0
+                self.client.forget_servers()
                 continue
             history = [*failed.inputs, x]
             new_states = []

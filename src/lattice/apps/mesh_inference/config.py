@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 ROPE_LAYOUTS = ("interleaved", "half")  # GGML q/k layout (pairs 2i, 2i+1) / HF rotate-half (i, i+d/2)
 ATTN_BLOCK = 256  # positions per block of attention's weighted sum (model._attention): part of the numerics
@@ -76,8 +77,8 @@ BLOCK_TENSORS = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_
 def tiny_config(**overrides) -> LlamaConfig:
     """A tiny LLaMA for tests: 6 blocks, GQA 4/2 heads, vocab 256, SmolLM2's 8,192 positions (so
     tests can send the long prompts a real model accepts)."""
-    base = dict(vocab_size=256, hidden=64, n_layers=6, n_heads=4, n_kv_heads=2, ffn=128, rope_theta=10000.0,
-                max_positions=8192)  # fmt: skip
+    base: dict[str, Any] = dict(vocab_size=256, hidden=64, n_layers=6, n_heads=4, n_kv_heads=2, ffn=128,
+                                rope_theta=10000.0, max_positions=8192)  # fmt: skip
     base.update(overrides)
     return LlamaConfig(**base)
 

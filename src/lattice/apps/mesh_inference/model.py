@@ -122,8 +122,7 @@ class Stage:
         if end < c.n_layers or not head:
             return h
         h = _rms_norm(h, self.w["output_norm.weight"], c.norm_eps)
-        head = self.w["token_embd.weight" if c.tied else "output.weight"]
-        return F.linear(h, head)
+        return F.linear(h, self.w["token_embd.weight" if c.tied else "output.weight"])
 
     def _block(self, i: int, h: torch.Tensor, cache: KVCache | None, pos: int) -> torch.Tensor:
         c, w, p = self.config, self.w, f"blk.{i}."

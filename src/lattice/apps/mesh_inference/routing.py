@@ -60,7 +60,9 @@ class ServerInfo:
             start, end, n_layers = ints[:3]
             if not 0 <= start < end <= n_layers <= MAX_BLOCKS or not throughput >= 0:
                 return None
-            return cls(peer, start, end, n_layers, throughput, *ints[3:], addrs=tuple(addrs))
+            free_memory, cache_free, sessions, max_sessions = ints[3:]
+            return cls(peer, start, end, n_layers, throughput, free_memory, cache_free, sessions,
+                       max_sessions, tuple(addrs))  # fmt: skip
         except Exception:
             return None
 

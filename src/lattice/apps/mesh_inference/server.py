@@ -26,7 +26,7 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Hashable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import torch
@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from lattice.node import Node
 
 log = logging.getLogger(__name__)
+K = TypeVar("K", bound=Hashable)  # a session key
 
 MAX_SESSION_ID = 64
 
@@ -96,8 +97,8 @@ def reply_bytes(config: LlamaConfig, sizes: list[int], end: int, want: str, logi
 
 
 def pick_victim(
-    sessions: Iterable[tuple[Hashable, str, float, bool]], requester: str, now: float, idle: float
-) -> Hashable | None:
+    sessions: Iterable[tuple[K, str, float, bool]], requester: str, now: float, idle: float
+) -> K | None:
     """The session a full server gives up for ``requester``'s new one, from (key, peer,
     last_used, busy) rows: the longest idle (at least ``idle`` s), else the least recently used of
     the peer holding the most sessions if it holds at least two more than the requester (so peer
@@ -222,16 +223,22 @@ class StageServer:
     def max_context(self) -> int:
         return min(self.limits.max_context, self.stage.config.max_positions)
 
+    def _running_on(self) -> Node:
+        if self.node is None:
+            raise LatticeError("the stage server is not running")
+        return self.node
+
     def info(self) -> ServerInfo:
+        node = self._running_on()
         return ServerInfo(
-            str(self.node.peer_id), self.stage.start, self.stage.end, self.stage.config.n_layers,
+            str(node.peer_id), self.stage.start, self.stage.end, self.stage.config.n_layers,
             float(self.throughput or 0.0), free_memory(), max(0, self.limits.cache_bytes - self.cache_used),
-            len(self._sessions), self.limits.max_sessions, tuple(self.node.addrs[:8]),
+            len(self._sessions), self.limits.max_sessions, tuple(node.addrs[:8]),
         )  # fmt: skip
 
     async def announce(self) -> int:
         """Publish this server's entry now; returns how many peers stored it."""
-        return await self.node.dht.put(
+        return await self._running_on().dht.put(
             announcement_key(self.model_id), self.info().encode(), ttl=3 * self.announce_interval + 1
         )
 
@@ -407,7 +414,7 @@ class StageServer:
             raise PayloadError("mesh.forward takes a map")
         c, stage = self.stage.config, self.stage
         start, end, pos = payload.get("start"), payload.get("end"), payload.get("pos")
-        if not all(type(v) is int for v in (start, end, pos)):
+        if type(start) is not int or type(end) is not int or type(pos) is not int:
             raise PayloadError("start, end and pos must be integers")
         if not stage.start <= start < end <= stage.end:
             raise PayloadError(f"blocks {start}:{end} are not served here ({stage.start}:{stage.end})")
