@@ -46,7 +46,7 @@ async def test_exchange_mixes_dedups_and_renormalizes_over_the_rpc(tmp_path):
 
     from lattice import Node
     from lattice.apps.gossip_sgd.algorithms import Send
-    from lattice.apps.gossip_sgd.network import METHOD, Gossip
+    from lattice.apps.gossip_sgd.network import GRACE, METHOD, Gossip
 
     stop_third = trio.Event()
     third_gone = trio.Event()
@@ -99,7 +99,82 @@ async def test_exchange_mixes_dedups_and_renormalizes_over_the_rpc(tmp_path):
             assert r.self_weight == pytest.approx(2 / 3)  # the dead peer's weight stays home
             torch.testing.assert_close(r.mix("x"), torch.full((1, 5), (2 * i + (1 - i)) / 3))
             assert str(nodes[2].peer_id) in gossips[i].dead()
-        assert gossips[0].neighbours(2) == ({str(b.peer_id): 0.5}, 0.5)
+        # the dead peer stays in the graph (not waited for) until GRACE rounds after it was seen gone,
+        # the same round at every survivor (trackers restart there)
+        assert str(nodes[2].peer_id) in gossips[0].neighbours(1)[0]
+        assert gossips[0].neighbours(1 + GRACE) == ({str(b.peer_id): 0.5}, 0.5)
+
+
+async def _three_nodes(tmp_path, nursery, stop_third, third_gone):
+    from lattice import Node
+
+    async def third(task_status):
+        async with Node(_cfg(tmp_path, "c")) as c:
+            task_status.started(c)
+            await stop_third.wait()
+        third_gone.set()
+
+    return await nursery.start(third)
+
+
+async def test_references_are_rebuilt_from_exact_copies_when_the_graph_changes(tmp_path):
+    """CDProxSGT's mixed references over the RPC: a receiver without a copy of a neighbour's reference
+    asks for the full one, then adds differences; when a peer dies, the survivors' mixed references
+    are W_new x_hat over the survivors (not a running sum kept with the old weights)."""
+    import torch
+    import trio
+
+    from lattice import Node
+    from lattice.apps.gossip_sgd.algorithms import Send
+    from lattice.apps.gossip_sgd.network import GRACE, Gossip
+
+    stop_third, third_gone = trio.Event(), trio.Event()
+    async with trio.open_nursery() as outer, Node(_cfg(tmp_path, "a")) as a, Node(_cfg(tmp_path, "b")) as b:
+        nodes = [a, b, await _three_nodes(tmp_path, outer, stop_third, third_gone)]
+        for x in nodes:
+            for y in nodes:
+                if x is not y:
+                    await x.connect(y.addrs[0])
+        gossips = [Gossip(node, "r", timeout=3.0) for node in nodes]
+        for g in gossips:
+            g.join(0)
+        with trio.fail_after(15):
+            while not all(len(g.members()) == 3 for g in gossips):
+                await trio.sleep(0.02)
+        gen = torch.Generator().manual_seed(0)
+        refs = [torch.zeros(1, 6) for _ in range(3)]  # each peer's reference x_hat_i
+        mixed: list = [None] * 3
+
+        async def phase(i, round_, k):
+            diff = torch.randn(1, 6, generator=gen)
+            send = Send(f"x{k}", {"dx": diff}, {"dx": None}, self_exact=False, refs={"dx": refs[i]})
+            r = await gossips[i].exchange(round_, send)
+            mixed[i] = r.mix_ref("dx")
+            refs[i] = refs[i] + r.sent("dx")
+
+        async def all_phase(who, round_, k):
+            async with trio.open_nursery() as nursery:
+                for i in who:
+                    nursery.start_soon(phase, i, round_, k)
+
+        await all_phase(range(3), 0, 0)  # nobody holds a copy yet: each mixes its own reference only
+        for i in range(3):
+            torch.testing.assert_close(mixed[i], refs[i])
+        for k in (1, 2):  # full references arrive once, then differences: exact W x_hat (1/3 each)
+            await all_phase(range(3), 0, k)
+        for i in range(3):
+            torch.testing.assert_close(mixed[i], sum(refs) / 3)
+        sent = [g.stats.full_refs_sent for g in gossips]
+        assert all(2 <= n <= 4 for n in sent)  # one per neighbour (+1 if a request crossed the full one)
+        stop_third.set()
+        await third_gone.wait()
+        await all_phase(range(2), 1, 0)  # c is gone: its copy dropped, its weight stays home
+        for i in range(2):
+            torch.testing.assert_close(mixed[i], refs[i] * 2 / 3 + refs[1 - i] / 3)
+        await all_phase(range(2), 1 + GRACE, 0)  # the graph without c: MH weights 1/2
+        for i in range(2):
+            torch.testing.assert_close(mixed[i], (refs[0] + refs[1]) / 2)
+        assert [g.stats.full_refs_sent for g in gossips[:2]] == sent[:2]  # copies of each other still exact
 
 
 @pytest.mark.slow

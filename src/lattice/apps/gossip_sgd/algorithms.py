@@ -32,6 +32,9 @@ class Send:
     tensors: dict[str, Tensor]
     codecs: dict[str, str | None] = field(default_factory=dict)
     self_exact: bool = True  # mix a peer's own row uncompressed (False: as the neighbours decode it)
+    # name -> the sender's reference before this message: ``tensors[name]`` is a difference the
+    # receivers add to their copy of that reference (CDProxSGT); ``Received.mix_ref`` mixes the copies
+    refs: dict[str, Tensor] = field(default_factory=dict)
 
 
 class Received(Protocol):
@@ -43,6 +46,11 @@ class Received(Protocol):
 
     def neighbours(self, name: str) -> list[list[Tensor]]:
         """For each local row, the decoded rows received from its neighbours."""
+
+    def mix_ref(self, name: str) -> Tensor:
+        """sum_j w_ij (ref_j + decoded difference_j) with this round's weights, over i and the
+        neighbours whose reference copy is known to be exact (the rest's weight stays on i): the
+        mixed references rebuilt whenever the weights change, never a running sum."""
 
 
 Round = Generator[Send, Received, None]
@@ -109,6 +117,10 @@ class Algorithm:
     def models(self) -> Tensor:
         """The local models being evaluated: [n, d]."""
         return self.x
+
+    def membership_changed(self) -> None:
+        """Called before the first round whose graph lost a peer (the same round at every survivor).
+        Plain gossip needs nothing: the new weights are doubly stochastic over the survivors."""
 
 
 class DPSGD(Algorithm):
@@ -178,6 +190,11 @@ class DProxSGT(Algorithm):
         self.g_prev = g
         return y_half
 
+    def membership_changed(self) -> None:
+        """Restart tracking (y = the last local gradient): a departed peer took its share of
+        sum_i (y_i - g_i) with it, which would otherwise bias the survivors' trackers for good."""
+        self.y = self.g_prev.clone()
+
     def round(self, t: int) -> Round:
         for k in range(self.hp.local_steps):
             r = yield Send(f"y{k}", {"y": self.tracked_grad()})
@@ -195,31 +212,44 @@ class CDProxSGT(DProxSGT):
     """Compressed tracking: only compressed differences to reference copies x_hat, y_hat travel.
 
     The reference copies act as error feedback: what compression dropped stays in x - x_hat and is
-    sent in a later step. With identity codecs and gamma = 1 this is exactly DProxSGT.
+    sent in a later step. The mixed references (W x_hat, W y_hat) are rebuilt from the neighbours'
+    copies with each phase's weights (``mix_ref``): a running sum of mixed differences would assume a
+    fixed W, and drifts when the topology is time-varying, a peer leaves or joins, or a message is
+    late. With identity codecs and gamma = 1 this is exactly DProxSGT.
     """
 
     name = "cdproxsgt"
 
     def __init__(self, *a, **kw) -> None:
         super().__init__(*a, **kw)
-        self.x_hat = self.x.clone()  # all peers start equal, so (W x_hat) = x_hat = x0
-        self.wx_hat = self.x.clone()
+        self.x_hat = self.x.clone()
         self.y_hat = torch.zeros_like(self.x)
-        self.wy_hat = torch.zeros_like(self.x)
 
     def round(self, t: int) -> Round:
         hp = self.hp
         for k in range(hp.local_steps):
             y_half = self.tracked_grad()
-            r = yield Send(f"y{k}", {"q": y_half - self.y_hat}, {"q": hp.codec_y}, self_exact=False)
-            self.y_hat = self.y_hat + r.sent("q")
-            self.wy_hat = self.wy_hat + r.mix("q")
-            self.y = y_half + hp.gamma_y * (self.wy_hat - self.y_hat)
+            r = yield Send(
+                f"y{k}",
+                {"dy": y_half - self.y_hat},
+                {"dy": hp.codec_y},
+                self_exact=False,
+                refs={"dy": self.y_hat},
+            )
+            wy_hat = r.mix_ref("dy")
+            self.y_hat = self.y_hat + r.sent("dy")
+            self.y = y_half + hp.gamma_y * (wy_hat - self.y_hat)
             x_half = prox_l1(self.x - hp.lr * self.y, hp.lr * hp.l1)
-            r = yield Send(f"x{k}", {"q": x_half - self.x_hat}, {"q": hp.codec_x}, self_exact=False)
-            self.x_hat = self.x_hat + r.sent("q")
-            self.wx_hat = self.wx_hat + r.mix("q")
-            self.x = x_half + hp.gamma_x * (self.wx_hat - self.x_hat)
+            r = yield Send(
+                f"x{k}",
+                {"dx": x_half - self.x_hat},
+                {"dx": hp.codec_x},
+                self_exact=False,
+                refs={"dx": self.x_hat},
+            )
+            wx_hat = r.mix_ref("dx")
+            self.x_hat = self.x_hat + r.sent("dx")
+            self.x = x_half + hp.gamma_x * (wx_hat - self.x_hat)
 
 
 class MHD(Algorithm):
