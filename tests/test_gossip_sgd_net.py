@@ -177,6 +177,48 @@ async def test_references_are_rebuilt_from_exact_copies_when_the_graph_changes(t
         assert [g.stats.full_refs_sent for g in gossips[:2]] == sent[:2]  # copies of each other still exact
 
 
+def test_a_peer_with_other_settings_is_refused_and_the_average_model_is_evaluated(tmp_path):
+    """Peers print their address; a peer started with another --algorithm exits 2 with one line
+    naming the setting, instead of training alone; the others train together, and the first of them
+    evaluates the network's average model (content store) as the simulator's acc_avg/consensus."""
+    # int8 messages: the 2 peers' models differ after mixing (plain ones would be equal: consensus 0)
+    common = [
+        "--algorithm",
+        "dfedavg",
+        "--rounds",
+        "2",
+        *ARGS,
+        "--set",
+        "local_steps=2",
+        "--set",
+        "codec=int8",
+    ]
+    procs = start_peers(3, "t-cfg", tmp_path, common, extra={2: ["--algorithm", "dsgt"]})
+    try:
+        for p in procs:
+            p.wait(timeout=60)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    err = [(tmp_path / f"peer{i}" / "stderr").read_text() for i in range(3)]
+    assert procs[2].returncode == 2, err[2][-3000:]
+    last = err[2].strip().splitlines()
+    assert len(last) == 3 and last[-1].startswith("error: run 't-cfg': 2 of 3 members use other settings")
+    assert "algorithm: 'dsgt' here, 'dfedavg' in the run" in last[-1]
+    averages = []
+    for i in range(2):
+        assert procs[i].returncode == 0, err[i][-3000:]
+        assert "gossip-sgd peer 12D3KooW" in err[i] and "listening: /ip4/127.0.0.1/tcp/" in err[i]
+        log = read_log(tmp_path / f"peer{i}" / "log.jsonl")
+        rounds = [r for r in log if r.get("event") == "round"]
+        assert rounds[-1]["live"] == 2 and "acc_avg" not in rounds[-1] and "consensus" not in rounds[-1]
+        averages += [r for r in log if r.get("event") == "average"]
+    assert len(averages) == 2 and averages[0] == {**averages[1], "t": averages[0]["t"]}  # the first computes
+    avg = averages[0]
+    assert avg["peers"] == 2 and avg["acc_avg"] > 0.3 and avg["consensus"] > 0
+
+
 @pytest.mark.slow
 def test_peers_learn_and_the_rest_finish_when_one_is_killed(tmp_path):
     n, rounds, victim = 4, 6, 3

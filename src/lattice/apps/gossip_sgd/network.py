@@ -45,7 +45,7 @@ from lattice.apps.gossip_sgd.compress import wire_bytes
 from lattice.apps.gossip_sgd.experiment import Config, Prepared, build, evaluate, prepare
 from lattice.apps.gossip_sgd.models import accuracy
 from lattice.codec import compression
-from lattice.errors import ConfigError
+from lattice.errors import ConfigError, LatticeError
 
 METHOD = "gossip_sgd.exchange"
 GRACE = 2  # a peer seen dead at round r leaves the graph at round r + GRACE (the same round everywhere)
@@ -605,13 +605,40 @@ async def publish_final(gossip: Gossip, model: Tensor, rounds: int) -> None:
 
 
 async def evaluate_average(run: PeerRun, wait: float) -> dict | None:
-    """The first live peer (by id) fetches every live peer's final model, and logs the accuracy of
-    their average and the consensus distance (1/m) sum ||x_i - x_bar||^2: the simulator's
-    ``acc_avg`` and ``consensus`` for the real network ("average" record). Others return None."""
+    """The network's average model: the first live peer (by id) fetches every live peer's final
+    model and computes the accuracy of their average and the consensus distance
+    (1/m) sum ||x_i - x_bar||^2, the simulator's ``acc_avg`` and ``consensus``; it writes them in the
+    run's document, and every peer logs them ("average" record). The others keep serving their model
+    until then (at most ``wait`` s + the fetches)."""
     gossip, cfg = run.gossip, run.cfg
     live = gossip.live(cfg.rounds)
-    if not live or live[0] != gossip.me or cfg.algorithm == "mhd":
+    if not live or cfg.algorithm == "mhd":  # MHD: weights never leave a peer, there is no average
         return None
+    result = gossip.doc.get_map("average")  # "record": the evaluator's JSON; peer -> True: seen
+    if live[0] == gossip.me:
+        rec = await _average_of(run, live, wait)
+        if rec is not None:
+            result["record"] = json.dumps(rec)
+    with trio.move_on_after(wait + FETCH_TIMEOUT * len(live)):
+        while not isinstance(result.get("record"), str):
+            await trio.sleep(0.2)
+    if not isinstance(result.get("record"), str):
+        return None
+    rec = {"event": "average", **json.loads(result["record"])}
+    run.log.emit(rec)
+    result[gossip.me] = True
+    if live[0] == gossip.me:  # stay until the others have it (the CRDT pushes it while we run)
+        with trio.move_on_after(wait):
+            while not all(result.get(p) is True for p in live):
+                await trio.sleep(0.1)
+    return rec
+
+
+FETCH_TIMEOUT = 30.0  # one peer's final model from the content store
+
+
+async def _average_of(run: PeerRun, live: list[str], wait: float) -> dict | None:
+    gossip, cfg = run.gossip, run.cfg
     finals = gossip.doc.get_map("finals")
     with trio.move_on_after(wait):
         while not all(p in finals for p in live):
@@ -619,28 +646,32 @@ async def evaluate_average(run: PeerRun, wait: float) -> dict | None:
     rows = []
     for peer in live:
         cid = finals.get(peer)
-        if cid is None:
+        if not isinstance(cid, str):
             continue
-        with trio.move_on_after(max(wait, 30.0)):
-            got = await gossip.node.content.get_tensors(cid, ["x"], providers=[peer])
-            rows.append(torch.from_numpy(np.array(got["x"], dtype=np.float32)))
-    if not rows:
+        with trio.move_on_after(FETCH_TIMEOUT):
+            try:
+                got = await gossip.node.content.get_tensors(cid, ["x"], providers=[peer])
+            except LatticeError:
+                continue
+            row = np.asarray(got["x"], dtype=np.float32)
+            if row.ndim == 1 and np.isfinite(row).all():
+                rows.append(torch.from_numpy(row.copy()))
+    if not rows or len({r.numel() for r in rows}) != 1:
         return None
     prep = await trio.to_thread.run_sync(lambda: prepare(cfg, [run.rank]))
     models = torch.stack(rows)
+    if models.shape[1] != prep.model.dim:
+        return None
     acc = await trio.to_thread.run_sync(
         lambda: float(accuracy(prep.model, models.mean(0, keepdim=True), prep.test_x, prep.test_y)[0])
     )
-    rec = {
-        "event": "average",
+    return {
         "round": cfg.rounds,
         "peers": len(rows),
         "of_live": len(live),
         "acc_avg": acc,
         "consensus": float(((models - models.mean(0)) ** 2).sum(1).mean()),
     }
-    run.log.emit(rec)
-    return rec
 
 
 def _summary(gossip: Gossip, rank: int) -> dict:
