@@ -40,14 +40,14 @@ import trio
 from torch import Tensor
 
 from lattice.apps.gossip_sgd import topology
-from lattice.apps.gossip_sgd.algorithms import Algorithm, Send
+from lattice.apps.gossip_sgd.algorithms import Send
 from lattice.apps.gossip_sgd.compress import wire_bytes
-from lattice.apps.gossip_sgd.experiment import Config, Prepared, build, evaluate, prepare
-from lattice.apps.gossip_sgd.models import accuracy
+from lattice.apps.gossip_sgd.experiment import Config
 from lattice.codec import compression
 from lattice.errors import ConfigError, LatticeError
 
 METHOD = "gossip_sgd.exchange"
+SNAPSHOT = "gossip_sgd.snapshot"  # a member asks for our current model (a late joiner starts from it)
 GRACE = 2  # a peer seen dead at round r leaves the graph at round r + GRACE (the same round everywhere)
 MAX_REF_NAMES = 8
 MAX_PAYLOAD = 256 << 20  # one phase's tensors (models up to ~64M float32 parameters, uncompressed)
@@ -133,11 +133,16 @@ class Gossip:
         self._inbox: dict[tuple[int, str, str], dict[str, Any]] = {}
         self._seen: set[tuple[int, str, str]] = set()
         self._arrived = trio.Condition()
-        self._dead: set[str] = set()
+        self._dead: dict[str, int] = {}  # peer -> round we saw a call to it fail
         self._copies: dict[tuple[str, str], Tensor] = {}  # (peer, name) -> its reference, as we know it
         self._full_wanted: set[tuple[str, str]] = set()  # (peer, name): send it our full reference
         self._progress_at = (-PROGRESS_EVERY, -math.inf)  # (round, monotonic time) last written
+        # () -> (round, model row as float32 numpy): what a late joiner gets (set by GossipRun)
+        self.snapshot_source: Callable[[], tuple[int, np.ndarray]] | None = None
+        self._snapshot: tuple[int, str] | None = None  # (round, content id) of the last one shared
+        self._snapshot_lock = trio.Lock()
         node.rpc.register(METHOD, self._handle, max_payload=max_payload)
+        node.rpc.register(SNAPSHOT, self._handle_snapshot)
 
     # -- membership (CRDT) and discovery (DHT)
     def join(self, first_round: int = 0) -> None:
@@ -145,7 +150,7 @@ class Gossip:
         if configs.get(self.me) != self.settings:
             configs[self.me] = self.settings
         members = self.doc.get_map("members")
-        if self.me not in members:
+        if members.get(self.me) != first_round:  # a peer coming back joins again from a later round
             members[self.me] = first_round
 
     def all_members(self) -> dict[str, int]:
@@ -186,13 +191,22 @@ class Gossip:
             "the same --algorithm, --peers, --topology, --set ... as the others, or use another --run"
         )
 
+    def _deaths(self) -> dict[str, int]:
+        """peer -> round it was seen gone, for deaths since its latest joining (a peer that comes back
+        joins again from a later round, which revives it)."""
+        members = self.all_members()
+        seen = {str(k): int(v) for k, v in self.doc.get_map("dead").items()}
+        for peer, at in self._dead.items():
+            seen[peer] = max(seen.get(peer, at), at)
+        return {p: at for p, at in seen.items() if p in members and at >= members[p]}
+
     def dead(self) -> set[str]:
-        return {str(k) for k in self.doc.get_map("dead")} | self._dead
+        return set(self._deaths())
 
     def live(self, round_: int) -> list[str]:
         """Sorted members taking part in ``round_``: joined by then, and not seen dead ``GRACE`` or
         more rounds before (a dead peer leaves every graph at the same round)."""
-        gone = {str(k): int(v) for k, v in self.doc.get_map("dead").items()}
+        gone = self._deaths()
         return sorted(
             p
             for p, start in self.members().items()
@@ -200,11 +214,11 @@ class Gossip:
         )
 
     def mark_dead(self, peer: str) -> None:
-        if peer in self._dead or peer == self.me:
+        if peer == self.me or peer in self.dead():
             return
-        self._dead.add(peer)
+        self._dead[peer] = self.round
         dead = self.doc.get_map("dead")
-        if peer not in dead:
+        if int(dead.get(peer, -1)) < self.all_members().get(peer, 0):
             dead[peer] = self.round
 
     def progress(self, round_: int, final: bool = False) -> None:
@@ -282,6 +296,25 @@ class Gossip:
             self._arrived.notify_all()
         return "ok"
 
+    async def _handle_snapshot(self, payload: Any, ctx: Any) -> dict:
+        """A member's request for our current model: put it in the content store (once per round,
+        whoever asks) and answer its id."""
+        if (
+            not isinstance(payload, dict)
+            or payload.get("run") != self.run
+            or str(ctx.peer) not in self.members()
+            or self.snapshot_source is None
+        ):
+            self.stats.refused += 1
+            return {"error": "refused"}
+        async with self._snapshot_lock:
+            round_, x = self.snapshot_source()
+            if self._snapshot is None or self._snapshot[0] != round_:
+                old, self._snapshot = self._snapshot, (round_, str(await self.node.content.add({"x": x})))
+                if old is not None:
+                    await self.node.content.unpin(old[1])
+        return {"cid": self._snapshot[1], "round": self._snapshot[0]}
+
     # -- one phase
     async def exchange(self, round_: int, send: Send) -> NetReceived:
         started = time.perf_counter()
@@ -295,7 +328,7 @@ class Gossip:
         payload_t: dict[str, Any] = {}
         own, decoded_own = {}, {}
         for name, t in send.tensors.items():
-            row = t.detach().reshape(-1).float().contiguous()
+            row = t.detach().reshape(-1).float().cpu().contiguous()
             codec = send.codecs.get(name)
             arr = row.numpy()
             if codec is None:
@@ -305,7 +338,7 @@ class Gossip:
                 c = compression.compress(codec, arr)
                 payload_t[name] = c
                 dec, _ = compression.decompress(codec, c.data, c.meta, arr.size)
-                decoded_own[name] = torch.from_numpy(dec).view(t.shape)
+                decoded_own[name] = torch.from_numpy(dec).view(t.shape).to(t.device)
             own[name] = t
         refs_own = {name: ref + decoded_own[name] for name, ref in send.refs.items()}
         base = {"run": self.run, "round": round_, "phase": send.phase, "tensors": payload_t}
@@ -315,7 +348,7 @@ class Gossip:
         deadline = trio.current_time() + self.timeout
 
         async def push(peer: str) -> None:
-            full = {n: refs_own[n].reshape(-1).float().contiguous().numpy() for n in refs_own
+            full = {n: refs_own[n].reshape(-1).float().cpu().contiguous().numpy() for n in refs_own
                     if (peer, n) in self._full_wanted}  # fmt: skip
             want = [n for n in refs_own if (peer, n) not in self._copies]
             payload = {**base, "full": full, "want_full": want} if refs_own else base
@@ -424,16 +457,8 @@ def _validate(
             return None
         if not arr.flags.writeable:
             arr = arr.copy()
-        out[name] = torch.from_numpy(arr).view(per_row)
+        out[name] = torch.from_numpy(arr).view(per_row).to(expected[name].device)
     return out
-
-
-def _advance(gen: Any, value: Any) -> Send | None:
-    """Run the algorithm to its next Send (None when the round is over); compute, so in a thread."""
-    try:
-        return gen.send(value)
-    except StopIteration:
-        return None
 
 
 # -- one peer process
@@ -460,7 +485,7 @@ class RunLog:
 
 @dataclass
 class PeerRun:
-    """One peer's part in a run once it has joined: what a run body (:func:`train`) works with."""
+    """One peer's part in a run once it has joined: what a run body (a bench's loop) works with."""
 
     gossip: Gossip
     cfg: Config
@@ -470,12 +495,13 @@ class PeerRun:
     log: RunLog
 
 
-RunBody = Callable[[PeerRun], Awaitable[dict]]  # what a joined peer does (train; a bench's loop)
+RunBody = Callable[[PeerRun], Awaitable[dict]]  # what a joined peer does (e.g. bench/gossip_sgd_net.py)
 
 
-async def run_peer(args: argparse.Namespace, body: RunBody | None = None) -> dict:
-    """Join run ``args.run`` with an embedded node, wait for ``args.peers`` members, run ``body``
-    (default :func:`train`), then serve until the others finish. Returns the body's summary."""
+async def run_peer(args: argparse.Namespace, body: RunBody) -> dict:
+    """Join run ``args.run`` with an embedded node, wait for ``args.peers`` members, run ``body``,
+    then serve until the others finish. Returns the body's summary. (Training itself goes through
+    :class:`lattice.apps.gossip_sgd.optimizer.GossipRun`; this is for other bodies, e.g. benches.)"""
     from lattice.apps.gossip_sgd.options import config_from
     from lattice.cli import node_config, write_atomic
     from lattice.plugins import build_node
@@ -490,15 +516,15 @@ async def run_peer(args: argparse.Namespace, body: RunBody | None = None) -> dic
             if args.addr_file:
                 write_atomic(args.addr_file, node.addrs[0] + "\n", what="address file")
             announce_address(node)
-            gossip = open_gossip(node, args.run, cfg, args.timeout)
+            gossip = open_gossip(
+                node, args.run, run_settings(cfg), cfg.topology, cfg.degree, cfg.seed, args.timeout
+            )
             first, members = await join_run(gossip, cfg.peers, args.wait, late=args.late)
             run = PeerRun(gossip, cfg, members.index(gossip.me) % cfg.peers, first, out, log)
             log.emit({"event": "start", "peer": gossip.me, "rank": run.rank, "members": len(members)})
-            summary = await (body or train)(run)
+            summary = await body(run)
             log.emit(summary)
             await linger(gossip, cfg.rounds, args.linger)
-            if body is None:
-                await evaluate_average(run, args.linger)
     return summary
 
 
@@ -510,15 +536,25 @@ def announce_address(node: Any) -> None:
 
 
 def run_settings(cfg: Config) -> dict:
-    """What every peer of a run must agree on: the config but the data directory and evaluation."""
-    return {k: v for k, v in cfg.as_dict().items() if k not in ("data_dir", "eval_every", "test_limit")}
+    """What every peer of a run must agree on: the config but the data directory, the device and
+    evaluation."""
+    skip = ("data_dir", "eval_every", "test_limit", "device")
+    return {k: v for k, v in cfg.as_dict().items() if k not in skip}
 
 
-def open_gossip(node: Any, run: str, cfg: Config, timeout: float) -> Gossip:
+def open_gossip(
+    node: Any,
+    run: str,
+    settings: dict,
+    kind: str = "ring",
+    degree: int = 4,
+    seed: int = 0,
+    timeout: float = 10.0,
+) -> Gossip:
     # Membership and progress are rebuilt by anti-entropy after a crash: no fsync per update (a
     # blocking fsync per neighbour's progress write stalled the event loop, 5 % of a round)
     node.crdt.fsync = "batch"
-    return Gossip(node, run, cfg.topology, cfg.degree, cfg.seed, timeout=timeout, settings=run_settings(cfg))
+    return Gossip(node, run, kind, degree, seed, timeout=timeout, settings=settings)
 
 
 async def join_run(gossip: Gossip, peers: int, wait: float, late: bool = False) -> tuple[int, list[str]]:
@@ -547,98 +583,41 @@ async def _late_start(gossip: Gossip, wait: float) -> int:
     return gossip.furthest_round() + 1 + PROGRESS_EVERY
 
 
-async def train(run: PeerRun) -> dict:
-    """Train this peer's shard from round ``run.first`` on; write ``model.npy``; the summary."""
-    cfg, gossip = run.cfg, run.gossip
-    prep = await trio.to_thread.run_sync(lambda: prepare(cfg, [run.rank]))
-    algo = build(cfg, prep)
-    gossip.round = run.first
-    live = set(gossip.live(run.first))
-    for t in range(run.first, cfg.rounds):
-        now = set(gossip.live(t))
-        if live - now:  # a peer left the graph this round (GRACE rounds after it was seen dead)
-            algo.membership_changed()
-            run.log.emit({"event": "membership", "round": t, "left": sorted(live - now)})
-        live = now
-        await run_round(gossip, algo, t)
-        gossip.progress(t, final=t == cfg.rounds - 1)
-        if cfg.eval_every and ((t + 1) % cfg.eval_every == 0 or t == cfg.rounds - 1):
-            run.log.emit(await _evaluation(gossip, algo, prep, t, last=t == cfg.rounds - 1))
-    np.save(run.out / "model.npy", algo.models()[0].numpy())
-    await publish_final(gossip, algo.models()[0], cfg.rounds)
-    return _summary(gossip, run.rank)
+async def pull_snapshot(
+    gossip: Gossip, first: int, timeout: float = 30.0
+) -> tuple[str, int, np.ndarray] | None:
+    """A live neighbour's current model for a peer joining at round ``first``: (peer, round, x), asked
+    with ``gossip_sgd.snapshot`` and fetched through the content store; None if nobody could."""
+    neighbours = [p for p in gossip.live(first) if p != gossip.me] or [
+        p for p in gossip.live(first - 1) if p != gossip.me
+    ]
+    for peer in neighbours:
+        with trio.move_on_after(timeout):
+            try:
+                reply = await gossip.node.rpc.call(peer, SNAPSHOT, {"run": gossip.run}, timeout=timeout)
+                if not isinstance(reply, dict) or not isinstance(reply.get("cid"), str):
+                    continue
+                got = await gossip.node.content.get_tensors(reply["cid"], ["x"], providers=[peer])
+            except LatticeError:
+                continue
+            x = np.asarray(got["x"], dtype=np.float32)
+            if x.ndim == 1 and np.isfinite(x).all():
+                return peer, int(reply.get("round", -1)), x.copy()
+    return None
 
 
-async def run_round(gossip: Gossip, algo: Algorithm, t: int) -> None:
-    """Round ``t``: compute (in a thread) up to each Send, exchange it over the network, resume."""
-    gen = algo.round(t)
-    send = await trio.to_thread.run_sync(_advance, gen, None)
-    while send is not None:
-        received = await gossip.exchange(t, send)
-        send = await trio.to_thread.run_sync(_advance, gen, received)
-
-
-async def _evaluation(gossip: Gossip, algo: Algorithm, prep: Prepared, t: int, last: bool = False) -> dict:
-    """The "round" record after round ``t``: this peer's own model (``acc_local``: on 2000 test
-    samples, the whole test set at the last round); its curve also goes to the dashboard panel.
-    The network's average model is evaluated once at the end (:func:`evaluate_average`)."""
-    metrics = await trio.to_thread.run_sync(lambda: evaluate(algo, prep, 0 if last else 2000))
-    panel = gossip.node.dashboard.panel("gossip-sgd", title=f"gossip SGD run {gossip.run}", unit="accuracy")
-    panel.push("local accuracy", t + 1, metrics["acc_local"])
-    stats = gossip.stats
-    return {
-        "event": "round",
-        "round": t + 1,
-        "loss": algo.last_loss,
-        "acc_local": metrics["acc_local"],
-        **({"acc_heads": metrics["acc_heads"]} if "acc_heads" in metrics else {}),
-        "bytes_sent": stats.bytes_sent,
-        "live": len(gossip.live(t)),
-        "timeouts": stats.timeouts,
-    }
-
-
-async def publish_final(gossip: Gossip, model: Tensor, rounds: int) -> None:
+async def publish_final(gossip: Gossip, model: np.ndarray) -> str:
     """Put our final model in the content store and its id in the run's document (``finals``)."""
-    cid = await gossip.node.content.add({"x": model.detach().float().numpy()})
-    gossip.doc.get_map("finals")[gossip.me] = str(cid)
-
-
-async def evaluate_average(run: PeerRun, wait: float) -> dict | None:
-    """The network's average model: the first live peer (by id) fetches every live peer's final
-    model and computes the accuracy of their average and the consensus distance
-    (1/m) sum ||x_i - x_bar||^2, the simulator's ``acc_avg`` and ``consensus``; it writes them in the
-    run's document, and every peer logs them ("average" record). The others keep serving their model
-    until then (at most ``wait`` s + the fetches)."""
-    gossip, cfg = run.gossip, run.cfg
-    live = gossip.live(cfg.rounds)
-    if not live or cfg.algorithm == "mhd":  # MHD: weights never leave a peer, there is no average
-        return None
-    result = gossip.doc.get_map("average")  # "record": the evaluator's JSON; peer -> True: seen
-    if live[0] == gossip.me:
-        rec = await _average_of(run, live, wait)
-        if rec is not None:
-            result["record"] = json.dumps(rec)
-    with trio.move_on_after(wait + FETCH_TIMEOUT * len(live)):
-        while not isinstance(result.get("record"), str):
-            await trio.sleep(0.2)
-    if not isinstance(result.get("record"), str):
-        return None
-    rec = {"event": "average", **json.loads(result["record"])}
-    run.log.emit(rec)
-    result[gossip.me] = True
-    if live[0] == gossip.me:  # stay until the others have it (the CRDT pushes it while we run)
-        with trio.move_on_after(wait):
-            while not all(result.get(p) is True for p in live):
-                await trio.sleep(0.1)
-    return rec
+    cid = str(await gossip.node.content.add({"x": model}))
+    gossip.doc.get_map("finals")[gossip.me] = cid
+    return cid
 
 
 FETCH_TIMEOUT = 30.0  # one peer's final model from the content store
 
 
-async def _average_of(run: PeerRun, live: list[str], wait: float) -> dict | None:
-    gossip, cfg = run.gossip, run.cfg
+async def collect_finals(gossip: Gossip, live: list[str], wait: float) -> list[np.ndarray]:
+    """Every live peer's final model (waits up to ``wait`` s for them to be published)."""
     finals = gossip.doc.get_map("finals")
     with trio.move_on_after(wait):
         while not all(p in finals for p in live):
@@ -655,26 +634,31 @@ async def _average_of(run: PeerRun, live: list[str], wait: float) -> dict | None
                 continue
             row = np.asarray(got["x"], dtype=np.float32)
             if row.ndim == 1 and np.isfinite(row).all():
-                rows.append(torch.from_numpy(row.copy()))
-    if not rows or len({r.numel() for r in rows}) != 1:
-        return None
-    prep = await trio.to_thread.run_sync(lambda: prepare(cfg, [run.rank]))
-    models = torch.stack(rows)
-    if models.shape[1] != prep.model.dim:
-        return None
-    acc = await trio.to_thread.run_sync(
-        lambda: float(accuracy(prep.model, models.mean(0, keepdim=True), prep.test_x, prep.test_y)[0])
-    )
-    return {
-        "round": cfg.rounds,
-        "peers": len(rows),
-        "of_live": len(live),
-        "acc_avg": acc,
-        "consensus": float(((models - models.mean(0)) ** 2).sum(1).mean()),
-    }
+                rows.append(row.copy())
+    return rows
 
 
-def _summary(gossip: Gossip, rank: int) -> dict:
+async def share_average(gossip: Gossip, live: list[str], rec: dict | None, wait: float) -> dict | None:
+    """Publish (the evaluator, ``rec``) or wait for (the others) the run's "average" record; the
+    evaluator stays until every live peer has it (the CRDT pushes it while we run)."""
+    result = gossip.doc.get_map("average")  # "record": the evaluator's JSON; peer -> True: seen
+    if rec is not None:
+        result["record"] = json.dumps(rec)
+    with trio.move_on_after(wait):
+        while not isinstance(result.get("record"), str):
+            await trio.sleep(0.2)
+    if not isinstance(result.get("record"), str):
+        return None
+    out = json.loads(result["record"])
+    result[gossip.me] = True
+    if rec is not None:
+        with trio.move_on_after(wait):
+            while not all(result.get(p) is True for p in live):
+                await trio.sleep(0.1)
+    return out
+
+
+def summary(gossip: Gossip, rank: int) -> dict:
     ex = gossip.stats.exchange_s
     return {
         "event": "done",
@@ -685,6 +669,7 @@ def _summary(gossip: Gossip, rank: int) -> dict:
         "timeouts": gossip.stats.timeouts,
         "duplicates": gossip.stats.duplicates,
         "refused": gossip.stats.refused,
+        "full_refs_sent": gossip.stats.full_refs_sent,
         "exchange_median_s": float(np.median(ex)) if ex else None,
         "dead": sorted(gossip.dead()),
     }

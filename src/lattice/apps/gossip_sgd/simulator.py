@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from lattice.apps.gossip_sgd import topology
-from lattice.apps.gossip_sgd.algorithms import Round, Send
+from lattice.apps.gossip_sgd.algorithms import NeedGrad, Round, Send
 from lattice.apps.gossip_sgd.compress import lossy, wire_bytes
 
 
@@ -63,8 +63,10 @@ class Simulator:
         degree: int = 4,
         seed: int = 0,
         departures: dict[int, int] | None = None,
+        device: str | torch.device = "cpu",
     ) -> None:
         self.n, self.kind, self.degree, self.seed = n, kind, degree, seed
+        self.device = torch.device(device)
         self.departures = dict(departures or {})
         self.bytes_sent = np.zeros(n, dtype=np.int64)
         self.messages = 0
@@ -81,7 +83,8 @@ class Simulator:
             g: list[set[int]] = [set() for _ in range(self.n)]
             for a, nb in enumerate(sub):
                 g[live[a]] = {live[b] for b in nb}
-            self._cache = {key: (g, torch.tensor(topology.metropolis_hastings(g), dtype=torch.float32))}
+            w = torch.tensor(topology.metropolis_hastings(g), dtype=torch.float32, device=self.device)
+            self._cache = {key: (g, w)}
         return self._cache[key]
 
     def exchange(self, round_: int, send: Send) -> SimReceived:
@@ -97,11 +100,13 @@ class Simulator:
         return SimReceived(w, graph, dict(send.tensors), decoded, send.self_exact, dict(send.refs))
 
 
-def drive(rounds: Round, exchange) -> None:
-    """Run one round generator to completion, answering each Send with ``exchange(send)``."""
-    try:
-        send = next(rounds)
-        while True:
-            send = rounds.send(exchange(send))
-    except StopIteration:
-        pass
+def drive(rounds: Round, exchange, oracle) -> None:
+    """Run one round generator to completion: each Send answered with ``exchange(send)``, each
+    NeedGrad with ``oracle(request)``."""
+    value = None
+    while True:
+        try:
+            request = rounds.send(value)
+        except StopIteration:
+            return
+        value = oracle(request) if isinstance(request, NeedGrad) else exchange(request)
