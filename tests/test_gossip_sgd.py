@@ -150,3 +150,45 @@ def test_known_divergent_cdproxsgt_settings_are_warned_about(kind):
         assert text is not None and text.startswith("cdproxsgt with gamma_x=0.5 and topk:0.1 diverged")
     assert stability_warning(Hyper(gamma_x=0.5, gamma_y=0.5, codec_x="topk:0.3", codec_y="topk:0.3"),
                              "cdproxsgt", kind, 16) is None  # fmt: skip
+
+
+def test_a_device_that_is_not_there_is_a_one_line_error(capsys):
+    from lattice.apps.gossip_sgd.__main__ import main
+    from lattice.apps.gossip_sgd.experiment import resolve_device
+
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("cpu").type == "cpu"
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert main(["sim", "--device", "cuda", "--rounds", "1", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: device 'cuda': torch sees no CUDA device here (use cpu, or auto)"]
+
+
+def test_the_cnn_learns_in_the_simulator():
+    cfg = Config(algorithm="dfedavg", model="cnn", rounds=3, hp=Hyper(local_steps=5), **{**SMALL, "peers": 2})
+    first, last = simulate(Config(**{**cfg.__dict__, "rounds": 1}))[-1], simulate(cfg)[-1]
+    assert last["loss"] < first["loss"] and last["acc_avg"] > 0.4
+
+
+def test_one_command_plots_simulator_and_peer_logs(tmp_path, capsys):
+    import json
+
+    from lattice.apps.gossip_sgd.__main__ import main
+
+    sim = tmp_path / "dsgt.jsonl"
+    sim.write_text("".join(json.dumps({"round": r, "acc_avg": 0.1 * r, "acc_local": 0.1 * r,
+                                       "bytes_per_peer": 1e6 * r}) + "\n" for r in (1, 2, 3)))  # fmt: skip
+    peer = tmp_path / "peer0" / "log.jsonl"
+    peer.parent.mkdir()
+    peer.write_text("\n".join(json.dumps(r) for r in [
+        {"event": "start", "peer": "x"},
+        {"event": "round", "round": 1, "acc_local": 0.3, "bytes_sent": 5e5},
+        {"event": "round", "round": 2, "acc_local": 0.5, "bytes_sent": 1e6},
+        {"event": "average", "round": 2, "acc_avg": 0.6, "consensus": 0.1},
+    ]) + "\n")  # fmt: skip
+    assert main(["plot", str(sim), str(peer), "--out", str(tmp_path / "png")]) == 0
+    for name in ("accuracy_vs_rounds.png", "accuracy_vs_bytes.png"):
+        assert (tmp_path / "png" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["plot", str(tmp_path / "nope.jsonl")]) == 2
+    assert "no log file" in capsys.readouterr().err

@@ -220,9 +220,11 @@ def test_a_peer_with_other_settings_is_refused_and_the_average_model_is_evaluate
 
 
 @pytest.mark.slow
-def test_peers_learn_and_the_rest_finish_when_one_is_killed(tmp_path):
-    n, rounds, victim = 4, 6, 3
-    procs = start_peers(n, "t-net", tmp_path, ["--algorithm", "dsgt", "--rounds", str(rounds), *ARGS])
+@pytest.mark.parametrize("algorithm", ["dsgt", "cdproxsgt"])
+def test_peers_learn_and_the_rest_finish_when_one_is_killed(tmp_path, algorithm):
+    """Trackers restart and CDProxSGT's references are rebuilt when the dead peer leaves the graph."""
+    n, rounds, victim = 4, 8, 3
+    procs = start_peers(n, "t-net", tmp_path, ["--algorithm", algorithm, "--rounds", str(rounds), *ARGS])
     try:
         deadline = time.monotonic() + 90
         while not any(r["round"] >= 2 for r in _rounds(tmp_path / f"peer{victim}" / "log.jsonl")):
@@ -246,6 +248,9 @@ def test_peers_learn_and_the_rest_finish_when_one_is_killed(tmp_path):
         assert rounds_[-1]["acc_local"] > rounds_[0]["acc_local"]
         assert rounds_[-1]["live"] == n - 1  # the dead peer left the graph
         assert done["duplicates"] == 0 and done["bytes_sent"] > 0
+        if algorithm == "dsgt":  # the survivors restarted tracking at the same round
+            (left,) = [r for r in log if r.get("event") == "membership"]
+            assert left["left"] == [done["dead"][0]]
 
 
 @pytest.mark.slow
@@ -291,5 +296,52 @@ def test_a_late_peer_joins_a_run_in_progress(tmp_path):
     assert all(p.returncode == 0 for p in procs), (tmp_path / "late" / "stderr").read_text()[-3000:]
     mine = _rounds(tmp_path / "late" / "log.jsonl")
     assert mine and mine[0]["round"] > 1 and mine[-1]["round"] == rounds  # joined mid-run, finished
+    (joined,) = [r for r in read_log(tmp_path / "late" / "log.jsonl") if r.get("event") == "joined"]
+    assert joined["from"] == "neighbour" and joined["round"] == mine[0]["round"] - 1  # its model, not init
     assert mine[-1]["acc_local"] > 0.3
     assert _rounds(tmp_path / "peer0" / "log.jsonl")[-1]["live"] == n + 1  # the others took it in
+
+
+@pytest.mark.slow
+def test_a_killed_peer_resumes_from_its_checkpoint(tmp_path):
+    """SIGKILL a peer after its checkpoint at round 4; restarted with --resume it loads the
+    checkpoint (safetensors), joins the run again from a later round and finishes with the others."""
+    import subprocess
+    import sys
+
+    n, rounds, victim = 3, 80, 2  # the others still train (~0.35 s a round) when the victim is back
+    common = ["--algorithm", "dfedavg", "--rounds", str(rounds), "--checkpoint-every", "2", *ARGS,
+              "--eval-every", "5", "--set", "local_steps=10"]  # fmt: skip
+    procs = start_peers(n, "t-resume", tmp_path, common)
+    out = tmp_path / f"peer{victim}"
+    try:
+        deadline = time.monotonic() + 90
+        while not any(
+            r.get("event") == "checkpoint" and r["round"] >= 4 for r in read_log(out / "log.jsonl")
+        ):
+            assert time.monotonic() < deadline and procs[victim].poll() is None, (out / "stderr").read_text()[
+                -3000:
+            ]
+            time.sleep(0.05)
+        procs[victim].send_signal(signal.SIGKILL)
+        procs[victim].wait()
+        addr = (tmp_path / "bootstrap.addr").read_text().strip()
+        cmd = [sys.executable, "-m", "lattice.apps.gossip_sgd", "peer", "--run", "t-resume",
+               "--peers", str(n), *common, "--out", str(out), "--bootstrap", addr, "--resume"]  # fmt: skip
+        with open(out / "stderr2", "w") as err:
+            procs[victim] = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
+        for p in procs:
+            p.wait(timeout=120)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert all(p.returncode == 0 for p in procs), (out / "stderr2").read_text()[-3000:]
+    log = read_log(out / "log.jsonl")
+    (joined,) = [r for r in log if r.get("event") == "joined"]
+    assert joined["from"] == "checkpoint"
+    starts = [r for r in log if r.get("event") == "start"]
+    assert len(starts) == 2 and starts[1]["first"] > 4  # back from a later round
+    assert _rounds(out / "log.jsonl")[-1]["round"] == rounds
+    assert _rounds(tmp_path / "peer0" / "log.jsonl")[-1]["live"] == n  # the others took it back in
+    assert _rounds(out / "log.jsonl")[-1]["live"] == n

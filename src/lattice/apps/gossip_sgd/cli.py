@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any
 
@@ -54,6 +55,15 @@ def add_subcommands(sub: Any) -> None:
     add_config_args(peer)
     add_peer_options(peer)
     peer.set_defaults(fn=cmd_peer)
+    plot = sub.add_parser(
+        "plot",
+        help="plot a set of logs (sim --log files, peers' log.jsonl) into PNGs",
+        description="Accuracy against rounds and against bytes sent, one line per log.",
+    )
+    plot.add_argument("logs", nargs="+", metavar="LOG", help="sim --log files or peers' log.jsonl")
+    plot.add_argument("--out", default=".", help="directory for the PNGs (default: here)")
+    plot.add_argument("--title", default="")
+    plot.set_defaults(fn=cmd_plot)
 
 
 def add_peer_options(p: argparse.ArgumentParser) -> None:
@@ -136,6 +146,21 @@ def cmd_sim(args: argparse.Namespace) -> int:
     if args.plots:
         for path in plots.plot({cfg.algorithm: records}, args.plots, f"{cfg.peers} peers, {cfg.topology}"):
             print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from lattice.apps.gossip_sgd import plots
+    from lattice.errors import ConfigError
+
+    missing = [p for p in args.logs if not os.path.isfile(p)]
+    if missing:
+        raise ConfigError(f"no log file {missing[0]!r}")
+    runs = {k: v for k, v in plots.read_runs(args.logs).items() if v}
+    if not runs:
+        raise ConfigError("no evaluation records in these logs (sim --log, or a peer's log.jsonl)")
+    for path in plots.plot(runs, args.out, args.title):
+        print(f"wrote {path}")
     return 0
 
 

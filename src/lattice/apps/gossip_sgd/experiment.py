@@ -177,7 +177,9 @@ def simulate(
             if on_record:
                 on_record(rec)
         if bar:
-            bar[0].update(bar[1], advance=1, description=f"{cfg.algorithm} loss {algo.last_loss:.3f}")
+            acc = records[-1].get("acc_avg") or records[-1].get("acc_local") if records else None
+            shown = f" acc {acc:.3f} (round {records[-1]['round']})" if acc is not None else ""
+            bar[0].update(bar[1], advance=1, description=f"{cfg.algorithm} loss {algo.last_loss:.3f}{shown}")
     if bar:
         bar[0].stop()
     return records

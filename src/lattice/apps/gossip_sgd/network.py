@@ -44,7 +44,8 @@ from lattice.apps.gossip_sgd.algorithms import Send
 from lattice.apps.gossip_sgd.compress import wire_bytes
 from lattice.apps.gossip_sgd.experiment import Config
 from lattice.codec import compression
-from lattice.errors import ConfigError, LatticeError
+from lattice.errors import ConfigError, LatticeError, NodeError
+from lattice.identity import PeerId
 
 METHOD = "gossip_sgd.exchange"
 SNAPSHOT = "gossip_sgd.snapshot"  # a member asks for our current model (a late joiner starts from it)
@@ -251,6 +252,18 @@ class Gossip:
                     except Exception:
                         pass
         return len(entries)
+
+    async def sync(self, timeout: float = 5.0) -> int:
+        """Sync the run's document with the connected peers now; returns with how many it worked."""
+        done = 0
+        for row in await self.node.peers():
+            with trio.move_on_after(timeout):
+                try:
+                    await self.node.crdt.sync(PeerId.from_string(row["peer_id"]), self.doc)
+                    done += 1
+                except LatticeError:
+                    pass
+        return done
 
     def neighbours(self, round_: int) -> tuple[dict[str, float], float]:
         live = self.live(round_)
@@ -575,12 +588,16 @@ async def join_run(gossip: Gossip, peers: int, wait: float, late: bool = False) 
 
 
 async def _late_start(gossip: Gossip, wait: float) -> int:
-    """The first round of a peer joining a run in progress: 2 rounds ahead + the lag of progress."""
+    """The first round of a peer joining a run in progress: 2 rounds ahead + the lag of progress.
+    The run's document is synced with a connected peer first: a peer coming back after a crash has
+    the progress of the time it died on disk."""
     with trio.move_on_after(wait):
-        while gossip.furthest_round() < 0:
+        while True:
             await gossip.discover()
+            if await gossip.sync() and gossip.furthest_round() >= 0:
+                return gossip.furthest_round() + 1 + PROGRESS_EVERY
             await trio.sleep(0.5)
-    return gossip.furthest_round() + 1 + PROGRESS_EVERY
+    raise NodeError(f"run {gossip.run!r}: no member in progress answered within {wait:.0f} s (joining late)")
 
 
 async def pull_snapshot(
