@@ -28,7 +28,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from lattice.apps.gossip_sgd.experiment import Config, prepare, simulate
@@ -191,7 +190,9 @@ def _peer_args(args) -> list[str]:
 
 def _final_accuracy(cfg: Config, out: Path, alive: list[int]) -> dict:
     prep = prepare(Config(**{**cfg.__dict__, "peers": cfg.peers}), [0])
-    models = torch.stack([torch.from_numpy(np.load(out / f"peer{i}" / "model.npy")) for i in alive])
+    from safetensors.torch import load_file
+
+    models = torch.stack([load_file(out / f"peer{i}" / "model.safetensors")["x"] for i in alive])
     avg = float(accuracy(prep.model, models.mean(0, keepdim=True), prep.test_x, prep.test_y)[0])
     local = float(accuracy(prep.model, models, prep.test_x, prep.test_y).mean())
     cons = float(((models - models.mean(0)) ** 2).sum(1).mean())

@@ -46,7 +46,7 @@ async def test_exchange_mixes_dedups_and_renormalizes_over_the_rpc(tmp_path):
 
     from lattice import Node
     from lattice.apps.gossip_sgd.algorithms import Send
-    from lattice.apps.gossip_sgd.network import METHOD, Gossip
+    from lattice.apps.gossip_sgd.network import GRACE, METHOD, Gossip
 
     stop_third = trio.Event()
     third_gone = trio.Event()
@@ -99,13 +99,132 @@ async def test_exchange_mixes_dedups_and_renormalizes_over_the_rpc(tmp_path):
             assert r.self_weight == pytest.approx(2 / 3)  # the dead peer's weight stays home
             torch.testing.assert_close(r.mix("x"), torch.full((1, 5), (2 * i + (1 - i)) / 3))
             assert str(nodes[2].peer_id) in gossips[i].dead()
-        assert gossips[0].neighbours(2) == ({str(b.peer_id): 0.5}, 0.5)
+        # the dead peer stays in the graph (not waited for) until GRACE rounds after it was seen gone,
+        # the same round at every survivor (trackers restart there)
+        assert str(nodes[2].peer_id) in gossips[0].neighbours(1)[0]
+        assert gossips[0].neighbours(1 + GRACE) == ({str(b.peer_id): 0.5}, 0.5)
+
+
+async def _three_nodes(tmp_path, nursery, stop_third, third_gone):
+    from lattice import Node
+
+    async def third(task_status):
+        async with Node(_cfg(tmp_path, "c")) as c:
+            task_status.started(c)
+            await stop_third.wait()
+        third_gone.set()
+
+    return await nursery.start(third)
+
+
+async def test_references_are_rebuilt_from_exact_copies_when_the_graph_changes(tmp_path):
+    """CDProxSGT's mixed references over the RPC: a receiver without a copy of a neighbour's reference
+    asks for the full one, then adds differences; when a peer dies, the survivors' mixed references
+    are W_new x_hat over the survivors (not a running sum kept with the old weights)."""
+    import torch
+    import trio
+
+    from lattice import Node
+    from lattice.apps.gossip_sgd.algorithms import Send
+    from lattice.apps.gossip_sgd.network import GRACE, Gossip
+
+    stop_third, third_gone = trio.Event(), trio.Event()
+    async with trio.open_nursery() as outer, Node(_cfg(tmp_path, "a")) as a, Node(_cfg(tmp_path, "b")) as b:
+        nodes = [a, b, await _three_nodes(tmp_path, outer, stop_third, third_gone)]
+        for x in nodes:
+            for y in nodes:
+                if x is not y:
+                    await x.connect(y.addrs[0])
+        gossips = [Gossip(node, "r", timeout=3.0) for node in nodes]
+        for g in gossips:
+            g.join(0)
+        with trio.fail_after(15):
+            while not all(len(g.members()) == 3 for g in gossips):
+                await trio.sleep(0.02)
+        gen = torch.Generator().manual_seed(0)
+        refs = [torch.zeros(1, 6) for _ in range(3)]  # each peer's reference x_hat_i
+        mixed: list = [None] * 3
+
+        async def phase(i, round_, k):
+            diff = torch.randn(1, 6, generator=gen)
+            send = Send(f"x{k}", {"dx": diff}, {"dx": None}, self_exact=False, refs={"dx": refs[i]})
+            r = await gossips[i].exchange(round_, send)
+            mixed[i] = r.mix_ref("dx")
+            refs[i] = refs[i] + r.sent("dx")
+
+        async def all_phase(who, round_, k):
+            async with trio.open_nursery() as nursery:
+                for i in who:
+                    nursery.start_soon(phase, i, round_, k)
+
+        await all_phase(range(3), 0, 0)  # nobody holds a copy yet: each mixes its own reference only
+        for i in range(3):
+            torch.testing.assert_close(mixed[i], refs[i])
+        for k in (1, 2):  # full references arrive once, then differences: exact W x_hat (1/3 each)
+            await all_phase(range(3), 0, k)
+        for i in range(3):
+            torch.testing.assert_close(mixed[i], sum(refs) / 3)
+        sent = [g.stats.full_refs_sent for g in gossips]
+        assert all(2 <= n <= 4 for n in sent)  # one per neighbour (+1 if a request crossed the full one)
+        stop_third.set()
+        await third_gone.wait()
+        await all_phase(range(2), 1, 0)  # c is gone: its copy dropped, its weight stays home
+        for i in range(2):
+            torch.testing.assert_close(mixed[i], refs[i] * 2 / 3 + refs[1 - i] / 3)
+        await all_phase(range(2), 1 + GRACE, 0)  # the graph without c: MH weights 1/2
+        for i in range(2):
+            torch.testing.assert_close(mixed[i], (refs[0] + refs[1]) / 2)
+        assert [g.stats.full_refs_sent for g in gossips[:2]] == sent[:2]  # copies of each other still exact
+
+
+def test_a_peer_with_other_settings_is_refused_and_the_average_model_is_evaluated(tmp_path):
+    """Peers print their address; a peer started with another --algorithm exits 2 with one line
+    naming the setting, instead of training alone; the others train together, and the first of them
+    evaluates the network's average model (content store) as the simulator's acc_avg/consensus."""
+    # int8 messages: the 2 peers' models differ after mixing (plain ones would be equal: consensus 0)
+    common = [
+        "--algorithm",
+        "dfedavg",
+        "--rounds",
+        "2",
+        *ARGS,
+        "--set",
+        "local_steps=2",
+        "--set",
+        "codec=int8",
+    ]
+    procs = start_peers(3, "t-cfg", tmp_path, common, extra={2: ["--algorithm", "dsgt"]})
+    try:
+        for p in procs:
+            p.wait(timeout=60)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    err = [(tmp_path / f"peer{i}" / "stderr").read_text() for i in range(3)]
+    assert procs[2].returncode == 2, err[2][-3000:]
+    last = err[2].strip().splitlines()
+    assert len(last) == 3 and last[-1].startswith("error: run 't-cfg': 2 of 3 members use other settings")
+    assert "algorithm: 'dsgt' here, 'dfedavg' in the run" in last[-1]
+    averages = []
+    for i in range(2):
+        assert procs[i].returncode == 0, err[i][-3000:]
+        assert "gossip-sgd peer 12D3KooW" in err[i] and "listening: /ip4/127.0.0.1/tcp/" in err[i]
+        log = read_log(tmp_path / f"peer{i}" / "log.jsonl")
+        rounds = [r for r in log if r.get("event") == "round"]
+        assert rounds[-1]["live"] == 2 and "acc_avg" not in rounds[-1] and "consensus" not in rounds[-1]
+        averages += [r for r in log if r.get("event") == "average"]
+    assert len(averages) == 2 and averages[0] == {**averages[1], "t": averages[0]["t"]}  # the first computes
+    avg = averages[0]
+    assert avg["peers"] == 2 and avg["acc_avg"] > 0.3 and avg["consensus"] > 0
 
 
 @pytest.mark.slow
-def test_peers_learn_and_the_rest_finish_when_one_is_killed(tmp_path):
-    n, rounds, victim = 4, 6, 3
-    procs = start_peers(n, "t-net", tmp_path, ["--algorithm", "dsgt", "--rounds", str(rounds), *ARGS])
+@pytest.mark.parametrize("algorithm", ["dsgt", "cdproxsgt"])
+def test_peers_learn_and_the_rest_finish_when_one_is_killed(tmp_path, algorithm):
+    """Trackers restart and CDProxSGT's references are rebuilt when the dead peer leaves the graph."""
+    n, rounds, victim = 4, 8, 3
+    procs = start_peers(n, "t-net", tmp_path, ["--algorithm", algorithm, "--rounds", str(rounds), *ARGS])
     try:
         deadline = time.monotonic() + 90
         while not any(r["round"] >= 2 for r in _rounds(tmp_path / f"peer{victim}" / "log.jsonl")):
@@ -129,6 +248,9 @@ def test_peers_learn_and_the_rest_finish_when_one_is_killed(tmp_path):
         assert rounds_[-1]["acc_local"] > rounds_[0]["acc_local"]
         assert rounds_[-1]["live"] == n - 1  # the dead peer left the graph
         assert done["duplicates"] == 0 and done["bytes_sent"] > 0
+        if algorithm == "dsgt":  # the survivors restarted tracking at the same round
+            (left,) = [r for r in log if r.get("event") == "membership"]
+            assert left["left"] == [done["dead"][0]]
 
 
 @pytest.mark.slow
@@ -174,5 +296,52 @@ def test_a_late_peer_joins_a_run_in_progress(tmp_path):
     assert all(p.returncode == 0 for p in procs), (tmp_path / "late" / "stderr").read_text()[-3000:]
     mine = _rounds(tmp_path / "late" / "log.jsonl")
     assert mine and mine[0]["round"] > 1 and mine[-1]["round"] == rounds  # joined mid-run, finished
+    (joined,) = [r for r in read_log(tmp_path / "late" / "log.jsonl") if r.get("event") == "joined"]
+    assert joined["from"] == "neighbour" and joined["round"] == mine[0]["round"] - 1  # its model, not init
     assert mine[-1]["acc_local"] > 0.3
     assert _rounds(tmp_path / "peer0" / "log.jsonl")[-1]["live"] == n + 1  # the others took it in
+
+
+@pytest.mark.slow
+def test_a_killed_peer_resumes_from_its_checkpoint(tmp_path):
+    """SIGKILL a peer after its checkpoint at round 4; restarted with --resume it loads the
+    checkpoint (safetensors), joins the run again from a later round and finishes with the others."""
+    import subprocess
+    import sys
+
+    n, rounds, victim = 3, 80, 2  # the others still train (~0.35 s a round) when the victim is back
+    common = ["--algorithm", "dfedavg", "--rounds", str(rounds), "--checkpoint-every", "2", *ARGS,
+              "--eval-every", "5", "--set", "local_steps=10"]  # fmt: skip
+    procs = start_peers(n, "t-resume", tmp_path, common)
+    out = tmp_path / f"peer{victim}"
+    try:
+        deadline = time.monotonic() + 90
+        while not any(
+            r.get("event") == "checkpoint" and r["round"] >= 4 for r in read_log(out / "log.jsonl")
+        ):
+            assert time.monotonic() < deadline and procs[victim].poll() is None, (out / "stderr").read_text()[
+                -3000:
+            ]
+            time.sleep(0.05)
+        procs[victim].send_signal(signal.SIGKILL)
+        procs[victim].wait()
+        addr = (tmp_path / "bootstrap.addr").read_text().strip()
+        cmd = [sys.executable, "-m", "lattice.apps.gossip_sgd", "peer", "--run", "t-resume",
+               "--peers", str(n), *common, "--out", str(out), "--bootstrap", addr, "--resume"]  # fmt: skip
+        with open(out / "stderr2", "w") as err:
+            procs[victim] = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
+        for p in procs:
+            p.wait(timeout=120)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert all(p.returncode == 0 for p in procs), (out / "stderr2").read_text()[-3000:]
+    log = read_log(out / "log.jsonl")
+    (joined,) = [r for r in log if r.get("event") == "joined"]
+    assert joined["from"] == "checkpoint"
+    starts = [r for r in log if r.get("event") == "start"]
+    assert len(starts) == 2 and starts[1]["first"] > 4  # back from a later round
+    assert _rounds(out / "log.jsonl")[-1]["round"] == rounds
+    assert _rounds(tmp_path / "peer0" / "log.jsonl")[-1]["live"] == n  # the others took it back in
+    assert _rounds(out / "log.jsonl")[-1]["live"] == n

@@ -218,8 +218,8 @@ def test_two_gossip_sgd_peers_through_lattice_node(tmp_path):
     assert not (tmp_path / "p0" / "node").exists() and (tmp_path / "p1" / "node" / "identity.key").exists()
     for peer in ("p0", "p1"):
         records = [json.loads(line) for line in (tmp_path / peer / "log.jsonl").read_text().splitlines()]
-        assert [r["event"] for r in records] == ["start", "round", "done"]
+        assert [r["event"] for r in records] == ["start", "round", "done", "average"]
         assert records[1]["live"] == 2 and records[2]["timeouts"] == 0 and records[2]["bytes_sent"] > 0
-        assert (tmp_path / peer / "model.npy").exists()
+        assert (tmp_path / peer / "model.safetensors").exists()
         if peer == "p0":
             assert records[0]["peer"] == str(key.peer_id)

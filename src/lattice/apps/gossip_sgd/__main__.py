@@ -26,8 +26,13 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return run_command(args)
-    except LatticeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (LatticeError, BaseExceptionGroup) as exc:
+        error = exc
+        while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
+            error = error.exceptions[0]  # what trio makes of an error raised inside the node's nursery
+        if not isinstance(error, LatticeError):
+            raise
+        print(f"error: {error}", file=sys.stderr)
         return 2
 
 

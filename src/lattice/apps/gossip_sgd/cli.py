@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any
 
-from lattice.apps.gossip_sgd.options import add_config_args, config_from
+from lattice.apps.gossip_sgd.options import add_config_args, config_from, warn_unstable
 from lattice.cli import add_node_options
 from lattice.plugins import App, Command
 
@@ -48,17 +49,31 @@ def add_subcommands(sub: Any) -> None:
         "peer",
         help="one peer process of a real run (embedded node)",
         description="Join run RUN as one peer: a node of its own (options as `lattice-node run`), "
-        "data shard by rank, messages over the tensor RPC; writes log.jsonl and model.npy in --out.",
+        "data shard by rank, messages over the tensor RPC; writes log.jsonl, model.safetensors and "
+        "checkpoint.safetensors in --out.",
     )
     add_config_args(peer)
     add_peer_options(peer)
     peer.set_defaults(fn=cmd_peer)
+    plot = sub.add_parser(
+        "plot",
+        help="plot a set of logs (sim --log files, peers' log.jsonl) into PNGs",
+        description="Accuracy against rounds and against bytes sent, one line per log.",
+    )
+    plot.add_argument("logs", nargs="+", metavar="LOG", help="sim --log files or peers' log.jsonl")
+    plot.add_argument("--out", default=".", help="directory for the PNGs (default: here)")
+    plot.add_argument("--title", default="")
+    plot.set_defaults(fn=cmd_plot)
 
 
 def add_peer_options(p: argparse.ArgumentParser) -> None:
     """Options of ``peer``: the run, the node (:func:`lattice.cli.add_node_options`), timing."""
     p.add_argument("--run", required=True, help="run id shared by all peers")
-    p.add_argument("--out", required=True, help="directory for log.jsonl, model.npy and node data")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="directory for log.jsonl, model.safetensors, checkpoint.safetensors and node data",
+    )
     p.add_argument("--addr-file", help="write this node's address here once listening")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for a neighbour per phase")
     p.add_argument("--wait", type=float, default=60.0, help="seconds to wait for all peers at the start")
@@ -67,6 +82,21 @@ def add_peer_options(p: argparse.ArgumentParser) -> None:
         "--linger", type=float, default=15.0, help="seconds to keep serving slower peers at the end"
     )
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    p.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=10,
+        metavar="ROUNDS",
+        help="write OUT/checkpoint.safetensors every ROUNDS rounds (0: never; default 10)",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="restart from OUT/checkpoint.safetensors if there is one (joining the run again, late)",
+    )
+    p.add_argument(
+        "--no-progress", dest="progress", action="store_false", help="no progress line on a terminal"
+    )
     node = p.add_argument_group(
         "node (as `lattice-node run`; default: 127.0.0.1, data in OUT/node, no control)"
     )
@@ -87,6 +117,8 @@ def run_command(args: argparse.Namespace) -> int:
         return args.fn(args)
     except DatasetMissing as exc:
         raise ConfigError(str(exc)) from None
+    except ValueError as exc:  # a bad --model, --split, --topology, schedule... named by the code
+        raise ConfigError(str(exc)) from None
 
 
 def cmd_sim(args: argparse.Namespace) -> int:
@@ -94,6 +126,7 @@ def cmd_sim(args: argparse.Namespace) -> int:
     from lattice.apps.gossip_sgd.experiment import json_line, simulate
 
     cfg = config_from(args)
+    warn_unstable(cfg)
     log = open(args.log, "a") if args.log else None  # noqa: SIM115
     try:
 
@@ -116,12 +149,25 @@ def cmd_sim(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plot(args: argparse.Namespace) -> int:
+    from lattice.apps.gossip_sgd import plots
+    from lattice.errors import ConfigError
+
+    missing = [p for p in args.logs if not os.path.isfile(p)]
+    if missing:
+        raise ConfigError(f"no log file {missing[0]!r}")
+    runs = {k: v for k, v in plots.read_runs(args.logs).items() if v}
+    if not runs:
+        raise ConfigError("no evaluation records in these logs (sim --log, or a peer's log.jsonl)")
+    for path in plots.plot(runs, args.out, args.title):
+        print(f"wrote {path}")
+    return 0
+
+
 def cmd_peer(args: argparse.Namespace) -> int:
-    import trio
+    from lattice.apps.gossip_sgd import peer
 
-    from lattice.apps.gossip_sgd.network import run_peer
-
-    print(json.dumps(trio.run(run_peer, args)))
+    print(json.dumps(peer.run(args)))
     return 0
 
 

@@ -128,3 +128,36 @@ def public_split(n: int, public: int, seed: int = 0) -> tuple[np.ndarray, np.nda
     """(private indices, public unlabelled indices): ``public`` samples held out for distillation."""
     perm = np.random.default_rng(seed + 7919).permutation(n)
     return np.sort(perm[public:]), np.sort(perm[:public])
+
+
+def shard_indices(
+    n: int, rank: int, world: int, *, labels: np.ndarray | None = None, split: str = "iid",
+    alpha: float = 0.3, classes_per_peer: int = 2, seed: int = 0,
+) -> np.ndarray:  # fmt: skip
+    """The sample indices of shard ``rank`` of ``world``: ``iid`` (a seeded permutation cut in equal
+    parts), ``dirichlet`` (Dir(alpha) class proportions per peer) or ``label-skew`` (a few classes
+    per peer); the last two need ``labels``. Every peer computes the same split from the seed."""
+    if not 0 <= rank < world:
+        raise ValueError(f"rank {rank} is not in 0..{world - 1}")
+    if split == "iid":
+        return np.sort(np.array_split(np.random.default_rng(seed).permutation(n), world)[rank])
+    if labels is None:
+        raise ValueError(f"the {split!r} split needs the labels")
+    labels = np.asarray(labels)
+    if split == "dirichlet":
+        return dirichlet_split(labels, world, alpha, seed)[rank]
+    if split == "label-skew":
+        return label_skew_split(labels, world, classes_per_peer, seed)[rank]
+    raise ValueError(f"unknown split {split!r} (iid, dirichlet, label-skew)")
+
+
+def shard(dataset, rank: int, world: int, *, split: str = "iid", labels=None, **kw):
+    """This peer's part of a torch ``Dataset`` (a ``torch.utils.data.Subset``): the sharding hook of
+    a training script. Labels for the non-iid splits come from ``labels`` or ``dataset.targets``."""
+    from torch.utils.data import Subset
+
+    if labels is None and split != "iid":
+        labels = getattr(dataset, "targets", None)
+        labels = labels.numpy() if hasattr(labels, "numpy") else labels
+    idx = shard_indices(len(dataset), rank, world, labels=labels, split=split, **kw)
+    return Subset(dataset, idx.tolist())

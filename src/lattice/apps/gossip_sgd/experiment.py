@@ -12,9 +12,11 @@ import torch
 from torch import Tensor
 
 from lattice.apps.gossip_sgd import algorithms, data
-from lattice.apps.gossip_sgd.algorithms import Algorithm, Hyper, LocalData
-from lattice.apps.gossip_sgd.models import MLP, accuracy
+from lattice.apps.gossip_sgd.algorithms import Algorithm, BatchOracle, Hyper, LocalData
+from lattice.apps.gossip_sgd.models import MLP, FlatModel, ModuleModel, accuracy, small_cnn
 from lattice.apps.gossip_sgd.simulator import Simulator, drive
+
+MODELS = ("mlp", "cnn")
 
 
 @dataclass
@@ -33,6 +35,8 @@ class Config:
     test_limit: int = 0
     eval_every: int = 10
     public: int = 10000  # MHD: training samples held out as the public unlabelled set
+    model: str = "mlp"  # mlp (784-200-200-10) or cnn (models.small_cnn)
+    device: str = "cpu"  # where tensors live and compute runs (cuda, cuda:1, ...): resolve_device
     hp: Hyper = field(default_factory=Hyper)
 
     def as_dict(self) -> dict:
@@ -41,13 +45,43 @@ class Config:
 
 @dataclass
 class Prepared:
-    model: MLP
+    model: FlatModel
     local: LocalData
     test_x: Tensor
     test_y: Tensor
     public: Tensor | None
     x0: Tensor
     sizes: list[int]
+    oracle: BatchOracle
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto``: cuda when present, else the CPU; a cuda device asked for but absent is a ConfigError."""
+    from lattice.errors import ConfigError
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {name!r} (cpu, cuda, cuda:N, auto)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r}: torch sees no CUDA device here (use cpu, or auto)")
+    return device
+
+
+def make_model(cfg: Config) -> FlatModel:
+    if cfg.model == "cnn":
+        if cfg.algorithm == "mhd":
+            raise ValueError("mhd needs the multi-head MLP (--model mlp)")
+        return ModuleModel(small_cnn).to(resolve_device(cfg.device))
+    if cfg.model != "mlp":
+        raise ValueError(f"unknown model {cfg.model!r} (known: {', '.join(MODELS)})")
+    return algorithms_model(cfg)
+
+
+def algorithms_model(cfg: Config) -> MLP:
+    return MLP((784, 200, 200, 10), heads=cfg.hp.heads + 1 if cfg.algorithm == "mhd" else 1)
 
 
 def prepare(cfg: Config, rows: Sequence[int] | None = None) -> Prepared:
@@ -72,7 +106,8 @@ def prepare(cfg: Config, rows: Sequence[int] | None = None) -> Prepared:
         raise ValueError(f"unknown split {cfg.split!r} (dirichlet, label-skew)")
     parts = [pool[p] for p in parts]
     rows = list(range(cfg.peers)) if rows is None else list(rows)
-    model = algorithms.model_for(cfg.algorithm, cfg.hp)
+    device = resolve_device(cfg.device)
+    model = make_model(cfg)
     shards = [parts[r] for r in rows]
     local = LocalData(torch.from_numpy(tx), torch.from_numpy(ty), shards, cfg.seed + 1 + rows[0])
     return Prepared(
@@ -81,14 +116,17 @@ def prepare(cfg: Config, rows: Sequence[int] | None = None) -> Prepared:
         torch.from_numpy(ex),
         torch.from_numpy(ey),
         public,
-        model.init(cfg.seed),
+        model.init(cfg.seed).to(device),
         [len(parts[r]) for r in rows],
+        BatchOracle(model, local, cfg.hp.batch, device),
     )
 
 
 def build(cfg: Config, prep: Prepared) -> Algorithm:
-    kw = {"public": prep.public, "seed": cfg.seed} if cfg.algorithm == "mhd" else {}
-    return algorithms.make(cfg.algorithm, prep.model, prep.local, cfg.hp, prep.x0, **kw)
+    kw = {}
+    if cfg.algorithm == "mhd":
+        kw = {"model": prep.model, "data": prep.local, "public": prep.public, "seed": cfg.seed}
+    return algorithms.make(cfg.algorithm, cfg.hp, prep.x0, len(prep.sizes), cfg.rounds, **kw)
 
 
 def evaluate(algo: Algorithm, prep: Prepared, local_limit: int = 0) -> dict:
@@ -118,12 +156,12 @@ def simulate(
     torch.manual_seed(cfg.seed)
     prep = prepare(cfg)
     algo = build(cfg, prep)
-    sim = Simulator(cfg.peers, cfg.topology, cfg.degree, cfg.seed)
+    sim = Simulator(cfg.peers, cfg.topology, cfg.degree, cfg.seed, device=resolve_device(cfg.device))
     records: list[dict] = []
     started = time.perf_counter()
     bar = _progress(progress, cfg)
     for t in range(cfg.rounds):
-        drive(algo.round(t), lambda send, t=t: sim.exchange(t, send))
+        drive(algo.round(t), lambda send, t=t: sim.exchange(t, send), prep.oracle)
         last = t == cfg.rounds - 1
         if last or (cfg.eval_every and (t + 1) % cfg.eval_every == 0):
             rec = {
@@ -139,7 +177,9 @@ def simulate(
             if on_record:
                 on_record(rec)
         if bar:
-            bar[0].update(bar[1], advance=1, description=f"{cfg.algorithm} loss {algo.last_loss:.3f}")
+            acc = records[-1].get("acc_avg") or records[-1].get("acc_local") if records else None
+            shown = f" acc {acc:.3f} (round {records[-1]['round']})" if acc is not None else ""
+            bar[0].update(bar[1], advance=1, description=f"{cfg.algorithm} loss {algo.last_loss:.3f}{shown}")
     if bar:
         bar[0].stop()
     return records

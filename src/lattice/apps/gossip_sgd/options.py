@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
+from typing import Any
 
 from lattice.apps.gossip_sgd.hyper import ALGORITHMS, Hyper
 
-__all__ = ["add_config_args", "config_from", "hyper_from"]
+__all__ = ["add_config_args", "config_from", "hyper_from", "warn_unstable"]
 
 
 def add_config_args(p: argparse.ArgumentParser) -> None:
@@ -26,6 +28,12 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train-limit", type=int, default=0)
     p.add_argument("--test-limit", type=int, default=0)
     p.add_argument("--eval-every", type=int, default=10)
+    p.add_argument("--model", default="mlp", choices=("mlp", "cnn"), help="784-200-200-10 MLP or a small CNN")
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="cpu, cuda, cuda:N, or auto (cuda when present, else cpu); default cpu",
+    )
     p.add_argument(
         "--set",
         action="append",
@@ -72,3 +80,12 @@ def config_from(args: argparse.Namespace):
     names = {f.name for f in dataclasses.fields(Config)} - {"hp", "data_dir"}  # data_dir: the node's
     values = {k: v for k, v in vars(args).items() if k in names}
     return Config(**values, data_dir=args.dataset, hp=hyper_from(args.set))
+
+
+def warn_unstable(cfg: Any) -> None:
+    """Say so (stderr) when the settings are known to diverge on this topology."""
+    from lattice.apps.gossip_sgd.hyper import stability_warning
+
+    text = stability_warning(cfg.hp, cfg.algorithm, cfg.topology, cfg.peers, cfg.degree, cfg.seed)
+    if text:
+        print(f"warning: {text}", file=sys.stderr, flush=True)

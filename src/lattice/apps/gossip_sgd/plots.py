@@ -6,6 +6,38 @@ import os
 from collections.abc import Mapping, Sequence
 
 
+def read_runs(paths: Sequence[str]) -> dict[str, list[dict]]:
+    """Label -> evaluation records of each log: a simulator log (``sim --log``: one record per
+    evaluation) or a peer's ``log.jsonl`` ("round" records; its "average" record, if any, becomes
+    the last point's ``acc_avg``). A label is the file name, or its directory for a ``log.jsonl``."""
+    import json
+    from pathlib import Path
+
+    runs: dict[str, list[dict]] = {}
+    for path in paths:
+        p = Path(path)
+        label = p.parent.name if p.name == "log.jsonl" else p.stem
+        recs, average = [], None
+        for line in p.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue  # a line being written
+            if not isinstance(rec, dict):
+                continue
+            if rec.get("event") == "average":
+                average = rec
+            elif rec.get("event", "round") == "round" and "round" in rec:
+                rec.setdefault("bytes_per_peer", rec.get("bytes_sent", 0))
+                recs.append(rec)
+        if average is not None and recs and average.get("acc_avg") is not None:
+            recs[-1] = {**recs[-1], "acc_avg": average["acc_avg"]}
+        while label in runs:
+            label += "'"
+        runs[label] = recs
+    return runs
+
+
 def plot(runs: Mapping[str, Sequence[dict]], out_dir: str, title: str = "") -> list[str]:
     """Two PNGs in ``out_dir``: accuracy vs rounds and vs bytes sent per peer; returns their paths."""
     import matplotlib
@@ -21,9 +53,10 @@ def plot(runs: Mapping[str, Sequence[dict]], out_dir: str, title: str = "") -> l
     ):
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for label, recs in runs.items():
-            key = "acc_avg" if recs and recs[-1].get("acc_avg") is not None else "acc_local"
-            xs = [r[x_key] / (1e6 if x_key == "bytes_per_peer" else 1) for r in recs]
-            ax.plot(xs, [r[key] for r in recs], marker=".", label=f"{label} ({key})")
+            key = "acc_avg" if recs and all(r.get("acc_avg") is not None for r in recs) else "acc_local"
+            points = [r for r in recs if r.get(key) is not None]
+            xs = [r.get(x_key, 0) / (1e6 if x_key == "bytes_per_peer" else 1) for r in points]
+            ax.plot(xs, [float(r[key]) for r in points], marker=".", label=f"{label} ({key})")
         if x_key == "bytes_per_peer":
             ax.set_xscale("log")
         ax.set_xlabel(x_label)

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from lattice.apps.gossip_sgd import topology
-from lattice.apps.gossip_sgd.algorithms import Round, Send
+from lattice.apps.gossip_sgd.algorithms import NeedGrad, Round, Send
 from lattice.apps.gossip_sgd.compress import lossy, wire_bytes
 
 
@@ -25,6 +25,7 @@ class SimReceived:
     raw: dict[str, Tensor]
     decoded: dict[str, Tensor]
     self_exact: bool
+    refs: dict[str, Tensor]
 
     def sent(self, name: str) -> Tensor:
         return self.decoded[name]
@@ -41,21 +42,49 @@ class SimReceived:
         dec = self.decoded[name]
         return [[dec[j] for j in sorted(nb)] for nb in self.graph]
 
+    def mix_ref(self, name: str) -> Tensor:
+        """W (ref + decoded): in memory every copy of a reference is exact."""
+        new = self.refs[name] + self.decoded[name]
+        return (self.w @ new.reshape(new.shape[0], -1)).view(new.shape)
+
 
 class Simulator:
-    """Delivers each :class:`Send` to every peer's neighbours in the graph of the current round."""
+    """Delivers each :class:`Send` to every peer's neighbours in the graph of the current round.
 
-    def __init__(self, n: int, kind: str = "ring", degree: int = 4, seed: int = 0) -> None:
+    ``departures`` (peer -> round): the peer leaves the graph from that round on (its row keeps
+    computing alone, as a dead process's last state would stay in memory); the graph is rebuilt over
+    the others, as every network peer rebuilds it from the run's membership.
+    """
+
+    def __init__(
+        self,
+        n: int,
+        kind: str = "ring",
+        degree: int = 4,
+        seed: int = 0,
+        departures: dict[int, int] | None = None,
+        device: str | torch.device = "cpu",
+    ) -> None:
         self.n, self.kind, self.degree, self.seed = n, kind, degree, seed
+        self.device = torch.device(device)
+        self.departures = dict(departures or {})
         self.bytes_sent = np.zeros(n, dtype=np.int64)
         self.messages = 0
-        self._cache: dict[int, tuple[list[set[int]], Tensor]] = {}
+        self._cache: dict[tuple, tuple[list[set[int]], Tensor]] = {}
+
+    def live(self, round_: int) -> list[int]:
+        return [i for i in range(self.n) if self.departures.get(i, round_ + 1) > round_]
 
     def graph(self, round_: int) -> tuple[list[set[int]], Tensor]:
-        key = round_ if self.kind == "random" else 0
+        live = self.live(round_)
+        key = (round_ if self.kind == "random" else 0, tuple(live))
         if key not in self._cache:
-            g = topology.build(self.kind, self.n, round_, self.degree, self.seed)
-            self._cache = {key: (g, torch.tensor(topology.metropolis_hastings(g), dtype=torch.float32))}
+            sub = topology.build(self.kind, len(live), round_, self.degree, self.seed)
+            g: list[set[int]] = [set() for _ in range(self.n)]
+            for a, nb in enumerate(sub):
+                g[live[a]] = {live[b] for b in nb}
+            w = torch.tensor(topology.metropolis_hastings(g), dtype=torch.float32, device=self.device)
+            self._cache = {key: (g, w)}
         return self._cache[key]
 
     def exchange(self, round_: int, send: Send) -> SimReceived:
@@ -68,14 +97,16 @@ class Simulator:
             decoded[name] = lossy(codec, flat).view(t.shape)
             self.bytes_sent += degrees * wire_bytes(codec, flat.shape[1])
         self.messages += int(degrees.sum())
-        return SimReceived(w, graph, dict(send.tensors), decoded, send.self_exact)
+        return SimReceived(w, graph, dict(send.tensors), decoded, send.self_exact, dict(send.refs))
 
 
-def drive(rounds: Round, exchange) -> None:
-    """Run one round generator to completion, answering each Send with ``exchange(send)``."""
-    try:
-        send = next(rounds)
-        while True:
-            send = rounds.send(exchange(send))
-    except StopIteration:
-        pass
+def drive(rounds: Round, exchange, oracle) -> None:
+    """Run one round generator to completion: each Send answered with ``exchange(send)``, each
+    NeedGrad with ``oracle(request)``."""
+    value = None
+    while True:
+        try:
+            request = rounds.send(value)
+        except StopIteration:
+            return
+        value = oracle(request) if isinstance(request, NeedGrad) else exchange(request)

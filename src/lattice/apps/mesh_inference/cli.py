@@ -44,7 +44,13 @@ def register(sub: Any, commands: dict) -> None:
     serve.add_argument("--prefill-chunk", type=int, default=256, help="prompt positions per compute step")
     serve.add_argument("--session-ttl", type=float, default=60.0, help="idle sessions are dropped after this")
     serve.add_argument("--announce-interval", type=float, default=10.0)
-    serve.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    serve.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads (default: the cores shared among this user's serve-model processes on "
+        "this machine, re-balanced as they start and stop)",
+    )
     serve.add_argument(
         "--inline-tokens", type=int, default=4, help="calls of <= N tokens skip the worker thread (0: never)"
     )
@@ -107,16 +113,12 @@ def cmd_serve_model(args: argparse.Namespace) -> int:
 
     config = node_config(args)
     setup_logging(config.log_level, config.log_format)  # remote strings in log lines inert
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
     source = open_model(args.model)
     blocks = _blocks(args.blocks, source.config.n_layers)
     from lattice.apps.mesh_inference.server import release_large_buffers
 
     release_large_buffers()  # so peak memory follows ServerLimits.step_bytes (see there)
-    return trio.run(_serve, args, config, source, blocks)
+    return one_line_errors(trio.run, _serve, args, config, source, blocks)
 
 
 async def _serve(args: argparse.Namespace, config: Any, source: Any, blocks: tuple[int, int] | None) -> int:
@@ -149,7 +151,13 @@ async def _serve(args: argparse.Namespace, config: Any, source: Any, blocks: tup
         weights = await trio.to_thread.run_sync(source.load, start, end, cache)
         return Stage(source.config, weights, start, end)
 
-    server = StageServer(load, source.model_id, limits, announce_interval=args.announce_interval)
+    server = StageServer(
+        load,
+        source.model_id,
+        limits,
+        announce_interval=args.announce_interval,
+        threads=args.threads or "auto",
+    )
     node = build_node(config)  # with the services of other apps the config enables
     node.add_service(server)
     async with node:
@@ -197,7 +205,29 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise ConfigError("empty prompt")
     if tokenizer is None and source.path is not None:
         tokenizer = source.tokenizer()
-    return trio.run(_generate, args, source, prompt, tokenizer)
+    return one_line_errors(trio.run, _generate, args, source, prompt, tokenizer)
+
+
+def one_line_errors(fn: Any, *args: Any) -> Any:
+    """``fn(*args)``, with an error from inside the node's task groups raised as the one error that
+    caused it (lattice-node prints a LatticeError as one line); a network or timeout error becomes
+    a MeshError naming it."""
+    import trio
+
+    from lattice.apps.mesh_inference.errors import MeshError, real_cause
+    from lattice.errors import LatticeError
+
+    try:
+        return fn(*args)
+    except (KeyboardInterrupt, LatticeError):
+        raise
+    except BaseException as exc:
+        cause = real_cause(exc)
+        if isinstance(cause, LatticeError | KeyboardInterrupt):
+            raise cause from None
+        if isinstance(cause, OSError | trio.TooSlowError):
+            raise MeshError(f"{type(cause).__name__}: {cause or 'timed out'}") from None
+        raise
 
 
 async def _generate(args: argparse.Namespace, source: Any, prompt: list[int], tokenizer: Any) -> int:
@@ -214,6 +244,7 @@ async def _generate(args: argparse.Namespace, source: Any, prompt: list[int], to
         cfg = NodeConfig(listen=("/ip4/127.0.0.1/tcp/0",), bootstrap=args.bootstrap, data_dir=Path(tmp),
                          control=False)  # fmt: skip
         async with Node(cfg) as node:
+            await _reach_bootstrap(node, args.bootstrap, args.timeout)
             client = MeshClient(node, source.model_id)
             await client.wait_for_chain(args.timeout)
             stop = []
@@ -253,6 +284,26 @@ async def _generate(args: argparse.Namespace, source: Any, prompt: list[int], to
             else:
                 print(f"\n[{len(out)} tokens in {elapsed:.2f} s]", file=sys.stderr)
     return 0
+
+
+async def _reach_bootstrap(node: Any, addrs: list[str], timeout: float) -> None:
+    """Connect to one of the --bootstrap peers, or raise MeshError naming why each failed (else the
+    user would only learn, after --timeout, that no stage server announces the model)."""
+    import trio
+
+    from lattice.apps.mesh_inference.errors import MeshError
+    from lattice.errors import LatticeError
+    from lattice.observe.inert import inert
+
+    errors = []
+    for addr in addrs:
+        try:
+            await node.connect(addr, timeout=min(timeout, 10.0))
+            return
+        except (LatticeError, OSError, trio.TooSlowError) as exc:
+            text = inert(exc) or "timed out"
+            errors.append(text if addr in text else f"{addr}: {text}")
+    raise MeshError(f"cannot reach the --bootstrap peer{'s' if len(addrs) > 1 else ''} ({'; '.join(errors)})")
 
 
 APP = App(

@@ -181,14 +181,14 @@ class InferenceSession:
                     raise
                 log.info("hop %s failed (%s): re-routing", state.hop, exc)
                 expired = isinstance(exc, RemoteError) and exc.type == "SessionError"  # server is fine
-                y, added = await self._recover(i, x, logits, keep=expired)
+                y, added = await self._recover(i, x, logits, keep=expired, cause=exc)
                 i += added
             x = y
         self.position += int(torch.as_tensor(tokens).numel())
         return x[0, -1] if logits == "last" else x[0]
 
     async def _recover(
-        self, i: int, x: torch.Tensor, logits: str, keep: bool = False
+        self, i: int, x: torch.Tensor, logits: str, keep: bool = False, cause: BaseException | None = None
     ) -> tuple[torch.Tensor, int]:
         """Replace hop ``i`` by servers for its blocks (the same one if ``keep``: it only lost our
         session), replaying its inputs; returns (output, number of hops that replace it)."""
@@ -230,9 +230,11 @@ class InferenceSession:
                                     "seconds": round(time.monotonic() - t0, 4),
                                     "peers": [s.hop.server.peer for s in new_states]})  # fmt: skip
             return history[-1], len(new_states)
+        a, b = failed.hop.start, failed.hop.end
+        why = f"stage server {failed.hop.server.peer} (blocks {a}:{b}) failed ({cause or 'no answer'})"
         if isinstance(last_error, NoChainError):
-            raise last_error
-        raise MeshError(f"could not re-route blocks {failed.hop.start}:{failed.hop.end}: {last_error}")
+            raise NoChainError(self.client.model_id, last_error.missing, cause=why)
+        raise MeshError(f"could not re-route blocks {a}:{b} ({last_error}); {why}")
 
     async def generate(
         self, prompt: Sequence[int], max_new_tokens: int, stop: Sequence[int] = ()

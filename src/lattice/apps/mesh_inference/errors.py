@@ -12,13 +12,15 @@ class MeshError(LatticeError):
 class NoChainError(MeshError):
     """No chain of live stage servers covers every block; ``missing`` names the uncovered ranges."""
 
-    def __init__(self, model_id: str, missing: list[tuple[int, int]], detail: str = "") -> None:
+    def __init__(
+        self, model_id: str, missing: list[tuple[int, int]], detail: str = "", cause: str = ""
+    ) -> None:
         if missing:
             ranges = ", ".join(f"{a}:{b}" for a, b in missing)
             text = f"no chain of stage servers for {model_id}: nobody serves blocks {ranges}{detail}"
         else:
             text = f"no stage server announces {model_id}{detail}"
-        super().__init__(text)
+        super().__init__(f"{cause}, and {text}" if cause else text)  # cause: what made us look again
         self.model_id = model_id
         self.missing = missing
 
@@ -42,3 +44,23 @@ class SessionError(MeshError):
 
 # Remote error types after which the client routes around the server (it is fine, just not for us)
 REROUTE_ERRORS = ("ServerBusy", "CacheFull", "SessionError")
+
+
+def real_cause(exc: BaseException) -> BaseException:
+    """The error to report for ``exc``: inside (nested) exception groups, the first LatticeError,
+    else the first error that is not a cancellation; ``exc`` itself otherwise."""
+    leaves = list(_leaves(exc))
+    for leaf in leaves:
+        if isinstance(leaf, LatticeError):
+            return leaf
+    import trio  # here: this module is imported by lattice-node's command listing
+
+    return next((leaf for leaf in leaves if not isinstance(leaf, trio.Cancelled)), exc)
+
+
+def _leaves(exc: BaseException):
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            yield from _leaves(inner)
+    else:
+        yield exc

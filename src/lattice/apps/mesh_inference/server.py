@@ -34,6 +34,7 @@ import trio
 
 from lattice.apps.mesh_inference.config import MIN_CHUNK, LlamaConfig
 from lattice.apps.mesh_inference.errors import CacheFull, RequestTooLarge, ServerBusy, SessionError
+from lattice.apps.mesh_inference.machine import MachineServers
 from lattice.apps.mesh_inference.model import KVCache, Stage, chunk_bounds
 from lattice.apps.mesh_inference.routing import ServerInfo, announcement_key
 from lattice.errors import ConfigError, LatticeError, PayloadError
@@ -45,6 +46,7 @@ log = logging.getLogger(__name__)
 K = TypeVar("K", bound=Hashable)  # a session key
 
 MAX_SESSION_ID = 64
+BALANCE_INTERVAL = 2.0  # s between re-counts of this machine's servers (threads="auto")
 
 
 @dataclass
@@ -161,7 +163,11 @@ class StageServer:
         *,
         announce_interval: float = 10.0,
         throughput: float | None = None,
+        threads: int | str | None = None,
     ) -> None:
+        """``threads``: torch threads; "auto": this machine's cores shared among its stage servers
+        (lattice.apps.mesh_inference.machine), re-balanced as servers start and stop; None: leave
+        torch's setting alone (a library user's process may run other work)."""
         self.stage: Stage = stage if isinstance(stage, Stage) else None  # type: ignore[assignment]
         self._loader = None if isinstance(stage, Stage) else stage
         self.ready = trio.Event()  # set once the stage is loaded, served and announced
@@ -169,6 +175,9 @@ class StageServer:
         self.limits = limits or ServerLimits()
         self.announce_interval = announce_interval
         self.throughput = throughput
+        self.threads = threads
+        self._machine: MachineServers | None = None
+        self._want_threads: int | None = threads if isinstance(threads, int) else None
         self.node: Node | None = None
         self._sessions: dict[tuple[str, str], _Session] = {}
         # one step at a time; trio.Lock hands over in FIFO order, so sessions take turns per step
@@ -183,6 +192,19 @@ class StageServer:
         instead of a stage runs first (it may look at the DHT), then the methods are served."""
         self.node = node
         task_status.started()
+        if self.threads == "auto":
+            self._machine = MachineServers()
+            self._machine.register()
+        try:
+            await self._serve(node)
+        finally:
+            if self._machine is not None:
+                self._machine.unregister()
+
+    async def _serve(self, node: Any) -> None:
+        if self._machine is not None:
+            self._want_threads = self._machine.threads()
+        self._apply_threads()  # before loading: dequantizing runs on torch's threads too
         if self.stage is None:
             assert self._loader is not None
             self.stage = await self._loader(node)
@@ -197,7 +219,22 @@ class StageServer:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._announce_loop)
             nursery.start_soon(self._expire_loop)
+            if self._machine is not None:
+                nursery.start_soon(self._balance_loop, self._machine)
             await trio.sleep_forever()
+
+    async def _balance_loop(self, machine: MachineServers) -> None:
+        """Re-count this machine's servers; apply the new share between compute steps."""
+        while True:
+            await trio.sleep(BALANCE_INTERVAL)
+            self._want_threads = machine.threads()
+            async with self._compute:
+                self._apply_threads()
+
+    def _apply_threads(self) -> None:
+        """Set torch's threads to the wanted count (called between compute steps, never during one)."""
+        if self._want_threads is not None and torch.get_num_threads() != self._want_threads:
+            torch.set_num_threads(self._want_threads)
 
     def _measure(self) -> float:
         """Tokens/s of one-token steps through this stage's blocks (what the client cares about)."""
@@ -350,6 +387,7 @@ class StageServer:
         """One forward under the compute lock (sessions waiting for it go first at the next step)."""
         args = (x.contiguous(), session.cache, req["start"], req["end"], head)
         async with self._compute:
+            self._apply_threads()
             t0 = time.perf_counter()
             if x.shape[1] <= self.limits.inline_tokens:  # a decode step: tens of ms at most
                 y = self.stage.forward(*args)
