@@ -462,6 +462,7 @@ class SecureStream:
                 n = await self._recv_fast(fd)
             else:
                 reader = self._sock.recv if self._sock is not None else self.raw.receive_some
+                self._release()  # no pooled buffer is held while waiting
                 chunk = await reader(RECV_BUFFER)
                 self._hold()
                 n = len(chunk)
@@ -479,6 +480,7 @@ class SecureStream:
 
     async def _recv_fast(self, fd: socket.socket) -> int:
         if self._drained:  # the last read emptied the socket: wait first, save a failing recv
+            self._release()  # no pooled buffer is held while waiting
             await trio.lowlevel.wait_readable(fd)
         while True:
             self._hold()
@@ -494,7 +496,7 @@ class SecureStream:
         return n
 
     def _hold(self) -> None:
-        """Have a pooled receive buffer with room to read into (what was left comes first)."""
+        """Have a pooled receive buffer with room for a whole frame (what was left comes first)."""
         buf = self._rbuf
         live = self._rend - self._rstart
         if not self._pooled:
@@ -502,8 +504,9 @@ class SecureStream:
             if live:
                 pooled[:live] = buf[self._rstart : self._rend]
             self._rbuf, self._pooled, self._rstart, self._rend = pooled, True, 0, live
-        elif self._rend == len(buf):  # full: move the live bytes to the front
-            buf[:live] = buf[self._rstart : self._rend]
+        elif len(buf) - self._rend < MAX_MESSAGE + 2 and self._rstart:  # the live bytes to the front
+            with memoryview(buf) as view:
+                view[:live] = view[self._rstart : self._rend]
             self._rstart, self._rend = 0, live
 
     def _release(self) -> None:
@@ -515,7 +518,11 @@ class SecureStream:
         if live > _CARRY_MAX:
             return
         buf = self._rbuf
-        self._rbuf = bytearray(buf[self._rstart : self._rend]) if live else _EMPTY
+        if live:
+            with memoryview(buf) as view:
+                self._rbuf = bytearray(view[self._rstart : self._rend])
+        else:
+            self._rbuf = _EMPTY
         self._pooled = False
         self._rstart, self._rend = 0, live
         self._recv_pool.give(buf)
@@ -538,14 +545,16 @@ class SecureStream:
         if self._buf:
             self._absorb(bytes(self._buf))
             self._buf.clear()
-        while not self._decrypt_ready_to(feed, place, placed):
+        while not self._decrypt_ready_to(feed, place, placed, keep=True):
             if not await self._read_more():
                 return False
         return True
 
-    def _decrypt_ready_to(self, feed, place=None, placed=None) -> bool:
+    def _decrypt_ready_to(self, feed, place=None, placed=None, keep: bool = False) -> bool:
         """Decrypt the complete frames (see :meth:`pump`); False if there was none (and no pause).
-        Without ``place`` every frame goes into a single buffer, fed once."""
+        Without ``place`` every frame goes into a single buffer, fed once. ``keep``: the pooled
+        receive buffer stays held (the pump reads again at once; it is given back before any wait),
+        so a partial frame is not copied out and back in on every read."""
         buf = self._rbuf
         pos, end = self._rstart, self._rend
         first = pos
@@ -591,7 +600,8 @@ class SecureStream:
         self._rstart = pos
         if pos == end:
             self._rstart = self._rend = 0
-        self._release()
+        if not keep:
+            self._release()
         return pos != first or paused
 
     def _absorb(self, data: bytes) -> None:
