@@ -40,6 +40,22 @@ async def test_large_tensor_is_decrypted_in_place(pair):
     assert placed > 0.9 * 4 * x.nbytes  # two calls, each way: almost nothing copied after decryption
 
 
+async def test_a_bulk_transfer_is_read_from_the_socket_in_large_pieces(pair):
+    """The receive buffer is a whole pooled block (2 MiB), not one frame's worth: a bulk transfer
+    costs a few socket reads (and pump passes) per MiB, not ~16 (issue 20: 56 KiB per read)."""
+    a, b, peer = pair
+    x = np.random.default_rng(4).standard_normal(4 << 20).astype(np.float32)  # 16 MiB
+    await b.rpc.call(peer, "echo", 1)
+
+    def reads():
+        return sum(c.session.secure.reads for c in a.host.connections() + b.host.connections())
+
+    before = reads()
+    for _ in range(2):
+        assert np.array_equal(await b.rpc.call(peer, "echo", x), x)
+    assert reads() - before < 200  # 64 MiB moved: ~60 reads measured (~620 with one-frame buffers)
+
+
 @pytest.mark.parametrize("max_frame", [1000, 65519 + 7, 256 * 1024])
 async def test_unaligned_frames_from_other_implementations_still_arrive_intact(pair, max_frame):
     """Other libp2p implementations frame differently (headers and payload share Noise frames)."""

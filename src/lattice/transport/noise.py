@@ -333,6 +333,7 @@ class SecureStream:
         self._fd = getattr(self._sock, "_sock", None)
         self.write_timeout = 30.0
         self._drained = False
+        self.reads = 0  # reads from the socket (a bulk transfer should need few: large reads)
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         await self.send_parts((data,))
@@ -480,8 +481,7 @@ class SecureStream:
 
     async def _recv_fast(self, fd: socket.socket) -> int:
         if self._drained:  # the last read emptied the socket: wait first, save a failing recv
-            self._release()  # no pooled buffer is held while waiting
-            await trio.lowlevel.wait_readable(fd)
+            await self._wait_readable(fd)
         while True:
             self._hold()
             with memoryview(self._rbuf) as view:
@@ -490,17 +490,22 @@ class SecureStream:
                     break
                 except BlockingIOError:
                     pass
-            self._release()
-            await trio.lowlevel.wait_readable(fd)
+            await self._wait_readable(fd)
         self._drained = n < len(self._rbuf) - self._rend
+        self.reads += 1
         return n
+
+    async def _wait_readable(self, fd: socket.socket) -> None:
+        self._release()  # no pooled buffer is held while waiting
+        await trio.lowlevel.wait_readable(fd)
 
     def _hold(self) -> None:
         """Have a pooled receive buffer with room for a whole frame (what was left comes first)."""
         buf = self._rbuf
         live = self._rend - self._rstart
         if not self._pooled:
-            pooled = self._recv_pool.take(live + MAX_MESSAGE + 2)
+            need = live + MAX_MESSAGE + 2
+            pooled = self._recv_pool.take(0 if need <= RECV_BUFFER else need)  # a whole block: big reads
             if live:
                 pooled[:live] = buf[self._rstart : self._rend]
             self._rbuf, self._pooled, self._rstart, self._rend = pooled, True, 0, live
@@ -600,7 +605,7 @@ class SecureStream:
         self._rstart = pos
         if pos == end:
             self._rstart = self._rend = 0
-        if not keep:
+        if paused or not keep:
             self._release()
         return pos != first or paused
 
