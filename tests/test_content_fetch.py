@@ -123,6 +123,29 @@ async def test_get_tensors_fetches_only_the_chunks_holding_them(tmp_path, nurser
     assert a.content.counters["chunks_served"] == manifest.count
 
 
+async def test_metadata_fetches_only_the_header_of_a_safetensors_file(tmp_path, nursery):
+    """A model's file says what it is in its header (config, tokenizer): a peer reads that much and
+    no tensor chunk; a header over the limit is refused before it is fetched."""
+    from safetensors.numpy import save_file
+
+    from lattice.content.errors import ContentError
+
+    a, b = await start_nodes(tmp_path, nursery, 2)
+    meta = {"format": "test/1", "tokenizer": "t" * (3 * CHUNK)}  # a header spanning 4 chunks
+    tensors = {f"w{i}": np.random.default_rng(i).random((128, 256), np.float32) for i in range(4)}
+    path = tmp_path / "model.safetensors"
+    save_file(tensors, str(path), metadata=meta)
+    cid = await a.content.add(path, chunk_size=CHUNK)
+    manifest = a.content.store.manifest(cid)
+    header = 8 + int.from_bytes(path.read_bytes()[:8], "little")
+    with pytest.raises(ContentError, match="more than the"):
+        await b.content.metadata(cid, providers=[a.addrs[0]], max_bytes=2 * CHUNK)
+    assert await b.content.metadata(cid, providers=[a.addrs[0]]) == meta
+    assert a.content.counters["chunks_served"] == len(manifest.chunks_in(0, header)) == 4 < manifest.count
+    with pytest.raises(ContentError, match="not a safetensors file"):
+        await b.content.metadata(await a.content.add(b"plain bytes"), providers=[a.addrs[0]])
+
+
 def rogue_services(i: int, behaviour: dict):
     """Node 0 is a rogue provider (RPC and DHT only, its own content handlers); others are honest."""
     if i != 0:

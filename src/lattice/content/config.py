@@ -51,6 +51,7 @@ class ContentConfig:
     chunk_size: int = 1 << 20  # new content is cut into chunks of this size (4 KiB - 4 MiB)
     max_bytes: int | None = None  # store quota; None: DEFAULT_MAX_BYTES (NodeConfig.content_max_bytes)
     max_manifest: int = 16 << 20  # largest manifest accepted (~230,000 chunks)
+    max_metadata: int = 32 << 20  # largest safetensors header Content.metadata fetches (a tokenizer fits)
     verify_on_open: bool = False  # re-hash every stored chunk at start (sizes are always checked)
     direct_writes: bool = True  # fetched chunks bypass the page cache (O_DIRECT) where the FS allows
     announce_interval: float = 3600.0  # pinned content is re-announced in the DHT this often

@@ -22,7 +22,15 @@ from dataclasses import dataclass
 from lattice.content.cid import DAG_JSON, HASHES, RAW, ContentId
 from lattice.content.errors import ContentError, PayloadError
 
-__all__ = ["FORMAT", "MAX_CHUNK", "MIN_CHUNK", "Manifest", "TensorEntry", "safetensors_layout"]
+__all__ = [
+    "FORMAT",
+    "MAX_CHUNK",
+    "MIN_CHUNK",
+    "Manifest",
+    "TensorEntry",
+    "safetensors_layout",
+    "safetensors_metadata",
+]
 
 FORMAT = "lattice-content/1"
 MIN_CHUNK = 4 << 10
@@ -78,9 +86,15 @@ class Manifest:
             entry = by_name.get(name)
             if entry is None:
                 raise ContentError(f"no tensor {name!r} in this content")
-            if entry.end > entry.start:
-                wanted.update(range(entry.start // self.chunk_size, (entry.end - 1) // self.chunk_size + 1))
+            wanted.update(self.chunks_in(entry.start, entry.end))
         return sorted(wanted)
+
+    def chunks_in(self, start: int, end: int) -> range:
+        """The chunks holding bytes [start, end) (none if the range is empty)."""
+        end = min(end, self.size)
+        if end <= start:
+            return range(0)
+        return range(start // self.chunk_size, (end - 1) // self.chunk_size + 1)
 
     def encode(self) -> bytes:
         doc: dict = {
@@ -178,6 +192,21 @@ def _tensors(raw: object, size: int) -> tuple[TensorEntry, ...]:
         names.add(name)
         out.append(TensorEntry(name, dtype, dims, start, end))
     return tuple(out)
+
+
+def safetensors_metadata(header: bytes) -> dict[str, str]:
+    """The ``__metadata__`` map (strings to strings) of a safetensors JSON header; PayloadError if
+    the header is not one or the map is not strings (it came from whoever made the content)."""
+    try:
+        doc = json.loads(header)
+    except (ValueError, RecursionError):
+        raise PayloadError("not a safetensors file (header is not JSON)") from None
+    if not isinstance(doc, dict):
+        raise PayloadError("not a safetensors file (header is not a map)")
+    meta = doc.get("__metadata__", {})
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise PayloadError("safetensors __metadata__ must map strings to strings")
+    return meta
 
 
 def safetensors_layout(head: bytes, size: int) -> tuple[TensorEntry, ...]:

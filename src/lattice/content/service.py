@@ -35,6 +35,7 @@ from lattice.content.cid import ContentId
 from lattice.content.config import DEFAULT_MAX_BYTES, ContentConfig
 from lattice.content.errors import ContentBusy, ContentError, ContentNotFound, PayloadError
 from lattice.content.fetch import Fetch
+from lattice.content.manifest import Manifest, safetensors_metadata
 from lattice.content.store import COMPLETE, Reader, Store
 from lattice.dht.service import DHT
 from lattice.errors import LatticeError
@@ -315,6 +316,34 @@ class Content:
         as their raw words (uint16 / uint8)."""
         store = self._require_store()
         cid = ContentId.parse(cid)
+        manifest = await self._manifest(cid, providers)
+        wanted = manifest.chunks_for(names)
+        await self._fetch(cid, wanted, providers, False, None)
+        return await trio.to_thread.run_sync(store.tensors, cid, names)
+
+    async def metadata(
+        self, cid: str | ContentId, *, providers: list[str] | None = None, max_bytes: int | None = None
+    ) -> dict[str, str]:
+        """The ``__metadata__`` of a safetensors content (what a model's file says about itself:
+        its config, its tokenizer), fetching only the chunks of its header, at most ``max_bytes``
+        (default ``ContentConfig.max_metadata``)."""
+        store = self._require_store()
+        cid = ContentId.parse(cid)
+        manifest = await self._manifest(cid, providers)
+        if manifest.kind != "safetensors" or manifest.size < 8:
+            raise ContentError(f"{cid} is not a safetensors file")
+        limit = min(max_bytes or self.config.max_metadata, manifest.size)
+        await self._fetch(cid, list(manifest.chunks_in(0, 8)), providers, False, None)
+        n = int.from_bytes(await trio.to_thread.run_sync(store.read_range, cid, 0, 8), "little")
+        if 8 + n > limit:
+            raise ContentError(f"the header of {cid} is {8 + n} bytes, more than the {limit} allowed")
+        await self._fetch(cid, list(manifest.chunks_in(0, 8 + n)), providers, False, None)
+        return safetensors_metadata(await trio.to_thread.run_sync(store.read_range, cid, 8, 8 + n))
+
+    async def _manifest(self, cid: ContentId, providers: list[str] | None) -> Manifest:
+        """The manifest of ``cid``: the stored one, else one from a provider (stored, the object
+        left partial with no chunk)."""
+        store = self._require_store()
         manifest = store.manifest(cid)
         if manifest is None:
             raw = await self._find_manifest(cid, await self._providers(cid, providers))
@@ -322,9 +351,7 @@ class Content:
             store.release(partial)
             manifest = store.manifest(cid)
             assert manifest is not None
-        wanted = manifest.chunks_for(names)
-        await self._fetch(cid, wanted, providers, False, None)
-        return await trio.to_thread.run_sync(store.tensors, cid, names)
+        return manifest
 
     async def _fetch(
         self,

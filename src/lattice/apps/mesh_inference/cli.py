@@ -22,7 +22,11 @@ def register(sub: Any, commands: dict) -> None:
         help="serve a range of a model's blocks to mesh-inference clients",
         description="Run a node that serves blocks A:B of a model and announces them in the DHT.",
     )
-    serve.add_argument("--model", default="smollm2", help="tiny-random[:SEED], smollm2 or a LLaMA .gguf")
+    serve.add_argument(
+        "--model",
+        default="smollm2",
+        help="tiny-random[:SEED], smollm2, a LLaMA .gguf, or the content id of a packed model (pack-model)",
+    )
     serve.add_argument("--blocks", default="auto", help="A:B (blocks A..B-1), or auto (least served)")
     serve.add_argument(
         "--n-blocks", type=int, default=None, help="with --blocks auto: how many (default: as many as fit)"
@@ -72,6 +76,18 @@ def register(sub: Any, commands: dict) -> None:
     gen.add_argument("--json", action="store_true", help="print one JSON object at the end")
     commands["generate"] = cmd_generate
 
+    pack = sub.add_parser(
+        "pack-model",
+        help="write a model as one safetensors file to add to the content store",
+        description="Write every tensor of a model (fp32) and its config and tokenizer into one "
+        "safetensors file. Add it to a node (`lattice-node add FILE`): stage servers started with "
+        "`serve-model --model <its id>` then fetch only their blocks from that node.",
+    )
+    pack.add_argument("--model", default="smollm2", help="tiny-random[:SEED], smollm2 or a LLaMA .gguf")
+    pack.add_argument("-o", "--output", required=True, metavar="FILE")
+    pack.add_argument("--cache-dir", metavar="DIR", help="dequantized weights cache (default: none)")
+    commands["pack-model"] = cmd_pack_model
+
 
 def _blocks(text: str, n_layers: int) -> tuple[int, int] | None:
     from lattice.errors import ConfigError
@@ -108,13 +124,13 @@ def _numel(shape: tuple[int, ...]) -> int:
 def cmd_serve_model(args: argparse.Namespace) -> int:
     import trio
 
-    from lattice.apps.mesh_inference.weights import open_model
+    from lattice.apps.mesh_inference.weights import content_model, open_model
     from lattice.observe.logs import setup_logging
 
     config = node_config(args)
     setup_logging(config.log_level, config.log_format)  # remote strings in log lines inert
-    source = open_model(args.model)
-    blocks = _blocks(args.blocks, source.config.n_layers)
+    source = content_model(args.model) or open_model(args.model)
+    blocks = _blocks(args.blocks, source.config.n_layers) if source.config is not None else None
     from lattice.apps.mesh_inference.server import release_large_buffers
 
     release_large_buffers()  # so peak memory follows ServerLimits.step_bytes (see there)
@@ -130,6 +146,7 @@ async def _serve(args: argparse.Namespace, config: Any, source: Any, blocks: tup
     from lattice.apps.mesh_inference.model import Stage
     from lattice.apps.mesh_inference.routing import choose_blocks
     from lattice.apps.mesh_inference.server import ServerLimits, StageServer
+    from lattice.apps.mesh_inference.weights import ContentModel
     from lattice.plugins import build_node
 
     limits = ServerLimits(max_sessions=args.max_sessions, max_sessions_per_peer=args.max_sessions_per_peer,
@@ -139,16 +156,24 @@ async def _serve(args: argparse.Namespace, config: Any, source: Any, blocks: tup
 
     async def load(node: Node) -> Stage:
         nonlocal blocks
-        if blocks is None:  # look at what the network serves, take the least-served window
-            n = source.config.n_layers
+        if blocks is None or source.config is None:
             with trio.move_on_after(3.0):
                 while not await node.peers():
                     await trio.sleep(0.05)
+        if source.config is None:  # a packed model: its config comes with it (the header only)
+            await source.open(node.content)
+            assert source.config is not None
+            blocks = _blocks(args.blocks, source.config.n_layers)
+        if blocks is None:  # look at what the network serves, take the least-served window
+            n = source.config.n_layers
             servers = await MeshClient(node, source.model_id).servers(fresh=True)
             blocks = choose_blocks(servers, n, args.n_blocks or _blocks_that_fit(source.config, args))
         start, end = blocks
-        cache = Path(args.cache_dir) if args.cache_dir else config.data_dir / "mesh-cache"
-        weights = await trio.to_thread.run_sync(source.load, start, end, cache)
+        if isinstance(source, ContentModel):  # only the chunks of these blocks, from its providers
+            weights = await source.load(node.content, start, end)
+        else:
+            cache = Path(args.cache_dir) if args.cache_dir else config.data_dir / "mesh-cache"
+            weights = await trio.to_thread.run_sync(source.load, start, end, cache)
         return Stage(source.config, weights, start, end)
 
     server = StageServer(
@@ -185,27 +210,48 @@ async def _serve(args: argparse.Namespace, config: Any, source: Any, blocks: tup
 def cmd_generate(args: argparse.Namespace) -> int:
     import trio
 
-    from lattice.apps.mesh_inference.weights import open_model
+    from lattice.apps.mesh_inference.weights import content_model, open_model
     from lattice.errors import ConfigError
 
-    source = open_model(args.model)
+    source = content_model(args.model) or open_model(args.model)
     tokenizer = None
+    prompt: list[int] | None = None
     if args.tokens:
         try:
             prompt = [int(t) for t in args.tokens.split(",") if t.strip()]
         except ValueError:
             raise ConfigError("--tokens: comma-separated integers") from None
-    else:
+        if not prompt:
+            raise ConfigError("empty prompt")
+    elif source.config is not None:  # a packed model's tokenizer comes from the network (_generate)
         tokenizer = source.tokenizer()
-        text = args.prompt
-        if args.chat:
-            text = f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n"
-        prompt = tokenizer.encode(text).ids
-    if not prompt:
-        raise ConfigError("empty prompt")
+        prompt = _encode(tokenizer, args)
     if tokenizer is None and source.path is not None:
         tokenizer = source.tokenizer()
     return one_line_errors(trio.run, _generate, args, source, prompt, tokenizer)
+
+
+def _encode(tokenizer: Any, args: argparse.Namespace) -> list[int]:
+    from lattice.errors import ConfigError
+
+    text = args.prompt
+    if args.chat:
+        text = f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n"
+    prompt = tokenizer.encode(text).ids
+    if not prompt:
+        raise ConfigError("empty prompt")
+    return prompt
+
+
+def cmd_pack_model(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from lattice.apps.mesh_inference.weights import open_model, pack_model
+
+    source = open_model(args.model)
+    out = pack_model(source, Path(args.output), Path(args.cache_dir) if args.cache_dir else None)
+    print(f"{out}: {source.model_id}, {out.stat().st_size} bytes\nadd it to a node: lattice-node add {out}")
+    return 0
 
 
 def one_line_errors(fn: Any, *args: Any) -> Any:
@@ -230,7 +276,7 @@ def one_line_errors(fn: Any, *args: Any) -> Any:
         raise
 
 
-async def _generate(args: argparse.Namespace, source: Any, prompt: list[int], tokenizer: Any) -> int:
+async def _generate(args: argparse.Namespace, source: Any, prompt: list[int] | None, tokenizer: Any) -> int:
     import tempfile
     import time
     from pathlib import Path
@@ -245,6 +291,13 @@ async def _generate(args: argparse.Namespace, source: Any, prompt: list[int], to
                          control=False)  # fmt: skip
         async with Node(cfg) as node:
             await _reach_bootstrap(node, args.bootstrap, args.timeout)
+            if source.config is None:  # a packed model: its header (config, tokenizer) from its providers
+                await source.open(node.content, args.timeout)
+                if source.meta.get("tokenizer") is not None:
+                    tokenizer = source.tokenizer()
+                if prompt is None:
+                    prompt = _encode(source.tokenizer(), args)
+            assert prompt is not None
             client = MeshClient(node, source.model_id)
             await client.wait_for_chain(args.timeout)
             stop = []

@@ -1,28 +1,39 @@
-"""Where a stage's weights come from: a deterministic tiny random model, or a GGUF file.
+"""Where a stage's weights come from: a deterministic tiny random model, a GGUF file, or the swarm.
 
 A GGUF stage reads and dequantizes only the tensors of its block range (``gguf`` package:
 GGUFReader + gguf.quants.dequantize). Dequantizing is slow (~40 s for all of SmolLM2-135M), so
 the fp32 result is cached as .npy files (loaded with allow_pickle=False) under the data directory.
 GGUF q/k weights are in GGML's layout, so GGUF models use interleaved RoPE.
+
+A model packed with :func:`pack_model` (one safetensors file: fp32 tensors, and its config and
+tokenizer in the header's metadata) and added to a node's content store is named by its content
+id: a stage server given that id (:class:`ContentModel`) fetches only the chunks holding its
+blocks' tensors, verified, from whoever provides it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from lattice.apps.mesh_inference.config import LlamaConfig, expected_shapes, tiny_config
+from lattice.apps.mesh_inference.config import ROPE_LAYOUTS, LlamaConfig, expected_shapes, tiny_config
 from lattice.apps.mesh_inference.gguf_reader import gguf_reader
 from lattice.errors import ConfigError
 
 TINY_PREFIX = "tiny-random"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+PACKAGE_FORMAT = "lattice-llama/1"  # the "format" in a packed model's safetensors metadata
+# a packed model's config came from whoever made the file: every size is bounded (tables such as
+# RoPE's, positions x head_dim, are built from them before any weight is fetched)
+CONFIG_LIMITS = {"n_layers": 1024, "n_heads": 1024, "n_kv_heads": 1024, "head_dim": 1024, "hidden": 1 << 18,
+                 "ffn": 1 << 20, "vocab_size": 1 << 22, "max_positions": 1 << 18}  # fmt: skip
 
 
 @dataclass
@@ -147,3 +158,132 @@ def load_gguf_tensors(
             os.replace(tmp, cache / f"{name}.npy")
         out[name] = torch.from_numpy(arr)
     return out
+
+
+def pack_model(source: ModelSource, dest: Path, cache_dir: Path | None = None) -> Path:
+    """Write the whole model as one safetensors file for the content store: every tensor in fp32
+    under its GGUF name, and in the header's ``__metadata__`` what a stage server or a client needs
+    without the original (``format``, ``model``, ``config`` as JSON, ``tokenizer`` as the
+    ``tokenizers`` JSON if the model has one). Same weights as the local file: a stage computes
+    bitwise the same from either."""
+    from safetensors.numpy import save_file
+
+    config = source.config
+    weights = source.load(0, config.n_layers, cache_dir)
+    meta = {"format": PACKAGE_FORMAT, "model": source.model_id, "config": json.dumps(config.as_dict())}
+    if source.path is not None:
+        meta["tokenizer"] = source.tokenizer().to_str()
+    arrays = {name: np.ascontiguousarray(w.numpy(), dtype=np.float32) for name, w in weights.items()}
+    save_file(arrays, str(dest), metadata=meta)
+    return dest
+
+
+def content_model(spec: str) -> ContentModel | None:
+    """A :class:`ContentModel` if ``spec`` is a content id (and not a file), else None."""
+    from lattice.content.cid import DAG_JSON, ContentId
+    from lattice.content.errors import ContentError
+
+    if Path(spec).exists():
+        return None
+    try:
+        cid = ContentId.parse(spec)
+    except ContentError:
+        return None
+    return ContentModel(str(cid)) if cid.codec == DAG_JSON else None
+
+
+@dataclass
+class ContentModel:
+    """A packed model in the content store (:func:`pack_model`), named by its content id, which is
+    also the id its stage servers announce (the same id: bitwise the same weights). :meth:`open`
+    reads its header (config, tokenizer); :meth:`load` fetches the tensors of a block range only."""
+
+    cid: str
+    config: LlamaConfig | None = None
+    meta: dict[str, str] = field(default_factory=dict)
+    path: None = None  # no local file
+
+    @property
+    def model_id(self) -> str:
+        return self.cid
+
+    async def open(self, content: Any, wait: float = 30.0) -> LlamaConfig:
+        """The model's config, from the header of its file (fetched once; ConfigError if the
+        content is not a packed model). A node that just started may not find a provider in the
+        DHT yet: it asks again for up to ``wait`` seconds."""
+        import trio
+
+        from lattice.content.errors import ContentNotFound
+
+        deadline = trio.current_time() + wait
+        while self.config is None:
+            try:
+                meta = await content.metadata(self.cid)
+            except ContentNotFound:
+                if trio.current_time() >= deadline:
+                    raise
+                await trio.sleep(0.5)
+                continue
+            if meta.get("format") != PACKAGE_FORMAT:
+                raise ConfigError(f"{self.cid} is not a model packed by `lattice-node pack-model`")
+            self.config, self.meta = config_from_json(meta.get("config")), meta
+        return self.config
+
+    async def load(self, content: Any, start: int, end: int) -> dict[str, Any]:
+        """fp32 torch tensors of blocks [start, end) (and the embedding or head they need), fetched
+        chunk by chunk (each verified) from the content's providers: nothing else is fetched."""
+        import torch
+
+        config = await self.open(content)
+        names = config.stage_tensor_names(start, end)
+        arrays = await content.get_tensors(self.cid, names)
+        shapes = expected_shapes(config)
+        out = {}
+        for name in names:
+            arr = arrays[name]
+            if arr.dtype != np.float32 or tuple(arr.shape) != shapes[name]:
+                raise ConfigError(f"{self.cid}: tensor {name} is {arr.dtype} {tuple(arr.shape)}, "
+                                  f"not float32 {shapes[name]}")  # fmt: skip
+            out[name] = torch.from_numpy(arr.copy())  # writable, owned (the store's bytes are read-only)
+        return out
+
+    def tokenizer(self) -> Any:
+        """The tokenizer the file carries (after :meth:`open`)."""
+        text = self.meta.get("tokenizer")
+        if text is None:
+            raise ConfigError(f"{self.model_id} has no tokenizer (give token ids)")
+        try:
+            from tokenizers import Tokenizer
+        except ImportError:
+            raise ConfigError("the tokenizer needs `pip install tokenizers` (lattice-p2p[mesh])") from None
+        try:
+            return Tokenizer.from_str(text)
+        except Exception as exc:  # the library's own error type: a malformed tokenizer from the file
+            raise ConfigError(f"{self.model_id}: bad tokenizer ({str(exc)[:200]})") from None
+
+
+def config_from_json(text: str | None) -> LlamaConfig:
+    """A packed model's config (JSON from its file's header): known fields only, sizes bounded by
+    CONFIG_LIMITS, so nothing is allocated from a hostile number; ConfigError names what is wrong."""
+    try:
+        doc = json.loads(text) if isinstance(text, str) else None
+    except (ValueError, RecursionError):
+        doc = None
+    known = {f.name for f in fields(LlamaConfig)}
+    if not isinstance(doc, dict) or not set(doc) <= known:
+        raise ConfigError("a packed model's config must be a JSON map of LlamaConfig fields")
+    for name, value in doc.items():
+        if name in ("rope_theta", "norm_eps"):
+            ok = type(value) in (int, float) and 0 < value < 1e12
+        elif name == "tied":
+            ok = type(value) is bool
+        elif name == "rope_layout":
+            ok = value in ROPE_LAYOUTS
+        else:
+            ok = type(value) is int and 0 < value <= CONFIG_LIMITS[name]
+        if not ok:
+            raise ConfigError(f"a packed model's config has a bad {name}: {str(value)[:40]}")
+    try:
+        return LlamaConfig(**doc)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"a packed model's config: {exc}") from None

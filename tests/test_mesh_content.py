@@ -1,0 +1,108 @@
+"""Mesh inference from the content store: stage servers that start with nothing but a packed
+model's content id fetch only the chunks of their blocks from a seeding peer, and compute bitwise
+what servers with the local weights compute (real `lattice-node` daemons, tiny random model)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import trio
+
+torch = pytest.importorskip("torch")
+
+from lattice import Node, NodeConfig  # noqa: E402
+from lattice.apps.mesh_inference import machine  # noqa: E402
+from lattice.apps.mesh_inference.client import MeshClient  # noqa: E402
+from lattice.apps.mesh_inference.model import Stage, greedy_generate, random_weights, tiny_config  # noqa: E402
+from lattice.apps.mesh_inference.weights import config_from_json, open_model, pack_model  # noqa: E402
+from lattice.content.manifest import safetensors_layout  # noqa: E402
+from lattice.errors import ConfigError  # noqa: E402
+from lattice.testing.daemons import CLI, start_daemon  # noqa: E402
+
+CONFIG = tiny_config()
+RANGES = [(0, 2), (2, 4), (4, 6)]
+PROMPT = [3, 14, 15, 92, 65]
+CHUNK = 16 << 10  # ~60 chunks for the tiny model (1 MiB chunks would put it all in one)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # as the servers (--threads 1): same sums
+
+
+def _chunks(start: int, end: int) -> set[int]:
+    return set(range(start // CHUNK, (end - 1) // CHUNK + 1)) if end > start else set()
+
+
+def _needed(path, start: int, end: int) -> set[int]:
+    """The chunks a server of blocks [start, end) needs: the file's header (config) and its tensors."""
+    data = path.read_bytes()
+    header = 8 + int.from_bytes(data[:8], "little")
+    entries = {t.name: t for t in safetensors_layout(data[:header], len(data))}
+    need = _chunks(0, header)
+    for name in CONFIG.stage_tensor_names(start, end):
+        need |= _chunks(entries[name].start, entries[name].end)
+    return need
+
+
+async def _logits(boot: str, model_id: str, tmp_path) -> torch.Tensor:
+    cfg = NodeConfig(listen=["/ip4/127.0.0.1/tcp/0"], data_dir=tmp_path / "probe", control=False,
+                     bootstrap=[boot])  # fmt: skip
+    async with Node(cfg) as node:
+        client = MeshClient(node, model_id)
+        await client.wait_for_chain(20)
+        async with client.session() as session:
+            assert [(h.start, h.end) for h in session.chain] == RANGES
+            return await session.forward(PROMPT, logits="all")
+
+
+def test_stage_servers_fetch_only_their_blocks_of_a_packed_model_and_compute_bitwise_the_same(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setenv(machine.ENV_DIR, str(tmp_path / "mesh-servers"))  # other engineers' servers
+    package = pack_model(open_model("tiny-random:0"), tmp_path / "tiny.safetensors")
+    seed = start_daemon(tmp_path, "seed", ["--listen", "/ip4/127.0.0.1/tcp/0"])
+    servers = []
+    try:
+        with seed.client() as c:
+            cid = c.content.add(package, chunk_size=CHUNK)["cid"]
+        boot = seed.info["addrs"][0]
+
+        def serve(blocks: tuple[int, int]):
+            args = ["--model", cid, "--blocks", f"{blocks[0]}:{blocks[1]}", "--bootstrap", boot,
+                    "--threads", "1", "--listen", "/ip4/127.0.0.1/tcp/0",
+                    "--announce-interval", "2"]  # fmt: skip
+            return start_daemon(tmp_path, f"s{blocks[0]}", args, command="serve-model", timeout=90)
+
+        with ThreadPoolExecutor(3) as pool:
+            servers = list(pool.map(serve, RANGES))
+        total = -(-package.stat().st_size // CHUNK)
+        for server, (start, end) in zip(servers, RANGES, strict=True):
+            with server.client() as c:
+                (row,) = [r for r in c.content.status()["objects"] if r["cid"] == cid]
+            assert row["have_chunks"] == len(_needed(package, start, end)) < total, row
+
+        weights = random_weights(CONFIG, seed=0)  # the local-file case: the weights themselves
+        single = Stage(CONFIG, weights, 0, CONFIG.n_layers).forward(torch.tensor([PROMPT]))
+        assert torch.equal(trio.run(_logits, boot, cid, tmp_path), single[0])
+
+        argv = [*CLI, "generate", "--model", cid, "--tokens", ",".join(map(str, PROMPT)), "--bootstrap", boot,
+                "--json", "--max-new-tokens", "8"]  # fmt: skip
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]
+        stages = [Stage(CONFIG, weights, a, b) for a, b in RANGES]
+        assert json.loads(done.stdout)["tokens"] == greedy_generate(stages, PROMPT, 8)
+    finally:
+        for daemon in [seed, *servers]:
+            daemon.stop()
+
+
+def test_a_packed_models_config_is_checked_before_anything_is_built_from_it():
+    good = json.dumps(CONFIG.as_dict())
+    assert config_from_json(good) == CONFIG
+    for bad in ("[]", "{", json.dumps({**CONFIG.as_dict(), "n_layers": 10**6}),
+                json.dumps({**CONFIG.as_dict(), "max_positions": 1 << 30}),
+                json.dumps({**CONFIG.as_dict(), "hidden": "64"}), json.dumps({**CONFIG.as_dict(), "evil": 1}),
+                json.dumps({**CONFIG.as_dict(), "n_kv_heads": 3})):  # fmt: skip
+        with pytest.raises(ConfigError):
+            config_from_json(bad)
