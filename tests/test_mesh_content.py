@@ -8,6 +8,7 @@ import json
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pytest
 import trio
 
@@ -106,3 +107,38 @@ def test_a_packed_models_config_is_checked_before_anything_is_built_from_it():
                 json.dumps({**CONFIG.as_dict(), "n_kv_heads": 3})):  # fmt: skip
         with pytest.raises(ConfigError):
             config_from_json(bad)
+
+
+def test_a_stage_server_refuses_a_packed_model_with_a_hostile_config_and_the_seed_still_serves(tmp_path):
+    """Whoever made the file chose its config: a billion layers (a RoPE table or a layer list built
+    from it would exhaust memory) ends `serve-model` with one line naming the field, before any
+    weight is fetched; the seed keeps serving an honest server of a good model."""
+    from safetensors.numpy import save_file
+
+    config = {**CONFIG.as_dict(), "n_layers": 10**9}
+    meta = {"format": "lattice-llama/1", "model": "evil", "config": json.dumps(config)}
+    evil = tmp_path / "evil.safetensors"
+    save_file({"token_embd.weight": np.zeros((4, 4), np.float32)}, str(evil), metadata=meta)
+    good = pack_model(open_model("tiny-random:0"), tmp_path / "tiny.safetensors")
+    seed = start_daemon(tmp_path, "seed", ["--listen", "/ip4/127.0.0.1/tcp/0"])
+    honest = None
+    try:
+        with seed.client() as c:
+            evil_cid, good_cid = (c.content.add(p, chunk_size=CHUNK)["cid"] for p in (evil, good))
+        boot = seed.info["addrs"][0]
+        common = ["--blocks", "0:6", "--bootstrap", boot, "--listen", "/ip4/127.0.0.1/tcp/0"]
+        argv = [*CLI, "serve-model", "--model", evil_cid, "--data-dir", str(tmp_path / "victim"), *common]
+        (tmp_path / "victim").mkdir(mode=0o700)
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+        assert done.returncode != 0
+        assert "bad n_layers" in done.stderr.strip().splitlines()[-1], done.stderr[-2000:]
+        with seed.client() as c:
+            (row,) = [r for r in c.content.status()["objects"] if r["cid"] == evil_cid]
+            assert row["state"] == "complete"  # the seed is unharmed
+        args = ["--model", good_cid, "--threads", "1", *common]
+        honest = start_daemon(tmp_path, "honest", args, command="serve-model", timeout=90)
+        assert honest.info["blocks"] == [0, 6]
+    finally:
+        for daemon in (seed, honest):
+            if daemon is not None:
+                daemon.stop()
