@@ -142,3 +142,29 @@ def test_a_stage_server_refuses_a_packed_model_with_a_hostile_config_and_the_see
         for daemon in (seed, honest):
             if daemon is not None:
                 daemon.stop()
+
+
+async def test_a_packed_gguf_model_brings_its_config_tokenizer_and_weights(tmp_path, nursery):
+    """What a server or `generate` takes from a packed model's file: the GGUF's config, a tokenizer
+    that encodes as the GGUF's does, and a stage's tensors equal to the GGUF's (in-process nodes)."""
+    from lattice.apps.mesh_inference.weights import ContentModel
+    from test_content_fetch import start_nodes
+    from test_mesh_gguf import CONFIG as GGUF_CONFIG
+    from test_mesh_gguf import write_gguf
+
+    path = tmp_path / "tiny.gguf"
+    write_gguf(path, random_weights(GGUF_CONFIG, seed=5))
+    local = open_model(str(path))
+    package = pack_model(local, tmp_path / "tiny.safetensors")
+    a, b = await start_nodes(tmp_path, nursery, 2)
+    cid = str(await a.content.add(package, chunk_size=CHUNK))
+    remote = ContentModel(cid)
+    assert await remote.open(b.content) == local.config  # (its norm_eps as the GGUF stores it: float32)
+    assert local.config.n_layers == GGUF_CONFIG.n_layers
+    text = "ab cab 12<|im_end|>"
+    assert remote.tokenizer().encode(text).ids == local.tokenizer().encode(text).ids
+    got = await remote.load(b.content, 2, 4)
+    want = local.load(2, 4, None)
+    assert sorted(got) == sorted(want) and all(torch.equal(got[n], want[n]) for n in want)
+    (row,) = [r for r in b.content.store.listing() if r["cid"] == cid]
+    assert row["have_chunks"] < row["chunks"]  # only the header and blocks 2-3
