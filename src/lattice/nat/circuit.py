@@ -268,6 +268,8 @@ async def reserve(host: Host, conn: Connection, timeout: float = TIMEOUT) -> Res
     for addr in reply.reservation_addrs or [conn.remote_addr]:
         if addr.is_relayed or not addr.tcp_target():
             continue
+        if addr.is_loopback() and not conn.remote_addr.is_loopback():
+            continue  # the relay's 127.0.0.1 leads to the dialer's own machine, never to the relay
         addrs.append(addr.with_peer(relay).circuit())
     return Reservation(relay, float(reply.expire), addrs, reply.limit)
 

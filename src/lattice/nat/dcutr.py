@@ -66,6 +66,18 @@ def punch_targets(addrs: list[Multiaddr], limit: int) -> list[Multiaddr]:
     return out
 
 
+def punch_failure(addrs: list[Multiaddr], failed: dict[str, str], timeout: float) -> str:
+    """Why a punch of ``addrs`` made no connection, each target once: its error, or the timeout
+    (what a NAT that drops the SYNs, a symmetric one, gives)."""
+    parts = []
+    for addr in addrs:
+        target = addr.tcp_target()
+        if target is not None:
+            where = f"{target[0]}:{target[1]}"
+            parts.append(f"{where}: {failed.get(where, f'timed out after {timeout:.1f}s')}")
+    return "; ".join(parts[:3])
+
+
 def encode(mtype: int, addrs: list[Multiaddr] = ()) -> bytes:  # type: ignore[assignment]
     body = _proto.encode([(1, mtype), *((2, a.to_bytes()) for a in addrs[:MAX_ADDRS])])
     return _proto.delimited(body)
@@ -258,11 +270,14 @@ class HolePuncher:
         return None
 
     async def _dial_any(self, peer: PeerId, addrs: list[Multiaddr], outbound: bool) -> Connection:
-        """Dial the addresses (at most ``max_dial_addrs`` of them, see :func:`punch_targets`) at once
-        from our listen port; the first socket that connects wins."""
-        addrs = punch_targets(addrs, self.max_dial_addrs)
+        """Dial the addresses that can reach the peer from here (at most ``max_dial_addrs``, see
+        :func:`punch_targets` and ``Host.plausible_addrs``: not its LAN address from another LAN)
+        at once from our listen port; the first socket that connects wins."""
+        addrs = punch_targets(self.host.plausible_addrs(addrs), self.max_dial_addrs)
+        if not addrs:
+            raise DialError("the peer named no address reachable from here")
         won: list[trio.SocketStream] = []
-        errors: list[str] = []
+        failed: dict[str, str] = {}  # target -> why, for those that failed before the timeout
         with trio.move_on_after(self.dial_timeout):  # bounds every attempt, not just their start
             async with trio.open_nursery() as nursery:
 
@@ -274,7 +289,7 @@ class HolePuncher:
                         else:
                             sock = await open_from_port(local, target)
                     except OSError as exc:
-                        errors.append(f"{target[0]}:{target[1]}: {exc.strerror or exc}")
+                        failed[f"{target[0]}:{target[1]}"] = exc.strerror or str(exc)
                         return
                     if won:
                         await trio.aclose_forcefully(sock)
@@ -287,7 +302,7 @@ class HolePuncher:
                     if target is not None:
                         nursery.start_soon(attempt, target)
         if not won:
-            raise DialError("no punched connection: " + ("; ".join(errors[:3]) or "timed out"))
+            raise DialError("no punched connection: " + punch_failure(addrs, failed, self.dial_timeout))
         sock = won[0]
         remote = sockaddr_to_multiaddr(sock.socket.getpeername())
         return await self.host.adopt(sock, outbound, remote, expected=peer)

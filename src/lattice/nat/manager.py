@@ -5,7 +5,12 @@ The pieces (autonat, autorelay, circuit, dcutr, relay) compose here:
   reservations on relays (bootstrap peers that relay count) and advertises the relayed addresses,
   so a NATed node is reachable a moment after start, not after a check's timeout;
 - a relayed connection is upgraded to a direct one by DCUtR when both NATs allow it;
-- ``relay_service=True`` (``lattice-node run --relay``) serves circuits for others, within limits;
+- ``relay_service=True`` (``lattice-node run --relay``) serves circuits for others, within limits,
+  unless reachability detection finds the node private (a relay behind a NAT helps nobody: it stops
+  serving, and the node does not announce it, until it is reachable again);
+- relay paths (connections to the relays we hold reservations on, circuits through relays) are
+  pinged every ``relay_probe_interval``: a relay host that vanishes without a FIN or RST is noticed
+  within seconds, and its reservation and circuits move to another relay;
 - our advertised addresses gain confirmed public ones and relayed ones, and every change is
   pushed to connected peers (identify push), so the DHT hands out current addresses.
 """
@@ -17,14 +22,15 @@ from dataclasses import dataclass, field
 
 import trio
 
+from lattice.errors import LatticeError
 from lattice.multiaddr import Multiaddr, dialable
-from lattice.nat.autonat import PUBLIC, AutoNAT
+from lattice.nat.autonat import PRIVATE, PUBLIC, AutoNAT
 from lattice.nat.autorelay import AutoRelay
 from lattice.nat.circuit import CircuitListener
 from lattice.nat.dcutr import HolePuncher
 from lattice.nat.relay import RelayLimits, RelayServer
 from lattice.transport import identify
-from lattice.transport.host import Host
+from lattice.transport.host import Connection, Host
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +51,10 @@ class NATConfig:
     upnp: bool = False  # map the listen port on the gateway (UPnP IGD / NAT-PMP) and announce it
     mdns: bool = False  # find and connect to peers on the LAN
     mdns_max_dials: int = 16  # LAN peers dialed at most (anyone on the LAN can announce)
+    # relay paths quiet for this long are pinged; one that does not answer within the timeout is
+    # closed (a relay that vanished silently is otherwise noticed by the 30 s keep-alive, or TCP)
+    relay_probe_interval: float = 2.0
+    relay_probe_timeout: float = 2.0
 
 
 class NATManager:
@@ -86,8 +96,18 @@ class NATManager:
         self._reachability_changed()
 
     def _reachability_changed(self) -> None:
-        self.autorelay.set_active(self.reachability != PUBLIC)
+        reach = self.reachability
+        # a relay assumes it is reachable until detection says otherwise (operators run relays on
+        # public hosts, and peers reserve on them at once); other nodes reserve until it is known
+        self.autorelay.set_active(reach == PRIVATE if self.relay_server is not None else reach != PUBLIC)
+        if self.relay_server is not None:
+            self.relay_server.set_serving(reach != PRIVATE)  # the push tells peers our protocols
         self.request_push()
+
+    @property
+    def relay_announceable(self) -> bool:
+        """Serving as a relay and known to be reachable: the node may announce itself as a relay."""
+        return self.relay_server is not None and self.reachability == PUBLIC
 
     def request_push(self) -> None:
         """Our addresses changed: tell connected peers (soon, once for a burst of changes)."""
@@ -112,6 +132,7 @@ class NATManager:
             if self.config.reachability == "auto":
                 nursery.start_soon(self.autonat.run)
             nursery.start_soon(self.autorelay.run)
+            nursery.start_soon(self._watch_relay_paths)
             if self.config.upnp:
                 nursery.start_soon(self._port_mapping)
             if self.config.mdns:
@@ -122,6 +143,40 @@ class NATManager:
                 await trio.sleep(0.05)  # coalesce bursts of changes into one push
                 self._push = trio.Event()
                 await identify.push(self.host)
+
+    def _relay_paths(self) -> list[Connection]:
+        """Connections that die silently with a relay: circuits, and direct connections to the
+        relays we hold reservations on."""
+        held = self.autorelay.reservations
+        return [c for c in self.host.connections() if c.relayed or c.remote_peer in held]
+
+    async def _watch_relay_paths(self) -> None:
+        """Ping relay paths that were quiet since the last round; close those that do not answer
+        (autorelay then reserves elsewhere, and the next dial of a peer takes another circuit)."""
+        heard: dict[int, int] = {}  # id(session) -> bytes received when last looked at
+        async with trio.open_nursery() as nursery:
+            while True:
+                await trio.sleep(self.config.relay_probe_interval)
+                paths = self._relay_paths()
+                for conn in paths:
+                    key, received = id(conn.session), conn.session.bytes_received
+                    if heard.get(key) != received:  # traffic arrived since the last round: alive
+                        heard[key] = received
+                        continue
+                    nursery.start_soon(self._probe_path, conn)
+                live = {id(c.session) for c in paths}
+                heard = {k: n for k, n in heard.items() if k in live}
+
+    async def _probe_path(self, conn: Connection) -> None:
+        before = conn.session.bytes_received
+        try:
+            await conn.session.ping(timeout=self.config.relay_probe_timeout)
+            return
+        except (LatticeError, trio.TooSlowError):
+            if conn.closed or conn.session.bytes_received != before:
+                return
+        log.info("relay path %s to %s is silent: closing it", conn.remote_addr, conn.remote_peer)
+        await conn.close()
 
     async def _port_mapping(self) -> None:
         """Map our TCP listen port on the gateway, keep it renewed, announce the external address."""
