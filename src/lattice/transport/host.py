@@ -620,7 +620,8 @@ class Host:
     ) -> Connection:
         """A live connection to ``peer``: the existing one, or a dial of the addresses we know that
         can plausibly reach it (:meth:`plausible_addrs`); with ``route``, also of those the peer
-        router (DHT) finds, once the known ones failed or after ``route_delay`` (they may be stale).
+        router (DHT) finds, or else through the relays we hold reservations on, once the known ones
+        failed or after ``route_delay`` (they may be stale).
         The DHT's own requests pass ``route=False``: a stale contact must not start a lookup whose
         requests start lookups in turn. Direct addresses are tried at once, relayed ones after
         ``relay_delay``; the first connection wins, also one the peer or a hole punch made meanwhile.
@@ -644,7 +645,7 @@ class Host:
         )
         dial = _PeerDial(self, peer, known, timeout)
         with trio.move_on_after(timeout):
-            await dial.run(route and self.peer_router is not None)
+            await dial.run(route)
         if dial.won is not None:
             return dial.won
         raise DialError(dial.failure())
@@ -916,8 +917,8 @@ class _PeerDial:
         host, peer = self.host, self.peer
         with trio.move_on_after(host.config.route_delay):
             await self._known_done.wait()
-        assert host.peer_router is not None
-        self.routed = host.plausible_addrs(await host.peer_router(peer))
+        found = await host.peer_router(peer) if host.peer_router is not None else []
+        self.routed = host.plausible_addrs(found)
         fresh = [a for a in self.routed if a not in self.known]
         guesses: list[Multiaddr] = []
         if not any(a.is_relayed for a in fresh):  # direct ones may be dead too (tried first)
@@ -938,7 +939,7 @@ class _PeerDial:
         if not self.known and not self.routed:
             if self.route and self.routed is None:
                 return f"cannot find {peer}: no address for it here, and the DHT lookup did not end in time"
-            where = "here or in the DHT" if self.route else "here"
+            where = "here or in the DHT" if self.route and self.host.peer_router is not None else "here"
             relays = {"no reservation": ", and our relays have no reservation for it",
                       "no answer": ", and our relays could not reach it"}.get(self.guessed, "")  # fmt: skip
             return f"cannot find {peer}: no address for it {where}{relays}"

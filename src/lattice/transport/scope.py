@@ -12,7 +12,8 @@ machine's 127.0.0.1:4001 is our own listener when we use the same port). So, fro
   datacenter or testbed "internet" on 10/8, a VPN);
 - public addresses and DNS names always.
 
-A relayed address is judged by its relay's part. Pure functions: the host supplies the
+A relayed address is judged by its relay's part (a loopback one is kept: the peer took it only if it
+reached the relay over loopback, so it is on the relay's machine, and we may be too). Pure functions: the host supplies the
 :class:`Vantage` (its interfaces, listen addresses, the networks it reached).
 """
 
@@ -96,8 +97,8 @@ def _worth(addr: Multiaddr, vantage: Vantage, on_this_machine: bool) -> bool:
     port = addr.value_of("tcp")
     if port is not None and (str(ip), int(port)) in vantage.own:
         return False
-    if ip.is_loopback:
-        return on_this_machine
+    if ip.is_loopback:  # a relay's: the peer reached it so (not ours, else it is one of ``own``)
+        return on_this_machine or addr.is_relayed
     if ip.is_unspecified:
         return False
     if _is_private(ip):
