@@ -24,7 +24,7 @@ def addrs(*texts: str) -> list[Multiaddr]:
 
 def test_another_homes_lan_and_loopback_are_not_dialed():
     theirs = addrs("/ip4/127.0.0.1/tcp/4001", "/ip4/192.168.2.2/tcp/4001",
-                   f"/ip4/10.77.0.10/tcp/4001/p2p/{R}/p2p-circuit", "/ip4/93.184.216.34/tcp/4001")  # fmt: skip
+                   f"/ip4/10.77.0.10/tcp/4001/p2p/{R}/p2p-circuit", "/ip4/1.1.1.1/tcp/4001")  # fmt: skip
     assert plausible(theirs, HOME) == theirs[2:]
 
 
@@ -47,4 +47,12 @@ def test_dns_names_and_relays_on_loopback_are_kept():
 def test_only_private_non_loopback_addresses_name_a_network():
     assert network_of("10.77.0.102") == ipaddress.ip_network("10.77.0.0/24")
     assert network_of("fd00::5") == ipaddress.ip_network("fd00::/64")
-    assert network_of("127.0.0.1") is None and network_of("93.184.216.34") is None
+    assert network_of("127.0.0.1") is None and network_of("1.1.1.1") is None
+
+
+def test_a_routed_private_network_is_shared_up_to_a_16():
+    # a pod network: we are 10.244.1.5, a bootstrap pod elsewhere is 10.244.200.3
+    assert network_of("10.244.200.3", "10.244.1.5") == ipaddress.ip_network("10.244.0.0/16")
+    # a home LAN reaching a testbed or datacenter network: only the far /24
+    assert network_of("10.77.0.10", "192.168.1.2") == ipaddress.ip_network("10.77.0.0/24")
+    assert network_of("10.1.0.10", "10.2.0.3") == ipaddress.ip_network("10.1.0.0/24")

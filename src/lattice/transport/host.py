@@ -473,10 +473,12 @@ class Host:
         within a network we share."""
         return scope.plausible(addrs, self.vantage())
 
-    def _note_reached(self, remote: Multiaddr) -> None:
+    def _note_reached(self, remote: Multiaddr, local: Multiaddr | None) -> None:
         """A direct connection with a private address: its network is one we share (bounded, the
         most recent kept)."""
-        network = None if remote.is_relayed or remote.ip is None else scope.network_of(remote.ip)
+        if remote.is_relayed or remote.ip is None:
+            return
+        network = scope.network_of(remote.ip, local.ip if local is not None else None)
         if network is None:
             return
         self._reached[network] = None
@@ -584,7 +586,7 @@ class Host:
         )
         conn_ref.append(conn)
         self._conns.setdefault(conn.remote_peer, []).append(conn)
-        self._note_reached(remote)
+        self._note_reached(remote, local)
         info = self.peerstore.add(conn.remote_peer)
         info.public_key = secure.remote_public_key
         info.last_seen = time.time()

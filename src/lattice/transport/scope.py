@@ -8,13 +8,15 @@ machine's 127.0.0.1:4001 is our own listener when we use the same port). So, fro
 - never one of our own listen addresses;
 - a loopback address only if the peer is on this machine (its other direct addresses are ours);
 - a private address (RFC 1918, IPv6 ULA, link-local) only within a network we share with it: one of
-  our interfaces' networks (the same LAN), or a private network we reached a peer in before (a
-  datacenter or testbed "internet" on 10/8, a VPN);
+  our interfaces' networks (the same LAN), or a private network we reached a peer in before over a
+  direct connection (its /24, or the /16 holding both ends: a datacenter or testbed "internet" on
+  10/8, a cluster's pod network, a VPN);
 - public addresses and DNS names always.
 
-A relayed address is judged by its relay's part (a loopback one is kept: the peer took it only if it
-reached the relay over loopback, so it is on the relay's machine, and we may be too). Pure functions: the host supplies the
-:class:`Vantage` (its interfaces, listen addresses, the networks it reached).
+A relayed address is judged by its relay's part (a loopback one is kept: the peer took it only if
+it reached the relay over loopback, so it is on the relay's machine, and we may be too). Pure
+functions: the host supplies the :class:`Vantage` (its interfaces, listen addresses, the networks
+it reached).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ __all__ = ["Vantage", "network_of", "plausible"]
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 REACHED_PREFIX = {4: 24, 6: 64}  # the network a reached private address stands for
+WIDEST_SHARED = {4: 16, 6: 48}  # ... widened to include our end of the connection, at most this
 
 
 @dataclass(frozen=True)
@@ -44,16 +47,26 @@ class Vantage:
         return any(ip in net for net in self.networks if net.version == ip.version)
 
 
-def network_of(ip: str) -> IPNetwork | None:
-    """The network a private (non-loopback) address we reached stands for (/24, /64); None for
-    others (public addresses need no such memory)."""
+def network_of(ip: str, local: str | None = None) -> IPNetwork | None:
+    """The network a private (non-loopback) address we reached directly stands for: its /24 (/64),
+    widened to include our end ``local`` of the connection if both fit in one /16 (/48) (a routed
+    private network: a cluster's pod network, a VPN). None for others (public addresses need no
+    such memory)."""
     try:
         addr = ipaddress.ip_address(ip)
+        ours = ipaddress.ip_address(local) if local else None
     except ValueError:
         return None
     if addr.is_loopback or not _is_private(addr):
         return None
-    return ipaddress.ip_network(f"{addr}/{REACHED_PREFIX[addr.version]}", strict=False)
+    net = ipaddress.ip_network(f"{addr}/{REACHED_PREFIX[addr.version]}", strict=False)
+    if ours is None or ours.version != addr.version or ours.is_loopback or ours in net:
+        return net
+    for prefix in range(REACHED_PREFIX[addr.version] - 1, WIDEST_SHARED[addr.version] - 1, -1):
+        wider = net.supernet(new_prefix=prefix)
+        if ours in wider:
+            return wider
+    return net
 
 
 def plausible(addrs: Iterable[Multiaddr], vantage: Vantage) -> list[Multiaddr]:
