@@ -126,7 +126,7 @@ def test_connect_by_id_is_not_held_by_a_dial_that_hangs(tmp_path):
         ready = time.monotonic()
         assert connected.wait(10)
         assert time.monotonic() - ready < 3
-        assert peer_path(a, b.peer_id) is not None
+        wait_for(lambda: peer_path(a, b.peer_id), 5, "A listing B")
         no_tracebacks(relay, a, b)
 
 

@@ -54,7 +54,7 @@ class NATConfig:
     # relay paths quiet for this long are pinged; one that does not answer within the timeout is
     # closed (a relay that vanished silently is otherwise noticed by the 30 s keep-alive, or TCP)
     relay_probe_interval: float = 2.0
-    relay_probe_timeout: float = 2.0
+    relay_probe_timeout: float = 3.0
 
 
 class NATManager:

@@ -67,7 +67,7 @@ class HostConfig:
     # a dial by peer id asks the peer router (DHT) for fresh addresses once the known ones failed,
     # or after this long without a connection (they may be stale: a dead address hangs a whole timeout)
     route_delay: float = 1.0
-    verify_timeout: float = 2.0  # connect(verify=True): an existing connection must answer a ping within
+    verify_timeout: float = 2.0  # connect(verify=True): an existing circuit must answer a ping within
     max_reached_networks: int = 64  # private networks (/24, /64) we had direct connections in (scope)
 
 
@@ -627,14 +627,17 @@ class Host:
         The DHT's own requests pass ``route=False``: a stale contact must not start a lookup whose
         requests start lookups in turn. Direct addresses are tried at once, relayed ones after
         ``relay_delay``; the first connection wins, also one the peer or a hole punch made meanwhile.
-        ``verify``: an existing connection must answer a ping first (a relay that vanished without
-        a FIN leaves circuits that look alive); one that does not is closed and the peer dialed."""
+        ``verify``: an existing relayed connection must answer a ping first (a relay that vanished
+        without a FIN leaves circuits that look alive); one that does not is closed and the peer
+        dialed."""
         if peer == self.peer_id:
             raise DialError("cannot dial ourselves")
         timeout = timeout or self.config.dial_timeout
         conn = self.connection_to(peer)
         for _ in range(2 if verify else 0):  # a second connection may be a circuit via the same relay
-            if conn is None or await self._alive(conn, min(self.config.verify_timeout, timeout / 2)):
+            if conn is None or not conn.relayed:
+                break
+            if await self._alive(conn, min(self.config.verify_timeout, timeout / 2)):
                 break
             conn = self.connection_to(peer)
         if conn is not None:
@@ -645,12 +648,66 @@ class Host:
         known = self.plausible_addrs(
             [a for a in (info.addrs if info else []) if a.tcp_target() or a.is_relayed]
         )
-        dial = _PeerDial(self, peer, known, timeout)
+        dial = _PeerDial(peer, known, timeout, route)
         with trio.move_on_after(timeout):
-            await dial.run(route)
+            await self._dial_peer(dial)
         if dial.won is not None:
             return dial.won
-        raise DialError(dial.failure())
+        raise DialError(dial.failure(self.peer_router is not None))
+
+    async def _dial_peer(self, dial: _PeerDial) -> None:
+        """The known addresses (a dial other callers may join), and with ``route`` those the router
+        finds; ends when a connection to the peer exists, whoever made it, or all attempts failed."""
+        async with trio.open_nursery() as nursery:
+
+            def finish(conn: Connection) -> None:
+                dial.won = conn
+                nursery.cancel_scope.cancel()
+
+            async def arrival() -> None:
+                finish(await self.wait_connected(dial.peer))
+
+            async def tries() -> None:
+                async with trio.open_nursery() as inner:
+                    inner.start_soon(self._dial_known, dial, finish)
+                    if dial.route:
+                        inner.start_soon(self._dial_routed, dial, finish)
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(arrival)
+            nursery.start_soon(tries)
+
+    async def _dial_known(self, dial: _PeerDial, finish: Callable[[Connection], None]) -> None:
+        try:
+            if dial.known:
+                race = functools.partial(self._connect_addrs, dial.peer, dial.known, dial.timeout)
+                finish(await self._shared_dial(dial.peer, race, dial.timeout))
+        except DialError as exc:
+            dial.errors.append(str(exc))
+        finally:
+            dial.known_done.set()
+
+    async def _dial_routed(self, dial: _PeerDial, finish: Callable[[Connection], None]) -> None:
+        """After ``route_delay`` (or once the known addresses failed): what the router finds, else
+        the relays we hold reservations on."""
+        peer = dial.peer
+        with trio.move_on_after(self.config.route_delay):
+            await dial.known_done.wait()
+        found = await self.peer_router(peer) if self.peer_router is not None else []
+        dial.routed = self.plausible_addrs(found)
+        fresh = [a for a in dial.routed if a not in dial.known]
+        guesses: list[Multiaddr] = []
+        if not any(a.is_relayed for a in fresh):  # direct ones may be dead too (tried first)
+            guesses = self.plausible_addrs(self._via_our_relays(peer, dial.known + fresh))
+        if not fresh and not guesses:
+            return
+        try:
+            finish(await self._connect_addrs(peer, fresh + guesses, dial.timeout))
+        except DialError as exc:
+            if dial.known or dial.routed:
+                dial.errors.append(str(exc))
+            else:  # only guessed: the peer is unknown, whatever the relays said
+                dial.guessed = "no reservation" if "no reservation" in str(exc) else "no answer"
 
     async def _alive(self, conn: Connection, timeout: float) -> bool:
         """Does ``conn`` answer a ping within ``timeout`` (or receive data meanwhile)? If not, it
@@ -866,82 +923,27 @@ class Host:
                 await conn.close()
 
 
+@dataclass
 class _PeerDial:
-    """One :meth:`Host.connect_peer`: the known addresses (a dial other callers may join), then,
-    with a router, the addresses it finds; the first connection to the peer, made by anyone, wins.
-    Keeps what happened for a one-line error."""
+    """What one :meth:`Host.connect_peer` tried, for a one-line error."""
 
-    def __init__(self, host: Host, peer: PeerId, known: list[Multiaddr], timeout: float) -> None:
-        self.host = host
-        self.peer = peer
-        self.known = known
-        self.timeout = timeout
-        self.won: Connection | None = None
-        self.errors: list[str] = []
-        self.route = False
-        self.routed: list[Multiaddr] | None = None  # what the router found (None: not asked, or not yet)
-        self.guessed = ""  # the router found nothing, and our own relays did not know the peer either
-        self._known_done = trio.Event()
+    peer: PeerId
+    known: list[Multiaddr]
+    timeout: float
+    route: bool
+    won: Connection | None = None
+    errors: list[str] = field(default_factory=list)
+    routed: list[Multiaddr] | None = None  # what the router found (None: not asked, or not yet)
+    guessed: str = ""  # the router found nothing, and our own relays did not know the peer either
+    known_done: trio.Event = field(default_factory=trio.Event)
 
-    async def run(self, route: bool) -> None:
-        self.route = route
-        async with trio.open_nursery() as nursery:
-
-            def finish(conn: Connection) -> None:
-                self.won = conn
-                nursery.cancel_scope.cancel()
-
-            async def arrival() -> None:
-                finish(await self.host.wait_connected(self.peer))
-
-            async def tries() -> None:
-                async with trio.open_nursery() as inner:
-                    inner.start_soon(self._dial_known, finish)
-                    if route:
-                        inner.start_soon(self._dial_routed, finish)
-                nursery.cancel_scope.cancel()
-
-            nursery.start_soon(arrival)
-            nursery.start_soon(tries)
-
-    async def _dial_known(self, finish: Callable[[Connection], None]) -> None:
-        host, peer = self.host, self.peer
-        try:
-            if self.known:
-                dial = functools.partial(host._connect_addrs, peer, self.known, self.timeout)
-                finish(await host._shared_dial(peer, dial, self.timeout))
-        except DialError as exc:
-            self.errors.append(str(exc))
-        finally:
-            self._known_done.set()
-
-    async def _dial_routed(self, finish: Callable[[Connection], None]) -> None:
-        host, peer = self.host, self.peer
-        with trio.move_on_after(host.config.route_delay):
-            await self._known_done.wait()
-        found = await host.peer_router(peer) if host.peer_router is not None else []
-        self.routed = host.plausible_addrs(found)
-        fresh = [a for a in self.routed if a not in self.known]
-        guesses: list[Multiaddr] = []
-        if not any(a.is_relayed for a in fresh):  # direct ones may be dead too (tried first)
-            guesses = host.plausible_addrs(host._via_our_relays(peer, self.known + fresh))
-        if not fresh and not guesses:
-            return
-        try:
-            finish(await host._connect_addrs(peer, fresh + guesses, self.timeout))
-        except DialError as exc:
-            if self.known or self.routed:
-                self.errors.append(str(exc))
-            else:  # only guessed: the peer is unknown, whatever the relays said
-                self.guessed = "no reservation" if "no reservation" in str(exc) else "no answer"
-
-    def failure(self) -> str:
-        """Why no connection was made, in one line."""
+    def failure(self, router: bool) -> str:
+        """Why no connection was made (``router``: a peer router was there to ask)."""
         peer = self.peer
         if not self.known and not self.routed:
             if self.route and self.routed is None:
                 return f"cannot find {peer}: no address for it here, and the DHT lookup did not end in time"
-            where = "here or in the DHT" if self.route and self.host.peer_router is not None else "here"
+            where = "here or in the DHT" if self.route and router else "here"
             relays = {"no reservation": ", and our relays have no reservation for it",
                       "no answer": ", and our relays could not reach it"}.get(self.guessed, "")  # fmt: skip
             return f"cannot find {peer}: no address for it {where}{relays}"
