@@ -722,8 +722,8 @@ class Host:
         log.info(
             "connection to %s via %s did not answer a ping: closing it", conn.remote_peer, conn.remote_addr
         )
-        await _close_quietly(conn)
-        return self.connection_to(conn.remote_peer)
+        await _close_quietly(conn)  # a GO_AWAY is tried for 1 s at most
+        return False
 
     def _via_our_relays(self, peer: PeerId, known: list[Multiaddr]) -> list[Multiaddr]:
         """Last resort when a peer's published addresses fail and the DHT knows no relayed address
