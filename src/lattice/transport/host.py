@@ -739,43 +739,53 @@ class Host:
         return out[:2]
 
     async def _connect_addrs(self, peer: PeerId, addrs: list[Multiaddr], timeout: float | None) -> Connection:
-        """Race ``addrs`` (see :meth:`connect_peer`); the first connection to ``peer`` wins."""
+        """Race ``addrs`` (see :meth:`connect_peer`); the first connection to ``peer`` wins, ours or
+        one the peer opened meanwhile. Then attempts not started yet are dropped, and those under
+        way finish in the background: cut mid-handshake, the peer would lose a connection it
+        already counts as made (a hole punch over it then fails)."""
         addrs = dialable(addrs)
         direct = [a for a in addrs if not a.is_relayed][:4]
         relayed = [a for a in addrs if a.is_relayed][:2]
-        errors: list[str] = []
-        won: list[Connection] = []
-        async with trio.open_nursery() as nursery:
+        plan = [(a, 0.0) for a in direct] + [(a, self.config.relay_delay if direct else 0.0) for a in relayed]
+        if not plan:
+            raise DialError(f"cannot reach {peer}: none of its addresses is a TCP or relayed one")
+        race = _Race(len(plan))
+        for addr, delay in plan:
+            self._nursery.start_soon(self._attempt, race, peer, addr, delay, timeout)
+        try:
+            await _first_of(race.done.wait, functools.partial(self.wait_connected, peer))
+        finally:
+            race.settled = True
+        conn = race.won[0] if race.won else self.connection_to(peer)
+        if conn is not None:
+            return conn
+        if len(race.errors) == 1:
+            raise DialError(race.errors[0])
+        raise DialError(f"cannot reach {peer}: " + "; ".join(race.errors[:3]))
 
-            async def attempt(addr: Multiaddr, delay: float) -> None:
+    async def _attempt(
+        self, race: _Race, peer: PeerId, addr: Multiaddr, delay: float, timeout: float | None
+    ) -> None:
+        """One address of a race; the first to connect cancels the others (a lost race)."""
+        try:
+            with trio.CancelScope() as scope:
+                race.scopes.append(scope)
                 await trio.sleep(delay)
+                if race.settled:
+                    return
                 try:
                     conn = await self._connect_addr(addr.with_peer(peer), peer, timeout)
                 except DialError as exc:
-                    errors.append(str(exc))
+                    race.errors.append(str(exc))
                     return
-                won.append(conn)
-                nursery.cancel_scope.cancel()
-
-            async def arrival() -> None:
-                won.append(await self.wait_connected(peer))
-                nursery.cancel_scope.cancel()
-
-            async def attempts() -> None:
-                async with trio.open_nursery() as inner:
-                    for addr in direct:
-                        inner.start_soon(attempt, addr, 0.0)
-                    for addr in relayed:
-                        inner.start_soon(attempt, addr, self.config.relay_delay if direct else 0.0)
-                nursery.cancel_scope.cancel()  # all failed: stop waiting for an arrival
-
-            nursery.start_soon(arrival)
-            nursery.start_soon(attempts)
-        if won:
-            return won[0]
-        if len(errors) == 1:
-            raise DialError(errors[0])
-        raise DialError(f"cannot reach {peer}: " + "; ".join(errors[:3]))
+                race.won.append(conn)
+                for other in race.scopes:
+                    if other is not scope:
+                        other.cancel()
+        finally:
+            race.remaining -= 1
+            if race.won or race.remaining == 0:
+                race.done.set()
 
     def connection_to(self, peer: PeerId) -> Connection | None:
         """The connection streams should use: a direct one if there is one, else a relayed one."""
@@ -921,6 +931,18 @@ class Host:
             scope.shield = True
             for conn in self.connections():
                 await conn.close()
+
+
+@dataclass
+class _Race:
+    """Attempts of one :meth:`Host._connect_addrs` (they run in the host's nursery)."""
+
+    remaining: int
+    won: list[Connection] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    scopes: list[trio.CancelScope] = field(default_factory=list)
+    settled: bool = False  # the caller has its connection or gave up: attempts not started are dropped
+    done: trio.Event = field(default_factory=trio.Event)
 
 
 @dataclass
