@@ -160,6 +160,11 @@ class CircuitStream:
     def __init__(self, stream: YamuxStream) -> None:
         self.stream = stream
 
+    def carrier(self) -> object:
+        """The byte stream of the relay connection this circuit runs on (``tcp_stalled`` reads
+        whether that path still acknowledges)."""
+        return self.stream.session.secure.raw
+
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         try:
             await self.stream.write(data)

@@ -30,7 +30,7 @@ from lattice.nat.circuit import CircuitListener
 from lattice.nat.dcutr import HolePuncher
 from lattice.nat.relay import RelayLimits, RelayServer
 from lattice.transport import identify
-from lattice.transport.host import Connection, Host
+from lattice.transport.host import Connection, Host, tcp_stalled
 
 log = logging.getLogger(__name__)
 
@@ -168,12 +168,17 @@ class NATManager:
                 heard = {k: n for k, n in heard.items() if k in live}
 
     async def _probe_path(self, conn: Connection) -> None:
+        """Close ``conn`` if a ping goes unanswered and the TCP connection under it (for a circuit:
+        the one to its relay) has the ping unacknowledged: the path is dead, not the peer slow."""
         before = conn.session.bytes_received
+        timeout = self.config.relay_probe_timeout
         try:
-            await conn.session.ping(timeout=self.config.relay_probe_timeout)
+            await conn.session.ping(timeout=timeout)
             return
         except (LatticeError, trio.TooSlowError):
             if conn.closed or conn.session.bytes_received != before:
+                return
+            if tcp_stalled(conn.session.secure.raw, timeout / 2) is False:
                 return
         log.info("relay path %s to %s is silent: closing it", conn.remote_addr, conn.remote_peer)
         await conn.close()

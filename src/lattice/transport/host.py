@@ -719,6 +719,8 @@ class Host:
         except (LatticeError, trio.TooSlowError):
             if conn.session.bytes_received != before and not conn.closed:
                 return True  # busy, not dead: a ping waits behind its data
+            if not conn.closed and tcp_stalled(conn.session.secure.raw, timeout / 2) is False:
+                return True  # the path acknowledges: the peer is slow (a busy machine), not gone
         log.info(
             "connection to %s via %s did not answer a ping: closing it", conn.remote_peer, conn.remote_addr
         )
@@ -1054,6 +1056,34 @@ def tcp_rtt(stream: object) -> float | None:
         return None
     (rtt_us,) = _TCPI_RTT.unpack_from(info, 68)
     return rtt_us / 1e6 if rtt_us else None
+
+
+_TCPI_UNACKED = 24  # offsets in struct tcp_info (Linux): segments in flight, ms since the last ACK
+_TCPI_LAST_ACK_RECV = 56
+
+
+def tcp_stalled(stream: object, seconds: float) -> bool | None:
+    """Has the TCP connection under ``stream`` had data in flight without an ACK for ``seconds``?
+    That is a dead path, not a slow peer: a live peer's kernel acknowledges even while its process
+    is starved. A relayed stream answers for the connection to its relay (its ``carrier()``). None
+    when unknown (not TCP, not Linux)."""
+    for _ in range(3):  # a circuit's carrier, at most a few levels down
+        carrier = getattr(stream, "carrier", None)
+        if not callable(carrier):
+            break
+        stream = carrier()
+    sock = getattr(stream, "socket", None)
+    if sock is None or not hasattr(socket, "TCP_INFO"):
+        return None
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+    except OSError:
+        return None
+    if len(info) < _TCPI_LAST_ACK_RECV + 4:
+        return None
+    (unacked,) = _TCPI_RTT.unpack_from(info, _TCPI_UNACKED)
+    (last_ack_ms,) = _TCPI_RTT.unpack_from(info, _TCPI_LAST_ACK_RECV)
+    return unacked > 0 and last_ack_ms >= seconds * 1000
 
 
 async def open_from_port(local: tuple[str, int], remote: tuple[str, int]) -> trio.SocketStream:
