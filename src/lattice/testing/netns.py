@@ -438,6 +438,43 @@ table ip lt_nat {{
         self.port(host)
         return "wan" if host in self.sites else "eth0"
 
+    def cut(self, host: str) -> None:
+        """Drop everything ``host`` sends or receives on its uplink, silently (no FIN, RST or ICMP):
+        a host that vanished with its link. :meth:`heal` undoes it."""
+        up = self.uplink(host)
+        rules = f"""table inet lt_cut {{
+    chain pre {{ type filter hook prerouting priority -300; policy accept; iifname "{up}" drop; }}
+    chain post {{ type filter hook postrouting priority 300; policy accept; oifname "{up}" drop; }}
+}}"""
+        _wait([_spawn(self.exec_argv(host, ["nft", "-f", "-"]), rules)], f"cutting {host}")
+
+    def heal(self, host: str) -> None:
+        """Undo :meth:`cut`."""
+        self.run(host, ["nft", "delete", "table", "inet", "lt_cut"], check=True)
+
+    def drop_private(self) -> None:
+        """Make every router drop, silently, what its peers send to private networks (RFC 1918)
+        other than its own LAN and the testbed's internet, as the real internet does: a dial of
+        another site's LAN address hangs until its timeout instead of failing at once (ICMP).
+        :meth:`private_drops` counts the packets dropped."""
+        rules = f"""table ip lt_bogon {{
+    chain forward {{
+        type filter hook forward priority -10; policy accept;
+        oifname "wan" ip daddr != {_PUBLIC_NET}.0/24 ip daddr {{ 10.0.0.0/8, 172.16.0.0/12, 192.168.0.0/16 }} counter drop
+    }}
+}}"""  # noqa: E501
+        routes = [f"route add {net} dev wan" for net in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16")]
+        procs = [_ip_batch(routes, self.ns[site]) for site in self.sites]  # else: ICMP unreachable
+        procs += [_spawn(self.exec_argv(site, ["nft", "-f", "-"]), rules) for site in self.sites]
+        _wait(procs, "dropping private destinations")
+
+    def private_drops(self, site: str) -> int:
+        """Packets the router of ``site`` dropped since :meth:`drop_private` (sent to another private
+        network: a dial that could not reach anything)."""
+        out = self.run(site, ["nft", "list", "chain", "ip", "lt_bogon", "forward"], check=True).stdout
+        match = re.search(r"counter packets (\d+)", out)
+        return int(match.group(1)) if match else 0
+
     def site_of(self, peer: str) -> str | None:
         """The site a peer is behind, or None for public hosts and routers."""
         return self._site_of.get(peer)
