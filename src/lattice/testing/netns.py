@@ -210,6 +210,28 @@ def netns_unavailable() -> str | None:
     return None
 
 
+# The kernel's ARP/NDP table is one table for all namespaces, with limits set in the root
+# namespace (default gc_thresh3 = 1024 entries): a testbed of 64 hosts on one bridge learns ~4,000
+# neighbours and then every namespace on the machine, other testbeds included, fails to resolve
+# ("neighbor table overflow!", EHOSTUNREACH, SSDP unanswered).
+NEIGHBOUR_TABLE = {"gc_thresh1": 4096, "gc_thresh2": 16384, "gc_thresh3": 32768}
+
+
+def ensure_neighbour_room() -> None:
+    """Raise the shared neighbour-table limits to ``NEIGHBOUR_TABLE`` where they are lower."""
+    for family in ("ipv4", "ipv6"):
+        for name, want in NEIGHBOUR_TABLE.items():
+            path = f"/proc/sys/net/{family}/neigh/default/{name}"
+            try:
+                with open(path) as f:
+                    if int(f.read()) >= want:
+                        continue
+                with open(path, "w") as f:
+                    f.write(str(want))
+            except (OSError, ValueError):
+                pass  # not root or no such sysctl: small testbeds fit the defaults
+
+
 def cleanup_stale() -> list[str]:
     """Delete ``lt-<pid>-*`` namespaces left by dead processes (a run killed by SIGKILL).
 
@@ -315,6 +337,7 @@ class Testbed:
 
     def _build(self) -> None:
         start = time.monotonic()
+        ensure_neighbour_room()
         tag = f"{PREFIX}{os.getpid()}-{next(_counter)}-"
         self.internet = tag + "internet"
         hosts = [*self.public, *(n for s in self.sites.values() for n in (s.name, *s.peer_names()))]
