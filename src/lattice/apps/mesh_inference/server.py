@@ -467,6 +467,7 @@ class StageServer:
     async def _compute_loop(self) -> None:
         """Runs the waiting steps, oldest first, in batches (plan_batch); threads change in between."""
         while True:
+            await trio.lowlevel.checkpoint()  # let steps that have arrived join this batch
             while not self._waiting:
                 self._work = trio.Event()
                 await self._work.wait()
