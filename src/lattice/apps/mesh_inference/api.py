@@ -26,7 +26,7 @@ from collections.abc import Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from typing import Any
+from typing import Any, cast
 
 import h11
 import trio
@@ -60,15 +60,19 @@ class ApiLimits:
     max_tokens: int = 512  # completion tokens one request may ask for
     default_max_tokens: int = 16  # when a request names none (OpenAI's default for completions)
     max_prompt_tokens: int = 4096  # prompt tokens (and never more than the model's context)
-    max_sessions: int = 16  # generations at once (each holds a session on every stage server)
-    max_sessions_per_client: int = 4  # ... of one client: its API key, else its IP address
-    max_connections: int = 64  # open HTTP connections
+    # generations at once: each holds a session on every stage server of its chain, and the stage
+    # servers give one peer (this node) 4 sessions by default (their --max-sessions-per-peer)
+    max_sessions: int = 4
+    max_sessions_per_client: int = 2  # ... of one client: its API key, else its IP address
+    max_connections: int = 64  # open HTTP connections ...
+    max_connections_per_ip: int = 16  # ... and from one address (a slow sender cannot take them all)
     request_timeout: float = 10.0  # seconds to send the request head and body
     generation_timeout: float = 600.0  # seconds one generation may take
 
     def __post_init__(self) -> None:
         if min(self.max_body, self.max_tokens, self.default_max_tokens, self.max_prompt_tokens,
-               self.max_sessions, self.max_sessions_per_client, self.max_connections) < 1:  # fmt: skip
+               self.max_sessions, self.max_sessions_per_client, self.max_connections,
+               self.max_connections_per_ip) < 1:  # fmt: skip
             raise ConfigError("API limits must be >= 1")
         self.default_max_tokens = min(self.default_max_tokens, self.max_tokens)
 
@@ -159,7 +163,7 @@ def parse_request(body: Any, chat: bool, card: ModelCard, limits: ApiLimits) -> 
         ids_ok = isinstance(raw, list) and raw and all(type(t) is int and 0 <= t < card.config.vocab_size
                                                        for t in raw)  # fmt: skip
         if (isinstance(raw, str) and raw) or ids_ok:
-            prompt = raw
+            prompt = cast("str | list[int]", raw)
         else:
             raise ApiError(400, "prompt must be a non-empty string or a list of token ids (one prompt)",
                            param="prompt")  # fmt: skip
@@ -288,8 +292,8 @@ class ApiServer:
         self.limits = limits or ApiLimits()
         self.api_key = api_key
         self.local_only = True
-        self._active: Counter[str] = Counter()
-        self._connections = 0
+        self._active: Counter[str] = Counter()  # generations per client
+        self._connections: Counter[str] = Counter()  # open connections per address
         self.stats = {"requests": 0, "refused": 0, "completed": 0, "tokens": 0, "errors": 0}
 
     async def serve(self, listen: str, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
@@ -322,14 +326,19 @@ class ApiServer:
                     log.warning("API accept failed: %s", exc)
                     await trio.sleep(0.1)
                     continue
-                if self._connections >= self.limits.max_connections:
+                try:
+                    peer = str(stream.socket.getpeername()[0])
+                except OSError:
+                    peer = "?"
+                if (sum(self._connections.values()) >= self.limits.max_connections
+                        or self._connections[peer] >= self.limits.max_connections_per_ip):  # fmt: skip
                     await trio.aclose_forcefully(stream)
                     self.stats["refused"] += 1
                     continue
-                self._connections += 1
-                nursery.start_soon(self._connection, stream)
+                self._connections[peer] += 1
+                nursery.start_soon(self._connection, stream, peer)
 
-    async def _connection(self, stream: trio.SocketStream) -> None:
+    async def _connection(self, stream: trio.SocketStream, peer: str) -> None:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
         try:
             try:
@@ -339,10 +348,6 @@ class ApiServer:
                 self.stats["refused"] += 1
                 await _send(stream, _whole(conn, exc.status, exc.body()))
                 return
-            try:
-                peer = stream.socket.getpeername()[0]
-            except OSError:
-                peer = "?"
             await self._dispatch(stream, conn, request, body, peer)
         except (
             trio.TooSlowError,
@@ -356,7 +361,9 @@ class ApiServer:
             self.stats["errors"] += 1
             log.exception("API request failed")
         finally:
-            self._connections -= 1
+            self._connections[peer] -= 1
+            if self._connections[peer] <= 0:
+                del self._connections[peer]
             await trio.aclose_forcefully(stream)
 
     async def _read_request(
@@ -526,6 +533,8 @@ class ApiServer:
                                   + conn.send(h11.EndOfMessage()))  # fmt: skip
             return
         tail = text.finish()
+        if text.stopped:  # a stop string completed only in the held-back end of the text
+            finish = "stop"
         usage = _usage(len(ids), len(text.tokens) + (finish == "stop" and not text.stopped))
         self.stats["completed"] += 1
         self.stats["tokens"] += usage["completion_tokens"]

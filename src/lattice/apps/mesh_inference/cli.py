@@ -101,8 +101,12 @@ def register(sub: Any, commands: dict) -> None:
     api.add_argument("--max-tokens", type=int, default=512, help="completion tokens per request")
     api.add_argument("--max-prompt-tokens", type=int, default=4096)
     api.add_argument("--max-body-kib", type=int, default=1024, help="request body size")
-    api.add_argument("--max-generations", type=int, default=16, help="generations at once")
-    api.add_argument("--max-generations-per-client", type=int, default=4)
+    api.add_argument("--max-generations", type=int, default=4, help="generations at once (the stage "
+                     "servers' --max-sessions-per-peer must allow as many)")  # fmt: skip
+    api.add_argument("--max-generations-per-client", type=int, default=2)
+    api.add_argument("--http-max-connections", type=int, default=64, help="open HTTP connections")
+    api.add_argument("--http-max-connections-per-ip", type=int, default=16)
+    api.add_argument("--http-request-timeout", type=float, default=10.0, help="seconds to send a request")
     api.add_argument("--timeout", type=float, default=20.0, help="seconds to wait for a chain at start")
     add_node_options(api)
     api.add_argument("--ready-file", metavar="FILE", help="write {url, peer_id, ...} when serving")
@@ -352,7 +356,10 @@ def cmd_serve_api(args: argparse.Namespace) -> int:
     setup_logging(config.log_level, config.log_format)
     limits = ApiLimits(max_body=args.max_body_kib << 10, max_tokens=args.max_tokens,
                        max_prompt_tokens=args.max_prompt_tokens, max_sessions=args.max_generations,
-                       max_sessions_per_client=args.max_generations_per_client)  # fmt: skip
+                       max_sessions_per_client=args.max_generations_per_client,
+                       max_connections=args.http_max_connections,
+                       max_connections_per_ip=args.http_max_connections_per_ip,
+                       request_timeout=args.http_request_timeout)  # fmt: skip
     key = _api_key(args.api_key_file)
     return one_line_errors(trio.run, _serve_api, args, config, model_id_for(args.model), limits, key)
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -292,7 +292,7 @@ class InferenceSession:
         max_new_tokens: int,
         stop: Sequence[int] = (),
         sampling: Sampling | None = None,
-    ) -> AsyncIterator[int]:
+    ) -> AsyncGenerator[int, None]:
         """Greedy decoding, or ``sampling``'s (the same seed gives the same tokens as
         :func:`~lattice.apps.mesh_inference.model.generate_local`): yields each new token as soon
         as it is known."""

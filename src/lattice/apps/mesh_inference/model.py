@@ -146,16 +146,16 @@ class Stage:
         heads = [True] * len(xs) if heads is None else heads
         if not self.start <= start < end <= self.end:
             raise ValueError(f"blocks {start}:{end} are outside this stage's {self.start}:{self.end}")
-        caches = [cache if cache is not None else KVCache() for cache in caches]
+        kv = [cache if cache is not None else KVCache() for cache in caches]
         sizes = [x.shape[1] for x in xs]
-        positions = [cache.length for cache in caches]
+        positions = [cache.length for cache in kv]
         if any(p + t > c.max_positions for p, t in zip(positions, sizes, strict=True)):
             raise ValueError(f"sequence longer than {c.max_positions} positions")
         rows = torch.cat([x[0] for x in xs])  # [R] token ids or [R, hidden]
         h = F.embedding(rows, self.w["token_embd.weight"]).float() if start == 0 else rows
         for i in range(start, end):
-            h = self._block(i, h, sizes, caches, positions)
-        for cache, p, t in zip(caches, positions, sizes, strict=True):
+            h = self._block(i, h, sizes, kv, positions)
+        for cache, p, t in zip(kv, positions, sizes, strict=True):
             cache.length = p + t
         parts = list(h.split(sizes))
         if end == c.n_layers:

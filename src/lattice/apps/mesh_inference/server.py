@@ -30,7 +30,7 @@ import logging
 import statistics
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Hashable, Iterable
+from collections.abc import Awaitable, Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -127,7 +127,7 @@ def pick_victim(
     return min(over, key=lambda r: r[2])[0] if over else None
 
 
-def plan_batch(steps: list[tuple[Hashable, int]], max_batch: int, max_rows: int) -> list[int]:
+def plan_batch(steps: Sequence[tuple[Hashable, int]], max_batch: int, max_rows: int) -> list[int]:
     """Which waiting steps, given as (blocks, rows) in arrival order, run together: the oldest, then
     later ones for the same blocks while at most ``max_batch`` steps and ``max_rows`` rows."""
     if not steps:
@@ -274,7 +274,8 @@ class StageServer:
 
     async def _make_card(self, node: Any) -> ModelCard:
         """The model card; the tokenizer's JSON goes to the node's content store (if it runs one)."""
-        cid, size, stop, chat = None, 0, (), None
+        cid, size, chat = None, 0, None
+        stop: tuple[int, ...] = ()
         if self._tokenizer is not None:
             stop, chat = tuple(stop_tokens(self._tokenizer, self._eos)), chat_format(self._tokenizer)
             data = self._tokenizer.to_str().encode()
@@ -481,7 +482,9 @@ class StageServer:
 
     async def _run_batch(self, batch: list[_Step]) -> None:
         xs = [s.x for s in batch]
-        args = (xs, [s.session.cache for s in batch], *batch[0].blocks, [s.head for s in batch])
+        caches: list[KVCache | None] = [s.session.cache for s in batch]
+        start, end = batch[0].blocks
+        args = (xs, caches, start, end, [s.head for s in batch])
         t0 = time.perf_counter()
         self._computing = True
         try:
