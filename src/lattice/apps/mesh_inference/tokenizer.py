@@ -66,8 +66,11 @@ def tokenizer_from_gguf(path: Path) -> Any:
     if fields["tokenizer.ggml.model"].contents() != "gpt2":
         raise ConfigError(f"{path.name}: only GPT-2 style BPE tokenizers are supported")
     pre = fields["tokenizer.ggml.pre"].contents() if "tokenizer.ggml.pre" in fields else ""
+    if "tokenizer.ggml.tokens" not in fields:
+        raise ConfigError(f"{path.name} has no token list")
     tokens = fields["tokenizer.ggml.tokens"].contents()
-    merges = [tuple(m.split(" ", 1)) for m in fields["tokenizer.ggml.merges"].contents()]
+    merge_field = fields.get("tokenizer.ggml.merges")  # a vocabulary of bytes only needs none
+    merges = [tuple(m.split(" ", 1)) for m in merge_field.contents()] if merge_field is not None else []
     types = fields["tokenizer.ggml.token_type"].contents() if "tokenizer.ggml.token_type" in fields else []
     tok = tk.Tokenizer(tk.models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
     if pre == "qwen2":
