@@ -9,7 +9,10 @@ import os
 import pytest
 
 torch = pytest.importorskip("torch")
-openai = pytest.importorskip("openai", reason="the openai client is not installed (pip install openai)")
+try:
+    import openai
+except ImportError:  # the pure tests below still run
+    openai = None
 
 from lattice.apps.mesh_inference.api import ApiError, ApiLimits, TextStream, parse_request  # noqa: E402
 from lattice.apps.mesh_inference.card import ModelCard  # noqa: E402
@@ -45,6 +48,8 @@ def start_mesh(workdir, api_args=()) -> tuple[list, object]:
 
 @pytest.fixture(scope="module")
 def endpoint(tmp_path_factory):
+    if openai is None:
+        pytest.skip("the openai client is not installed (pip install openai)")
     workdir = tmp_path_factory.mktemp("api")
     os.environ["LATTICE_MESH_RUNTIME_DIR"] = str(workdir / "mesh-servers")  # other engineers' servers
     daemons, api = start_mesh(workdir)
