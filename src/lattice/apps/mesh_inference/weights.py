@@ -1,9 +1,11 @@
-"""Where a stage's weights come from: a deterministic tiny random model, or a GGUF file.
+"""Where a stage's weights come from: a deterministic tiny random model, or a GGUF file (LLaMA or
+Qwen2 architecture).
 
 A GGUF stage reads and dequantizes only the tensors of its block range (``gguf`` package:
 GGUFReader + gguf.quants.dequantize). Dequantizing is slow (~40 s for all of SmolLM2-135M), so
 the fp32 result is cached as .npy files (loaded with allow_pickle=False) under the data directory.
-GGUF q/k weights are in GGML's layout, so GGUF models use interleaved RoPE.
+LLaMA GGUF files store q/k weights permuted into GGML's layout (interleaved RoPE); Qwen2 files
+keep transformers' layout (rotate-half RoPE, llama.cpp's "NEOX" type) and add q/k/v biases.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from lattice.apps.mesh_inference.config import LlamaConfig, expected_shapes, tiny_config
+from lattice.apps.mesh_inference.config import ARCHS, LlamaConfig, expected_shapes, tiny_config
 from lattice.apps.mesh_inference.gguf_reader import gguf_reader
 from lattice.errors import ConfigError
 
@@ -42,11 +44,17 @@ class ModelSource:
         return load_gguf_tensors(self.path, names, expected_shapes(self.config), cache_dir)
 
     def tokenizer(self) -> Any:
-        if self.path is None:
-            raise ConfigError(f"{self.model_id} has no tokenizer (give token ids)")
-        from lattice.apps.mesh_inference.tokenizer import tokenizer_from_gguf
+        """A ``tokenizers.Tokenizer``: the GGUF file's, or one token per byte for tiny-random."""
+        from lattice.apps.mesh_inference.tokenizer import byte_tokenizer, tokenizer_from_gguf
 
-        return tokenizer_from_gguf(self.path)
+        return byte_tokenizer() if self.path is None else tokenizer_from_gguf(self.path)
+
+    def eos(self) -> int | None:
+        """The end-of-sequence token id the GGUF file names, if any."""
+        if self.path is None:
+            return None
+        value = _field(gguf_reader(self.path), "tokenizer.ggml.eos_token_id")
+        return int(value) if value is not None else None
 
 
 def smollm2_path() -> Path:
@@ -61,7 +69,7 @@ def smollm2_path() -> Path:
 
 
 def open_model(spec: str) -> ModelSource:
-    """``tiny-random[:SEED]``, ``smollm2``, or the path of a LLaMA GGUF file."""
+    """``tiny-random[:SEED]``, ``smollm2``, or the path of a LLaMA or Qwen2 GGUF file."""
     if spec == TINY_PREFIX or spec.startswith(TINY_PREFIX + ":") or spec.startswith(TINY_PREFIX + "-"):
         seed_text = spec[len(TINY_PREFIX) + 1 :] or "0"
         try:
@@ -75,6 +83,17 @@ def open_model(spec: str) -> ModelSource:
     return ModelSource(path.stem.lower(), gguf_config(path), path=path)
 
 
+def model_id_for(spec: str) -> str:
+    """The id servers announce for ``spec``, without reading any file: what a thin client asks the
+    network for (an existing .gguf path gives its stem; anything else is taken as the id itself)."""
+    if spec == TINY_PREFIX or spec.startswith(TINY_PREFIX + ":") or spec.startswith(TINY_PREFIX + "-"):
+        return f"{TINY_PREFIX}-{spec[len(TINY_PREFIX) + 1 :] or '0'}"
+    if spec.lower() == "smollm2":
+        return Path(SMOLLM2_FILE).stem.lower()
+    path = Path(spec)
+    return path.stem.lower() if spec.endswith(".gguf") or path.is_file() else spec
+
+
 def _field(reader: Any, name: str, default: Any = None) -> Any:
     f = reader.fields.get(name)
     if f is None:
@@ -83,26 +102,37 @@ def _field(reader: Any, name: str, default: Any = None) -> Any:
 
 
 def gguf_config(path: Path) -> LlamaConfig:
-    """The LLaMA hyper-parameters from a GGUF file's metadata (no tensor data is read)."""
+    """The hyper-parameters from a GGUF file's metadata (no tensor data is read)."""
     r = gguf_reader(path)
     arch = _field(r, "general.architecture")
-    if arch != "llama":
-        raise ConfigError(f"{path.name}: architecture {arch!r} is not supported (llama only)")
+    if arch not in ARCHS:
+        raise ConfigError(f"{path.name}: architecture {arch!r} is not supported ({', '.join(ARCHS)})")
+    scaling = _field(r, f"{arch}.rope.scaling.type")
+    if scaling not in (None, "none"):
+        raise ConfigError(f"{path.name}: RoPE scaling {scaling!r} is not supported")
     names = {t.name for t in r.tensors}
-    n_heads = int(_field(r, "llama.attention.head_count"))
-    vocab = _field(r, "llama.vocab_size") or len(r.fields["tokenizer.ggml.tokens"].data)
+    n_heads = int(_field(r, f"{arch}.attention.head_count"))
+    hidden = int(_field(r, f"{arch}.embedding_length"))
+    head_dim = int(_field(r, f"{arch}.attention.key_length", hidden // n_heads))
+    rot = _field(r, f"{arch}.rope.dimension_count")
+    if rot is not None and int(rot) != head_dim:
+        raise ConfigError(f"{path.name}: partial rotary embeddings ({rot} of {head_dim}) are not supported")
+    vocab = _field(r, f"{arch}.vocab_size") or len(r.fields["tokenizer.ggml.tokens"].data)
     return LlamaConfig(
         vocab_size=int(vocab),
-        hidden=int(_field(r, "llama.embedding_length")),
-        n_layers=int(_field(r, "llama.block_count")),
+        hidden=hidden,
+        n_layers=int(_field(r, f"{arch}.block_count")),
         n_heads=n_heads,
-        n_kv_heads=int(_field(r, "llama.attention.head_count_kv", n_heads)),
-        ffn=int(_field(r, "llama.feed_forward_length")),
-        rope_theta=float(_field(r, "llama.rope.freq_base", 10000.0)),
-        norm_eps=float(_field(r, "llama.attention.layer_norm_rms_epsilon", 1e-5)),
+        n_kv_heads=int(_field(r, f"{arch}.attention.head_count_kv", n_heads)),
+        ffn=int(_field(r, f"{arch}.feed_forward_length")),
+        rope_theta=float(_field(r, f"{arch}.rope.freq_base", 10000.0)),
+        norm_eps=float(_field(r, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
         tied="output.weight" not in names,
-        rope_layout="interleaved",
-        max_positions=int(_field(r, "llama.context_length", 2048)),
+        rope_layout="interleaved" if arch == "llama" else "half",
+        max_positions=int(_field(r, f"{arch}.context_length", 2048)),
+        head_dim=head_dim,
+        arch=arch,
+        qkv_bias="blk.0.attn_q.bias" in names,
     )
 
 
