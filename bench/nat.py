@@ -1,6 +1,6 @@
 """bench/nat: NAT traversal on real Linux NATs (network namespaces, nftables masquerade), repeated.
 
-    python bench/nat.py [--runs 20] [--only cone,symmetric,failover]
+    python bench/nat.py [--runs 20] [--only cone,symmetric,failover,first,cut]
 
 Needs root (ip netns, nft). Every run builds a fresh testbed (lattice.testing.netns): a public
 relay/bootstrap host and two sites, each a router doing masquerade with a `lattice-node` peer behind
@@ -12,6 +12,12 @@ it. The peers know only the relay's address. Scenarios:
   the relay; `status` must say relayed.
 - failover: two relays, B and A behind symmetric NATs; the relay carrying A->B is SIGKILLed; time
   until an RPC call to B succeeds again (through the other relay).
+- first: relay, then A and B started at once, cone and symmetric NATs in turn, routers dropping
+  what is sent to other private networks (as the internet does); A issues `connect <B's peer id>`
+  (10 s timeout, repeated while it fails) the moment it is ready. The longest single call, and
+  start to connected.
+- cut: as failover, but the relay's link is cut silently (nftables drops its traffic: no FIN/RST);
+  time until an RPC call to B succeeds again, and whether `connect` meanwhile claimed a dead path.
 
 Baseline in the same run: plain TCP simultaneous open between the two NATed hosts (the lower bound
 of a punch). Prints JSON lines: {"bench": "nat", "scenario", "metric", "median", "p90", "ok", "runs"}.
@@ -26,6 +32,7 @@ import statistics
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from lattice.testing.daemons import peer_path, start_daemon, wait_for
@@ -140,6 +147,57 @@ def run_failover(work: Path) -> dict:
         return {"resume_s": resumed, "redundant": len(paths) > 1}
 
 
+def run_first_connect(work: Path, nat: str) -> dict:
+    with Testbed(public=["relay"], sites=[Site("a", "cone"), Site("b", nat)]) as tb:
+        tb.drop_private()
+        relay = start_daemon(work, "relay", ["--listen", f"/ip4/0.0.0.0/tcp/{PORT}", "--relay"], tb, "relay")
+        boot = f"/ip4/{tb.ip('relay')}/tcp/{PORT}/p2p/{relay.peer_id}"
+        args = ["--listen", f"/ip4/0.0.0.0/tcp/{PORT}", "--enable-bench", "--bootstrap", boot]
+        with ThreadPoolExecutor(1) as pool:
+            t0 = time.monotonic()
+            started_b = pool.submit(start_daemon, work, "b1", args, tb, "b1")
+            a = start_daemon(work, "a1", args, tb, "a1")
+            b = started_b.result()
+        calls = []
+        while time.monotonic() - t0 < 30:
+            c0 = time.monotonic()
+            try:
+                a.call("connect", addr=b.peer_id, timeout=10)
+            except Exception:  # not findable yet (fails at once): the user tries again
+                calls.append(time.monotonic() - c0)
+                time.sleep(0.05)
+                continue
+            calls.append(time.monotonic() - c0)
+            return {"nat": nat, "call_max_s": max(calls), "start_to_connected_s": time.monotonic() - t0}
+        raise TimeoutError(f"A never connected to B ({len(calls)} calls)")
+
+
+def run_cut(work: Path) -> dict:
+    with Testbed(public=["relay", "relay2"], sites=[Site("a", "symmetric"), Site("b", "symmetric")]) as tb:
+        tb.drop_private()
+        relays, a, b, _ = start_swarm(tb, work, ["relay", "relay2"])
+        wait_for(lambda: len(b.call("status")["nat"]["relays"]) == 2, 10, "two reservations")
+        connect_by_id(a, b)
+        a.call("rpc.call", peer=b.peer_id, method="lattice.bench.echo", payload=b"1")
+        via = next(p for p in a.call("peers") if p["peer_id"] == b.peer_id)["addr"]
+        dead = next(r for r in relays if r.peer_id in via)
+        tb.cut(dead.name)
+        t_cut = time.monotonic()
+        claimed_dead = 0  # `connect` answering "connected" while only circuits through the cut relay exist
+
+        def echo() -> bool:
+            nonlocal claimed_dead
+            a.call("connect", addr=b.peer_id, timeout=2)
+            row = next((p for p in a.call("peers") if p["peer_id"] == b.peer_id), None)
+            if row is not None and all(dead.peer_id in c["addr"] for c in row["connections"]):
+                claimed_dead += 1
+            method = "lattice.bench.echo"
+            return a.call("rpc.call", peer=b.peer_id, method=method, payload=b"2", timeout=2) == b"2"
+
+        wait_for(echo, 60, "RPC through the other relay", interval=0.05)
+        return {"resume_s": time.monotonic() - t_cut, "claimed_dead": claimed_dead}
+
+
 def run_simultaneous_open() -> float | None:
     """Plain TCP simultaneous open between the two NATed hosts (no libp2p): the floor of a punch."""
     code = """
@@ -174,13 +232,16 @@ print(time.monotonic() - t)
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=20)
-    parser.add_argument("--only", default="cone,symmetric,failover")
+    parser.add_argument("--only", default="cone,symmetric,failover,first,cut")
     args = parser.parse_args()
     why = netns_unavailable()
     if why is not None:
         out({"bench": "nat", "error": f"cannot build the NAT testbed: {why}"})
         return 2
-    scenarios = {"cone": run_cone, "symmetric": run_symmetric, "failover": run_failover}
+    scenarios = {
+        "cone": run_cone, "symmetric": run_symmetric, "failover": run_failover, "cut": run_cut,
+        "first": lambda work, i: run_first_connect(work, ("cone", "symmetric")[i % 2]),
+    }  # fmt: skip
     wanted = [s.strip() for s in args.only.split(",") if s.strip()]
     floors = [x for x in (run_simultaneous_open() for _ in range(min(args.runs, 5))) if x is not None]
     summary(
@@ -191,7 +252,8 @@ def main() -> int:
         for i in range(args.runs):
             with tempfile.TemporaryDirectory(prefix="lattice-nat-") as tmp:
                 try:
-                    results.append(scenarios[name](Path(tmp)))
+                    run = scenarios[name]
+                    results.append(run(Path(tmp), i) if name == "first" else run(Path(tmp)))
                 except Exception as exc:  # one failed run is a data point, not the end of the bench
                     errors.append(f"run {i}: {type(exc).__name__}: {exc}"[:300])
             print(f"# {name} run {i + 1}/{args.runs}: {'ok' if len(results) > i - len(errors) else 'FAILED'}",
@@ -210,6 +272,16 @@ def main() -> int:
             summary(name, "relayed_services_ok", [], good, args.runs)
             summary(name, "start_to_relayed_s", [r["to_relayed_s"] for r in results], ok, args.runs)
             summary(name, "relayed_1mib_up_mibs", [r["relayed_mibs_1"] for r in results], ok, args.runs)
+        elif name == "first":
+            calls = [r["call_max_s"] for r in results]
+            summary(name, "connect_call_max_s", calls, ok, args.runs, target="<= 3",
+                    stalls=sum(1 for c in calls if c > 3))  # fmt: skip
+            summary(name, "start_to_connected_s", [r["start_to_connected_s"] for r in results], ok, args.runs)
+        elif name == "cut":
+            summary(name, "relay_cut_to_resumed_s", [r["resume_s"] for r in results], ok, args.runs,
+                    target="<= 10")  # fmt: skip
+            claimed = sum(1 for r in results if r["claimed_dead"])
+            summary(name, "connect_claimed_a_dead_circuit", [], claimed, args.runs, target="0")
         else:
             single = [r["resume_s"] for r in results if not r["redundant"]]
             summary(name, "relay_killed_to_resumed_s", [r["resume_s"] for r in results], ok, args.runs,

@@ -44,6 +44,25 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture(scope="session")
+def fashion_mnist():
+    """The Fashion-MNIST directory: the installed package's, or fetched without root into ~/.cache
+    (apt-get download + dpkg-deb -x); skips with the reason where neither works. Exported as
+    $LATTICE_FMNIST_DIR so the processes a test starts find it too."""
+    import os
+
+    from lattice.apps.gossip_sgd import data
+
+    found = os.environ.get("LATTICE_FMNIST_DIR") or data.find_fashion_mnist()
+    if not found:
+        try:
+            found = data.fetch_fashion_mnist()
+        except data.DatasetMissing as exc:
+            pytest.skip(f"needs Fashion-MNIST: {exc}")
+    os.environ["LATTICE_FMNIST_DIR"] = found
+    return found
+
+
 def full_addr(host):
     return host.listen_addrs[0].with_peer(host.peer_id)
 

@@ -18,6 +18,7 @@ from lattice.apps.gossip_sgd.launch import read_log, start_peers
 MLP_DIM = 784 * 200 + 200 + 200 * 200 + 200 + 200 * 10 + 10
 
 
+@pytest.mark.usefixtures("fashion_mnist")
 @pytest.mark.slow  # two peer processes and 12 rounds under attack: ~30 s on 2 busy cores
 def test_a_hostile_member_does_not_stop_honest_peers(tmp_path):
     rounds, steps = 12, 2

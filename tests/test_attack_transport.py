@@ -61,14 +61,17 @@ async def test_churned_connections_leave_no_memory_behind(victim):
 
 async def test_silent_handshakes_do_not_lock_out_new_connections(victim):
     """256 sockets from 64 addresses in 16 /24s send /noise and go silent (and come back when
-    dropped). Before: 64 of them took every handshake slot and 0 % of new connections got in."""
+    dropped). Before: 64 of them took every handshake slot and 0 % of new connections got in. The
+    attacker's 256 loops share this process's event loop with the honest peer, so on a loaded 2-core
+    CI machine one of ~13 honest handshakes can miss its 5 s deadline on our side (seen once: 12/13):
+    the bar is 85 %, far from the 0 % of the defect."""
     addr = victim.info["addrs"][0]
     sources = [f"127.0.{p}.{h}" for p in range(1, 17) for h in range(1, 5)]
     started = time.monotonic()
     result = await T.slowloris(addr, sources, per_source=4, hold=6.0, honest_from="127.0.99.1")
     assert result["stalled_sockets"] >= 200, result
     assert result["honest_new_connections"] >= 8, result
-    assert result["honest_success"] >= 0.95, result
+    assert result["honest_success"] >= 0.85, result
     assert time.monotonic() - started < 20
     assert await honest_ping(addr) < 1.0
     assert_no_traceback(victim)

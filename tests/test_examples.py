@@ -28,7 +28,7 @@ def test_local_swarm_demo_uses_every_service():
 
 
 @pytest.mark.slow  # two processes importing torch, 20 steps: ~25 s on a busy 2-core machine
-@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(), reason="needs Fashion-MNIST")
+@pytest.mark.usefixtures("fashion_mnist")
 def test_gossip_training_example_trains_a_user_module_from_a_plain_script():
     out = subprocess.run(
         [sys.executable, str(ROOT / "examples" / "gossip_training.py"), "--peers", "2", "--steps", "20",

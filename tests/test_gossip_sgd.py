@@ -55,6 +55,43 @@ def test_loader_says_how_to_get_the_data(tmp_path):
         data.load_fashion_mnist(str(tmp_path))  # exists but empty
 
 
+def test_a_fresh_machine_fetches_the_data_without_root(tmp_path, monkeypatch):
+    """No installed package, no $LATTICE_FMNIST_DIR: loading says how to get the data;
+    fetch_fashion_mnist unpacks the Debian package into ~/.cache, where loading then finds it."""
+    import shutil
+
+    monkeypatch.setattr(data, "DEFAULT_DIR", str(tmp_path / "not-installed"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv("LATTICE_FMNIST_DIR", raising=False)
+    assert data.find_fashion_mnist() is None
+    with pytest.raises(data.DatasetMissing, match="gossip-sgd fetch-data"):
+        data.load_fashion_mnist()
+    if shutil.which("apt-get") is None:
+        pytest.skip("no apt-get here (not Debian/Ubuntu): nothing to fetch with")
+    try:
+        fetched = data.fetch_fashion_mnist()
+    except data.DatasetMissing as exc:
+        pytest.skip(str(exc))  # no network, or apt's lists lack the package (apt-get update needs root)
+    assert fetched.startswith(str(tmp_path / "cache" / "lattice"))
+    assert data.find_fashion_mnist() == fetched and data.fetch_fashion_mnist() == fetched  # no 2nd download
+    ds = data.load_fashion_mnist()
+    assert ds.train_x.shape == (60000, 784) and ds.test_y.shape == (10000,)
+    leftovers = [p.name for p in (tmp_path / "cache" / "lattice" / data.PACKAGE).iterdir()]
+    assert leftovers == ["usr"]  # the download's temporary directory is gone
+
+
+def test_a_fetch_that_cannot_work_says_why(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # neither apt-get nor dpkg-deb
+    with pytest.raises(data.DatasetMissing, match="apt-get and dpkg-deb not found"):
+        data.fetch_fashion_mnist(str(tmp_path / "c"))
+    fake = tmp_path / "apt-get"  # apt without package lists, as on a fresh container
+    fake.write_text("#!/bin/sh\necho 'E: Unable to locate package dataset-fashion-mnist' >&2\nexit 100\n")
+    fake.chmod(0o755)
+    (tmp_path / "dpkg-deb").symlink_to(fake)
+    with pytest.raises(data.DatasetMissing, match=r"Unable to locate package .*apt-get update. needs root"):
+        data.fetch_fashion_mnist(str(tmp_path / "c"))
+
+
 def test_splits_partition_the_data():
     labels = np.random.default_rng(0).integers(0, 10, 5000)
     for parts in (data.dirichlet_split(labels, 8, 0.3, 1), data.label_skew_split(labels, 5, 2, 1)):
@@ -75,6 +112,7 @@ def _run(cfg: Config, rounds: int, departures: dict | None = None):
     return algo, sim
 
 
+@pytest.mark.usefixtures("fashion_mnist")
 @pytest.mark.parametrize("kind", ["ring", "random", "torus"])
 def test_cdproxsgt_with_identity_compressor_is_dproxsgt(kind):
     """Also with a time-varying graph ("random"), where a running sum of mixed differences (W fixed)
@@ -88,6 +126,7 @@ def test_cdproxsgt_with_identity_compressor_is_dproxsgt(kind):
     torch.testing.assert_close(c.y, d.y, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.usefixtures("fashion_mnist")
 @pytest.mark.parametrize("algorithm", ["dsgt", "cdproxsgt"])
 def test_trackers_of_the_survivors_track_their_gradients_after_a_departure(algorithm):
     """Gradient tracking keeps sum_i y_i = sum_i g_i; a departed peer takes its share of the
@@ -99,6 +138,7 @@ def test_trackers_of_the_survivors_track_their_gradients_after_a_departure(algor
     torch.testing.assert_close(algo.y[live].sum(0), algo.g_prev[live].sum(0), rtol=0, atol=1e-5)
 
 
+@pytest.mark.usefixtures("fashion_mnist")
 def test_compressed_tracking_sends_fewer_bytes():
     hp = Hyper(local_steps=2, codec_x="topk:0.1", codec_y="topk:0.1")
     _, comp = _run(Config(algorithm="cdproxsgt", hp=hp, **SMALL), 1)
@@ -106,6 +146,7 @@ def test_compressed_tracking_sends_fewer_bytes():
     assert comp.bytes_sent.sum() < full.bytes_sent.sum() / 4
 
 
+@pytest.mark.usefixtures("fashion_mnist")
 @pytest.mark.parametrize("algorithm", ["dpsgd", "dfedavg", "dfedsam_mgs", "dsgt", "cdproxsgt", "mhd"])
 def test_learning_happens(algorithm):
     hp = Hyper(local_steps=5, mgs_steps=2, public_batch=64)
@@ -127,6 +168,7 @@ def test_cli_missing_data_is_a_clear_error(tmp_path, capsys):
     assert "apt-get install dataset-fashion-mnist" in capsys.readouterr().err
 
 
+@pytest.mark.usefixtures("fashion_mnist")
 def test_cdproxsgt_defaults_stay_together_where_the_old_ones_drifted_apart():
     """The old default (top-10 %, gamma 0.5) diverged on every graph of degree >= 4 (NaN by round 50
     with 16 peers); on a full graph of 8 its models already drift apart by round 8 (consensus 0.81),
@@ -152,6 +194,7 @@ def test_known_divergent_cdproxsgt_settings_are_warned_about(kind):
                              "cdproxsgt", kind, 16) is None  # fmt: skip
 
 
+@pytest.mark.usefixtures("fashion_mnist")
 def test_a_device_that_is_not_there_is_a_one_line_error(capsys):
     from lattice.apps.gossip_sgd.__main__ import main
     from lattice.apps.gossip_sgd.experiment import resolve_device
@@ -165,6 +208,7 @@ def test_a_device_that_is_not_there_is_a_one_line_error(capsys):
     assert err == ["error: device 'cuda': torch sees no CUDA device here (use cpu, or auto)"]
 
 
+@pytest.mark.usefixtures("fashion_mnist")
 def test_the_cnn_learns_in_the_simulator():
     cfg = Config(algorithm="dfedavg", model="cnn", rounds=3, hp=Hyper(local_steps=5), **{**SMALL, "peers": 2})
     first, last = simulate(Config(**{**cfg.__dict__, "rounds": 1}))[-1], simulate(cfg)[-1]

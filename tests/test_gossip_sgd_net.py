@@ -177,6 +177,7 @@ async def test_references_are_rebuilt_from_exact_copies_when_the_graph_changes(t
         assert [g.stats.full_refs_sent for g in gossips[:2]] == sent[:2]  # copies of each other still exact
 
 
+@pytest.mark.usefixtures("fashion_mnist")
 def test_a_peer_with_other_settings_is_refused_and_the_average_model_is_evaluated(tmp_path):
     """Peers print their address; a peer started with another --algorithm exits 2 with one line
     naming the setting, instead of training alone; the others train together, and the first of them
@@ -219,6 +220,7 @@ def test_a_peer_with_other_settings_is_refused_and_the_average_model_is_evaluate
     assert avg["peers"] == 2 and avg["acc_avg"] > 0.3 and avg["consensus"] > 0
 
 
+@pytest.mark.usefixtures("fashion_mnist")
 @pytest.mark.slow
 @pytest.mark.parametrize("algorithm", ["dsgt", "cdproxsgt"])
 def test_peers_learn_and_the_rest_finish_when_one_is_killed(tmp_path, algorithm):
@@ -253,6 +255,7 @@ def test_peers_learn_and_the_rest_finish_when_one_is_killed(tmp_path, algorithm)
             assert left["left"] == [done["dead"][0]]
 
 
+@pytest.mark.usefixtures("fashion_mnist")
 @pytest.mark.slow
 def test_a_late_peer_joins_a_run_in_progress(tmp_path):
     import subprocess
@@ -302,6 +305,7 @@ def test_a_late_peer_joins_a_run_in_progress(tmp_path):
     assert _rounds(tmp_path / "peer0" / "log.jsonl")[-1]["live"] == n + 1  # the others took it in
 
 
+@pytest.mark.usefixtures("fashion_mnist")
 @pytest.mark.slow
 def test_a_killed_peer_resumes_from_its_checkpoint(tmp_path):
     """SIGKILL a peer after its checkpoint at round 4; restarted with --resume it loads the

@@ -18,6 +18,7 @@ from lattice import Node, NodeConfig  # noqa: E402
 from lattice.apps.mesh_inference import machine  # noqa: E402
 from lattice.apps.mesh_inference.client import MeshClient  # noqa: E402
 from lattice.apps.mesh_inference.model import Stage, greedy_generate, random_weights, tiny_config  # noqa: E402
+from lattice.apps.mesh_inference.tokenizer import byte_tokenizer  # noqa: E402
 from lattice.apps.mesh_inference.weights import config_from_json, open_model, pack_model  # noqa: E402
 from lattice.content.manifest import safetensors_layout  # noqa: E402
 from lattice.errors import ConfigError  # noqa: E402
@@ -93,6 +94,23 @@ def test_stage_servers_fetch_only_their_blocks_of_a_packed_model_and_compute_bit
         assert done.returncode == 0, done.stderr[-2000:]
         stages = [Stage(CONFIG, weights, a, b) for a, b in RANGES]
         assert json.loads(done.stdout)["tokens"] == greedy_generate(stages, PROMPT, 8)
+        # a text prompt: the tokenizer the file carries, published by the servers in the model card
+        argv = [
+            *CLI,
+            "generate",
+            "--model",
+            cid,
+            "hi there",
+            "--bootstrap",
+            boot,
+            "--json",
+            "--max-new-tokens",
+            "4",
+        ]
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]
+        text_prompt = byte_tokenizer().encode("hi there").ids
+        assert json.loads(done.stdout)["tokens"] == greedy_generate(stages, text_prompt, 4)
     finally:
         for daemon in [seed, *servers]:
             daemon.stop()

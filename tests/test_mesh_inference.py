@@ -10,8 +10,17 @@ torch = pytest.importorskip("torch")
 from lattice import Node, NodeConfig  # noqa: E402
 from lattice.apps.mesh_inference.client import MeshClient  # noqa: E402
 from lattice.apps.mesh_inference.errors import MeshError, NoChainError  # noqa: E402
-from lattice.apps.mesh_inference.model import Stage, greedy_generate, random_weights, tiny_config  # noqa: E402
-from lattice.apps.mesh_inference.server import ServerLimits, StageServer, pick_victim  # noqa: E402
+from lattice.apps.mesh_inference.model import (  # noqa: E402
+    Stage,
+    generate_local,
+    greedy_generate,
+    random_weights,
+    tiny_config,
+)
+from lattice.apps.mesh_inference.sampling import Sampling  # noqa: E402
+from lattice.apps.mesh_inference.server import ServerLimits, StageServer, pick_victim, plan_batch  # noqa: E402
+from lattice.apps.mesh_inference.tokenizer import byte_tokenizer  # noqa: E402
+from lattice.content import Content  # noqa: E402
 from lattice.dht.service import DHT, DHTConfig  # noqa: E402
 from lattice.rpc import RPC  # noqa: E402
 
@@ -40,23 +49,23 @@ async def mesh(tmp_path, nursery):
     """``await mesh([(0, 2), (2, 6)], limits=...)`` -> (client node, {range: [StageServer]}).
     ``server.kill()`` stops a server's node at once (its connections drop)."""
 
-    async def start(ranges, limits=None):
+    async def start(ranges, limits=None, card=False):
+        """``card``: servers publish the tiny model's tokenizer (nodes run the content service)."""
         servers: dict = {}
         boot: list[str] = []
         for i, (a, b) in enumerate(ranges):
+            tokenizer = byte_tokenizer() if card else None
             server = StageServer(Stage(CONFIG, WEIGHTS, a, b), MODEL, (limits or {}).get((a, b)),
-                                 announce_interval=2.0)  # fmt: skip
+                                 announce_interval=2.0, tokenizer=tokenizer)  # fmt: skip
             cfg = NodeConfig(listen=["/ip4/127.0.0.1/tcp/0"], data_dir=tmp_path / f"s{i}", control=False,
                              bootstrap=boot[:1])  # fmt: skip
-            node, scope = await nursery.start(
-                _run_node, cfg, [RPC(), DHT(DHTConfig(persist=False))], [server]
-            )
+            node, scope = await nursery.start(_run_node, cfg, services(card), [server])
             server.kill = scope.cancel
             boot = boot or node.addrs
             servers.setdefault((a, b), []).append(server)
         cfg = NodeConfig(listen=["/ip4/127.0.0.1/tcp/0"], data_dir=tmp_path / "client", control=False,
                          bootstrap=boot[:1])  # fmt: skip
-        client, _ = await nursery.start(_run_node, cfg, [RPC(), DHT(DHTConfig(persist=False))])
+        client, _ = await nursery.start(_run_node, cfg, services(card))
         with trio.fail_after(20):
             for group in servers.values():
                 for s in group:
@@ -66,15 +75,19 @@ async def mesh(tmp_path, nursery):
     return start
 
 
+def services(content: bool) -> list:
+    return [RPC(), DHT(DHTConfig(persist=False)), *([Content()] if content else [])]
+
+
 async def wait_servers(client: MeshClient, count: int) -> None:
     with trio.fail_after(10):
         while len(await client.servers(fresh=True)) < count:
             await trio.sleep(0.05)
 
 
-async def generate(client, prompt, n):
+async def generate(client, prompt, n, sampling=None):
     async with client.session() as session:
-        tokens = [t async for t in session.generate(prompt, n)]
+        tokens = [t async for t in session.generate(prompt, n, sampling=sampling)]
     return tokens, session
 
 
@@ -309,3 +322,67 @@ def test_a_full_server_gives_up_an_idle_session_or_one_of_the_biggest_holders():
     assert pick_victim(busy, "c", now, idle=2.0) is None  # a step in flight: never taken
     even = [(("a", 0), "a", now, False), (("b", 0), "b", now, False)]
     assert pick_victim(even, "c", now, idle=2.0) is None  # one each: fair already
+
+
+async def test_sessions_share_steps_and_each_gets_its_single_process_tokens(mesh):
+    """Continuous batching: concurrent sessions' steps run as one forward on each server, and every
+    session's tokens, greedy or sampled with a seed, are those of one process."""
+    limits = ServerLimits(max_sessions_per_peer=16)
+    node, servers = await mesh([(0, 3), (3, 6)], {(0, 3): limits, (3, 6): limits})
+    client = MeshClient(node, MODEL)
+    await wait_servers(client, 2)
+    jobs = [([i + 1, 2 * i + 3, 7], Sampling(temperature=0.9, top_p=0.95, seed=i) if i % 2 else None)
+            for i in range(8)]  # fmt: skip
+    results: dict[int, list[int]] = {}
+
+    async def one(i):
+        results[i], _ = await generate(client, jobs[i][0], 12, jobs[i][1])
+
+    async with trio.open_nursery() as n:
+        for i in range(len(jobs)):
+            n.start_soon(one, i)
+    stage = Stage(CONFIG, WEIGHTS, 0, 6)
+    for i, (prompt, sampling) in enumerate(jobs):
+        assert results[i] == generate_local([stage], prompt, 12, sampling), i
+    assert results[1] != reference(jobs[1][0], 12)  # sampled, not greedy
+    for a, b in ((0, 3), (3, 6)):
+        stats = servers[(a, b)][0].stats
+        assert stats["max_batch"] >= 4 and stats["batched"] > 1.5 * stats["steps"], stats
+
+
+def test_a_batch_is_the_oldest_step_and_later_ones_for_the_same_blocks_within_the_bounds():
+    steps = [((0, 3), 1), ((0, 3), 64), ((1, 3), 1), ((0, 3), 1), ((0, 3), 1), ((0, 3), 1)]
+    assert plan_batch(steps, max_batch=16, max_rows=256) == [0, 1, 3, 4, 5]
+    assert plan_batch(steps, max_batch=3, max_rows=256) == [0, 1, 3]
+    assert plan_batch(steps, max_batch=16, max_rows=3) == [0, 3, 4]  # the prompt chunk waits
+    assert plan_batch(steps[2:], max_batch=16, max_rows=256) == [0]  # other blocks: alone
+    assert plan_batch(steps, max_batch=1, max_rows=256) == [0]  # no batching
+    assert plan_batch([], 4, 4) == []
+
+
+async def test_a_thin_client_gets_config_and_tokenizer_from_the_servers(mesh):
+    node, _servers = await mesh([(0, 3), (3, 6)], card=True)
+    client = MeshClient(node, MODEL)
+    await wait_servers(client, 2)
+    card = await client.model_card()
+    assert card.config == CONFIG and card.model_id == MODEL and card.chat == "plain"
+    assert card.tokenizer and card.tokenizer_bytes > 1000
+    tokenizer = await client.tokenizer()  # through the content layer, by the id in the card
+    ids = tokenizer.encode("Hi there").ids
+    assert ids == list(b"Hi there") and tokenizer.decode(ids) == "Hi there"
+    assert node.content.counters["bytes_fetched"] == card.tokenizer_bytes
+    tokens, _ = await generate(client, ids, 8)
+    assert tokens == reference(ids, 8)
+
+
+async def test_content_get_refuses_content_over_max_size_before_fetching_it(mesh):
+    from lattice.content import ContentError
+
+    node, servers = await mesh([(0, 6)], card=True)
+    server_node = servers[(0, 6)][0].node
+    cid = await server_node.content.add(b"x" * 300_000)
+    with pytest.raises(ContentError, match="300000 bytes, more than the 1000"):
+        await node.content.get(cid, providers=[server_node.addrs[0]], max_size=1000)
+    assert node.content.counters["bytes_fetched"] == 0
+    path = await node.content.get(cid, providers=[server_node.addrs[0]], max_size=300_000)
+    assert path.stat().st_size == 300_000

@@ -135,3 +135,72 @@ def test_step_bytes_grow_with_rows_times_context_and_head_false_skips_the_logits
     stage = Stage(config, random_weights(config, seed=1), 0, config.n_layers)
     h = stage.forward(torch.tensor([[1, 2, 3]]), head=False)
     assert h.shape == (1, 3, config.hidden)
+
+
+def _clone(cache: KVCache) -> KVCache:
+    out = KVCache()
+    out.layers = {i: (k.clone(), v.clone()) for i, (k, v) in cache.layers.items()}
+    out.length = cache.length
+    return out
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_a_step_is_bitwise_the_same_alone_or_in_a_batch(dtype):
+    """What lets a server batch sessions (continuous batching) without changing anybody's tokens:
+    decode steps of sessions with different contexts, and a prompt chunk riding along, give the
+    same logits and caches in one forward_batch as each in a step of its own."""
+    config = tiny_config()
+    weights = random_weights(config, seed=8)
+    stages = [Stage(config, weights, 0, 2, dtype), Stage(config, weights, 2, 6, dtype)]
+    prompts = [[1, 2, 3], [5] * 7, list(range(40, 110)), [9, 8]]
+    caches = [[KVCache() for _ in prompts] for _ in stages]
+    for j, p in enumerate(prompts):
+        h = torch.tensor([p])
+        for s, stage in enumerate(stages):
+            h = stage.forward(h, caches[s][j])
+    rng = torch.Generator().manual_seed(9)
+    steps = [torch.randint(0, 256, (1, n), generator=rng) for n in (1, 1, 1, 64)]  # 3 decodes + a chunk
+    heads = [True, True, True, False]
+    alone_caches = [[_clone(c) for c in per_stage] for per_stage in caches]
+    batched, alone = list(steps), list(steps)
+    for s, stage in enumerate(stages):
+        batched = stage.forward_batch(batched, caches[s], heads=heads)
+        alone = [stage.forward(x, c, head=hd) for x, c, hd in zip(alone, alone_caches[s], heads, strict=True)]
+    for b, a in zip(batched, alone, strict=True):
+        assert b.dtype == torch.float32 and torch.equal(b, a)
+    assert batched[0].shape == (1, 1, config.vocab_size) and batched[3].shape == (1, 64, config.hidden)
+    for per_stage, per_stage_alone in zip(caches, alone_caches, strict=True):
+        for c, ca in zip(per_stage, per_stage_alone, strict=True):
+            assert c.length == ca.length
+            assert all(torch.equal(c.layers[i][0], ca.layers[i][0]) for i in c.layers)
+
+
+def test_blas_gives_a_row_the_same_result_from_four_rows_on():
+    """The property ROW_PAD rests on (of this torch build's BLAS, MKL): a row's product is the
+    same for any row count >= 4, so padding a decode step to 4 rows makes it batch-invariant."""
+    from lattice.apps.mesh_inference.config import ROW_PAD
+
+    rng = torch.Generator().manual_seed(0)
+    for n, k in ((64, 64), (128, 64), (576, 576), (1536, 576)):
+        w, x = torch.randn(n, k, generator=rng), torch.randn(80, k, generator=rng)
+        base = torch.nn.functional.linear(x[:ROW_PAD], w)[0]
+        for rows in (ROW_PAD, 5, 7, 8, 16, 33, 64, 80):
+            assert torch.equal(torch.nn.functional.linear(x[:rows], w)[0], base), (n, k, rows)
+
+
+def test_low_precision_stages_keep_matrices_in_their_dtype_and_split_bitwise():
+    config = tiny_config()
+    weights = random_weights(config, seed=10)
+    tokens = torch.randint(0, 256, (1, 20), generator=torch.Generator().manual_seed(2))
+    for dtype in ("bfloat16", "float16"):
+        whole = Stage(config, weights, 0, 6, dtype)
+        assert whole.w["blk.0.attn_q.weight"].dtype == getattr(torch, dtype)
+        assert whole.w["blk.0.attn_norm.weight"].dtype == torch.float32  # vectors stay fp32
+        h = tokens
+        for a, b in ((0, 3), (3, 6)):
+            h = Stage(config, weights, a, b, dtype).forward(h)
+        assert torch.equal(h, whole.forward(tokens))
+        fp32 = Stage(config, weights, 0, 6).forward(tokens)
+        assert 0 < (h - fp32).abs().max() < 0.25  # close, not equal
+    with pytest.raises(ValueError, match="dtype"):
+        Stage(config, weights, 0, 6, "int8")

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from lattice.testing.netns import PREFIX, Site, Testbed, cleanup_stale, netns_unavailable
+from lattice.testing.netns import NEIGHBOUR_TABLE, PREFIX, Site, Testbed, cleanup_stale, netns_unavailable
 
 _reason = netns_unavailable()
 pytestmark = pytest.mark.skipif(_reason is not None, reason=_reason or "")
@@ -141,6 +141,15 @@ def test_masquerade_outbound(tb: Testbed) -> None:
     assert ip == tb.public_ip("a") == tb.public_ip("a1") != tb.ip("a1")
     assert port == local_port  # cone: the source port is kept
     assert msg == "yo"
+
+
+def test_testbed_makes_room_in_the_shared_neighbour_table(tb: Testbed) -> None:
+    """The ARP/NDP table is shared by all namespaces: with the kernel's default of 1,024 entries a
+    64-host testbed made every other testbed on the machine fail (EHOSTUNREACH, SSDP unanswered)."""
+    for family in ("ipv4", "ipv6"):
+        for name, want in NEIGHBOUR_TABLE.items():
+            with open(f"/proc/sys/net/{family}/neigh/default/{name}") as f:
+                assert int(f.read()) >= want, (family, name)
 
 
 def test_unsolicited_inbound_dropped(tb: Testbed) -> None:

@@ -62,7 +62,8 @@ def test_declared_apps_load_and_list_their_commands_without_torch():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
-    assert report["apps"] == {"gossip_sgd": ["gossip-sgd"], "mesh_inference": ["generate", "serve-model"]}
+    mesh = ["generate", "serve-api", "serve-model"]
+    assert report["apps"] == {"gossip_sgd": ["gossip-sgd"], "mesh_inference": mesh}
     assert report["torch"] is False
 
 
@@ -185,7 +186,7 @@ def test_gossip_sgd_is_a_lattice_node_command_with_the_same_options():
     )
 
 
-@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(), reason="needs Fashion-MNIST")
+@pytest.mark.usefixtures("fashion_mnist")
 def test_two_gossip_sgd_peers_through_lattice_node(tmp_path):
     """The plug-in end to end: two `lattice-node gossip-sgd peer` processes train a round together,
     and the node options apply (the first keeps its node's state in --data-dir)."""

@@ -35,6 +35,7 @@ from lattice.identity import PeerId
 if TYPE_CHECKING:  # services' types (imported lazily at run time: a node without them pays nothing)
     from pycrdt import Array, Map, Text
 
+    from lattice.content.service import Content
     from lattice.crdt.document import Change, DocStats, Document
     from lattice.crdt.service import CRDT
     from lattice.dht.service import DHT
@@ -72,6 +73,8 @@ class AsyncNode(Protocol):
     def dht(self) -> DHT: ...
     @property
     def crdt(self) -> CRDT: ...
+    @property
+    def content(self) -> Content: ...
     async def id(self) -> dict: ...
     async def connect(self, addr: str | PeerId, timeout: float | None = None) -> str: ...
     async def disconnect(self, peer: str | PeerId) -> None: ...
@@ -133,6 +136,14 @@ class BlockingNode:
         """Replicated documents, blocking (``node.crdt.open("swarm/config").get_map("root")["lr"] = 0.1``;
         reads and writes run on the node's loop, values come back as plain Python)."""
         return BlockingCRDT(self, self.node.crdt)
+
+    @property
+    def content(self) -> BlockingService:
+        """Content-addressed blobs and checkpoints, blocking (same names as ``Node.content``:
+        ``cid = node.content.add("model.safetensors")``, ``node.content.get(cid, "out")``); a ``get``'s
+        ``on_progress`` callback runs on the node's thread."""
+        names = ("add", "get", "get_tensors", "pin", "unpin", "pins", "gc", "status", "verify")
+        return BlockingService(self, self.node.content, names)
 
     @property
     def rpc(self) -> BlockingRPC:

@@ -167,7 +167,7 @@ def _add_node_commands(sub: Any) -> None:
     peers = sub.add_parser("peers", help="list connected peers", description="List connected peers.")
     _add_control(peers)
     ping = sub.add_parser("ping", help="ping a peer", description="Ping a peer by multiaddr or peer id.")
-    ping.add_argument("target", metavar="MULTIADDR", help="multiaddr (or peer id of a connected peer)")
+    ping.add_argument("target", metavar="MULTIADDR|PEER_ID", help="multiaddr, or peer id (as for connect)")
     ping.add_argument("-c", "--count", type=int, default=3, help="number of pings (default 3)")
     _add_control(ping)
     connect = sub.add_parser(
@@ -501,6 +501,10 @@ def cmd_ping(args: argparse.Namespace) -> int:
         from lattice.multiaddr import Multiaddr
 
         Multiaddr.parse(target)  # a clear error before contacting the daemon
+    else:
+        from lattice.identity import PeerId
+
+        PeerId.from_string(target)
     with _client(args) as client:
         rtts = client.ping(target, count=args.count)
     ms = [r * 1000 for r in rtts]

@@ -26,7 +26,7 @@ import trio
 from lattice._version import __version__
 from lattice.blocking import BlockingNode
 from lattice.config import NodeConfig, parse_size
-from lattice.errors import DialError, LatticeError, NodeError
+from lattice.errors import LatticeError, NodeError
 from lattice.identity import KeyPair, PeerId, load_or_create_key
 from lattice.multiaddr import Multiaddr, dialable
 from lattice.nat.manager import NATConfig, NATManager
@@ -228,6 +228,7 @@ class Node:
         every provider the DHT lists is fetched (64 per key at most) and each is only a candidate:
         autorelay uses it once the peer at its address grants a reservation."""
         assert self.nat is not None and self._nursery is not None
+        nat = self.nat
         dht = self.dht
 
         async def discover() -> list[Multiaddr]:
@@ -238,11 +239,14 @@ class Node:
                     out.append(direct[0].with_peer(PeerId.from_string(peer)))
             return out
 
-        self.nat.use_relay_discovery(discover)
+        nat.use_relay_discovery(discover)
         if self.config.relay:
 
             async def announce() -> None:
-                while True:  # first as soon as the DHT knows somebody, then hourly
+                while True:  # first as soon as the DHT knows somebody and we are reachable, then hourly
+                    if not nat.relay_announceable:  # not (yet) known public, or serving no more
+                        await trio.sleep(2)
+                        continue
                     try:
                         stored = await dht.provide(RELAY_KEY)
                     except (LatticeError, trio.TooSlowError) as exc:
@@ -365,28 +369,27 @@ class Node:
 
     async def connect(self, addr: str | PeerId, timeout: float | None = None) -> str:
         """Connect to a peer by multiaddr, or by peer id (addresses found through the DHT, reached
-        directly or through its relay); returns its peer id."""
+        directly or through its relay; an existing connection must answer a ping); returns its
+        peer id."""
         host = self._require_host()
         timeout = timeout or self.config.dial_timeout
         if isinstance(addr, str) and addr.startswith("/"):
             conn = await host.connect(addr, timeout=timeout)
         else:
-            conn = await host.connect_peer(_as_peer(addr), timeout=timeout)
+            conn = await host.connect_peer(_as_peer(addr), timeout=timeout, verify=True)
         return str(conn.remote_peer)
 
     async def disconnect(self, peer: str | PeerId) -> None:
         await self._require_host().disconnect(_as_peer(peer))
 
     async def ping(self, target: str | PeerId, count: int = 1, timeout: float | None = None) -> list[float]:
-        """Ping a peer (peer id of a connected peer, or a multiaddr to dial); RTTs in seconds."""
+        """Ping a peer by multiaddr or by peer id (dialed as :meth:`connect` does); RTTs in seconds."""
         host = self._require_host()
         timeout = timeout or 10.0
         if isinstance(target, str) and target.startswith("/"):
             peer = _as_peer(await self.connect(target, timeout=timeout))
         else:
-            peer = _as_peer(target)
-            if host.connection_to(peer) is None:
-                raise DialError(f"not connected to {peer}; give a multiaddr to dial it")
+            peer = (await host.connect_peer(_as_peer(target), timeout=timeout)).remote_peer
         return await ping_protocol.ping(host, peer, count=count, timeout=timeout)
 
     async def peers(self) -> list[dict]:

@@ -294,13 +294,15 @@ class Content:
         providers: list[str] | None = None,
         pin: bool = True,
         on_progress: Callable[[dict], None] | None = None,
+        max_size: int | None = None,
     ) -> Path:
         """Fetch ``cid`` into the store (from ``providers``, multiaddrs or peer ids, and those the DHT
         knows), verified chunk by chunk; resumes what an interrupted fetch left. Returns the stored
-        file, or ``dest`` (a copy) if given."""
+        file, or ``dest`` (a copy) if given. ``max_size``: refuse content larger than this (checked
+        on the manifest, before any chunk is fetched)."""
         store = self._require_store()
         cid = ContentId.parse(cid)
-        await self._fetch(cid, None, providers, pin, on_progress)
+        await self._fetch(cid, None, providers, pin, on_progress, max_size)
         if pin:
             store.pin(cid)
             self._announce_soon(cid)
@@ -360,6 +362,7 @@ class Content:
         providers: list[str] | None,
         pin: bool,
         on_progress: Callable[[dict], None] | None,
+        max_size: int | None = None,
     ) -> None:
         store = self._require_store()
         key = str(cid)
@@ -372,6 +375,10 @@ class Content:
                 raw = store.manifest_bytes(cid)
                 if raw is None:
                     raw = await self._find_manifest(cid, candidates)
+                if max_size is not None:
+                    size = Manifest.decode(raw, self.config.max_manifest).size
+                    if size > max_size:
+                        raise ContentError(f"{cid} is {size} bytes, more than the {max_size} asked for")
                 partial = store.begin(cid, raw)
                 if pin:
                     store.pin(cid)

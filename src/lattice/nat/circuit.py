@@ -161,6 +161,11 @@ class CircuitStream(trio.abc.Stream):
     def __init__(self, stream: Stream) -> None:
         self.stream = stream
 
+    def carrier(self) -> object:
+        """The byte stream of the relay connection this circuit runs on (``tcp_stalled`` reads
+        whether that path still acknowledges)."""
+        return self.stream.session.carrier()
+
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         try:
             await self.stream.write(data)
@@ -272,6 +277,8 @@ async def reserve(host: Host, conn: Connection, timeout: float = TIMEOUT) -> Res
     for addr in reply.reservation_addrs or [conn.remote_addr]:
         if addr.is_relayed or not addr.tcp_target():
             continue
+        if addr.is_loopback() and not conn.remote_addr.is_loopback():
+            continue  # the relay's 127.0.0.1 leads to the dialer's own machine, never to the relay
         addrs.append(addr.with_peer(relay).circuit())
     return Reservation(relay, float(reply.expire), addrs, reply.limit)
 

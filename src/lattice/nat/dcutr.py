@@ -66,6 +66,18 @@ def punch_targets(addrs: list[Multiaddr], limit: int) -> list[Multiaddr]:
     return out
 
 
+def punch_failure(addrs: list[Multiaddr], failed: dict[str, str], timeout: float) -> str:
+    """Why a punch of ``addrs`` made no connection, each target once: its error, or the timeout
+    (what a NAT that drops the SYNs, a symmetric one, gives)."""
+    parts = []
+    for addr in addrs:
+        target = addr.tcp_target()
+        if target is not None:
+            where = f"{target[0]}:{target[1]}"
+            parts.append(f"{where}: {failed.get(where, f'timed out after {timeout:.1f}s')}")
+    return "; ".join(parts[:3])
+
+
 def encode(mtype: int, addrs: list[Multiaddr] = ()) -> bytes:  # type: ignore[assignment]
     body = _proto.encode([(1, mtype), *((2, a.to_bytes()) for a in addrs[:MAX_ADDRS])])
     return _proto.delimited(body)
@@ -125,7 +137,10 @@ class HolePuncher:
         self.max_concurrent = max_concurrent
         self.results: dict[PeerId, dict] = {}  # last outcome per peer, for status
         self.refused = 0  # punch requests refused (direct connection, over the rate, too many)
-        self._busy: set[PeerId] = set()
+        # one punch per peer at a time, whichever role: two at once dial the same address from the
+        # same port, and the second fails ("cannot assign requested address")
+        self._punching: dict[PeerId, trio.CancelScope] = {}  # we started it (B's role)
+        self._answering: set[PeerId] = set()  # the peer started it (A's role)
         self._recent: dict[PeerId, list[float]] = {}  # start times of a peer's punches, in the window
         self._running = 0
 
@@ -160,34 +175,39 @@ class HolePuncher:
         return [a for a in self.public_addrs() if a.tcp_target()][:MAX_ADDRS]
 
     async def punch(self, conn: Connection) -> bool:
-        """B's side: coordinate over the relayed ``conn`` and dial; True once direct."""
+        """B's side: coordinate over the relayed ``conn`` and dial; True once direct. When both
+        peers dialed each other through relays, both start one: the peer with the lower id keeps
+        its punch, the other yields to it (see :meth:`_handle`)."""
         peer = conn.remote_peer
-        if peer in self._busy:
+        if peer in self._punching or peer in self._answering:
             return False
-        self._busy.add(peer)
         start = time.monotonic()
         error = "no attempt made"
-        try:
-            for attempt in range(1, self.attempts + 1):
-                if self._direct(peer) is not None:
-                    return True
-                if conn.closed:
-                    error = "relayed connection closed"
-                    break
-                try:
-                    await self._punch_once(conn)
-                    self._record(peer, "direct", start, attempt)
-                    return True
-                except (LatticeError, trio.TooSlowError, OSError) as exc:
-                    if self._direct(peer) is not None:  # A's SYN reached our listener instead
+        with trio.CancelScope() as scope:
+            self._punching[peer] = scope
+            try:
+                for attempt in range(1, self.attempts + 1):
+                    if self._direct(peer) is not None:
+                        return True
+                    if conn.closed:
+                        error = "relayed connection closed"
+                        break
+                    try:
+                        await self._punch_once(conn)
                         self._record(peer, "direct", start, attempt)
                         return True
-                    error = str(exc) or type(exc).__name__
-                    log.debug("hole punch %d to %s failed: %s", attempt, peer, error)
-            self._record(peer, f"failed: {error}", start, self.attempts)
-            return False
-        finally:
-            self._busy.discard(peer)
+                    except (LatticeError, trio.TooSlowError, OSError) as exc:
+                        if self._direct(peer) is not None:  # A's SYN reached our listener instead
+                            self._record(peer, "direct", start, attempt)
+                            return True
+                        error = str(exc) or type(exc).__name__
+                        log.debug("hole punch %d to %s failed: %s", attempt, peer, error)
+                self._record(peer, f"failed: {error}", start, self.attempts)
+                return False
+            finally:
+                if self._punching.get(peer) is scope:
+                    del self._punching[peer]
+        return self._direct(peer) is not None  # yielded to the peer's punch
 
     async def _punch_once(self, conn: Connection) -> None:
         peer = conn.remote_peer
@@ -220,14 +240,22 @@ class HolePuncher:
         within the peer's rate)."""
         peer = stream.remote_peer
         conn = self.host.connection_of(stream)
-        if conn is None or not conn.relayed or not self._admit(peer):
+        ours = self._punching.get(peer)
+        if ours is not None and self.host.peer_id.multihash < peer.multihash:
+            await stream.reset()  # both punching: the lower peer id keeps its own
+            return
+        if conn is None or not conn.relayed or peer in self._answering or not self._admit(peer):
             if conn is not None and not conn.relayed:
                 self.refused += 1
             await stream.reset()
             return
+        if ours is not None:
+            ours.cancel()  # both punching: we yield to the peer's
+        self._answering.add(peer)
         try:
             await self._answer(stream, peer)
         finally:
+            self._answering.discard(peer)
             self._release()
 
     async def _answer(self, stream: Stream, peer: PeerId) -> None:
@@ -258,11 +286,14 @@ class HolePuncher:
         return None
 
     async def _dial_any(self, peer: PeerId, addrs: list[Multiaddr], outbound: bool) -> Connection:
-        """Dial the addresses (at most ``max_dial_addrs`` of them, see :func:`punch_targets`) at once
-        from our listen port; the first socket that connects wins."""
-        addrs = punch_targets(addrs, self.max_dial_addrs)
+        """Dial the addresses that can reach the peer from here (at most ``max_dial_addrs``, see
+        :func:`punch_targets` and ``Host.plausible_addrs``: not its LAN address from another LAN)
+        at once from our listen port; the first socket that connects wins."""
+        addrs = punch_targets(self.host.plausible_addrs(addrs), self.max_dial_addrs)
+        if not addrs:
+            raise DialError("the peer named no address reachable from here")
         won: list[trio.SocketStream] = []
-        errors: list[str] = []
+        failed: dict[str, str] = {}  # target -> why, for those that failed before the timeout
         with trio.move_on_after(self.dial_timeout):  # bounds every attempt, not just their start
             async with trio.open_nursery() as nursery:
 
@@ -274,7 +305,7 @@ class HolePuncher:
                         else:
                             sock = await open_from_port(local, target)
                     except OSError as exc:
-                        errors.append(f"{target[0]}:{target[1]}: {exc.strerror or exc}")
+                        failed[f"{target[0]}:{target[1]}"] = exc.strerror or str(exc)
                         return
                     if won:
                         await trio.aclose_forcefully(sock)
@@ -287,7 +318,7 @@ class HolePuncher:
                     if target is not None:
                         nursery.start_soon(attempt, target)
         if not won:
-            raise DialError("no punched connection: " + ("; ".join(errors[:3]) or "timed out"))
+            raise DialError("no punched connection: " + punch_failure(addrs, failed, self.dial_timeout))
         sock = won[0]
         remote = sockaddr_to_multiaddr(sock.socket.getpeername())
         return await self.host.adopt(sock, outbound, remote, expected=peer)

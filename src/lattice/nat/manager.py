@@ -5,7 +5,12 @@ The pieces (autonat, autorelay, circuit, dcutr, relay) compose here:
   reservations on relays (bootstrap peers that relay count) and advertises the relayed addresses,
   so a NATed node is reachable a moment after start, not after a check's timeout;
 - a relayed connection is upgraded to a direct one by DCUtR when both NATs allow it;
-- ``relay_service=True`` (``lattice-node run --relay``) serves circuits for others, within limits;
+- ``relay_service=True`` (``lattice-node run --relay``) serves circuits for others, within limits,
+  unless reachability detection finds the node private (a relay behind a NAT helps nobody: it stops
+  serving, and the node does not announce it, until it is reachable again);
+- relay paths (connections to the relays we hold reservations on, circuits through relays) are
+  pinged every ``relay_probe_interval``: a relay host that vanishes without a FIN or RST is noticed
+  within seconds, and its reservation and circuits move to another relay;
 - our advertised addresses gain confirmed public ones and relayed ones, and every change is
   pushed to connected peers (identify push), so the DHT hands out current addresses.
 """
@@ -21,14 +26,15 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from lattice.errors import LatticeError
 from lattice.multiaddr import Multiaddr, dialable
-from lattice.nat.autonat import PUBLIC, AutoNAT
+from lattice.nat.autonat import PRIVATE, PUBLIC, AutoNAT
 from lattice.nat.autorelay import AutoRelay
 from lattice.nat.circuit import CircuitListener
 from lattice.nat.dcutr import HolePuncher
 from lattice.nat.relay import RelayLimits, RelayServer
 from lattice.transport import identify
-from lattice.transport.host import Host
+from lattice.transport.host import Connection, Host, tcp_stalled
 from lattice.transport.limits import TokenBucket
 
 if TYPE_CHECKING:  # imported when port mapping starts (most nodes never map a port)
@@ -55,6 +61,10 @@ class NATConfig:
     mdns_max_dials: int = 16  # LAN peers dialed at once (anyone on the LAN can announce) ...
     mdns_dials_per_minute: float = 12.0  # ... and per minute; a peer whose dial failed waits 10 min
     mdns_max_peers: int = 256  # LAN peers remembered (the most recently announced)
+    # relay paths quiet for this long are pinged; one that does not answer within the timeout is
+    # closed (a relay that vanished silently is otherwise noticed by the 30 s keep-alive, or TCP)
+    relay_probe_interval: float = 2.0
+    relay_probe_timeout: float = 3.0
 
 
 class NATManager:
@@ -106,8 +116,18 @@ class NATManager:
         self._reachability_changed()
 
     def _reachability_changed(self) -> None:
-        self.autorelay.set_active(self.reachability != PUBLIC)
+        reach = self.reachability
+        # a relay assumes it is reachable until detection says otherwise (operators run relays on
+        # public hosts, and peers reserve on them at once); other nodes reserve until it is known
+        self.autorelay.set_active(reach == PRIVATE if self.relay_server is not None else reach != PUBLIC)
+        if self.relay_server is not None:
+            self.relay_server.set_serving(reach != PRIVATE)  # the push tells peers our protocols
         self.request_push()
+
+    @property
+    def relay_announceable(self) -> bool:
+        """Serving as a relay and known to be reachable: the node may announce itself as a relay."""
+        return self.relay_server is not None and self.reachability == PUBLIC
 
     def request_push(self) -> None:
         """Our addresses changed: tell connected peers (soon, once for a burst of changes)."""
@@ -132,6 +152,7 @@ class NATManager:
             if self.config.reachability == "auto":
                 nursery.start_soon(self.autonat.run)
             nursery.start_soon(self.autorelay.run)
+            nursery.start_soon(self._watch_relay_paths)
             if self.config.upnp:
                 nursery.start_soon(self._port_mapping)
             if self.config.mdns:
@@ -142,6 +163,45 @@ class NATManager:
                 await trio.sleep(0.05)  # coalesce bursts of changes into one push
                 self._push = trio.Event()
                 await identify.push(self.host)
+
+    def _relay_paths(self) -> list[Connection]:
+        """Connections that die silently with a relay: circuits, and direct connections to the
+        relays we hold reservations on."""
+        held = self.autorelay.reservations
+        return [c for c in self.host.connections() if c.relayed or c.remote_peer in held]
+
+    async def _watch_relay_paths(self) -> None:
+        """Ping relay paths that were quiet since the last round; close those that do not answer
+        (autorelay then reserves elsewhere, and the next dial of a peer takes another circuit)."""
+        heard: dict[int, int] = {}  # id(session) -> bytes received when last looked at
+        async with trio.open_nursery() as nursery:
+            while True:
+                await trio.sleep(self.config.relay_probe_interval)
+                paths = self._relay_paths()
+                for conn in paths:
+                    key, received = id(conn.session), conn.session.bytes_received
+                    if heard.get(key) != received:  # traffic arrived since the last round: alive
+                        heard[key] = received
+                        continue
+                    nursery.start_soon(self._probe_path, conn)
+                live = {id(c.session) for c in paths}
+                heard = {k: n for k, n in heard.items() if k in live}
+
+    async def _probe_path(self, conn: Connection) -> None:
+        """Close ``conn`` if a ping goes unanswered and the TCP connection under it (for a circuit:
+        the one to its relay) has the ping unacknowledged: the path is dead, not the peer slow."""
+        before = conn.session.bytes_received
+        timeout = self.config.relay_probe_timeout
+        try:
+            await conn.session.ping(timeout=timeout)
+            return
+        except (LatticeError, trio.TooSlowError):
+            if conn.closed or conn.session.bytes_received != before:
+                return
+            if tcp_stalled(conn.session.carrier(), timeout / 2) is False:
+                return
+        log.info("relay path %s to %s is silent: closing it", conn.remote_addr, conn.remote_peer)
+        await conn.close()
 
     async def _port_mapping(self) -> None:
         """Map our TCP listen port on the gateway, keep it renewed, announce the external address."""

@@ -98,6 +98,7 @@ class RelayServer:
         # open circuits (and those being set up) by key: "*", peer, (src, dst), prefix, (prefix, dst)
         self.circuits: Counter = Counter()
         self.stats: Counter[str] = Counter()
+        self.serving = True
 
     @property
     def open_circuits(self) -> int:
@@ -106,6 +107,19 @@ class RelayServer:
     def install(self) -> None:
         self.host.set_stream_handler(circuit.HOP, self._handle_hop)
         self.host.on_disconnect(self._on_disconnect)
+
+    def set_serving(self, serving: bool) -> None:
+        """Offer the hop protocol or not: a relay found unreachable (behind a NAT) stops, so peers
+        do not pick it (identify lists the protocols we serve); its reservations go, since nobody
+        could dial them. Circuits already open run on."""
+        if serving == self.serving:
+            return
+        self.serving = serving
+        if serving:
+            self.host.set_stream_handler(circuit.HOP, self._handle_hop)
+        else:
+            self.host.remove_stream_handler(circuit.HOP)
+            self.reservations.clear()
 
     def _on_disconnect(self, conn: Connection) -> None:
         """A reservation lasts only while its peer is connected: circuits need that connection, and
@@ -120,6 +134,7 @@ class RelayServer:
     def status(self) -> dict:
         now = time.time()
         return {
+            "serving": self.serving,
             "reservations": sum(1 for s in self.reservations.values() if s.expire > now),
             "circuits": self.open_circuits,
             "relayed_bytes": self.stats["relayed_bytes"],

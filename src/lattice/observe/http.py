@@ -22,7 +22,7 @@ from prometheus_client.exposition import choose_encoder
 from lattice.errors import ConfigError
 from lattice.observe import metrics, page
 
-__all__ = ["parse_listen", "serve_http"]
+__all__ = ["local_host_header", "parse_listen", "serve_http"]
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ def _header(request: h11.Request, name: bytes) -> str | None:
 _LOCAL_NAMES = {"127.0.0.1", "localhost", "[::1]", "::1"}
 
 
-def _local_host_header(host: str | None) -> bool:
+def local_host_header(host: str | None) -> bool:
     """Served on loopback, the Host header must name loopback too: a web page of another site
     that re-points its own name at 127.0.0.1 (DNS rebinding) then cannot read the node's state."""
     if host is None:
@@ -119,7 +119,7 @@ def _reply(node: Any, registry: CollectorRegistry, conn: h11.Connection, outcome
         return _response(conn, outcome, f"{HTTPStatus(outcome).phrase.lower()}\n".encode(), "text/plain")
     if outcome.method not in (b"GET", b"HEAD"):
         return _response(conn, 405, b"only GET\n", "text/plain")
-    if local_only and not _local_host_header(_header(outcome, b"host")):  # DNS rebinding: a page of
+    if local_only and not local_host_header(_header(outcome, b"host")):  # DNS rebinding: a page of
         return _response(conn, 403, b"forbidden\n", "text/plain")  # another site
     status, body, content_type = _route(node, registry, outcome)
     return _response(conn, status, body, content_type, head_only=outcome.method == b"HEAD")

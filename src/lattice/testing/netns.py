@@ -210,6 +210,28 @@ def netns_unavailable() -> str | None:
     return None
 
 
+# The kernel's ARP/NDP table is one table for all namespaces, with limits set in the root
+# namespace (default gc_thresh3 = 1024 entries): a testbed of 64 hosts on one bridge learns ~4,000
+# neighbours and then every namespace on the machine, other testbeds included, fails to resolve
+# ("neighbor table overflow!", EHOSTUNREACH, SSDP unanswered).
+NEIGHBOUR_TABLE = {"gc_thresh1": 4096, "gc_thresh2": 16384, "gc_thresh3": 32768}
+
+
+def ensure_neighbour_room() -> None:
+    """Raise the shared neighbour-table limits to ``NEIGHBOUR_TABLE`` where they are lower."""
+    for family in ("ipv4", "ipv6"):
+        for name, want in NEIGHBOUR_TABLE.items():
+            path = f"/proc/sys/net/{family}/neigh/default/{name}"
+            try:
+                with open(path) as f:
+                    if int(f.read()) >= want:
+                        continue
+                with open(path, "w") as f:
+                    f.write(str(want))
+            except (OSError, ValueError):
+                pass  # not root or no such sysctl: small testbeds fit the defaults
+
+
 def cleanup_stale() -> list[str]:
     """Delete ``lt-<pid>-*`` namespaces left by dead processes (a run killed by SIGKILL).
 
@@ -315,6 +337,7 @@ class Testbed:
 
     def _build(self) -> None:
         start = time.monotonic()
+        ensure_neighbour_room()
         tag = f"{PREFIX}{os.getpid()}-{next(_counter)}-"
         self.internet = tag + "internet"
         hosts = [*self.public, *(n for s in self.sites.values() for n in (s.name, *s.peer_names()))]
@@ -437,6 +460,43 @@ table ip lt_nat {{
         """The interface, inside ``host``'s namespace, that leads to the internet."""
         self.port(host)
         return "wan" if host in self.sites else "eth0"
+
+    def cut(self, host: str) -> None:
+        """Drop everything ``host`` sends or receives on its uplink, silently (no FIN, RST or ICMP):
+        a host that vanished with its link. :meth:`heal` undoes it."""
+        up = self.uplink(host)
+        rules = f"""table inet lt_cut {{
+    chain pre {{ type filter hook prerouting priority -300; policy accept; iifname "{up}" drop; }}
+    chain post {{ type filter hook postrouting priority 300; policy accept; oifname "{up}" drop; }}
+}}"""
+        _wait([_spawn(self.exec_argv(host, ["nft", "-f", "-"]), rules)], f"cutting {host}")
+
+    def heal(self, host: str) -> None:
+        """Undo :meth:`cut`."""
+        self.run(host, ["nft", "delete", "table", "inet", "lt_cut"], check=True)
+
+    def drop_private(self) -> None:
+        """Make every router drop, silently, what its peers send to private networks (RFC 1918)
+        other than its own LAN and the testbed's internet, as the real internet does: a dial of
+        another site's LAN address hangs until its timeout instead of failing at once (ICMP).
+        :meth:`private_drops` counts the packets dropped."""
+        rules = f"""table ip lt_bogon {{
+    chain forward {{
+        type filter hook forward priority -10; policy accept;
+        oifname "wan" ip daddr != {_PUBLIC_NET}.0/24 ip daddr {{ 10.0.0.0/8, 172.16.0.0/12, 192.168.0.0/16 }} counter drop
+    }}
+}}"""  # noqa: E501
+        routes = [f"route add {net} dev wan" for net in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16")]
+        procs = [_ip_batch(routes, self.ns[site]) for site in self.sites]  # else: ICMP unreachable
+        procs += [_spawn(self.exec_argv(site, ["nft", "-f", "-"]), rules) for site in self.sites]
+        _wait(procs, "dropping private destinations")
+
+    def private_drops(self, site: str) -> int:
+        """Packets the router of ``site`` dropped since :meth:`drop_private` (sent to another private
+        network: a dial that could not reach anything)."""
+        out = self.run(site, ["nft", "list", "chain", "ip", "lt_bogon", "forward"], check=True).stdout
+        match = re.search(r"counter packets (\d+)", out)
+        return int(match.group(1)) if match else 0
 
     def site_of(self, peer: str) -> str | None:
         """The site a peer is behind, or None for public hosts and routers."""

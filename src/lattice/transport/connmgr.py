@@ -107,7 +107,8 @@ class ConnectionManager:
         """Dial the peer's known direct addresses at once (no peer-router lookup: this runs every
         second or so); True once one connected."""
         info = self.host.peerstore.get(peer)
-        addrs = [a for a in (info.addrs if info else []) if a.tcp_target() and not a.is_relayed][:4]
+        direct = [a for a in (info.addrs if info else []) if a.tcp_target() and not a.is_relayed]
+        addrs = self.host.plausible_addrs(direct)[:4]
         won: list[Connection] = []
         with trio.move_on_after(2 * KEPT_ATTEMPT):
             async with trio.open_nursery() as nursery:

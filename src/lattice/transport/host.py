@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import errno
 import functools
+import ipaddress
 import logging
 import socket
 import struct
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -22,13 +23,14 @@ import trio
 from lattice.errors import (
     ConnectionLost,
     DialError,
+    LatticeError,
     NegotiationError,
     ProtocolError,
     TransportError,
 )
 from lattice.identity import KeyPair, PeerId
 from lattice.multiaddr import Multiaddr, MultiaddrError, dialable
-from lattice.transport import multistream, noise, yamux
+from lattice.transport import multistream, noise, scope, yamux
 from lattice.transport.limits import PENALTY_MALFORMED, Limits, PeerLimits
 from lattice.transport.peerstore import PeerInfo, PeerStore
 from lattice.transport.resources import (
@@ -64,6 +66,11 @@ class HostConfig:
     max_inbound_streams: int = 512
     write_timeout: float = 30.0
     relay_delay: float = 0.3  # head start of direct addresses over relayed ones when dialing a peer
+    # a dial by peer id asks the peer router (DHT) for fresh addresses once the known ones failed,
+    # or after this long without a connection (they may be stale: a dead address hangs a whole timeout)
+    route_delay: float = 1.0
+    verify_timeout: float = 2.0  # connect(verify=True): an existing circuit must answer a ping within
+    max_reached_networks: int = 64  # private networks (/24, /64) we had direct connections in (scope)
 
 
 @dataclass
@@ -125,16 +132,41 @@ def _interface_ips(net: str) -> list[str]:
 
 
 def _read_interface_ips(net: str) -> list[str]:
-    import ifaddr  # lazily: only needed when listening on a wildcard address
+    ips = [ip for ip, _ in _read_interfaces(net)]
+    return sorted(set(ips), key=lambda a: (not a.startswith("127.") and a != "::1", a))
 
-    ips = []
+
+def _read_interfaces(net: str) -> list[tuple[str, int]]:
+    """(address, prefix length) of each interface address of family ``net`` (no IPv6 link-local)."""
+    import ifaddr  # lazily: only needed when listening on a wildcard address or dialing by peer id
+
+    out = []
     for adapter in ifaddr.get_adapters():
         for ip in adapter.ips:
             if net == "ip4" and isinstance(ip.ip, str):
-                ips.append(ip.ip)
+                out.append((ip.ip, ip.network_prefix))
             elif net == "ip6" and isinstance(ip.ip, tuple) and not ip.ip[0].startswith("fe80"):
-                ips.append(ip.ip[0])
-    return sorted(set(ips), key=lambda a: (not a.startswith("127.") and a != "::1", a))
+                out.append((ip.ip[0], ip.network_prefix))
+    return out
+
+
+_nets_cache: dict[str, tuple[float, list[scope.IPNetwork]]] = {}
+
+
+def _interface_networks(net: str) -> list[scope.IPNetwork]:
+    """The networks of this machine's interfaces of family ``net`` (cached like the addresses)."""
+    now = time.monotonic()
+    cached = _nets_cache.get(net)
+    if cached is not None and now - cached[0] < _IFACE_TTL:
+        return cached[1]
+    nets = []
+    for ip, prefix in _read_interfaces(net):
+        try:
+            nets.append(ipaddress.ip_network(f"{ip}/{prefix}", strict=False))
+        except ValueError:
+            continue
+    _nets_cache[net] = (now, nets)
+    return nets
 
 
 def sockaddr_to_multiaddr(sockaddr) -> Multiaddr:
@@ -176,6 +208,8 @@ class Host:
         self._address_sources: list[Callable[[], list[Multiaddr]]] = []
         self._probes_from: dict[PeerId, float] = {}  # peer -> until when we expect its dial-back
         self._relayed_dialer: RelayedDialer | None = None  # installed by lattice.nat.circuit
+        self._arrivals: dict[PeerId, list[trio.Event]] = {}  # peer -> tasks waiting for a connection
+        self._reached: OrderedDict[scope.IPNetwork, None] = OrderedDict()  # private networks we reached
 
     # -- handlers and events
     def set_stream_handler(self, protocol: str, handler: StreamHandler) -> None:
@@ -375,12 +409,16 @@ class Host:
         expected = addr.peer_id
         if expected == self.peer_id:
             raise DialError("cannot dial ourselves")
+        target = addr.tcp_target()
+        if target is not None and addr.ip is not None and (addr.ip, target[1]) in self.vantage().own:
+            raise DialError(f"cannot dial {addr}: it is one of this node's own listen addresses")
         return await self._shared_dial(expected, lambda: self._connect_addr(addr, expected, timeout), timeout)
 
     async def _shared_dial(
         self, peer: PeerId | None, dial: Callable[[], Awaitable[Connection]], timeout: float | None
     ) -> Connection:
-        """Reuse a live connection to ``peer``, or join a dial already under way, or run ``dial``."""
+        """Reuse a live connection to ``peer``, or join a dial already under way (until it ends or
+        the peer connects some other way), or run ``dial``."""
         if peer is None:
             return await dial()
         conn = self.connection_to(peer)
@@ -388,11 +426,13 @@ class Host:
             return conn
         pending = self._dialing.get(peer)
         if pending is not None:  # someone is dialing this peer already: share the result
-            with trio.fail_after(timeout or self.config.dial_timeout):
-                await pending.wait()
+            with trio.move_on_after(timeout or self.config.dial_timeout) as waited:
+                await _first_of(pending.wait, functools.partial(self.wait_connected, peer))
             conn = self.connection_to(peer)
             if conn is not None:
                 return conn
+            if waited.cancelled_caught:
+                raise DialError(f"dialing {peer} timed out (joined a dial already under way)")
         event = trio.Event()
         self._dialing[peer] = event
         try:
@@ -401,6 +441,66 @@ class Host:
             event.set()
             if self._dialing.get(peer) is event:
                 del self._dialing[peer]
+
+    async def wait_connected(self, peer: PeerId) -> Connection:
+        """Wait until a usable connection to ``peer`` exists, whoever made it (our dial, the peer's,
+        a hole punch); the caller bounds the time."""
+        while True:
+            conn = self.connection_to(peer)
+            if conn is not None:
+                return conn
+            event = trio.Event()
+            waiters = self._arrivals.setdefault(peer, [])
+            waiters.append(event)
+            try:
+                await event.wait()
+            finally:
+                if event in waiters:
+                    waiters.remove(event)
+                if not waiters and self._arrivals.get(peer) is waiters:
+                    del self._arrivals[peer]
+
+    def _arrived(self, conn: Connection) -> None:
+        for event in self._arrivals.pop(conn.remote_peer, ()):
+            event.set()
+
+    # -- address scope
+    def vantage(self) -> scope.Vantage:
+        """Where this host stands (its listen endpoints, interfaces and the private networks it
+        reached): what decides which of a peer's addresses can reach it (lattice.transport.scope)."""
+        own: set[tuple[str, int]] = set()
+        local: set[str] = set()
+        networks: list[scope.IPNetwork] = []
+        for net in ("ip4", "ip6"):
+            ips = _interface_ips(net)
+            local.update(ips)
+            networks.extend(_interface_networks(net))
+            for addr in self.listen_addrs:
+                if addr.parts[0][0] != net:
+                    continue
+                ip, port = addr.parts[0][1] or "", int(addr.parts[1][1] or 0)
+                own.update((i, port) for i in (ips if ip in ("0.0.0.0", "::") else [ip]))
+        networks.extend(n for n in self._reached if n not in networks)
+        return scope.Vantage(frozenset(own), frozenset(local), tuple(networks))
+
+    def plausible_addrs(self, addrs: Sequence[Multiaddr]) -> list[Multiaddr]:
+        """The addresses of one peer that can plausibly reach it from here (see
+        lattice.transport.scope): never our own, loopback only on this machine, private ones only
+        within a network we share."""
+        return scope.plausible(addrs, self.vantage())
+
+    def _note_reached(self, remote: Multiaddr, local: Multiaddr | None) -> None:
+        """A direct connection with a private address: its network is one we share (bounded, the
+        most recent kept)."""
+        if remote.is_relayed or remote.ip is None:
+            return
+        network = scope.network_of(remote.ip, local.ip if local is not None else None)
+        if network is None:
+            return
+        self._reached[network] = None
+        self._reached.move_to_end(network)
+        while len(self._reached) > self.config.max_reached_networks:
+            self._reached.popitem(last=False)
 
     async def _connect_addr(
         self, addr: Multiaddr, expected: PeerId | None, timeout: float | None
@@ -502,12 +602,15 @@ class Host:
         )
         conn_ref.append(conn)
         self._conns.setdefault(conn.remote_peer, []).append(conn)
+        self._note_reached(remote, local)
         info = self.peerstore.add(conn.remote_peer)
         info.public_key = secure.remote_public_key
         info.last_seen = time.time()
         self.counters["connections_opened"] += 1
         for callback in self._connect_callbacks:
             callback(conn)
+        if not conn.probe:
+            self._arrived(conn)
         return conn
 
     async def _run_connection(self, conn: Connection) -> None:
@@ -531,38 +634,114 @@ class Host:
                 callback(conn)
 
     async def connect_peer(
-        self, peer: PeerId, timeout: float | None = None, route: bool = True
+        self, peer: PeerId, timeout: float | None = None, route: bool = True, verify: bool = False
     ) -> Connection:
-        """A live connection to ``peer``: the existing one, or a dial of the addresses we know; if
-        those fail or there are none (and ``route``), of the addresses the peer router (DHT) finds.
+        """A live connection to ``peer``: the existing one, or a dial of the addresses we know that
+        can plausibly reach it (:meth:`plausible_addrs`); with ``route``, also of those the peer
+        router (DHT) finds, or else through the relays we hold reservations on, once the known ones
+        failed or after ``route_delay`` (they may be stale).
         The DHT's own requests pass ``route=False``: a stale contact must not start a lookup whose
-        requests start lookups in turn.
-
-        Direct addresses are tried at once, relayed ones after ``relay_delay`` (a NATed peer's
-        private addresses may only time out), all in parallel; the first connection made wins."""
+        requests start lookups in turn. Direct addresses are tried at once, relayed ones after
+        ``relay_delay``; the first connection wins, also one the peer or a hole punch made meanwhile.
+        ``verify``: an existing relayed connection must answer a ping first (a relay that vanished
+        without a FIN leaves circuits that look alive); one that does not is closed and the peer
+        dialed."""
         if peer == self.peer_id:
             raise DialError("cannot dial ourselves")
+        timeout = timeout or self.config.dial_timeout
         conn = self.connection_to(peer)
+        for _ in range(2 if verify else 0):  # a second connection may be a circuit via the same relay
+            if conn is None or not conn.relayed:
+                break
+            if await self._alive(conn, min(self.config.verify_timeout, timeout / 2)):
+                break
+            conn = self.connection_to(peer)
         if conn is not None:
             return conn
         if self.limits is not None and self.limits.is_banned(peer):
             raise DialError(f"{peer} is banned")
         info = self.peerstore.get(peer)
-        known = [a for a in (info.addrs if info else []) if a.tcp_target() or a.is_relayed]
+        known = self.plausible_addrs(
+            [a for a in (info.addrs if info else []) if a.tcp_target() or a.is_relayed]
+        )
+        dial = _PeerDial(peer, known, timeout, route)
+        with trio.move_on_after(timeout):
+            await self._dial_peer(dial)
+        if dial.won is not None:
+            return dial.won
+        raise DialError(dial.failure(self.peer_router is not None))
+
+    async def _dial_peer(self, dial: _PeerDial) -> None:
+        """The known addresses (a dial other callers may join), and with ``route`` those the router
+        finds; ends when a connection to the peer exists, whoever made it, or all attempts failed."""
+        async with trio.open_nursery() as nursery:
+
+            def finish(conn: Connection) -> None:
+                dial.won = conn
+                nursery.cancel_scope.cancel()
+
+            async def arrival() -> None:
+                finish(await self.wait_connected(dial.peer))
+
+            async def tries() -> None:
+                async with trio.open_nursery() as inner:
+                    inner.start_soon(self._dial_known, dial, finish)
+                    if dial.route:
+                        inner.start_soon(self._dial_routed, dial, finish)
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(arrival)
+            nursery.start_soon(tries)
+
+    async def _dial_known(self, dial: _PeerDial, finish: Callable[[Connection], None]) -> None:
         try:
-            if not known:
-                raise DialError(f"not connected to {peer} and no known address")
-            return await self._connect_addrs(peer, known, timeout)
-        except DialError:
-            if not route:
-                raise
-            routed = await self.peer_router(peer) if self.peer_router is not None else []
-            fresh = [a for a in routed if a not in known]
-            if not any(a.is_relayed for a in fresh):  # direct ones may be dead too (tried first)
-                fresh += self._via_our_relays(peer, known + fresh)
-            if not fresh:
-                raise
-        return await self._connect_addrs(peer, fresh, timeout)
+            if dial.known:
+                race = functools.partial(self._connect_addrs, dial.peer, dial.known, dial.timeout)
+                finish(await self._shared_dial(dial.peer, race, dial.timeout))
+        except DialError as exc:
+            dial.errors.append(str(exc))
+        finally:
+            dial.known_done.set()
+
+    async def _dial_routed(self, dial: _PeerDial, finish: Callable[[Connection], None]) -> None:
+        """After ``route_delay`` (or once the known addresses failed): what the router finds, else
+        the relays we hold reservations on."""
+        peer = dial.peer
+        with trio.move_on_after(self.config.route_delay):
+            await dial.known_done.wait()
+        found = await self.peer_router(peer) if self.peer_router is not None else []
+        dial.routed = self.plausible_addrs(found)
+        fresh = [a for a in dial.routed if a not in dial.known]
+        guesses: list[Multiaddr] = []
+        if not any(a.is_relayed for a in fresh):  # direct ones may be dead too (tried first)
+            guesses = self.plausible_addrs(self._via_our_relays(peer, dial.known + fresh))
+        if not fresh and not guesses:
+            return
+        try:
+            finish(await self._connect_addrs(peer, fresh + guesses, dial.timeout))
+        except DialError as exc:
+            if dial.known or dial.routed:
+                dial.errors.append(str(exc))
+            else:  # only guessed: the peer is unknown, whatever the relays said
+                dial.guessed = "no reservation" if "no reservation" in str(exc) else "no answer"
+
+    async def _alive(self, conn: Connection, timeout: float) -> bool:
+        """Does ``conn`` answer a ping within ``timeout`` (or receive data meanwhile)? If not, it
+        is closed."""
+        before = conn.session.bytes_received
+        try:
+            await conn.session.ping(timeout=timeout)
+            return True
+        except (LatticeError, trio.TooSlowError):
+            if conn.session.bytes_received != before and not conn.closed:
+                return True  # busy, not dead: a ping waits behind its data
+            if not conn.closed and tcp_stalled(conn.session.carrier(), timeout / 2) is False:
+                return True  # the path acknowledges: the peer is slow (a busy machine), not gone
+        log.info(
+            "connection to %s via %s did not answer a ping: closing it", conn.remote_peer, conn.remote_addr
+        )
+        await _close_quietly(conn)  # a GO_AWAY is tried for 1 s at most
+        return False
 
     def _via_our_relays(self, peer: PeerId, known: list[Multiaddr]) -> list[Multiaddr]:
         """Last resort when a peer's published addresses fail and the DHT knows no relayed address
@@ -578,36 +757,53 @@ class Host:
         return out[:2]
 
     async def _connect_addrs(self, peer: PeerId, addrs: list[Multiaddr], timeout: float | None) -> Connection:
+        """Race ``addrs`` (see :meth:`connect_peer`); the first connection to ``peer`` wins, ours or
+        one the peer opened meanwhile. Then attempts not started yet are dropped, and those under
+        way finish in the background: cut mid-handshake, the peer would lose a connection it
+        already counts as made (a hole punch over it then fails)."""
         addrs = dialable(addrs)
         direct = [a for a in addrs if not a.is_relayed][:4]
         relayed = [a for a in addrs if a.is_relayed][:2]
+        plan = [(a, 0.0) for a in direct] + [(a, self.config.relay_delay if direct else 0.0) for a in relayed]
+        if not plan:
+            raise DialError(f"cannot reach {peer}: none of its addresses is a TCP or relayed one")
+        race = _Race(len(plan))
+        for addr, delay in plan:
+            self._nursery.start_soon(self._attempt, race, peer, addr, delay, timeout)
+        try:
+            await _first_of(race.done.wait, functools.partial(self.wait_connected, peer))
+        finally:
+            race.settled = True
+        conn = race.won[0] if race.won else self.connection_to(peer)
+        if conn is not None:
+            return conn
+        if len(race.errors) == 1:
+            raise DialError(race.errors[0])
+        raise DialError(f"cannot reach {peer}: " + "; ".join(race.errors[:3]))
 
-        async def race() -> Connection:
-            errors: list[str] = []
-            won: list[Connection] = []
-            async with trio.open_nursery() as nursery:
-
-                async def attempt(addr: Multiaddr, delay: float) -> None:
-                    await trio.sleep(delay)
-                    try:
-                        conn = await self._connect_addr(addr.with_peer(peer), peer, timeout)
-                    except DialError as exc:
-                        errors.append(str(exc))
-                        return
-                    won.append(conn)
-                    nursery.cancel_scope.cancel()
-
-                for addr in direct:
-                    nursery.start_soon(attempt, addr, 0.0)
-                for addr in relayed:
-                    nursery.start_soon(attempt, addr, self.config.relay_delay if direct else 0.0)
-            if won:
-                return won[0]
-            if len(errors) == 1:
-                raise DialError(errors[0])
-            raise DialError(f"cannot reach {peer}: " + "; ".join(errors[:3]))
-
-        return await self._shared_dial(peer, race, timeout)
+    async def _attempt(
+        self, race: _Race, peer: PeerId, addr: Multiaddr, delay: float, timeout: float | None
+    ) -> None:
+        """One address of a race; the first to connect cancels the others (a lost race)."""
+        try:
+            with trio.CancelScope() as scope:
+                race.scopes.append(scope)
+                await trio.sleep(delay)
+                if race.settled:
+                    return
+                try:
+                    conn = await self._connect_addr(addr.with_peer(peer), peer, timeout)
+                except DialError as exc:
+                    race.errors.append(str(exc))
+                    return
+                race.won.append(conn)
+                for other in race.scopes:
+                    if other is not scope:
+                        other.cancel()
+        finally:
+            race.remaining -= 1
+            if race.won or race.remaining == 0:
+                race.done.set()
 
     def connection_to(self, peer: PeerId) -> Connection | None:
         """The connection streams should use: a direct one if there is one, else a relayed one."""
@@ -827,6 +1023,61 @@ class Host:
                 await conn.close()
 
 
+@dataclass
+class _Race:
+    """Attempts of one :meth:`Host._connect_addrs` (they run in the host's nursery)."""
+
+    remaining: int
+    won: list[Connection] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    scopes: list[trio.CancelScope] = field(default_factory=list)
+    settled: bool = False  # the caller has its connection or gave up: attempts not started are dropped
+    done: trio.Event = field(default_factory=trio.Event)
+
+
+@dataclass
+class _PeerDial:
+    """What one :meth:`Host.connect_peer` tried, for a one-line error."""
+
+    peer: PeerId
+    known: list[Multiaddr]
+    timeout: float
+    route: bool
+    won: Connection | None = None
+    errors: list[str] = field(default_factory=list)
+    routed: list[Multiaddr] | None = None  # what the router found (None: not asked, or not yet)
+    guessed: str = ""  # the router found nothing, and our own relays did not know the peer either
+    known_done: trio.Event = field(default_factory=trio.Event)
+
+    def failure(self, router: bool) -> str:
+        """Why no connection was made (``router``: a peer router was there to ask)."""
+        peer = self.peer
+        if not self.known and not self.routed:
+            if self.route and self.routed is None:
+                return f"cannot find {peer}: no address for it here, and the DHT lookup did not end in time"
+            where = "here or in the DHT" if self.route and router else "here"
+            relays = {"no reservation": ", and our relays have no reservation for it",
+                      "no answer": ", and our relays could not reach it"}.get(self.guessed, "")  # fmt: skip
+            return f"cannot find {peer}: no address for it {where}{relays}"
+        if not self.errors:
+            return f"cannot reach {peer} within {self.timeout:.1f}s"
+        if len(self.errors) == 1:
+            return self.errors[0]
+        return f"cannot reach {peer}: " + "; ".join(self.errors[:3])
+
+
+async def _first_of(*waits: Callable[[], Awaitable[object]]) -> None:
+    """Return when the first of ``waits`` returns (the others are cancelled)."""
+    async with trio.open_nursery() as nursery:
+
+        async def one(wait: Callable[[], Awaitable[object]]) -> None:
+            await wait()
+            nursery.cancel_scope.cancel()
+
+        for wait in waits:
+            nursery.start_soon(one, wait)
+
+
 async def _close_quietly(conn: Connection) -> None:
     try:
         await conn.close()
@@ -897,6 +1148,34 @@ def tcp_rtt(stream: object) -> float | None:
         return None
     (rtt_us,) = _TCPI_RTT.unpack_from(info, 68)
     return rtt_us / 1e6 if rtt_us else None
+
+
+_TCPI_UNACKED = 24  # offsets in struct tcp_info (Linux): segments in flight, ms since the last ACK
+_TCPI_LAST_ACK_RECV = 56
+
+
+def tcp_stalled(stream: object, seconds: float) -> bool | None:
+    """Has the TCP connection under ``stream`` had data in flight without an ACK for ``seconds``?
+    That is a dead path, not a slow peer: a live peer's kernel acknowledges even while its process
+    is starved. A relayed stream answers for the connection to its relay (its ``carrier()``). None
+    when unknown (not TCP, not Linux)."""
+    for _ in range(3):  # a circuit's carrier, at most a few levels down
+        carrier = getattr(stream, "carrier", None)
+        if not callable(carrier):
+            break
+        stream = carrier()
+    sock = getattr(stream, "socket", None)
+    if sock is None or not hasattr(socket, "TCP_INFO"):
+        return None
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+    except OSError:
+        return None
+    if len(info) < _TCPI_LAST_ACK_RECV + 4:
+        return None
+    (unacked,) = _TCPI_RTT.unpack_from(info, _TCPI_UNACKED)
+    (last_ack_ms,) = _TCPI_RTT.unpack_from(info, _TCPI_LAST_ACK_RECV)
+    return unacked > 0 and last_ack_ms >= seconds * 1000
 
 
 async def open_from_port(local: tuple[str, int], remote: tuple[str, int]) -> trio.SocketStream:

@@ -35,6 +35,11 @@ class Session(Protocol):
         """The peer accepts no new streams on this connection."""
         ...
 
+    def carrier(self) -> object:
+        """The byte stream under the secure channel (a TCP socket stream, or a relayed circuit):
+        what ``tcp_stalled`` inspects to tell a starved path from a gone one."""
+        ...
+
 
 @runtime_checkable
 class Stream(Protocol):

@@ -629,6 +629,10 @@ class YamuxSession:
         """The peer sent GO_AWAY: it accepts no new streams on this connection."""
         return self._go_away_received
 
+    def carrier(self) -> object:
+        """The byte stream under the secure channel (see ``Session.carrier``)."""
+        return self.secure.raw
+
     @property
     def num_streams(self) -> int:
         return len(self._streams)

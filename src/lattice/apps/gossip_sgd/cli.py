@@ -64,6 +64,14 @@ def add_subcommands(sub: Any) -> None:
     plot.add_argument("--out", default=".", help="directory for the PNGs (default: here)")
     plot.add_argument("--title", default="")
     plot.set_defaults(fn=cmd_plot)
+    fetch = sub.add_parser(
+        "fetch-data",
+        help="get Fashion-MNIST without root (apt-get download + dpkg-deb -x into ~/.cache)",
+        description="Download the Debian package dataset-fashion-mnist and unpack it into a cache "
+        "directory (no root needed); prints the directory, which sim and peer then find by themselves.",
+    )
+    fetch.add_argument("--cache", help="directory to unpack into (default: ~/.cache/lattice/...)")
+    fetch.set_defaults(fn=cmd_fetch_data)
 
 
 def add_peer_options(p: argparse.ArgumentParser) -> None:
@@ -101,6 +109,14 @@ def add_peer_options(p: argparse.ArgumentParser) -> None:
         "node (as `lattice-node run`; default: 127.0.0.1, data in OUT/node, no control)"
     )
     add_node_options(node)
+
+
+def cmd_fetch_data(args: argparse.Namespace) -> int:
+    from lattice.apps.gossip_sgd.data import fetch_fashion_mnist, find_fashion_mnist
+
+    found = None if args.cache else find_fashion_mnist()
+    print(found or fetch_fashion_mnist(args.cache))
+    return 0
 
 
 def run_command(args: argparse.Namespace) -> int:

@@ -1,7 +1,9 @@
 """Fashion-MNIST from IDX files, and the non-iid splits decentralized training is tested on.
 
-No downloads: the Debian package ``dataset-fashion-mnist`` installs the four IDX files, and a
-missing directory is an error that says how to get them.
+Loading never downloads: the Debian package ``dataset-fashion-mnist`` installs the four IDX files,
+and a missing directory is an error that says how to get them. ``fetch_fashion_mnist`` (what
+``gossip-sgd fetch-data`` and the tests run) gets them without root: ``apt-get download`` (apt
+checks the package against the archive's signed index) and ``dpkg-deb -x`` into a cache directory.
 """
 
 from __future__ import annotations
@@ -9,11 +11,16 @@ from __future__ import annotations
 import functools
 import gzip
 import os
+import shutil
+import subprocess
+import tempfile
 from dataclasses import dataclass
 
 import numpy as np
 
-DEFAULT_DIR = "/usr/share/datasets/fashion-mnist"
+PACKAGE = "dataset-fashion-mnist"
+PACKAGE_DIR = "usr/share/datasets/fashion-mnist"  # where the package puts the IDX files
+DEFAULT_DIR = "/" + PACKAGE_DIR
 _FILES = {
     "train_x": "train-images-idx3-ubyte",
     "train_y": "train-labels-idx1-ubyte",
@@ -24,8 +31,8 @@ HOW_TO_GET = (
     "Fashion-MNIST IDX files not found in {dir!r}. Install them with "
     "`apt-get install dataset-fashion-mnist` (Debian/Ubuntu; files land in " + DEFAULT_DIR + "), "
     "or without root: `apt-get download dataset-fashion-mnist && dpkg -x dataset-fashion-mnist_*.deb root/` "
-    "and pass --data root" + DEFAULT_DIR + "; any directory holding "
-    "{{train,t10k}}-{{images-idx3,labels-idx1}}-ubyte[.gz] works."
+    "and pass --data root" + DEFAULT_DIR + " (`gossip-sgd fetch-data` does that into ~/.cache); any "
+    "directory holding {{train,t10k}}-{{images-idx3,labels-idx1}}-ubyte[.gz] works."
 )
 
 
@@ -67,8 +74,72 @@ def read_idx(path: str) -> np.ndarray:
 
 
 def load_fashion_mnist(directory: str | None = None) -> Dataset:
-    """The 60k/10k split, images flattened and standardized with the training mean/std (cached)."""
-    return _load(directory or os.environ.get("LATTICE_FMNIST_DIR", DEFAULT_DIR))
+    """The 60k/10k split, images flattened and standardized with the training mean/std (cached).
+    Without ``directory``: $LATTICE_FMNIST_DIR, else the installed package's, else a fetched copy."""
+    return _load(directory or os.environ.get("LATTICE_FMNIST_DIR") or find_fashion_mnist() or DEFAULT_DIR)
+
+
+def cache_dir() -> str:
+    """Where ``fetch_fashion_mnist`` unpacks the package: $XDG_CACHE_HOME (~/.cache)/lattice."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "lattice", PACKAGE)
+
+
+def _complete(directory: str) -> bool:
+    try:
+        return all(_find(directory, stem) for stem in _FILES.values())
+    except DatasetMissing:
+        return False
+
+
+def find_fashion_mnist() -> str | None:
+    """The installed package's directory, else a copy ``fetch_fashion_mnist`` unpacked; None if neither."""
+    fetched = os.path.join(cache_dir(), PACKAGE_DIR)
+    return next((d for d in (DEFAULT_DIR, fetched) if _complete(d)), None)
+
+
+def fetch_fashion_mnist(cache: str | None = None, timeout: float = 600.0) -> str:
+    """Download the Debian package and unpack it under ``cache`` (default :func:`cache_dir`), no
+    root needed; returns the directory of the IDX files. DatasetMissing says why it cannot (no
+    apt-get or dpkg-deb, apt does not know the package, no network)."""
+    root = cache or cache_dir()
+    target = os.path.join(root, PACKAGE_DIR)
+    if _complete(target):
+        return target
+    tools = [t for t in ("apt-get", "dpkg-deb") if shutil.which(t) is None]
+    if tools:
+        raise DatasetMissing(f"cannot fetch {PACKAGE}: {' and '.join(tools)} not found (not Debian/Ubuntu?)")
+    os.makedirs(root, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=root, prefix=".fetch-") as tmp:
+        _run(["apt-get", "download", PACKAGE], tmp, timeout)
+        debs = [f for f in os.listdir(tmp) if f.endswith(".deb")]
+        if len(debs) != 1:
+            raise DatasetMissing(f"cannot fetch {PACKAGE}: apt-get download left {debs}")
+        unpacked = os.path.join(tmp, "root")
+        _run(["dpkg-deb", "-x", debs[0], unpacked], tmp, timeout)
+        got = os.path.join(unpacked, PACKAGE_DIR)
+        if not _complete(got):
+            raise DatasetMissing(f"cannot fetch {PACKAGE}: the package holds no IDX files in /{PACKAGE_DIR}")
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        try:
+            os.rename(got, target)  # atomic: a concurrent fetch's copy is as good
+        except OSError:
+            if not _complete(target):
+                raise
+    return target
+
+
+def _run(cmd: list[str], cwd: str, timeout: float) -> None:
+    try:
+        out = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        raise DatasetMissing(f"cannot fetch {PACKAGE}: {cmd[0]} took more than {timeout:.0f} s") from None
+    if out.returncode != 0:
+        lines = [x for x in out.stderr.splitlines() if x.startswith("E:")] or out.stderr.strip().splitlines()
+        why = lines[-1] if lines else f"exit code {out.returncode}"
+        if cmd[0] == "apt-get" and "Unable to locate package" in why:
+            why += " (apt's package lists are empty or lack it: `apt-get update` needs root)"
+        raise DatasetMissing(f"cannot fetch {PACKAGE}: {' '.join(cmd[:2])}: {why}")
 
 
 @functools.lru_cache(maxsize=2)

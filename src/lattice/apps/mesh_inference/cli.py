@@ -25,7 +25,8 @@ def register(sub: Any, commands: dict) -> None:
     serve.add_argument(
         "--model",
         default="smollm2",
-        help="tiny-random[:SEED], smollm2, a LLaMA .gguf, or the content id of a packed model (pack-model)",
+        help="tiny-random[:SEED], smollm2, a LLaMA / Qwen2 .gguf, or the content id of a packed model "
+        "(pack-model)",
     )
     serve.add_argument("--blocks", default="auto", help="A:B (blocks A..B-1), or auto (least served)")
     serve.add_argument(
@@ -59,21 +60,36 @@ def register(sub: Any, commands: dict) -> None:
         "--inline-tokens", type=int, default=4, help="calls of <= N tokens skip the worker thread (0: never)"
     )
     serve.add_argument("--cache-dir", metavar="DIR", help="dequantized weights (<data-dir>/mesh-cache)")
+    serve.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        default="float32",
+        help="weights and linear layers (bfloat16/float16: half the memory; docs/mesh-inference.md)",
+    )
+    serve.add_argument(
+        "--max-batch", type=int, default=16, help="sessions whose steps run as one forward (1: no batching)"
+    )
     commands["serve-model"] = cmd_serve_model
 
     gen = sub.add_parser(
         "generate",
         help="generate text through the mesh, printing tokens as they arrive",
-        description="Join the network, find a chain of stage servers and generate greedily.",
+        description="Join the network, find a chain of stage servers and generate (greedy unless "
+        "--temperature). The model's config and tokenizer come from the servers: no local copy.",
     )
-    gen.add_argument("prompt", nargs="?", default="", help="prompt text (needs the model's tokenizer)")
-    gen.add_argument("--model", default="smollm2", help="as for serve-model (its id names the servers)")
+    gen.add_argument(
+        "prompt", nargs="?", default="", help="prompt text (tokenized with the servers' tokenizer)"
+    )
+    gen.add_argument(
+        "--model", default="smollm2", help="the model id the servers announce (or a spec as for serve-model)"
+    )
     gen.add_argument("--tokens", help="comma-separated prompt token ids instead of text")
     gen.add_argument("--bootstrap", metavar="MULTIADDR", action="append", required=True)
     gen.add_argument("--max-new-tokens", type=int, default=32)
     gen.add_argument("--timeout", type=float, default=20.0, help="seconds to wait for a chain")
-    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat format")
     gen.add_argument("--json", action="store_true", help="print one JSON object at the end")
+    add_sampling_options(gen)
     commands["generate"] = cmd_generate
 
     pack = sub.add_parser(
@@ -83,10 +99,48 @@ def register(sub: Any, commands: dict) -> None:
         "safetensors file. Add it to a node (`lattice-node add FILE`): stage servers started with "
         "`serve-model --model <its id>` then fetch only their blocks from that node.",
     )
-    pack.add_argument("--model", default="smollm2", help="tiny-random[:SEED], smollm2 or a LLaMA .gguf")
+    pack.add_argument("--model", default="smollm2", help="tiny-random[:SEED], smollm2 or a LLaMA/Qwen2 .gguf")
     pack.add_argument("-o", "--output", required=True, metavar="FILE")
     pack.add_argument("--cache-dir", metavar="DIR", help="dequantized weights cache (default: none)")
     commands["pack-model"] = cmd_pack_model
+
+    api = sub.add_parser(
+        "serve-api",
+        help="an OpenAI-compatible HTTP endpoint (/v1/completions, /v1/chat/completions) on the mesh",
+        description="Run a client node that joins the mesh and serves the OpenAI API for one model.",
+    )
+    api.add_argument("--model", default="smollm2", help="the model id the servers announce")
+    api.add_argument("--http", default="127.0.0.1:8000", help="HOST:PORT (loopback unless --api-key-file)")
+    api.add_argument("--api-key-file", metavar="FILE", help="clients must send this key (Bearer); also env "
+                     "LATTICE_API_KEY")  # fmt: skip
+    api.add_argument("--max-tokens", type=int, default=512, help="completion tokens per request")
+    api.add_argument("--max-prompt-tokens", type=int, default=4096)
+    api.add_argument("--max-body-kib", type=int, default=1024, help="request body size")
+    api.add_argument("--max-generations", type=int, default=4, help="generations at once (the stage "
+                     "servers' --max-sessions-per-peer must allow as many)")  # fmt: skip
+    api.add_argument("--max-generations-per-client", type=int, default=2)
+    api.add_argument("--http-max-connections", type=int, default=64, help="open HTTP connections")
+    api.add_argument("--http-max-connections-per-ip", type=int, default=16)
+    api.add_argument("--http-request-timeout", type=float, default=10.0, help="seconds to send a request")
+    api.add_argument("--timeout", type=float, default=20.0, help="seconds to wait for a chain at start")
+    add_node_options(api)
+    api.add_argument("--ready-file", metavar="FILE", help="write {url, peer_id, ...} when serving")
+    commands["serve-api"] = cmd_serve_api
+
+
+def add_sampling_options(parser: Any) -> None:
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy (the default)")
+    parser.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: all)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="keep the smallest set with this mass")
+    parser.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats")
+    parser.add_argument("--seed", type=int, default=None, help="the same seed gives the same text")
+
+
+def sampling_from(args: argparse.Namespace) -> Any:
+    from lattice.apps.mesh_inference.sampling import Sampling
+
+    return Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                    repetition_penalty=args.repetition_penalty, seed=args.seed)  # fmt: skip
 
 
 def _blocks(text: str, n_layers: int) -> tuple[int, int] | None:
@@ -152,7 +206,7 @@ async def _serve(args: argparse.Namespace, config: Any, source: Any, blocks: tup
     limits = ServerLimits(max_sessions=args.max_sessions, max_sessions_per_peer=args.max_sessions_per_peer,
                           cache_bytes=args.cache_mib << 20, max_context=args.max_context,
                           prefill_chunk=args.prefill_chunk, session_ttl=args.session_ttl,
-                          inline_tokens=args.inline_tokens)  # fmt: skip
+                          inline_tokens=args.inline_tokens, max_batch=args.max_batch)  # fmt: skip
 
     async def load(node: Node) -> Stage:
         nonlocal blocks
@@ -171,10 +225,11 @@ async def _serve(args: argparse.Namespace, config: Any, source: Any, blocks: tup
         start, end = blocks
         if isinstance(source, ContentModel):  # only the chunks of these blocks, from its providers
             weights = await source.load(node.content, start, end)
+            server.set_tokenizer(source.tokenizer() if source.meta.get("tokenizer") else None, source.eos())
         else:
             cache = Path(args.cache_dir) if args.cache_dir else config.data_dir / "mesh-cache"
             weights = await trio.to_thread.run_sync(source.load, start, end, cache)
-        return Stage(source.config, weights, start, end)
+        return Stage(source.config, weights, start, end, args.dtype)
 
     server = StageServer(
         load,
@@ -182,6 +237,8 @@ async def _serve(args: argparse.Namespace, config: Any, source: Any, blocks: tup
         limits,
         announce_interval=args.announce_interval,
         threads=args.threads or "auto",
+        tokenizer=source.tokenizer() if source.config is not None else None,  # a packed model's: in load
+        eos=source.eos() if source.config is not None else None,
     )
     node = build_node(config)  # with the services of other apps the config enables
     node.add_service(server)
@@ -210,11 +267,9 @@ async def _serve(args: argparse.Namespace, config: Any, source: Any, blocks: tup
 def cmd_generate(args: argparse.Namespace) -> int:
     import trio
 
-    from lattice.apps.mesh_inference.weights import content_model, open_model
+    from lattice.apps.mesh_inference.weights import model_id_for
     from lattice.errors import ConfigError
 
-    source = content_model(args.model) or open_model(args.model)
-    tokenizer = None
     prompt: list[int] | None = None
     if args.tokens:
         try:
@@ -223,24 +278,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
             raise ConfigError("--tokens: comma-separated integers") from None
         if not prompt:
             raise ConfigError("empty prompt")
-    elif source.config is not None:  # a packed model's tokenizer comes from the network (_generate)
-        tokenizer = source.tokenizer()
-        prompt = _encode(tokenizer, args)
-    if tokenizer is None and source.path is not None:
-        tokenizer = source.tokenizer()
-    return one_line_errors(trio.run, _generate, args, source, prompt, tokenizer)
-
-
-def _encode(tokenizer: Any, args: argparse.Namespace) -> list[int]:
-    from lattice.errors import ConfigError
-
-    text = args.prompt
-    if args.chat:
-        text = f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n"
-    prompt = tokenizer.encode(text).ids
-    if not prompt:
+    elif not args.prompt:
         raise ConfigError("empty prompt")
-    return prompt
+    sampling = sampling_from(args)
+    return one_line_errors(trio.run, _generate, args, model_id_for(args.model), prompt, sampling)
 
 
 def cmd_pack_model(args: argparse.Namespace) -> int:
@@ -276,12 +317,14 @@ def one_line_errors(fn: Any, *args: Any) -> Any:
         raise
 
 
-async def _generate(args: argparse.Namespace, source: Any, prompt: list[int] | None, tokenizer: Any) -> int:
+async def _generate(args: argparse.Namespace, model_id: str, prompt: list[int] | None, sampling: Any) -> int:
     import tempfile
     import time
     from pathlib import Path
 
     from lattice.apps.mesh_inference.client import MeshClient
+    from lattice.apps.mesh_inference.errors import MeshError
+    from lattice.apps.mesh_inference.tokenizer import format_chat
     from lattice.config import NodeConfig
     from lattice.node import Node
     from lattice.observe.inert import inert  # server ids and generated text come from remote peers
@@ -291,19 +334,17 @@ async def _generate(args: argparse.Namespace, source: Any, prompt: list[int] | N
                          control=False)  # fmt: skip
         async with Node(cfg) as node:
             await _reach_bootstrap(node, args.bootstrap, args.timeout)
-            if source.config is None:  # a packed model: its header (config, tokenizer) from its providers
-                await source.open(node.content, args.timeout)
-                if source.meta.get("tokenizer") is not None:
-                    tokenizer = source.tokenizer()
-                if prompt is None:
-                    prompt = _encode(source.tokenizer(), args)
-            assert prompt is not None
-            client = MeshClient(node, source.model_id)
+            client = MeshClient(node, model_id)
             await client.wait_for_chain(args.timeout)
-            stop = []
-            eos = getattr(tokenizer, "token_to_id", lambda _t: None)("<|im_end|>") if tokenizer else None
-            if eos is not None:
-                stop.append(eos)
+            card = await client.model_card()  # config, tokenizer, stop tokens: from the servers
+            tokenizer = await client.tokenizer() if card.tokenizer is not None else None
+            if prompt is None:
+                if tokenizer is None:
+                    raise MeshError(f"the servers of {model_id} publish no tokenizer: give --tokens")
+                text = (
+                    format_chat([("user", args.prompt)], card.chat or "plain") if args.chat else args.prompt
+                )
+                prompt = tokenizer.encode(text).ids
             out: list[int] = []
             t0 = time.perf_counter()
             first = None
@@ -314,7 +355,8 @@ async def _generate(args: argparse.Namespace, source: Any, prompt: list[int] | N
                     )
                     print(f"chain: {route}", file=sys.stderr, flush=True)
                 shown = ""
-                async for token in session.generate(prompt, args.max_new_tokens, stop=stop):
+                async for token in session.generate(prompt, args.max_new_tokens, stop=card.stop,
+                                                    sampling=sampling):  # fmt: skip
                     first = first or time.perf_counter() - t0
                     out.append(token)
                     if args.json:
@@ -336,6 +378,74 @@ async def _generate(args: argparse.Namespace, source: Any, prompt: list[int] | N
                 print(json.dumps(result))
             else:
                 print(f"\n[{len(out)} tokens in {elapsed:.2f} s]", file=sys.stderr)
+    return 0
+
+
+def cmd_serve_api(args: argparse.Namespace) -> int:
+    import trio
+
+    from lattice.apps.mesh_inference.api import ApiLimits
+    from lattice.apps.mesh_inference.weights import model_id_for
+    from lattice.observe.logs import setup_logging
+
+    config = node_config(args)
+    setup_logging(config.log_level, config.log_format)
+    limits = ApiLimits(max_body=args.max_body_kib << 10, max_tokens=args.max_tokens,
+                       max_prompt_tokens=args.max_prompt_tokens, max_sessions=args.max_generations,
+                       max_sessions_per_client=args.max_generations_per_client,
+                       max_connections=args.http_max_connections,
+                       max_connections_per_ip=args.http_max_connections_per_ip,
+                       request_timeout=args.http_request_timeout)  # fmt: skip
+    key = _api_key(args.api_key_file)
+    return one_line_errors(trio.run, _serve_api, args, config, model_id_for(args.model), limits, key)
+
+
+def _api_key(path: str | None) -> str | None:
+    """The key from --api-key-file (first line) or $LATTICE_API_KEY; None for neither."""
+    from lattice.errors import ConfigError
+
+    if path:
+        try:
+            with open(path, encoding="utf-8") as fh:
+                key = fh.readline().strip()
+        except OSError as exc:
+            raise ConfigError(f"--api-key-file {path}: {exc.strerror or exc}") from None
+        if len(key) < 16:
+            raise ConfigError(f"--api-key-file {path}: the key must have at least 16 characters")
+        return key
+    return os.environ.get("LATTICE_API_KEY") or None
+
+
+async def _serve_api(
+    args: argparse.Namespace, config: Any, model_id: str, limits: Any, key: str | None
+) -> int:
+    import trio
+
+    from lattice.apps.mesh_inference.api import ApiServer
+    from lattice.apps.mesh_inference.client import MeshClient
+    from lattice.plugins import build_node
+
+    node = build_node(config)
+    async with node:
+        if config.bootstrap:
+            await _reach_bootstrap(node, list(config.bootstrap), args.timeout)
+        client = MeshClient(node, model_id)
+        api = ApiServer(client, limits, key)
+        async with trio.open_nursery() as nursery:
+            url = await nursery.start(api.serve, args.http)
+            info = await node.id()
+            info |= {"url": url, "model_id": model_id, "pid": os.getpid(),
+                     "control": str(node.control_path) if node.control_path else None}  # fmt: skip
+            print(f"lattice-node serving the OpenAI API for {model_id} at {url}", flush=True)
+            if args.ready_file:
+                write_atomic(args.ready_file, json.dumps(info))
+            await node.serve_until_stopped()
+            nursery.cancel_scope.cancel()
+    if args.ready_file:
+        try:
+            os.unlink(args.ready_file)
+        except OSError:
+            pass
     return 0
 
 

@@ -9,6 +9,10 @@ A session remembers, for every hop, the inputs it sent. When a hop fails (its pr
 timed out, it refuses), the client finds other servers for that hop's blocks and replays those
 inputs in one call (run in the same steps, so the rebuilt cache is bitwise the same) before going
 on: the generated tokens do not change.
+
+A thin client needs no copy of the model: :meth:`MeshClient.model_card` reads the config, stop
+tokens and chat format from a server, :meth:`MeshClient.tokenizer` fetches the tokenizer through
+the content layer by the id the card names.
 """
 
 from __future__ import annotations
@@ -16,14 +20,16 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 import trio
 
+from lattice.apps.mesh_inference.card import MAX_TOKENIZER_BYTES, ModelCard
 from lattice.apps.mesh_inference.errors import REROUTE_ERRORS, MeshError, NoChainError
 from lattice.apps.mesh_inference.routing import Hop, ServerInfo, announcement_key, find_chain
+from lattice.apps.mesh_inference.sampling import Sampler, Sampling
 from lattice.errors import DialError, LatticeError
 from lattice.rpc import RemoteError, RPCError
 
@@ -31,6 +37,8 @@ if TYPE_CHECKING:
     from lattice.node import Node
 
 log = logging.getLogger(__name__)
+
+CARD_TRIES = 4  # servers asked for the model card (and offered as the tokenizer's providers)
 
 
 class MeshClient:
@@ -52,6 +60,8 @@ class MeshClient:
         self.refresh_interval = refresh_interval
         self._servers: list[ServerInfo] = []
         self._fetched_at = 0.0
+        self._card: ModelCard | None = None
+        self._tokenizer: Any = None
 
     async def servers(self, fresh: bool = False) -> list[ServerInfo]:
         """Announced servers (cached for ``refresh_interval`` unless ``fresh``)."""
@@ -105,6 +115,46 @@ class MeshClient:
 
     def session(self) -> InferenceSession:
         return InferenceSession(self)
+
+    async def model_card(self) -> ModelCard:
+        """The model's card (config, tokenizer id, stop tokens, chat format) from the first server
+        that gives a well-formed one; cached."""
+        if self._card is not None:
+            return self._card
+        errors = []
+        for server in (await self.servers())[:CARD_TRIES]:
+            try:
+                info = await self.call(server, "mesh.info", {}, timeout=min(10.0, self.call_timeout))
+                card = ModelCard.decode(info.get("card") if isinstance(info, dict) else None)
+            except (LatticeError, RPCError, trio.TooSlowError, OSError) as exc:
+                errors.append(f"{server.peer[-8:]}: {exc}")
+                continue
+            if card.model_id != self.model_id:
+                errors.append(f"{server.peer[-8:]}: a card for {card.model_id!r}")
+                continue
+            self._card = card
+            return card
+        if not errors:
+            raise NoChainError(self.model_id, [])
+        raise MeshError(f"no server of {self.model_id} gave its model card ({'; '.join(errors[:3])})")
+
+    async def tokenizer(self) -> Any:
+        """The model's ``tokenizers.Tokenizer``, fetched (verified, size-bounded) through the content
+        layer from the servers; cached."""
+        if self._tokenizer is not None:
+            return self._tokenizer
+        card = await self.model_card()
+        if card.tokenizer is None:
+            raise MeshError(f"the servers of {self.model_id} publish no tokenizer (give token ids)")
+        providers = [s.peer for s in (await self.servers())[:CARD_TRIES]]
+        try:
+            path = await self.node.content.get(
+                card.tokenizer, providers=providers, max_size=MAX_TOKENIZER_BYTES
+            )
+        except LatticeError as exc:
+            raise MeshError(f"cannot fetch the tokenizer of {self.model_id}: {exc}") from None
+        self._tokenizer = await trio.to_thread.run_sync(_load_tokenizer, path)
+        return self._tokenizer
 
     async def call(self, server: ServerInfo, method: str, payload: Any, timeout: float | None = None) -> Any:
         # node.connect reuses a live connection; otherwise it dials the announced addresses and
@@ -237,16 +287,37 @@ class InferenceSession:
         raise MeshError(f"could not re-route blocks {a}:{b} ({last_error}); {why}")
 
     async def generate(
-        self, prompt: Sequence[int], max_new_tokens: int, stop: Sequence[int] = ()
-    ) -> AsyncIterator[int]:
-        """Greedy decoding: yields each new token as soon as it is known."""
+        self,
+        prompt: Sequence[int],
+        max_new_tokens: int,
+        stop: Sequence[int] = (),
+        sampling: Sampling | None = None,
+    ) -> AsyncGenerator[int, None]:
+        """Greedy decoding, or ``sampling``'s (the same seed gives the same tokens as
+        :func:`~lattice.apps.mesh_inference.model.generate_local`): yields each new token as soon
+        as it is known."""
+        sampler = Sampler(sampling or Sampling(), prompt)
         logits = await self.forward(prompt)
         for n in range(max_new_tokens):
-            token = int(logits.argmax())
+            token = sampler(logits)
             yield token
             if token in stop or n == max_new_tokens - 1:
                 return
             logits = await self.forward([token])
+
+
+def _load_tokenizer(path: Any) -> Any:
+    """A tokenizer from its JSON file (a data format: nothing in it runs)."""
+    from lattice.apps.mesh_inference.tokenizer import tokenizers_module
+
+    with open(path, "rb") as fh:
+        data = fh.read(MAX_TOKENIZER_BYTES + 1)
+    if len(data) > MAX_TOKENIZER_BYTES:
+        raise MeshError(f"the tokenizer is larger than {MAX_TOKENIZER_BYTES} bytes")
+    try:
+        return tokenizers_module().Tokenizer.from_str(data.decode())
+    except Exception as exc:  # the library's parse errors have no common type
+        raise MeshError(f"the servers' tokenizer is malformed: {str(exc)[:200]}") from None
 
 
 def _outputs(reply: Any, count: int) -> list[torch.Tensor]:

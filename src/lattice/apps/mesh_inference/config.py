@@ -1,4 +1,4 @@
-"""LLaMA hyper-parameters and tensor names (no torch: the CLI validates arguments without it)."""
+"""LLaMA-family hyper-parameters and tensor names (no torch: the CLI validates arguments without it)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,12 @@ ATTN_BLOCK = 256  # positions per block of attention's weighted sum (model._atte
 # smallest prefill chunk: its pieces have >= 32 rows; shorter ones (softmax rows under the SIMD width,
 # matrix-vector kernels) change BLAS's summation order, and chunked prompts would not be bitwise equal
 MIN_CHUNK = 64
+# linear layers get at least this many rows (zero rows pad a decode step): MKL's sgemm gives each row
+# bitwise the same result for any row count >= 4 (1-3 rows take other kernels; checked by
+# tests/test_mesh_model.py on this build), so a session's step is the same alone or in a batch
+ROW_PAD = 4
+ARCHS = ("llama", "qwen2")  # qwen2: biases on q/k/v, GGUF keeps HF's rotate-half q/k layout
+DTYPES = ("float32", "bfloat16", "float16")  # what a stage's linear layers compute in
 
 
 @dataclass(frozen=True)
@@ -26,17 +32,43 @@ class LlamaConfig:
     rope_layout: str = "interleaved"
     max_positions: int = 2048
     head_dim: int = field(default=0)
+    arch: str = "llama"
+    qkv_bias: bool = False  # q, k and v projections have biases (Qwen2)
 
     def __post_init__(self) -> None:
         if self.head_dim == 0:
             object.__setattr__(self, "head_dim", self.hidden // self.n_heads)
         if self.rope_layout not in ROPE_LAYOUTS:
             raise ValueError(f"rope_layout must be one of {ROPE_LAYOUTS}")
+        if self.arch not in ARCHS:
+            raise ValueError(f"arch must be one of {ARCHS}")
         if self.n_heads % self.n_kv_heads:
             raise ValueError("n_heads must be a multiple of n_kv_heads")
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Any) -> LlamaConfig:
+        """A config a remote server sent: known fields only, each of the right type and in range
+        (``MAX_DIM``), so a client never allocates from a hostile number."""
+        if not isinstance(d, dict) or not set(d) <= set(cls.__dataclass_fields__):
+            raise ValueError("a model config is a map of known fields")
+        ints = ("vocab_size", "hidden", "n_layers", "n_heads", "n_kv_heads", "ffn", "max_positions",
+                "head_dim")  # fmt: skip
+        for name in ints:
+            if name in d and (type(d[name]) is not int or not 1 <= d[name] <= MAX_DIM):
+                raise ValueError(f"config field {name} must be an integer in 1..{MAX_DIM}")
+        for name in ("rope_theta", "norm_eps"):
+            if name in d and (type(d[name]) not in (int, float) or not 0 < d[name] < 1e12):
+                raise ValueError(f"config field {name} must be a positive number")
+        for name in ("tied", "qkv_bias"):
+            if name in d and type(d[name]) is not bool:
+                raise ValueError(f"config field {name} must be a boolean")
+        try:
+            return cls(**d)
+        except TypeError as exc:
+            raise ValueError(f"bad model config: {exc}") from None
 
     def kv_bytes_per_token(self, n_blocks: int) -> int:
         """fp32 K and V for one token over ``n_blocks`` blocks (what a session's cache grows by)."""
@@ -54,7 +86,10 @@ class LlamaConfig:
         return attention + kv_copies + activations + (rows * self.vocab_size * f if logits else 0)
 
     def block_tensor_names(self, i: int) -> list[str]:
-        return [f"blk.{i}.{n}.weight" for n in BLOCK_TENSORS]
+        names = [f"blk.{i}.{n}.weight" for n in BLOCK_TENSORS]
+        if self.qkv_bias:
+            names += [f"blk.{i}.{n}.bias" for n in ("attn_q", "attn_k", "attn_v")]
+        return names
 
     def stage_tensor_names(self, start: int, end: int) -> list[str]:
         """Tensors a stage holding blocks [start, end) needs (embedding first, norm + head last)."""
@@ -69,6 +104,8 @@ class LlamaConfig:
                 names.append("output.weight")
         return names
 
+
+MAX_DIM = 1 << 22  # largest size a remote model config may name (vocabularies are ~150k)
 
 BLOCK_TENSORS = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate",
                  "ffn_up", "ffn_down")  # fmt: skip
@@ -96,6 +133,12 @@ def _shapes(c: LlamaConfig) -> dict[str, tuple[int, ...]]:
                    p + "attn_output.weight": (c.hidden, c.n_heads * d), p + "ffn_norm.weight": (c.hidden,),
                    p + "ffn_gate.weight": (c.ffn, c.hidden), p + "ffn_up.weight": (c.ffn, c.hidden),
                    p + "ffn_down.weight": (c.hidden, c.ffn)}  # fmt: skip
+        if c.qkv_bias:
+            shapes |= {
+                p + "attn_q.bias": (c.n_heads * d,),
+                p + "attn_k.bias": (kv,),
+                p + "attn_v.bias": (kv,),
+            }
     return shapes
 
 

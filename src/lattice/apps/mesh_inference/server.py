@@ -10,8 +10,14 @@ RPC methods (payloads are msgpack values with tensors, never pickle):
 
 Strangers share the server within :class:`ServerLimits`, all checked before any compute: sessions
 per peer and in all, context length, KV-cache bytes, reply bytes; a prompt is computed in chunks
-(bounded attention workspace), and the compute lock is taken per chunk and handed over in FIFO
-order, so a long prompt delays another session's step by at most one chunk.
+(bounded attention workspace). Steps are batched across sessions (continuous batching): one
+compute task takes the waiting steps in arrival order, as many as ``max_batch`` sessions and one
+chunk's rows allow, and runs them as one forward (the linear layers over all rows at once); a long
+prompt delays another session's step by at most one chunk, and a session's results are bitwise
+the same in a batch or alone (``model.forward_batch``).
+
+``mesh.info`` also carries the model's card (``card.py``): config, the content id of the
+tokenizer (added to the node's content store), stop tokens, chat format, so clients need no copy.
 
 The server announces itself under ``mesh/<model id>`` in the DHT (its own subkey, refreshed every
 ``announce_interval``, expiring after three missed refreshes).
@@ -24,7 +30,7 @@ import logging
 import statistics
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Hashable, Iterable
+from collections.abc import Awaitable, Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -32,12 +38,14 @@ import numpy as np
 import torch
 import trio
 
+from lattice.apps.mesh_inference.card import ModelCard
 from lattice.apps.mesh_inference.config import MIN_CHUNK, LlamaConfig
-from lattice.apps.mesh_inference.errors import CacheFull, RequestTooLarge, ServerBusy, SessionError
+from lattice.apps.mesh_inference.errors import CacheFull, MeshError, RequestTooLarge, ServerBusy, SessionError
 from lattice.apps.mesh_inference.machine import MachineServers
 from lattice.apps.mesh_inference.model import KVCache, Stage, chunk_bounds
 from lattice.apps.mesh_inference.routing import ServerInfo, announcement_key
-from lattice.errors import ConfigError, LatticeError, PayloadError
+from lattice.apps.mesh_inference.tokenizer import chat_format, stop_tokens
+from lattice.errors import ConfigError, LatticeError, NodeError, PayloadError
 
 if TYPE_CHECKING:
     from lattice.node import Node
@@ -64,13 +72,14 @@ class ServerLimits:
     pressure_ttl: float = 2.0  # ... or after this, when a newcomer or a growing cache needs the room
     max_inputs: int = 8192  # inputs in one call (a replay sends one per step so far)
     max_tokens_per_call: int = 8192
-    # calls of at most this many tokens (decode steps) run on the event loop: a thread hop costs a
+    # steps of at most this many rows (decode steps) run on the event loop: a thread hop costs a
     # wake-up, which on a busy machine was a large part of the mesh's per-token overhead
     inline_tokens: int = 4
+    max_batch: int = 16  # sessions whose steps run as one forward (1: no batching)
 
     def __post_init__(self) -> None:
-        if min(self.max_sessions, self.max_sessions_per_peer, self.max_context) < 1:
-            raise ConfigError("max_sessions, max_sessions_per_peer and max_context must be >= 1")
+        if min(self.max_sessions, self.max_sessions_per_peer, self.max_context, self.max_batch) < 1:
+            raise ConfigError("max_sessions, max_sessions_per_peer, max_context and max_batch must be >= 1")
         if self.prefill_chunk < MIN_CHUNK:
             raise ConfigError(f"prefill_chunk must be >= {MIN_CHUNK}")
         if self.pressure_ttl <= 0 or self.session_ttl <= 0:
@@ -116,6 +125,36 @@ def pick_victim(
         return None
     over = [r for r in free if r[1] != requester and counts[r[1]] == top]
     return min(over, key=lambda r: r[2])[0] if over else None
+
+
+def plan_batch(steps: Sequence[tuple[Hashable, int]], max_batch: int, max_rows: int) -> list[int]:
+    """Which waiting steps, given as (blocks, rows) in arrival order, run together: the oldest, then
+    later ones for the same blocks while at most ``max_batch`` steps and ``max_rows`` rows."""
+    if not steps:
+        return []
+    key, rows = steps[0]
+    chosen = [0]
+    for i in range(1, len(steps)):
+        if len(chosen) >= max_batch:
+            break
+        k, r = steps[i]
+        if k == key and rows + r <= max_rows:
+            chosen.append(i)
+            rows += r
+    return chosen
+
+
+@dataclass
+class _Step:
+    """One session's step waiting for (or in) a batch; the compute task fills in the result."""
+
+    session: _Session
+    x: torch.Tensor
+    blocks: tuple[int, int]
+    head: bool
+    done: trio.Event = field(default_factory=trio.Event)
+    output: torch.Tensor | None = None
+    error: BaseException | None = None
 
 
 @dataclass
@@ -164,10 +203,13 @@ class StageServer:
         announce_interval: float = 10.0,
         throughput: float | None = None,
         threads: int | str | None = None,
+        tokenizer: Any = None,
+        eos: int | None = None,
     ) -> None:
         """``threads``: torch threads; "auto": this machine's cores shared among its stage servers
         (lattice.apps.mesh_inference.machine), re-balanced as servers start and stop; None: leave
-        torch's setting alone (a library user's process may run other work)."""
+        torch's setting alone (a library user's process may run other work). ``tokenizer`` (a
+        ``tokenizers.Tokenizer``) and ``eos``: published in the model card for thin clients."""
         self.stage: Stage = stage if isinstance(stage, Stage) else None  # type: ignore[assignment]
         self._loader = None if isinstance(stage, Stage) else stage
         self.ready = trio.Event()  # set once the stage is loaded, served and announced
@@ -180,11 +222,21 @@ class StageServer:
         self._want_threads: int | None = threads if isinstance(threads, int) else None
         self.node: Node | None = None
         self._sessions: dict[tuple[str, str], _Session] = {}
-        # one step at a time; trio.Lock hands over in FIFO order, so sessions take turns per step
-        self._compute = trio.Lock()
+        self._tokenizer, self._eos = tokenizer, eos
+        self.card: ModelCard | None = None  # once serving
+        # steps waiting for the compute task, in arrival order (it runs them in batches)
+        self._waiting: list[_Step] = []
+        self._work = trio.Event()
+        self._computing = False  # a batch runs (torch's thread count must not change under it)
         self.chunk = 0  # positions per prompt step (fit_chunk, once the stage is loaded)
         self.stats = {"forwards": 0, "tokens": 0, "replays": 0, "refused": 0, "expired": 0, "evicted": 0,
-                      "steps": 0, "compute_s": 0.0, "max_step_s": 0.0}  # fmt: skip
+                      "steps": 0, "batched": 0, "max_batch": 0, "compute_s": 0.0,
+                      "max_step_s": 0.0}  # fmt: skip
+
+    def set_tokenizer(self, tokenizer: Any, eos: int | None) -> None:
+        """What the model card publishes, when only the loader learns it (a packed model's file
+        carries its tokenizer): call it before the loader returns."""
+        self._tokenizer, self._eos = tokenizer, eos
 
     # -- lifecycle
     async def run(self, node: Node, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
@@ -213,22 +265,40 @@ class StageServer:
             self.throughput = await trio.to_thread.run_sync(self._measure)
         # the largest valid request (max_tokens_per_call hidden states): larger ones are refused unread
         max_request = self.limits.max_tokens_per_call * max(4 * self.stage.config.hidden, 8) + (1 << 20)
+        self.card = await self._make_card(node)
         node.rpc.register("mesh.forward", self._forward, max_payload=max_request)
         node.rpc.register("mesh.close", self._close)
         node.rpc.register("mesh.info", self._info)
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._compute_loop)
             nursery.start_soon(self._announce_loop)
             nursery.start_soon(self._expire_loop)
             if self._machine is not None:
                 nursery.start_soon(self._balance_loop, self._machine)
             await trio.sleep_forever()
 
+    async def _make_card(self, node: Any) -> ModelCard:
+        """The model card; the tokenizer's JSON goes to the node's content store (if it runs one)."""
+        cid, size, chat = None, 0, None
+        stop: tuple[int, ...] = ()
+        if self._tokenizer is not None:
+            stop, chat = tuple(stop_tokens(self._tokenizer, self._eos)), chat_format(self._tokenizer)
+            data = self._tokenizer.to_str().encode()
+            try:
+                content = node.content
+            except NodeError:
+                log.warning("no content service: clients cannot get the tokenizer from this server")
+            else:
+                cid, size = str(await content.add(data)), len(data)
+        return ModelCard(self.model_id, self.stage.config, cid, size, stop, chat, self.stage.dtype_name)
+
     async def _balance_loop(self, machine: MachineServers) -> None:
-        """Re-count this machine's servers; apply the new share between compute steps."""
+        """Re-count this machine's servers; apply the share now if no step runs (else the compute
+        task applies it before its next step)."""
         while True:
             await trio.sleep(BALANCE_INTERVAL)
             self._want_threads = machine.threads()
-            async with self._compute:
+            if not self._computing:
                 self._apply_threads()
 
     def _apply_threads(self) -> None:
@@ -310,6 +380,7 @@ class StageServer:
             "max_sessions_per_peer": self.limits.max_sessions_per_peer,
             "max_context": self.max_context, "chunk": self.chunk, "cache_bytes": self.limits.cache_bytes,
             "cache_used": self.cache_used, "stats": dict(self.stats), "threads": torch.get_num_threads(),
+            "max_batch": self.limits.max_batch, "card": self.card.encode() if self.card else None,
         }  # fmt: skip
 
     async def _close(self, payload: Any, ctx: Any) -> bool:
@@ -384,20 +455,66 @@ class StageServer:
         return outs
 
     async def _step(self, session: _Session, x: torch.Tensor, req: dict, head: bool) -> torch.Tensor:
-        """One forward under the compute lock (sessions waiting for it go first at the next step)."""
-        args = (x.contiguous(), session.cache, req["start"], req["end"], head)
-        async with self._compute:
+        """One step of ``session``, run by the compute task in a batch with other sessions' steps."""
+        step = _Step(session, x.contiguous(), (req["start"], req["end"]), head)
+        self._waiting.append(step)
+        self._work.set()
+        try:
+            await step.done.wait()
+        except BaseException:
+            if step in self._waiting:  # not started: nobody computes it
+                self._waiting.remove(step)
+            raise
+        if step.error is not None:
+            raise step.error
+        assert step.output is not None
+        return step.output
+
+    async def _compute_loop(self) -> None:
+        """Runs the waiting steps, oldest first, in batches (plan_batch); threads change in between."""
+        while True:
+            await trio.lowlevel.checkpoint()  # let steps that have arrived join this batch
+            while not self._waiting:
+                self._work = trio.Event()
+                await self._work.wait()
+            rows = [(s.blocks, s.x.shape[1]) for s in self._waiting]
+            chosen = plan_batch(rows, self.limits.max_batch, max(self.chunk, 1))
+            batch = [self._waiting[i] for i in chosen]
+            for i in reversed(chosen):
+                del self._waiting[i]
             self._apply_threads()
-            t0 = time.perf_counter()
-            if x.shape[1] <= self.limits.inline_tokens:  # a decode step: tens of ms at most
-                y = self.stage.forward(*args)
-            else:  # a prompt chunk or a replay: keep the node's loop responsive
-                y = await trio.to_thread.run_sync(self.stage.forward, *args)
-            elapsed = time.perf_counter() - t0
+            await self._run_batch(batch)
+
+    async def _run_batch(self, batch: list[_Step]) -> None:
+        xs = [s.x for s in batch]
+        caches: list[KVCache | None] = [s.session.cache for s in batch]
+        start, end = batch[0].blocks
+        args = (xs, caches, start, end, [s.head for s in batch])
+        t0 = time.perf_counter()
+        self._computing = True
+        try:
+            if sum(x.shape[1] for x in xs) <= self.limits.inline_tokens:  # decode steps: tens of ms
+                outputs = self.stage.forward_batch(*args)
+            else:  # a prompt chunk, a replay or a big batch: keep the node's loop responsive
+                outputs = await trio.to_thread.run_sync(self.stage.forward_batch, *args)
+        except Exception as exc:
+            for s in batch:
+                s.error = exc
+        else:
+            for s, y in zip(batch, outputs, strict=True):
+                s.output = y
+        finally:
+            self._computing = False
+            for s in batch:
+                if s.output is None and s.error is None:  # cancelled: the server is stopping
+                    s.error = MeshError("the stage server is stopping")
+                s.done.set()
+        elapsed = time.perf_counter() - t0
         self.stats["steps"] += 1
+        self.stats["batched"] += len(batch)
+        self.stats["max_batch"] = max(self.stats["max_batch"], len(batch))
         self.stats["compute_s"] += elapsed
         self.stats["max_step_s"] = max(self.stats["max_step_s"], round(elapsed, 4))
-        return y
 
     def _open_session(self, key: tuple[str, str], req: dict) -> _Session:
         session = self._sessions.get(key)

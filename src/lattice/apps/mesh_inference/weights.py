@@ -1,9 +1,11 @@
-"""Where a stage's weights come from: a deterministic tiny random model, a GGUF file, or the swarm.
+"""Where a stage's weights come from: a deterministic tiny random model, a GGUF file (LLaMA or
+Qwen2 architecture), or the swarm.
 
 A GGUF stage reads and dequantizes only the tensors of its block range (``gguf`` package:
 GGUFReader + gguf.quants.dequantize). Dequantizing is slow (~40 s for all of SmolLM2-135M), so
 the fp32 result is cached as .npy files (loaded with allow_pickle=False) under the data directory.
-GGUF q/k weights are in GGML's layout, so GGUF models use interleaved RoPE.
+LLaMA GGUF files store q/k weights permuted into GGML's layout (interleaved RoPE); Qwen2 files
+keep transformers' layout (rotate-half RoPE, llama.cpp's "NEOX" type) and add q/k/v biases.
 
 A model packed with :func:`pack_model` (one safetensors file: fp32 tensors, and its config and
 tokenizer in the header's metadata) and added to a node's content store is named by its content
@@ -23,7 +25,13 @@ from typing import Any
 
 import numpy as np
 
-from lattice.apps.mesh_inference.config import ROPE_LAYOUTS, LlamaConfig, expected_shapes, tiny_config
+from lattice.apps.mesh_inference.config import (
+    ARCHS,
+    ROPE_LAYOUTS,
+    LlamaConfig,
+    expected_shapes,
+    tiny_config,
+)
 from lattice.apps.mesh_inference.gguf_reader import gguf_reader
 from lattice.errors import ConfigError
 
@@ -53,11 +61,17 @@ class ModelSource:
         return load_gguf_tensors(self.path, names, expected_shapes(self.config), cache_dir)
 
     def tokenizer(self) -> Any:
-        if self.path is None:
-            raise ConfigError(f"{self.model_id} has no tokenizer (give token ids)")
-        from lattice.apps.mesh_inference.tokenizer import tokenizer_from_gguf
+        """A ``tokenizers.Tokenizer``: the GGUF file's, or one token per byte for tiny-random."""
+        from lattice.apps.mesh_inference.tokenizer import byte_tokenizer, tokenizer_from_gguf
 
-        return tokenizer_from_gguf(self.path)
+        return byte_tokenizer() if self.path is None else tokenizer_from_gguf(self.path)
+
+    def eos(self) -> int | None:
+        """The end-of-sequence token id the GGUF file names, if any."""
+        if self.path is None:
+            return None
+        value = _field(gguf_reader(self.path), "tokenizer.ggml.eos_token_id")
+        return int(value) if value is not None else None
 
 
 def smollm2_path() -> Path:
@@ -72,7 +86,7 @@ def smollm2_path() -> Path:
 
 
 def open_model(spec: str) -> ModelSource:
-    """``tiny-random[:SEED]``, ``smollm2``, or the path of a LLaMA GGUF file."""
+    """``tiny-random[:SEED]``, ``smollm2``, or the path of a LLaMA or Qwen2 GGUF file."""
     if spec == TINY_PREFIX or spec.startswith(TINY_PREFIX + ":") or spec.startswith(TINY_PREFIX + "-"):
         seed_text = spec[len(TINY_PREFIX) + 1 :] or "0"
         try:
@@ -86,6 +100,17 @@ def open_model(spec: str) -> ModelSource:
     return ModelSource(path.stem.lower(), gguf_config(path), path=path)
 
 
+def model_id_for(spec: str) -> str:
+    """The id servers announce for ``spec``, without reading any file: what a thin client asks the
+    network for (an existing .gguf path gives its stem; anything else is taken as the id itself)."""
+    if spec == TINY_PREFIX or spec.startswith(TINY_PREFIX + ":") or spec.startswith(TINY_PREFIX + "-"):
+        return f"{TINY_PREFIX}-{spec[len(TINY_PREFIX) + 1 :] or '0'}"
+    if spec.lower() == "smollm2":
+        return Path(SMOLLM2_FILE).stem.lower()
+    path = Path(spec)
+    return path.stem.lower() if spec.endswith(".gguf") or path.is_file() else spec
+
+
 def _field(reader: Any, name: str, default: Any = None) -> Any:
     f = reader.fields.get(name)
     if f is None:
@@ -94,26 +119,37 @@ def _field(reader: Any, name: str, default: Any = None) -> Any:
 
 
 def gguf_config(path: Path) -> LlamaConfig:
-    """The LLaMA hyper-parameters from a GGUF file's metadata (no tensor data is read)."""
+    """The hyper-parameters from a GGUF file's metadata (no tensor data is read)."""
     r = gguf_reader(path)
     arch = _field(r, "general.architecture")
-    if arch != "llama":
-        raise ConfigError(f"{path.name}: architecture {arch!r} is not supported (llama only)")
+    if arch not in ARCHS:
+        raise ConfigError(f"{path.name}: architecture {arch!r} is not supported ({', '.join(ARCHS)})")
+    scaling = _field(r, f"{arch}.rope.scaling.type")
+    if scaling not in (None, "none"):
+        raise ConfigError(f"{path.name}: RoPE scaling {scaling!r} is not supported")
     names = {t.name for t in r.tensors}
-    n_heads = int(_field(r, "llama.attention.head_count"))
-    vocab = _field(r, "llama.vocab_size") or len(r.fields["tokenizer.ggml.tokens"].data)
+    n_heads = int(_field(r, f"{arch}.attention.head_count"))
+    hidden = int(_field(r, f"{arch}.embedding_length"))
+    head_dim = int(_field(r, f"{arch}.attention.key_length", hidden // n_heads))
+    rot = _field(r, f"{arch}.rope.dimension_count")
+    if rot is not None and int(rot) != head_dim:
+        raise ConfigError(f"{path.name}: partial rotary embeddings ({rot} of {head_dim}) are not supported")
+    vocab = _field(r, f"{arch}.vocab_size") or len(r.fields["tokenizer.ggml.tokens"].data)
     return LlamaConfig(
         vocab_size=int(vocab),
-        hidden=int(_field(r, "llama.embedding_length")),
-        n_layers=int(_field(r, "llama.block_count")),
+        hidden=hidden,
+        n_layers=int(_field(r, f"{arch}.block_count")),
         n_heads=n_heads,
-        n_kv_heads=int(_field(r, "llama.attention.head_count_kv", n_heads)),
-        ffn=int(_field(r, "llama.feed_forward_length")),
-        rope_theta=float(_field(r, "llama.rope.freq_base", 10000.0)),
-        norm_eps=float(_field(r, "llama.attention.layer_norm_rms_epsilon", 1e-5)),
+        n_kv_heads=int(_field(r, f"{arch}.attention.head_count_kv", n_heads)),
+        ffn=int(_field(r, f"{arch}.feed_forward_length")),
+        rope_theta=float(_field(r, f"{arch}.rope.freq_base", 10000.0)),
+        norm_eps=float(_field(r, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
         tied="output.weight" not in names,
-        rope_layout="interleaved",
-        max_positions=int(_field(r, "llama.context_length", 2048)),
+        rope_layout="interleaved" if arch == "llama" else "half",
+        max_positions=int(_field(r, f"{arch}.context_length", 2048)),
+        head_dim=head_dim,
+        arch=arch,
+        qkv_bias="blk.0.attn_q.bias" in names,
     )
 
 
@@ -164,15 +200,17 @@ def pack_model(source: ModelSource, dest: Path, cache_dir: Path | None = None) -
     """Write the whole model as one safetensors file for the content store: every tensor in fp32
     under its GGUF name, and in the header's ``__metadata__`` what a stage server or a client needs
     without the original (``format``, ``model``, ``config`` as JSON, ``tokenizer`` as the
-    ``tokenizers`` JSON if the model has one). Same weights as the local file: a stage computes
-    bitwise the same from either."""
+    ``tokenizers`` JSON, ``eos`` if the model names one). Same weights as the local file: a stage
+    computes bitwise the same from either."""
     from safetensors.numpy import save_file
 
     config = source.config
     weights = source.load(0, config.n_layers, cache_dir)
     meta = {"format": PACKAGE_FORMAT, "model": source.model_id, "config": json.dumps(config.as_dict())}
-    if source.path is not None:
-        meta["tokenizer"] = source.tokenizer().to_str()
+    meta["tokenizer"] = source.tokenizer().to_str()
+    eos = source.eos()
+    if eos is not None:
+        meta["eos"] = str(eos)
     arrays = {name: np.ascontiguousarray(w.numpy(), dtype=np.float32) for name, w in weights.items()}
     save_file(arrays, str(dest), metadata=meta)
     return dest
@@ -247,6 +285,17 @@ class ContentModel:
             out[name] = torch.from_numpy(arr.copy())  # writable, owned (the store's bytes are read-only)
         return out
 
+    def eos(self) -> int | None:
+        """The end-of-sequence token the file names, if any (after :meth:`open`; ConfigError if it is
+        not a token id of the vocabulary)."""
+        text = self.meta.get("eos")
+        if text is None:
+            return None
+        assert self.config is not None
+        if not text.isdigit() or int(text) >= self.config.vocab_size:
+            raise ConfigError(f"{self.model_id}: bad eos token {text[:20]!r}")
+        return int(text)
+
     def tokenizer(self) -> Any:
         """The tokenizer the file carries (after :meth:`open`)."""
         text = self.meta.get("tokenizer")
@@ -275,12 +324,15 @@ def config_from_json(text: str | None) -> LlamaConfig:
     for name, value in doc.items():
         if name in ("rope_theta", "norm_eps"):
             ok = type(value) in (int, float) and 0 < value < 1e12
-        elif name == "tied":
+        elif name in ("tied", "qkv_bias"):
             ok = type(value) is bool
         elif name == "rope_layout":
             ok = value in ROPE_LAYOUTS
+        elif name == "arch":
+            ok = value in ARCHS
         else:
-            ok = type(value) is int and 0 < value <= CONFIG_LIMITS[name]
+            limit = CONFIG_LIMITS.get(name)
+            ok = limit is not None and type(value) is int and 0 < value <= limit
         if not ok:
             raise ConfigError(f"a packed model's config has a bad {name}: {str(value)[:40]}")
     try:
