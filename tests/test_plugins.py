@@ -62,7 +62,7 @@ def test_declared_apps_load_and_list_their_commands_without_torch():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
-    mesh = ["generate", "serve-api", "serve-model"]
+    mesh = ["generate", "pack-model", "serve-api", "serve-model"]
     assert report["apps"] == {"gossip_sgd": ["gossip-sgd"], "mesh_inference": mesh}
     assert report["torch"] is False
 
