@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import sqlite3
 import time
 from collections.abc import Callable
@@ -211,29 +212,28 @@ class DHT:
                 self._dirty.set()
 
     async def _keep_warm(self) -> None:
-        """Dial the contacts of ``warm_contacts()`` that have no connection (4 at a time); a contact
-        that cannot be reached counts a failure against it (three in a row drop it)."""
+        """Dial the contacts of ``warm_contacts()`` that have no connection, one at a time (a swarm
+        that starts at once must not turn into a storm of handshakes). Of two peers, the one with the
+        lower key dials; the other dials only a contact still cold one pass later. A contact that
+        cannot be reached counts a failure against it (three in a row drop it)."""
         assert self.table is not None
-        limiter = trio.CapacityLimiter(4)
-
-        async def dial(peer: PeerId) -> None:
-            async with limiter:
-                try:
-                    await self.ctx.host.connect_peer(peer, timeout=self.config.request_timeout, route=False)
-                except (LatticeError, trio.TooSlowError, OSError) as exc:
-                    log.debug("warm connection to %s failed: %s", peer, exc)
-                    if self.table is not None:
-                        self.table.failed(peer)
-
-        delay = 2.0  # the first passes come soon after bootstrap, while the table fills
+        me = self.table.local_key
+        cold_before: set[PeerId] = set()
+        delay = 2.0 + random.uniform(0.0, 2.0)  # the first passes soon after bootstrap
         while self.config.warm_connections > 0:
             await trio.sleep(delay)
             delay = min(2 * delay, self.config.warm_interval)
             host = self.ctx.host
             cold = [p for p in self.warm_contacts() if host.connection_to(p) is None]
-            async with trio.open_nursery() as nursery:
-                for peer in cold:
-                    nursery.start_soon(dial, peer)
+            for peer in cold:
+                if (me > peer_key(peer) and peer not in cold_before) or host.connection_to(peer) is not None:
+                    continue
+                try:
+                    await host.connect_peer(peer, timeout=self.config.request_timeout, route=False)
+                except (LatticeError, trio.TooSlowError, OSError) as exc:
+                    log.debug("warm connection to %s failed: %s", peer, exc)
+                    self.table.failed(peer)
+            cold_before = set(cold)
 
     def warm_contacts(self) -> list[PeerId]:
         """The routing-table contacts this node keeps connected (``warm_connections`` of them)."""
@@ -477,9 +477,9 @@ class DHT:
 
         Optimistic store: if the routing table holds every peer it was told of near the key (no
         bucket that could hold a closer peer is full: a small network), PUT_VALUE goes to the
-        table's k closest at once, while the lookup runs; then the peers of the k closest found not
-        yet sent to get it. In a large network the table's k closest are not the final ones, so the
-        PUT_VALUEs wait for the lookup.
+        table's k closest at once, while the lookup runs; else to the k closest known once the
+        lookup's first alpha replies came (at most 2k requests so); then the peers of the k closest
+        found not yet sent to get it.
 
         Quorum: the put returns once ``store_quorum`` of the k closest known acknowledged (or, after
         the lookup, all of them answered); the lookup and the other requests go on in the background,
@@ -542,10 +542,21 @@ class DHT:
                 background.start_soon(put_one, peer)
             return len(new)
 
+        replies = [0]
+
+        def on_reply(_peer: PeerId, _reply: protocol.Message) -> bool:
+            """Store during the lookup: once the first alpha peers answered (near the key they know
+            more than our table), the k closest known get the record at once; in a small network they
+            are the final ones. At most 2k requests go out this way."""
+            replies[0] += 1
+            if self.config.optimistic_store and replies[0] >= self.config.alpha and len(sent) < 2 * k:
+                send(look.closest_known(k)[: 2 * k - len(sent)])
+            return False
+
         async def find_and_send() -> None:
             t0 = trio.current_time()
             try:
-                await self._lookup(record.key, protocol.FIND_NODE, answers=answers, look=look)
+                await self._lookup(record.key, protocol.FIND_NODE, on_reply, answers=answers, look=look)
             except LatticeError as exc:  # the peers it found so far still get the record
                 log.debug("store lookup failed: %s", exc)
             except Exception:  # as in put_one: the service outlives a bug in a background task
@@ -926,6 +937,7 @@ class DHT:
             "protocol": self.protocol_id,
             "routing_table": len(self.table) if self.table is not None else 0,
             "warm_contacts": self.connected_contacts(),
+            "warm_target": len(self.warm_contacts()),
             **self.store_status(),
             **{k: v for k, v in self.counters.items() if isinstance(v, int | float)},
             "latency": {op: {"count": c, "sum_s": round(s, 6)} for op, (c, s) in self.latency.items()},
