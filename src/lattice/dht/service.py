@@ -46,6 +46,7 @@ from lattice.transport import multistream
 from lattice.transport.framing import read_delimited
 from lattice.transport.limits import PENALTY_THROTTLED, TokenBucket
 from lattice.transport.peerstore import PeerInfo
+from lattice.transport.resources import ResourceLimitExceeded
 from lattice.transport.stream import Stream
 
 log = logging.getLogger(__name__)
@@ -215,7 +216,8 @@ class DHT:
         """Dial the contacts of ``warm_contacts()`` that have no connection, one at a time (a swarm
         that starts at once must not turn into a storm of handshakes). Of two peers, the one with the
         lower key dials; the other dials only a contact still cold one pass later. A contact that
-        cannot be reached counts a failure against it (three in a row drop it)."""
+        cannot be reached counts a failure against it (three in a row drop it); a full connection
+        budget of ours (node, IP prefix) ends the pass."""
         assert self.table is not None
         me = self.table.local_key
         cold_before: set[PeerId] = set()
@@ -230,6 +232,9 @@ class DHT:
                     continue
                 try:
                     await host.connect_peer(peer, timeout=self.config.request_timeout, route=False)
+                except ResourceLimitExceeded as exc:  # our budget, not the contact's fault: next pass
+                    log.debug("warm connections paused: %s", exc)
+                    break
                 except (LatticeError, trio.TooSlowError, OSError) as exc:
                     log.debug("warm connection to %s failed: %s", peer, exc)
                     self.table.failed(peer)
