@@ -33,7 +33,7 @@ import trio
 
 from lattice import _proto
 from lattice.dht import protocol, records
-from lattice.dht.keys import bucket_index, key_id, peer_key
+from lattice.dht.keys import bucket_index, bucket_probe_keys, key_id, peer_key
 from lattice.dht.lookup import Lookup
 from lattice.dht.records import Record, RecordError
 from lattice.dht.routing import RoutingTable
@@ -85,6 +85,9 @@ class DHTConfig:
     # not a first contact's TCP + Noise + multistream handshakes (~6 RTT). 0: none
     warm_connections: int = 64
     warm_interval: float = 10.0
+    # after joining, look up a random key in each of this many farthest buckets (Kademlia's bucket
+    # refresh): the table then knows peers all over the key space, not mostly its own neighbours
+    refresh_buckets: int = 8
     store_limits: StoreLimits = field(
         default_factory=StoreLimits
     )  # byte quotas (the node sets them from NodeConfig)
@@ -292,6 +295,9 @@ class DHT:
             await self._table_changed.wait()
             self._table_changed = trio.Event()
         await self._safe_lookup(self.ctx.host.peer_id.multihash)
+        assert self.table is not None
+        for key in bucket_probe_keys(self.table.local_key, self.config.refresh_buckets):
+            await self._safe_lookup(key)
         for delay in EARLY_SELF_LOOKUPS:  # peers that joined at the same time find each other
             await trio.sleep(delay)
             await self._safe_lookup(self.ctx.host.peer_id.multihash)
