@@ -553,7 +553,7 @@ class DHT:
                 background.start_soon(put_one, peer)
             return len(new)
 
-        replies = [0]
+        replies, during = [0], [0]
 
         def on_reply(_peer: PeerId, _reply: protocol.Message) -> bool:
             """Store during the lookup: once the first alpha peers answered (near the key they know
@@ -561,7 +561,7 @@ class DHT:
             are the final ones. At most 2k requests go out this way."""
             replies[0] += 1
             if self.config.optimistic_store and replies[0] >= self.config.alpha and len(sent) < 2 * k:
-                send(look.closest_known(k)[: 2 * k - len(sent)])
+                during[0] += send(look.closest_known(k)[: 2 * k - len(sent)])
             return False
 
         async def find_and_send() -> None:
@@ -578,6 +578,7 @@ class DHT:
                 wake()
             self._timing("put_lookup_ms", (trio.current_time() - t0) * 1000)
             self._timing("put_lookup_queries", look.queries)
+            self._timing("put_sent_during_lookup", during[0])
             self._timing("put_sent_late", late)
 
         t0 = trio.current_time()
