@@ -39,7 +39,7 @@ async def test_put_returns_at_its_quorum_and_the_rest_completes_in_the_backgroun
     start = trio.current_time()
     stored = await a.dht.put("wan/quorum", b"v", ttl=600)
     took = trio.current_time() - start
-    assert took < 1.0 and stored >= 4  # a quorum of 3 peers acknowledged, and this node keeps it
+    assert took < 1.5 and stored >= 4  # a quorum of 3 peers acknowledged, and this node keeps it
     with trio.fail_after(3):  # the requests it did not wait for end in the background
         while not all([await n.dht.get("wan/quorum", local=True) for n in swarm]):
             await trio.sleep(0.05)
