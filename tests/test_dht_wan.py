@@ -1,12 +1,13 @@
 """The DHT's wide-area levers on real nodes over loopback: a put returns at its quorum while a replica
-that never answers holds its request (the record still reaches every live replica), and a node keeps
-connections to its routing-table contacts warm."""
+that never answers holds its request (the record still reaches every live replica), a node keeps
+connections to its routing-table contacts warm, and the bucket refresh's keys cover the far buckets."""
 
 from __future__ import annotations
 
 import trio
 
 from conftest import dht_swarm
+from lattice.dht.keys import bucket_index, bucket_probe_keys, key_id, peer_key
 from lattice.dht.service import EARLY_SELF_LOOKUPS
 from lattice.identity import KeyPair
 from lattice.multiaddr import Multiaddr
@@ -65,3 +66,9 @@ async def test_routing_table_contacts_stay_connected(tmp_path, nursery):
         while a.host.connection_to(b.peer_id) is None:
             await trio.sleep(0.05)
     assert a.dht.stats()["warm_contacts"] == len(a.dht.table)
+
+
+def test_bucket_probe_keys_land_in_the_farthest_buckets():
+    local = peer_key(KeyPair.generate().peer_id)
+    keys = bucket_probe_keys(local, 8)
+    assert [bucket_index(local, key_id(k)) for k in keys] == list(range(255, 247, -1))
