@@ -1,7 +1,8 @@
 """bench/wan: Lattice against plain TCP on emulated wide-area links (lattice.testing.wan), same run.
 
     python bench/wan.py [--presets lan,metro,continental,intercontinental,mixed] [--runs 3]
-                        [--dht-nodes 32] [--dht-ops 30] [--no-dht] [--no-rpc] [--gib]
+                        [--dht-nodes 32[,64]] [--dht-ops 30] [--no-dht] [--no-rpc] [--gib]
+                        [--compare-store] [--label NAME]
                         [--tcp-mem-max BYTES]
 
 A preset may also be given as NAME=RTT_MS/MBIT[/LOSS], e.g. ``fat=120/400`` (a long fat pipe).
@@ -13,7 +14,11 @@ Per preset, one JSON line per figure (medians of --runs), each as a ratio to the
   64 MiB on the same path, as a fraction of the link rate (1 GiB too with --gib, lan and metro);
 - small calls: our 8-byte echo call and a plain TCP 8-byte echo, in link RTTs;
 - DHT: put and get through random daemons of a --dht-nodes swarm (each daemon in its own
-  namespace), in link RTTs (for `mixed`, the median RTT over all pairs).
+  namespace), in link RTTs (for `mixed`, the median RTT over all pairs); per operation the new TCP
+  connections, retransmitted segments, RTOs and tail-loss probes summed over the swarm's
+  namespaces; get also over the non-replicas only (a real lookup); then each record's replicas.
+  ``--compare-store`` first runs the swarm with ``dht_store_quorum = 0`` and
+  ``dht_warm_connections = 0`` (a put waits for every replica; no warm connections).
 Needs root (network namespaces, tc, iptables). The machine's load is printed first: the emulated
 links are exact, the CPU is not (a 2-core machine shared with other work).
 """
@@ -41,6 +46,7 @@ from lattice.testing.wan import PRESETS, Preset, WanTestbed, wan_unavailable
 MIB = 1 << 20
 PORT = 4001
 SYSCTLS: dict[str, str] = {}  # set from --tcp-mem-max
+REPLICATION_WAIT_S = 10.0  # before counting each key's replicas (request timeouts are 5 s)
 
 
 def parse_preset(text: str) -> str | Preset:
@@ -112,11 +118,53 @@ def _rpc(tb: WanTestbed, work: Path, src: str, dst: str, runs: int, gib: bool, w
         b.stop()
 
 
+TCP_FIGURES = {
+    "Tcp": ("ActiveOpens", "RetransSegs"),
+    "TcpExt": ("TCPTimeouts", "TCPLossProbes", "TCPSynRetrans"),
+}
+
+
+def tcp_counters(pid: int) -> dict[str, int]:
+    """The TCP counters of the network namespace ``pid`` runs in (/proc/PID/net/snmp and netstat):
+    connections opened, segments retransmitted, retransmission timeouts, tail-loss probes, SYNs
+    retransmitted."""
+    out: dict[str, int] = {}
+    for name in ("snmp", "netstat"):
+        with open(f"/proc/{pid}/net/{name}") as fh:
+            lines = fh.read().splitlines()
+        for head, values in zip(lines[::2], lines[1::2], strict=False):
+            group, _, fields = head.partition(": ")
+            for key, value in zip(fields.split(), values.split(": ", 1)[1].split(), strict=False):
+                if key in TCP_FIGURES.get(group, ()):
+                    out[key] = int(value)
+    return out
+
+
+def swarm_tcp(daemons: list[Daemon]) -> dict[str, int]:
+    """TCP counters summed over every daemon's namespace."""
+    total: dict[str, int] = {}
+    for d in daemons:
+        for key, value in tcp_counters(d.proc.pid).items():
+            total[key] = total.get(key, 0) + value
+    return total
+
+
+def _delta(after: dict[str, int], before: dict[str, int]) -> dict[str, int]:
+    return {key: after[key] - before.get(key, 0) for key in after}
+
+
 def _tuned() -> dict[str, str]:
     return {"tcp_wmem": SYSCTLS["net.ipv4.tcp_wmem"]} if SYSCTLS else {}
 
 
-def bench_dht(preset: str | Preset, nodes: int, ops: int, seed: int) -> None:
+def bench_dht(preset: str | Preset, nodes: int, ops: int, seed: int, system: str = "lattice",
+              node_keys: str = "", replicas: bool = True) -> None:  # fmt: skip
+    """Put then get ``ops`` keys through random daemons of a ``nodes`` swarm; ``node_keys``: TOML
+    lines for their ``[node]`` table.
+
+    Every testbed host has an address in one /24, where a real wide-area swarm's peers come from
+    many prefixes: the daemons exempt each other's addresses from the per-IP and per-prefix caps
+    (64 connections per prefix would refuse the 64th peer's connections; node-wide caps stay)."""
     rng = random.Random(seed)
     hosts = [f"n{i}" for i in range(nodes)]
     t0 = time.monotonic()
@@ -124,40 +172,115 @@ def bench_dht(preset: str | Preset, nodes: int, ops: int, seed: int) -> None:
         rtts = [tb.rtt_ms(x, y) for i, x in enumerate(hosts) for y in hosts[i + 1 :]]
         rtt = statistics.median(rtts)
         where = {"preset": _name(preset), "nodes": nodes, "rtt_ms": rtt}
-        daemons = [_start(tb, Path(tmp), hosts[0])]
+        config = Path(tmp) / "dht.toml"
+        exempt = json.dumps(["127.0.0.1", "::1", *(tb.ip(h) for h in hosts)])
+        config.write_text(f"[node]\n{node_keys}\n[node.resources]\nexempt_ips = {exempt}\n")
+        flags = ("--config", str(config))
+        daemons = [_start(tb, Path(tmp), hosts[0], *flags)]
         boot = daemons[0].info["addrs"][0]
         try:
             with ThreadPoolExecutor(4) as pool:
-                daemons += pool.map(lambda h: _start(tb, Path(tmp), h, "--bootstrap", boot), hosts[1:])
+                daemons += pool.map(
+                    lambda h: _start(tb, Path(tmp), h, "--bootstrap", boot, *flags), hosts[1:]
+                )
             clients = [Client(d.info["control"], timeout=120) for d in daemons]
             want = min(nodes - 1, 20)
             try:
                 wait_for(lambda: min(c.dht.status()["routing_table"] for c in clients) >= want, 60, "tables")
+                wait_for(lambda: all(_warm(c.dht.status()) for c in clients), 60, "warm connections")
             except TimeoutError:
                 pass
-            sizes = [c.dht.status()["routing_table"] for c in clients]
-            setup = {"routing_table_min": min(sizes), "setup_s": round(time.monotonic() - t0, 1)}
-            print(json.dumps({"bench": "wan", "preset": _name(preset), "nodes": nodes, **setup}), flush=True)
+            status = [c.dht.status() for c in clients]
+            setup = {"routing_table_min": min(s["routing_table"] for s in status),
+                     "warm_contacts_min": min(s.get("warm_contacts", 0) for s in status),
+                     "setup_s": round(time.monotonic() - t0, 1)}  # fmt: skip
+            print(json.dumps({"bench": "wan", "system": system, **where, **setup}), flush=True)
             keys = [f"wan/{seed}/{i}" for i in range(ops)]
-            put_ms, get_ms, ok = [], [], 0
+            put_ms, get_ms, ok, put_tcp, get_tcp, lookup_ms = [], [], 0, [], [], []
             for key in keys:
+                before = swarm_tcp(daemons)
                 start = time.perf_counter()
                 rng.choice(clients).dht.put(key, key.encode(), ttl=600)
                 put_ms.append((time.perf_counter() - start) * 1000)
+                put_tcp.append(_delta(swarm_tcp(daemons), before))
             for key in keys:
+                client = rng.choice(clients)
+                replica = bool(client.dht.get(key, local=True))  # then the get asks nobody
+                before = swarm_tcp(daemons)
                 start = time.perf_counter()
-                entries = rng.choice(clients).dht.get(key, latest=False)
+                entries = client.dht.get(key, latest=False)
                 get_ms.append((time.perf_counter() - start) * 1000)
+                get_tcp.append(_delta(swarm_tcp(daemons), before))
+                if not replica:
+                    lookup_ms.append(get_ms[-1])
                 ok += bool(entries) and entries[0]["value"] == key.encode()
-            emit("wan", "lattice", "dht_store_rtts", [t / rtt for t in put_ms], **where,
-                 median_ms=round(statistics.median(put_ms), 1))  # fmt: skip
-            emit("wan", "lattice", "dht_get_rtts", [t / rtt for t in get_ms], **where,
-                 median_ms=round(statistics.median(get_ms), 1), success=ok / len(keys))  # fmt: skip
+            emit("wan", system, "dht_store_rtts", [t / rtt for t in put_ms], **where,
+                 median_ms=round(statistics.median(put_ms), 1), **_tcp_summary(put_ms, put_tcp))  # fmt: skip
+            emit("wan", system, "dht_get_rtts", [t / rtt for t in get_ms], **where,
+                 median_ms=round(statistics.median(get_ms), 1), success=ok / len(keys),
+                 **_tcp_summary(get_ms, get_tcp))  # fmt: skip
+            if lookup_ms:  # the gets from a node that is not a replica: a real lookup
+                emit("wan", system, "dht_get_lookup_rtts", [t / rtt for t in lookup_ms], **where,
+                     median_ms=round(statistics.median(lookup_ms), 1))  # fmt: skip
+            if replicas:  # after the stores' background replication had time to end
+                time.sleep(REPLICATION_WAIT_S)
+                counts = [replica_count(clients, key) for key in keys]
+                emit("wan", system, "dht_replicas", counts, **where, k=20, min=min(counts),
+                     below_half_k=sum(c < 10 for c in counts))  # fmt: skip
             for c in clients:
                 c.close()
         finally:
             with ThreadPoolExecutor(8) as pool:
                 list(pool.map(lambda d: d.stop(), daemons))
+
+
+def _dht_wait_all_cold(preset: str | Preset, nodes: int, ops: int, seed: int, label: str) -> None:
+    """The DHT figures with the store waiting for all k replicas and no warm connections."""
+    keys = "dht_store_quorum = 0\ndht_warm_connections = 0"
+    bench_dht(preset, nodes, ops, seed, f"{label}-wait-all-cold", keys)
+
+
+def _warm(status: dict) -> bool:
+    """Has a daemon connected the routing-table contacts it keeps warm (code without them: yes)?"""
+    return status.get("warm_contacts", 0) >= status.get("warm_target", 0)
+
+
+def _tcp_summary(ms: list[float], tcp: list[dict[str, int]]) -> dict:
+    """What TCP did during each operation (summed over the swarm): medians and totals of new
+    connections and of retransmission timeouts, and the median time of operations with and without
+    a new connection, with and without a timeout (a lost packet of a small message costs an RTO of
+    >= 200 ms, not a fast retransmit)."""
+    with_rto = [t for t, c in zip(ms, tcp, strict=True) if c.get("TCPTimeouts", 0)]
+    without = [t for t, c in zip(ms, tcp, strict=True) if not c.get("TCPTimeouts", 0)]
+    dialled = [t for t, c in zip(ms, tcp, strict=True) if c.get("ActiveOpens", 0)]
+    warm = [t for t, c in zip(ms, tcp, strict=True) if not c.get("ActiveOpens", 0)]
+    total = {key: sum(c.get(key, 0) for c in tcp) for key in tcp[0]} if tcp else {}
+    return {
+        "ops_with_new_connection": len(dialled),
+        "median_ms_with_new_connection": round(statistics.median(dialled), 1) if dialled else None,
+        "median_ms_without_new_connection": round(statistics.median(warm), 1) if warm else None,
+        "new_connections_median": statistics.median(c.get("ActiveOpens", 0) for c in tcp),
+        "tcp_totals": total,
+        "ops_with_rto": len(with_rto),
+        "median_ms_with_rto": round(statistics.median(with_rto), 1) if with_rto else None,
+        "median_ms_without_rto": round(statistics.median(without), 1) if without else None,
+        # each operation: [ms, new connections, retransmitted segments, RTOs, tail-loss probes]
+        "per_op": [
+            [
+                round(t),
+                c.get("ActiveOpens", 0),
+                c.get("RetransSegs", 0),
+                c.get("TCPTimeouts", 0),
+                c.get("TCPLossProbes", 0),
+            ]
+            for t, c in zip(ms, tcp, strict=True)
+        ],
+    }
+
+
+def replica_count(clients: list[Client], key: str) -> int:
+    """How many nodes hold ``key`` in their own store (not looked up)."""
+    return sum(bool(c.dht.get(key, local=True)) for c in clients)
 
 
 def main() -> None:
@@ -166,9 +289,12 @@ def main() -> None:
     )
     parser.add_argument("--presets", default="lan,metro,continental,intercontinental,mixed")
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--dht-nodes", type=int, default=32)
+    parser.add_argument("--dht-nodes", default="32", help="swarm sizes, e.g. 32,64")
     parser.add_argument("--dht-ops", type=int, default=30)
     parser.add_argument("--no-dht", action="store_true")
+    parser.add_argument("--label", default="lattice", help="the system name in the DHT figures")
+    parser.add_argument("--compare-store", action="store_true",
+                        help="also the DHT waiting for all k replicas, without warm connections")  # fmt: skip
     parser.add_argument("--no-rpc", action="store_true")
     parser.add_argument("--gib", action="store_true", help="also 1 GiB on links of 500 Mbit/s and more")
     parser.add_argument("--seed", type=int, default=0)
@@ -186,7 +312,10 @@ def main() -> None:
         if not args.no_rpc:
             bench_rpc(preset, args.runs, args.gib, args.compare_window)
         if not args.no_dht:
-            bench_dht(preset, args.dht_nodes, args.dht_ops, args.seed)
+            for nodes in map(int, str(args.dht_nodes).split(",")):
+                if args.compare_store:
+                    _dht_wait_all_cold(preset, nodes, args.dht_ops, args.seed, args.label)
+                bench_dht(preset, nodes, args.dht_ops, args.seed, args.label)
     print(json.dumps({"bench": "wan", "loadavg_end": os.getloadavg()}), flush=True)
 
 

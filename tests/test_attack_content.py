@@ -64,6 +64,10 @@ async def test_a_rogue_provider_is_dropped_and_the_fetch_is_bitwise_right(tmp_pa
 async def test_stalled_requests_hold_little_and_an_honest_fetch_still_completes(tmp_path, daemons):
     provider, fetcher, cid, data = daemons
     target = provider.info["addrs"][0]
+    warm = tmp_path / "warm.bin"  # one chunk served first: the provider loads numpy on its first
+    warm.write_bytes(os.urandom(MIB))  # chunk (lattice._lazy), which is not what the attack costs
+    small = provider.call("content.add", path=str(warm))["cid"]
+    assert fetch(fetcher, small, tmp_path / "warm.out", [target])["done"] is True
     out = tmp_path / "honest.bin"
     result: dict = {}
 

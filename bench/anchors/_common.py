@@ -70,6 +70,24 @@ def tree_memory_mib(pid: int | None = None) -> tuple[float, float, int]:
     return rss_pages * PAGE / 2**20, pss_kib / 1024, count
 
 
+def tree_cpu_s(pid: int) -> float:
+    """CPU seconds used so far by pid and its descendants, every thread (from /proc/*/task/*/schedstat,
+    nanoseconds): what start-up costs whatever else the machine runs, unlike wall time."""
+    total = 0
+    for p in [pid, *descendants(pid)]:
+        try:
+            tasks = os.listdir(f"/proc/{p}/task")
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                with open(f"/proc/{p}/task/{task}/schedstat") as fh:
+                    total += int(fh.read().split()[0])
+            except (OSError, ValueError, IndexError):
+                continue
+    return total / 1e9
+
+
 def free_tcp_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago (for systems that cannot report theirs)."""
     with socket.socket() as s:

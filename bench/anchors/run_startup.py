@@ -9,11 +9,14 @@ hivemind's p2pd would otherwise look for NAT gateways.
 
 ready_s is wall time from spawning the process until the node is ready (the script writes a byte to
 the pipe passed in ANCHOR_READY_FD after its listener answered a libp2p negotiation); it includes
-the namespace set-up (unshare + `ip link set lo up`, reported as netns_setup_s). idle_rss_mib is the
+the namespace set-up (unshare + `ip link set lo up`, reported as netns_setup_s). ready_cpu_s is the CPU
+time (all threads, the whole process tree) used until then: unlike wall time, it does not grow when
+other jobs share the cores. idle_rss_mib is the
 summed RSS of the node's whole process tree after --idle seconds (PSS median given beside it).
 
 Prints one JSON line per figure:
-    {"bench": "startup", "system": ..., "metric": "ready_s" | "idle_rss_mib", "median": ..., "runs": [...]}
+    {"bench": "startup", "system": ..., "metric": "ready_s" | "ready_cpu_s" | "idle_rss_mib", "median": ...,
+     "runs": [...]}
 and {"bench": "startup", "system": ..., "error": ...} for an anchor that is missing or failed.
 """
 
@@ -28,11 +31,15 @@ import shutil
 import signal
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from _common import tree_cpu_s  # noqa: E402
+
 ANCHOR_DIR = Path(os.environ.get("LATTICE_ANCHOR_DIR", Path.home() / ".cache" / "lattice-anchors"))
 SYSTEMS = {
     # name: (venv dir, script, distribution whose version is reported)
@@ -95,6 +102,7 @@ def one_run(python: Path, script: Path, data_dir: str, idle: float) -> dict:
             ready, _, _ = select.select([r], [], [], READY_TIMEOUT_S)
             got = os.read(r, 1) if ready else b""
             ready_wall = time.perf_counter() - start
+            ready_cpu = tree_cpu_s(proc.pid)
             if got != b"R":
                 kill_group(proc)
                 err.seek(0)
@@ -115,6 +123,7 @@ def one_run(python: Path, script: Path, data_dir: str, idle: float) -> dict:
     line = json.loads(lines[0])
     line["ready_s_self"] = line.pop("ready_s")
     line["ready_s"] = ready_wall
+    line["ready_cpu_s"] = ready_cpu
     return line
 
 
@@ -170,6 +179,7 @@ def main() -> int:
                 ready_s_self_median=round(statistics.median(r["ready_s_self"] for r in results), 4),
             )
         )
+        out(median_line(system, "ready_cpu_s", [r["ready_cpu_s"] for r in results], version=version))
         out(
             median_line(
                 system,

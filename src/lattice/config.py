@@ -100,6 +100,10 @@ class NodeConfig:
     dht_max_bytes: int = 256 << 20  # whole store (RAM, and about as much in dht.sqlite)
     dht_max_bytes_per_publisher: int = 4 << 20  # one signer's records
     dht_max_bytes_per_prefix: int = 16 << 20  # records PUT by peers of one /24 or /48 (not exempt IPs)
+    # DHT on wide-area links (lattice.dht.DHTConfig): a put returns once this many of the k closest
+    # stored the record (0: all k; the rest finish in the background); table contacts kept connected
+    dht_store_quorum: int = 10
+    dht_warm_connections: int = 64
     # RPC limits (lattice.rpc.RPCConfig): what peers' calls may make this node hold
     rpc_max_payload: int | str = 16 << 20  # a method's largest message unless it sets its own ("16MiB")
     rpc_max_inbound_per_peer: int = 64  # calls of one peer in progress here (node-wide: 2048)
@@ -205,6 +209,10 @@ class NodeConfig:
             "rpc_upload_peer_bytes",
         ):
             self._positive_int(name)
+        for name in ("dht_store_quorum", "dht_warm_connections"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ConfigError(f"{name} must be an integer >= 0")
         timeout = self.rpc_message_idle_timeout
         if not isinstance(timeout, int | float) or isinstance(timeout, bool) or not timeout > 0:
             raise ConfigError("rpc_message_idle_timeout must be a positive number of seconds")

@@ -513,7 +513,13 @@ def default_services(config: NodeConfig | None = None) -> list[Service]:
                 upload_peer_bytes=parse_size(config.rpc_upload_peer_bytes),
             )
         ),
-        DHT(DHTConfig(store_limits=store)),
+        DHT(
+            DHTConfig(
+                store_limits=store,
+                store_quorum=config.dht_store_quorum,
+                warm_connections=config.dht_warm_connections,
+            )
+        ),
         PubSub(),
         CRDT(),
         Content(config.content_config),

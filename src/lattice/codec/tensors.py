@@ -12,36 +12,40 @@ Torch is optional and never imported unless a torch tensor is sent or requested.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgpack
-import numpy as np
 
-from lattice.codec import compression
+from lattice._lazy import lazy_module
 from lattice.codec.shapes import MAX_DIMS, checked_nbytes
 from lattice.errors import PayloadError
+
+if TYPE_CHECKING:
+    import numpy as np
+else:
+    np = lazy_module("numpy")  # plain-value messages never need it (lattice._lazy)
 
 TENSOR_EXT = 1
 MAX_TENSORS = 100_000
 MAX_DEPTH = 64
 
-# dtype name on the wire -> numpy dtype used to hold the bytes (bfloat16 travels as raw 2-byte words)
-_DTYPES: dict[str, np.dtype] = {
-    name: np.dtype(name)
-    for name in (
-        "bool", "int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "uint64",
-        "float16", "float32", "float64", "complex64", "complex128",
-    )
+# dtype name on the wire -> (numpy dtype that holds the bytes, bytes per element); plain names and
+# ints so that checking a descriptor needs no numpy (bfloat16 travels as raw 2-byte words)
+_DTYPES: dict[str, tuple[str, int]] = {
+    "bool": ("bool", 1), "int8": ("int8", 1), "uint8": ("uint8", 1), "int16": ("int16", 2),
+    "uint16": ("uint16", 2), "int32": ("int32", 4), "uint32": ("uint32", 4), "int64": ("int64", 8),
+    "uint64": ("uint64", 8), "float16": ("float16", 2), "float32": ("float32", 4),
+    "float64": ("float64", 8), "complex64": ("complex64", 8), "complex128": ("complex128", 16),
+    "bfloat16": ("uint16", 2),
 }  # fmt: skip
-_DTYPES["bfloat16"] = np.dtype("uint16")
 
 
 def itemsize(dtype: Any) -> int:
     """Bytes per element of a wire dtype name; PayloadError if it is not one we accept."""
-    np_dtype = _DTYPES.get(dtype) if isinstance(dtype, str) else None
-    if np_dtype is None:
+    entry = _DTYPES.get(dtype) if isinstance(dtype, str) else None
+    if entry is None:
         raise PayloadError(f"unsupported dtype {dtype!r}")
-    return np_dtype.itemsize
+    return entry[1]
 
 
 @dataclass
@@ -98,7 +102,9 @@ def encode(value: Any, codec: str | None = None) -> tuple[bytes, list[memoryview
     """Encode ``value``: (msgpack document, tensor buffers in order). ``codec`` compresses float tensors."""
     buffers: list[memoryview] = []
 
-    def default(obj: Any) -> Any:
+    def default(obj: Any) -> Any:  # only for what msgpack cannot pack itself: numpy is loaded here
+        from lattice.codec import compression
+
         if isinstance(obj, compression.Compressed):
             return _compressed_ext(obj, buffers)
         if isinstance(obj, np.ndarray) or _is_torch(obj):
@@ -135,7 +141,7 @@ def _torch_to_numpy(obj: Any) -> np.ndarray:
     if dtype == "bfloat16":  # compress from float32 values
         words = np.frombuffer(raw, dtype=np.uint16).astype(np.uint32) << 16
         return words.view(np.float32).reshape(shape)
-    return np.frombuffer(raw, dtype=_DTYPES[dtype]).reshape(shape)
+    return np.frombuffer(raw, dtype=_DTYPES[dtype][0]).reshape(shape)
 
 
 def _compressed_ext(c: Any, buffers: list[memoryview]) -> msgpack.ExtType:
@@ -189,13 +195,15 @@ def _validate(desc: Any, max_payload: int) -> TensorSpec:
         raise PayloadError(f"unsupported dtype {dtype!r}")
     if not isinstance(nbytes, int) or nbytes < 0 or nbytes > max_payload:
         raise PayloadError("tensor byte size out of range")
-    expected = checked_nbytes(shape, _DTYPES[dtype].itemsize, max_payload)
+    expected = checked_nbytes(shape, _DTYPES[dtype][1], max_payload)
     if expected != nbytes:
         raise PayloadError(f"tensor byte size {nbytes} does not match shape {shape} of {dtype}")
     if origin not in ("numpy", "torch"):
         raise PayloadError("tensor origin must be numpy or torch")
     decoded = 0
     if codec is not None:
+        from lattice.codec import compression
+
         if not (isinstance(codec, str) and compression.known(codec)):
             raise PayloadError(f"unknown tensor codec {codec!r}")
         decoded = compression.decoded_nbytes(meta)  # bounded by the receiver before decoding
@@ -220,9 +228,11 @@ def finish(value: Any, as_torch: bool | None = None, max_bytes: int | None = Non
     def build(spec: TensorSpec) -> Any:
         nonlocal left
         assert spec.buffer is not None
-        arr = spec.buffer.view(_DTYPES[spec.dtype]).reshape(spec.shape)
+        arr = spec.buffer.view(_DTYPES[spec.dtype][0]).reshape(spec.shape)
         dtype_name = spec.dtype
         if spec.codec is not None:
+            from lattice.codec import compression
+
             if left is not None:
                 if spec.decoded > left:
                     raise PayloadError(f"compressed tensors decode to more than {max_bytes} bytes")

@@ -12,12 +12,16 @@ before anything is allocated, the provider bounds the chunks one request may ask
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
+from lattice._lazy import lazy_module
 from lattice.content.cid import ContentId
 from lattice.content.errors import ContentError, PayloadError
+
+if TYPE_CHECKING:
+    import numpy as np
+else:
+    np = lazy_module("numpy")  # loaded with the first chunk or tensor (lattice._lazy)
 
 __all__ = ["CHUNKS", "MANIFEST", "ChunkReply", "parse_chunk_reply", "parse_chunk_request", "provider_key"]
 

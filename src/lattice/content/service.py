@@ -24,12 +24,12 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import trio
 
 from lattice._files import exclusive_temp
+from lattice._lazy import lazy_module
 from lattice.content import protocol
 from lattice.content.cid import ContentId
 from lattice.content.config import DEFAULT_MAX_BYTES, ContentConfig
@@ -46,6 +46,11 @@ from lattice.rpc.service import RPC
 from lattice.service import ServiceContext
 from lattice.transport.limits import PENALTY_MALFORMED, TokenBucket
 from lattice.transport.resources import ResourceLimitExceeded
+
+if TYPE_CHECKING:
+    import numpy as np
+else:
+    np = lazy_module("numpy")  # loaded with the first chunk or tensor (lattice._lazy)
 
 __all__ = ["Admission", "Content", "ContentConfig", "ReadAhead"]
 

@@ -36,10 +36,10 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterable
 from pathlib import Path
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from lattice._files import exclusive_temp, private_dir
+from lattice._lazy import lazy_module
 from lattice.content.cid import DAG_JSON, ContentId, default_hash, digest
 from lattice.content.errors import ContentError, ContentNotFound, IntegrityError, PayloadError, StoreFull
 from lattice.content.manifest import (
@@ -50,6 +50,11 @@ from lattice.content.manifest import (
     TensorEntry,
     safetensors_layout,
 )
+
+if TYPE_CHECKING:
+    import numpy as np
+else:
+    np = lazy_module("numpy")  # loaded with the first chunk or tensor (lattice._lazy)
 
 __all__ = ["Partial", "Reader", "Store", "Verified", "file_identity"]
 

@@ -184,8 +184,8 @@ class _ClientDHT:
     def put(self, key: str, value: bytes | str, ttl: float = 3600.0, subkey: str | None = None) -> int:
         return self._client.call("dht.put", key=key, value=value, ttl=ttl, subkey=subkey)
 
-    def get(self, key: str, latest: bool = True) -> list[dict]:
-        return self._client.call("dht.get", key=key, latest=latest)
+    def get(self, key: str, latest: bool = True, local: bool = False) -> list[dict]:
+        return self._client.call("dht.get", key=key, latest=latest, local=local)
 
     def provide(self, key: str) -> int:
         return self._client.call("dht.provide", key=key)

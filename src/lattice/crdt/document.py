@@ -32,11 +32,12 @@ import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import quote
 
 import trio
-from pycrdt import Array, Doc, Map, Text, TransactionEvent
 
+from lattice._lazy import lazy_module
 from lattice.errors import ConfigError, LatticeError, PayloadError
 from lattice.identity import KeyPair, PeerId
 
@@ -44,6 +45,12 @@ from .errors import AccessDenied, DocumentFull, StaleHandle
 from .log import FsyncPolicy, UpdateLog
 from .updates import MAX_DOC_NAME, MAX_UPDATE, NO_PREV, SignedUpdate, sign
 from .yjs import check_update
+
+if TYPE_CHECKING:
+    import pycrdt
+    from pycrdt import Array, Doc, Map, Text, TransactionEvent
+else:
+    pycrdt = lazy_module("pycrdt")  # loaded with the first document (lattice._lazy)
 
 log = logging.getLogger(__name__)
 
@@ -178,13 +185,13 @@ class Document:
     # ---- reading and writing -------------------------------------------------------------------
 
     def get_map(self, name: str) -> Map:
-        return self._current().get(name, type=Map)
+        return self._current().get(name, type=pycrdt.Map)
 
     def get_array(self, name: str) -> Array:
-        return self._current().get(name, type=Array)
+        return self._current().get(name, type=pycrdt.Array)
 
     def get_text(self, name: str) -> Text:
-        return self._current().get(name, type=Text)
+        return self._current().get(name, type=pycrdt.Text)
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[Doc]:
@@ -488,7 +495,7 @@ class Document:
     # ---- internals -----------------------------------------------------------------------------
 
     def _new_doc(self) -> Doc:
-        doc: Doc = Doc()
+        doc: Doc = pycrdt.Doc()
         doc.observe(lambda event: self._on_transaction(doc, event))
         return doc
 
@@ -617,7 +624,7 @@ def yjs_parses(data: bytes, scratch: list[Doc]) -> bool:
     """Whether ``data`` is a usable Yjs update, tried on a scratch doc (shared by a batch; after a
     failure its state is suspect, so the next check starts from a fresh one)."""
     if not scratch:
-        scratch.append(Doc())
+        scratch.append(pycrdt.Doc())
     if _applies(scratch[0], data):
         return True
     scratch.clear()

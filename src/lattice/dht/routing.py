@@ -100,3 +100,17 @@ class RoutingTable:
 
     def contacts(self) -> list[Contact]:
         return [c for b in self.buckets for c in b.values()]
+
+    def spread(self, count: int) -> list[PeerId]:
+        """Up to ``count`` contacts taken in turn from every non-empty bucket, the most recently seen
+        of each first: the ones worth a warm connection (lookups for random keys start in any
+        bucket)."""
+        queues = [list(reversed(b)) for b in self.buckets if b]
+        out: list[PeerId] = []
+        for i in range(max(map(len, queues), default=0)):
+            for queue in queues:
+                if i < len(queue):
+                    out.append(queue[i])
+                    if len(out) >= count:
+                        return out
+        return out

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import sqlite3
 import time
 from collections.abc import Callable
@@ -32,7 +33,7 @@ import trio
 
 from lattice import _proto
 from lattice.dht import protocol, records
-from lattice.dht.keys import bucket_index, key_id, peer_key
+from lattice.dht.keys import bucket_index, bucket_probe_keys, key_id, peer_key
 from lattice.dht.lookup import Lookup
 from lattice.dht.records import Record, RecordError
 from lattice.dht.routing import RoutingTable
@@ -41,9 +42,11 @@ from lattice.errors import LatticeError, PayloadError, TransportError
 from lattice.identity import PeerId
 from lattice.multiaddr import Multiaddr, dialable, is_public
 from lattice.service import ServiceContext
+from lattice.transport import multistream
 from lattice.transport.framing import read_delimited
 from lattice.transport.limits import PENALTY_THROTTLED, TokenBucket
 from lattice.transport.peerstore import PeerInfo
+from lattice.transport.resources import ResourceLimitExceeded
 from lattice.transport.stream import Stream
 
 log = logging.getLogger(__name__)
@@ -70,6 +73,21 @@ class DHTConfig:
     republish_interval: float = 3600.0
     persist: bool = True
     optimistic_store: bool = True  # PUT_VALUE to the table's k closest while the lookup runs
+    # a put returns once this many of the k closest acknowledged (0: all of them); the others
+    # complete in the background (on a wide-area link one first contact costs ~6 RTT, one lost
+    # packet an RTO of >= 200 ms: waiting for the slowest of 20 replicas made a store 8 RTT)
+    store_quorum: int = 10
+    # replication requests still running in the background above which a put waits for all of its
+    # own again (backpressure for a caller that puts in a tight loop)
+    max_background_stores: int = 1024
+    # routing-table contacts (spread over the buckets) this node keeps a connection to, dialled in
+    # the background every ``warm_interval`` s: a request to a contact then costs one round trip,
+    # not a first contact's TCP + Noise + multistream handshakes (~6 RTT). 0: none
+    warm_connections: int = 64
+    warm_interval: float = 10.0
+    # after joining, look up a random key in each of this many farthest buckets (Kademlia's bucket
+    # refresh): the table then knows peers all over the key space, not mostly its own neighbours
+    refresh_buckets: int = 8
     store_limits: StoreLimits = field(
         default_factory=StoreLimits
     )  # byte quotas (the node sets them from NodeConfig)
@@ -129,6 +147,8 @@ class DHT:
             "failed_requests": 0, "quota_refused": 0,
         }  # fmt: skip
         self._refusals: dict[PeerId, TokenBucket] = {}  # quota refusals forgiven per peer
+        self._background: trio.Nursery | None = None  # replication a put no longer waits for
+        self._replicating = 0  # its requests in flight
         # operation -> [count, total seconds] (Prometheus summaries: lattice_dht_op_seconds)
         self.latency: dict[str, list[float]] = {}
 
@@ -168,8 +188,10 @@ class DHT:
             ctx.add_control_op(name, op)
         try:
             async with trio.open_nursery() as nursery:
+                self._background = nursery
                 nursery.start_soon(self._maintain)
                 nursery.start_soon(self._write_behind)
+                nursery.start_soon(self._keep_warm)
                 task_status.started()
                 await trio.sleep_forever()
         finally:
@@ -192,6 +214,43 @@ class DHT:
                 log.warning("DHT store commit failed (%d records pending): %s", self.store.pending, exc)
                 self.counters["write_errors"] = self.store.write_errors
                 self._dirty.set()
+
+    async def _keep_warm(self) -> None:
+        """Dial the contacts of ``warm_contacts()`` that have no connection, one at a time (a swarm
+        that starts at once must not turn into a storm of handshakes). Of two peers, the one with the
+        lower key dials; the other dials only a contact still cold one pass later. A contact that
+        cannot be reached counts a failure against it (three in a row drop it); a full connection
+        budget of ours (node, IP prefix) ends the pass."""
+        assert self.table is not None
+        me = self.table.local_key
+        cold_before: set[PeerId] = set()
+        delay = 2.0 + random.uniform(0.0, 2.0)  # the first passes soon after bootstrap
+        while self.config.warm_connections > 0:
+            await trio.sleep(delay)
+            delay = min(2 * delay, self.config.warm_interval)
+            host = self.ctx.host
+            cold = [p for p in self.warm_contacts() if host.connection_to(p) is None]
+            for peer in cold:
+                if (me > peer_key(peer) and peer not in cold_before) or host.connection_to(peer) is not None:
+                    continue
+                try:
+                    await host.connect_peer(peer, timeout=self.config.request_timeout, route=False)
+                except ResourceLimitExceeded as exc:  # our budget, not the contact's fault: next pass
+                    log.debug("warm connections paused: %s", exc)
+                    break
+                except (LatticeError, trio.TooSlowError, OSError) as exc:
+                    log.debug("warm connection to %s failed: %s", peer, exc)
+                    self.table.failed(peer)
+            cold_before = set(cold)
+
+    def warm_contacts(self) -> list[PeerId]:
+        """The routing-table contacts this node keeps connected (``warm_connections`` of them)."""
+        return self.table.spread(self.config.warm_connections) if self.table is not None else []
+
+    def connected_contacts(self) -> int:
+        """How many of ``warm_contacts()`` have a connection now (``dht status``)."""
+        host = self._ctx.host if self._ctx is not None else None
+        return sum(host.connection_to(p) is not None for p in self.warm_contacts()) if host else 0
 
     def _on_identified(self, info: PeerInfo) -> None:
         """A DHT server (identify lists our protocol) enters the table; a peer in client mode never
@@ -236,6 +295,9 @@ class DHT:
             await self._table_changed.wait()
             self._table_changed = trio.Event()
         await self._safe_lookup(self.ctx.host.peer_id.multihash)
+        assert self.table is not None
+        for key in bucket_probe_keys(self.table.local_key, self.config.refresh_buckets):
+            await self._safe_lookup(key)
         for delay in EARLY_SELF_LOOKUPS:  # peers that joined at the same time find each other
             await trio.sleep(delay)
             await self._safe_lookup(self.ctx.host.peer_id.multihash)
@@ -288,13 +350,17 @@ class DHT:
         with trio.CancelScope(deadline=trio.current_time() + self.config.request_timeout) as scope:
             pool = self._pools.setdefault(peer, [])
             stream = pool.pop() if pool else None
-            if stream is None or stream.failed or stream.remote_closed:
+            fresh = stream is None or stream.failed or stream.remote_closed
+            if fresh:  # the protocol proposal goes out with the request: no round trip of its own
                 conn = await host.connect_peer(peer, timeout=self.config.request_timeout, route=False)
-                stream = await host.new_stream(conn, [self.protocol_id])
+                stream = await host.new_stream(conn, [self.protocol_id], lazy=True)
+            assert stream is not None
             try:
                 if body is None:
                     body = _proto.delimited(protocol.encode(message))
                 await stream.write(body)
+                if fresh:
+                    await multistream.confirm(stream, self.protocol_id)
                 raw = await read_delimited(stream, protocol.MAX_MESSAGE)
                 if raw is None:
                     raise TransportError("peer closed the DHT stream")
@@ -323,24 +389,31 @@ class DHT:
         on_reply: Any = None,
         beta: int | None = None,
         answers: dict[PeerId, _Answer] | None = None,
+        look: Lookup | None = None,
     ) -> Lookup:
         """Iterative lookup; ``on_reply(peer, reply)`` may return True to stop early. ``answers``: replies
         already requested from some peers (a store's PUT_VALUE asking for closer peers) that stand in
-        for the query to them; one without peers (e.g. from a go/rust peer) falls back to a query."""
+        for the query to them; one without peers (e.g. from a go/rust peer) falls back to a query.
+        ``look``: the state to drive (from ``_new_lookup``; a store watches it while it runs)."""
         t0 = trio.current_time()
+        look = look or self._new_lookup(key, beta)
         try:
-            return await self._lookup_inner(key, mtype, on_reply, beta, answers or {})
+            return await self._lookup_inner(key, mtype, on_reply, look, answers or {})
         finally:
             self._observe(_OP_NAMES.get(mtype, "lookup"), trio.current_time() - t0)
 
-    async def _lookup_inner(
-        self, key: bytes, mtype: int, on_reply: Any, beta: int | None, answers: dict[PeerId, _Answer]
-    ) -> Lookup:
+    def _new_lookup(self, key: bytes, beta: int | None = None) -> Lookup:
+        """A lookup of ``key`` seeded with the routing table's closest contacts."""
         assert self.table is not None
         target = key_id(key)
-        me = self.ctx.host.peer_id
         seeds = [(c.peer, c.key) for c in self.table.closest(target)]
-        look = Lookup(target, seeds, self.config.k, self.config.alpha, beta)
+        return Lookup(target, seeds, self.config.k, self.config.alpha, beta)
+
+    async def _lookup_inner(
+        self, key: bytes, mtype: int, on_reply: Any, look: Lookup, answers: dict[PeerId, _Answer]
+    ) -> Lookup:
+        assert self.table is not None
+        me = self.ctx.host.peer_id
         send, receive = trio.open_memory_channel[tuple[PeerId, protocol.Message | None]](1024)
 
         async def query(peer: PeerId) -> None:
@@ -415,14 +488,20 @@ class DHT:
 
         Optimistic store: if the routing table holds every peer it was told of near the key (no
         bucket that could hold a closer peer is full: a small network), PUT_VALUE goes to the
-        table's k closest at once, while the lookup runs; after the lookup only the peers of the
-        final k closest not yet sent to get it. The count is honest either way: replicas that
-        acknowledged *and* are among the lookup's k closest. In a large network the table's k
-        closest are not the final ones, so the store waits for the lookup as before.
+        table's k closest at once, while the lookup runs; else to the k closest known once the
+        lookup's first alpha replies came (at most 2k requests so); then the peers of the k closest
+        found not yet sent to get it.
+
+        Quorum: the put returns once ``store_quorum`` of the k closest known acknowledged (or, after
+        the lookup, all of them answered); the lookup and the other requests go on in the background,
+        so one slow first contact (~6 RTT on a wide-area link) or one lost packet (an RTO of
+        >= 200 ms) does not hold up the caller. The count is honest: peers that acknowledged by then
+        and are among the k closest known, and this node if it is one of them.
         """
+        assert self.table is not None and self._background is not None
+        background = self._background
         k = self.config.k
         target = key_id(record.key)
-        assert self.table is not None
         message = protocol.Message(protocol.PUT_VALUE, record.key, record.key, record.encode())
         early = self._optimistic_targets(target) if self.config.optimistic_store else []
         # the lookup's first queries go to the table's alpha closest: their PUT_VALUE replies carry
@@ -432,11 +511,20 @@ class DHT:
         encoded = protocol.encode(message)  # once for every replica
         body = _proto.delimited(encoded)
         asking_body = _proto.delimited(protocol.encode(asking)) if answers else b""
+        look = self._new_lookup(record.key, self.config.beta)
         acked: set[PeerId] = set()
         sent: set[PeerId] = set()
+        ended: set[PeerId] = set()
+        progress = [trio.Event()]  # set (and replaced) whenever a request or the lookup ends
+        lookup_ended = trio.Event()
+
+        def wake() -> None:
+            progress[0].set()
+            progress[0] = trio.Event()
 
         async def put_one(peer: PeerId) -> None:
             answer = answers.get(peer)
+            self._replicating += 1
             try:
                 if answer is None:
                     reply = await self._request(peer, message, body, encoded)
@@ -448,42 +536,76 @@ class DHT:
                     answer.reply = reply
             except (LatticeError, trio.TooSlowError, OSError):
                 self.counters["failed_requests"] += 1
+            except Exception:  # a task nobody awaits any more: a bug here must not end the service
+                log.exception("DHT store request to %s failed", peer)
+                self.counters["failed_requests"] += 1
             finally:
+                self._replicating -= 1
+                ended.add(peer)
+                wake()
                 if answer is not None:
                     answer.done.set()
 
+        def send(peers: list[PeerId]) -> int:
+            new = [p for p in peers if p not in sent]
+            for peer in new:
+                sent.add(peer)
+                background.start_soon(put_one, peer)
+            return len(new)
+
+        replies, during = [0], [0]
+
+        def on_reply(_peer: PeerId, _reply: protocol.Message) -> bool:
+            """Store during the lookup: once the first alpha peers answered (near the key they know
+            more than our table), the k closest known get the record at once; in a small network they
+            are the final ones. At most 2k requests go out this way."""
+            replies[0] += 1
+            if self.config.optimistic_store and replies[0] >= self.config.alpha and len(sent) < 2 * k:
+                during[0] += send(look.closest_known(k)[: 2 * k - len(sent)])
+            return False
+
+        async def find_and_send() -> None:
+            t0 = trio.current_time()
+            try:
+                await self._lookup(record.key, protocol.FIND_NODE, on_reply, answers=answers, look=look)
+            except LatticeError as exc:  # the peers it found so far still get the record
+                log.debug("store lookup failed: %s", exc)
+            except Exception:  # as in put_one: the service outlives a bug in a background task
+                log.exception("DHT store lookup failed")
+            finally:
+                late = send(look.closest_known(k))
+                lookup_ended.set()
+                wake()
+            self._timing("put_lookup_ms", (trio.current_time() - t0) * 1000)
+            self._timing("put_lookup_queries", look.queries)
+            self._timing("put_sent_during_lookup", during[0])
+            self._timing("put_sent_late", late)
+
         t0 = trio.current_time()
-        async with trio.open_nursery() as nursery:
-
-            def send(peers: list[PeerId]) -> int:
-                new = [p for p in peers if p not in sent]
-                for peer in new:
-                    sent.add(peer)
-                    nursery.start_soon(put_one, peer)
-                return len(new)
-
-            send(early)
-            look = await self._lookup(record.key, protocol.FIND_NODE, beta=self.config.beta, answers=answers)
-            t1 = trio.current_time()
-            closest = look.closest_known(k)
-            me_key = peer_key(self.ctx.host.peer_id)
-            far = max((peer_key(p) ^ target for p in closest), default=0)
-            stored = 0
-            if len(closest) < k or me_key ^ target <= far:  # we are among the k closest
-                try:
-                    stored += self._store().put(record, defer=True)
-                    self._dirty.set()
-                except QuotaExceeded as exc:  # full of others' records: the replicas may take it
-                    log.info("this node did not keep its own record: %s", exc)
-            late = send(closest)
-        final = set(closest)
-        stored += len(acked & final)
-        self._timing("put_lookup_ms", (t1 - t0) * 1000)
-        self._timing("put_store_ms", (trio.current_time() - t1) * 1000)  # after the lookup
-        self._timing("put_lookup_queries", look.queries)
+        send(early)
+        background.start_soon(find_and_send)
+        quorum = self.config.store_quorum
+        wait_all = quorum <= 0 or self._replicating > self.config.max_background_stores
+        while True:
+            closest = set(look.closest_known(k))
+            got = len(acked & closest)
+            if not wait_all and got >= quorum:
+                break
+            if lookup_ended.is_set() and closest <= ended:  # fewer than a quorum: all of them answered
+                break
+            await progress[0].wait()
+        stored = got
+        far = max((peer_key(p) ^ target for p in closest), default=0)
+        if len(closest) < k or peer_key(self.ctx.host.peer_id) ^ target <= far:  # we are one of them
+            try:
+                stored += self._store().put(record, defer=True)
+                self._dirty.set()
+            except QuotaExceeded as exc:  # full of others' records: the replicas may take it
+                log.info("this node did not keep its own record: %s", exc)
+        self._timing("put_ms", (trio.current_time() - t0) * 1000)
         self._timing("put_sent_early", len(early))
-        self._timing("put_sent_late", late)
-        self._timing("put_early_unneeded", len(set(early) - final))
+        self._timing("put_early_unneeded", len(set(early) - closest))
+        self._timing("put_pending_at_return", len(sent - ended))
         self._timing(
             "put_queries_answered_by_put", sum(bool(a.reply and a.reply.closer) for a in answers.values())
         )
@@ -504,11 +626,12 @@ class DHT:
         old = self.counters.get(name)
         self.counters[name] = round(value if old is None else 0.9 * old + 0.1 * value, 3)
 
-    async def get(self, key: bytes | str, latest: bool = True) -> list[Entry]:
+    async def get(self, key: bytes | str, latest: bool = True, local: bool = False) -> list[Entry]:
         """Values under ``key``, one Entry per subkey (newest version), newest first.
 
         ``latest=False`` returns as soon as one peer answered with records (fastest);
-        ``latest=True`` collects from up to 3 of the closest peers that hold the key.
+        ``latest=True`` collects from up to 3 of the closest peers that hold the key;
+        ``local=True`` asks nobody: what this node itself holds (is it a replica?).
         """
         key = _as_key(key)
         found: dict[bytes, Record] = {}
@@ -531,7 +654,7 @@ class DHT:
                 holders.add(peer)
             return len(holders) >= (3 if latest else 1)
 
-        if not found or latest:
+        if not local and (not found or latest):
             await self._lookup(key, protocol.GET_VALUE, on_reply)
         return sorted((_entry(r) for r in found.values()), key=lambda e: -e.published_at)
 
@@ -807,8 +930,8 @@ class DHT:
     ) -> int:
         return await self.put(key, value, ttl, subkey=subkey)
 
-    async def _op_get(self, key: str, latest: bool = True) -> list[dict]:
-        return [e.as_dict() for e in await self.get(key, latest)]
+    async def _op_get(self, key: str, latest: bool = True, local: bool = False) -> list[dict]:
+        return [e.as_dict() for e in await self.get(key, latest, local)]
 
     async def _op_provide(self, key: str) -> int:
         return await self.provide(key)
@@ -825,6 +948,8 @@ class DHT:
         return {
             "protocol": self.protocol_id,
             "routing_table": len(self.table) if self.table is not None else 0,
+            "warm_contacts": self.connected_contacts(),
+            "warm_target": len(self.warm_contacts()),
             **self.store_status(),
             **{k: v for k, v in self.counters.items() if isinstance(v, int | float)},
             "latency": {op: {"count": c, "sum_s": round(s, 6)} for op, (c, s) in self.latency.items()},

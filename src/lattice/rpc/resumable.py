@@ -21,17 +21,22 @@ import os
 import time
 import zlib
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import trio
 
+from lattice._lazy import lazy_module
 from lattice.codec import tensors
 from lattice.codec.shapes import MAX_ARRAY_BYTES, checked_nbytes
 from lattice.errors import LatticeError, PayloadError
 from lattice.identity import PeerId
 from lattice.rpc.errors import Overloaded
 from lattice.transport.resources import Lease
+
+if TYPE_CHECKING:
+    import numpy as np
+else:
+    np = lazy_module("numpy")  # loaded with the first staged chunk (lattice._lazy)
 
 CHUNK = 8 << 20
 MAX_CHUNK = 64 << 20
