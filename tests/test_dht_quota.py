@@ -24,20 +24,21 @@ from lattice.errors import ConfigError
 from lattice.identity import KeyPair
 from lattice.transport.limits import Limits, PeerLimits, ip_prefix
 
-NOW = time.time()
+NOW = time.time()  # taken at import: records live a day, so a long test run never sees them expire
+TTL = 24 * 3600.0
 SIZE = record_size(records.create(KeyPair.generate(), b"k/0", b"x" * 1000, NOW + 60, now=NOW))
 
 
 def _rec(kp: KeyPair, key: bytes, value: bytes = b"x" * 1000, now: float = NOW) -> Record:
-    return records.create(kp, key, value, NOW + 600, now=now)
+    return records.create(kp, key, value, NOW + TTL, now=now)
 
 
 def _forged_subkey(kp: KeyPair, subkey: bytes, key: bytes = b"mesh/m", ahead: float = 0.0) -> Record:
     """A record signed by ``kp`` in another peer's slot: what create() refuses to make."""
     at = NOW + ahead
-    signed = records.signed_bytes(key, subkey, b"squat", at, NOW + 600)
+    signed = records.signed_bytes(key, subkey, b"squat", at, NOW + TTL)
     return Record(
-        key, subkey, b"squat", kp.public_key.raw, at, NOW + 600, kp.sign_for(records.SIGN_CONTEXT, signed)
+        key, subkey, b"squat", kp.public_key.raw, at, NOW + TTL, kp.sign_for(records.SIGN_CONTEXT, signed)
     )
 
 
@@ -99,7 +100,7 @@ def test_prefix_quota_counts_what_peers_of_one_prefix_sent():
     assert store.put(_rec(KeyPair.generate(), b"k/d"), NOW, prefix=None)  # exempt or local: not counted
     # a newer version sent from the same prefix replaces its old charge
     assert store.put(_rec(sybils[0], b"k/a", b"z" * 1000, now=NOW + 1), NOW + 1, prefix="203.0.113.0/24")
-    store.expire(NOW + 601)
+    store.expire(NOW + TTL + 1)
     assert store.prefix_bytes("203.0.113.0/24") == 0 and store.stored_bytes == 0
 
 
@@ -146,7 +147,7 @@ def test_a_subkey_that_is_a_peer_id_must_be_signed_by_that_peer(tmp_path):
     # a squatted row written to disk by an older version is not loaded, and is deleted
     old = _forged_subkey(squatter, owner.peer_id.multihash, key=b"mesh/x")
     db = sqlite3.connect(str(tmp_path / "s.sqlite"))
-    db.execute("INSERT INTO records VALUES (?, ?, ?, ?)", (old.key, old.subkey, old.encode(), NOW + 600))
+    db.execute("INSERT INTO records VALUES (?, ?, ?, ?)", (old.key, old.subkey, old.encode(), NOW + TTL))
     db.commit()
     db.close()
     store = Store(tmp_path / "s.sqlite")

@@ -55,6 +55,20 @@ def test_a_peer_is_held_to_its_cap_and_a_refusal_takes_nothing():
     assert rm.node.memory == 0 and lease.held == 0
 
 
+def test_optional_memory_leaves_half_of_the_budget_for_what_must_be_sent():
+    """A receive window grown for speed on one transfer must not leave the peer without room for
+    its next message (seen under load: windows grown to 12 of 16 MiB refused a 6 MiB call)."""
+    rm, _ = manager(peer_memory=0.25)  # 16 MiB per peer
+    rm.open_connection("a", "198.51.100.1")
+    window, message = rm.lease("a"), rm.lease("a")
+    assert window.try_grow(8 * MiB, optional=True)
+    assert not window.try_grow(1, optional=True)  # half of the peer's budget is the optional cap
+    assert rm.stats()["refusals"] == {}  # an optional reservation declined is no refusal
+    message.grow(8 * MiB)  # what the peer must send still fits
+    assert rm.node.memory == 16 * MiB
+    window.close(), message.close()
+
+
 def test_fair_share_under_pressure_keeps_room_for_others():
     rm, _ = manager(peer_memory=1.0, prefix_memory=1.0, fair_share_above=0.5)
     hog, honest = rm.lease("hog"), rm.lease("honest")

@@ -61,7 +61,8 @@ async def test_window_stays_without_rtt_or_when_consumed_slowly() -> None:
 
 
 async def test_window_growth_is_paid_from_the_peer_budget() -> None:
-    # 10 MiB for the peer: the 4 MiB window and one doubling (8 MiB) fit, 16 MiB does not.
-    rm = ResourceManager(ResourceLimits(max_memory=40 * MIB, peer_memory=0.25))
+    # 20 MiB for the peer, half of it for grown windows: the 4 MiB window and one doubling (8 MiB)
+    # fit, 16 MiB does not.
+    rm = ResourceManager(ResourceLimits(max_memory=80 * MIB, peer_memory=0.25))
     stream = await _transfer(40 * MIB, rtt=1.0, resources=rm)
     assert stream.window == 8 * MIB

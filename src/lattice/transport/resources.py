@@ -40,6 +40,9 @@ __all__ = [
 
 MiB = 1024 * 1024
 MIN_MEMORY = 256 * MiB
+# Optional memory (receive windows grown beyond their first size, for speed) may fill this part of
+# a scope's budget: a peer whose windows grew on a fast transfer can still send its next message.
+OPTIONAL_SHARE = 0.5
 
 
 class ResourceLimitExceeded(TransportError):
@@ -159,8 +162,10 @@ class Lease:
             self._chain = self._rm.chain(self._peer, self._service)
         return self._chain
 
-    def try_grow(self, n: int) -> bool:
-        if self._rm.try_reserve(self._scopes(), n):
+    def try_grow(self, n: int, optional: bool = False) -> bool:
+        """Reserve ``n`` more bytes if they fit. ``optional`` memory (a receive window grown for
+        speed) may fill only half of each scope, so what a peer must send still finds room."""
+        if self._rm.try_reserve(self._scopes(), n, OPTIONAL_SHARE if optional else 1.0):
             self.held += n
             return True
         return False
@@ -289,26 +294,28 @@ class ResourceManager:
         key = f"{scope.kind}:{what}"
         self.refusals[key] = self.refusals.get(key, 0) + 1
 
-    def _check(self, chain: tuple[_Scope, ...], n: int) -> tuple[_Scope, int] | None:
-        """The first scope ``n`` more bytes do not fit in (and its effective limit), or None."""
+    def _check(self, chain: tuple[_Scope, ...], n: int, share: float = 1.0) -> tuple[_Scope, int] | None:
+        """The first scope ``n`` more bytes do not fit in (and its effective limit), or None;
+        ``share`` < 1 checks against that part of each limit."""
         for scope in chain:
-            limit = self._limit(scope)
+            limit = int(self._limit(scope) * share)
             if scope.memory + n > limit:
                 return scope, limit
         peer = chain[-1]
         if peer.kind == "peer" and self.node.memory + n > self.max_memory * self.limits.fair_share_above:
             holders = sum(1 for s in self._peers.values() if s.memory) + (0 if peer.memory else 1)
-            share = self.max_memory // max(1, holders)
-            if peer.memory + n > share:
-                return peer, share
+            fair = int(self.max_memory // max(1, holders) * share)
+            if peer.memory + n > fair:
+                return peer, fair
         return None
 
-    def try_reserve(self, chain: tuple[_Scope, ...], n: int) -> bool:
+    def try_reserve(self, chain: tuple[_Scope, ...], n: int, share: float = 1.0) -> bool:
         if n <= 0:
             return True
-        full = self._check(chain, n)
+        full = self._check(chain, n, share)
         if full is not None:
-            self._refuse(full[0], "memory")
+            if share >= 1.0:  # an optional reservation declined is no refusal
+                self._refuse(full[0], "memory")
             return False
         for scope in chain:
             scope.memory += n

@@ -302,7 +302,7 @@ class YamuxStream:
         rtt = self.session.rtt_estimate()
         if rtt is None or elapsed >= 4 * rtt:
             return 0
-        if self._lease is not None and not self._lease.try_grow(extra):
+        if self._lease is not None and not self._lease.try_grow(extra, optional=True):
             return 0
         self.window += extra
         return extra
@@ -609,7 +609,7 @@ class YamuxSession:
             rm.close_stream(peer)
             return None
         extra = self.window - INITIAL_WINDOW
-        if extra and lease.try_grow(extra):
+        if extra and lease.try_grow(extra, optional=True):
             return self.window, lease
         return INITIAL_WINDOW, lease
 
