@@ -73,8 +73,9 @@ def gossip_round(
     :class:`WanTestbed` under PRESET, for ROUNDS rounds; return the round time against its floor."""
     hosts = [f"g{i}" for i in range(peers)]
     work = Path(tempfile.mkdtemp(prefix="wan-gossip-"))
+    codec_sets = [f"--set=codec={codec}"] if codec else []
     args = ["--rounds", str(rounds), "--numel", str(numel), "--timeout", "60", "--wait", "60",
-            "--linger", "10", *(["--set", f"codec={codec}"] if codec else []), *[f"--set={s}" for s in sets]]  # fmt: skip
+            "--linger", "10", *codec_sets, *[f"--set={s}" for s in sets]]  # fmt: skip
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     procs = []
     try:
@@ -159,7 +160,8 @@ def gossip_round(
 # open between rounds (warm, idle while waiting, like the peers'); prints the round times (JSON).
 _TCP_RING = r"""
 import json, socket, sys, threading, time
-me, ips, port, size, rounds = int(sys.argv[1]), sys.argv[2].split(","), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+me, ips = int(sys.argv[1]), sys.argv[2].split(",")
+port, size, rounds = int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 n = len(ips); nb = sorted({(me - 1) % n, (me + 1) % n})
 srv = socket.create_server((ips[me], port)); srv.listen(8)
 outs = []
@@ -229,13 +231,15 @@ def mesh_tps(
             for i in range(3):
                 args = ["--model", model, "--blocks", f"{cuts[i]}:{cuts[i + 1]}", "--listen",
                         f"/ip4/{tb.ip(f's{i}')}/tcp/4001", "--threads", str(threads),
-                        "--announce-interval", "2", *[x for a in boot for x in ("--bootstrap", a)]]  # fmt: skip
+                        "--announce-interval", "2", *[x for a in boot for x in ("--bootstrap", a)],
+                ]  # fmt: skip
                 daemons.append(
                     start_daemon(work, f"s{i}", args, testbed=tb, command="serve-model", timeout=120)
                 )
                 boot = boot or daemons[0].info["addrs"][:1]
             argv = [sys.executable, __file__, "mesh-client", "--model", model, "--tokens", str(tokens),
-                    "--runs", str(runs), "--threads", str(threads), "--listen", f"/ip4/{tb.ip('client')}/tcp/0",
+                    "--runs", str(runs), "--threads", str(threads),
+                    "--listen", f"/ip4/{tb.ip('client')}/tcp/0",
                     "--bootstrap", boot[0], "--data-dir", str(work / "client")]  # fmt: skip
             proc = tb.popen("client", argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             stdout, stderr = proc.communicate(timeout=300)
@@ -338,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--threads", type=int, default=1)
     for p in sub.choices.values():
         p.add_argument("--sysctl", action="append", default=[], metavar="KEY=VALUE",
-                       help="set in every host's namespace (e.g. net.ipv4.tcp_slow_start_after_idle=0)")  # fmt: skip
+                       help="sysctl in every host (net.ipv4.tcp_slow_start_after_idle=0)")  # fmt: skip
     if argv is None and sys.argv[1:2] == ["mesh-client"]:  # internal: the client inside its namespace
         c = argparse.ArgumentParser(prog="wan_apps.py mesh-client")
         for opt in ("--model", "--listen", "--bootstrap", "--data-dir"):
