@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from lattice.apps.gossip_sgd.launch import read_log
-from lattice.testing.wan import PRESETS, WanTestbed
+from lattice.testing.wan import PRESETS, Preset, WanTestbed
 
 HERE = Path(__file__).resolve().parent
 EXCHANGE_PEER = [sys.executable, str(HERE / "gossip_sgd_net.py"), "exchange-peer"]
@@ -58,8 +58,19 @@ def gossip_floor_s(message_bytes: int, neighbours: int, up_mbit: float, rtt_ms: 
     return neighbours * message_bytes * 8 / (up_mbit * 1e6) + rtt_ms / 1000
 
 
+def parse_preset(text: str) -> str | Preset:
+    """A preset name, or NAME=RTT_MS/MBIT[/LOSS] (as bench/wan.py), e.g. ``noloss=40/200``."""
+    name, sep, spec = text.partition("=")
+    if not sep:
+        if name != "mixed" and name not in PRESETS:
+            raise SystemExit(f"unknown preset {name!r}")
+        return name
+    parts = [float(x) for x in spec.split("/")]
+    return Preset(name, rtt_ms=parts[0], rate_mbit=parts[1], loss=parts[2] if len(parts) > 2 else 0.0)
+
+
 def gossip_round(
-    preset: str,
+    preset: str | Preset,
     peers: int = 4,
     numel: int = 4 << 20,
     codec: str | None = None,
@@ -128,7 +139,9 @@ def gossip_round(
     median = statistics.median(rounds_all) if rounds_all else None
     return {
         "figure": "wan_apps.gossip_round",
-        "preset": preset,
+        "preset": preset
+        if isinstance(preset, str)
+        else f"{preset.name}={preset.rtt_ms:g}/{preset.rate_mbit:g}/{preset.loss:g}",
         "peers": peers,
         "neighbours": 2,
         "message_mb": round(message / 1e6, 2),
@@ -354,8 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     sysctls = dict(x.split("=", 1) for x in args.sysctl)
     if args.what == "gossip":
-        for preset in args.presets.split(","):
-            assert preset == "mixed" or preset in PRESETS, preset
+        for preset in map(parse_preset, args.presets.split(",")):
             for _ in range(args.runs):
                 for codec in args.codecs.split(","):
                     c = None if codec == "none" else codec
