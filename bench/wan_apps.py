@@ -219,6 +219,73 @@ def tcp_ring_round(tb: WanTestbed, hosts: list[str], size: int, rounds: int) -> 
     return statistics.median(times)
 
 
+def content_fetch(size: int = 256 << 20, runs: int = 1) -> dict[str, Any]:
+    """Four providers on the ``mixed`` links (cloud, lab, home fibre, home cable: 1000/500/100/20
+    Mbit/s up) hold the same SIZE-byte file; a fetcher on a cloud link gets it from all four
+    (``content.get`` through its control socket). Floor = size / min(fetcher's downlink, the sum of
+    the providers' uplinks) + one RTT to the furthest provider."""
+    from lattice import Client
+    from lattice.testing.daemons import start_daemon
+    from lattice.testing.wan import mixed_links
+
+    hosts = ["p0", "p1", "p2", "p3", "fetcher"]
+    links = mixed_links(hosts)
+    work = Path(tempfile.mkdtemp(prefix="wan-content-"))
+    blob = work / "model.bin"
+    with open(blob, "wb") as f:
+        for _ in range(size >> 20):
+            f.write(os.urandom(1 << 20))
+    daemons = []
+    seconds = []
+    try:
+        with WanTestbed(hosts, "mixed") as tb:
+            for h in hosts:
+                args = ["--listen", f"/ip4/{tb.ip(h)}/tcp/4001"]
+                daemons.append(start_daemon(work, h, args, testbed=tb, timeout=60))
+            cids = set()
+            for d in daemons[:4]:
+                with Client(d.info["control"], timeout=600) as c:
+                    cids.add(c.content.add(str(blob))["cid"])
+            assert len(cids) == 1, cids
+            cid = cids.pop()
+            providers = [d.info["addrs"][0] for d in daemons[:4]]
+            fetcher = daemons[4].info["control"]
+            for _ in range(runs):
+                t0 = time.perf_counter()
+                with Client(fetcher, timeout=900) as c:
+                    last: dict = {}
+                    for item in c.stream("content.get", cid=cid, providers=providers, pin=False):
+                        last = item
+                seconds.append(time.perf_counter() - t0)
+                with Client(fetcher) as c:
+                    c.content.gc()
+            rtt = max(tb.rtt_ms("fetcher", h) for h in hosts[:4])
+    finally:
+        for d in daemons:
+            d.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    up = sum(links[h].up_mbit for h in hosts[:4])
+    rate = min(links["fetcher"].down_mbit, up)
+    floor = size * 8 / (rate * 1e6) + rtt / 1000
+    median = statistics.median(seconds)
+    return {
+        "figure": "wan_apps.content_fetch",
+        "preset": "mixed",
+        "size_mib": size >> 20,
+        "providers": {h: links[h].label for h in hosts[:4]},
+        "fetcher": links["fetcher"].label,
+        "median_s": round(median, 2),
+        "runs_s": [round(x, 2) for x in seconds],
+        "mib_per_s": round(size / (1 << 20) / median, 1),
+        "floor_s": round(floor, 2),
+        "ratio": round(median / floor, 2),
+        "last_item": {
+            k: v for k, v in last.items() if k in ("bytes", "chunks", "providers", "bad_providers")
+        },
+        "load_avg_1m": round(os.getloadavg()[0], 2),
+    }
+
+
 MESH_HOSTS = ["client", "s0", "s1", "s2"]
 
 
@@ -356,6 +423,9 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--tokens", type=int, default=32)
     m.add_argument("--runs", type=int, default=3)
     m.add_argument("--threads", type=int, default=1)
+    k = sub.add_parser("content", help="a model from 4 providers on mixed links against its floor")
+    k.add_argument("--size-mib", type=int, default=256)
+    k.add_argument("--runs", type=int, default=1)
     for p in sub.choices.values():
         p.add_argument("--sysctl", action="append", default=[], metavar="KEY=VALUE",
                        help="sysctl in every host (net.ipv4.tcp_slow_start_after_idle=0)")  # fmt: skip
@@ -379,6 +449,8 @@ def main(argv: list[str] | None = None) -> int:
                             preset, args.peers, args.numel, c, args.rounds, tuple(args.set), sysctls=sysctls
                         )
                     )
+    elif args.what == "content":
+        out(content_fetch(args.size_mib << 20, args.runs))
     elif args.what == "mesh":
         out(mesh_tps(args.rtt_ms, args.rate_mbit, args.model, args.tokens, args.runs, args.threads))
     return 0
