@@ -49,3 +49,12 @@ def test_mesh_tps_smoke() -> None:
     assert r["mesh_tps"] > 0
     assert r["median_step_ms"] >= 3 * 10 * 0.95  # one round trip per hop per token
     assert r["ratio"] <= 1.05
+
+
+@needs_root
+@pytest.mark.slow
+def test_content_fetch_smoke() -> None:
+    """Four providers on `mixed` links, one fetcher: the whole file arrives, no faster than its floor."""
+    r = _bench().content_fetch(size=8 << 20, runs=1)
+    assert r["last_item"]["bytes"] == 8 << 20
+    assert r["ratio"] >= 0.95
