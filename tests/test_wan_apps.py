@@ -1,0 +1,60 @@
+"""bench/wan_apps.py (issue 19): the floors it measures against, and short runs of its two benches
+on a real WAN testbed (skipped without root)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from lattice.testing.wan import wan_unavailable
+
+_reason = wan_unavailable()
+needs_root = pytest.mark.skipif(_reason is not None, reason=_reason or "")
+
+
+def _bench():
+    path = Path(__file__).resolve().parents[1] / "bench" / "wan_apps.py"
+    spec = importlib.util.spec_from_file_location("wan_apps", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_floors() -> None:
+    b = _bench()
+    assert b.wire_bytes(4 << 20, None) == 16 << 20
+    assert b.wire_bytes(4 << 20, "fp16") == 8 << 20  # the codec that halves the bytes
+    # 16 MiB to two neighbours over 200 Mbit/s, plus a 40 ms round trip
+    assert b.gossip_floor_s(16 << 20, 2, 200, 40) == pytest.approx(2 * 16 * 1.048576 * 8 / 200 + 0.04)
+
+
+@needs_root
+def test_gossip_round_smoke() -> None:
+    """Three peers, small messages, `metro`: every peer reports its rounds, the plain-TCP ring too."""
+    r = _bench().gossip_round("metro", peers=3, numel=1 << 16, rounds=3, timeout=30)
+    assert "error" not in r, r.get("error")
+    assert r["rounds_measured"] == 3 * 2 and r["timeouts"] == 0
+    assert r["median_round_s"] >= 0.010  # at least the link's round trip
+    assert r["tcp_median_round_s"] is not None and r["tcp_median_round_s"] >= 0.005
+
+
+@needs_root
+@pytest.mark.slow
+def test_mesh_tps_smoke() -> None:
+    """Three stages and a client 10 ms apart: tokens flow, and no faster than the floor allows."""
+    r = _bench().mesh_tps(rtt_ms=10, tokens=6, runs=1)
+    assert r["mesh_tps"] > 0
+    assert r["median_step_ms"] >= 3 * 10 * 0.95  # one round trip per hop per token
+    assert r["ratio"] <= 1.05
+
+
+@needs_root
+@pytest.mark.slow
+def test_content_fetch_smoke() -> None:
+    """Four providers on `mixed` links, one fetcher: the whole file arrives, no faster than its floor."""
+    r = _bench().content_fetch(size=8 << 20, runs=1)
+    assert r["last_item"]["bytes"] == 8 << 20
+    assert r["ratio"] >= 0.95
