@@ -5,9 +5,10 @@ workers per provider, each running one ``content.chunks`` request (a server-stre
 time. Every chunk is checked against the hash its manifest names before it is written; a provider
 that sends a wrong chunk, a chunk it was not asked for or a malformed reply is dropped at once and
 reported (``on_bad``). Hashing and writing run in worker threads while the next chunks arrive, a
-few chunks per thread hop (``write_batch``). Receiver memory is bounded: each request's replies are limited to one chunk (``max_reply``, checked
-before anything is allocated), at most ``requests_per_provider`` requests per provider and
-``max_requests`` in all are in flight, and at most ``write_queue`` chunks wait to be written.
+few chunks per thread hop (``write_batch``). Receiver memory is bounded: each request's replies
+are limited to one chunk (``max_reply``, checked before anything is allocated), at most
+``requests_per_provider`` requests per provider and ``max_requests`` in all are in flight, and at
+most ``write_queue`` chunks wait to be written.
 """
 
 from __future__ import annotations
