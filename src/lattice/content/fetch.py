@@ -49,7 +49,8 @@ class WriteBatch:
 
     def add(self, index: int, data: Any) -> None:
         self.items.append((index, data))
-        self._changed.set()
+        if len(self.items) == 1 or len(self.items) >= self.size:  # the writer cares about no other
+            self._changed.set()
 
     def flush(self) -> None:
         self._urgent = True
