@@ -261,16 +261,16 @@ async def test_write_batch_hands_over_when_full_flushed_closed_or_after_its_ling
     for i in range(3):
         batch.add(i, b"x")
     with trio.fail_after(1):
-        assert [i for i, _ in await batch.take(10.0)] == [0, 1, 2]  # full: at once
+        assert [item[0] for item in await batch.take(10.0)] == [0, 1, 2]  # full: at once
     batch.add(3, b"x")
     start = trio.current_time()
-    assert [i for i, _ in await batch.take(0.2)] == [3]  # not full: after the linger
+    assert [item[0] for item in await batch.take(0.2)] == [3]  # not full: after the linger
     assert trio.current_time() - start >= 0.2
     batch.add(4, b"x")
     batch.flush()  # the write queue is full: no lingering
     with trio.fail_after(1):
-        assert [i for i, _ in await batch.take(10.0)] == [4]
+        assert [item[0] for item in await batch.take(10.0)] == [4]
         batch.add(5, b"x")
         batch.close()
-        assert [i for i, _ in await batch.take(10.0)] == [5]
+        assert [item[0] for item in await batch.take(10.0)] == [5]
         assert await batch.take(10.0) == []  # closed and drained: the writer stops

@@ -35,20 +35,24 @@ log = logging.getLogger(__name__)
 Discover = Callable[[], Awaitable[list[tuple[str, str]]]]
 
 
+Item = tuple[int, Any, float]  # a chunk received: (index, bytes, when it arrived)
+
+
 class WriteBatch:
     """Chunks of one request received and waiting to be verified and written, handed to a worker
     thread together: when ``size`` are waiting, when the request ends, when :meth:`flush` is called
-    (the write queue is full) or ``linger`` seconds after the first arrived (a slow provider)."""
+    (the write queue is full) or ``linger`` seconds after the first arrived (a slow provider). Each
+    keeps its arrival time: a provider's rate is measured by arrivals, not by when a batch is written."""
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self.items: list[tuple[int, Any]] = []
+        self.items: list[Item] = []
         self.closed = False
         self._urgent = False
         self._changed = trio.Event()
 
     def add(self, index: int, data: Any) -> None:
-        self.items.append((index, data))
+        self.items.append((index, data, trio.current_time()))
         if len(self.items) == 1 or len(self.items) >= self.size:  # the writer cares about no other
             self._changed.set()
 
@@ -67,7 +71,7 @@ class WriteBatch:
         await self._changed.wait()
         self._changed = trio.Event()
 
-    async def take(self, linger: float) -> list[tuple[int, Any]]:
+    async def take(self, linger: float) -> list[Item]:
         """The next batch; empty once closed and drained."""
         while not self.items and not self.closed:
             await self._next_change()
@@ -76,7 +80,7 @@ class WriteBatch:
                 await self._next_change()
         return self.drain()
 
-    def drain(self) -> list[tuple[int, Any]]:
+    def drain(self) -> list[Item]:
         items, self.items, self._urgent = self.items, [], False
         return items
 
@@ -307,7 +311,7 @@ class Fetch:
         while items := await batch.take(self.limits.write_linger):
             await self._write(peer, rid, items)
 
-    async def _write(self, peer: str, rid: int, items: list[tuple[int, Any]]) -> None:
+    async def _write(self, peer: str, rid: int, items: list[Item]) -> None:
         """Verify and write chunks (one worker-thread call), then count them. Shielded: a chunk on
         disk is always counted, even if its request was cancelled meanwhile."""
         sched = self.sched
@@ -318,7 +322,7 @@ class Fetch:
         finally:
             for _ in items:
                 self._write_queue.release()
-        for (index, data), ok in zip(items, stored, strict=True):
+        for (index, data, arrived), ok in zip(items, stored, strict=True):
             if not ok:
                 sched.rejected(rid, index)
                 self._bad(peer, f"chunk {index} does not match its hash")
@@ -327,18 +331,18 @@ class Fetch:
             else:
                 self.fetched += 1
                 self.fetched_bytes += data.nbytes
-                for other in sched.completed(rid, index, trio.current_time()):
+                for other in sched.completed(rid, index, arrived):
                     scope = self._scopes.get(other)
                     if scope is not None:
                         scope.cancel()
         self._notify()
         self._progress()
 
-    def _store(self, items: list[tuple[int, Any]]) -> list[bool]:
+    def _store(self, items: list[Item]) -> list[bool]:
         """Verify and write chunks (in a worker thread: hashing and disk writes overlap the
         network); False for each that is not the chunk it claims to be."""
         out = []
-        for index, data in items:
+        for index, data, _ in items:
             ok = self.partial.verify(index, data)
             if ok:
                 self.partial.write(index, data, verified=True)
