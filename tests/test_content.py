@@ -165,6 +165,21 @@ def test_scheduler_pulls_lowest_first_and_faster_providers_get_bigger_batches():
     assert len(s.request("b", 2.1)[1]) == 1
 
 
+def test_a_slow_providers_rate_is_measured_by_arrivals_when_chunks_are_written_in_batches():
+    """Chunks are written a batch at a time: counted at the write's time, a slow provider's 4 chunks
+    looked delivered at once (10 GB/s) and it was asked for the biggest batches."""
+    s = Scheduler(range(40), lambda i: CHUNK, CHUNK, max_batch=8, first_batch=4, target_seconds=1.0)
+    rid, chunks = s.request("slow", 0.0)
+    arrivals = [1.0, 2.0, 3.0, 4.0]  # a chunk a second, all written together at 4.0
+    for i in chunks:
+        assert s.arrived(rid, i) == NEEDED
+    for i, at in zip(reversed(chunks), reversed(arrivals), strict=True):  # and out of order
+        s.completed(rid, i, at)
+    s.finish(rid)
+    assert s.providers["slow"].rate < 2 * CHUNK
+    assert len(s.request("slow", 4.1)[1]) == 1
+
+
 def test_scheduler_endgame_races_inflight_chunks_and_cancels_losers():
     s = Scheduler(
         range(3), lambda i: CHUNK, CHUNK, max_batch=4, first_batch=4, endgame_copies=2, endgame_batch=4

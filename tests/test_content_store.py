@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import trio
 
@@ -172,3 +173,42 @@ async def test_fetched_chunks_are_written_right_with_a_write_queue_of_one(tmp_pa
     cid = await a.content.add(data, chunk_size=chunk)
     path = await b.content.get(cid, providers=[a.addrs[0]])
     assert path.read_bytes() == data and b.content.counters["chunks_fetched"] == 10
+
+
+async def test_fetched_chunks_go_to_disk_from_the_receive_buffer_without_a_copy(tmp_path, nursery):
+    """Large tensors arrive page-aligned (lattice.codec), so O_DIRECT writes need no bounce copy."""
+    a, b = await start_nodes(tmp_path, nursery, 2)
+    data = os.urandom(7 * CHUNK)
+    cid = await a.content.add(data, chunk_size=CHUNK)
+    path = await b.content.get(cid, providers=[a.addrs[0]])
+    assert path.read_bytes() == data and b.content.counters["chunks_fetched"] == 7
+    assert b.content.counters["chunks_copied"] == 0
+
+
+def test_a_partial_copies_only_unaligned_chunks_for_o_direct(tmp_path):
+    from lattice.codec.tensors import aligned_empty
+    from lattice.content.store import Store, address
+
+    store = Store(tmp_path / "store", 1 << 30)
+    store.open()
+    data = os.urandom(3 * CHUNK)
+    cid = store.add_file(_write(tmp_path / "f", data), CHUNK)
+    raw = store.manifest_bytes(cid)
+    store.remove(cid)
+    partial = store.begin(cid, raw)
+    aligned = aligned_empty(CHUNK)
+    aligned[:] = memoryview(data)[:CHUNK]
+    assert address(aligned.data) % 4096 == 0
+    partial.write(0, aligned)
+    unaligned = np.frombuffer(b"x" + data[CHUNK : 2 * CHUNK], np.uint8)[1:]
+    partial.write(1, unaligned)
+    partial.write(2, data[2 * CHUNK :])
+    assert partial.complete and partial.read(0, len(data)) == data
+    assert partial.bounced == (0 if not partial.direct else 2)
+    store.release(partial)
+    store.close()
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path

@@ -23,6 +23,8 @@ class FetchLimits:
     max_requests: int = 16  # ... and to all of them (receiver memory: about this many chunks + windows)
     max_batch: int = 16  # chunks one request asks for, at most (fewer from slow providers)
     write_queue: int = 8  # chunks received and waiting to be verified and written (receiver memory)
+    write_batch: int = 4  # a request's chunks go to a worker thread (one hop for all) once this many wait
+    write_linger: float = 0.05  # a batch not full is written this long after its first chunk came
     max_providers: int = 8  # providers used at once
     request_timeout: float = 30.0  # one request (a batch of chunks); then its chunks go elsewhere
     endgame_copies: int = 2  # copies of a chunk raced at the end
@@ -37,6 +39,7 @@ class FetchLimits:
             "max_requests",
             "max_batch",
             "write_queue",
+            "write_batch",
             "max_providers",
             "endgame_batch",
         ):

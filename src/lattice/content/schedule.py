@@ -184,15 +184,18 @@ class Scheduler:
         return NEEDED
 
     def completed(self, rid: int, index: int, now: float) -> list[int]:
-        """Chunk ``index`` of request ``rid`` was verified and written. Returns the requests that now
-        have nothing left to deliver (cancel them)."""
+        """Chunk ``index`` of request ``rid``, which arrived at ``now``, was verified and written.
+        Returns the requests that now have nothing left to deliver (cancel them). (Chunks are
+        written in batches, so arrival times reach here a little out of order: one that arrived
+        before the provider's last delivery counted is not a rate sample.)"""
         req = self.requests[rid]
         prov = self.providers[req.peer]
         nbytes = self.chunk_len(index)
         since = max(prov.last, req.started)
-        sample = nbytes / max(now - since, 1e-4)
-        prov.rate = sample if prov.rate <= 0 else 0.75 * prov.rate + 0.25 * sample
-        prov.last = now
+        if now > since:
+            sample = nbytes / max(now - since, 1e-4)
+            prov.rate = sample if prov.rate <= 0 else 0.75 * prov.rate + 0.25 * sample
+            prov.last = now
         prov.bytes += nbytes
         prov.chunks += 1
         prov.failures = 0

@@ -186,7 +186,7 @@ class Content:
         self._nursery: trio.Nursery | None = None
         self.counters = {"requests": 0, "refused": 0, "malformed": 0, "chunks_served": 0, "bytes_served": 0,
                       "chunks_hashed": 0, "chunks_fetched": 0, "bytes_fetched": 0,
-                      "bad_chunks": 0}  # fmt: skip
+                      "chunks_copied": 0, "write_calls": 0, "bad_chunks": 0}  # fmt: skip
 
     # -- lifecycle
     @property
@@ -404,6 +404,8 @@ class Content:
                 finally:
                     self.counters["chunks_fetched"] += fetch.fetched
                     self.counters["bytes_fetched"] += fetch.fetched_bytes
+                    self.counters["chunks_copied"] += partial.bounced  # O_DIRECT through a bounce buffer
+                    self.counters["write_calls"] += fetch.write_calls  # worker-thread hops, a batch each
                     self._score(fetch)
                     self.fetches.pop(key, None)
                     store.release(partial)

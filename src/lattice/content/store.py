@@ -112,6 +112,7 @@ class Partial:
         self._have_fd: int | None = None
         self._bounce: list[mmap.mmap] = []  # aligned buffers, one per concurrent writer
         self._bounce_lock = threading.Lock()
+        self.bounced = 0  # chunks copied through a bounce buffer (not page-aligned as received)
         self._open()  # now, on the event loop: writes come from worker threads
 
     def _open(self) -> tuple[int, int]:
@@ -128,26 +129,35 @@ class Partial:
 
     def _write_direct(self, view: memoryview, offset: int) -> int:
         """Write the whole 4 KiB blocks of ``view`` at ``offset`` with O_DIRECT; returns the bytes
-        written (0: do it the plain way)."""
+        written (0: do it the plain way). A page-aligned chunk (as lattice.codec receives large
+        ones) is written from where it is; others through a bounce buffer."""
         aligned = view.nbytes - view.nbytes % DIRECT_ALIGN
-        fd = self._direct_fd
-        if not aligned or fd is None:
+        if not aligned or self._direct_fd is None:
             return 0
+        if address(view) % DIRECT_ALIGN == 0:
+            return self._pwrite_direct(view[:aligned], offset)
         with self._bounce_lock:
             bounce = self._bounce.pop() if self._bounce else mmap.mmap(-1, self.manifest.chunk_size)
         try:
+            self.bounced += 1
             with memoryview(bounce) as out:
                 out[:aligned] = view[:aligned]
-                _pwrite_all(fd, out[:aligned], offset)
+                return self._pwrite_direct(out[:aligned], offset)
+        finally:
+            with self._bounce_lock:
+                self._bounce.append(bounce)
+
+    def _pwrite_direct(self, view: memoryview, offset: int) -> int:
+        fd = self._direct_fd
+        try:
+            assert fd is not None
+            _pwrite_all(fd, view, offset)
         except OSError as exc:
             if exc.errno != errno.EINVAL:
                 raise
             self.direct = False  # a file system that opens O_DIRECT but refuses these writes
             return 0
-        finally:
-            with self._bounce_lock:
-                self._bounce.append(bounce)
-        return aligned
+        return view.nbytes
 
     def missing(self, wanted: Iterable[int] | None = None) -> list[int]:
         indices = range(self.manifest.count) if wanted is None else wanted
@@ -193,6 +203,11 @@ class Partial:
                 os.close(fd)
         self._fd = self._have_fd = self._direct_fd = None
         self._bounce.clear()
+
+
+def address(view: memoryview) -> int:
+    """Where a buffer's first byte is in memory (O_DIRECT needs it page-aligned)."""
+    return int(np.frombuffer(view, np.uint8).ctypes.data) if view.nbytes else 0
 
 
 def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
