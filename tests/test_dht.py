@@ -123,6 +123,21 @@ async def test_malformed_messages_and_junk_flood(swarm):
         assert trio.current_time() - start < 1.0
 
 
+async def test_find_node_for_any_key_is_answered(swarm):
+    """A key is tried as a peer id (to list that peer first); keys whose bytes are no varints
+    crashed the handler (DecodeError escaped PeerId): the bucket refresh's random keys met it."""
+    from lattice.transport.framing import read_delimited
+
+    asker, answerer = swarm[1], swarm[2]
+    for key in (b"\xff" * 32, b"\x80\x80", b"\x12\xff" + b"\xff" * 30):
+        stream = await asker.host.new_stream(answerer.peer_id, [protocol_id(asker)])
+        body = protocol.encode(protocol.Message(protocol.FIND_NODE, key))
+        await stream.write(_proto.encode_uvarint(len(body)) + body)
+        with trio.fail_after(5):
+            reply = protocol.decode(await read_delimited(stream, protocol.MAX_MESSAGE))
+        assert reply.type == protocol.FIND_NODE and reply.closer, key
+
+
 async def test_records_survive_a_restart(tmp_path):
     cfg = NodeConfig(listen=["/ip4/127.0.0.1/tcp/0"], data_dir=tmp_path / "solo", control=False)
     async with Node(cfg) as node:

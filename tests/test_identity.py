@@ -25,6 +25,12 @@ def test_peer_id_matches_py_libp2p():
     assert str(ours.peer_id) == ID.from_pubkey(theirs.public_key).to_base58()
 
 
+@pytest.mark.parametrize("raw", [b"\xff" * 20, b"\x12\x80", b"\x80\x80\x80"])
+def test_bytes_that_are_no_multihash_are_an_identity_error(raw):
+    with pytest.raises(IdentityError):
+        PeerId(raw)
+
+
 def test_base58_leading_zeros():
     for data in (b"", b"\0", b"\0\0\x01", os.urandom(40)):
         assert b58decode(b58encode(data)) == data

@@ -105,8 +105,11 @@ class PeerId:
     def __init__(self, multihash: bytes) -> None:
         if not 2 <= len(multihash) <= 128:
             raise IdentityError("peer id has an invalid length")
-        code, pos = _proto.decode_uvarint(multihash)
-        length, pos = _proto.decode_uvarint(multihash, pos)
+        try:
+            code, pos = _proto.decode_uvarint(multihash)
+            length, pos = _proto.decode_uvarint(multihash, pos)
+        except _proto.DecodeError as exc:  # any bytes reach here (a DHT key that may name a peer)
+            raise IdentityError(f"peer id is not a multihash: {exc}") from None
         if code not in (_IDENTITY_MULTIHASH, _SHA256_MULTIHASH) or length != len(multihash) - pos:
             raise IdentityError("peer id is not a valid identity or sha2-256 multihash")
         self.multihash = bytes(multihash)
