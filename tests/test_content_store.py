@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
 import trio
 
@@ -200,9 +199,11 @@ def test_a_partial_copies_only_unaligned_chunks_for_o_direct(tmp_path):
     aligned[:] = memoryview(data)[:CHUNK]
     assert address(aligned.data) % 4096 == 0
     partial.write(0, aligned)
-    unaligned = np.frombuffer(b"x" + data[CHUNK : 2 * CHUNK], np.uint8)[1:]
-    partial.write(1, unaligned)
-    partial.write(2, data[2 * CHUNK :])
+    for index in (1, 2):  # off a page boundary for sure (a bytes object may land on one by chance)
+        unaligned = aligned_empty(CHUNK + index)[index:]
+        unaligned[:] = memoryview(data)[index * CHUNK : (index + 1) * CHUNK]
+        assert address(unaligned.data) % 4096 == index
+        partial.write(index, unaligned)
     assert partial.complete and partial.read(0, len(data)) == data
     assert partial.bounced == (0 if not partial.direct else 2)
     store.release(partial)

@@ -313,3 +313,10 @@ async def test_upload_staging_quotas_and_expiry(tmp_path, nursery):
     x = np.arange(5 * MIB, dtype=np.uint8)  # an upload that makes progress is kept and committed
     assert np.array_equal(await b.rpc.call(peer, "echo", x, resumable=True, timeout=20), x)
     assert a.rpc.uploads.staged_bytes == 0 and rpc_memory(a)["memory"] == 0
+
+
+def test_a_zero_dimensional_tensor_decodes_to_an_array():
+    """Found by the fuzz test above: bf16 data of shape [] decoded to a numpy scalar, not an array."""
+    wire = np.array(16320, dtype=np.uint16).reshape(())  # 1.5 in bfloat16
+    out, dtype = compression.decompress("bf16", wire, {"shape": [], "dtype": "float32"}, 16)
+    assert isinstance(out, np.ndarray) and out.shape == () and float(out) == 1.5 and dtype == "float32"

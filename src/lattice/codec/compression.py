@@ -103,7 +103,7 @@ def decompress(spec: str, data: np.ndarray, meta: Any, max_elements: int) -> tup
         raise PayloadError("codec metadata has an invalid shape")
     try:
         out = _REGISTRY[name].decode(data, meta, tuple(shape))
-        return out.astype(dtype, copy=False).reshape(shape), dtype
+        return np.asarray(out).astype(dtype, copy=False).reshape(shape), dtype  # 0-d stays an array
     except PayloadError:
         raise
     except (ValueError, TypeError, IndexError, OverflowError) as exc:  # a codec's own checks missed it
