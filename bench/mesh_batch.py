@@ -35,6 +35,7 @@ import trio
 from lattice import Node, NodeConfig
 from lattice.apps.mesh_inference.client import MeshClient
 from lattice.apps.mesh_inference.config import expected_shapes, tiny_config
+from lattice.apps.mesh_inference.tokenizer import byte_symbols
 from lattice.apps.mesh_inference.weights import gguf_config
 from lattice.testing.daemons import Daemon, start_daemon
 
@@ -60,7 +61,7 @@ def write_model(path: Path, layers: int, vocab: int) -> None:
     w.add_context_length(c.max_positions)
     w.add_vocab_size(c.vocab_size)
     w.add_tokenizer_model("gpt2")
-    tokens = [*_byte_symbols(), *(f"<t{i}>" for i in range(vocab - 256))]
+    tokens = [*byte_symbols(), *(f"<t{i}>" for i in range(vocab - 256))]
     w.add_token_list(tokens)
     w.add_token_types([1] * vocab)
     rng = np.random.default_rng(0)
@@ -75,21 +76,6 @@ def write_model(path: Path, layers: int, vocab: int) -> None:
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-
-
-def _byte_symbols() -> list[str]:
-    """GPT-2's byte-to-unicode table (what byte-level BPE pre-tokenization produces)."""
-    bs = (
-        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
-    )
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    table = dict(zip(bs, cs, strict=True))
-    return [chr(table[b]) for b in range(256)]
 
 
 def start_pair(work: Path, model: Path, layers: int, max_batch: int, name: str) -> list[Daemon]:

@@ -9,6 +9,7 @@ gguf = pytest.importorskip("gguf")
 np = pytest.importorskip("numpy")
 
 from lattice.apps.mesh_inference.model import Stage, random_weights, tiny_config  # noqa: E402
+from lattice.apps.mesh_inference.tokenizer import byte_symbols  # noqa: E402
 from lattice.apps.mesh_inference.weights import gguf_config, load_gguf_tensors, open_model  # noqa: E402
 
 CONFIG = tiny_config(vocab_size=258, max_positions=256)
@@ -29,7 +30,7 @@ def write_gguf(path, weights, quantize=()):
     w.add_context_length(CONFIG.max_positions)
     w.add_vocab_size(CONFIG.vocab_size)
     # byte-level BPE: the 256 byte symbols, one merge ("a" + "b"), and a control token
-    byte_syms = _byte_symbols()
+    byte_syms = byte_symbols()
     w.add_tokenizer_model("gpt2")
     w.add_token_list([*byte_syms, "ab", "<|im_end|>"])
     w.add_token_merges(["a b"])
@@ -45,21 +46,6 @@ def write_gguf(path, weights, quantize=()):
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-
-
-def _byte_symbols():
-    """GPT-2's byte-to-unicode table (what ByteLevel pre-tokenization produces)."""
-    bs = (
-        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
-    )
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    table = dict(zip(bs, cs, strict=True))
-    return [chr(table[b]) for b in range(256)]
 
 
 def test_gguf_stage_equals_the_same_weights_in_memory(tmp_path):
