@@ -14,13 +14,16 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
+import sys
 from pathlib import Path
 
 import torch
 
-from lattice.apps.mesh_inference.model import KVCache, Stage
+from lattice.apps.mesh_inference.model import Stage
 from lattice.apps.mesh_inference.weights import open_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _decode import timed_greedy
 
 PROMPTS = [
     "The capital of France is",
@@ -28,17 +31,6 @@ PROMPTS = [
     "Write a short poem about the sea.",
     "In 1969, the first humans",
 ]
-
-
-def greedy(stage: Stage, prompt: list[int], n: int) -> tuple[list[int], float]:
-    cache = KVCache()
-    logits = stage.forward(torch.tensor([prompt]), cache)[0, -1]
-    tokens = [int(logits.argmax())]
-    t0 = time.perf_counter()
-    while len(tokens) < n:
-        logits = stage.forward(torch.tensor([[tokens[-1]]]), cache)[0, -1]
-        tokens.append(int(logits.argmax()))
-    return tokens, (n - 1) / (time.perf_counter() - t0)
 
 
 def same_prefix(a: list[int], b: list[int]) -> int:
@@ -64,7 +56,7 @@ def main() -> None:
     prompts = [tok.encode(p).ids for p in PROMPTS]
     stages = {d: Stage(source.config, weights, 0, n, d) for d in ("float32", "bfloat16", "float16")}
     ref_logits = [stages["float32"].forward(torch.tensor([p]))[0] for p in prompts]
-    ref_tokens = [greedy(stages["float32"], p, args.tokens)[0] for p in prompts]
+    ref_tokens = [timed_greedy(stages["float32"], p, args.tokens)[0] for p in prompts]
     for dtype, stage in stages.items():
         diffs, agree, total, prefixes = [], 0, 0, []
         for p, ref, ref_tok in zip(prompts, ref_logits, ref_tokens, strict=True):
@@ -72,11 +64,11 @@ def main() -> None:
             diffs.append(float((logits - ref).abs().max()))
             agree += int((logits.argmax(-1) == ref.argmax(-1)).sum())
             total += len(p)
-            prefixes.append(same_prefix(greedy(stage, p, args.tokens)[0], ref_tok))
+            prefixes.append(same_prefix(timed_greedy(stage, p, args.tokens)[0], ref_tok))
         speeds, base = [], []
         for _ in range(args.runs):
-            speeds.append(greedy(stage, prompts[0], 24)[1])
-            base.append(greedy(stages["float32"], prompts[0], 24)[1])
+            speeds.append(timed_greedy(stage, prompts[0], 24)[1])
+            base.append(timed_greedy(stages["float32"], prompts[0], 24)[1])
         line = {"bench": "mesh_dtype", "model": source.model_id, "dtype": dtype,
                 "max_abs_logit_diff": round(max(diffs), 5), "argmax_equal": f"{agree}/{total}",
                 "greedy_tokens_equal_prefix": prefixes, "of": args.tokens,

@@ -33,8 +33,12 @@ import trio
 
 from lattice import Node, NodeConfig
 from lattice.apps.mesh_inference.client import MeshClient
-from lattice.apps.mesh_inference.model import KVCache, Stage
+from lattice.apps.mesh_inference.model import Stage
 from lattice.apps.mesh_inference.weights import open_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _decode import timed_greedy
+
 from lattice.testing.daemons import start_daemon
 
 PROMPT = "The capital of France is"
@@ -43,18 +47,6 @@ SPLIT = [(0, 10), (10, 20), (20, 30)]
 
 def out(line: dict) -> None:
     print(json.dumps(line), flush=True)
-
-
-def single_generate(stage: Stage, prompt: list[int], n: int) -> tuple[list[int], float]:
-    """Greedy tokens and decode tokens/s (prompt prefill excluded, as for the mesh)."""
-    cache = KVCache()
-    logits = stage.forward(torch.tensor([prompt]), cache)[0, -1]
-    tokens = [int(logits.argmax())]
-    t0 = time.perf_counter()
-    while len(tokens) < n:
-        logits = stage.forward(torch.tensor([[tokens[-1]]]), cache)[0, -1]
-        tokens.append(int(logits.argmax()))
-    return tokens, (n - 1) / (time.perf_counter() - t0)
 
 
 async def mesh_generate(client: MeshClient, prompt: list[int], n: int, kill=None) -> dict:
@@ -136,7 +128,7 @@ async def run(args: argparse.Namespace) -> int:
             single_tps, mesh_tps, same = [], [], True
             ref_tokens = None
             for _ in range(args.runs):
-                tokens, tps = single_generate(single, prompt, args.tokens)
+                tokens, tps = timed_greedy(single, prompt, args.tokens)
                 single_tps.append(tps)
                 ref_tokens = ref_tokens or tokens
                 result = await mesh_generate(client, prompt, args.tokens)

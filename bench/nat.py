@@ -35,10 +35,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from lattice.testing.daemons import peer_path, start_daemon, wait_for
+from lattice.testing.daemons import host_addr, peer_args, peer_path, relay_args, start_daemon, wait_for
 from lattice.testing.netns import Site, Testbed, netns_unavailable
-
-PORT = 4001
 
 
 def out(line: dict) -> None:
@@ -56,15 +54,8 @@ def summary(scenario: str, metric: str, values: list[float], ok: int, runs: int,
 
 
 def start_swarm(tb: Testbed, work: Path, relays: list[str]):
-    started = []
-    for name in relays:
-        started.append(
-            start_daemon(work, name, ["--listen", f"/ip4/0.0.0.0/tcp/{PORT}", "--relay"], tb, name)
-        )
-    boots = [f"/ip4/{tb.ip(r.name)}/tcp/{PORT}/p2p/{r.peer_id}" for r in started]
-    args = ["--listen", f"/ip4/0.0.0.0/tcp/{PORT}", "--enable-bench"]
-    for boot in boots:
-        args += ["--bootstrap", boot]
+    started = [start_daemon(work, name, relay_args(), tb, name) for name in relays]
+    args = peer_args(*(host_addr(tb, r, r.name) for r in started))
     t0 = time.monotonic()
     a = start_daemon(work, "a1", args, tb, "a1")
     b = start_daemon(work, "b1", args, tb, "b1")
@@ -150,9 +141,8 @@ def run_failover(work: Path) -> dict:
 def run_first_connect(work: Path, nat: str) -> dict:
     with Testbed(public=["relay"], sites=[Site("a", "cone"), Site("b", nat)]) as tb:
         tb.drop_private()
-        relay = start_daemon(work, "relay", ["--listen", f"/ip4/0.0.0.0/tcp/{PORT}", "--relay"], tb, "relay")
-        boot = f"/ip4/{tb.ip('relay')}/tcp/{PORT}/p2p/{relay.peer_id}"
-        args = ["--listen", f"/ip4/0.0.0.0/tcp/{PORT}", "--enable-bench", "--bootstrap", boot]
+        relay = start_daemon(work, "relay", relay_args(), tb, "relay")
+        args = peer_args(host_addr(tb, relay, "relay"))
         with ThreadPoolExecutor(1) as pool:
             t0 = time.monotonic()
             started_b = pool.submit(start_daemon, work, "b1", args, tb, "b1")

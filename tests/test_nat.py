@@ -8,27 +8,20 @@ from __future__ import annotations
 
 import pytest
 
-from lattice.testing.daemons import peer_path, start_daemon, wait_for
+from lattice.testing.daemons import (
+    TESTBED_PORT,
+    host_addr,
+    peer_args,
+    peer_path,
+    relay_args,
+    start_daemon,
+    wait_for,
+)
 from lattice.testing.netns import Site, Testbed, netns_unavailable
 
 pytestmark = pytest.mark.skipif(netns_unavailable() is not None, reason=f"NAT testbed: {netns_unavailable()}")
 
-PORT = 4001
-
-
-def relay_args() -> list[str]:
-    return ["--listen", f"/ip4/0.0.0.0/tcp/{PORT}", "--relay"]
-
-
-def peer_args(*relays) -> list[str]:
-    args = ["--listen", f"/ip4/0.0.0.0/tcp/{PORT}", "--enable-bench"]
-    for relay in relays:
-        args += ["--bootstrap", relay]
-    return args
-
-
-def relay_addr(tb: Testbed, daemon, host: str) -> str:
-    return f"/ip4/{tb.ip(host)}/tcp/{PORT}/p2p/{daemon.peer_id}"
+PORT = TESTBED_PORT
 
 
 def reserved(daemon) -> list:
@@ -39,7 +32,7 @@ def reserved(daemon) -> list:
 def cone_pair(tmp_path):
     with Testbed(public=["relay"], sites=[Site("a", "cone"), Site("b", "cone")]) as tb:
         relay = start_daemon(tmp_path, "relay", relay_args(), tb, "relay")
-        boot = relay_addr(tb, relay, "relay")
+        boot = host_addr(tb, relay, "relay")
         a = start_daemon(tmp_path, "a1", peer_args(boot), tb, "a1")
         b = start_daemon(tmp_path, "b1", peer_args(boot), tb, "b1")
         yield tb, relay, a, b
@@ -66,7 +59,7 @@ def test_cone_nats_hole_punch_to_a_direct_connection_and_move_a_tensor(cone_pair
 def test_symmetric_nat_stays_relayed_and_every_service_works(tmp_path):
     with Testbed(public=["relay"], sites=[Site("a", "cone"), Site("b", "symmetric")]) as tb:
         relay = start_daemon(tmp_path, "relay", relay_args(), tb, "relay")
-        boot = relay_addr(tb, relay, "relay")
+        boot = host_addr(tb, relay, "relay")
         a = start_daemon(tmp_path, "a1", peer_args(boot), tb, "a1")
         b = start_daemon(tmp_path, "b1", peer_args(boot), tb, "b1")
         wait_for(lambda: reserved(a) and reserved(b), 10, "reservations on the relay")
@@ -97,7 +90,7 @@ def test_relay_failover_re_reserves_and_peers_reconnect(tmp_path):
     with Testbed(public=["relay", "relay2"], sites=[Site("a", "symmetric"), Site("b", "symmetric")]) as tb:
         r1 = start_daemon(tmp_path, "relay", relay_args(), tb, "relay")
         r2 = start_daemon(tmp_path, "relay2", relay_args(), tb, "relay2")
-        boots = [relay_addr(tb, r1, "relay"), relay_addr(tb, r2, "relay2")]
+        boots = [host_addr(tb, r1, "relay"), host_addr(tb, r2, "relay2")]
         a = start_daemon(tmp_path, "a1", peer_args(*boots), tb, "a1")
         b = start_daemon(tmp_path, "b1", peer_args(*boots), tb, "b1")
         wait_for(lambda: len(reserved(b)) == 2, 10, "B's reservations on both relays")
@@ -146,7 +139,7 @@ def test_a_private_node_finds_a_relay_through_the_dht(tmp_path):
     """The bootstrap node does not relay; a relay elsewhere announces itself in the DHT."""
     with Testbed(public=["boot", "relay"], sites=[Site("a", "cone")]) as tb:
         boot = start_daemon(tmp_path, "boot", ["--listen", f"/ip4/0.0.0.0/tcp/{PORT}"], tb, "boot")
-        boot_addr = relay_addr(tb, boot, "boot")
+        boot_addr = host_addr(tb, boot, "boot")
         relay = start_daemon(tmp_path, "relay", [*relay_args(), "--bootstrap", boot_addr], tb, "relay")
         a = start_daemon(tmp_path, "a1", peer_args(boot_addr), tb, "a1")
         rows = wait_for(lambda: reserved(a), 30, "a reservation on the relay found in the DHT")

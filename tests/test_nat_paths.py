@@ -17,28 +17,21 @@ import time
 import pytest
 
 from lattice.identity import load_or_create_key
-from lattice.testing.daemons import peer_path, start_daemon, wait_for
+from lattice.testing.daemons import (
+    TESTBED_PORT,
+    host_addr,
+    peer_args,
+    peer_path,
+    relay_args,
+    start_daemon,
+    wait_for,
+)
 from lattice.testing.netns import Site, Testbed, netns_unavailable
 
 pytestmark = pytest.mark.skipif(netns_unavailable() is not None, reason=f"NAT testbed: {netns_unavailable()}")
 
-PORT = 4001
+PORT = TESTBED_PORT
 RELAY_KEY = "/lattice/relays"
-
-
-def relay_args(*extra: str) -> list[str]:
-    return ["--listen", f"/ip4/0.0.0.0/tcp/{PORT}", "--relay", *extra]
-
-
-def peer_args(*boots: str) -> list[str]:
-    args = ["--listen", f"/ip4/0.0.0.0/tcp/{PORT}", "--enable-bench"]
-    for boot in boots:
-        args += ["--bootstrap", boot]
-    return args
-
-
-def addr_of(tb: Testbed, daemon, host: str) -> str:
-    return f"/ip4/{tb.ip(host)}/tcp/{PORT}/p2p/{daemon.peer_id}"
 
 
 def reserved(daemon) -> list[str]:
@@ -70,7 +63,7 @@ def cone_pair(tmp_path):
     with Testbed(public=["relay"], sites=[Site("a", "cone"), Site("b", "cone")]) as tb:
         tb.drop_private()
         relay = start_daemon(tmp_path, "relay", relay_args(), tb, "relay")
-        boot = addr_of(tb, relay, "relay")
+        boot = host_addr(tb, relay, "relay")
         count_self_dials(tb, "a1")
         a = start_daemon(tmp_path, "a1", peer_args(boot), tb, "a1")
         b = start_daemon(tmp_path, "b1", peer_args(boot), tb, "b1")
@@ -99,7 +92,7 @@ def test_connect_by_id_is_not_held_by_a_dial_that_hangs(tmp_path):
     with Testbed(public=["relay"], sites=[Site("a", "cone"), Site("b", "cone")]) as tb:
         tb.drop_private()
         relay = start_daemon(tmp_path, "relay", relay_args(), tb, "relay")
-        boot = addr_of(tb, relay, "relay")
+        boot = host_addr(tb, relay, "relay")
         a = start_daemon(tmp_path, "a1", peer_args(boot), tb, "a1")
         wait_for(lambda: reserved(a), 10, "A's reservation")
         b_id = str(load_or_create_key(tmp_path / "b1" / "identity.key").peer_id)
@@ -151,7 +144,7 @@ def test_ping_by_peer_id_dials_like_connect(cone_pair):
 def test_a_failed_punch_names_the_address_that_failed(tmp_path):
     with Testbed(public=["relay"], sites=[Site("a", "cone"), Site("b", "symmetric")]) as tb:
         relay = start_daemon(tmp_path, "relay", relay_args(), tb, "relay")
-        boot = addr_of(tb, relay, "relay")
+        boot = host_addr(tb, relay, "relay")
         a = start_daemon(tmp_path, "a1", peer_args(boot), tb, "a1")
         b = start_daemon(tmp_path, "b1", peer_args(boot), tb, "b1")
         wait_for(lambda: reserved(a) and reserved(b), 10, "reservations on the relay")
@@ -178,7 +171,7 @@ def test_a_relay_cut_silently_is_left_for_the_other_one_within_10_s(tmp_path):
     with Testbed(public=["relay", "relay2"], sites=[Site("a", "symmetric"), Site("b", "symmetric")]) as tb:
         tb.drop_private()
         relays = [start_daemon(tmp_path, r, relay_args(), tb, r) for r in ("relay", "relay2")]
-        boots = [addr_of(tb, r, r.name) for r in relays]
+        boots = [host_addr(tb, r, r.name) for r in relays]
         a = start_daemon(tmp_path, "a1", peer_args(*boots), tb, "a1")
         b = start_daemon(tmp_path, "b1", peer_args(*boots), tb, "b1")
         wait_for(lambda: len(reserved(b)) == 2, 10, "B's reservations on both relays")
@@ -207,7 +200,7 @@ def test_a_relay_cut_silently_is_left_for_the_other_one_within_10_s(tmp_path):
 def test_a_relay_behind_a_nat_neither_serves_nor_announces(tmp_path):
     with Testbed(public=["boot"], sites=[Site("a", "cone"), Site("b", "cone")]) as tb:
         boot = start_daemon(tmp_path, "boot", ["--listen", f"/ip4/0.0.0.0/tcp/{PORT}"], tb, "boot")
-        boot_addr = addr_of(tb, boot, "boot")
+        boot_addr = host_addr(tb, boot, "boot")
         args = [*relay_args("--reachability", "auto"), "--bootstrap", boot_addr]
         natted = start_daemon(tmp_path, "a1", args, tb, "a1")
         # before: --relay meant public, and `--reachability auto` did not bring detection back

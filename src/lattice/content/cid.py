@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
 
+from lattice._proto import encode_uvarint
 from lattice.content.errors import ContentError
 
 _blake3: ModuleType | None
@@ -56,18 +57,6 @@ def default_hash() -> int:
 def digest(code: int, data: bytes | memoryview) -> bytes:
     """The ``code`` hash of ``data`` (32 bytes)."""
     return _hasher(code)(data)
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
 
 
 def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
@@ -128,10 +117,10 @@ class ContentId:
 
     def to_bytes(self) -> bytes:
         return (
-            _varint(1)
-            + _varint(self.codec)
-            + _varint(self.hash_code)
-            + _varint(len(self.digest))
+            encode_uvarint(1)
+            + encode_uvarint(self.codec)
+            + encode_uvarint(self.hash_code)
+            + encode_uvarint(len(self.digest))
             + self.digest
         )
 

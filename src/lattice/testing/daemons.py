@@ -113,6 +113,27 @@ def wait_for(check: Callable[[], Any], timeout: float, what: str, interval: floa
     )
 
 
+TESTBED_PORT = 4001  # each testbed host has addresses of its own: one well-known port serves them all
+
+
+def relay_args(*extra: str, port: int = TESTBED_PORT) -> list[str]:
+    """`run` arguments of a public relay (and bootstrap) node listening on all its host's addresses."""
+    return ["--listen", f"/ip4/0.0.0.0/tcp/{port}", "--relay", *extra]
+
+
+def peer_args(*bootstraps: str, port: int = TESTBED_PORT) -> list[str]:
+    """`run` arguments of a peer (bench ops enabled) that knows only ``bootstraps``."""
+    args = ["--listen", f"/ip4/0.0.0.0/tcp/{port}", "--enable-bench"]
+    for boot in bootstraps:
+        args += ["--bootstrap", boot]
+    return args
+
+
+def host_addr(testbed: Testbed, daemon: Daemon, host: str, port: int = TESTBED_PORT) -> str:
+    """The multiaddr (with /p2p) of ``daemon`` listening on ``port`` of testbed host ``host``."""
+    return f"/ip4/{testbed.ip(host)}/tcp/{port}/p2p/{daemon.peer_id}"
+
+
 def peer_path(daemon: Daemon, peer: str) -> str | None:
     """ "direct", "relayed" or None (not connected), as the daemon sees its connection to ``peer``."""
     for row in daemon.call("peers"):
@@ -121,4 +142,13 @@ def peer_path(daemon: Daemon, peer: str) -> str | None:
     return None
 
 
-__all__ = ["Daemon", "peer_path", "start_daemon", "wait_for"]
+__all__ = [
+    "TESTBED_PORT",
+    "Daemon",
+    "host_addr",
+    "peer_args",
+    "peer_path",
+    "relay_args",
+    "start_daemon",
+    "wait_for",
+]  # fmt: skip
