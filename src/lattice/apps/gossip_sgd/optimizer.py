@@ -168,7 +168,7 @@ class GossipRun:
                 algo.load_state({"x": torch.from_numpy(x).view(1, -1)})
                 if hasattr(algo, "x_hat"):  # our reference starts where our model does
                     algo.load_state({"x_hat": torch.from_numpy(x).view(1, -1)})
-                self.joined_from = {"from": "neighbour", "peer": peer, "round": round_}
+                self.joined_from = {"from": "neighbour", "peer": peer, "model_round": round_}
         self._live = set(self.on_loop(self.gossip.live, self.first))
         if self.joined_from:
             self.emit({"event": "joined", "round": self.first, **self.joined_from})
