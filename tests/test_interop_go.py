@@ -101,6 +101,7 @@ async def test_go_dials_us_identifies_and_pings(tmp_path):
             info = await node.host.wait_identified(go.peer_id)
             conn = node.host.connection_to(go.peer_id)
             assert conn is not None and conn.direction == "inbound"
+            assert conn.muxer_in_handshake  # go lists its muxers in the Noise handshake, as we do
             assert info.agent_version.startswith("p2pd/")  # p2pd's agent string is "p2pd/0.1"
             assert info.public_key is not None and info.public_key.peer_id() == go.peer_id
             for proto in ("/ipfs/id/1.0.0", "/ipfs/ping/1.0.0", KAD):
@@ -175,6 +176,7 @@ async def test_we_dial_go_identify_ping_and_use_its_dht(tmp_path):
             assert await node.connect(str(addr)) == str(go.peer_id)
             conn = node.host.connection_to(go.peer_id)
             assert conn is not None and conn.direction == "outbound"
+            assert conn.muxer_in_handshake  # go accepted our lazy /noise and agreed Yamux in the handshake
             info = await node.host.wait_identified(go.peer_id)
             assert info.agent_version.startswith("p2pd/")
             assert KAD in info.protocols

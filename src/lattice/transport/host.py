@@ -88,6 +88,7 @@ class Connection:
     # by connection_to, so a call made meanwhile does not land on a connection about to close.
     probe: bool = False
     ip: str | None = None  # the remote IP of a direct connection (what its budgets count against)
+    muxer_in_handshake: bool = False  # Yamux agreed inside the Noise handshake (no multistream round trip)
 
     @property
     def closed(self) -> bool:
@@ -112,6 +113,7 @@ class Connection:
             "age_s": round(time.time() - self.opened_at, 1),
             # payload decrypted straight into a reader's tensor (the rest was copied once more)
             "bytes_in_place": self.session.bytes_in_place,
+            "muxer_in_handshake": self.muxer_in_handshake,
         }
 
 
@@ -597,6 +599,7 @@ class Host:
         )
         session.traffic_in, session.traffic_out = self.traffic_in, self.traffic_out
         conn = Connection(session, secure.remote_peer, remote, local, "outbound" if outbound else "inbound")
+        conn.muxer_in_handshake = secure.muxer is not None
         conn.probe = probe or (
             not outbound and self._probes_from.get(conn.remote_peer, -1.0) > trio.current_time()
         )
@@ -1196,23 +1199,40 @@ async def open_from_port(local: tuple[str, int], remote: tuple[str, int]) -> tri
     return trio.SocketStream(sock)
 
 
-async def upgrade(
-    stream: trio.abc.Stream, keypair: KeyPair, outbound: bool, expected: PeerId | None = None
-) -> tuple[noise.SecureStream, bytes]:
-    """multistream-select Noise, handshake, multistream-select Yamux: the libp2p connection upgrade.
+MUXERS = (yamux.PROTOCOL_ID,)  # offered in the Noise handshake (inlined muxer negotiation)
 
-    Returns the secured stream and the decrypted bytes read past the negotiation (they belong to
-    the muxer). The caller bounds the time."""
+
+async def upgrade(
+    stream: trio.abc.Stream,
+    keypair: KeyPair,
+    outbound: bool,
+    expected: PeerId | None = None,
+    muxers: Sequence[str] = MUXERS,
+) -> tuple[noise.SecureStream, bytes]:
+    """multistream-select Noise, handshake, Yamux: the libp2p connection upgrade.
+
+    The dialer proposes ``/noise`` lazily: the proposal and the handshake's first message go out in
+    one write (one round trip saved; a listener that refuses Noise ends the connection either way).
+    Both sides list their muxers in the handshake; when both did, Yamux needs no multistream round
+    trip (spec: inlined muxer negotiation), else it is negotiated on the secured channel as before.
+    ``muxers``: what we list (Yamux; none behaves as a peer without the optimisation). Returns the
+    secured stream and the decrypted bytes read past the negotiation (they belong to the muxer).
+    The caller bounds the time."""
     raw_buf = bytearray()
     if outbound:
-        await multistream.select_outbound(stream, [noise.PROTOCOL_ID], raw_buf)
-        secure = await noise.secure_outbound(stream, keypair, expected, raw_buf)
-        reader = _SecureReader(secure)
-        await multistream.select_outbound(reader, [yamux.PROTOCOL_ID], reader.buf)
+        hs, first = noise.start_outbound(keypair, muxers)
+        await stream.send_all(multistream.proposal(noise.PROTOCOL_ID) + first)
+        await multistream.expect_accepted(stream, noise.PROTOCOL_ID, raw_buf)
+        secure = await noise.finish_outbound(stream, hs, expected, raw_buf)
     else:
         await multistream.select_inbound(stream, lambda p: p == noise.PROTOCOL_ID, raw_buf, header_first=True)
-        secure = await noise.secure_inbound(stream, keypair, raw_buf)
-        reader = _SecureReader(secure)
+        secure = await noise.secure_inbound(stream, keypair, raw_buf, muxers)
+    if secure.muxer is not None:
+        return secure, b""
+    reader = _SecureReader(secure)
+    if outbound:
+        await multistream.select_outbound(reader, [yamux.PROTOCOL_ID], reader.buf)
+    else:
         await multistream.select_inbound(
             reader, lambda p: p == yamux.PROTOCOL_ID, reader.buf, header_first=True
         )

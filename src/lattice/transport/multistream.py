@@ -89,6 +89,17 @@ def proposal(protocol: str) -> bytes:
     return encode(HEADER) + encode(protocol)
 
 
+async def expect_accepted(stream: ByteStream, protocol: str, buf: bytearray) -> None:
+    """Read the listener's answer to a lazy proposal of ``protocol`` (its header, then the protocol
+    echoed); NegotiationError unless it accepted. Bytes after the answer stay in ``buf``."""
+    header = await read_message(stream, buf)
+    if header != HEADER:
+        raise NegotiationError(f"peer does not speak multistream 1.0 (got {header[:64]!r})")
+    answer = await read_message(stream, buf)
+    if answer != protocol:
+        raise NegotiationError(f"the peer does not serve {protocol}")
+
+
 async def confirm(stream: Stream, protocol: str) -> None:
     """Read the listener's answer to a lazy proposal of ``protocol`` (sent in front of the dialer's
     first data, without waiting: ``Host.new_stream(..., lazy=True)``); NegotiationError unless it
@@ -100,11 +111,10 @@ async def confirm(stream: Stream, protocol: str) -> None:
     if got is not None:
         stream.unread(got)
     buf = bytearray()
-    header = await read_message(stream, buf)
-    answer = await read_message(stream, buf)
-    stream.unread(bytes(buf))
-    if header != HEADER or answer != protocol:
-        raise NegotiationError(f"the peer does not serve {protocol}")
+    try:
+        await expect_accepted(stream, protocol, buf)
+    finally:
+        stream.unread(bytes(buf))
 
 
 async def select_inbound(

@@ -2,7 +2,9 @@
 
 Wire-compatible with go-libp2p, rust-libp2p and py-libp2p (spec: libp2p/specs noise/README.md).
 The handshake is a sans-IO state machine (:class:`XXHandshake`); :class:`SecureStream` frames the
-transport messages (2-byte length, at most 65535 bytes each) over a trio stream.
+transport messages (2-byte length, at most 65535 bytes each) over a trio stream. Messages 2 and 3
+carry each side's stream muxers (spec: connections/inlined-muxer-negotiation.md), so a connection
+needs no multistream round trip for its muxer when both sides list one.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import hmac
 import socket
 import struct
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import trio
 from cryptography.exceptions import InvalidTag
@@ -36,6 +38,8 @@ _PLACE_MIN = 4096  # frames smaller than this are never decrypted in place (head
 RECV_BUFFER = 1 << 21  # one read from the socket: large reads keep bulk transfers cheap
 _CARRY_MAX = 2 + MAX_MESSAGE  # at most one partial frame is kept per idle connection
 _EMPTY = bytearray()
+MAX_MUXERS = 16  # stream muxers a peer may list in its handshake payload
+MAX_MUXER_NAME = 128
 
 
 class BufferPool:
@@ -151,9 +155,12 @@ class XXHandshake:
         prologue: bytes = b"",
         static_key: X25519PrivateKey | None = None,
         ephemeral_key: X25519PrivateKey | None = None,
+        muxers: Sequence[str] = (),
     ) -> None:
         self.identity = identity
         self.initiator = initiator
+        self.muxers = tuple(muxers)  # ours, by preference, sent in our identity payload
+        self.remote_muxers: tuple[str, ...] = ()  # the peer's (none: an older peer, or none offered)
         self._s = static_key or X25519PrivateKey.generate()
         self._fixed_e = ephemeral_key
         self._e: X25519PrivateKey | None = None
@@ -199,7 +206,9 @@ class XXHandshake:
         identity = self.identity
         assert identity is not None  # plain Noise (no identity) takes its payloads from the caller
         sig = identity.sign(_SIG_PREFIX + self._pub(self._s))
-        return _proto.encode([(1, identity.public_key.to_protobuf()), (2, sig)])
+        # NoiseExtensions (field 4) with our stream_muxers (its field 2)
+        extensions = [(4, _proto.encode([(2, m) for m in self.muxers]))] if self.muxers else []
+        return _proto.encode([(1, identity.public_key.to_protobuf()), (2, sig), *extensions])
 
     def _check_payload(self, payload: bytes) -> None:
         try:
@@ -207,6 +216,9 @@ class XXHandshake:
             key_bytes = _proto.one_bytes(fields, 1, required=True)
             sig = _proto.one_bytes(fields, 2, required=True)
             key = PublicKey.from_protobuf(key_bytes)
+            extensions = _proto.one_bytes(fields, 4)
+            if extensions is not None:
+                self.remote_muxers = _parse_muxers(extensions)
         except (_proto.DecodeError, IdentityError) as exc:
             raise HandshakeError(f"bad noise handshake payload: {exc}") from None
         assert self.remote_static is not None and sig is not None
@@ -294,6 +306,14 @@ class XXHandshake:
     def complete(self) -> bool:
         return self._step == 3
 
+    @property
+    def muxer(self) -> str | None:
+        """The stream muxer agreed in the handshake (once complete), or None: multistream-select
+        negotiates it on the secured channel as before."""
+        if self.initiator:
+            return negotiated_muxer(self.muxers, self.remote_muxers)
+        return negotiated_muxer(self.remote_muxers, self.muxers)
+
     def split(self) -> tuple[CipherState, CipherState]:
         """(send, receive) cipher states once the three messages are done."""
         if not self.complete:
@@ -319,6 +339,7 @@ class SecureStream:
         self.remote_public_key = remote
         self.remote_peer: PeerId = remote.peer_id()
         self._buf = bytearray()  # bytes read during the handshake, not yet consumed
+        self.muxer: str | None = None  # agreed in the handshake (None: negotiate with multistream)
         self._recv_pool = _pools.recv  # this thread's buffer pools (a stream lives in one thread)
         self._send_pool = _pools.send
         self._stage_pool = _pools.stage
@@ -627,6 +648,34 @@ class SecureStream:
         await self.raw.aclose()
 
 
+def _parse_muxers(extensions: bytes) -> tuple[str, ...]:
+    """The stream muxers of a NoiseExtensions message (bounded; names are protocol ids)."""
+    fields = _proto.decode(extensions, max_fields=MAX_MUXERS + 16)
+    names = _proto.all_bytes(fields, 2)
+    if len(names) > MAX_MUXERS or any(len(n) > MAX_MUXER_NAME for n in names):
+        raise _proto.DecodeError("too many or too long stream muxer names")
+    try:
+        return tuple(n.decode() for n in names)
+    except UnicodeDecodeError:
+        raise _proto.DecodeError("a stream muxer name is not UTF-8") from None
+
+
+def negotiated_muxer(initiator: Sequence[str], responder: Sequence[str]) -> str | None:
+    """The first of the initiator's muxers the responder also lists (the spec's rule); None when
+    either listed none (multistream-select negotiates it then). HandshakeError when both listed some
+    and none is common: the spec says the handshake fails."""
+    if not initiator or not responder:
+        return None
+    for name in initiator:
+        if name in responder:
+            return name
+    raise HandshakeError("no stream muxer in common (handshake lists)")
+
+
+def _frame(message: bytes) -> bytes:
+    return struct.pack(">H", len(message)) + message
+
+
 async def _read_handshake_frame(stream: trio.abc.Stream, buf: bytearray) -> bytes:
     while len(buf) < 2 or len(buf) < 2 + ((buf[0] << 8) | buf[1]):
         chunk = await stream.receive_some(65536 + 2)
@@ -639,42 +688,58 @@ async def _read_handshake_frame(stream: trio.abc.Stream, buf: bytearray) -> byte
     return frame
 
 
+def start_outbound(identity: KeyPair, muxers: Sequence[str] = ()) -> tuple[XXHandshake, bytes]:
+    """The initiator's handshake state and its first message, framed: the caller may send it in
+    one write with what goes in front of it (the lazy ``/noise`` proposal)."""
+    hs = XXHandshake(identity, initiator=True, muxers=muxers)
+    return hs, _frame(hs.write_message())
+
+
+async def finish_outbound(
+    stream: trio.abc.Stream, hs: XXHandshake, expected: PeerId | None, buf: bytearray
+) -> SecureStream:
+    """The rest of the initiator's handshake once message 1 is sent; ``buf`` holds bytes already read."""
+    hs.read_message(await _read_handshake_frame(stream, buf))
+    await stream.send_all(_frame(hs.write_message()))
+    assert hs.remote_identity is not None
+    remote_peer = hs.remote_identity.peer_id()
+    if expected is not None and remote_peer != expected:
+        raise HandshakeError(f"peer id mismatch: dialed {expected}, got {remote_peer}")
+    return _secured(stream, hs, buf)
+
+
 async def secure_outbound(
-    stream: trio.abc.Stream, identity: KeyPair, expected: PeerId | None = None, buf: bytearray | None = None
+    stream: trio.abc.Stream,
+    identity: KeyPair,
+    expected: PeerId | None = None,
+    buf: bytearray | None = None,
+    muxers: Sequence[str] = (),
 ) -> SecureStream:
     """Run the initiator side of the handshake; verify the peer is ``expected`` if given.
 
     ``buf`` holds bytes already read from ``stream`` (after protocol negotiation).
     """
-    hs = XXHandshake(identity, initiator=True)
-    buf = buf if buf is not None else bytearray()
-    msg = hs.write_message()
-    await stream.send_all(struct.pack(">H", len(msg)) + msg)
-    hs.read_message(await _read_handshake_frame(stream, buf))
-    msg = hs.write_message()
-    await stream.send_all(struct.pack(">H", len(msg)) + msg)
-    assert hs.remote_identity is not None
-    remote_peer = hs.remote_identity.peer_id()
-    if expected is not None and remote_peer != expected:
-        raise HandshakeError(f"peer id mismatch: dialed {expected}, got {remote_peer}")
+    hs, first = start_outbound(identity, muxers)
+    await stream.send_all(first)
+    return await finish_outbound(stream, hs, expected, buf if buf is not None else bytearray())
+
+
+def _secured(stream: trio.abc.Stream, hs: XXHandshake, buf: bytearray) -> SecureStream:
     send, recv = hs.split()
+    assert hs.remote_identity is not None
     secure = SecureStream(stream, send, recv, hs.remote_identity)
-    secure._buf = buf
+    secure.muxer = hs.muxer
+    secure._buf = buf  # the peer may pipeline its first transport frames after the handshake
     return secure
 
 
 async def secure_inbound(
-    stream: trio.abc.Stream, identity: KeyPair, buf: bytearray | None = None
+    stream: trio.abc.Stream, identity: KeyPair, buf: bytearray | None = None, muxers: Sequence[str] = ()
 ) -> SecureStream:
     """Run the responder side of the handshake."""
-    hs = XXHandshake(identity, initiator=False)
+    hs = XXHandshake(identity, initiator=False, muxers=muxers)
     buf = buf if buf is not None else bytearray()
     hs.read_message(await _read_handshake_frame(stream, buf))
-    msg = hs.write_message()
-    await stream.send_all(struct.pack(">H", len(msg)) + msg)
+    await stream.send_all(_frame(hs.write_message()))
     hs.read_message(await _read_handshake_frame(stream, buf))
-    send, recv = hs.split()
-    assert hs.remote_identity is not None
-    secure = SecureStream(stream, send, recv, hs.remote_identity)
-    secure._buf = buf  # the initiator may pipeline its first transport frame after message 3
-    return secure
+    return _secured(stream, hs, buf)

@@ -8,6 +8,7 @@ import trio
 
 from lattice.errors import ProtocolError
 from lattice.identity import PeerId
+from lattice.transport import multistream
 from lattice.transport.host import Connection, Host
 from lattice.transport.stream import Stream
 
@@ -34,15 +35,18 @@ def install(host: Host) -> None:
 
 
 async def ping(host: Host, peer: PeerId | Connection, count: int = 1, timeout: float = 10.0) -> list[float]:
-    """Round-trip times in seconds of ``count`` pings over one stream."""
+    """Round-trip times in seconds of ``count`` pings over one stream. The protocol proposal goes
+    out with the first ping (lazy negotiation): one round trip for the first ping, not two."""
     rtts = []
     with trio.fail_after(timeout):
-        stream = await host.new_stream(peer, [PROTOCOL_ID])
+        stream = await host.new_stream(peer, [PROTOCOL_ID], lazy=True)
         try:
-            for _ in range(count):
+            for i in range(count):
                 payload = os.urandom(PING_SIZE)
                 start = trio.current_time()
                 await stream.write(payload)
+                if i == 0:
+                    await multistream.confirm(stream, PROTOCOL_ID)
                 echo = await stream.read_exactly(PING_SIZE)
                 rtts.append(trio.current_time() - start)
                 if echo != payload:
