@@ -266,7 +266,9 @@ async def test_bulk_transfer_does_not_starve_other_streams(host_factory):
             done.set()
     assert received == [256 << 20]
     assert len(rtts) >= 5, "pings were starved during the transfer"
-    assert sorted(rtts)[len(rtts) // 2] < 0.05 and max(rtts) < 0.5, rtts
+    # starved pings would wait for the whole transfer (~1 s); a loaded 2-core machine alone makes a
+    # median of ~50 ms (seen at load 10), so the bounds leave it room
+    assert sorted(rtts)[len(rtts) // 2] < 0.15 and max(rtts) < 1.0, rtts
 
 
 async def stream_write_all(stream, nbytes: int) -> None:
