@@ -19,7 +19,8 @@ CHECKPOINT = "checkpoint.safetensors"
 
 
 def run(args: argparse.Namespace) -> dict:
-    """Join run ``args.run``, train ``args.rounds`` rounds, finish; returns the "done" summary."""
+    """Join run ``args.run``, train ``args.rounds`` rounds (or up to the last round of the run's time
+    budget, ``--time-budget``), finish; returns the "done" summary."""
     from lattice.apps.gossip_sgd.options import config_from, warn_unstable
     from lattice.cli import node_config, write_atomic
     from lattice.node import BlockingNode
