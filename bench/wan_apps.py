@@ -3,6 +3,7 @@ against its wire-time floor, every peer in its own namespace (lattice.testing.wa
 
     python bench/wan_apps.py gossip --presets lan,metro,continental,intercontinental --codecs none,fp16
     python bench/wan_apps.py mesh --presets continental --tokens 32
+    python bench/wan_apps.py train --preset continental --codecs none,fp16 --budget-s 1800
 
 Figures (one JSON line each):
   gossip_round  median round of a NUMEL-float32 message (default 4M: 16 MB) over a ring of PEERS
@@ -11,12 +12,18 @@ Figures (one JSON line each):
   mesh_tps      decode tokens/s through 3 stage daemons on 3 hosts (client on a 4th); floor =
                 1 / (compute per token measured in one process + one RTT per hop per token,
                 client -> s0 -> s1 -> s2 -> client); ratio = tokens/s / floor (target >= 0.8).
+  train         accuracy against wall-clock time: 4 real gossip-sgd peers (dfedavg) training a wide
+                MLP, one per namespace, for the same time budget per codec; every codec's run has
+                its own testbed of the preset, all runs side by side (same machine load) or one
+                after the other; accuracy of peer 0's own model and the mean over peers every
+                --every-s, and at the end the run's average-model accuracy, rounds, bytes sent.
 Needs root (network namespaces); run it alone on the machine when you can.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -405,6 +412,122 @@ def mesh_client(args: argparse.Namespace) -> None:
     print(json.dumps(trio.run(main)), flush=True)
 
 
+TRAIN_PEERS = 4
+
+
+def train_runs(
+    preset: str | Preset,
+    codecs: list[str | None],
+    budget_s: float,
+    peer_args: list[str],
+    side_by_side: bool = True,
+    nice: int = 0,
+    every_s: float = 60.0,
+) -> list[dict[str, Any]]:
+    """Train with each codec for ``budget_s`` s (``gossip-sgd peer --time-budget``), 4 peers on a
+    ring, each run on a testbed of its own; returns one summary per codec (see :func:`train_summary`)."""
+    from lattice.apps.gossip_sgd.data import fetch_fashion_mnist, find_fashion_mnist
+
+    data_dir = find_fashion_mnist() or fetch_fashion_mnist()
+    work = Path(tempfile.mkdtemp(prefix="wan-train-"))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    groups = [codecs] if side_by_side else [[c] for c in codecs]
+    results = []
+    for group in groups:
+        with contextlib.ExitStack() as stack:
+            runs = []
+            for codec in group:
+                name = codec or "none"
+                hosts = [f"t{i}" for i in range(TRAIN_PEERS)]
+                tb = stack.enter_context(WanTestbed(hosts, preset))
+                run_dir = work / name.replace(":", "_")
+                args = ["nice", "-n", str(nice), sys.executable, "-m", "lattice.apps.gossip_sgd", "peer",
+                        "--run", f"train-{name}", "--peers", str(TRAIN_PEERS), "--time-budget", str(budget_s),
+                        "--data", data_dir, "--threads", "1", "--no-progress", *peer_args,
+                        *([f"--set=codec={codec}"] if codec else [])]  # fmt: skip
+                runs.append((codec, run_dir, start_ring(tb, hosts, args, run_dir, env)))
+            started = time.monotonic()
+            load = [os.getloadavg()[0]]
+            for _, _, procs in runs:
+                for p in procs:
+                    while p.poll() is None:
+                        time.sleep(5)
+                        if len(load) < (time.monotonic() - started) / 60:
+                            load.append(os.getloadavg()[0])
+                        if time.monotonic() - started > budget_s + 600:
+                            raise RuntimeError(
+                                f"training peers still running {budget_s + 600:.0f} s in: {work}"
+                            )
+            for codec, run_dir, procs in runs:
+                rec = train_summary(run_dir, budget_s, every_s)
+                errors = [(run_dir / f"peer{i}" / "stderr").read_text()[-800:]
+                          for i, p in enumerate(procs) if p.returncode != 0]  # fmt: skip
+                results.append({
+                    "figure": "wan_apps.train", "preset": preset if isinstance(preset, str) else preset.name,
+                    "codec": codec, "budget_s": budget_s, "side_by_side": group if len(group) > 1 else None,
+                    **rec, "peer_args": peer_args, "nice": nice, "cores": os.cpu_count(),
+                    "load_avg_1m_per_min": [round(x, 1) for x in load], "logs": str(run_dir),
+                    **({"errors": errors} if errors else {}),
+                })  # fmt: skip
+    return results
+
+
+def start_ring(tb: WanTestbed, hosts: list[str], args: list[str], run_dir: Path, env: dict) -> list[Any]:
+    """Start one gossip-sgd peer per host (peer 0 first: the others bootstrap to it)."""
+
+    def spawn(i: int, more: list[str]) -> Any:
+        d = run_dir / f"peer{i}"
+        d.mkdir(parents=True)
+        argv = [*args, "--out", str(d), "--listen", f"/ip4/{tb.ip(hosts[i])}/tcp/0", *more]
+        with open(d / "stdout", "w") as so, open(d / "stderr", "w") as se:
+            return tb.popen(hosts[i], argv, env=env, stdout=so, stderr=se)
+
+    addr_file = run_dir / "bootstrap.addr"
+    procs = [spawn(0, ["--addr-file", str(addr_file)])]
+    deadline = time.monotonic() + 120
+    while not addr_file.exists():
+        if time.monotonic() > deadline or procs[0].poll() is not None:
+            raise RuntimeError(f"peer 0 did not start: {(run_dir / 'peer0/stderr').read_text()[-800:]}")
+        time.sleep(0.1)
+    addr = addr_file.read_text().strip()
+    return procs + [spawn(i, ["--bootstrap", addr]) for i in range(1, len(hosts))]
+
+
+def acc_at(rounds: list[dict], t: float) -> float | None:
+    """The accuracy of the last evaluation done by ``t`` s on the run's clock (None: none yet)."""
+    done = [r["acc_local"] for r in rounds if r["t_s"] <= t]
+    return round(done[-1], 4) if done else None
+
+
+def train_summary(run_dir: Path, budget_s: float, every_s: float) -> dict[str, Any]:
+    """Accuracy every ``every_s`` s (peer 0's own model, the mean over peers), the average model's
+    accuracy at the end, rounds, bytes sent per peer and the mean round time, from the peers' logs."""
+    logs = [read_log(run_dir / f"peer{i}" / "log.jsonl") for i in range(TRAIN_PEERS)]
+    rounds = [[r for r in log if r.get("event") == "round"] for log in logs]
+    done = [next((r for r in log if r.get("event") == "done"), {}) for log in logs]
+    average = next((r for log in logs for r in log if r.get("event") == "average"), {})
+    times = [every_s * k for k in range(1, int(budget_s // every_s) + 1)]
+    at = []
+    for t in times:
+        accs = [acc_at(rs, t) for rs in rounds]
+        known = [a for a in accs if a is not None]
+        at.append(
+            {"t_s": t, "acc_peer0": accs[0], "acc_mean": round(sum(known) / len(known), 4) if known else None}
+        )
+    last = [rs[-1] for rs in rounds if rs]
+    return {
+        "acc_at": at,
+        "acc_avg_end": average.get("acc_avg"),
+        "acc_local_end_mean": round(sum(r["acc_local"] for r in last) / len(last), 4) if last else None,
+        "end_t_s": max((r["t_s"] for r in last), default=None),
+        "rounds": max((r["round"] for r in last), default=0),
+        "round_s_mean": round(last[0]["t_s"] / last[0]["round"], 3) if last else None,
+        "mb_sent_per_peer": round(sum(d.get("bytes_sent", 0) for d in done) / max(1, len(done)) / 1e6, 1),
+        "timeouts": sum(d.get("timeouts", 0) for d in done),
+        "exchange_median_s": [d.get("exchange_median_s") for d in done],
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="what", required=True)
@@ -423,6 +546,20 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--tokens", type=int, default=32)
     m.add_argument("--runs", type=int, default=3)
     m.add_argument("--threads", type=int, default=1)
+    t = sub.add_parser("train", help="accuracy against wall-clock time per codec (real training)")
+    t.add_argument("--preset", default="continental")
+    t.add_argument("--codecs", default="none,fp16", help="comma-separated; none = float32")
+    t.add_argument("--budget-s", type=float, default=1800.0, help="wall-clock budget per codec (s)")
+    t.add_argument("--every-s", type=float, default=60.0, help="report accuracy every so many s")
+    t.add_argument(
+        "--sequential", action="store_true", help="one codec after the other (default: side by side)"
+    )
+    t.add_argument("--nice", type=int, default=0, help="niceness of the training processes")
+    t.add_argument("--width", type=int, default=1024, help="the MLP's hidden width (784-W-W-10)")
+    t.add_argument("--eval-every", type=int, default=5, help="rounds between evaluations (2000 test samples)")
+    t.add_argument(
+        "--set", action="append", default=[], help="hyper-parameter override (default local_steps=5)"
+    )
     k = sub.add_parser("content", help="a model from 4 providers on mixed links against its floor")
     k.add_argument("--size-mib", type=int, default=256)
     k.add_argument("--runs", type=int, default=1)
@@ -449,6 +586,16 @@ def main(argv: list[str] | None = None) -> int:
                             preset, args.peers, args.numel, c, args.rounds, tuple(args.set), sysctls=sysctls
                         )
                     )
+    elif args.what == "train":
+        sets = args.set or ["local_steps=5"]
+        peer_args = ["--algorithm", "dfedavg", "--model", f"mlp:{args.width}", "--rounds", "1000000",
+                     "--eval-every", str(args.eval_every), "--timeout", "120", "--wait", "300",
+                     "--linger", "120",
+                     "--checkpoint-every", "0", *[f"--set={s}" for s in sets]]  # fmt: skip
+        codecs = [None if c == "none" else c for c in args.codecs.split(",")]
+        for rec in train_runs(parse_preset(args.preset), codecs, args.budget_s, peer_args,
+                              not args.sequential, args.nice, args.every_s):  # fmt: skip
+            out(rec)
     elif args.what == "content":
         out(content_fetch(args.size_mib << 20, args.runs))
     elif args.what == "mesh":

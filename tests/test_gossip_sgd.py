@@ -234,5 +234,22 @@ def test_one_command_plots_simulator_and_peer_logs(tmp_path, capsys):
     assert main(["plot", str(sim), str(peer), "--out", str(tmp_path / "png")]) == 0
     for name in ("accuracy_vs_rounds.png", "accuracy_vs_bytes.png"):
         assert (tmp_path / "png" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (tmp_path / "png" / "accuracy_vs_time.png").exists()  # the simulator has no clock
+    timed = tmp_path / "fp16" / "log.jsonl"  # a peer of a run with a time budget: t_s in its records
+    timed.parent.mkdir()
+    timed.write_text("".join(json.dumps({"event": "round", "round": r, "t_s": 30.0 * r, "acc_local": 0.2 * r,
+                                         "bytes_sent": 1e6 * r}) + "\n" for r in (1, 2)))  # fmt: skip
+    assert main(["plot", str(timed), "--out", str(tmp_path / "png2")]) == 0
+    assert (tmp_path / "png2" / "accuracy_vs_time.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(["plot", str(tmp_path / "nope.jsonl")]) == 2
     assert "no log file" in capsys.readouterr().err
+
+
+def test_mlp_width_from_the_model_name():
+    from lattice.apps.gossip_sgd.experiment import Config, make_model, mlp_width
+
+    assert mlp_width("mlp") == 200 and mlp_width("mlp:1024") == 1024
+    assert make_model(Config(model="mlp:64")).dim == 784 * 64 + 64 + 64 * 64 + 64 + 64 * 10 + 10
+    for bad in ("mlp:", "mlp:x", "mlp:0", "mlp:99999", "resnet"):
+        with pytest.raises(ValueError):
+            mlp_width(bad)

@@ -351,3 +351,36 @@ def test_a_killed_peer_resumes_from_its_checkpoint(tmp_path):
     assert _rounds(out / "log.jsonl")[-1]["round"] == rounds
     assert _rounds(tmp_path / "peer0" / "log.jsonl")[-1]["live"] == n  # the others took it back in
     assert _rounds(out / "log.jsonl")[-1]["live"] == n
+
+
+@pytest.mark.usefixtures("fashion_mnist")
+@pytest.mark.slow  # 25-37 s at load 7-13: data loading under load takes most of it
+def test_a_time_budget_stops_every_peer_after_the_same_round(tmp_path):
+    """3 peers, a 4 s budget and rounds enough for minutes: all stop after one agreed round, past the
+    budget on the run's clock, and the run still ends with its average model."""
+    budget = 4.0
+    args = ["--algorithm", "dfedavg", "--rounds", "100000", "--time-budget", str(budget), "--train-limit",
+            "3000", "--test-limit", "300", "--eval-every", "1", "--wait", "40", "--timeout", "10",
+            "--set", "local_steps=2", "--linger", "10"]  # fmt: skip
+    procs = start_peers(3, "t-budget", tmp_path, args)
+    try:
+        for p in procs:
+            p.wait(timeout=90)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    lasts, averages = set(), []
+    for i in range(3):
+        err = (tmp_path / f"peer{i}" / "stderr").read_text()
+        assert procs[i].returncode == 0, err[-3000:]
+        log = read_log(tmp_path / f"peer{i}" / "log.jsonl")
+        rounds = [r for r in log if r.get("event") == "round"]
+        times = [r["t_s"] for r in rounds]
+        assert times == sorted(times) and times[-1] > budget and times[-1] < budget + 60
+        assert [r["round"] for r in rounds] == list(range(1, len(rounds) + 1))  # none skipped
+        assert rounds[-1]["timeouts"] == 0  # nobody waited for a neighbour that had stopped
+        lasts.add(rounds[-1]["round"])
+        averages += [r for r in log if r.get("event") == "average"]
+    assert len(lasts) == 1 and 5 < lasts.pop() < 100000
+    assert len(averages) == 3 and averages[0]["peers"] == 3

@@ -58,3 +58,25 @@ def test_content_fetch_smoke() -> None:
     r = _bench().content_fetch(size=8 << 20, runs=1)
     assert r["last_item"]["bytes"] == 8 << 20
     assert r["ratio"] >= 0.95
+
+
+def test_accuracy_at_a_time_is_the_last_evaluation_by_then() -> None:
+    rounds = [{"t_s": 10.0, "acc_local": 0.5}, {"t_s": 70.0, "acc_local": 0.7}]
+    acc_at = _bench().acc_at
+    assert acc_at(rounds, 5) is None and acc_at(rounds, 60) == 0.5 and acc_at(rounds, 70) == 0.7
+
+
+@needs_root
+@pytest.mark.usefixtures("fashion_mnist")
+@pytest.mark.slow  # 8 training peers start and load their data: ~40-90 s on the shared machine
+def test_train_runs_smoke() -> None:
+    """Two codecs side by side for a 3 s budget on `lan`: both stop past it with an average model."""
+    args = ["--algorithm", "dfedavg", "--model", "mlp:32", "--rounds", "100000", "--train-limit", "2000",
+            "--test-limit", "300", "--eval-every", "2", "--set=local_steps=1", "--wait", "120",
+            "--linger", "30"]  # fmt: skip
+    none, fp16 = _bench().train_runs("lan", [None, "fp16"], 3.0, args, every_s=1.0)
+    for r in (none, fp16):
+        assert "errors" not in r, r["errors"]
+        assert r["rounds"] > 7 and r["end_t_s"] > 3.0 and r["acc_avg_end"] > 0.3 and r["timeouts"] == 0
+        assert [a["t_s"] for a in r["acc_at"]] == [1.0, 2.0, 3.0]
+    assert fp16["mb_sent_per_peer"] / fp16["rounds"] < none["mb_sent_per_peer"] / none["rounds"]

@@ -16,7 +16,8 @@ from lattice.apps.gossip_sgd.algorithms import Algorithm, BatchOracle, Hyper, Lo
 from lattice.apps.gossip_sgd.models import MLP, FlatModel, ModuleModel, accuracy, small_cnn
 from lattice.apps.gossip_sgd.simulator import Simulator, drive
 
-MODELS = ("mlp", "cnn")
+MODELS = ("mlp", "mlp:WIDTH", "cnn")
+MAX_MLP_WIDTH = 16384  # mlp:WIDTH hidden units per layer (a 16384-wide MLP is ~285M parameters)
 
 
 @dataclass
@@ -35,8 +36,9 @@ class Config:
     test_limit: int = 0
     eval_every: int = 10
     public: int = 10000  # MHD: training samples held out as the public unlabelled set
-    model: str = "mlp"  # mlp (784-200-200-10) or cnn (models.small_cnn)
+    model: str = "mlp"  # mlp (784-200-200-10), mlp:WIDTH (784-WIDTH-WIDTH-10) or cnn (models.small_cnn)
     device: str = "cpu"  # where tensors live and compute runs (cuda, cuda:1, ...): resolve_device
+    time_budget: float = 0.0  # network peers: stop after the round that ends past it (s; 0: rounds only)
     hp: Hyper = field(default_factory=Hyper)
 
     def as_dict(self) -> dict:
@@ -75,13 +77,23 @@ def make_model(cfg: Config) -> FlatModel:
         if cfg.algorithm == "mhd":
             raise ValueError("mhd needs the multi-head MLP (--model mlp)")
         return ModuleModel(small_cnn).to(resolve_device(cfg.device))
-    if cfg.model != "mlp":
-        raise ValueError(f"unknown model {cfg.model!r} (known: {', '.join(MODELS)})")
     return algorithms_model(cfg)
 
 
+def mlp_width(spec: str) -> int:
+    """Hidden width of a model spec ``mlp`` (200) or ``mlp:WIDTH``; ValueError for anything else."""
+    name, sep, width = spec.partition(":")
+    if name != "mlp" or (sep and not width.isdigit()):
+        raise ValueError(f"unknown model {spec!r} (known: {', '.join(MODELS)})")
+    value = int(width) if sep else 200
+    if not 1 <= value <= MAX_MLP_WIDTH:
+        raise ValueError(f"model {spec!r}: the width must be in [1, {MAX_MLP_WIDTH}]")
+    return value
+
+
 def algorithms_model(cfg: Config) -> MLP:
-    return MLP((784, 200, 200, 10), heads=cfg.hp.heads + 1 if cfg.algorithm == "mhd" else 1)
+    width = mlp_width(cfg.model)
+    return MLP((784, width, width, 10), heads=cfg.hp.heads + 1 if cfg.algorithm == "mhd" else 1)
 
 
 def prepare(cfg: Config, rows: Sequence[int] | None = None) -> Prepared:
@@ -129,8 +141,10 @@ def build(cfg: Config, prep: Prepared) -> Algorithm:
     return algorithms.make(cfg.algorithm, cfg.hp, prep.x0, len(prep.sizes), cfg.rounds, **kw)
 
 
-def evaluate(algo: Algorithm, prep: Prepared, local_limit: int = 0) -> dict:
-    """acc of the average model, mean acc of the local models, consensus (1/m) sum ||x_i - x_bar||^2."""
+def evaluate(algo: Algorithm, prep: Prepared, local_limit: int = 0, average: bool = True) -> dict:
+    """acc of the average model, mean acc of the local models, consensus (1/m) sum ||x_i - x_bar||^2.
+    ``average=False``: no average model (a network peer holds one row: it would be its own model on
+    the whole test set, the costliest part of an evaluation for a large model)."""
     x = algo.models()
     tx, ty = prep.test_x, prep.test_y
     out: dict = {}
@@ -141,7 +155,8 @@ def evaluate(algo: Algorithm, prep: Prepared, local_limit: int = 0) -> dict:
         out["acc_local"] = max(heads)
         out["acc_heads"] = heads
     else:
-        out["acc_avg"] = float(accuracy(prep.model, x.mean(0, keepdim=True), tx, ty)[0])
+        if average:
+            out["acc_avg"] = float(accuracy(prep.model, x.mean(0, keepdim=True), tx, ty)[0])
         out["acc_local"] = float(accuracy(prep.model, x, lx, ly).mean())
     out["consensus"] = float(((x - x.mean(0)) ** 2).sum(1).mean())
     return out

@@ -62,6 +62,11 @@ WINDOW = 3  # rounds ahead of ours we buffer; anything further (or older) is ref
 # the last round): each write is a CRDT update every peer applies and stores, 11 % of a fast round.
 PROGRESS_EVERY = 4
 PROGRESS_INTERVAL = 1.0
+# A time budget stops the run STOP_LEAD rounds after the furthest round known when a peer first finds
+# the budget spent: neighbours wait for each other, so on a ring of 4 no peer is more than 2 rounds
+# ahead of another, and the word (a CRDT update, pushed at once) must reach everyone before they get
+# there. Progress may lag PROGRESS_EVERY - 1 rounds, which the lead covers too.
+STOP_LEAD = WINDOW + PROGRESS_EVERY
 
 
 @dataclass
@@ -186,6 +191,33 @@ class Gossip:
         """Whether every member's settings have reached us (the CRDT syncs them with the members)."""
         configs = self.doc.get_map("configs")
         return all(p in configs for p in self.all_members())
+
+    def start_clock(self) -> float:
+        """Note when this peer starts training (once: a peer coming back keeps its first time);
+        returns the run's clock (:meth:`run_start`)."""
+        started = self.doc.get_map("started")  # peer -> wall-clock time it started training
+        if self.me not in started:
+            started[self.me] = time.time()
+        return self.run_start()
+
+    def run_start(self) -> float:
+        """The run's clock: the wall-clock time its first member started training (the earliest
+        start known here: others' arrive within a round)."""
+        times = [float(v) for v in self.doc.get_map("started").values()]
+        return min(times, default=time.time())
+
+    def propose_stop(self, round_: int) -> int:
+        """Say, once, that the run's time budget is spent: the run stops after round ``round_ +
+        STOP_LEAD`` at the latest (the furthest progress known counts too); returns the stop round."""
+        stops = self.doc.get_map("stop")
+        if self.me not in stops:
+            stops[self.me] = max(round_, self.furthest_round()) + STOP_LEAD
+        return self.stop_round()  # type: ignore[return-value]
+
+    def stop_round(self) -> int | None:
+        """The last round of a run with a time budget: the earliest any member proposed (None: not
+        yet). Every peer stops after it, so none waits for a neighbour that already stopped."""
+        return min((int(v) for v in self.doc.get_map("stop").values()), default=None)
 
     def check_settings(self) -> None:
         """Raise ConfigError (one line, naming the differing settings) if the run's are not ours."""

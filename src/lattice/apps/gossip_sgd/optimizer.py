@@ -30,6 +30,7 @@ import dataclasses
 import json
 import math
 import os
+import time
 import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -108,6 +109,11 @@ class GossipRun:
 
     ``node`` is a blocking node (``Node.start(...)``). ``rank`` is this peer's place in the sorted
     membership (the data shard to use), ``world`` the number of members at the start.
+
+    ``time_budget`` (s, 0: none): the run's clock starts when its first member starts training
+    (wall clock, see :meth:`elapsed`); the first peer to end a round past the budget fixes the run's
+    last round (``network.STOP_LEAD`` rounds ahead, in the run's document), and every peer stops
+    after it (:meth:`finished`), so nobody waits for a neighbour that stopped.
     """
 
     def __init__(
@@ -124,6 +130,7 @@ class GossipRun:
         timeout: float = 10.0,
         wait: float = 60.0,
         late: bool = False,
+        time_budget: float = 0.0,
     ) -> None:
         if not hasattr(node, "run") or not hasattr(node, "node"):
             raise ConfigError("GossipRun needs a blocking node: Node.start(NodeConfig(...))")
@@ -136,6 +143,9 @@ class GossipRun:
         self.rank = self.members.index(self.me) % max(1, peers) if self.me in self.members else 0
         self.world = len(self.members)
         self.round = self.first
+        self.time_budget = time_budget
+        self.started = time.time()  # the run's clock (wall-clock time): set by attach, refined per round
+        self.stop: int | None = None  # the run's last round once its time budget is spent
         self.algo: Algorithm | None = None
         self.emit: Callable[[dict], None] = lambda rec: None  # log records (membership, checkpoints)
         self.checkpoint_path: Path | None = None
@@ -170,6 +180,7 @@ class GossipRun:
                     algo.load_state({"x_hat": torch.from_numpy(x).view(1, -1)})
                 self.joined_from = {"from": "neighbour", "peer": peer, "model_round": round_}
         self._live = set(self.on_loop(self.gossip.live, self.first))
+        self.started = self.on_loop(self.gossip.start_clock)
         if self.joined_from:
             self.emit({"event": "joined", "round": self.first, **self.joined_from})
 
@@ -193,10 +204,29 @@ class GossipRun:
         self._gen = self.algo.round(self.round)
         return self._gen
 
+    def elapsed(self) -> float:
+        """Seconds on the run's clock (since its first member started training, after joining and
+        loading its data; wall clock, so peers on other machines need synchronized clocks, as NTP
+        gives, for a time budget to mean the same)."""
+        return time.time() - self.started
+
+    def finished(self) -> bool:
+        """Whether this peer's part is over: ``rounds`` done, or the time budget's last round."""
+        return (self.rounds > 0 and self.round >= self.rounds) or (
+            self.stop is not None and self.round > self.stop
+        )
+
     def _end_round(self) -> None:
         assert self.algo is not None
         t = self.round
-        self.on_loop(self.gossip.progress, t, self.rounds > 0 and t == self.rounds - 1)
+        self.started = self.on_loop(self.gossip.run_start)
+        if self.time_budget > 0:
+            if self.elapsed() > self.time_budget:
+                self.stop = self.on_loop(self.gossip.propose_stop, t)
+            else:
+                self.stop = self.on_loop(self.gossip.stop_round)
+        last = (self.rounds > 0 and t == self.rounds - 1) or t == self.stop
+        self.on_loop(self.gossip.progress, t, last)
         self.round = t + 1
         self._gen = None
         if self.checkpoint_every and self.checkpoint_path and self.round % self.checkpoint_every == 0:

@@ -21,6 +21,14 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", default="dirichlet", choices=("dirichlet", "label-skew"))
     p.add_argument("--alpha", type=float, default=0.3)
     p.add_argument("--rounds", type=int, default=100)
+    p.add_argument(
+        "--time-budget",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="peer: stop the run a few rounds after the first round that ends past SECONDS on the run's "
+        "clock (since its first member joined), --rounds at most; every peer stops after the same round",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--data", dest="dataset", metavar="DIR", default=None, help="directory of the Fashion-MNIST IDX files"
@@ -28,7 +36,11 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train-limit", type=int, default=0)
     p.add_argument("--test-limit", type=int, default=0)
     p.add_argument("--eval-every", type=int, default=10)
-    p.add_argument("--model", default="mlp", choices=("mlp", "cnn"), help="784-200-200-10 MLP or a small CNN")
+    p.add_argument(
+        "--model",
+        default="mlp",
+        help="mlp (784-200-200-10), mlp:WIDTH (784-WIDTH-WIDTH-10) or cnn (a small CNN)",
+    )
     p.add_argument(
         "--device",
         default="cpu",

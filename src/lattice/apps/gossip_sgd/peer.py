@@ -19,7 +19,8 @@ CHECKPOINT = "checkpoint.safetensors"
 
 
 def run(args: argparse.Namespace) -> dict:
-    """Join run ``args.run``, train ``args.rounds`` rounds, finish; returns the "done" summary."""
+    """Join run ``args.run``, train ``args.rounds`` rounds (or up to the last round of the run's time
+    budget, ``--time-budget``), finish; returns the "done" summary."""
     from lattice.apps.gossip_sgd.options import config_from, warn_unstable
     from lattice.cli import node_config, write_atomic
     from lattice.node import BlockingNode
@@ -42,7 +43,8 @@ def run(args: argparse.Namespace) -> dict:
         network.announce_address(node)
         run_ = GossipRun(node, args.run, settings=settings, peers=cfg.peers, topology=cfg.topology,
                          degree=cfg.degree, seed=cfg.seed, rounds=cfg.rounds, timeout=args.timeout,
-                         wait=args.wait, late=args.late or state is not None)  # fmt: skip
+                         wait=args.wait, late=args.late or state is not None,
+                         time_budget=cfg.time_budget)  # fmt: skip
         run_.emit = log.emit
         log.emit({"event": "start", "peer": run_.me, "rank": run_.rank, "members": run_.world,
                   "first": run_.first, "device": str(resolve_device(cfg.device))})  # fmt: skip
@@ -50,9 +52,9 @@ def run(args: argparse.Namespace) -> dict:
         algo = build(cfg, prep)
         run_.attach(algo, state, ckpt, args.checkpoint_every)
         bar = Progress(args.progress, cfg, run_.first)
-        while run_.round < cfg.rounds:
+        while not run_.finished():
             t = run_.run_round(prep.oracle)
-            last = t == cfg.rounds - 1
+            last = run_.finished()
             rec = None
             if cfg.eval_every and ((t + 1) % cfg.eval_every == 0 or last):
                 rec = round_record(run_, prep, t, last)
@@ -76,10 +78,11 @@ def round_record(run_: GossipRun, prep: Prepared, t: int, last: bool) -> dict:
     """This peer's own model after round ``t`` (``acc_local``: 2000 test samples, all at the last
     round); the network's average model is evaluated once, at the end ("average" record)."""
     assert run_.algo is not None
-    metrics = evaluate(run_.algo, prep, 0 if last else 2000)
+    metrics = evaluate(run_.algo, prep, 0 if last else 2000, average=False)
     stats = run_.gossip.stats
     return {
-        "event": "round", "round": t + 1, "loss": run_.algo.last_loss, "acc_local": metrics["acc_local"],
+        "event": "round", "round": t + 1, "t_s": round(run_.elapsed(), 2), "loss": run_.algo.last_loss,
+        "acc_local": metrics["acc_local"],
         **({"acc_heads": metrics["acc_heads"]} if "acc_heads" in metrics else {}),
         "lr": run_.algo.lr, "bytes_sent": stats.bytes_sent, "live": len(run_.on_loop(run_.gossip.live, t)),
         "timeouts": stats.timeouts,

@@ -39,7 +39,8 @@ def read_runs(paths: Sequence[str]) -> dict[str, list[dict]]:
 
 
 def plot(runs: Mapping[str, Sequence[dict]], out_dir: str, title: str = "") -> list[str]:
-    """Two PNGs in ``out_dir``: accuracy vs rounds and vs bytes sent per peer; returns their paths."""
+    """PNGs in ``out_dir``: accuracy vs rounds and vs bytes sent per peer, and vs wall-clock time when
+    every record has ``t_s`` (peers' logs: seconds on the run's clock); returns their paths."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -47,15 +48,19 @@ def plot(runs: Mapping[str, Sequence[dict]], out_dir: str, title: str = "") -> l
 
     os.makedirs(out_dir, exist_ok=True)
     paths = []
-    for x_key, x_label, name in (
+    axes = [
         ("round", "round", "accuracy_vs_rounds.png"),
         ("bytes_per_peer", "MB sent per peer", "accuracy_vs_bytes.png"),
-    ):
+    ]
+    if all("t_s" in r for recs in runs.values() for r in recs):
+        axes.append(("t_s", "wall-clock time (min)", "accuracy_vs_time.png"))
+    scale = {"bytes_per_peer": 1e6, "t_s": 60.0}
+    for x_key, x_label, name in axes:
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for label, recs in runs.items():
             key = "acc_avg" if recs and all(r.get("acc_avg") is not None for r in recs) else "acc_local"
             points = [r for r in recs if r.get(key) is not None]
-            xs = [r.get(x_key, 0) / (1e6 if x_key == "bytes_per_peer" else 1) for r in points]
+            xs = [r.get(x_key, 0) / scale.get(x_key, 1) for r in points]
             ax.plot(xs, [float(r[key]) for r in points], marker=".", label=f"{label} ({key})")
         if x_key == "bytes_per_peer":
             ax.set_xscale("log")
