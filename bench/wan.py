@@ -2,7 +2,7 @@
 
     python bench/wan.py [--presets lan,metro,continental,intercontinental,mixed] [--runs 3]
                         [--dht-nodes 32[,64]] [--dht-ops 30] [--no-dht] [--no-rpc] [--gib]
-                        [--compare-store] [--label NAME]
+                        [--compare-store] [--label NAME] [--anchors lattica,hivemind]
                         [--tcp-mem-max BYTES]
 
 A preset may also be given as NAME=RTT_MS/MBIT[/LOSS], e.g. ``fat=120/400`` (a long fat pipe).
@@ -19,6 +19,12 @@ Per preset, one JSON line per figure (medians of --runs), each as a ratio to the
   namespaces; get also over the non-replicas only (a real lookup); then each record's replicas.
   ``--compare-store`` first runs the swarm with ``dht_store_quorum = 0`` and
   ``dht_warm_connections = 0`` (a put waits for every replica; no warm connections).
+With ``--anchors``, Lattica and hivemind in the same testbeds right after ours, each process in a
+host of its own (bench/anchors/in_testbed.py runs their loopback bench scripts there), in the same
+units: 64 MiB up (Lattica: `rpc_stream` of bytes; hivemind: its MoE tensor path, and its raw byte
+stream as ``rpc_up_64mib_raw_link_fraction``), the small call (their unary RPC), and the DHT with
+one node per host, a writer host that stores and stays, a reader host that joins after the
+stores and gets (so the anchors' gets are lookups: compare them with our ``dht_get_lookup_rtts``).
 Needs root (network namespaces, tc, iptables). The machine's load is printed first: the emulated
 links are exact, the CPU is not (a 2-core machine shared with other work).
 """
@@ -38,6 +44,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import emit
+from anchors import in_testbed
 
 from lattice import Client
 from lattice.testing.daemons import Daemon, start_daemon, wait_for
@@ -46,6 +53,12 @@ from lattice.testing.wan import PRESETS, Preset, WanTestbed, wan_unavailable
 MIB = 1 << 20
 PORT = 4001
 SYSCTLS: dict[str, str] = {}  # set from --tcp-mem-max
+ANCHORS: list[str] = []  # set from --anchors
+ANCHOR_RPC = {  # the anchors' RPC figures (MiB/s, ms) -> ours (fractions of the link, link RTTs)
+    "up_64mib_mibs": "rpc_up_64mib_link_fraction",
+    "up_64mib_raw_mibs": "rpc_up_64mib_raw_link_fraction",
+    "rtt_ms": "small_call_rtts",
+}
 REPLICATION_WAIT_S = 10.0  # before counting each key's replicas (request timeouts are 5 s)
 
 
@@ -94,6 +107,30 @@ def bench_rpc(preset: str | Preset, runs: int, gib: bool, compare_window: bool =
             tcp_echo.append(p["echo_ms"] / rtt)
         emit("wan", "plain-tcp", "rpc_up_64mib_link_fraction", tcp, **where, note="64 MiB, unencrypted")
         emit("wan", "plain-tcp", "small_call_rtts", tcp_echo, **where, note="8-byte echo")
+        for system in ANCHORS:
+            anchor_rpc(tb, system, src, dst, runs, where)
+
+
+def anchor_rpc(tb: WanTestbed, system: str, src: str, dst: str, runs: int, where: dict) -> None:
+    """An anchor's 64 MiB upload and small call between ``src`` and ``dst``, in our units."""
+    rate, rtt = where["rate_mbit"], where["rtt_ms"]
+    metrics = [m for m in ANCHOR_RPC if system == "hivemind" or "raw" not in m]
+    try:
+        lines = in_testbed.rpc(tb, system, src, dst, runs=runs, metrics=metrics, rtt_calls=30, timeout=900)
+    except in_testbed.AnchorError as e:
+        print(json.dumps({"bench": "wan", "system": system, **where, "error": str(e)[-1000:]}), flush=True)
+        return
+    version = in_testbed.version(system)
+    for line in lines:
+        if "error" in line:
+            print(json.dumps({"bench": "wan", **line, **where, "version": version}), flush=True)
+            continue
+        values = line["runs"]
+        if line["metric"] == "rtt_ms":
+            values = [ms / rtt for ms in values]
+        else:
+            values = [mibs * MIB * 8 / 1e6 / rate for mibs in values]
+        emit("wan", system, ANCHOR_RPC[line["metric"]], values, **where, version=version, path=line["path"])
 
 
 def _rpc(tb: WanTestbed, work: Path, src: str, dst: str, runs: int, gib: bool, where: dict, system: str,
@@ -158,7 +195,7 @@ def _tuned() -> dict[str, str]:
 
 
 def bench_dht(preset: str | Preset, nodes: int, ops: int, seed: int, system: str = "lattice",
-              node_keys: str = "", replicas: bool = True) -> None:  # fmt: skip
+              node_keys: str = "", replicas: bool = True, anchors: bool = True) -> None:  # fmt: skip
     """Put then get ``ops`` keys through random daemons of a ``nodes`` swarm; ``node_keys``: TOML
     lines for their ``[node]`` table.
 
@@ -167,8 +204,9 @@ def bench_dht(preset: str | Preset, nodes: int, ops: int, seed: int, system: str
     (64 connections per prefix would refuse the 64th peer's connections; node-wide caps stay)."""
     rng = random.Random(seed)
     hosts = [f"n{i}" for i in range(nodes)]
+    drivers = ["writer", "reader"] if ANCHORS else []  # the anchors' driver hosts (idle for ours)
     t0 = time.monotonic()
-    with tempfile.TemporaryDirectory() as tmp, WanTestbed(hosts, preset, sysctls=SYSCTLS) as tb:
+    with tempfile.TemporaryDirectory() as tmp, WanTestbed(hosts + drivers, preset, sysctls=SYSCTLS) as tb:
         rtts = [tb.rtt_ms(x, y) for i, x in enumerate(hosts) for y in hosts[i + 1 :]]
         rtt = statistics.median(rtts)
         where = {"preset": _name(preset), "nodes": nodes, "rtt_ms": rtt}
@@ -232,12 +270,30 @@ def bench_dht(preset: str | Preset, nodes: int, ops: int, seed: int, system: str
         finally:
             with ThreadPoolExecutor(8) as pool:
                 list(pool.map(lambda d: d.stop(), daemons))
+        for anchor in ANCHORS if anchors else ():
+            anchor_dht(tb, anchor, hosts, ops, seed, where)
+
+
+def anchor_dht(tb: WanTestbed, system: str, hosts: list[str], ops: int, seed: int, where: dict) -> None:
+    """An anchor's DHT store and get (a lookup from a node that joined after the stores) in the
+    same testbed, after ours has stopped, in link RTTs."""
+    rtt = where["rtt_ms"]
+    try:
+        r = in_testbed.dht(tb, system, hosts, "writer", "reader", ops=ops, tag=f"wan-{seed}", timeout=1200)
+    except in_testbed.AnchorError as e:
+        print(json.dumps({"bench": "wan", "system": system, **where, "error": str(e)[-1000:]}), flush=True)
+        return
+    extra = {**where, "version": in_testbed.version(system), "swarm_up_s": r["swarm_up_s"]}
+    for metric, ms, success in (("dht_store_rtts", r["store_ms"], r["store_success"]),
+                                ("dht_get_lookup_rtts", r["get_ms"], r["get_success"])):  # fmt: skip
+        emit("wan", system, metric, [t / rtt for t in ms], **extra, median_ms=round(statistics.median(ms), 1),
+             success=success)  # fmt: skip
 
 
 def _dht_wait_all_cold(preset: str | Preset, nodes: int, ops: int, seed: int, label: str) -> None:
     """The DHT figures with the store waiting for all k replicas and no warm connections."""
     keys = "dht_store_quorum = 0\ndht_warm_connections = 0"
-    bench_dht(preset, nodes, ops, seed, f"{label}-wait-all-cold", keys)
+    bench_dht(preset, nodes, ops, seed, f"{label}-wait-all-cold", keys, anchors=False)
 
 
 def _warm(status: dict) -> bool:
@@ -301,7 +357,13 @@ def main() -> None:
     parser.add_argument("--compare-window", action="store_true",
                         help="also our RPC with a fixed 4 MiB stream window (no auto-tuning)")  # fmt: skip
     parser.add_argument("--tcp-mem-max", type=int, default=0, help="raise tcp_rmem/tcp_wmem max to this")
+    parser.add_argument("--anchors", default="", help="also these anchors, e.g. lattica,hivemind")
     args = parser.parse_args()
+    for system in filter(None, args.anchors.split(",")):
+        if reason := in_testbed.unavailable(system):
+            print(json.dumps({"bench": "wan", "system": system, "error": reason}), flush=True)
+        else:
+            ANCHORS.append(system)
     if args.tcp_mem_max:
         SYSCTLS["net.ipv4.tcp_rmem"] = f"4096 131072 {args.tcp_mem_max}"
         SYSCTLS["net.ipv4.tcp_wmem"] = f"4096 16384 {args.tcp_mem_max}"
