@@ -45,6 +45,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import emit
 from anchors import in_testbed
+from anchors._common import tree_cpu_s
 
 from lattice import Client
 from lattice.testing.daemons import Daemon, start_daemon, wait_for
@@ -235,12 +236,15 @@ def bench_dht(preset: str | Preset, nodes: int, ops: int, seed: int, system: str
             print(json.dumps({"bench": "wan", "system": system, **where, **setup}), flush=True)
             keys = [f"wan/{seed}/{i}" for i in range(ops)]
             put_ms, get_ms, ok, put_tcp, get_tcp, lookup_ms = [], [], 0, [], [], []
+            pids, load = [d.proc.pid for d in daemons], round(os.getloadavg()[0], 1)
+            cpu0 = _cpu_s(pids)
             for key in keys:
                 before = swarm_tcp(daemons)
                 start = time.perf_counter()
                 rng.choice(clients).dht.put(key, key.encode(), ttl=600)
                 put_ms.append((time.perf_counter() - start) * 1000)
                 put_tcp.append(_delta(swarm_tcp(daemons), before))
+            cpu1 = _cpu_s(pids)
             for key in keys:
                 client = rng.choice(clients)
                 replica = bool(client.dht.get(key, local=True))  # then the get asks nobody
@@ -252,10 +256,14 @@ def bench_dht(preset: str | Preset, nodes: int, ops: int, seed: int, system: str
                 if not replica:
                     lookup_ms.append(get_ms[-1])
                 ok += bool(entries) and entries[0]["value"] == key.encode()
+            cpu2 = _cpu_s(pids)  # includes the local gets that count replicas (~1 ms each)
             emit("wan", system, "dht_store_rtts", [t / rtt for t in put_ms], **where,
-                 median_ms=round(statistics.median(put_ms), 1), **_tcp_summary(put_ms, put_tcp))  # fmt: skip
+                 median_ms=round(statistics.median(put_ms), 1), load=load,
+                 cpu_ms_per_op=round((cpu1 - cpu0) * 1000 / ops, 1),
+                 **_tcp_summary(put_ms, put_tcp))  # fmt: skip
             emit("wan", system, "dht_get_rtts", [t / rtt for t in get_ms], **where,
-                 median_ms=round(statistics.median(get_ms), 1), success=ok / len(keys),
+                 median_ms=round(statistics.median(get_ms), 1), success=ok / len(keys), load=load,
+                 cpu_ms_per_op=round((cpu2 - cpu1) * 1000 / ops, 1),
                  **_tcp_summary(get_ms, get_tcp))  # fmt: skip
             if lookup_ms:  # the gets from a node that is not a replica: a real lookup
                 emit("wan", system, "dht_get_lookup_rtts", [t / rtt for t in lookup_ms], **where,
@@ -278,16 +286,24 @@ def anchor_dht(tb: WanTestbed, system: str, hosts: list[str], ops: int, seed: in
     """An anchor's DHT store and get (a lookup from a node that joined after the stores) in the
     same testbed, after ours has stopped, in link RTTs."""
     rtt = where["rtt_ms"]
+    load = round(os.getloadavg()[0], 1)
     try:
-        r = in_testbed.dht(tb, system, hosts, "writer", "reader", ops=ops, tag=f"wan-{seed}", timeout=1200)
+        r = in_testbed.dht(tb, system, hosts, "writer", "reader", ops=ops, tag=f"wan-{seed}", timeout=1200,
+                           cpu=_cpu_s)  # fmt: skip
     except in_testbed.AnchorError as e:
         print(json.dumps({"bench": "wan", "system": system, **where, "error": str(e)[-1000:]}), flush=True)
         return
-    extra = {**where, "version": in_testbed.version(system), "swarm_up_s": r["swarm_up_s"]}
-    for metric, ms, success in (("dht_store_rtts", r["store_ms"], r["store_success"]),
-                                ("dht_get_lookup_rtts", r["get_ms"], r["get_success"])):  # fmt: skip
+    extra = {**where, "version": in_testbed.version(system), "swarm_up_s": r["swarm_up_s"], "load": load}
+    for metric, part in (("dht_store_rtts", "store"), ("dht_get_lookup_rtts", "get")):
+        ms = r[f"{part}_ms"]
+        cpu_ms = round(r[f"{part}_cpu_s"] * 1000 / len(ms), 1)
         emit("wan", system, metric, [t / rtt for t in ms], **extra, median_ms=round(statistics.median(ms), 1),
-             success=success)  # fmt: skip
+             success=r[f"{part}_success"], cpu_ms_per_op=cpu_ms)  # fmt: skip
+
+
+def _cpu_s(pids: list[int]) -> float:
+    """CPU seconds used so far by these processes and their children (every thread)."""
+    return sum(tree_cpu_s(pid) for pid in pids)
 
 
 def _dht_wait_all_cold(preset: str | Preset, nodes: int, ops: int, seed: int, label: str) -> None:

@@ -3,7 +3,8 @@
     python bench/wan_table.py RUN.jsonl [RUN2.jsonl ...]
 
 Rows are figures, columns systems (ours, the anchors, plain TCP); each cell the median, in link
-RTTs or fractions of the link rate as bench/wan.py reports them (DHT cells add the median in ms).
+RTTs or fractions of the link rate as bench/wan.py reports them (DHT cells add the median in ms
+and, where measured, the CPU the whole swarm spent per operation).
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ def cell(line: dict | None) -> str:
         return "-"
     text = f"{line['median']:.2f}"
     if "median_ms" in line:
-        text += f" ({line['median_ms']:.0f} ms)"
+        cpu = f", CPU {line['cpu_ms_per_op']:.0f} ms" if "cpu_ms_per_op" in line else ""
+        text += f" ({line['median_ms']:.0f} ms{cpu})"
     if line.get("success", 1) < 1:
         text += f", {line['success']:.0%} found"
     return text

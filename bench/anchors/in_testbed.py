@@ -26,6 +26,7 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -177,10 +178,12 @@ def mem_available_mib() -> float:
 
 
 def dht(tb: Any, system: str, hosts: list[str], writer: str, reader: str, *, ops: int, tag: str,
-        timeout: float = 900) -> dict[str, Any]:  # fmt: skip
+        timeout: float = 900, cpu: Callable[[list[int]], float] | None = None) -> dict[str, Any]:  # fmt: skip
     """One node of ``system`` per host of ``hosts``; ``ops`` stores from ``writer``, then as many
     gets from ``reader`` (it joins after the stores). Returns {"store_ms": [...], "store_success",
-    "get_ms": [...], "get_success", "swarm_up_s", "peers_seen"}, or AnchorError."""
+    "get_ms": [...], "get_success", "swarm_up_s", "peers_seen"}, or AnchorError. ``cpu(pids)``:
+    the CPU seconds of those processes and their children; then "store_cpu_s" and "get_cpu_s" are
+    what the swarm, writer and reader spent from the driver's join to its last operation."""
     script = f"dht_{system}.py"
     if system == "hivemind" and mem_available_mib() < len(hosts) * HIVEMIND_NODE_MIB + 2048:
         raise AnchorError(
@@ -224,13 +227,15 @@ def dht(tb: Any, system: str, hosts: list[str], writer: str, reader: str, *, ops
                 ready += 1
             result["swarm_up_s"] = round(time.monotonic() - t0, 1)
             common = ["--role", "driver", "--ops", str(ops), "--nodes", str(len(hosts)), "--tag", tag]
-            start(0, writer, boot, [*common, "--part", "store"])
-            line = wait("samples")
-            result["store_ms"], result["store_success"] = line["samples"], line["success"]
-            start(0, reader, boot, [*common, "--part", "get"])
-            result["peers_seen"] = wait("peers_seen")["peers_seen"]
-            line = wait("samples")
-            result["get_ms"], result["get_success"] = line["samples"], line["success"]
+            for part, host in (("store", writer), ("get", reader)):
+                start(0, host, boot, [*common, "--part", part])
+                result["peers_seen"] = wait("peers_seen")["peers_seen"]
+                pids = [s.proc.pid for s in scripts.values()]
+                before = cpu(pids) if cpu else 0.0
+                line = wait("samples")
+                if cpu:
+                    result[f"{part}_cpu_s"] = round(cpu(pids) - before, 3)
+                result[f"{part}_ms"], result[f"{part}_success"] = line["samples"], line["success"]
             return result
         except TimeoutError:
             raise AnchorError(f"timeout ({timeout:.0f} s); {len(scripts)} processes started") from None
