@@ -45,7 +45,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import emit
 from anchors import in_testbed
-from anchors._common import tree_cpu_s
+from anchors._common import CLK_TCK, descendants
 
 from lattice import Client
 from lattice.testing.daemons import Daemon, start_daemon, wait_for
@@ -302,8 +302,17 @@ def anchor_dht(tb: WanTestbed, system: str, hosts: list[str], ops: int, seed: in
 
 
 def _cpu_s(pids: list[int]) -> float:
-    """CPU seconds used so far by these processes and their children (every thread)."""
-    return sum(tree_cpu_s(pid) for pid in pids)
+    """CPU seconds used so far by these processes and their children (utime + stime of the process:
+    unlike per-thread figures, it keeps what threads that have exited used)."""
+    total = 0
+    for pid in {p for root in pids for p in (root, *descendants(root))}:
+        try:
+            with open(f"/proc/{pid}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / CLK_TCK
 
 
 def _dht_wait_all_cold(preset: str | Preset, nodes: int, ops: int, seed: int, label: str) -> None:
