@@ -2,7 +2,7 @@
 
     python bench/wan.py [--presets lan,metro,continental,intercontinental,mixed] [--runs 3]
                         [--dht-nodes 32[,64]] [--dht-ops 30] [--no-dht] [--no-rpc] [--gib]
-                        [--compare-store] [--label NAME]
+                        [--compare-store] [--label NAME] [--anchors lattica,hivemind]
                         [--tcp-mem-max BYTES]
 
 A preset may also be given as NAME=RTT_MS/MBIT[/LOSS], e.g. ``fat=120/400`` (a long fat pipe).
@@ -19,6 +19,12 @@ Per preset, one JSON line per figure (medians of --runs), each as a ratio to the
   namespaces; get also over the non-replicas only (a real lookup); then each record's replicas.
   ``--compare-store`` first runs the swarm with ``dht_store_quorum = 0`` and
   ``dht_warm_connections = 0`` (a put waits for every replica; no warm connections).
+With ``--anchors``, Lattica and hivemind in the same testbeds right after ours, each process in a
+host of its own (bench/anchors/in_testbed.py runs their loopback bench scripts there), in the same
+units: 64 MiB up (Lattica: `rpc_stream` of bytes; hivemind: its MoE tensor path, and its raw byte
+stream as ``rpc_up_64mib_raw_link_fraction``), the small call (their unary RPC), and the DHT with
+one node per host, a writer host that stores and stays, a reader host that joins after the
+stores and gets (so the anchors' gets are lookups: compare them with our ``dht_get_lookup_rtts``).
 Needs root (network namespaces, tc, iptables). The machine's load is printed first: the emulated
 links are exact, the CPU is not (a 2-core machine shared with other work).
 """
@@ -38,6 +44,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import emit
+from anchors import in_testbed
+from anchors._common import CLK_TCK, descendants
 
 from lattice import Client
 from lattice.testing.daemons import Daemon, start_daemon, wait_for
@@ -46,6 +54,12 @@ from lattice.testing.wan import PRESETS, Preset, WanTestbed, wan_unavailable
 MIB = 1 << 20
 PORT = 4001
 SYSCTLS: dict[str, str] = {}  # set from --tcp-mem-max
+ANCHORS: list[str] = []  # set from --anchors
+ANCHOR_RPC = {  # the anchors' RPC figures (MiB/s, ms) -> ours (fractions of the link, link RTTs)
+    "up_64mib_mibs": "rpc_up_64mib_link_fraction",
+    "up_64mib_raw_mibs": "rpc_up_64mib_raw_link_fraction",
+    "rtt_ms": "small_call_rtts",
+}
 REPLICATION_WAIT_S = 10.0  # before counting each key's replicas (request timeouts are 5 s)
 
 
@@ -94,6 +108,30 @@ def bench_rpc(preset: str | Preset, runs: int, gib: bool, compare_window: bool =
             tcp_echo.append(p["echo_ms"] / rtt)
         emit("wan", "plain-tcp", "rpc_up_64mib_link_fraction", tcp, **where, note="64 MiB, unencrypted")
         emit("wan", "plain-tcp", "small_call_rtts", tcp_echo, **where, note="8-byte echo")
+        for system in ANCHORS:
+            anchor_rpc(tb, system, src, dst, runs, where)
+
+
+def anchor_rpc(tb: WanTestbed, system: str, src: str, dst: str, runs: int, where: dict) -> None:
+    """An anchor's 64 MiB upload and small call between ``src`` and ``dst``, in our units."""
+    rate, rtt = where["rate_mbit"], where["rtt_ms"]
+    metrics = [m for m in ANCHOR_RPC if system == "hivemind" or "raw" not in m]
+    try:
+        lines = in_testbed.rpc(tb, system, src, dst, runs=runs, metrics=metrics, rtt_calls=30, timeout=900)
+    except in_testbed.AnchorError as e:
+        print(json.dumps({"bench": "wan", "system": system, **where, "error": str(e)[-1000:]}), flush=True)
+        return
+    version = in_testbed.version(system)
+    for line in lines:
+        if "error" in line:
+            print(json.dumps({"bench": "wan", **line, **where, "version": version}), flush=True)
+            continue
+        values = line["runs"]
+        if line["metric"] == "rtt_ms":
+            values = [ms / rtt for ms in values]
+        else:
+            values = [mibs * MIB * 8 / 1e6 / rate for mibs in values]
+        emit("wan", system, ANCHOR_RPC[line["metric"]], values, **where, version=version, path=line["path"])
 
 
 def _rpc(tb: WanTestbed, work: Path, src: str, dst: str, runs: int, gib: bool, where: dict, system: str,
@@ -158,7 +196,7 @@ def _tuned() -> dict[str, str]:
 
 
 def bench_dht(preset: str | Preset, nodes: int, ops: int, seed: int, system: str = "lattice",
-              node_keys: str = "", replicas: bool = True) -> None:  # fmt: skip
+              node_keys: str = "", replicas: bool = True, anchors: bool = True) -> None:  # fmt: skip
     """Put then get ``ops`` keys through random daemons of a ``nodes`` swarm; ``node_keys``: TOML
     lines for their ``[node]`` table.
 
@@ -167,8 +205,9 @@ def bench_dht(preset: str | Preset, nodes: int, ops: int, seed: int, system: str
     (64 connections per prefix would refuse the 64th peer's connections; node-wide caps stay)."""
     rng = random.Random(seed)
     hosts = [f"n{i}" for i in range(nodes)]
+    drivers = ["writer", "reader"] if ANCHORS else []  # the anchors' driver hosts (idle for ours)
     t0 = time.monotonic()
-    with tempfile.TemporaryDirectory() as tmp, WanTestbed(hosts, preset, sysctls=SYSCTLS) as tb:
+    with tempfile.TemporaryDirectory() as tmp, WanTestbed(hosts + drivers, preset, sysctls=SYSCTLS) as tb:
         rtts = [tb.rtt_ms(x, y) for i, x in enumerate(hosts) for y in hosts[i + 1 :]]
         rtt = statistics.median(rtts)
         where = {"preset": _name(preset), "nodes": nodes, "rtt_ms": rtt}
@@ -197,12 +236,15 @@ def bench_dht(preset: str | Preset, nodes: int, ops: int, seed: int, system: str
             print(json.dumps({"bench": "wan", "system": system, **where, **setup}), flush=True)
             keys = [f"wan/{seed}/{i}" for i in range(ops)]
             put_ms, get_ms, ok, put_tcp, get_tcp, lookup_ms = [], [], 0, [], [], []
+            pids, load = [d.proc.pid for d in daemons], round(os.getloadavg()[0], 1)
+            cpu0 = _cpu_s(pids)
             for key in keys:
                 before = swarm_tcp(daemons)
                 start = time.perf_counter()
                 rng.choice(clients).dht.put(key, key.encode(), ttl=600)
                 put_ms.append((time.perf_counter() - start) * 1000)
                 put_tcp.append(_delta(swarm_tcp(daemons), before))
+            cpu1 = _cpu_s(pids)
             for key in keys:
                 client = rng.choice(clients)
                 replica = bool(client.dht.get(key, local=True))  # then the get asks nobody
@@ -214,10 +256,14 @@ def bench_dht(preset: str | Preset, nodes: int, ops: int, seed: int, system: str
                 if not replica:
                     lookup_ms.append(get_ms[-1])
                 ok += bool(entries) and entries[0]["value"] == key.encode()
+            cpu2 = _cpu_s(pids)  # includes the local gets that count replicas (~1 ms each)
             emit("wan", system, "dht_store_rtts", [t / rtt for t in put_ms], **where,
-                 median_ms=round(statistics.median(put_ms), 1), **_tcp_summary(put_ms, put_tcp))  # fmt: skip
+                 median_ms=round(statistics.median(put_ms), 1), load=load,
+                 cpu_ms_per_op=round((cpu1 - cpu0) * 1000 / ops, 1),
+                 **_tcp_summary(put_ms, put_tcp))  # fmt: skip
             emit("wan", system, "dht_get_rtts", [t / rtt for t in get_ms], **where,
-                 median_ms=round(statistics.median(get_ms), 1), success=ok / len(keys),
+                 median_ms=round(statistics.median(get_ms), 1), success=ok / len(keys), load=load,
+                 cpu_ms_per_op=round((cpu2 - cpu1) * 1000 / ops, 1),
                  **_tcp_summary(get_ms, get_tcp))  # fmt: skip
             if lookup_ms:  # the gets from a node that is not a replica: a real lookup
                 emit("wan", system, "dht_get_lookup_rtts", [t / rtt for t in lookup_ms], **where,
@@ -232,12 +278,47 @@ def bench_dht(preset: str | Preset, nodes: int, ops: int, seed: int, system: str
         finally:
             with ThreadPoolExecutor(8) as pool:
                 list(pool.map(lambda d: d.stop(), daemons))
+        for anchor in ANCHORS if anchors else ():
+            anchor_dht(tb, anchor, hosts, ops, seed, where)
+
+
+def anchor_dht(tb: WanTestbed, system: str, hosts: list[str], ops: int, seed: int, where: dict) -> None:
+    """An anchor's DHT store and get (a lookup from a node that joined after the stores) in the
+    same testbed, after ours has stopped, in link RTTs."""
+    rtt = where["rtt_ms"]
+    load = round(os.getloadavg()[0], 1)
+    try:
+        r = in_testbed.dht(tb, system, hosts, "writer", "reader", ops=ops, tag=f"wan-{seed}", timeout=1200,
+                           cpu=_cpu_s)  # fmt: skip
+    except in_testbed.AnchorError as e:
+        print(json.dumps({"bench": "wan", "system": system, **where, "error": str(e)[-1000:]}), flush=True)
+        return
+    extra = {**where, "version": in_testbed.version(system), "swarm_up_s": r["swarm_up_s"], "load": load}
+    for metric, part in (("dht_store_rtts", "store"), ("dht_get_lookup_rtts", "get")):
+        ms = r[f"{part}_ms"]
+        cpu_ms = round(r[f"{part}_cpu_s"] * 1000 / len(ms), 1)
+        emit("wan", system, metric, [t / rtt for t in ms], **extra, median_ms=round(statistics.median(ms), 1),
+             success=r[f"{part}_success"], cpu_ms_per_op=cpu_ms)  # fmt: skip
+
+
+def _cpu_s(pids: list[int]) -> float:
+    """CPU seconds used so far by these processes and their children (utime + stime of the process:
+    unlike per-thread figures, it keeps what threads that have exited used)."""
+    total = 0
+    for pid in {p for root in pids for p in (root, *descendants(root))}:
+        try:
+            with open(f"/proc/{pid}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / CLK_TCK
 
 
 def _dht_wait_all_cold(preset: str | Preset, nodes: int, ops: int, seed: int, label: str) -> None:
     """The DHT figures with the store waiting for all k replicas and no warm connections."""
     keys = "dht_store_quorum = 0\ndht_warm_connections = 0"
-    bench_dht(preset, nodes, ops, seed, f"{label}-wait-all-cold", keys)
+    bench_dht(preset, nodes, ops, seed, f"{label}-wait-all-cold", keys, anchors=False)
 
 
 def _warm(status: dict) -> bool:
@@ -301,7 +382,13 @@ def main() -> None:
     parser.add_argument("--compare-window", action="store_true",
                         help="also our RPC with a fixed 4 MiB stream window (no auto-tuning)")  # fmt: skip
     parser.add_argument("--tcp-mem-max", type=int, default=0, help="raise tcp_rmem/tcp_wmem max to this")
+    parser.add_argument("--anchors", default="", help="also these anchors, e.g. lattica,hivemind")
     args = parser.parse_args()
+    for system in filter(None, args.anchors.split(",")):
+        if reason := in_testbed.unavailable(system):
+            print(json.dumps({"bench": "wan", "system": system, "error": reason}), flush=True)
+        else:
+            ANCHORS.append(system)
     if args.tcp_mem_max:
         SYSCTLS["net.ipv4.tcp_rmem"] = f"4096 131072 {args.tcp_mem_max}"
         SYSCTLS["net.ipv4.tcp_wmem"] = f"4096 16384 {args.tcp_mem_max}"

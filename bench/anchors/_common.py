@@ -1,7 +1,8 @@
 """Helpers shared by the anchor start-up scripts (stdlib only: imported from each anchor's own venv).
 
 The scripts import this module from their own directory (it is on sys.path when a script is run
-by path). Nothing here talks to any address but 127.0.0.1.
+by path). Nothing here talks to any address but 127.0.0.1, or the script's own ``--host`` address
+when a bench runs it inside a WAN testbed host (bench/anchors/in_testbed.py).
 """
 
 from __future__ import annotations
@@ -88,10 +89,10 @@ def tree_cpu_s(pid: int) -> float:
     return total / 1e9
 
 
-def free_tcp_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago (for systems that cannot report theirs)."""
+def free_tcp_port(host: str = "127.0.0.1") -> int:
+    """A TCP port on ``host`` that was free a moment ago (for systems that cannot report theirs)."""
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 
@@ -115,13 +116,13 @@ def _read_ms_message(sock: socket.socket) -> bytes:
     return data
 
 
-def probe_libp2p(port: int, timeout: float = 2.0) -> str:
-    """Prove the libp2p listener on 127.0.0.1:port is served by a live event loop, not just bound.
+def probe_libp2p(port: int, timeout: float = 2.0, host: str = "127.0.0.1") -> str:
+    """Prove the libp2p listener on host:port is served by a live event loop, not just bound.
 
     Opens a TCP connection, runs multistream-select and proposes /noise; returns the peer's answer
     to the proposal ("/noise" or "na" - either shows the swarm is negotiating). Raises OSError if not.
     """
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+    with socket.create_connection((host, port), timeout=timeout) as s:
         s.settimeout(timeout)
         s.sendall(b"\x13/multistream/1.0.0\n")
         if _read_ms_message(s) != b"/multistream/1.0.0\n":
@@ -130,11 +131,11 @@ def probe_libp2p(port: int, timeout: float = 2.0) -> str:
         return _read_ms_message(s).decode(errors="replace").strip()
 
 
-def wait_probe(port: int, deadline_s: float = 30.0) -> str:
+def wait_probe(port: int, deadline_s: float = 30.0, host: str = "127.0.0.1") -> str:
     end = time.monotonic() + deadline_s
     while True:
         try:
-            return probe_libp2p(port)
+            return probe_libp2p(port, host=host)
         except OSError:
             if time.monotonic() > end:
                 raise

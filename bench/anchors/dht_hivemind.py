@@ -21,6 +21,11 @@ does both). Roles:
         node (no cache) and retries every key for up to --churn-window seconds, counted from the
         "go" line and including the join: {"role": "driver", "metric": "churn_retrievable", ...}.
 
+``--host IP`` listens on IP instead of 127.0.0.1 (a WAN testbed host: bench/anchors/in_testbed.py).
+``--part store`` runs the driver's writer only (it stores, prints store_ms, then waits for stdin
+to reach EOF); ``--part get`` its reader only (it joins after the stores, gets, prints get_ms): the
+two then live in different hosts.
+
 JSON goes to the original stdout only; everything else the process writes to fd 1 lands on stderr.
 hivemind keeps `bucket_size=20`, `num_replicas=5` and its other defaults.
 """
@@ -38,8 +43,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common
 
-HOST = ["/ip4/127.0.0.1/tcp/0"]
-P2P_KW = dict(host_maddrs=HOST, nat_port_map=False, auto_nat=False)  # no UPnP / NAT-PMP, no AutoNAT
+HOST = "127.0.0.1"  # --host
+P2P_KW: dict = {"nat_port_map": False, "auto_nat": False}  # no UPnP / NAT-PMP, no AutoNAT; + host_maddrs
 VALUE_BYTES = 100
 EXPIRATION_S = 600.0
 
@@ -93,7 +98,7 @@ async def run_nodes(args, emit) -> int:
         for i in range(args.count):
             node = await DHTNode.create(initial_peers=boot, **P2P_KW)
             maddrs = [str(m) for m in await node.get_visible_maddrs()]
-            maddr = next(m for m in maddrs if m.startswith("/ip4/127.0.0.1/tcp/"))
+            maddr = next(m for m in maddrs if m.startswith(f"/ip4/{HOST}/tcp/"))
             if boot is None:
                 boot = [maddr]
             nodes.append(node)
@@ -141,22 +146,28 @@ async def run_driver(args, emit) -> int:
     kw = dict(initial_peers=boot, client_mode=True, **P2P_KW)
     clients = []
     try:
-        for _ in range(2):
-            clients.append(await DHTNode.create(**kw))
-            emit({"role": "driver", "event": "node", "sockets": sockets_of(clients[-1])})
-        writer, reader = clients[0], clients[1]
+        writer = reader = None
+        for part in ("store", "get"):
+            if args.part in (part, "both"):
+                clients.append(await DHTNode.create(**kw))
+                emit({"role": "driver", "event": "node", "sockets": sockets_of(clients[-1])})
+                writer, reader = (clients[-1], reader) if part == "store" else (writer, clients[-1])
         want = min(args.nodes, 20)
         seen = await wait_for_peers(clients, want, args.peer_wait)
         emit({"role": "driver", "event": "joined", "peers_seen": seen, "peers_wanted": want})
 
         keys = [f"bench/{args.tag}/{i}" for i in range(args.ops)]
         store_ms, stored = [], 0
-        for key in keys:
+        for key in keys if writer is not None else ():
             t = time.perf_counter()
             ok = await writer.store(key, value_for(key), get_dht_time() + EXPIRATION_S)
             store_ms.append((time.perf_counter() - t) * 1000)
             stored += bool(ok)
-        emit({"role": "driver", "metric": "store_ms", "samples": store_ms, "success": stored / len(keys)})
+        if writer is not None:
+            emit({"role": "driver", "metric": "store_ms", "samples": store_ms, "success": stored / len(keys)})
+        if reader is None:
+            await stdin_closed_event(loop).wait()  # until the reader is done
+            return 0
 
         get_ms, got = [], 0
         for key in keys:
@@ -223,7 +234,12 @@ def main() -> int:
     ap.add_argument("--churn", action="store_true")
     ap.add_argument("--churn-window", type=float, default=30.0)
     ap.add_argument("--tag", default="0", help="driver: key prefix, distinct per run")
+    ap.add_argument("--host", default="127.0.0.1", help="the address to listen on")
+    ap.add_argument("--part", choices=("both", "store", "get"), default="both", help="driver: writer, reader")
     args = ap.parse_args()
+    global HOST
+    HOST = args.host
+    P2P_KW["host_maddrs"] = [f"/ip4/{HOST}/tcp/0"]
     emit = json_out()
     role = run_nodes if args.role == "node" else run_driver
     return asyncio.run(role(args, emit))

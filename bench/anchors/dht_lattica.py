@@ -19,6 +19,11 @@ does both; Lattica queries public STUN servers at every start). Roles:
         holds none of the records) and retries every key for up to --churn-window seconds, counted
         from the "go" line and including the join: {"role": "driver", "metric": "churn_retrievable", ...}.
 
+``--host IP`` listens on IP instead of 127.0.0.1 (a WAN testbed host: bench/anchors/in_testbed.py).
+``--part store`` runs the driver's writer only (it stores, prints store_ms, then serves until stdin
+reaches EOF: it stays a member of the swarm); ``--part get`` its reader only (it joins after the
+stores, gets, prints get_ms): the two then live in different hosts.
+
 JSON goes to the original stdout only; everything else written to fd 1 (Lattica prints its store
 and get errors there) lands on stderr. Lattica's Kademlia keeps its defaults (rust-libp2p: k = 20,
 records on the 20 closest nodes).
@@ -37,6 +42,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common
 
 VALUE_BYTES = 100
+HOST = "127.0.0.1"  # --host
 EXPIRATION_S = 600.0
 
 
@@ -71,8 +77,8 @@ def stdin_event() -> threading.Event:
 def build(data_dir: str, bootstrap: str | None):
     from lattica import Lattica
 
-    port = _common.free_tcp_port()  # Lattica cannot report a port it chose: pick it first
-    addr = f"/ip4/127.0.0.1/tcp/{port}"
+    port = _common.free_tcp_port(HOST)  # Lattica cannot report a port it chose: pick it first
+    addr = f"/ip4/{HOST}/tcp/{port}"
     b = (
         Lattica.builder()
         .with_listen_addrs([addr])
@@ -88,7 +94,7 @@ def build(data_dir: str, bootstrap: str | None):
     if bootstrap:
         b = b.with_bootstraps([bootstrap])
     node = b.build()
-    _common.wait_probe(port)
+    _common.wait_probe(port, host=HOST)
     return node, f"{addr}/p2p/{node.peer_id()}"
 
 
@@ -122,22 +128,29 @@ def run_node(args, emit) -> int:
 def run_driver(args, emit) -> int:
     nodes = []
     try:
-        writer, _ = build(os.path.join(args.data_dir, "w"), args.bootstrap)
-        nodes.append(writer)
-        reader, _ = build(os.path.join(args.data_dir, "r"), args.bootstrap)
-        nodes.append(reader)
+        writer = reader = None
+        if args.part in ("store", "both"):
+            writer, _ = build(os.path.join(args.data_dir, "w"), args.bootstrap)
+            nodes.append(writer)
+        if args.part in ("get", "both"):
+            reader, _ = build(os.path.join(args.data_dir, "r"), args.bootstrap)
+            nodes.append(reader)
         want = min(args.nodes, 20)
         seen = wait_for_peers(nodes, want, args.peer_wait)
         emit({"role": "driver", "event": "joined", "peers_seen": seen, "peers_wanted": want})
 
         keys = [f"bench/{args.tag}/{i}" for i in range(args.ops)]
         store_ms, stored = [], 0
-        for key in keys:
+        for key in keys if writer is not None else ():
             t = time.perf_counter()
             ok = writer.store(key, value_for(key), time.time() + EXPIRATION_S)
             store_ms.append((time.perf_counter() - t) * 1000)
             stored += bool(ok)
-        emit({"role": "driver", "metric": "store_ms", "samples": store_ms, "success": stored / len(keys)})
+        if writer is not None:
+            emit({"role": "driver", "metric": "store_ms", "samples": store_ms, "success": stored / len(keys)})
+        if reader is None:
+            stdin_event().wait(args.lifetime)  # the writer stays a member while the reader gets
+            return 0
 
         get_ms, got = [], 0
         for key in keys:
@@ -201,7 +214,11 @@ def main() -> int:
     ap.add_argument("--churn", action="store_true")
     ap.add_argument("--churn-window", type=float, default=30.0)
     ap.add_argument("--tag", default="0", help="driver: key prefix, distinct per run")
+    ap.add_argument("--host", default="127.0.0.1", help="the address to listen on")
+    ap.add_argument("--part", choices=("both", "store", "get"), default="both", help="driver: writer, reader")
     args = ap.parse_args()
+    global HOST
+    HOST = args.host
     if args.count != 1:
         ap.error("Lattica nodes run one per process (--count 1)")
     os.makedirs(args.data_dir, exist_ok=True)

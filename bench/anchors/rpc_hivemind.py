@@ -6,6 +6,9 @@ Run with the hivemind venv's python, both roles inside ONE network namespace tha
     python rpc_hivemind.py --role server                       # prints "ADDR /ip4/127.0.0.1/tcp/P/p2p/ID"
     python rpc_hivemind.py --role client --server ADDR [--runs 5]
 
+``--host IP`` listens on IP instead of 127.0.0.1 (a WAN testbed host: bench/anchors/in_testbed.py);
+``--metrics a,b`` measures only those figures (and warms up only their paths).
+
 Each role is one `hivemind.p2p.P2P` (one Python process + its go-libp2p daemon p2pd). The server serves
 until its stdin closes (or --max-seconds). The client connects, warms up, measures and prints one JSON
 line per figure:
@@ -49,7 +52,13 @@ CALL_TIMEOUT_S = 120.0
 RAW_HANDLER_UP = "RpcBench.raw_sink"
 RAW_HANDLER_DOWN = "RpcBench.raw_source"
 
-P2P_KW = dict(host_maddrs=["/ip4/127.0.0.1/tcp/0"], nat_port_map=False, auto_nat=False)
+P2P_KW = dict(nat_port_map=False, auto_nat=False)
+
+
+def listen(host: str) -> dict:
+    """P2P.create arguments: listen on ``host`` only, no UPnP / NAT-PMP, no AutoNAT."""
+    return dict(host_maddrs=[f"/ip4/{host}/tcp/0"], **P2P_KW)
+
 
 _TENSORS: dict[int, torch.Tensor] = {}
 _BYTES: dict[int, bytes] = {}
@@ -114,16 +123,16 @@ async def raw_source_handler(info, reader: asyncio.StreamReader, writer: asyncio
         writer.close()
 
 
-async def serve(max_seconds: float) -> int:
+async def serve(max_seconds: float, host: str) -> int:
     for size in (MIB, 64 * MIB):
         tensor(size)
         raw(size)
-    p2p = await P2P.create(**P2P_KW)
+    p2p = await P2P.create(**listen(host))
     await RpcBench().add_p2p_handlers(p2p)
     await p2p.add_binary_stream_handler(RAW_HANDLER_UP, raw_sink_handler)
     await p2p.add_binary_stream_handler(RAW_HANDLER_DOWN, raw_source_handler)
     maddrs = [str(m) for m in await p2p.get_visible_maddrs()]
-    addr = next(m for m in maddrs if m.startswith("/ip4/127.0.0.1/tcp/"))
+    addr = next(m for m in maddrs if m.startswith(f"/ip4/{host}/tcp/"))
     print(f"ADDR {addr}", flush=True)
 
     loop = asyncio.get_running_loop()
@@ -212,7 +221,9 @@ def path_for(nbytes: int) -> str:
 
 
 async def timed(metric: str, count: int, nbytes: int, call, check, path: str) -> None:
-    """count calls of call(); MiB/s per call; one line (or an error line)."""
+    """count calls of call(); MiB/s per call; one line (or an error line; nothing if not wanted)."""
+    if METRICS is not None and metric not in METRICS:
+        return
     try:
         speeds = []
         for _ in range(count):
@@ -230,27 +241,38 @@ def expect(what: str, want: int, got: int) -> None:
         raise RuntimeError(f"{what}: got {got} bytes, expected {want}")
 
 
-async def client(server: str, runs: int, rtt_calls: int) -> int:
-    p2p = await P2P.create(initial_peers=[server], **P2P_KW)
+METRICS: set[str] | None = None  # --metrics: the figures measured (None: all)
+
+
+def want(metric: str) -> bool:
+    return METRICS is None or metric in METRICS
+
+
+async def client(server: str, runs: int, rtt_calls: int, host: str) -> int:
+    p2p = await P2P.create(initial_peers=[server], **listen(host))
     peer = PeerID.from_base58(server.rsplit("/p2p/", 1)[1])
     stub = RpcBench.get_stub(p2p, peer)
 
     # warm-up: unary, then each large path: 5 calls at 1 MiB, 1 at 64 MiB
     for i in range(50):
         await asyncio.wait_for(stub.rpc_echo(test_pb2.TestRequest(number=i)), CALL_TIMEOUT_S)
-    for size, calls in ((MIB, 5), (64 * MIB, 1)):
+    for size, calls, label in ((MIB, 5, "1mib"), (64 * MIB, 1, "64mib")):
         try:
             for _ in range(calls):
-                await asyncio.wait_for(upload(stub, tensor(size)), CALL_TIMEOUT_S)
-                await asyncio.wait_for(download(stub, size), CALL_TIMEOUT_S)
-                await asyncio.wait_for(raw_upload(p2p, peer, raw(size)), CALL_TIMEOUT_S)
-                await asyncio.wait_for(raw_download(p2p, peer, size), CALL_TIMEOUT_S)
+                if want(f"up_{label}_mibs"):
+                    await asyncio.wait_for(upload(stub, tensor(size)), CALL_TIMEOUT_S)
+                if want(f"down_{label}_mibs"):
+                    await asyncio.wait_for(download(stub, size), CALL_TIMEOUT_S)
+                if want(f"up_{label}_raw_mibs"):
+                    await asyncio.wait_for(raw_upload(p2p, peer, raw(size)), CALL_TIMEOUT_S)
+                if want(f"down_{label}_raw_mibs"):
+                    await asyncio.wait_for(raw_download(p2p, peer, size), CALL_TIMEOUT_S)
         except Exception:
             pass  # reported by the measured calls below
 
     try:
         batches = []
-        for _ in range(runs):
+        for _ in range(runs if want("rtt_ms") else 0):
             samples = []
             for i in range(rtt_calls):
                 t = time.perf_counter()
@@ -261,12 +283,13 @@ async def client(server: str, runs: int, rtt_calls: int) -> int:
                 if r.number != i:
                     raise RuntimeError(f"echo returned {r.number}, expected {i}")
             batches.append(statistics.median(samples))
-        line(
-            "rtt_ms",
-            batches,
-            "unary protobuf (test_pb2.TestRequest -> TestResponse, daemon persistent connection)",
-            calls_per_run=rtt_calls,
-        )
+        if batches:
+            line(
+                "rtt_ms",
+                batches,
+                "unary protobuf (test_pb2.TestRequest -> TestResponse, daemon persistent connection)",
+                calls_per_run=rtt_calls,
+            )
     except Exception as e:
         error("rtt_ms", e)
 
@@ -311,19 +334,25 @@ async def client(server: str, runs: int, rtt_calls: int) -> int:
 
 
 def main() -> int:
+    global CALL_TIMEOUT_S, METRICS
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--role", choices=("server", "client"), required=True)
     ap.add_argument("--server", help="client: the server's ADDR line (/ip4/.../tcp/P/p2p/ID)")
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--rtt-calls", type=int, default=400, help="unary calls per run (median per run)")
     ap.add_argument("--max-seconds", type=float, default=900, help="server: serve at most this long")
+    ap.add_argument("--host", default="127.0.0.1", help="the address to listen on")
+    ap.add_argument("--metrics", default="", help="client: only these figures (comma-separated)")
+    ap.add_argument("--call-timeout", type=float, default=CALL_TIMEOUT_S, help="seconds per call")
     args = ap.parse_args()
+    CALL_TIMEOUT_S = args.call_timeout
+    METRICS = {m for m in args.metrics.split(",") if m} or None
     if args.role == "client" and not args.server:
         ap.error("--role client needs --server ADDR")
     try:
         if args.role == "server":
-            return asyncio.run(serve(args.max_seconds))
-        return asyncio.run(client(args.server, max(1, args.runs), max(1, args.rtt_calls)))
+            return asyncio.run(serve(args.max_seconds, args.host))
+        return asyncio.run(client(args.server, max(1, args.runs), max(1, args.rtt_calls), args.host))
     finally:
         _common.kill_descendants()
 

@@ -6,6 +6,9 @@ Run with the Lattica venv's python, both roles inside ONE network namespace that
     python rpc_lattica.py --role server                       # prints "ADDR /ip4/127.0.0.1/tcp/P/p2p/ID"
     python rpc_lattica.py --role client --server ADDR [--runs 5]
 
+``--host IP`` listens on IP instead of 127.0.0.1 (a WAN testbed host: bench/anchors/in_testbed.py);
+``--metrics a,b`` measures only those figures (and warms up only their paths).
+
 The server serves until its stdin closes (or --max-seconds). The client connects, warms up, measures
 and prints one JSON line per figure:
     {"bench": "rpc", "system": "lattica", "metric": ..., "median": ..., "runs": [...], "path": ...}
@@ -33,7 +36,7 @@ import _common
 
 MIB = 1 << 20
 SYSTEM = "lattica"
-CALL_TIMEOUT_S = 120  # seconds; the core wants an int
+CALL_TIMEOUT_S = 120  # seconds; the core wants an int (--call-timeout)
 
 # random payloads, made once per process so that generating them is never timed
 _PAYLOADS: dict[int, bytes] = {}
@@ -70,10 +73,10 @@ def make_service_class():
     return RpcBench
 
 
-def build_node(data_dir: str, port: int, bootstraps: list[str] | None = None):
+def build_node(data_dir: str, port: int, bootstraps: list[str] | None = None, host: str = "127.0.0.1"):
     from lattica import Lattica
 
-    addr = f"/ip4/127.0.0.1/tcp/{port}"
+    addr = f"/ip4/{host}/tcp/{port}"
     b = (
         Lattica.builder()
         .with_listen_addrs([addr])
@@ -91,12 +94,12 @@ def build_node(data_dir: str, port: int, bootstraps: list[str] | None = None):
     return b.build(), addr
 
 
-def serve(data_dir: str, max_seconds: float) -> int:
+def serve(data_dir: str, max_seconds: float, host: str) -> int:
     svc_cls = make_service_class()
-    port = _common.free_tcp_port()
-    node, addr = build_node(data_dir, port)
+    port = _common.free_tcp_port(host)
+    node, addr = build_node(data_dir, port, host=host)
     svc_cls(node)
-    _common.wait_probe(port)
+    _common.wait_probe(port, host=host)
     for size in (MIB, 64 * MIB):
         payload(size)
     print(f"ADDR {addr}/p2p/{node.peer_id()}", flush=True)
@@ -130,10 +133,15 @@ def error(metric: str, exc: BaseException) -> None:
     _common.emit({"bench": "rpc", "system": SYSTEM, "metric": metric, "error": msg[-600:]})
 
 
-def client(server: str, data_dir: str, runs: int, rtt_calls: int) -> int:
+def client(server: str, data_dir: str, runs: int, rtt_calls: int, host: str, metrics: set[str] | None) -> int:
+    """Measure the figures in ``metrics`` (None: all) against ``server``."""
     svc_cls = make_service_class()
     server_id = server.rsplit("/p2p/", 1)[1]
-    node, _ = build_node(data_dir, _common.free_tcp_port(), [server])
+    node, _ = build_node(data_dir, _common.free_tcp_port(host), [server], host)
+
+    def want(metric: str) -> bool:
+        return metrics is None or metric in metrics
+
     svc = svc_cls(node)
     # the first call right after build() fails once inside the core and is retried ~100 ms later:
     # wait until the bootstrap connection is up (bounded)
@@ -150,18 +158,20 @@ def client(server: str, data_dir: str, runs: int, rtt_calls: int) -> int:
     small = b"ping1234"
     for _ in range(50):
         stub.echo(small).result(timeout=CALL_TIMEOUT_S)
-    for size, calls in ((MIB, 5), (64 * MIB, 1)):
+    for size, calls, label in ((MIB, 5, "1mib"), (64 * MIB, 1, "64mib")):
         data = payload(size)
         try:
             for _ in range(calls):
-                stub.sink(data).result(timeout=CALL_TIMEOUT_S)
-                stub.source(size).result(timeout=CALL_TIMEOUT_S)
+                if want(f"up_{label}_mibs"):
+                    stub.sink(data).result(timeout=CALL_TIMEOUT_S)
+                if want(f"down_{label}_mibs"):
+                    stub.source(size).result(timeout=CALL_TIMEOUT_S)
         except Exception:
             pass  # reported by the measured calls below
 
     try:
         batches = []
-        for _ in range(runs):
+        for _ in range(runs if want("rtt_ms") else 0):
             samples = []
             for _ in range(rtt_calls):
                 t = time.perf_counter()
@@ -170,7 +180,8 @@ def client(server: str, data_dir: str, runs: int, rtt_calls: int) -> int:
                 if r != small:
                     raise RuntimeError(f"echo returned {r!r}")
             batches.append(statistics.median(samples))
-        line("rtt_ms", batches, "rpc_method (unary)", calls_per_run=rtt_calls, payload_bytes=len(small))
+        if batches:
+            line("rtt_ms", batches, "rpc_method (unary)", calls_per_run=rtt_calls, payload_bytes=len(small))
     except Exception as e:
         error("rtt_ms", e)
 
@@ -179,37 +190,42 @@ def client(server: str, data_dir: str, runs: int, rtt_calls: int) -> int:
         data = payload(size)
         try:
             speeds = []
-            for _ in range(count):
+            for _ in range(count if want(f"up_{label}_mibs") else 0):
                 t = time.perf_counter()
                 got = stub.sink(data).result(timeout=CALL_TIMEOUT_S)
                 speeds.append(size / MIB / (time.perf_counter() - t))
                 if got != size:
                     raise RuntimeError(f"sink returned {got!r}, expected {size}")
-            line(f"up_{label}_mibs", speeds, "rpc_stream (bytes)")
+            if speeds:
+                line(f"up_{label}_mibs", speeds, "rpc_stream (bytes)")
         except Exception as e:
             error(f"up_{label}_mibs", e)
         try:
             speeds = []
-            for _ in range(count):
+            for _ in range(count if want(f"down_{label}_mibs") else 0):
                 t = time.perf_counter()
                 got = stub.source(size).result(timeout=CALL_TIMEOUT_S)
                 speeds.append(size / MIB / (time.perf_counter() - t))
                 if len(got) != size:
                     raise RuntimeError(f"source returned {len(got)} bytes, expected {size}")
-            line(f"down_{label}_mibs", speeds, "rpc_stream (bytes)")
+            if speeds:
+                line(f"down_{label}_mibs", speeds, "rpc_stream (bytes)")
         except Exception as e:
             error(f"down_{label}_mibs", e)
 
     size = 64 * MIB
     try:
         speeds = []
-        for _ in range(runs + 1):  # the first one is a warm-up for this path
+        for _ in range(
+            runs + 1 if want("down_64mib_iter_mibs") else 0
+        ):  # the first one is a warm-up for this path
             t = time.perf_counter()
             got = b"".join(stub.source_iter(size))
             speeds.append(size / MIB / (time.perf_counter() - t))
             if len(got) != size:
                 raise RuntimeError(f"source_iter returned {len(got)} bytes, expected {size}")
-        line("down_64mib_iter_mibs", speeds[1:], "rpc_stream_iter (64 x 1 MiB bytes, joined)")
+        if speeds:
+            line("down_64mib_iter_mibs", speeds[1:], "rpc_stream_iter (64 x 1 MiB bytes, joined)")
     except Exception as e:
         error("down_64mib_iter_mibs", e)
 
@@ -219,19 +235,25 @@ def client(server: str, data_dir: str, runs: int, rtt_calls: int) -> int:
 
 
 def main() -> int:
+    global CALL_TIMEOUT_S
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--role", choices=("server", "client"), required=True)
     ap.add_argument("--server", help="client: the server's ADDR line (/ip4/.../tcp/P/p2p/ID)")
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--rtt-calls", type=int, default=400, help="unary calls per run (median per run)")
     ap.add_argument("--max-seconds", type=float, default=900, help="server: serve at most this long")
+    ap.add_argument("--host", default="127.0.0.1", help="the address to listen on")
+    ap.add_argument("--metrics", default="", help="client: only these figures (comma-separated)")
+    ap.add_argument("--call-timeout", type=int, default=CALL_TIMEOUT_S, help="seconds per call")
     args = ap.parse_args()
+    CALL_TIMEOUT_S = args.call_timeout
+    metrics = {m for m in args.metrics.split(",") if m} or None
     if args.role == "client" and not args.server:
         ap.error("--role client needs --server ADDR")
     with tempfile.TemporaryDirectory(prefix=f"lattica-rpc-{args.role}-") as data_dir:
         if args.role == "server":
-            return serve(data_dir, args.max_seconds)
-        return client(args.server, data_dir, max(1, args.runs), max(1, args.rtt_calls))
+            return serve(data_dir, args.max_seconds, args.host)
+        return client(args.server, data_dir, max(1, args.runs), max(1, args.rtt_calls), args.host, metrics)
 
 
 if __name__ == "__main__":
