@@ -258,18 +258,20 @@ class BufferRecycler:
             return aligned_empty(nbytes)
         size = nbytes + PAGE
         with self._lock:
-            free = [i for i in range(len(self._owners)) if sys.getrefcount(self._owners[i]) <= _FREE_REFS]
+            free = _unreferenced(self._owners)
             for i in free:
                 if self._owners[i].nbytes == size:
                     owner = self._owners.pop(i)
-                    self._owners.append(owner)
+                    self._owners.append(owner)  # most recently used last
                     self.reused += 1
                     return _aligned_view(owner, nbytes)
-            held = self.held_bytes()
-            for i in reversed(free):  # make room: drop free buffers of other sizes, oldest first
+            held, drop = self.held_bytes(), set()
+            for i in free:  # make room: forget free buffers of other sizes, least recently used first
                 if held + size <= self.config.max_bytes:
                     break
-                held -= self._owners.pop(i).nbytes
+                held -= self._owners[i].nbytes
+                drop.add(i)
+            self._owners = [o for i, o in enumerate(self._owners) if i not in drop]
             owner = np.empty(size, dtype=np.uint8)
             if held + size <= self.config.max_bytes:
                 self._owners.append(owner)
@@ -281,9 +283,19 @@ class BufferRecycler:
             self._owners.clear()
 
 
-# sys.getrefcount of an owner only the recycler's list refers to, as take() asks it: the list slot
-# and getrefcount's argument (nothing else may be bound to it there, e.g. an enumerate tuple)
-_FREE_REFS = 2
+def _unreferenced(owners: list[np.ndarray]) -> list[int]:
+    """Indices of the owners nothing but the list refers to (ascending)."""
+    return [i for i in range(len(owners)) if sys.getrefcount(owners[i]) <= _FREE_REFS]
+
+
+def _free_refs() -> int:
+    """What sys.getrefcount says in :func:`_unreferenced` of an object only a list refers to,
+    measured the same way (an interpreter that counts differently keeps the test right)."""
+    probe = [object()]
+    return sys.getrefcount(probe[0])
+
+
+_FREE_REFS = _free_refs()
 RECYCLER = BufferRecycler()
 
 
