@@ -86,9 +86,11 @@ def gossip_round(
     timeout: float = 120.0,
     sysctls: dict[str, str] | None = None,
     tcp_baseline: bool = True,
+    profile: Path | None = None,
 ) -> dict[str, Any]:
     """Run PEERS gossip peers (bench/gossip_sgd_net.py exchange-peer), one per namespace of a
-    :class:`WanTestbed` under PRESET, for ROUNDS rounds; return the round time against its floor."""
+    :class:`WanTestbed` under PRESET, for ROUNDS rounds; return the round time against its floor.
+    PROFILE: a file where py-spy writes peer 1's samples (collapsed stacks, all threads, idle left out)."""
     hosts = [f"g{i}" for i in range(peers)]
     work = Path(tempfile.mkdtemp(prefix="wan-gossip-"))
     codec_sets = [f"--set=codec={codec}"] if codec else []
@@ -104,12 +106,15 @@ def gossip_round(
                 d.mkdir(parents=True)
                 argv = [*EXCHANGE_PEER, "--run", "wan", "--peers", str(peers), "--out", str(d),
                         "--listen", f"/ip4/{tb.ip(hosts[i])}/tcp/0", *args, *more]  # fmt: skip
+                if profile is not None and i == 1:
+                    argv = ["py-spy", "record", "--format", "raw", "--rate", "250", "--nonblocking",
+                            "--threads", "-o", str(profile), "--", *argv]  # fmt: skip
                 with open(d / "stdout", "w") as so, open(d / "stderr", "w") as se:
                     return tb.popen(hosts[i], argv, env=env, stdout=so, stderr=se)
 
             addr_file = work / "bootstrap.addr"
             procs.append(spawn(0, ["--addr-file", str(addr_file)]))
-            deadline = time.monotonic() + 60
+            deadline = time.monotonic() + 180  # a loaded machine (load 30) took over 60 s
             while not addr_file.exists():
                 if time.monotonic() > deadline or procs[0].poll() is not None:
                     raise RuntimeError(
@@ -129,7 +134,7 @@ def gossip_round(
             if p.poll() is None:
                 p.kill()
     per_peer = []
-    timeouts, cpu = 0, []
+    timeouts, cpu, faults = 0, [], []
     for i in range(peers):
         done = [r for r in read_log(work / f"peer{i}" / "log.jsonl") if r.get("event") == "done"]
         if done:
@@ -138,7 +143,9 @@ def gossip_round(
             skip = 3 if rounds >= 6 else 1
             per_peer.append(done[0]["exchange_s"][skip:])
             timeouts += done[0].get("timeouts", 0)
-            cpu.append(statistics.median(done[0].get("cpu_s", [0, 0])[1:]))
+            # the mean, not the median: a message received during the next round is that round's CPU
+            cpu.append(statistics.fmean(done[0].get("cpu_s", [0, 0])[skip:]))
+            faults.append(statistics.median(done[0].get("minor_faults", [0, 0])[skip:]))
     errors = "" if len(per_peer) == peers else (work / "peer0" / "stderr").read_text()[-800:]
     if not errors:
         shutil.rmtree(work, ignore_errors=True)
@@ -172,6 +179,9 @@ def gossip_round(
         "rounds_s": [[round(x, 2) for x in xs] for xs in per_peer],
         # CPU seconds of one round, summed over the peers (all share this machine's cores)
         "cpu_s_per_round_all_peers": round(sum(cpu), 3),
+        # the same per peer (median over peers of their steady-state means): what does not depend on load
+        "cpu_s_per_round_per_peer": round(statistics.median(cpu), 4) if cpu else None,
+        "minor_faults_per_round_per_peer": statistics.median(faults) if faults else None,
         "cores": os.cpu_count(),
         "load_avg_1m": round(os.getloadavg()[0], 2),
         **({"error": errors} if errors else {}),
@@ -539,6 +549,7 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--rounds", type=int, default=8, help="per run; the first 3 are warm-up (from 6 on)")
     g.add_argument("--runs", type=int, default=1, help="repetitions (codecs alternate within one)")
     g.add_argument("--set", action="append", default=[], help="hyper-parameter override for the peers")
+    g.add_argument("--profile", type=Path, help="py-spy peer 1 into this file (collapsed stacks)")
     m = sub.add_parser("mesh", help="mesh inference tokens/s against its floor")
     m.add_argument("--rtt-ms", type=float, default=20.0, help="between any two hosts (default 20)")
     m.add_argument("--rate-mbit", type=float, default=500.0)
@@ -583,7 +594,14 @@ def main(argv: list[str] | None = None) -> int:
                     c = None if codec == "none" else codec
                     out(
                         gossip_round(
-                            preset, args.peers, args.numel, c, args.rounds, tuple(args.set), sysctls=sysctls
+                            preset,
+                            args.peers,
+                            args.numel,
+                            c,
+                            args.rounds,
+                            tuple(args.set),
+                            sysctls=sysctls,
+                            profile=args.profile and args.profile.with_suffix(f".{preset}.{codec}.txt"),
                         )
                     )
     elif args.what == "train":

@@ -9,11 +9,13 @@ CDProxSGT/ChocoSGD). Decoding validates every field from the wire before allocat
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
 
+from lattice.codec import tensors
 from lattice.codec.shapes import MAX_ARRAY_BYTES, checked_nbytes
 from lattice.errors import PayloadError
 
@@ -134,13 +136,31 @@ class ErrorFeedback:
 
 
 # -- built-in codecs
+def cast(src: np.ndarray, dtype: Any) -> np.ndarray:
+    """``src.astype(dtype)`` into a new array (recycled when large: ``tensors.recycled``), between
+    float16 and float32 through torch when the process has already loaded it: its casts are
+    vectorized (4M values: ~1 ms, numpy's 8-14 ms, what made fp16 no faster than float32 on fast
+    links); both round to nearest even, so the values are the same."""
+    dtype = np.dtype(dtype)
+    if src.dtype == dtype or src.nbytes < tensors.ALIGN_FROM:
+        return src.astype(dtype)
+    out = tensors.recycled(src.size * dtype.itemsize).view(dtype).reshape(src.shape)
+    torch = sys.modules.get("torch")
+    halves = {src.dtype.name, dtype.name} == {"float16", "float32"}
+    if torch is not None and halves and src.flags.c_contiguous and src.flags.writeable:
+        torch.from_numpy(out).copy_(torch.from_numpy(src))
+    else:
+        np.copyto(out, src, casting="unsafe")
+    return out
+
+
 class _FP16:
     def encode(self, arr, param):
-        return arr.astype(np.float16), {}
+        return cast(arr, np.float16), {}
 
     def decode(self, data, meta, shape):
         _expect(data, np.float16, math.prod(shape))
-        return data.astype(np.float32)
+        return cast(data, np.float32)
 
 
 class _BF16:

@@ -43,7 +43,7 @@ from lattice.apps.gossip_sgd import topology
 from lattice.apps.gossip_sgd.algorithms import Send
 from lattice.apps.gossip_sgd.compress import wire_bytes
 from lattice.apps.gossip_sgd.experiment import Config
-from lattice.codec import compression
+from lattice.codec import compression, tensors
 from lattice.errors import ConfigError, LatticeError, NodeError
 from lattice.identity import PeerId
 
@@ -87,7 +87,10 @@ class NetReceived:
 
     def mix(self, name: str) -> Tensor:
         own = self.own[name] if self.self_exact else self.decoded_own[name]
-        out = own * self.self_weight
+        if own.requires_grad:  # out= refuses autograd inputs
+            out = own * self.self_weight
+        else:
+            out = torch.mul(own, self.self_weight, out=_empty_like(own))
         for peer, w in self.weights.items():
             out.add_(self.rows[peer][name].unsqueeze(0), alpha=w)
         return out
@@ -466,6 +469,14 @@ class Gossip:
         for key in [k for k in self._copies if k[1] == name and k[0] not in out]:
             del self._copies[key]
         return out
+
+
+def _empty_like(t: Tensor) -> Tensor:
+    """A new tensor like ``t`` for a round's result; a large float32 one on the CPU in a recycled
+    buffer (``tensors.recycled``): a fresh one's page faults cost more than the arithmetic."""
+    if t.device.type != "cpu" or t.dtype != torch.float32:
+        return torch.empty_like(t)
+    return torch.from_numpy(tensors.recycled(4 * t.numel()).view(np.float32)).view(t.shape)
 
 
 def _named_arrays(value: Any) -> bool:
