@@ -8,7 +8,9 @@ Daemons on 127.0.0.1: four providers that added the same random file, one fetche
 request to the answer (finding the manifest, every chunk verified and written, the object made
 complete and fsync'ed); the fetched copy is dropped (gc) between runs. One JSON line per figure:
 
-- plain_tcp: the same bytes one way between two processes (unencrypted, no framing, into memory);
+- plain_tcp: the same bytes one way between two processes, unencrypted, no framing, no hash: from
+  memory into memory, and end to end as a get moves them (`sendfile` from the file, written to a
+  file through the page cache or with O_DIRECT, fsync'ed; "to_disk" is the faster of the two);
   rpc_64mib_down: our RPC, 64 MiB calls, provider to fetcher (`rpc.bench`): what the transport does
 - one_provider / four_providers: MiB/s (medians of --runs, alternated with plain TCP)
 - receiver_rss: the fetcher's RSS above idle, peak while fetching (sampled every 20 ms)
@@ -52,30 +54,71 @@ MIB = 1 << 20
 CLI = [sys.executable, "-m", "lattice.cli"]
 
 _SINK = r"""
-import socket, sys
+import mmap, os, socket, sys
 s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
-buf = bytearray(1 << 22); view = memoryview(buf)
-while s.recv_into(view): pass
+mode = sys.argv[2]
+buf = mmap.mmap(-1, 1 << 22)  # page-aligned: O_DIRECT takes it as is
+view = memoryview(buf)
+if mode == "memory":
+    while s.recv_into(view):
+        pass
+    sys.exit()
+flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | (os.O_DIRECT if mode == "direct" else 0)
+fd = os.open(sys.argv[3], flags, 0o644)
+while True:  # whole 4 MiB blocks (the size is whole MiB), as O_DIRECT wants
+    got = 0
+    while got < len(view) and (n := s.recv_into(view[got:])):
+        got += n
+    if not got:
+        break
+    done = 0
+    while done < got:
+        done += os.write(fd, view[done:got])
+    if got < len(view):
+        break
+os.fsync(fd)
+os.close(fd)
 """
 
+PLAIN_MODES = {
+    "memory": "unencrypted, into memory (no disk, no hash)",
+    "file": "unencrypted, sendfile from the file to a file in the page cache, fsync'ed (no hash)",
+    "direct": "unencrypted, sendfile from the file to a file written with O_DIRECT, fsync'ed (no hash)",
+}
 
-def plain_tcp(size: int) -> float:
-    """MiB/s of ``size`` bytes sent from this process to a sink process (64 MiB sends)."""
-    block = bytes(64 * MIB)
+
+def plain_tcp(size: int, mode: str = "memory", blob: Path | None = None, dest: Path | None = None) -> tuple:
+    """(MiB/s, CPU ms per MiB of both processes) of ``size`` bytes one way over loopback TCP to a
+    sink process: from memory into memory (64 MiB sends), or, moving the same bytes end to end as
+    a get does, with ``sendfile`` from ``blob`` (the page cache, as a provider reads its store)
+    into ``dest`` through the page cache or with ``O_DIRECT``, then fsync'ed."""
+    block = bytes(64 * MIB) if blob is None else b""
     with socket.create_server(("127.0.0.1", 0)) as srv:
-        peer = subprocess.Popen([sys.executable, "-c", _SINK, str(srv.getsockname()[1])])
+        cmd = [sys.executable, "-c", _SINK, str(srv.getsockname()[1]), mode, str(dest)]
+        before = os.times()
+        peer = subprocess.Popen(cmd)
         conn, _ = srv.accept()
         start = time.perf_counter()
-        left = size
-        while left:
-            n = min(left, len(block))
-            conn.sendall(memoryview(block)[:n])
-            left -= n
+        if blob is None:
+            left = size
+            while left:
+                n = min(left, len(block))
+                conn.sendall(memoryview(block)[:n])
+                left -= n
+        else:
+            with open(blob, "rb") as src:
+                offset = 0
+                while offset < size:
+                    offset += os.sendfile(conn.fileno(), src.fileno(), offset, size - offset)
         conn.shutdown(socket.SHUT_WR)
-        peer.wait(120)
+        peer.wait(300)
         seconds = time.perf_counter() - start
+        after = os.times()
         conn.close()
-    return size / MIB / seconds
+    if dest is not None:
+        dest.unlink(missing_ok=True)
+    cpu = sum(after[i] - before[i] for i in range(4))  # ours and the sink's, user and system
+    return size / MIB / seconds, cpu / (size / MIB) * 1e3
 
 
 class RSSPeak:
@@ -140,14 +183,18 @@ def drop(fetcher: dict, cid: str | None = None) -> None:
         client.content.gc()
 
 
-def transfers(args, fetcher, fetcher_proc, providers, cid, size) -> dict:
-    """plain TCP, the RPC, one and four providers (alternated), the receiver's RSS."""
+def transfers(args, fetcher, fetcher_proc, providers, cid, size, blob: Path, work: Path) -> dict:
+    """plain TCP (into memory, and file to file), the RPC, one and four providers (alternated),
+    the receiver's RSS."""
     addrs = [p[1]["addrs"][0] for p in providers]
-    rows: dict[str, list[float]] = {"plain_tcp": [], "one_provider": [], "four_providers": [], "rpc": []}
+    rows: dict[str, list[float]] = {"one_provider": [], "four_providers": [], "rpc": []}
+    plain: dict[str, list[tuple[float, float]]] = {mode: [] for mode in PLAIN_MODES}
     rss_above: list[float] = []
     idle = RSSPeak(fetcher_proc.pid).rss()
     for _ in range(args.runs):
-        rows["plain_tcp"].append(plain_tcp(size))
+        plain["memory"].append(plain_tcp(size))
+        for mode in ("file", "direct"):
+            plain[mode].append(plain_tcp(size, mode, blob, work / "plain-tcp.out"))
         with Client(fetcher["control"], timeout=600) as client:
             calls = max(1, size // (64 * MIB))
             rows["rpc"].append(
@@ -160,9 +207,17 @@ def transfers(args, fetcher, fetcher_proc, providers, cid, size) -> dict:
             rows[name].append(size / MIB / done["seconds"])
             rss_above.append(peak.peak - idle)
             drop(fetcher)
-    tcp = emit("content", "plain-tcp", "mib_per_s", rows["plain_tcp"], note="unencrypted, into memory")
+    out: dict = {}
+    for mode, note in PLAIN_MODES.items():
+        runs = plain[mode]
+        metric = "mib_per_s" if mode == "memory" else f"to_{mode}_mib_per_s"
+        cpu = round(statistics.median(c for _, c in runs), 2)
+        out[f"tcp_{mode}"] = emit(
+            "content", "plain-tcp", metric, [r for r, _ in runs], cpu_ms_per_mib=cpu, note=note
+        )["median"]
+    out["tcp"] = out["tcp_memory"]
+    out["tcp_disk"] = max(out["tcp_file"], out["tcp_direct"])  # the faster way plain TCP writes it
     emit("content", "lattice", "rpc_64mib_down_mib_per_s", rows["rpc"])
-    out = {"tcp": tcp["median"]}
     for name in ("one_provider", "four_providers"):
         line = emit(
             "content",
@@ -170,7 +225,8 @@ def transfers(args, fetcher, fetcher_proc, providers, cid, size) -> dict:
             f"{name}_mib_per_s",
             rows[name],
             size_mib=size // MIB,
-            fraction_of_plain_tcp=round(statistics.median(rows[name]) / tcp["median"], 3),
+            fraction_of_plain_tcp=round(statistics.median(rows[name]) / out["tcp"], 3),
+            fraction_of_plain_tcp_to_disk=round(statistics.median(rows[name]) / out["tcp_disk"], 3),
         )
         out[name] = line["median"]
     out["rss"] = emit(
@@ -392,7 +448,7 @@ def main() -> None:
             with Client(info["control"], timeout=600) as client:
                 cids.add(client.content.add(blob)["cid"])
         (cid,) = cids
-        figures = transfers(args, fetcher, fproc, providers, cid, size)
+        figures = transfers(args, fetcher, fproc, providers, cid, size, blob, work)
         corrupt = corrupt_provider(fetcher, providers[0][1]["addrs"][0], cid, blob, work)
         resumed = killed_get_resumed(fetcher, providers[0][1]["addrs"][0], cid, blob, work, chunks)
         killed = killed_providers(fetcher, providers, cid, blob, work, chunks)
@@ -400,6 +456,7 @@ def main() -> None:
         one = figures["one_provider"]
         targets = {
             "one_provider_half_of_plain_tcp": one >= 0.5 * figures["tcp"],
+            "one_provider_half_of_plain_tcp_to_disk": one >= 0.5 * figures["tcp_disk"],
             "four_at_least_one": figures["four_providers"] >= one,
             "killed_providers_complete": killed["completed"] and killed["bitwise_right"],
             "corrupt_provider_dropped": corrupt["rogue_dropped"] and corrupt["bitwise_right"],
@@ -416,6 +473,7 @@ def main() -> None:
                     "size_mib": size // MIB,
                     "runs": args.runs,
                     "one_provider_fraction_of_tcp": round(one / figures["tcp"], 3),
+                    "one_provider_fraction_of_tcp_to_disk": round(one / figures["tcp_disk"], 3),
                     "targets": targets,
                     "targets_met": all(targets.values()),
                     "load_before": [round(x, 2) for x in load_before],

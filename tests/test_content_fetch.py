@@ -274,3 +274,52 @@ async def test_write_batch_hands_over_when_full_flushed_closed_or_after_its_ling
         batch.close()
         assert [item[0] for item in await batch.take(10.0)] == [5]
         assert await batch.take(10.0) == []  # closed and drained: the writer stops
+
+
+async def _peak_requests(provider, done: trio.Event) -> int:
+    """The most content requests the provider served at once until ``done``."""
+    peak = 0
+    while not done.is_set():
+        peak = max(peak, provider.content.admission.active)
+        await trio.sleep(0.0005)
+    return peak
+
+
+async def test_a_worker_asks_for_its_next_batch_before_the_current_one_ends(tmp_path, nursery):
+    """The link does not idle between batches: with one worker per provider, its next request is
+    already being served while the last chunks of the current one arrive (``request_ahead``)."""
+    from lattice.content import FetchLimits
+
+    fetch = FetchLimits(requests_per_provider=1, max_batch=4, request_ahead=2)
+    config = ContentConfig(fetch=fetch, serve_peer_rate=float(8 << 20))  # ~0.5 s for 64 chunks
+    a, b = await start_nodes(tmp_path, nursery, 2, services=lambda i: all_services(config))
+    data = os.urandom(64 * CHUNK)
+    cid = await a.content.add(data, chunk_size=CHUNK)
+    done = trio.Event()
+    peak: list[int] = []
+
+    async def watch() -> None:
+        peak.append(await _peak_requests(a, done))
+
+    nursery.start_soon(watch)
+    with trio.fail_after(10):
+        path = await b.content.get(cid, providers=[a.addrs[0]], pin=False)
+    done.set()
+    await trio.sleep(0.01)
+    assert path.read_bytes() == data
+    assert peak == [2]  # never more than two per worker
+
+
+async def test_a_provider_refusing_requests_asked_ahead_still_serves_the_whole_fetch(tmp_path, nursery):
+    """A provider that serves one request per peer refuses the one asked ahead (busy, not a
+    failure): the worker then asks one at a time, the provider is not dropped, the bytes are right."""
+    from lattice.content import FetchLimits
+
+    config = ContentConfig(fetch=FetchLimits(requests_per_provider=1, max_batch=4), serve_peer_requests=1)
+    a, b = await start_nodes(tmp_path, nursery, 2, services=lambda i: all_services(config))
+    data = os.urandom(64 * CHUNK)
+    cid = await a.content.add(data, chunk_size=CHUNK)
+    with trio.fail_after(10):
+        path = await b.content.get(cid, providers=[a.addrs[0]], pin=False)
+    assert path.read_bytes() == data and not b.content.bad_providers
+    assert a.content.counters["refused"] <= 2  # asked ahead once or twice, then one at a time

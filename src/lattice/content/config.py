@@ -19,7 +19,10 @@ DEFAULT_MAX_BYTES = 32 << 30  # the store's quota when nothing else is said
 class FetchLimits:
     """How a fetch uses its providers (``fetch_*`` keys of ``[node.content]``)."""
 
-    requests_per_provider: int = 2  # requests in flight to one provider
+    requests_per_provider: int = 2  # requests in flight to one provider (up to twice this near their ends)
+    # a worker asks for its next batch while this many chunks of its current one are still to come
+    # (0: once it ended); a provider refusing that second request (its per-peer limit) gets one at a time
+    request_ahead: int = 2
     max_requests: int = 16  # ... and to all of them (receiver memory: about this many chunks + windows)
     max_batch: int = 16  # chunks one request asks for, at most (fewer from slow providers)
     write_queue: int = 8  # chunks received and waiting to be verified and written (receiver memory)

@@ -2,13 +2,15 @@
 
 The decisions are the scheduler's (lattice.content.schedule); this module does the I/O: a few
 workers per provider, each running one ``content.chunks`` request (a server-streaming RPC) at a
-time. Every chunk is checked against the hash its manifest names before it is written; a provider
-that sends a wrong chunk, a chunk it was not asked for or a malformed reply is dropped at once and
-reported (``on_bad``). Hashing and writing run in worker threads while the next chunks arrive, a
-few chunks per thread hop (``write_batch``). Receiver memory is bounded: each request's replies
-are limited to one chunk (``max_reply``, checked before anything is allocated), at most
-``requests_per_provider`` requests per provider and ``max_requests`` in all are in flight, and at
-most ``write_queue`` chunks wait to be written.
+time and asking for its next one while the last ``request_ahead`` chunks of the current one are on
+their way (the link does not idle between batches). Every chunk is checked against the hash its
+manifest names before it is written; a provider that sends a wrong chunk, a chunk it was not asked
+for or a malformed reply is dropped at once and reported (``on_bad``). Hashing and writing run in
+worker threads while the next chunks arrive, a few chunks per thread hop (``write_batch``).
+Receiver memory is bounded: each request's replies are limited to one chunk (``max_reply``,
+checked before anything is allocated), at most twice ``requests_per_provider`` requests per
+provider and ``max_requests`` in all are in flight, and at most ``write_queue`` chunks wait to be
+written.
 """
 
 from __future__ import annotations
@@ -83,6 +85,26 @@ class WriteBatch:
     def drain(self) -> list[Item]:
         items, self.items, self._urgent = self.items, [], False
         return items
+
+
+class _Running:
+    """One request of a worker: ``near`` is set once only ``left`` replies are still to come (the
+    worker then asks for its next batch) or when it ended; ``ended`` when it is over. ``ahead``: it
+    was asked while another request of the worker ran."""
+
+    def __init__(self, left: int, ahead: bool = False) -> None:
+        self.left = left  # replies still to come before the worker may ask again
+        self.ahead = ahead
+        self.ok = self.busy = False  # answered in full; refused as busy
+        self.near = trio.Event()
+        self.ended = trio.Event()
+        if left <= 0:
+            self.near.set()
+
+    def replied(self) -> None:
+        self.left -= 1
+        if self.left <= 0:
+            self.near.set()
 
 
 class Fetch:
@@ -199,30 +221,58 @@ class Fetch:
 
     # -- one provider
     async def _worker(self, peer: str, target: str) -> None:
+        """Ask one provider for batch after batch. The next request goes out while the last
+        ``request_ahead`` chunks of the current one are still to come (their replies and the
+        writes of the batch overlap the next request's round trip and first read), so the link does
+        not idle between batches; at most two requests of one worker run at once."""
         sched = self.sched
         backoff = 0.1
+        ahead = self.limits.request_ahead  # 0 once the provider refused a request asked ahead
+        running: list[_Running] = []  # this worker's requests not yet ended, oldest first
         while not sched.complete:
             prov = sched.providers[peer]
             if prov.dropped is not None:
                 self._notify()
                 return
+            while running and running[0].ended.is_set():
+                done = running.pop(0)
+                if done.ok:
+                    backoff = 0.1
+                elif done.busy and done.ahead:  # over its per-peer limit: one request at a time now
+                    ahead = 0
+                elif prov.dropped is None:  # failed or refused: pause before asking again
+                    await trio.sleep(backoff)
+                    backoff = min(2.0, backoff * 2)
+            if len(running) >= 2:
+                await running[0].ended.wait()
+                continue
             job = (
                 sched.request(peer, trio.current_time())
                 if self._inflight < self.limits.max_requests
                 else None
             )
             if job is None:
-                await self._wait()
+                await self._wait()  # something changed (a request of ours ending notifies too)
                 continue
             rid, indices = job
+            run = _Running(len(indices) - ahead if ahead else len(indices) + 1, ahead=bool(running))
+            running.append(run)
             self._inflight += 1
-            ok = busy = False
+            assert self._nursery is not None  # set by run() before any worker starts
+            self._nursery.start_soon(self._run_request, peer, target, rid, indices, run)
+            await run.near.wait()  # the request ended, or only request_ahead of its chunks are left
+
+    async def _run_request(self, peer: str, target: str, rid: int, indices: list[int], run: _Running) -> None:
+        """One request to completion (a task of the fetch's nursery): its failures are counted here."""
+        sched = self.sched
+        busy = answered = False
+        try:
             try:
                 with trio.CancelScope() as scope:
                     self._scopes[rid] = scope
-                    ok = await self._request(peer, target, rid, indices)
+                    run.ok = await self._request(peer, target, rid, indices, run)
                 if scope.cancelled_caught:
-                    ok = True  # cancelled because others delivered its chunks: not the provider's fault
+                    run.ok = True  # cancelled because others delivered its chunks: not the provider's fault
             except RemoteError as exc:  # refused: busy (retried after a pause), or it has no such content
                 log.debug("content request to %s refused: %s", peer, exc)
                 if exc.type == "ContentNotFound":
@@ -232,20 +282,19 @@ class Fetch:
                 self._bad(peer, f"malformed reply: {exc}")
             except (LatticeError, trio.TooSlowError) as exc:  # timeout, lost connection
                 log.debug("content request to %s failed: %s", peer, exc)
-            finally:
-                self._inflight -= 1
-                self._scopes.pop(rid, None)
-                sched.finish(rid)
-                self._notify()
-            if ok:
-                backoff = 0.1
-            elif prov.dropped is None:
-                if not busy:  # a provider at its limits is not failing: it is asked again later
-                    sched.failed(peer)
-                await trio.sleep(backoff)
-                backoff = min(2.0, backoff * 2)
+            answered = True  # not cancelled from outside (the fetch ended)
+        finally:
+            self._inflight -= 1
+            self._scopes.pop(rid, None)
+            sched.finish(rid)
+            if answered and not run.ok and not busy and sched.providers[peer].dropped is None:
+                sched.failed(peer)  # a provider at its limits is not failing: it is asked again later
+            run.busy = busy
+            run.ended.set()
+            run.near.set()
+            self._notify()
 
-    async def _request(self, peer: str, target: str, rid: int, indices: list[int]) -> bool:
+    async def _request(self, peer: str, target: str, rid: int, indices: list[int], run: _Running) -> bool:
         """Run one request; True if the provider answered every chunk it was asked for. Its chunks
         are verified and written by worker threads, a batch per hop (:meth:`_writer`), while the
         next ones arrive."""
@@ -256,7 +305,7 @@ class Fetch:
             async with trio.open_nursery() as writes:
                 writes.start_soon(self._writer, peer, rid, batch)
                 try:
-                    ok = await self._receive(peer, target, rid, indices, batch)
+                    ok = await self._receive(peer, target, rid, indices, batch, run)
                 except Exception as exc:  # raised as itself once the writes are done, not in a group
                     failure = exc
                 finally:
@@ -269,7 +318,9 @@ class Fetch:
             raise failure
         return ok and not self.sched.requests[rid].outstanding
 
-    async def _receive(self, peer: str, target: str, rid: int, indices: list[int], batch: WriteBatch) -> bool:
+    async def _receive(
+        self, peer: str, target: str, rid: int, indices: list[int], batch: WriteBatch, run: _Running
+    ) -> bool:
         sched, partial = self.sched, self.partial
         m = partial.manifest
         payload = {"cid": str(partial.cid), "chunks": indices}
@@ -283,6 +334,7 @@ class Fetch:
         ) as items:
             async for item in items:
                 reply = protocol.parse_chunk_reply(item)
+                run.replied()
                 status = sched.arrived(rid, reply.index)
                 if status == UNEXPECTED:
                     self._bad(peer, f"sent chunk {reply.index}, which it was not asked for")
