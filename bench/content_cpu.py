@@ -115,7 +115,7 @@ def disk(args) -> None:
     import numpy as np
     import trio
 
-    from lattice.codec.tensors import aligned_empty
+    from lattice.codec.buffers import aligned_empty
     from lattice.content.store import Store
 
     count = 256

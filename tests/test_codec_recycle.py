@@ -1,4 +1,4 @@
-"""Recycled receive buffers (codec.tensors.BufferRecycler) and the float16 casts (codec.compression.cast):
+"""Recycled receive buffers (codec.buffers.BufferRecycler) and the float16 casts (codec.compression.cast):
 a buffer is handed out again only once nothing refers to it, and the casts give numpy's values."""
 
 from __future__ import annotations
@@ -6,16 +6,16 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from lattice.codec import compression, tensors
+from lattice.codec import buffers, compression, tensors
 
 MIB = 1 << 20
 
 
 def test_a_free_buffer_of_the_same_size_is_reused() -> None:
-    r = tensors.BufferRecycler()
+    r = buffers.BufferRecycler()
     a = r.take(4 * MIB)
     address = a.ctypes.data
-    assert address % tensors.PAGE == 0
+    assert address % buffers.PAGE == 0
     del a
     b = r.take(4 * MIB)
     assert b.ctypes.data == address and r.reused == 1
@@ -23,7 +23,7 @@ def test_a_free_buffer_of_the_same_size_is_reused() -> None:
 
 
 def test_a_buffer_still_referred_to_is_never_reused() -> None:
-    r = tensors.BufferRecycler()
+    r = buffers.BufferRecycler()
     a = r.take(4 * MIB)
     address = a.ctypes.data
     held = [a[10:20], memoryview(a), torch.from_numpy(a.view(np.float32)).view(-1, 2)]
@@ -39,7 +39,7 @@ def test_a_buffer_still_referred_to_is_never_reused() -> None:
 
 
 def test_bounded_by_max_bytes() -> None:
-    r = tensors.BufferRecycler(tensors.RecycleConfig(max_bytes=10 * MIB, min_bytes=MIB))
+    r = buffers.BufferRecycler(buffers.RecycleConfig(max_bytes=10 * MIB, min_bytes=MIB))
     kept = [r.take(4 * MIB) for _ in range(4)]  # the last two are beyond the bound: not kept
     assert r.held_bytes() <= 10 * MIB
     del kept
@@ -51,16 +51,16 @@ def test_bounded_by_max_bytes() -> None:
 
 def test_received_tensors_land_in_recycled_buffers() -> None:
     value = {"x": np.arange(1 << 20, dtype=np.float32)}
-    doc, buffers = tensors.encode(value)
-    payload = b"".join(bytes(b) for b in buffers)
-    before = tensors.RECYCLER.reused
+    doc, parts = tensors.encode(value)
+    payload = b"".join(bytes(b) for b in parts)
+    before = buffers.RECYCLER.reused
     for _ in range(3):  # what wire.receive does for each message
         placeholders, specs = tensors.parse(doc, 1 << 30)
         tensors.allocate(specs[0])[:] = payload
         got = tensors.finish(placeholders)
         assert np.array_equal(got["x"], value["x"])
         del got, placeholders, specs
-    assert tensors.RECYCLER.reused >= before + 2
+    assert buffers.RECYCLER.reused >= before + 2
 
 
 def test_fp16_casts_are_numpys_bit_for_bit() -> None:

@@ -185,7 +185,7 @@ async def test_fetched_chunks_go_to_disk_from_the_receive_buffer_without_a_copy(
 
 
 def test_a_partial_copies_only_unaligned_chunks_for_o_direct(tmp_path):
-    from lattice.codec.tensors import aligned_empty
+    from lattice.codec.buffers import aligned_empty
     from lattice.content.store import Store, address
 
     store = Store(tmp_path / "store", 1 << 30)

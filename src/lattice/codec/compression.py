@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from lattice.codec import tensors
+from lattice.codec import buffers
 from lattice.codec.shapes import MAX_ARRAY_BYTES, checked_nbytes
 from lattice.errors import PayloadError
 
@@ -137,14 +137,14 @@ class ErrorFeedback:
 
 # -- built-in codecs
 def cast(src: np.ndarray, dtype: Any) -> np.ndarray:
-    """``src.astype(dtype)`` into a new array (recycled when large: ``tensors.recycled``), between
+    """``src.astype(dtype)`` into a new array (recycled when large: ``buffers.recycled``), between
     float16 and float32 through torch when the process has already loaded it: its casts are
     vectorized (4M values: ~1 ms, numpy's 8-14 ms, what made fp16 no faster than float32 on fast
     links); both round to nearest even, so the values are the same."""
     dtype = np.dtype(dtype)
-    if src.dtype == dtype or src.nbytes < tensors.ALIGN_FROM:
+    if src.dtype == dtype or src.nbytes < buffers.ALIGN_FROM:
         return src.astype(dtype)
-    out = tensors.recycled(src.size * dtype.itemsize).view(dtype).reshape(src.shape)
+    out = buffers.recycled(src.size * dtype.itemsize).view(dtype).reshape(src.shape)
     torch = sys.modules.get("torch")
     halves = {src.dtype.name, dtype.name} == {"float16", "float32"}
     if torch is not None and halves and src.flags.c_contiguous and src.flags.writeable:

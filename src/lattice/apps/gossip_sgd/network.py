@@ -43,7 +43,7 @@ from lattice.apps.gossip_sgd import topology
 from lattice.apps.gossip_sgd.algorithms import Send
 from lattice.apps.gossip_sgd.compress import wire_bytes
 from lattice.apps.gossip_sgd.experiment import Config
-from lattice.codec import compression, tensors
+from lattice.codec import buffers, compression
 from lattice.errors import ConfigError, LatticeError, NodeError
 from lattice.identity import PeerId
 
@@ -473,10 +473,10 @@ class Gossip:
 
 def _empty_like(t: Tensor) -> Tensor:
     """A new tensor like ``t`` for a round's result; a large float32 one on the CPU in a recycled
-    buffer (``tensors.recycled``): a fresh one's page faults cost more than the arithmetic."""
+    buffer (``buffers.recycled``): a fresh one's page faults cost more than the arithmetic."""
     if t.device.type != "cpu" or t.dtype != torch.float32:
         return torch.empty_like(t)
-    return torch.from_numpy(tensors.recycled(4 * t.numel()).view(np.float32)).view(t.shape)
+    return torch.from_numpy(buffers.recycled(4 * t.numel()).view(np.float32)).view(t.shape)
 
 
 def _named_arrays(value: Any) -> bool:
