@@ -17,12 +17,12 @@ Stdlib only, like the scripts; the testbed is any object with ``popen(host, argv
 from __future__ import annotations
 
 import contextlib
-import glob
 import json
 import os
 import queue
 import signal
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -31,9 +31,10 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-ANCHOR_DIR = Path(os.environ.get("LATTICE_ANCHOR_DIR", Path.home() / ".cache" / "lattice-anchors"))
+sys.path.insert(0, str(HERE))  # loaded by path (bench/wan.py, tests): its siblings are plain modules
+from run_dht import ANCHOR_DIR, HIVEMIND_NODE_MIB, dist_version, mem_available_mib  # noqa: E402
+
 SYSTEMS = {"lattica": ".venv-lattica", "hivemind": ".venv-hivemind"}  # name: venv dir (= distribution)
-HIVEMIND_NODE_MIB = 400  # per single-node hivemind process (torch + p2pd), with margin (PSS ~270 MiB)
 START_PARALLEL = 4  # node processes starting at once (hivemind imports torch: CPU-bound)
 ENV = {"PYTHONUNBUFFERED": "1", "HIVEMIND_LOGLEVEL": "WARNING", "RUST_LOG": "error"}
 
@@ -57,9 +58,7 @@ def unavailable(system: str) -> str | None:
 
 def version(system: str) -> str | None:
     """The installed version of the anchor's distribution (from its dist-info)."""
-    pattern = ANCHOR_DIR / SYSTEMS[system] / "lib" / "python*" / "site-packages" / f"{system}-*.dist-info"
-    hits = glob.glob(str(pattern))
-    return Path(hits[0]).name[len(system) + 1 : -len(".dist-info")] if hits else None
+    return dist_version(ANCHOR_DIR / SYSTEMS[system], system)
 
 
 class Script:
@@ -167,14 +166,6 @@ def _server_addr(lines: queue.Queue, server: Script, deadline: float) -> str:
             raise AnchorError(f"server exited: {server.err_tail()}")
         if tag == server.tag and "addr" in line:
             return line["addr"]
-
-
-def mem_available_mib() -> float:
-    with open("/proc/meminfo") as fh:
-        for line in fh:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def dht(tb: Any, system: str, hosts: list[str], writer: str, reader: str, *, ops: int, tag: str,

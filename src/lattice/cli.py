@@ -8,6 +8,7 @@ that need them, so the daemon is ready fast.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -391,16 +392,20 @@ async def _run_daemon(config, ready_file: str | None, enable_bench: bool = False
         if ready_file:
             write_atomic(ready_file, json.dumps(info))
         await node.serve_until_stopped()
-    if ready_file:
-        try:
-            os.unlink(ready_file)
-        except OSError:
-            pass
+    remove_ready_file(ready_file)
     if node.fatal_error:  # the node stopped itself (e.g. its bootstrap peers are of another swarm)
         print(f"lattice-node: error: {node.fatal_error}", file=sys.stderr, flush=True)
         return EXIT_USAGE
     print("lattice-node stopped", file=sys.stderr, flush=True)
     return 0
+
+
+def remove_ready_file(path: str | None) -> None:
+    """Remove the ready file on the way out (whoever waits on it then sees the process stopped
+    serving); already gone is fine."""
+    if path:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
 
 
 def write_atomic(path: str, text: str, what: str = "ready file") -> None:

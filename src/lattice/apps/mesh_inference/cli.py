@@ -8,7 +8,7 @@ import os
 import sys
 from typing import TYPE_CHECKING, Any
 
-from lattice.cli import add_node_options, node_config, write_atomic
+from lattice.cli import add_node_options, node_config, remove_ready_file, write_atomic
 from lattice.plugins import App
 
 if TYPE_CHECKING:
@@ -256,11 +256,7 @@ async def _serve(args: argparse.Namespace, config: Any, source: Any, blocks: tup
         if args.ready_file:
             write_atomic(args.ready_file, json.dumps(info))
         await node.serve_until_stopped()
-    if args.ready_file:
-        try:
-            os.unlink(args.ready_file)
-        except OSError:
-            pass
+    remove_ready_file(args.ready_file)
     return 0
 
 
@@ -441,11 +437,7 @@ async def _serve_api(
                 write_atomic(args.ready_file, json.dumps(info))
             await node.serve_until_stopped()
             nursery.cancel_scope.cancel()
-    if args.ready_file:
-        try:
-            os.unlink(args.ready_file)
-        except OSError:
-            pass
+    remove_ready_file(args.ready_file)
     return 0
 
 
