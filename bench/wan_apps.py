@@ -239,8 +239,9 @@ def tcp_ring_round(tb: WanTestbed, hosts: list[str], size: int, rounds: int) -> 
 def content_fetch(size: int = 256 << 20, runs: int = 1) -> dict[str, Any]:
     """Four providers on the ``mixed`` links (cloud, lab, home fibre, home cable: 1000/500/100/20
     Mbit/s up) hold the same SIZE-byte file; a fetcher on a cloud link gets it from all four
-    (``content.get`` through its control socket). Floor = size / min(fetcher's downlink, the sum of
-    the providers' uplinks) + one RTT to the furthest provider."""
+    (``content.get`` through its control socket), alternated with a get from the fastest of them
+    alone (the cloud provider: what 4 providers must at least match). Floor = size / min(fetcher's
+    downlink, the sum of the providers' uplinks) + one RTT to the furthest provider."""
     from lattice import Client
     from lattice.testing.daemons import start_daemon
     from lattice.testing.wan import mixed_links
@@ -253,7 +254,8 @@ def content_fetch(size: int = 256 << 20, runs: int = 1) -> dict[str, Any]:
         for _ in range(size >> 20):
             f.write(os.urandom(1 << 20))
     daemons = []
-    seconds = []
+    seconds: list[float] = []
+    alone: list[float] = []
     try:
         with WanTestbed(hosts, "mixed") as tb:
             for h in hosts:
@@ -267,15 +269,20 @@ def content_fetch(size: int = 256 << 20, runs: int = 1) -> dict[str, Any]:
             cid = cids.pop()
             providers = [d.info["addrs"][0] for d in daemons[:4]]
             fetcher = daemons[4].info["control"]
+            last: dict = {}
             for _ in range(runs):
-                t0 = time.perf_counter()
-                with Client(fetcher, timeout=900) as c:
-                    last: dict = {}
-                    for item in c.stream("content.get", cid=cid, providers=providers, pin=False):
-                        last = item
-                seconds.append(time.perf_counter() - t0)
-                with Client(fetcher) as c:
-                    c.content.gc()
+                for named, times in ((providers, seconds), (providers[:1], alone)):
+                    t0 = time.perf_counter()
+                    with Client(fetcher, timeout=900) as c:
+                        alone_ = named is not providers  # alone: no DHT, or it finds the other three
+                        for item in c.stream(
+                            "content.get", cid=cid, providers=named, pin=False, discover=not alone_
+                        ):
+                            if named is providers:
+                                last = item
+                    times.append(time.perf_counter() - t0)
+                    with Client(fetcher) as c:
+                        c.content.gc()
             rtt = max(tb.rtt_ms("fetcher", h) for h in hosts[:4])
     finally:
         for d in daemons:
@@ -296,6 +303,9 @@ def content_fetch(size: int = 256 << 20, runs: int = 1) -> dict[str, Any]:
         "mib_per_s": round(size / (1 << 20) / median, 1),
         "floor_s": round(floor, 2),
         "ratio": round(median / floor, 2),
+        "one_provider_alone": links[hosts[0]].label,
+        "one_provider_runs_s": [round(x, 2) for x in alone],
+        "one_provider_mib_per_s": round(size / (1 << 20) / statistics.median(alone), 1),
         "last_item": {
             k: v for k, v in last.items() if k in ("bytes", "chunks", "providers", "bad_providers")
         },

@@ -38,7 +38,7 @@ def test_add_get_pins_and_status_through_the_cli(tmp_path):
         cid = added.stdout.strip()
         assert cid.startswith("b") and len(cid.splitlines()) == 1  # the id alone: scripts use it
         out = tmp_path / "out.bin"
-        got = cli(b, "get", cid, "-o", str(out), "--provider", a.info["addrs"][0])
+        got = cli(b, "get", cid, "-o", str(out), "--provider", a.info["addrs"][0], "--only-providers")
         assert got.returncode == 0, got.stderr
         assert out.read_bytes() == blob.read_bytes()
         assert "4 chunks fetched, 0 already here" in got.stdout, got.stdout
@@ -58,6 +58,8 @@ def test_add_get_pins_and_status_through_the_cli(tmp_path):
         assert "removed 1 object(s)" in cli(b, "content", "gc").stdout
         bad = cli(b, "get", "not-an-id")
         assert bad.returncode == 2 and bad.stderr.startswith("lattice-node: error:")
+        alone = cli(b, "get", cid, "--only-providers")
+        assert alone.returncode == 2 and "needs at least one --provider" in alone.stderr
         missing = cli(a, "add", str(tmp_path / "nope"))
         assert missing.returncode == 2 and "is not a file" in missing.stderr
     finally:

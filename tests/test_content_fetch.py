@@ -77,6 +77,20 @@ async def test_get_finds_providers_in_the_dht_and_then_provides_itself(tmp_path,
     assert status["store"]["objects"] == 1 and status["objects"][0]["pinned"]
 
 
+async def test_a_get_limited_to_the_named_providers_asks_no_one_else(tmp_path, nursery):
+    a, b, c = await start_nodes(tmp_path, nursery, 3)
+    data = os.urandom(4 * CHUNK)
+    cid = await a.content.add(data, chunk_size=CHUNK)
+    assert await b.content.add(data, chunk_size=CHUNK) == cid
+    with trio.fail_after(10):  # both announced: the DHT names both to c
+        while len(await c.dht.find_providers(b"/lattice/content/" + cid.to_bytes())) < 2:
+            await trio.sleep(0.05)
+    with pytest.raises(ContentNotFound):  # nobody named, no lookup: nothing to fetch from
+        await c.content.get(cid, discover=False)
+    assert await c.content.get(cid, providers=[a.addrs[0]], discover=False, pin=False)
+    assert a.content.counters["chunks_served"] == 4 and b.content.counters["chunks_served"] == 0
+
+
 async def test_an_interrupted_get_resumes_with_only_the_missing_chunks(tmp_path, nursery):
     slow = ContentConfig(serve_peer_rate=8 * CHUNK)  # 8 chunks per second: the get is cut mid-way
     a, b = await start_nodes(tmp_path, nursery, 2, services=lambda i: all_services(slow if i == 0 else None))

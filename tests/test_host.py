@@ -84,6 +84,35 @@ async def test_large_transfer_integrity_and_many_streams(host_factory):
                 nursery.start_soon(roundtrip, os.urandom(1000 + i))
 
 
+async def test_lattice_hosts_agree_on_aes_gcm_and_others_keep_chachapoly(host_factory):
+    """Two Lattice hosts move transport messages with AES-256-GCM; a host that offers no extra
+    cipher (an older node; go/rust-libp2p ignore the field) gets the spec's ChaChaPoly."""
+    a, b = await host_factory(), await host_factory()
+    plain = await host_factory(HostConfig(noise_ciphers=()))
+    for server in (a, plain):
+        server.set_stream_handler(ECHO, echo_handler)
+    for client, server, cipher in ((b, a, "AESGCM"), (b, plain, "ChaChaPoly"), (plain, a, "ChaChaPoly")):
+        conn = await client.connect(full_addr(server))
+        assert conn.cipher == cipher and conn.stats()["cipher"] == cipher
+        assert [c.cipher for c in server.connections_to(client.peer_id)] == [cipher]
+        data = os.urandom(3 * 1024 * 1024 + 7)
+        stream = await client.new_stream(server.peer_id, [ECHO])
+        got = bytearray()
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+
+                async def reader(stream=stream, got=got, data=data):
+                    while len(got) < len(data):
+                        chunk = await stream.read(1 << 20)
+                        assert chunk, "echo ended early"
+                        got.extend(chunk)
+
+                nursery.start_soon(reader)
+                await stream.write(data)
+                await stream.close()
+        assert got == data
+
+
 async def test_slow_reader_is_not_reset(host_factory):
     """py-libp2p resets a stream whose reader pauses 5 s; ours just stops granting window."""
     a, b = await host_factory(HostConfig(stream_window=256 * 1024)), await host_factory()

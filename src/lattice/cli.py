@@ -283,6 +283,10 @@ def _add_content_commands(sub: Any) -> None:
         "--provider", dest="providers", metavar="MULTIADDR|PEER_ID", action="append",
         help="ask this peer too (repeatable)",
     )  # fmt: skip
+    get.add_argument(
+        "--only-providers", dest="discover", action="store_false",
+        help="fetch only from the --provider peers (no DHT lookup): e.g. peers you trust",
+    )  # fmt: skip
     get.add_argument("--no-pin", dest="pin", action="store_false", help="do not pin (GC may drop it)")
     get.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     pins = sub.add_parser("pins", help="list pinned content", description="List the daemon's pinned content.")
@@ -809,8 +813,14 @@ def cmd_get(args: argparse.Namespace) -> int:
         from lattice.errors import ConfigError
 
         raise ConfigError(f"{args.output} is a directory: give a file name")
+    if not args.discover and not args.providers:
+        from lattice.errors import ConfigError
+
+        raise ConfigError("--only-providers needs at least one --provider")
     with _client(args, timeout=600.0) as client:  # finding providers and a manifest may take minutes
-        items = client.content.get(args.cid, args.output, providers=args.providers, pin=args.pin)
+        items = client.content.get(
+            args.cid, args.output, providers=args.providers, pin=args.pin, discover=args.discover
+        )
         if args.json or args.quiet:
             result = {}
             for item in items:

@@ -300,14 +300,16 @@ class Content:
         pin: bool = True,
         on_progress: Callable[[dict], None] | None = None,
         max_size: int | None = None,
+        discover: bool = True,
     ) -> Path:
         """Fetch ``cid`` into the store (from ``providers``, multiaddrs or peer ids, and those the DHT
         knows), verified chunk by chunk; resumes what an interrupted fetch left. Returns the stored
         file, or ``dest`` (a copy) if given. ``max_size``: refuse content larger than this (checked
-        on the manifest, before any chunk is fetched)."""
+        on the manifest, before any chunk is fetched). ``discover=False``: only the ``providers``
+        given (e.g. peers you trust), no DHT lookup."""
         store = self._require_store()
         cid = ContentId.parse(cid)
-        await self._fetch(cid, None, providers, pin, on_progress, max_size)
+        await self._fetch(cid, None, providers, pin, on_progress, max_size, discover)
         if pin:
             store.pin(cid)
             self._announce_soon(cid)
@@ -368,6 +370,7 @@ class Content:
         pin: bool,
         on_progress: Callable[[dict], None] | None,
         max_size: int | None = None,
+        discover: bool = True,
     ) -> None:
         store = self._require_store()
         key = str(cid)
@@ -376,7 +379,7 @@ class Content:
             try:
                 if store.state(cid) == COMPLETE:
                     return
-                candidates = await self._providers(cid, providers)
+                candidates = await self._providers(cid, providers, discover)
                 raw = store.manifest_bytes(cid)
                 if raw is None:
                     raw = await self._find_manifest(cid, candidates)
@@ -413,8 +416,11 @@ class Content:
                 if not lock.statistics().tasks_waiting:
                     self._locks.pop(key, None)
 
-    async def _providers(self, cid: ContentId, explicit: list[str] | None) -> list[tuple[str, str]]:
-        """(peer id, dial target) of providers: the ones given, then the DHT's (not us, not bad ones)."""
+    async def _providers(
+        self, cid: ContentId, explicit: list[str] | None, discover: bool = True
+    ) -> list[tuple[str, str]]:
+        """(peer id, dial target) of providers: the ones given, then (``discover``) the DHT's; not us,
+        not bad ones."""
         me = str(self.ctx.host.peer_id)
         out: dict[str, str] = {}
         for target in explicit or []:
@@ -425,7 +431,7 @@ class Content:
                 out.setdefault(str(peer), target)
             else:
                 out.setdefault(target, target)
-        dht = self._dht()
+        dht = self._dht() if discover else None
         if dht is not None:
             count = 2 * self.config.fetch.max_providers
             with trio.move_on_after(self.config.fetch.request_timeout):
@@ -705,7 +711,12 @@ class Content:
         return {"cid": str(cid), "size": manifest.size if manifest else 0}
 
     async def _op_get(
-        self, cid: str, output: str | None = None, providers: list[str] | None = None, pin: bool = True
+        self,
+        cid: str,
+        output: str | None = None,
+        providers: list[str] | None = None,
+        pin: bool = True,
+        discover: bool = True,
     ):
         """Streams progress dicts, then {"done": True, "path": ...}."""
         send, receive = trio.open_memory_channel(1)
@@ -722,7 +733,11 @@ class Content:
         async def run() -> None:
             async with send:
                 try:
-                    path = await self.get(cid, output, providers=providers, pin=pin, on_progress=on_progress)
+                    if not isinstance(discover, bool):
+                        raise ContentError("discover must be true or false")
+                    path = await self.get(
+                        cid, output, providers=providers, pin=pin, on_progress=on_progress, discover=discover
+                    )
                     result.update(done=True, path=str(path), **_summary(last))
                 except (LatticeError, RemoteError) as exc:
                     result.update(done=False, error=str(exc))

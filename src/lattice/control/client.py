@@ -213,11 +213,15 @@ class _ClientContent:
         output: str | os.PathLike[str] | None = None,
         providers: list[str] | None = None,
         pin: bool = True,
+        discover: bool = True,
     ) -> Iterator[dict]:
         """Progress dicts as the fetch goes, then {"done": True, "path", ...}. Closing the connection
-        (or the process) cancels the fetch; the next ``get`` resumes it."""
+        (or the process) cancels the fetch; the next ``get`` resumes it. ``discover=False``: only
+        the ``providers`` given, none found in the DHT."""
         out = os.path.abspath(output) if output is not None else None
-        yield from self._client.stream("content.get", cid=str(cid), output=out, providers=providers, pin=pin)
+        yield from self._client.stream(
+            "content.get", cid=str(cid), output=out, providers=providers, pin=pin, discover=discover
+        )
 
     def pins(self) -> list[dict]:
         return self._client.call("content.pins")

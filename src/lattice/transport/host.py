@@ -63,6 +63,7 @@ class HostConfig:
     # a stream's receive window grows (doubling) up to this while it, not the link, limits a
     # transfer (4 MiB per RTT is 33 MiB/s at 120 ms); the growth is reserved from the peer's budget
     stream_window_max: int = 16 * 1024 * 1024
+    noise_ciphers: tuple[str, ...] = noise.TRANSPORT_CIPHERS  # offered beyond ChaChaPoly (Lattice peers)
     max_inbound_streams: int = 512
     write_timeout: float = 30.0
     relay_delay: float = 0.3  # head start of direct addresses over relayed ones when dialing a peer
@@ -89,6 +90,7 @@ class Connection:
     probe: bool = False
     ip: str | None = None  # the remote IP of a direct connection (what its budgets count against)
     muxer_in_handshake: bool = False  # Yamux agreed inside the Noise handshake (no multistream round trip)
+    cipher: str = "ChaChaPoly"  # of the Noise transport messages (AESGCM between Lattice nodes)
 
     @property
     def closed(self) -> bool:
@@ -114,6 +116,7 @@ class Connection:
             # payload decrypted straight into a reader's tensor (the rest was copied once more)
             "bytes_in_place": self.session.bytes_in_place,
             "muxer_in_handshake": self.muxer_in_handshake,
+            "cipher": self.cipher,
         }
 
 
@@ -376,7 +379,9 @@ class Host:
         try:
             with trio.CancelScope(deadline=trio.current_time() + ticket.timeout) as scope:
                 ticket.evict = scope.cancel  # a newer handshake may take this slot (resources)
-                secure, leftover = await upgrade(stream, self.keypair, outbound=False)
+                secure, leftover = await upgrade(
+                    stream, self.keypair, outbound=False, ciphers=self.config.noise_ciphers
+                )
         except (TransportError, OSError, trio.BrokenResourceError) as exc:
             self.counters["inbound_handshake_failed"] += 1
             log.debug("inbound handshake from %s failed: %s", remote, exc)
@@ -543,7 +548,9 @@ class Host:
         timeout = timeout or self.config.handshake_timeout
         try:
             with trio.fail_after(timeout):
-                secure, leftover = await upgrade(stream, self.keypair, outbound, expected)
+                secure, leftover = await upgrade(
+                    stream, self.keypair, outbound, expected, ciphers=self.config.noise_ciphers
+                )
         except trio.TooSlowError:
             await trio.aclose_forcefully(stream)
             raise DialError(f"handshake with {remote} timed out after {timeout:.1f}s") from None
@@ -600,6 +607,7 @@ class Host:
         session.traffic_in, session.traffic_out = self.traffic_in, self.traffic_out
         conn = Connection(session, secure.remote_peer, remote, local, "outbound" if outbound else "inbound")
         conn.muxer_in_handshake = secure.muxer is not None
+        conn.cipher = secure.cipher
         conn.probe = probe or (
             not outbound and self._probes_from.get(conn.remote_peer, -1.0) > trio.current_time()
         )
@@ -1208,6 +1216,7 @@ async def upgrade(
     outbound: bool,
     expected: PeerId | None = None,
     muxers: Sequence[str] = MUXERS,
+    ciphers: Sequence[str] = noise.TRANSPORT_CIPHERS,
 ) -> tuple[noise.SecureStream, bytes]:
     """multistream-select Noise, handshake, Yamux: the libp2p connection upgrade.
 
@@ -1215,18 +1224,19 @@ async def upgrade(
     one write (one round trip saved; a listener that refuses Noise ends the connection either way).
     Both sides list their muxers in the handshake; when both did, Yamux needs no multistream round
     trip (spec: inlined muxer negotiation), else it is negotiated on the secured channel as before.
-    ``muxers``: what we list (Yamux; none behaves as a peer without the optimisation). Returns the
+    ``muxers``: what we list (Yamux; none behaves as a peer without the optimisation); ``ciphers``:
+    the transport ciphers we offer beyond ChaChaPoly (AES-GCM when both sides offer it). Returns the
     secured stream and the decrypted bytes read past the negotiation (they belong to the muxer).
     The caller bounds the time."""
     raw_buf = bytearray()
     if outbound:
-        hs, first = noise.start_outbound(keypair, muxers)
+        hs, first = noise.start_outbound(keypair, muxers, ciphers)
         await stream.send_all(multistream.proposal(noise.PROTOCOL_ID) + first)
         await multistream.expect_accepted(stream, noise.PROTOCOL_ID, raw_buf)
         secure = await noise.finish_outbound(stream, hs, expected, raw_buf)
     else:
         await multistream.select_inbound(stream, lambda p: p == noise.PROTOCOL_ID, raw_buf, header_first=True)
-        secure = await noise.secure_inbound(stream, keypair, raw_buf, muxers)
+        secure = await noise.secure_inbound(stream, keypair, raw_buf, muxers, ciphers)
     if secure.muxer is not None:
         return secure, b""
     reader = _SecureReader(secure)
