@@ -141,7 +141,7 @@ def _rpc(tb: WanTestbed, work: Path, src: str, dst: str, runs: int, gib: bool, w
     a = _start(tb, work, src, "--enable-bench", *flags)
     b = _start(tb, work, dst, "--enable-bench", *flags)
     try:
-        with Client(a.info["control"], timeout=900) as client:  # long transfers on slow links
+        with Client(a.info["control"], timeout=1800) as client:  # long transfers on slow links
             peer = b.info["addrs"][0]
             client.connect(peer)
             sizes = [(64 * MIB, "64mib")] + ([(1 << 30, "1gib")] if gib else [])

@@ -54,18 +54,19 @@ async def run(
         raise PayloadError("size, count or concurrency out of range")
     tensor = np.ones(size // 4, dtype=np.float32)
     small = size <= 64
+    timeout = 60.0 + size / (1 << 20)  # 1 s per MiB on top: a GiB over a 50 Mbit/s link takes ~3 min
 
     async def once() -> None:
         if direction == "up":
-            got = await rpc.call(peer, "lattice.bench.sink", tensor)
+            got = await rpc.call(peer, "lattice.bench.sink", tensor, timeout=timeout)
             if got != tensor.nbytes:
                 raise PayloadError(f"sink got {got} of {tensor.nbytes} bytes")
         elif direction == "down":
-            out = await rpc.call(peer, "lattice.bench.source", tensor.nbytes)
+            out = await rpc.call(peer, "lattice.bench.source", tensor.nbytes, timeout=timeout)
             if out.nbytes != tensor.nbytes:
                 raise PayloadError("source returned the wrong size")
         else:
-            await rpc.call(peer, "lattice.bench.echo", b"x" * size if small else tensor)
+            await rpc.call(peer, "lattice.bench.echo", b"x" * size if small else tensor, timeout=timeout)
 
     await once()  # warm-up: connection, buffers
     if concurrency > 1:
