@@ -76,84 +76,92 @@ def pack_map(items: dict[str, Any]) -> bytes | None:
     """``msgpack.packb(items, use_bin_type=True)`` for up to 15 str keys with :func:`pack` values."""
     if len(items) > 15:
         return None
-    parts = [(0x80 | len(items)).to_bytes(1, "big")]
+    out = bytearray((0x80 | len(items),))
     for key, value in items.items():
-        k = pack(key) if type(key) is str else None
-        v = pack(value)
-        if k is None or v is None:
+        if type(key) is not str or len(key) > 31 or not key.isascii():
             return None
-        parts.append(k)
-        parts.append(v)
-    return b"".join(parts)
+        out.append(0xA0 | len(key))
+        out += key.encode()
+        if type(value) is int and 0 <= value < 0x80:  # inline: the usual sizes and ids
+            out.append(value)
+            continue
+        packed = pack(value)
+        if packed is None:
+            return None
+        out += packed
+    return bytes(out)
 
 
 def unpack(data: bytes | memoryview, max_bin: int) -> Any:
     """``msgpack.unpackb(data, raw=False)`` if ``data`` is exactly one value of the subset (a map
     only at the top, with str keys), bin/str lengths at most ``max_bin``; else MISSING."""
     data = bytes(data) if type(data) is not bytes else data
-    end = len(data)
-    if not end:
+    if not data:
         return MISSING
     first = data[0]
-    if 0x80 <= first <= 0x8F:  # fixmap
-        out: dict[str, Any] = {}
-        pos = 1
-        for _ in range(first & 0x0F):
-            key, pos = _one(data, pos, end, max_bin)
+    if 0x80 <= first <= 0x8F:  # fixmap: its keys and values in one scan
+        items = _scan(data, 1, 2 * (first & 0x0F), max_bin)
+        if items is None:
+            return MISSING
+        keys = items[0::2]
+        for key in keys:
             if type(key) is not str:
                 return MISSING
-            value, pos = _one(data, pos, end, max_bin)
-            if value is MISSING:
-                return MISSING
-            out[key] = value
-    else:
-        value, pos = _one(data, 0, end, max_bin)
-        if value is MISSING:
-            return MISSING
-        out = value
-    return out if pos == end else MISSING
+        return dict(zip(keys, items[1::2], strict=True))
+    items = _scan(data, 0, 1, max_bin)
+    return MISSING if items is None else items[0]
 
 
-def _one(data: bytes, pos: int, end: int, max_bin: int) -> tuple[Any, int]:
-    """One scalar of the subset at ``pos``: (value, next position), or (MISSING, end)."""
-    if pos >= end:
-        return MISSING, end
-    b = data[pos]
-    pos += 1
-    if b < 0x80:
-        return b, pos
-    if b >= 0xE0:
-        return b - 0x100, pos
-    if 0xA0 <= b <= 0xBF:
-        n = b & 0x1F
-        kind = "s"
-    elif b == 0xC0:
-        return None, pos
-    elif b == 0xC2:
-        return False, pos
-    elif b == 0xC3:
-        return True, pos
-    elif 0xCC <= b <= 0xD3:  # uint8..64, int8..64
-        width = 1 << ((b - 0xCC) & 3)
-        if pos + width > end:
-            return MISSING, end
-        v = int.from_bytes(data[pos : pos + width], "big", signed=b >= 0xD0)
-        return v, pos + width
-    elif b in (0xC4, 0xC5, 0xC6, 0xD9, 0xDA, 0xDB):
-        width = {0xC4: 1, 0xC5: 2, 0xC6: 4, 0xD9: 1, 0xDA: 2, 0xDB: 4}[b]
-        if pos + width > end:
-            return MISSING, end
-        n = int.from_bytes(data[pos : pos + width], "big")
-        pos += width
-        kind = "b" if b <= 0xC6 else "s"
-    else:
-        return MISSING, end
-    if n > max_bin or pos + n > end:
-        return MISSING, end
-    raw = data[pos : pos + n]
-    if kind == "b":
-        return raw, pos + n
-    try:
-        return raw.decode("utf-8"), pos + n
-    except UnicodeDecodeError:
-        return MISSING, end
+_WIDTH = {0xC4: 1, 0xC5: 2, 0xC6: 4, 0xD9: 1, 0xDA: 2, 0xDB: 4}
+
+
+def _scan(data: bytes, pos: int, count: int, max_bin: int) -> list | None:
+    """``count`` scalars of the subset from ``pos`` to the end of ``data`` exactly, or None."""
+    end = len(data)
+    out: list[Any] = []
+    for _ in range(count):
+        if pos >= end:
+            return None
+        b = data[pos]
+        pos += 1
+        if b < 0x80:
+            out.append(b)
+            continue
+        if b >= 0xE0:
+            out.append(b - 0x100)
+            continue
+        if 0xA0 <= b <= 0xBF:
+            n = b & 0x1F
+            is_str = True
+        elif b == 0xC0:
+            out.append(None)
+            continue
+        elif b == 0xC2 or b == 0xC3:
+            out.append(b == 0xC3)
+            continue
+        elif 0xCC <= b <= 0xD3:  # uint8..64, int8..64
+            width = 1 << ((b - 0xCC) & 3)
+            if pos + width > end:
+                return None
+            out.append(int.from_bytes(data[pos : pos + width], "big", signed=b >= 0xD0))
+            pos += width
+            continue
+        else:
+            width = _WIDTH.get(b, 0)
+            if not width or pos + width > end:
+                return None  # not in the subset (arrays, nested maps, floats, extensions), or cut
+            n = int.from_bytes(data[pos : pos + width], "big")
+            pos += width
+            is_str = b >= 0xD9
+        if n > max_bin or pos + n > end:
+            return None
+        raw = data[pos : pos + n]
+        pos += n
+        if is_str:
+            try:
+                out.append(raw.decode())
+            except UnicodeDecodeError:
+                return None
+        else:
+            out.append(raw)
+    return out if pos == end else None
