@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 
 from lattice._lazy import lazy_module
-from lattice.codec import smallpack
 from lattice.codec.buffers import recycled
 from lattice.codec.shapes import MAX_DIMS, checked_nbytes
 from lattice.errors import PayloadError
@@ -102,9 +101,6 @@ def tensor_bytes(obj: Any) -> tuple[str, tuple[int, ...], memoryview, str]:
 
 def encode(value: Any, codec: str | None = None) -> tuple[bytes, list[memoryview]]:
     """Encode ``value``: (msgpack document, tensor buffers in order). ``codec`` compresses float tensors."""
-    doc = smallpack.pack(value)  # a plain scalar (most small calls): msgpack's bytes, no C code
-    if doc is not None:
-        return doc, []
     buffers: list[memoryview] = []
 
     def default(obj: Any) -> Any:  # only for what msgpack cannot pack itself: numpy is loaded here
@@ -159,9 +155,6 @@ def _compressed_ext(c: Any, buffers: list[memoryview]) -> msgpack.ExtType:
 
 def parse(doc: bytes, max_payload: int) -> tuple[Any, list[TensorSpec]]:
     """Decode a document into a value with TensorSpec placeholders (validated, nothing allocated)."""
-    plain = smallpack.unpack(doc, len(doc))  # no tensors in it: what msgpack would return
-    if plain is not smallpack.MISSING:
-        return plain, []
     specs: list[TensorSpec] = []
 
     def ext_hook(code: int, data: bytes) -> Any:

@@ -20,7 +20,7 @@ from typing import Any
 
 import msgpack
 
-from lattice.codec import smallpack, tensors
+from lattice.codec import tensors
 from lattice.errors import PayloadError, StreamError
 from lattice.transport.stream import Stream
 
@@ -78,9 +78,7 @@ def encode_header(
         header["t"] = error_type
     if error_message is not None:
         header["e"] = error_message
-    body = smallpack.pack_map(header)  # msgpack's bytes, without its C code (cold: smallpack)
-    if body is None:
-        body = msgpack.packb(header, use_bin_type=True)
+    body = msgpack.packb(header, use_bin_type=True)
     return _U32.pack(len(body)) + body
 
 
@@ -303,10 +301,7 @@ def parse_buffered(
     if length > max_header or len(chunk) < end:
         return None
     try:
-        header = smallpack.unpack(chunk[4:end], MAX_HEADER)
-        if header is smallpack.MISSING:
-            header = msgpack.unpackb(chunk[4:end], raw=False, max_bin_len=MAX_HEADER)
-        head = _check_header(header, max_payload)
+        head = _check_header(msgpack.unpackb(chunk[4:end], raw=False, max_bin_len=MAX_HEADER), max_payload)
     except Exception:
         return None
     if isinstance(head, Message):
