@@ -10,7 +10,8 @@ Why: on a WAN a user's calls are always spaced by the round trip, and spaced-out
 (caller's send, callee's receive -> handler -> reply, caller's wake-up) must be measured cold.
 One JSON line per gap and round: median ms (ours, plain TCP) and CPU ms per call (client, server).
 ``--profile DIR``: py-spy records the daemon (--nonblocking) while the calls run, into DIR/server-*.txt.
-Run base and branch alternately with PYTHONPATH per tree; note the machine load.
+Base against branch: ``--trees BASE_DIR,BRANCH_DIR`` runs one copy per tree at the same time, so
+both see the same load (alternating runs on this shared VM differ by more than the change).
 """
 
 from __future__ import annotations
@@ -126,7 +127,8 @@ async def ours(
 ) -> dict[float, tuple[float, float, float]]:
     """The same with an embedded node calling the daemon over its fast lane."""
     out = {}
-    async with Node(NodeConfig(listen=("/ip4/127.0.0.1/tcp/0",))) as node:
+    config = NodeConfig(listen=("/ip4/127.0.0.1/tcp/0",), control=False, data_dir=Path(tempfile.mkdtemp()))
+    async with Node(config) as node:
         await node.connect(addr)
         for _ in range(50):
             await node.rpc.call(addr, "lattice.bench.echo", b"x" * 8)
@@ -170,6 +172,21 @@ async def ours(
     return out
 
 
+def concurrent_trees(trees: list[str], argv: list[str]) -> None:
+    """Run this bench once per tree (PYTHONPATH=TREE/src), all at once; tag and echo their lines."""
+    at = next(i for i, a in enumerate(argv) if a.startswith("--trees"))
+    rest = argv[:at] + argv[at + (1 if "=" in argv[at] else 2) :]
+    procs = []
+    for tree in trees:
+        env = {**os.environ, "PYTHONPATH": str(Path(tree).resolve() / "src")}
+        cmd = [sys.executable, str(Path(__file__).resolve()), *rest, "--no-tcp"]
+        procs.append((tree, subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True)))
+    for tree, proc in procs:
+        out, _ = proc.communicate()
+        for raw in out.splitlines():
+            print(json.dumps({**json.loads(raw), "tree": tree}), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -179,7 +196,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--no-tcp", action="store_true", help="skip the plain TCP and bare trio baselines")
     parser.add_argument("--profile", type=Path, help="record the daemon with py-spy into this directory")
+    parser.add_argument(
+        "--trees",
+        help="comma-separated source trees (e.g. a base checkout's and this branch's): one run per tree, "
+        "all at the same time (so they share the machine's load), each line tagged with its tree",
+    )
     args = parser.parse_args()
+    if args.trees:
+        return concurrent_trees(args.trees.split(","), sys.argv[1:])
     gaps = [float(g) / 1e3 for g in args.gaps.split(",")]
     if args.profile is not None:
         args.profile.mkdir(parents=True, exist_ok=True)
