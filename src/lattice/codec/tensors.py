@@ -182,7 +182,7 @@ def parse(doc: bytes, max_payload: int) -> tuple[Any, list[TensorSpec]]:
         raise
     except Exception as exc:
         raise PayloadError(f"malformed message document: {exc}") from None
-    total = sum(s.nbytes for s in specs)
+    total = sum([s.nbytes for s in specs]) if specs else 0
     if total > max_payload:
         raise PayloadError(f"tensors total {total} bytes, over the limit of {max_payload}")
     return value, specs

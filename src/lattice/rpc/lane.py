@@ -383,7 +383,7 @@ async def _one_call(rpc: Any, stream: Stream, peer: PeerId, message: Any) -> Non
             return
         rpc.counters["calls_in"] += 1
         try:
-            result = await rpc.invoke(entry, value, rpc.context(peer, method))
+            result = await rpc.invoke_for(entry, value, peer, method)
         except StreamError:
             raise
         except Exception as exc:
@@ -391,7 +391,7 @@ async def _one_call(rpc: Any, stream: Stream, peer: PeerId, message: Any) -> Non
             await wire.send_error(stream, type(exc).__name__, str(exc), cid, fin=False)
             return
         encoded = tensors.encode(result, entry.codec)
-        if len(encoded[0]) + sum([b.nbytes for b in encoded[1]]) <= wire.SMALL and not stream.exclusive_held:
+        if wire.encoded_size(encoded) <= wire.SMALL and not stream.exclusive_held:
             await stream.write(wire.small_message(wire.MSG, encoded, last=True, call_id=cid), fin=False)
         else:  # large (several writes, kept together) or behind another large reply
             await wire.send(stream, wire.MSG, encoded=encoded, end=True, fin=False, call_id=cid)

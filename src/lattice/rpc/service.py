@@ -52,6 +52,7 @@ from lattice.rpc.errors import (
 from lattice.service import ServiceContext
 from lattice.transport import multistream
 from lattice.transport.limits import PENALTY_THROTTLED
+from lattice.transport.locks import FairSemaphore
 from lattice.transport.resources import Lease, ResourceLimitExceeded
 from lattice.transport.stream import Stream
 
@@ -218,7 +219,7 @@ class RPC:
         self.protocol_id = protocol_id
         self._methods: dict[str, _Method] = {}
         self._ctx: ServiceContext | None = None
-        self._slots: dict[PeerId, trio.Semaphore] = {}
+        self._slots: dict[PeerId, FairSemaphore] = {}
         self._inbound = 0  # inbound calls in progress (own streams and fast lanes) ...
         self._inbound_peers: dict[PeerId, int] = {}  # ... per peer
         self._receiving: dict[_Inbound, None] = {}  # inbound messages in progress (the idle reaper's)
@@ -369,17 +370,17 @@ class RPC:
         self._addr_peers[text] = peer_id
         return peer_id
 
-    async def _slot(self, peer_id: PeerId) -> trio.Semaphore:
+    async def _slot(self, peer_id: PeerId) -> FairSemaphore:
         slots = self._slots.get(peer_id)
         if slots is None:
-            slots = self._slots[peer_id] = trio.Semaphore(self.config.max_inflight_per_peer)
-        try:
-            slots.acquire_nowait()  # uncontended: no scheduler round trip
-        except trio.WouldBlock:
+            slots = self._slots[peer_id] = FairSemaphore(self.config.max_inflight_per_peer)
+        if slots.value:
+            slots.value -= 1  # uncontended: no scheduler round trip
+        else:
             await slots.acquire()
         return slots
 
-    async def _open(self, peer: PeerId | str) -> tuple[Stream, trio.Semaphore]:
+    async def _open(self, peer: PeerId | str) -> tuple[Stream, FairSemaphore]:
         """A call's stream (its protocol proposed lazily: see _confirm) and the peer's call slot."""
         peer_id, conn = await self._resolve(peer)
         slots = await self._slot(peer_id)
@@ -475,7 +476,7 @@ class RPC:
             raise ValueError("timeout must be non-negative")
         self.counters["calls_out"] += 1
         encoded = tensors.encode(payload, codec)
-        small = len(encoded[0]) + sum([b.nbytes for b in encoded[1]]) <= lane.SMALL_CALL
+        small = wire.encoded_size(encoded) <= lane.SMALL_CALL
         try:
             if small:  # the hot path: a live direct lane, no cancel scope (the lane keeps deadlines)
                 ready = self._ready_lane(peer)
@@ -860,15 +861,20 @@ class RPC:
             log.info("handler %s raised %s: %s", first.method, type(exc).__name__, exc)
             await _reject(stream, type(exc).__name__, str(exc))
 
-    context = CallContext  # for lattice.rpc.lane (which cannot import this module: import cycle)
-
-    async def invoke(self, entry: _Method, payload: Any, ctx: CallContext) -> Any:
+    def invoke(self, entry: _Method, payload: Any, ctx: CallContext) -> Awaitable[Any]:
         """Run a registered method's handler on a decoded request (sync handlers in a worker
-        thread): for the fast lane and resumable uploads, which receive requests their own way."""
+        thread): for the fast lane and resumable uploads, which receive requests their own way.
+        Returns the handler's own coroutine when it has one (no wrapper coroutine per call)."""
         args = (payload, ctx) if entry.takes_ctx else (payload,)
         if entry.is_async:
-            return await entry.fn(*args)
-        return await trio.to_thread.run_sync(lambda: entry.fn(*args), abandon_on_cancel=True)
+            return entry.fn(*args)
+        return trio.to_thread.run_sync(lambda: entry.fn(*args), abandon_on_cancel=True)
+
+    def invoke_for(self, entry: _Method, payload: Any, peer: PeerId, method: str) -> Awaitable[Any]:
+        """:meth:`invoke`, with the CallContext built only if the handler takes one."""
+        if entry.is_async and not entry.takes_ctx:  # the fast lane's common case
+            return entry.fn(payload)
+        return self.invoke(entry, payload, CallContext(peer, method))
 
 
 def _call(entry: _Method, first: Any, ctx: CallContext) -> Any:

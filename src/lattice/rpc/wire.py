@@ -113,6 +113,12 @@ async def send(
         raise
 
 
+def encoded_size(encoded: tuple[bytes, list]) -> int:
+    """Bytes of a value encoded by ``tensors.encode``: its document and its tensors."""
+    doc, buffers = encoded
+    return len(doc) + (sum([b.nbytes for b in buffers]) if buffers else 0)
+
+
 def small_message(
     kind: str,
     encoded: tuple[bytes, list],
@@ -269,7 +275,7 @@ def _check_header(header: Any, max_payload: int) -> Message | tuple:
     if not isinstance(doc, bytes):
         raise PayloadError("value document must be bytes")
     value, specs = tensors.parse(doc, max_payload)
-    if sum(s.nbytes for s in specs) != n:
+    if (sum([s.nbytes for s in specs]) if specs else 0) != n:
         raise PayloadError("declared payload size does not match the tensors")
     return kind, call_id, n, method, value, specs, last
 

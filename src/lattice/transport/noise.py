@@ -414,12 +414,13 @@ class SecureStream:
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         await self.send_parts((data,))
 
-    async def send_parts(self, parts: tuple | list) -> None:
+    async def send_parts(self, parts: tuple | list) -> int:
         """Encrypt the concatenation of ``parts`` into Noise frames and send them in one write.
 
         Large slices are encrypted straight from the caller's buffers; small pieces (headers) are
         gathered in a reused 64 KiB staging frame. The output buffer is reused too (the muxer
-        serialises writes), so a bulk transfer allocates nothing per batch.
+        serialises writes), so a bulk transfer allocates nothing per batch. Returns the plaintext
+        bytes sent.
         """
         total = 0
         for part in parts:
@@ -434,10 +435,10 @@ class SecureStream:
                 except BlockingIOError:
                     sent = 0
                 if sent == len(frame):
-                    return
+                    return total
                 frame = frame[sent:]
             await self._send_bytes(frame)
-            return
+            return total
         # a staged piece flushed before a large part costs one frame more: at most one per part
         size = total + (-(-total // MAX_PLAINTEXT) + len(parts)) * (2 + TAG_LEN)
         buf = self._send_pool.take(size)
@@ -447,6 +448,7 @@ class SecureStream:
         finally:
             self._stage_pool.give(stage)
             self._send_pool.give(buf)
+        return total
 
     async def _encrypt_and_send(self, parts: tuple | list, buf: bytearray, stage: bytearray) -> None:
         enc = self._send
@@ -626,7 +628,8 @@ class SecureStream:
         if self._buf:
             self._absorb(bytes(self._buf))
             self._buf.clear()
-        while not self._decrypt_ready_to(feed, place, placed, keep=True):
+        # (less than a frame's length prefix buffered: read first, nothing to decrypt yet)
+        while self._rend - self._rstart < 2 or not self._decrypt_ready_to(feed, place, placed, keep=True):
             if not await self._read_more():
                 return False
         return True
@@ -645,7 +648,10 @@ class SecureStream:
         with memoryview(buf) as src:
 
             def flush() -> None:
-                out = bytearray(sum(length - TAG_LEN for _, length in batch))
+                if len(batch) == 1:  # the common case of a small message: no generator
+                    out = bytearray(batch[0][1] - TAG_LEN)
+                else:
+                    out = bytearray(sum([length - TAG_LEN for _, length in batch]))
                 with memoryview(out) as dst:
                     at = 0
                     for start, length in batch:

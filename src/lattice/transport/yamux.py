@@ -25,6 +25,7 @@ from trio.lowlevel import ParkingLot
 
 from lattice.errors import ConnectionLost, ProtocolError, StreamError, StreamReset, TransportError
 from lattice.identity import PeerId
+from lattice.transport.locks import FairLock
 from lattice.transport.resources import Lease, ResourceLimitExceeded, ResourceManager
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ GO_AWAY_NORMAL, GO_AWAY_PROTOCOL_ERROR, GO_AWAY_INTERNAL_ERROR = 0, 1, 2
 MAX_CONTROL_BACKLOG = 256 * 1024  # queued control frames (12 bytes each) before we give up on a peer
 
 
-async def _acquire(lock: trio.Lock) -> None:
+async def _acquire(lock: FairLock) -> None:
     """Take an uncontended lock without a scheduler round trip (trio's acquire always yields)."""
     try:
         lock.acquire_nowait()
@@ -87,8 +88,8 @@ class YamuxStream:
         self._error: StreamError | None = None
         self._read_lot = ParkingLot()
         self._window_lot = ParkingLot()
-        self._write_lock = trio.Lock()
-        self._exclusive = trio.Lock()
+        self._write_lock = FairLock()
+        self._exclusive = FairLock()
         # Called by the connection's reader right after data arrives; True means it consumed every
         # buffered byte (synchronously), so the stream's reader task need not be woken. The RPC fast
         # lane parses complete small messages here: one task switch less per message.
@@ -122,7 +123,7 @@ class YamuxStream:
     # -- reading
     @property
     def exclusive_held(self) -> bool:
-        return self._exclusive.locked()
+        return self._exclusive.held
 
     @asynccontextmanager
     async def exclusive(self) -> AsyncIterator[None]:
@@ -316,7 +317,7 @@ class YamuxStream:
             and not (self._syn_pending or self._ack_pending or self.pending_prefix)
             and self._error is None
             and not self._local_fin
-            and not self._write_lock.locked()
+            and not self._write_lock.held
         )
 
     def can_write_now(self, n: int) -> bool:
@@ -324,10 +325,7 @@ class YamuxStream:
         (The RPC fast lane then needs no cancel scope around it: nothing to interrupt.)"""
         session = self.session
         return (
-            self._one_frame(n)
-            and not self._exclusive.locked()
-            and not session._send_lock.locked()
-            and not session.closed
+            self._one_frame(n) and not self._exclusive.held and not session.send_busy and not session.closed
         )
 
     async def write(self, data: bytes | bytearray | memoryview, fin: bool = False) -> None:
@@ -554,7 +552,7 @@ class YamuxSession:
         self._streams: dict[int, YamuxStream] = {}
         self._next_id = 1 if is_client else 2
         self._inbound_count = 0
-        self._send_lock = trio.Lock()
+        self._send_lock = FairLock()
         self._control: list[bytes] = []
         self._control_lot = ParkingLot()
         self._pings: dict[int, trio.Event] = {}
@@ -622,7 +620,12 @@ class YamuxSession:
     def backlogged(self, n: int = 0) -> bool:
         """More than ``max_queued_out`` bytes wait for the connection (with ``n`` more): the peer
         is not reading what we send it."""
-        return self._queued_out + n > self.max_queued_out and self._send_lock.locked()
+        return self._queued_out + n > self.max_queued_out and self._send_lock.held
+
+    @property
+    def send_busy(self) -> bool:
+        """A write holds the connection (a new frame would wait for it)."""
+        return self._send_lock.held
 
     @property
     def going_away(self) -> bool:
@@ -722,7 +725,7 @@ class YamuxSession:
         # The secure stream shields every wait and bounds it by write_timeout (see _send_bytes).
         self.secure.write_timeout = self.write_timeout
         try:
-            await self.secure.send_parts(parts)
+            sent = await self.secure.send_parts(parts)
         except ConnectionLost as exc:  # includes the write timeout
             self._terminate(str(exc))
             with trio.CancelScope(shield=True):
@@ -731,7 +734,7 @@ class YamuxSession:
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             self._terminate(f"write failed: {exc}")
             raise ConnectionLost(f"connection lost: {exc}") from None
-        self.bytes_sent += sum([p.nbytes if type(p) is memoryview else len(p) for p in parts])
+        self.bytes_sent += sent
 
     async def _flush_control(self) -> None:
         while not self.closed:
