@@ -354,7 +354,12 @@ class SecureStream:
         self._fd = getattr(self._sock, "_sock", None)
         self.write_timeout = 30.0
         self._drained = False
-        self.reads = 0  # reads from the socket (a bulk transfer should need few: large reads)
+        # syscall and wake-up counters (each costs the Python of trio, Yamux and Noise: a bulk
+        # transfer should need few): reads/writes that moved bytes, waits for readable/writable
+        self.reads = 0
+        self.read_waits = 0
+        self.writes = 0
+        self.write_waits = 0
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         await self.send_parts((data,))
@@ -376,6 +381,7 @@ class SecureStream:
             if self._fd is not None:  # a small frame usually fits the socket buffer: no wait set up
                 try:
                     sent = self._fd.send(frame)
+                    self.writes += 1
                 except BlockingIOError:
                     sent = 0
                 if sent == len(frame):
@@ -451,12 +457,14 @@ class SecureStream:
                 try:
                     sent = fd.send(view)
                 except BlockingIOError:
+                    self.write_waits += 1
                     deadline = trio.current_time() + self.write_timeout
                     with trio.CancelScope(shield=True, deadline=deadline) as scope:
                         await trio.lowlevel.wait_writable(fd)
                     if scope.cancelled_caught:
                         raise WriteTimeout("write timed out") from None
                     continue
+                self.writes += 1
                 view = view[sent:]
         finally:
             view.release()
@@ -518,6 +526,7 @@ class SecureStream:
 
     async def _wait_readable(self, fd: socket.socket) -> None:
         self._release()  # no pooled buffer is held while waiting
+        self.read_waits += 1
         await trio.lowlevel.wait_readable(fd)
 
     def _hold(self) -> None:
