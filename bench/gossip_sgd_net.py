@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import statistics
 import sys
 import tempfile
@@ -120,7 +121,19 @@ def _io_counters(host) -> dict[str, int]:
     out = {k: sum(getattr(c.session.secure, k, 0) for c in conns) for k in _IO_COUNTERS}
     out["bytes_in"] = sum(c.session.bytes_received for c in conns)
     out["bytes_out"] = sum(c.session.bytes_sent for c in conns)
+    out["sndbuf"] = max([_sock_opt(c, socket.SO_SNDBUF) for c in conns] or [0])
+    out["rcvbuf"] = max([_sock_opt(c, socket.SO_RCVBUF) for c in conns] or [0])
     return out
+
+
+def _per_round(key: str, before: int, after: int) -> int:
+    """A counter's increase over a round; a buffer size as it is at the round's end."""
+    return after if key in ("sndbuf", "rcvbuf") else after - before
+
+
+def _sock_opt(conn, opt: int) -> int:
+    sock = getattr(conn.session.secure.raw, "socket", None)
+    return sock.getsockopt(socket.SOL_SOCKET, opt) if sock is not None else 0
 
 
 async def exchange_rounds(run, numel: int) -> dict:
@@ -149,7 +162,7 @@ async def exchange_rounds(run, numel: int) -> dict:
         "cpu_s": [round(b - a, 4) for a, b in itertools.pairwise(cpu)],
         "loop_s": [round(b - a, 4) for a, b in itertools.pairwise(wall)],
         "minor_faults": [b - a for a, b in itertools.pairwise(faults)],
-        "io": {k: [b[k] - a[k] for a, b in itertools.pairwise(io)] for k in io[0]},
+        "io": {k: [_per_round(k, a[k], b[k]) for a, b in itertools.pairwise(io)] for k in io[0]},
         "timeouts": gossip.stats.timeouts,
         "bytes_sent": gossip.stats.bytes_sent,
     }

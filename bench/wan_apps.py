@@ -93,13 +93,15 @@ def io_per_mib(records: list[dict], skip: int) -> dict[str, float]:
     io = records[0].get("io")
     if not io:
         return {}
-    total = {k: sum(v[skip:]) for k, v in io.items()}
+    total = {k: sum(v[skip:]) for k, v in io.items() if k not in ("sndbuf", "rcvbuf")}
     mib_in, mib_out = max(total["bytes_in"], 1) / 2**20, max(total["bytes_out"], 1) / 2**20
     return {
         "reads": total["reads"] / mib_in,
         "read_waits": total["read_waits"] / mib_in,
         "writes": total["writes"] / mib_out,
         "write_waits": total["write_waits"] / mib_out,
+        "sndbuf_kib": max(io.get("sndbuf", [0])) / 1024,  # the largest socket buffers seen at a round's end
+        "rcvbuf_kib": max(io.get("rcvbuf", [0])) / 1024,
     }
 
 
@@ -280,8 +282,8 @@ def tcp_ring_round(tb: WanTestbed, hosts: list[str], size: int, rounds: int, pin
     """The median round of the plain-TCP ring baseline (:data:`_TCP_RING`) on the same testbed
     (PIN: host i on core i, as the peers)."""
     ips = ",".join(tb.ip(h) for h in hosts)
-    procs = [tb.popen(h, pinned([sys.executable, "-c", _TCP_RING, str(i), ips, "5599", str(size), str(rounds)],
-                                i if pin else None),
+    argv = [sys.executable, "-c", _TCP_RING]
+    procs = [tb.popen(h, pinned([*argv, str(i), ips, "5599", str(size), str(rounds)], i if pin else None),
                       stdout=subprocess.PIPE, text=True) for i, h in enumerate(hosts)]  # fmt: skip
     times = []
     for p in procs:
