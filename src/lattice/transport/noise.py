@@ -541,8 +541,11 @@ class SecureStream:
         if self.read_lowat_max or self._lowat != 1:
             lowat = read_lowat(self._rbuf, self._rstart, self._rend, sure, self.read_lowat_max)
             if lowat != self._lowat:
-                fd.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, lowat)
-                self._lowat = lowat
+                try:
+                    fd.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, lowat)
+                    self._lowat = lowat
+                except OSError:  # not settable here (Windows): wake on any byte, as before
+                    self.read_lowat_max = 0
         await trio.lowlevel.wait_readable(fd)
 
     def _hold(self) -> None:
