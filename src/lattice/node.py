@@ -145,6 +145,7 @@ class Node:
             dial_timeout=cfg.dial_timeout,
             stream_window=cfg.stream_window,
             stream_window_max=cfg.stream_window_max,
+            read_lowat_max=cfg.read_lowat_max,
         )
         self._stack = AsyncExitStack()
         await self._stack.__aenter__()
