@@ -87,6 +87,17 @@ def cpu_ticks_s(pid: int | None) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def tcp_segments(tb: WanTestbed, hosts: list[str]) -> tuple[int, int]:
+    """TCP segments sent and received so far, summed over the hosts' namespaces (/proc/net/snmp)."""
+    out = ins = 0
+    for h in hosts:
+        snmp = tb.run(h, ["cat", "/proc/net/snmp"]).stdout.splitlines()
+        lines = [x.split() for x in snmp if x.startswith("Tcp:")]
+        row = dict(zip(lines[0], lines[1], strict=True))
+        out, ins = out + int(row["OutSegs"]), ins + int(row["InSegs"])
+    return out, ins
+
+
 def io_per_mib(records: list[dict], skip: int) -> dict[str, float]:
     """A peer's socket reads and read waits per MiB received, writes and write waits per MiB sent,
     over its steady rounds (``io`` of bench/gossip_sgd_net.py's exchange_rounds)."""
@@ -157,6 +168,7 @@ def gossip_round(
 
             addr_file = work / "bootstrap.addr"
             delayline_cpu = cpu_ticks_s(tb.delayline_pid())
+            segments = tcp_segments(tb, hosts)
             procs.append(spawn(0, ["--addr-file", str(addr_file)]))
             deadline = time.monotonic() + 180  # a loaded machine (load 30) took over 60 s
             while not addr_file.exists():
@@ -171,6 +183,7 @@ def gossip_round(
             for p in procs:
                 p.wait(timeout=max(1.0, end - time.monotonic()))
             delayline_cpu = cpu_ticks_s(tb.delayline_pid()) - delayline_cpu
+            segments = tuple(b - a for a, b in zip(segments, tcp_segments(tb, hosts), strict=True))
             tcp = tcp_ring_round(tb, hosts, wire_bytes(numel, codec), rounds, pin) if tcp_baseline else None
             links = dict(tb.links)
             rtt = max(tb.rtt_ms(a, b) for a in hosts for b in hosts if a != b)
@@ -236,6 +249,8 @@ def gossip_round(
         else None,
         # the emulated path's delay line (user space, one process for all hosts) shares the cores
         "delayline_cpu_s_per_round": round(delayline_cpu / rounds, 3),
+        # TCP segments through the emulated path per round, all hosts (data one way, ACKs the other)
+        "tcp_segments_out_per_round": round(segments[0] / rounds),
         "cores": os.cpu_count(),
         "load_avg_1m": round(os.getloadavg()[0], 2),
         **({"error": errors} if errors else {}),
