@@ -463,7 +463,7 @@ class SecureStream:
                     sent = fd.send(view)
                 except BlockingIOError:
                     # (waiting at once after a short send instead, which on paced links is always
-                    # followed by this, cost 20 % more CPU per MiB on loopback: there the retry
+                    # followed by this, cost 20-28 % more CPU per MiB on loopback: there the retry
                     # often finds room, the reader draining on the other core)
                     self.write_waits += 1
                     deadline = trio.current_time() + self.write_timeout
