@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import statistics
 import sys
 import tempfile
@@ -110,15 +111,42 @@ def _minor_faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
+_IO_COUNTERS = ("reads", "read_waits", "writes", "write_waits")
+
+
+def _io_counters(host) -> dict[str, int]:
+    """Socket reads/writes and waits for readable/writable, summed over the host's connections, and
+    the bytes they moved (yamux, both ways)."""
+    conns = host.connections()
+    out = {k: sum(getattr(c.session.secure, k, 0) for c in conns) for k in _IO_COUNTERS}
+    out["bytes_in"] = sum(c.session.bytes_received for c in conns)
+    out["bytes_out"] = sum(c.session.bytes_sent for c in conns)
+    out["sndbuf"] = max([_sock_opt(c, socket.SO_SNDBUF) for c in conns] or [0])
+    out["rcvbuf"] = max([_sock_opt(c, socket.SO_RCVBUF) for c in conns] or [0])
+    return out
+
+
+def _per_round(key: str, before: int, after: int) -> int:
+    """A counter's increase over a round; a buffer size as it is at the round's end."""
+    return after if key in ("sndbuf", "rcvbuf") else after - before
+
+
+def _sock_opt(conn, opt: int) -> int:
+    sock = getattr(conn.session.secure.raw, "socket", None)
+    return sock.getsockopt(socket.SOL_SOCKET, opt) if sock is not None else 0
+
+
 async def exchange_rounds(run, numel: int) -> dict:
     """A peer's body for round_time: no data, one NUMEL-float32 message per round, mixed. Per round:
     CPU seconds of this process (all threads), wall seconds of the whole loop (exchange + mix +
-    progress write), minor page faults."""
+    progress write), minor page faults, socket reads/writes/waits (see :func:`_io_counters`)."""
     from lattice.apps.gossip_sgd.algorithms import Send
 
     gossip, rounds = run.gossip, run.cfg.rounds
+    host = gossip.node.host
     x = torch.randn(1, numel, generator=torch.Generator().manual_seed(run.rank))
     cpu, wall, faults = [time.process_time()], [time.perf_counter()], [_minor_faults()]
+    io = [_io_counters(host)]
     for t in range(rounds):
         r = await gossip.exchange(t, Send("bench", {"x": x}, {"x": run.cfg.hp.codec}))
         x = r.mix("x")
@@ -126,6 +154,7 @@ async def exchange_rounds(run, numel: int) -> dict:
         cpu.append(time.process_time())
         wall.append(time.perf_counter())
         faults.append(_minor_faults())
+        io.append(_io_counters(host))
     return {
         "event": "done",
         "peer": gossip.me,
@@ -133,6 +162,7 @@ async def exchange_rounds(run, numel: int) -> dict:
         "cpu_s": [round(b - a, 4) for a, b in itertools.pairwise(cpu)],
         "loop_s": [round(b - a, 4) for a, b in itertools.pairwise(wall)],
         "minor_faults": [b - a for a, b in itertools.pairwise(faults)],
+        "io": {k: [_per_round(k, a[k], b[k]) for a, b in itertools.pairwise(io)] for k in io[0]},
         "timeouts": gossip.stats.timeouts,
         "bytes_sent": gossip.stats.bytes_sent,
     }

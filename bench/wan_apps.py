@@ -7,8 +7,9 @@ against its wire-time floor, every peer in its own namespace (lattice.testing.wa
 
 Figures (one JSON line each):
   gossip_round  median round of a NUMEL-float32 message (default 4M: 16 MB) over a ring of PEERS
-                peers (2 neighbours each), with a codec or none; floor = the bytes a peer must send
-                / its uplink + one RTT; ratio = round / floor (target <= 1.2).
+                peers (2 neighbours each; 1 with 2 peers), with a codec or none; floor = the bytes a
+                peer must send / its uplink + one RTT; ratio = round / floor (target <= 1.2); CPU
+                per round per peer, socket reads/writes and wake-ups per MiB; --pin: peer i on core i.
   mesh_tps      decode tokens/s through 3 stage daemons on 3 hosts (client on a 4th); floor =
                 1 / (compute per token measured in one process + one RTT per hop per token,
                 client -> s0 -> s1 -> s2 -> client); ratio = tokens/s / floor (target >= 0.8).
@@ -65,6 +66,56 @@ def gossip_floor_s(message_bytes: int, neighbours: int, up_mbit: float, rtt_ms: 
     return neighbours * message_bytes * 8 / (up_mbit * 1e6) + rtt_ms / 1000
 
 
+def ring_neighbours(peers: int) -> int:
+    """How many neighbours a peer has on a ring of PEERS (2 peers: each is the other's only one)."""
+    return min(2, peers - 1)
+
+
+def pinned(argv: list[str], core: int | None) -> list[str]:
+    """ARGV run on one core (``taskset``), or as it is when CORE is None."""
+    return argv if core is None else ["taskset", "-c", str(core % (os.cpu_count() or 1)), *argv]
+
+
+def cpu_ticks_s(pid: int | None) -> float:
+    """User + system CPU seconds of process PID so far (0 when there is none)."""
+    if pid is None:
+        return 0.0
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def tcp_segments(tb: WanTestbed, hosts: list[str]) -> tuple[int, int]:
+    """TCP segments sent and received so far, summed over the hosts' namespaces (/proc/net/snmp)."""
+    out = ins = 0
+    for h in hosts:
+        snmp = tb.run(h, ["cat", "/proc/net/snmp"]).stdout.splitlines()
+        lines = [x.split() for x in snmp if x.startswith("Tcp:")]
+        row = dict(zip(lines[0], lines[1], strict=True))
+        out, ins = out + int(row["OutSegs"]), ins + int(row["InSegs"])
+    return out, ins
+
+
+def io_per_mib(records: list[dict], skip: int) -> dict[str, float]:
+    """A peer's socket reads and read waits per MiB received, writes and write waits per MiB sent,
+    over its steady rounds (``io`` of bench/gossip_sgd_net.py's exchange_rounds)."""
+    io = records[0].get("io")
+    if not io:
+        return {}
+    total = {k: sum(v[skip:]) for k, v in io.items() if k not in ("sndbuf", "rcvbuf")}
+    mib_in, mib_out = max(total["bytes_in"], 1) / 2**20, max(total["bytes_out"], 1) / 2**20
+    return {
+        "reads": total["reads"] / mib_in,
+        "read_waits": total["read_waits"] / mib_in,
+        "writes": total["writes"] / mib_out,
+        "write_waits": total["write_waits"] / mib_out,
+        "sndbuf_kib": max(io.get("sndbuf", [0])) / 1024,  # the largest socket buffers seen at a round's end
+        "rcvbuf_kib": max(io.get("rcvbuf", [0])) / 1024,
+    }
+
+
 def parse_preset(text: str) -> str | Preset:
     """A preset name, or NAME=RTT_MS/MBIT[/LOSS] (as bench/wan.py), e.g. ``noloss=40/200``."""
     name, sep, spec = text.partition("=")
@@ -87,10 +138,12 @@ def gossip_round(
     sysctls: dict[str, str] | None = None,
     tcp_baseline: bool = True,
     profile: Path | None = None,
+    pin: bool = False,
 ) -> dict[str, Any]:
     """Run PEERS gossip peers (bench/gossip_sgd_net.py exchange-peer), one per namespace of a
     :class:`WanTestbed` under PRESET, for ROUNDS rounds; return the round time against its floor.
-    PROFILE: a file where py-spy writes peer 1's samples (collapsed stacks, all threads, idle left out)."""
+    PROFILE: a file where py-spy writes peer 1's samples (collapsed stacks, all threads, idle left out).
+    PIN: peer i (and host i of the plain-TCP ring) runs on core i mod the machine's cores."""
     hosts = [f"g{i}" for i in range(peers)]
     work = Path(tempfile.mkdtemp(prefix="wan-gossip-"))
     codec_sets = [f"--set=codec={codec}"] if codec else []
@@ -109,10 +162,13 @@ def gossip_round(
                 if profile is not None and i == 1:
                     argv = ["py-spy", "record", "--format", "raw", "--rate", "250", "--nonblocking",
                             "--threads", "-o", str(profile), "--", *argv]  # fmt: skip
+                argv = pinned(argv, i if pin else None)
                 with open(d / "stdout", "w") as so, open(d / "stderr", "w") as se:
                     return tb.popen(hosts[i], argv, env=env, stdout=so, stderr=se)
 
             addr_file = work / "bootstrap.addr"
+            delayline_cpu = cpu_ticks_s(tb.delayline_pid())
+            segments = tcp_segments(tb, hosts)
             procs.append(spawn(0, ["--addr-file", str(addr_file)]))
             deadline = time.monotonic() + 180  # a loaded machine (load 30) took over 60 s
             while not addr_file.exists():
@@ -126,7 +182,9 @@ def gossip_round(
             end = time.monotonic() + timeout + rounds * 60
             for p in procs:
                 p.wait(timeout=max(1.0, end - time.monotonic()))
-            tcp = tcp_ring_round(tb, hosts, wire_bytes(numel, codec), rounds) if tcp_baseline else None
+            delayline_cpu = cpu_ticks_s(tb.delayline_pid()) - delayline_cpu
+            segments = tuple(b - a for a, b in zip(segments, tcp_segments(tb, hosts), strict=True))
+            tcp = tcp_ring_round(tb, hosts, wire_bytes(numel, codec), rounds, pin) if tcp_baseline else None
             links = dict(tb.links)
             rtt = max(tb.rtt_ms(a, b) for a in hosts for b in hosts if a != b)
     finally:
@@ -134,7 +192,7 @@ def gossip_round(
             if p.poll() is None:
                 p.kill()
     per_peer = []
-    timeouts, cpu, faults = 0, [], []
+    timeouts, cpu, faults, io = 0, [], [], []
     for i in range(peers):
         done = [r for r in read_log(work / f"peer{i}" / "log.jsonl") if r.get("event") == "done"]
         if done:
@@ -146,12 +204,14 @@ def gossip_round(
             # the mean, not the median: a message received during the next round is that round's CPU
             cpu.append(statistics.fmean(done[0].get("cpu_s", [0, 0])[skip:]))
             faults.append(statistics.median(done[0].get("minor_faults", [0, 0])[skip:]))
+            io.append(io_per_mib(done, skip))
     errors = "" if len(per_peer) == peers else (work / "peer0" / "stderr").read_text()[-800:]
     if not errors:
         shutil.rmtree(work, ignore_errors=True)
     message = wire_bytes(numel, codec)
     slowest_up = min(link.up_mbit for link in links.values())
-    floor = gossip_floor_s(message, 2, slowest_up, rtt)
+    neighbours = ring_neighbours(peers)
+    floor = gossip_floor_s(message, neighbours, slowest_up, rtt)
     rounds_all = [x for xs in per_peer for x in xs]
     median = statistics.median(rounds_all) if rounds_all else None
     return {
@@ -160,7 +220,8 @@ def gossip_round(
         if isinstance(preset, str)
         else f"{preset.name}={preset.rtt_ms:g}/{preset.rate_mbit:g}/{preset.loss:g}",
         "peers": peers,
-        "neighbours": 2,
+        "neighbours": neighbours,
+        "pinned": pin,
         "message_mb": round(message / 1e6, 2),
         "codec": codec,
         "rounds_measured": len(rounds_all),
@@ -182,6 +243,14 @@ def gossip_round(
         # the same per peer (median over peers of their steady-state means): what does not depend on load
         "cpu_s_per_round_per_peer": round(statistics.median(cpu), 4) if cpu else None,
         "minor_faults_per_round_per_peer": statistics.median(faults) if faults else None,
+        # socket reads/writes and waits (wake-ups) per MiB, median over peers, steady rounds
+        "io_per_mib_per_peer": {k: round(statistics.median(x[k] for x in io), 1) for k in io[0]}
+        if io and io[0]
+        else None,
+        # the emulated path's delay line (user space, one process for all hosts) shares the cores
+        "delayline_cpu_s_per_round": round(delayline_cpu / rounds, 3),
+        # TCP segments through the emulated path per round, all hosts (data one way, ACKs the other)
+        "tcp_segments_out_per_round": round(segments[0] / rounds),
         "cores": os.cpu_count(),
         "load_avg_1m": round(os.getloadavg()[0], 2),
         **({"error": errors} if errors else {}),
@@ -224,10 +293,12 @@ print(json.dumps(times))
 """
 
 
-def tcp_ring_round(tb: WanTestbed, hosts: list[str], size: int, rounds: int) -> float:
-    """The median round of the plain-TCP ring baseline (:data:`_TCP_RING`) on the same testbed."""
+def tcp_ring_round(tb: WanTestbed, hosts: list[str], size: int, rounds: int, pin: bool = False) -> float:
+    """The median round of the plain-TCP ring baseline (:data:`_TCP_RING`) on the same testbed
+    (PIN: host i on core i, as the peers)."""
     ips = ",".join(tb.ip(h) for h in hosts)
-    procs = [tb.popen(h, [sys.executable, "-c", _TCP_RING, str(i), ips, "5599", str(size), str(rounds)],
+    argv = [sys.executable, "-c", _TCP_RING]
+    procs = [tb.popen(h, pinned([*argv, str(i), ips, "5599", str(size), str(rounds)], i if pin else None),
                       stdout=subprocess.PIPE, text=True) for i, h in enumerate(hosts)]  # fmt: skip
     times = []
     for p in procs:
@@ -560,6 +631,7 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--runs", type=int, default=1, help="repetitions (codecs alternate within one)")
     g.add_argument("--set", action="append", default=[], help="hyper-parameter override for the peers")
     g.add_argument("--profile", type=Path, help="py-spy peer 1 into this file (collapsed stacks)")
+    g.add_argument("--pin", action="store_true", help="peer i on core i mod cores (taskset)")
     m = sub.add_parser("mesh", help="mesh inference tokens/s against its floor")
     m.add_argument("--rtt-ms", type=float, default=20.0, help="between any two hosts (default 20)")
     m.add_argument("--rate-mbit", type=float, default=500.0)
@@ -612,6 +684,7 @@ def main(argv: list[str] | None = None) -> int:
                             tuple(args.set),
                             sysctls=sysctls,
                             profile=args.profile and args.profile.with_suffix(f".{preset}.{codec}.txt"),
+                            pin=args.pin,
                         )
                     )
     elif args.what == "train":

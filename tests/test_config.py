@@ -30,6 +30,7 @@ def test_precedence_defaults_file_env_overrides(tmp_path):
         ({"log_level": "loud"}, "log_level"),
         ({"bogus": 1}, "unknown config keys"),
         ({"control_socket": "/tmp/" + "x" * 200}, "longer than"),
+        ({"read_lowat_max": -1}, "read_lowat_max"),
     ],
 )
 def test_invalid_values(kwargs, match):

@@ -29,6 +29,8 @@ def test_floors() -> None:
     assert b.wire_bytes(4 << 20, "fp16") == 8 << 20  # the codec that halves the bytes
     # 16 MiB to two neighbours over 200 Mbit/s, plus a 40 ms round trip
     assert b.gossip_floor_s(16 << 20, 2, 200, 40) == pytest.approx(2 * 16 * 1.048576 * 8 / 200 + 0.04)
+    # on a ring of 2 each peer's two neighbours are the same peer: one message each way
+    assert [b.ring_neighbours(n) for n in (2, 3, 4, 8)] == [1, 2, 2, 2]
 
 
 @needs_root
@@ -39,6 +41,18 @@ def test_gossip_round_smoke() -> None:
     assert r["rounds_measured"] == 3 * 2 and r["timeouts"] == 0
     assert r["median_round_s"] >= 0.010  # at least the link's round trip
     assert r["tcp_median_round_s"] is not None and r["tcp_median_round_s"] >= 0.005
+    assert r["io_per_mib_per_peer"]["read_waits"] > 0
+
+
+@needs_root
+def test_gossip_round_two_pinned_peers() -> None:
+    """Two peers, each on its own core: one neighbour each, so the floor is one message's wire time."""
+    r = _bench().gossip_round("metro", peers=2, numel=1 << 16, rounds=3, timeout=30, pin=True)
+    assert "error" not in r, r.get("error")
+    assert r["neighbours"] == 1 and r["pinned"]
+    assert r["floor_s"] == pytest.approx(r["message_mb"] * 8 / 500 + 0.010, abs=0.001)
+    assert r["rounds_measured"] == 2 * 2 and r["timeouts"] == 0
+    assert r["tcp_median_round_s"] is not None
 
 
 @needs_root

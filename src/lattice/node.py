@@ -146,6 +146,7 @@ class Node:
             stream_window=cfg.stream_window,
             stream_window_max=cfg.stream_window_max,
             noise_ciphers=cfg.noise_ciphers,
+            read_lowat_max=cfg.read_lowat_max,
         )
         self._stack = AsyncExitStack()
         await self._stack.__aenter__()

@@ -65,6 +65,10 @@ class HostConfig:
     stream_window_max: int = 16 * 1024 * 1024
     noise_ciphers: tuple[str, ...] = noise.TRANSPORT_CIPHERS  # offered beyond ChaChaPoly (Lattice peers)
     max_inbound_streams: int = 512
+    # while a large Yamux data frame arrives, a socket read waits (SO_RCVLOWAT) for up to this many of
+    # its bytes, never past the frame's end: on paced links a reader wakes per chunk, not per burst
+    # of packets (each wake-up costs Python in trio, Yamux and Noise); 0: off
+    read_lowat_max: int = 256 * 1024
     write_timeout: float = 30.0
     relay_delay: float = 0.3  # head start of direct addresses over relayed ones when dialing a peer
     # a dial by peer id asks the peer router (DHT) for fresh addresses once the known ones failed,
@@ -603,6 +607,7 @@ class Host:
             resources=self.resources,
             max_window=cfg.stream_window_max,
             rtt=functools.partial(tcp_rtt, secure.raw),
+            read_lowat_max=cfg.read_lowat_max,
         )
         session.traffic_in, session.traffic_out = self.traffic_in, self.traffic_out
         conn = Connection(session, secure.remote_peer, remote, local, "outbound" if outbound else "inbound")

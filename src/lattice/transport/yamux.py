@@ -528,8 +528,13 @@ class YamuxSession:
         max_queued_out: int = 4 * 1024 * 1024,
         max_window: int = 0,
         rtt: Callable[[], float | None] | None = None,
+        read_lowat_max: int = 0,
     ) -> None:
         self.secure = secure
+        # while a data frame is arriving, a socket read may wait for up to this many of its bytes
+        # (SO_RCVLOWAT, never past the frame's end: see SecureStream.pump); 0: wake on any byte
+        if hasattr(secure, "read_lowat_max"):
+            secure.read_lowat_max = read_lowat_max
         self.remote_peer = secure.remote_peer
         self.is_client = is_client
         self.window = max(window, INITIAL_WINDOW)
@@ -764,7 +769,7 @@ class YamuxSession:
                         self._initial = b""
                     pump = getattr(self.secure, "pump", None)
                     while pump is not None and not self.closed:
-                        if not await pump(self._feed_counted, self._place, self._placed):
+                        if not await pump(self._feed_counted, self._place, self._placed, self._sure):
                             self._terminate("connection closed by peer")
                             break
                         if self.paused:
@@ -826,6 +831,11 @@ class YamuxSession:
     def _feed_counted(self, chunk: bytearray) -> None:
         self.bytes_received += len(chunk)
         self._feed(chunk)
+
+    def _sure(self) -> int:
+        """Payload bytes of the data frame being received that are still to come: the peer has
+        committed to send them before anything else, so a read may wait for them."""
+        return self._data_left
 
     def _place(self, size: int) -> memoryview | bool | None:
         """A destination for the next ``size`` plaintext bytes if they are all payload of one
