@@ -342,14 +342,12 @@ def content_fetch(size: int = 256 << 20, runs: int = 1) -> dict[str, Any]:
             fetcher = daemons[4].info["control"]
             last: dict = {}
             for _ in range(runs):
-                for named, times in ((providers, seconds), (providers[:1], alone)):
+                # alone: no DHT lookup, or it finds the other three
+                for named, times, all_four in ((providers, seconds, True), (providers[:1], alone, False)):
                     t0 = time.perf_counter()
                     with Client(fetcher, timeout=900) as c:
-                        alone_ = named is not providers  # alone: no DHT, or it finds the other three
-                        for item in c.stream(
-                            "content.get", cid=cid, providers=named, pin=False, discover=not alone_
-                        ):
-                            if named is providers:
+                        for item in c.content.get(cid, providers=named, pin=False, discover=all_four):
+                            if all_four:
                                 last = item
                     times.append(time.perf_counter() - t0)
                     with Client(fetcher) as c:

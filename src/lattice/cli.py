@@ -808,14 +808,12 @@ def cmd_add(args: argparse.Namespace) -> int:
 
 def cmd_get(args: argparse.Namespace) -> int:
     """Fetch with a progress bar (providers, rate, ETA) fed by the daemon's progress items."""
+    from lattice.errors import ConfigError
+
     _check_cid(args.cid)
     if args.output and os.path.isdir(args.output):
-        from lattice.errors import ConfigError
-
         raise ConfigError(f"{args.output} is a directory: give a file name")
     if not args.discover and not args.providers:
-        from lattice.errors import ConfigError
-
         raise ConfigError("--only-providers needs at least one --provider")
     with _client(args, timeout=600.0) as client:  # finding providers and a manifest may take minutes
         items = client.content.get(

@@ -374,9 +374,7 @@ class RPC:
         slots = self._slots.get(peer_id)
         if slots is None:
             slots = self._slots[peer_id] = FairSemaphore(self.config.max_inflight_per_peer)
-        if slots.value:
-            slots.value -= 1  # uncontended: no scheduler round trip
-        else:
+        if not slots.try_acquire():  # uncontended: no scheduler round trip
             await slots.acquire()
         return slots
 

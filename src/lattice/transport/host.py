@@ -94,7 +94,7 @@ class Connection:
     probe: bool = False
     ip: str | None = None  # the remote IP of a direct connection (what its budgets count against)
     muxer_in_handshake: bool = False  # Yamux agreed inside the Noise handshake (no multistream round trip)
-    cipher: str = "ChaChaPoly"  # of the Noise transport messages (AESGCM between Lattice nodes)
+    cipher: str = noise.CHACHAPOLY  # of the Noise transport messages (AESGCM between Lattice nodes)
 
     @property
     def closed(self) -> bool:

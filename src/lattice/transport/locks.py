@@ -76,11 +76,17 @@ class FairSemaphore:
         self._waiting = 0
         self._lot = ParkingLot()
 
+    def try_acquire(self) -> bool:
+        """Take a slot if one is free (no checkpoint, no exception on the fast path)."""
+        if not self.value:
+            return False
+        self.value -= 1
+        return True
+
     def acquire_nowait(self) -> None:
         """Take a slot, or raise trio.WouldBlock."""
-        if not self.value:
+        if not self.try_acquire():
             raise trio.WouldBlock
-        self.value -= 1
 
     async def acquire(self) -> None:
         """Take a slot (a checkpoint, as trio.Semaphore.acquire)."""

@@ -349,23 +349,24 @@ class XXHandshake:
     def complete(self) -> bool:
         return self._step == 3
 
+    def _by_role(
+        self, mine: tuple[str, ...], theirs: tuple[str, ...]
+    ) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """(the initiator's list, the responder's list) of ours and the peer's."""
+        return (mine, theirs) if self.initiator else (theirs, mine)
+
     @property
     def muxer(self) -> str | None:
         """The stream muxer agreed in the handshake (once complete), or None: multistream-select
         negotiates it on the secured channel as before."""
-        if self.initiator:
-            return negotiated_muxer(self.muxers, self.remote_muxers)
-        return negotiated_muxer(self.remote_muxers, self.muxers)
+        return negotiated_muxer(*self._by_role(self.muxers, self.remote_muxers))
 
     @property
     def cipher(self) -> str:
         """The transport messages' cipher (once complete): the first of the initiator's offered
         ciphers the responder offered too, else the spec's ChaChaPoly."""
-        mine, theirs = self.ciphers, self.remote_ciphers
-        for name in mine if self.initiator else theirs:
-            if name in (theirs if self.initiator else mine):
-                return name
-        return CHACHAPOLY
+        initiator, responder = self._by_role(self.ciphers, self.remote_ciphers)
+        return next((name for name in initiator if name in responder), CHACHAPOLY)
 
     def split(self) -> tuple[CipherState, CipherState]:
         """(send, receive) cipher states once the three messages are done."""
