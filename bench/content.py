@@ -12,7 +12,8 @@ complete and fsync'ed); the fetched copy is dropped (gc) between runs. One JSON 
   memory into memory, and end to end as a get moves them (`sendfile` from the file, written to a
   file through the page cache or with O_DIRECT, fsync'ed; "to_disk" is the faster of the two);
   rpc_64mib_down: our RPC, 64 MiB calls, provider to fetcher (`rpc.bench`): what the transport does
-- one_provider / four_providers: MiB/s (medians of --runs, alternated with plain TCP)
+- one_provider / four_providers: MiB/s (medians of --runs, alternated with plain TCP); one provider
+  is asked with discover=False (the DHT knows all four and a get would use them)
 - receiver_rss: the fetcher's RSS above idle, peak while fetching (sampled every 20 ms)
 - corrupt_provider: a provider serving random bytes (tests/attacks/content.py) beside an honest one:
   dropped, named in bad_providers, the result bitwise right
@@ -160,13 +161,26 @@ def same_bytes(a: Path, b: Path) -> bool:
     return a.stat().st_size == b.stat().st_size and digest(a) == digest(b)
 
 
-def get(fetcher: dict, cid: str, providers: list[str], output: Path | None = None, on_item=None) -> dict:
-    """One content.get through the fetcher's control socket; the last item, with "seconds"."""
+def get(
+    fetcher: dict,
+    cid: str,
+    providers: list[str],
+    output: Path | None = None,
+    on_item=None,
+    discover: bool = True,
+) -> dict:
+    """One content.get through the fetcher's control socket; the last item, with "seconds".
+    ``discover=False``: only ``providers`` serve it (the DHT is not asked for more)."""
     start = time.perf_counter()
     last: dict = {}
     with Client(fetcher["control"], timeout=600) as client:
         for item in client.stream(
-            "content.get", cid=cid, providers=providers, pin=False, output=str(output) if output else None
+            "content.get",
+            cid=cid,
+            providers=providers,
+            pin=False,
+            output=str(output) if output else None,
+            discover=discover,
         ):
             last = item
             if on_item is not None:
@@ -201,8 +215,8 @@ def transfers(args, fetcher, fetcher_proc, providers, cid, size, blob: Path, wor
                 client.rpc.bench(addrs[0], 64 * MIB, count=calls, direction="down")["mib_per_s"]
             )
         for name, provs in (("one_provider", addrs[:1]), ("four_providers", addrs)):
-            with RSSPeak(fetcher_proc.pid) as peak:
-                done = get(fetcher, cid, provs)
+            with RSSPeak(fetcher_proc.pid) as peak:  # one provider: only it (the DHT knows all four)
+                done = get(fetcher, cid, provs, discover=len(provs) > 1)
             assert done.get("done") and done["fetched"] == done["chunks"], done
             rows[name].append(size / MIB / done["seconds"])
             rss_above.append(peak.peak - idle)
