@@ -210,6 +210,42 @@ def test_a_partial_copies_only_unaligned_chunks_for_o_direct(tmp_path):
     store.close()
 
 
+def test_a_partial_writes_a_run_of_aligned_chunks_in_one_call_and_the_rest_one_by_one(tmp_path):
+    from lattice.codec.buffers import aligned_empty
+    from lattice.content.store import Store
+
+    store = Store(tmp_path / "store", 1 << 30)
+    store.open()
+    data = os.urandom(7 * CHUNK + 1000)  # 8 chunks, the last one short
+    cid = store.add_file(_write(tmp_path / "f", data), CHUNK)
+    raw = store.manifest_bytes(cid)
+    store.remove(cid)
+    partial = store.begin(cid, raw)
+
+    def chunk(index: int, offset: int = 0):
+        piece = memoryview(data)[index * CHUNK : (index + 1) * CHUNK]
+        buf = aligned_empty(len(piece) + offset)[offset:]
+        buf[:] = piece
+        return buf
+
+    calls = []
+    real = os.pwritev
+    os.pwritev = lambda fd, views, offset: calls.append(len(views)) or real(fd, views, offset)
+    try:  # 0-2 a run (given out of order), 3 unaligned, 5-6 a run, 7 short
+        given = [(2, chunk(2)), (0, chunk(0)), (1, chunk(1)), (3, chunk(3, 8)), (5, chunk(5)), (6, chunk(6))]
+        partial.write_verified([*given, (7, chunk(7))])
+    finally:
+        os.pwritev = real
+    assert list(partial.have) == [1, 1, 1, 1, 0, 1, 1, 1]
+    assert calls == ([3, 2] if partial.direct else [])  # without O_DIRECT (tmpfs) one by one
+    partial.write_verified([(4, chunk(4))])
+    assert partial.complete and partial.read(0, len(data)) == data
+    assert store.partial_paths(cid)[1].read_bytes()[:8] == bytes([1] * 8)  # what a resume trusts
+    store.finish(partial)
+    assert store.read_range(cid, 0, len(data)) == data
+    store.close()
+
+
 def _write(path: Path, data: bytes) -> Path:
     path.write_bytes(data)
     return path

@@ -393,12 +393,10 @@ class Fetch:
     def _store(self, items: list[Item]) -> list[bool]:
         """Verify and write chunks (in a worker thread: hashing and disk writes overlap the
         network); False for each that is not the chunk it claims to be."""
-        out = []
-        for index, data, _ in items:
-            ok = self.partial.verify(index, data)
-            if ok:
-                self.partial.write(index, data, verified=True)
-            out.append(ok)
+        out = [self.partial.verify(index, data) for index, data, _ in items]
+        self.partial.write_verified(
+            [(index, data) for (index, data, _), ok in zip(items, out, strict=True) if ok]
+        )
         return out
 
     def _bad(self, peer: str, reason: str) -> None:

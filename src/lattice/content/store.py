@@ -187,6 +187,61 @@ class Partial:
         os.pwrite(have_fd, b"\x01", index)
         self.have[index] = 1
 
+    def write_verified(self, chunks: list[tuple[int, bytes | memoryview | np.ndarray]]) -> None:
+        """Write chunks already verified, then mark them had. A run of consecutive whole chunks
+        that are page-aligned goes to disk in one ``pwritev`` (with ``O_DIRECT``: no bounce copy)
+        and is marked in one write: fewer system calls, and fewer hand-offs of the GIL between the
+        event loop and the worker thread writing (each call gives it up and takes it back)."""
+        m = self.manifest
+        run: list[tuple[int, memoryview]] = []
+        for index, data in sorted(chunks, key=lambda c: c[0]):
+            view = _bytes(data)
+            whole = self.direct and view.nbytes == m.chunk_size and address(view) % DIRECT_ALIGN == 0
+            if not whole:
+                self.write(index, view, verified=True)
+                continue
+            if run and run[-1][0] + 1 != index:
+                self._write_run(run)
+                run = []
+            run.append((index, view))
+        if run:
+            self._write_run(run)
+
+    def _write_run(self, run: list[tuple[int, memoryview]]) -> None:
+        """Consecutive whole, page-aligned chunks: one ``O_DIRECT`` ``pwritev``, one have-file write."""
+        _, have_fd = self._open()
+        first = run[0][0]
+        views = [view for _, view in run]
+        if len(views) == 1 or not self._pwritev_direct(views, self.manifest.chunk_range(first)[0]):
+            for index, view in run:
+                self.write(index, view, verified=True)
+            return
+        os.pwrite(have_fd, b"\x01" * len(run), first)
+        for index, _ in run:
+            self.have[index] = 1
+
+    def _pwritev_direct(self, views: list[memoryview], offset: int) -> bool:
+        """Write ``views`` back to back at ``offset`` with O_DIRECT; False: not done (write them
+        the plain way). A short write goes on from where it stopped."""
+        fd = self._direct_fd
+        if fd is None:
+            return False
+        try:
+            while views:
+                n = os.pwritev(fd, views, offset)
+                offset += n
+                while views and n >= views[0].nbytes:
+                    n -= views[0].nbytes
+                    views = views[1:]
+                if views and n:
+                    views = [views[0][n:], *views[1:]]  # a whole number of blocks was written
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            self.direct = False  # a file system that opens O_DIRECT but refuses these writes
+            return False
+        return True
+
     def read(self, start: int, end: int) -> bytes:
         """Bytes [start, end) of the object (their chunks must be had)."""
         fd, _ = self._open()
