@@ -395,6 +395,9 @@ async def _run_daemon(config, ready_file: str | None, enable_bench: bool = False
             print(f"metrics and web page: {info['http']}", flush=True)
         if ready_file:
             write_atomic(ready_file, json.dumps(info))
+        from lattice._allocator import keep_freed_memory  # after ready: ctypes is not on start-up's path
+
+        keep_freed_memory()  # a long-running daemon: the heap does not shrink and regrow per MiB moved
         await node.serve_until_stopped()
     remove_ready_file(ready_file)
     if node.fatal_error:  # the node stopped itself (e.g. its bootstrap peers are of another swarm)
