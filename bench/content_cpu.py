@@ -2,6 +2,7 @@
 
     python bench/content_cpu.py BASE_TREE BRANCH_TREE [--gets 8] [--size 256MiB]
     python bench/content_cpu.py --disk [--runs 5]
+    python bench/content_cpu.py --four [--pin] [--runs 3] [--size 1GiB]
 
 Each tree (a directory holding ``src/lattice``, e.g. ``git archive <rev> src | tar -x -C DIR``)
 gets its own provider and fetcher daemon (PYTHONPATH set per daemon); gets from one provider
@@ -13,6 +14,12 @@ are printed when the tree has them.
 ``--disk``: the fetcher's disk path alone, in this process (this tree): CPU per MiB of an
 ``O_DIRECT`` write from a page-aligned buffer vs through the bounce copy, and of verify + write
 with one worker-thread hop per chunk vs per batch of 4.
+
+``--four``: this tree's gets from one provider (``discover=False``) and from four, alternated, each
+with MiB/s and the CPU per MiB of the providers (summed) and of the fetcher: on one 2-core machine
+the four provider processes compete with the fetcher for its cores. ``--pin`` puts every thread of
+the fetcher on CPU 0 and the providers on CPU 1 (``sched_setaffinity``), as if each side had a
+machine of its own.
 """
 
 from __future__ import annotations
@@ -111,6 +118,66 @@ def trees(args) -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
+def pin(pid: int, cpu: int) -> None:
+    """Every thread of process ``pid`` (worker threads are started later: pinned too, they inherit)."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        os.sched_setaffinity(int(tid), {cpu})
+
+
+def four(args) -> None:
+    from content import get
+
+    size = parse_size(args.size, "--size")
+    work = Path(tempfile.mkdtemp(prefix="content-four-"))
+    blob = work / "blob"
+    with open(blob, "wb") as fh:
+        for _ in range(size // MIB):
+            fh.write(os.urandom(MIB))
+    providers: list = []
+    fetcher = None
+    try:
+        providers = [start_daemon(work, f"p{i}") for i in range(4)]
+        fetcher, finfo, _ = start_daemon(work, "fetcher")
+        if args.pin:
+            pin(fetcher.pid, 0)
+            for proc, _, _ in providers:
+                pin(proc.pid, 1)
+        addrs = [info["addrs"][0] for _, info, _ in providers]
+        for _, info, _ in providers:
+            with Client(info["control"], timeout=600) as client:
+                cid = client.content.add(str(blob))["cid"]
+        rows: dict[str, list[tuple[float, float, float]]] = {"one": [], "four": []}
+        for _ in range(args.runs):
+            for name, named in (("one", addrs[:1]), ("four", addrs)):
+                before = [cpu_s(p.pid) for p, _, _ in providers], cpu_s(fetcher.pid)
+                done = get(finfo, cid, named, discover=len(named) > 1)
+                with Client(finfo["control"]) as client:
+                    client.content.gc()
+                spent = sum(cpu_s(p.pid) for p, _, _ in providers) - sum(before[0])
+                mib = size / MIB
+                rows[name].append(
+                    (mib / done["seconds"], spent / mib * 1e3, (cpu_s(fetcher.pid) - before[1]) / mib * 1e3)
+                )
+        for name, runs in rows.items():
+            emit(
+                "content_cpu",
+                "lattice",
+                f"{name}_provider{'s' if name == 'four' else ''}_mib_per_s",
+                [r for r, _, _ in runs],
+                providers_cpu_ms_per_mib=round(statistics.median(p for _, p, _ in runs), 2),
+                fetcher_cpu_ms_per_mib=round(statistics.median(f for _, _, f in runs), 2),
+                pinned=args.pin,
+                size_mib=size // MIB,
+                load=round(os.getloadavg()[0], 1),
+            )
+    finally:
+        for proc, _, _ in providers:
+            stop(proc)
+        if fetcher is not None:
+            stop(fetcher)
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def disk(args) -> None:
     import numpy as np
     import trio
@@ -194,10 +261,14 @@ def main() -> None:
     parser.add_argument("--size", default="256MiB")
     parser.add_argument("--disk", action="store_true", help="the fetcher's disk path alone (this tree)")
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--four", action="store_true", help="one provider against four (this tree)")
+    parser.add_argument("--pin", action="store_true", help="--four: fetcher on CPU 0, providers on CPU 1")
     parser.add_argument("--dir", default=None, help="--disk: where to write (a file system with O_DIRECT)")
     args = parser.parse_args()
     if args.disk:
         disk(args)
+    elif args.four:
+        four(args)
     elif args.trees:
         trees(args)
     else:
