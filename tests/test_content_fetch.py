@@ -11,7 +11,7 @@ import pytest
 import trio
 
 from lattice import Node, NodeConfig
-from lattice.content import Content, ContentConfig, ContentNotFound
+from lattice.content import Content, ContentConfig, ContentNotFound, FetchLimits
 from lattice.content.protocol import CHUNKS, MANIFEST
 from lattice.dht.service import DHT
 from lattice.rpc import RPC
@@ -160,10 +160,11 @@ async def test_metadata_fetches_only_the_header_of_a_safetensors_file(tmp_path, 
         await b.content.metadata(await a.content.add(b"plain bytes"), providers=[a.addrs[0]])
 
 
-def rogue_services(i: int, behaviour: dict):
-    """Node 0 is a rogue provider (RPC and DHT only, its own content handlers); others are honest."""
+def rogue_services(i: int, behaviour: dict, config: ContentConfig | None = None):
+    """Node 0 is a rogue provider (RPC and DHT only, its own content handlers); others are honest
+    (with ``config`` if given)."""
     if i != 0:
-        return None
+        return all_services(config)
     rpc = RPC()
 
     async def manifest(payload, ctx):
@@ -178,14 +179,19 @@ def rogue_services(i: int, behaviour: dict):
     return [rpc, DHT()]
 
 
-@pytest.mark.parametrize("attack", ["oversized", "corrupt"])
+@pytest.mark.parametrize(
+    ("attack", "hash_on_loop_cpus"),
+    [("oversized", 2), ("corrupt", 0), ("corrupt", 1 << 16)],  # corrupt: hashed in threads, on the loop
+)
 async def test_a_provider_sending_oversized_or_corrupt_chunks_is_dropped_and_the_result_is_right(
-    tmp_path, nursery, attack
+    tmp_path, nursery, attack, hash_on_loop_cpus
 ):
     behaviour: dict = {}
+    fetch = FetchLimits(hash_on_loop_cpus=hash_on_loop_cpus)
     rogue, honest, fetcher = await start_nodes(
-        tmp_path, nursery, 3, services=lambda i: rogue_services(i, behaviour)
+        tmp_path, nursery, 3, services=lambda i: rogue_services(i, behaviour, ContentConfig(fetch=fetch))
     )
+    assert fetcher.content.config.fetch.hash_on_loop_cpus == hash_on_loop_cpus
     data = os.urandom(8 * CHUNK)
     cid = await honest.content.add(data, chunk_size=CHUNK)
     behaviour["manifest"] = honest.content.store.manifest_bytes(cid)
@@ -256,8 +262,6 @@ async def test_a_provider_answers_a_request_for_many_chunks_it_lacks(tmp_path, n
 async def test_chunks_are_verified_and_written_a_batch_per_worker_thread_call(tmp_path, nursery):
     """A worker-thread hop costs ~0.15-0.2 ms of CPU: chunks go to the writer threads in batches
     (``write_batch``), not one hop per chunk; every chunk is still verified and the bytes are right."""
-    from lattice.content import FetchLimits
-
     config = ContentConfig(fetch=FetchLimits(write_batch=4, write_linger=1.0))
     a, b = await start_nodes(tmp_path, nursery, 2, services=lambda i: all_services(config))
     data = os.urandom(64 * CHUNK)
@@ -304,8 +308,6 @@ async def _peak_requests(provider, done: trio.Event) -> int:
 async def test_a_worker_asks_for_its_next_batch_before_the_current_one_ends(tmp_path, nursery):
     """The link does not idle between batches: with one worker per provider, its next request is
     already being served while the last chunks of the current one arrive (``request_ahead``)."""
-    from lattice.content import FetchLimits
-
     fetch = FetchLimits(requests_per_provider=1, max_batch=4, request_ahead=2)
     config = ContentConfig(fetch=fetch, serve_peer_rate=float(8 << 20))  # ~0.5 s for 64 chunks
     a, b = await start_nodes(tmp_path, nursery, 2, services=lambda i: all_services(config))
@@ -329,8 +331,6 @@ async def test_a_worker_asks_for_its_next_batch_before_the_current_one_ends(tmp_
 async def test_a_provider_refusing_requests_asked_ahead_still_serves_the_whole_fetch(tmp_path, nursery):
     """A provider that serves one request per peer refuses the one asked ahead (busy, not a
     failure): the worker then asks one at a time, the provider is not dropped, the bytes are right."""
-    from lattice.content import FetchLimits
-
     config = ContentConfig(fetch=FetchLimits(requests_per_provider=1, max_batch=4), serve_peer_requests=1)
     a, b = await start_nodes(tmp_path, nursery, 2, services=lambda i: all_services(config))
     data = os.urandom(64 * CHUNK)

@@ -31,6 +31,10 @@ class FetchLimits:
     write_queue: int = 32
     write_batch: int = 4  # a request's chunks go to a worker thread (one hop for all) once this many wait
     write_linger: float = 0.05  # a batch not full is written this long after its first chunk came
+    # with at most this many CPUs to run on, chunks are hashed on the event loop and only written by
+    # a worker thread: handing the GIL to a hashing thread and back, core to core, cost more than
+    # hashing in parallel gained (2 cores: +8-11 % MiB/s, bench/content_cpu.py); 0: always in threads
+    hash_on_loop_cpus: int = 2
     max_providers: int = 8  # providers used at once
     request_timeout: float = 30.0  # one request (a batch of chunks); then its chunks go elsewhere
     endgame_copies: int = 2  # copies of a chunk raced at the end

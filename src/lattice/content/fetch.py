@@ -5,8 +5,9 @@ workers per provider, each running one ``content.chunks`` request (a server-stre
 time and asking for its next one while the last ``request_ahead`` chunks of the current one are on
 their way (the link does not idle between batches). Every chunk is checked against the hash its
 manifest names before it is written; a provider that sends a wrong chunk, a chunk it was not asked
-for or a malformed reply is dropped at once and reported (``on_bad``). Hashing and writing run in
-worker threads while the next chunks arrive, a few chunks per thread hop (``write_batch``).
+for or a malformed reply is dropped at once and reported (``on_bad``). Writing (and, on machines
+with more than ``hash_on_loop_cpus`` CPUs, hashing) runs in worker threads while the next chunks
+arrive, a few chunks per thread hop (``write_batch``).
 Receiver memory is bounded: each request's replies are limited to one chunk (``max_reply``,
 checked before anything is allocated), at most twice ``requests_per_provider`` requests per
 provider and ``max_requests`` in all are in flight, and at most ``write_queue`` chunks wait to be
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -38,6 +40,12 @@ Discover = Callable[[], Awaitable[list[tuple[str, str]]]]
 
 
 Item = tuple[int, Any, float]  # a chunk received: (index, bytes, when it arrived)
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one)."""
+    getaffinity = getattr(os, "sched_getaffinity", None)
+    return len(getaffinity(0)) if getaffinity is not None else os.cpu_count() or 1
 
 
 class WriteBatch:
@@ -149,6 +157,7 @@ class Fetch:
         self._nursery: trio.Nursery | None = None
         self._last_progress = 0.0
         self._disk = trio.CapacityLimiter(2)  # worker threads hashing and writing chunks
+        self.hash_on_loop = usable_cpus() <= limits.hash_on_loop_cpus  # else hashed by the workers
         self._write_queue = trio.Semaphore(limits.write_queue)  # chunks received, not yet written
         self._batches: set[WriteBatch] = set()  # of the requests in flight
         self._reported: set[str] = set()  # providers found bad
@@ -364,13 +373,20 @@ class Fetch:
             await self._write(peer, rid, items)
 
     async def _write(self, peer: str, rid: int, items: list[Item]) -> None:
-        """Verify and write chunks (one worker-thread call), then count them. Shielded: a chunk on
-        disk is always counted, even if its request was cancelled meanwhile."""
+        """Verify and write chunks (one worker-thread call; verified before it on the event loop
+        with ``hash_on_loop``), then count them. Shielded: a chunk on disk is always counted, even
+        if its request was cancelled meanwhile."""
         sched = self.sched
         self.write_calls += 1
         try:
-            with trio.CancelScope(shield=True):
-                stored = await trio.to_thread.run_sync(self._store, items, limiter=self._disk)
+            if self.hash_on_loop:  # a few chunks (write_batch) at a time: ~0.25 ms of the loop each
+                stored = [self.partial.verify(index, data) for index, data, _ in items]
+                good = [(index, data) for (index, data, _), ok in zip(items, stored, strict=True) if ok]
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(self.partial.write_verified, good, limiter=self._disk)
+            else:
+                with trio.CancelScope(shield=True):
+                    stored = await trio.to_thread.run_sync(self._store, items, limiter=self._disk)
         finally:
             for _ in items:
                 self._write_queue.release()
