@@ -376,7 +376,9 @@ def content_fetch(size: int = 256 << 20, runs: int = 1) -> dict[str, Any]:
         "one_provider_runs_s": [round(x, 2) for x in alone],
         "one_provider_mib_per_s": round(size / (1 << 20) / statistics.median(alone), 1),
         "last_item": {
-            k: v for k, v in last.items() if k in ("bytes", "chunks", "providers", "bad_providers")
+            k: v
+            for k, v in last.items()
+            if k in ("bytes", "chunks", "providers", "bad_providers", "duplicates", "per_provider")
         },
         "load_avg_1m": round(os.getloadavg()[0], 2),
     }

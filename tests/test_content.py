@@ -207,6 +207,29 @@ def test_scheduler_endgame_races_a_few_chunks_from_the_tail():
     assert s.request("c", 0.1)[1] == [30, 14]
 
 
+def test_the_endgame_races_only_chunks_a_provider_would_bring_sooner_than_their_holders():
+    """A copy that loses the race wastes the fetcher's downlink: once rates are known, a fast idle
+    provider races a slow holder's chunks, not those a fast holder is about to deliver."""
+    s = Scheduler(
+        range(12), lambda i: CHUNK, CHUNK, max_batch=8, first_batch=2, target_seconds=1.0, endgame_batch=4
+    )
+    rates = {"fast": 0.01, "slow": 1.0, "other": 0.01}  # seconds per chunk
+    for peer, per_chunk in rates.items():  # one measured chunk each
+        rid, (first, *_others) = s.request(peer, 0.0)
+        s.arrived(rid, first)
+        s.completed(rid, first, per_chunk)
+        s.finish(rid)  # its other chunk goes back to the pool
+    _, slow = s.request("slow", 1.0)  # 1 chunk (a second of it)
+    _, other = s.request("other", 1.0)  # the other 8: 10 ms each
+    assert len(slow) == 1 and len(other) == 8
+    _, raced = s.request("fast", 1.0)  # nothing pending: the endgame, latest due first
+    assert raced == [slow[0], other[7], other[6], other[5]]
+    _, raced = s.request("fast", 1.0)
+    assert raced == [other[4], other[3], other[2], other[1]]
+    assert s.request("fast", 1.0) is None  # other's next chunk comes in 10 ms: no copy wasted on it
+    assert s.request("fast", 1.05)[1] == [other[0]]  # but other went silent for 50 ms: raced
+
+
 def test_scheduler_duplicates_lacks_and_failures():
     s = Scheduler(range(2), lambda i: CHUNK, CHUNK, first_batch=2, max_failures=2)
     rid, _ = s.request("a", 0.0)

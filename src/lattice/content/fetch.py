@@ -163,8 +163,12 @@ class Fetch:
         self._reported: set[str] = set()  # providers found bad
 
     # -- driving
-    async def run(self, providers: list[tuple[str, str]], discover: Discover | None = None) -> None:
-        """Fetch every wanted chunk; ContentNotFound if the providers cannot supply them."""
+    async def run(
+        self, providers: list[tuple[str, str]], discover: Discover | None = None, discover_now: bool = False
+    ) -> None:
+        """Fetch every wanted chunk; ContentNotFound if the providers cannot supply them.
+        ``discover`` finds more providers every ``discover_interval`` (first at once with
+        ``discover_now``); None: only ``providers``."""
         self.started = trio.current_time()
         if self.sched.complete:
             self._progress(final=True)
@@ -174,7 +178,7 @@ class Fetch:
             for peer, target in providers:
                 self.add_provider(peer, target)
             if discover is not None:
-                nursery.start_soon(self._discover_loop, discover)
+                nursery.start_soon(self._discover_loop, discover, discover_now)
             stuck_since: float | None = None
             while not self.sched.complete:
                 stuck = self.sched.stuck()
@@ -208,9 +212,11 @@ class Fetch:
         self._notify()
         return True
 
-    async def _discover_loop(self, discover: Discover) -> None:
+    async def _discover_loop(self, discover: Discover, now: bool = False) -> None:
         while True:
-            await trio.sleep(self.limits.discover_interval)
+            if not now:
+                await trio.sleep(self.limits.discover_interval)
+            now = False
             if len(self.sched.active()) >= self.limits.max_providers:
                 continue
             try:

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import heapq
+import math
 from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
 
@@ -119,7 +120,7 @@ class Scheduler:
         n = self.batch_size(prov)
         chosen = self._take_pending(prov, n)
         if not chosen:
-            chosen = self._endgame(prov, n)
+            chosen = self._endgame(prov, n, now)
         if not chosen:
             return None
         self._next_rid += 1
@@ -146,23 +147,38 @@ class Scheduler:
             heapq.heappush(heap, i)
         return chosen
 
-    def _endgame(self, prov: Provider, n: int) -> list[int]:
+    def _endgame(self, prov: Provider, n: int, now: float) -> list[int]:
         """Chunks in flight at others to race: the ones they will deliver last (a request's chunks
         arrive in order, so the highest indices), a few at a time (``endgame_batch``): with large
         batches everything is in flight long before the end, and racing whole requests from their
-        head doubled the bytes moved (46 duplicates in 128 chunks from 5 providers)."""
+        head doubled the bytes moved (46 duplicates in 128 chunks from 5 providers). Once both rates
+        are measured, only a chunk this provider would bring sooner than its holders is raced: a
+        copy that loses wastes the fetcher's downlink, which one fast provider may fill alone. A
+        holder silent for twice its time per chunk counts as unknown (it may have stalled)."""
         mine = {i for r in self.requests.values() if r.peer == prov.peer for i in r.outstanding}
         due: dict[int, int] = {}  # chunk -> how many chunks its holder sends before it
+        eta: dict[int, float] = {}  # chunk -> seconds until a holder delivers it (inf: rate unknown)
         for r in self.requests.values():
+            holder = self.providers[r.peer]
+            rate = holder.rate
+            if rate > 0 and now - max(holder.last, r.started) > 2 * self.chunk_size / rate:
+                rate = 0.0  # late: stalled, or slower than measured
             for place, i in enumerate(j for j in r.asked if j in r.outstanding):
                 due[i] = min(due.get(i, place), place)
+                eta[i] = min(
+                    eta.get(i, math.inf), (place + 1) * self.chunk_len(i) / rate if rate > 0 else math.inf
+                )
         racing = [
-            (len(rids), -due.get(i, 0), -i)
+            (len(rids), -eta.get(i, math.inf), -due.get(i, 0), -i)
             for i, rids in self.holders.items()
-            if rids and i not in mine and i not in prov.lacks and len(rids) < self.endgame_copies
+            if rids
+            and i not in mine
+            and i not in prov.lacks
+            and len(rids) < self.endgame_copies
+            and (prov.rate <= 0 or self.chunk_len(i) / prov.rate < eta.get(i, math.inf))
         ]
         racing.sort()
-        return [-i for _, _, i in racing[: min(n, self.endgame_batch)]]
+        return [-i for *_, i in racing[: min(n, self.endgame_batch)]]
 
     def arrived(self, rid: int, index: int) -> str:
         """A chunk arrived on request ``rid``: UNEXPECTED (not asked, or twice: a protocol violation),

@@ -379,10 +379,19 @@ class Content:
             try:
                 if store.state(cid) == COMPLETE:
                     return
-                candidates = await self._providers(cid, providers, discover)
+                # named providers start at once and the DHT's join as they are found (a lookup
+                # takes a few RTTs); with none named the lookup is all there is
+                named_first = bool(providers) and discover
+                candidates = await self._providers(cid, providers, discover and not named_first)
                 raw = store.manifest_bytes(cid)
                 if raw is None:
-                    raw = await self._find_manifest(cid, candidates)
+                    try:
+                        raw = await self._find_manifest(cid, candidates)
+                    except ContentNotFound:
+                        if not named_first:
+                            raise
+                        candidates = await self._providers(cid, providers)  # and the DHT's
+                        raw = await self._find_manifest(cid, candidates)
                 if max_size is not None:
                     size = Manifest.decode(raw, self.config.max_manifest).size
                     if size > max_size:
@@ -401,7 +410,11 @@ class Content:
                 )
                 self.fetches[key] = fetch
                 try:
-                    await fetch.run(candidates, lambda: self._providers(cid, None))
+                    await fetch.run(
+                        candidates,
+                        (lambda: self._providers(cid, None)) if discover else None,  # only the named
+                        discover_now=named_first,
+                    )
                     if partial.complete:
                         await trio.to_thread.run_sync(store.finish, partial)
                 finally:
