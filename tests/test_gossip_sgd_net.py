@@ -80,6 +80,20 @@ async def test_exchange_mixes_dedups_and_renormalizes_over_the_rpc(tmp_path):
                 nursery.start_soon(one, i, 0)
         for r in results:  # a ring of 3 is the full graph: MH weights 1/3
             torch.testing.assert_close(r.mix("x"), torch.full((1, 5), 1.0))
+        # with a codec, our own row as the neighbours decode it is there when asked (decoded then)
+        third = torch.tensor([[1 / 3] * 5])
+        fp16 = [None] * 3
+
+        async def coded(i):
+            fp16[i] = await gossips[i].exchange(0, Send("h", {"h": third + i}, codecs={"h": "fp16"}))
+
+        async with trio.open_nursery() as nursery:
+            for i in range(3):
+                nursery.start_soon(coded, i)
+        for i, r in enumerate(fp16):
+            assert "h" not in r.decoded_own  # not decoded before sending: nothing asked for it
+            torch.testing.assert_close(r.sent("h"), (third + i).half().float())
+            torch.testing.assert_close(r.own["h"], third + i)  # mixed exact (self_exact)
         # a replay of a delivered message is never applied twice; an old round is refused
         payload = {"run": "t", "round": 0, "phase": "p", "tensors": {"x": values[1][0].numpy()}}
         assert await b.rpc.call(a.peer_id, METHOD, payload, timeout=5) == "duplicate"
