@@ -62,13 +62,19 @@ def one_get(pair: dict, cid: str, size: int) -> tuple[float, float, float]:
     return (cpu_s(prov) - c0p) / mib * 1e3, (cpu_s(fetch) - c0f) / mib * 1e3, mib / seconds
 
 
-def trees(args) -> None:
-    size = parse_size(args.size, "--size")
-    work = Path(tempfile.mkdtemp(prefix="content-cpu-"))
+def random_blob(prefix: str, size: int) -> tuple[Path, Path]:
+    """A fresh work directory and a file of ``size`` random bytes in it."""
+    work = Path(tempfile.mkdtemp(prefix=prefix))
     blob = work / "blob"
     with open(blob, "wb") as fh:
         for _ in range(size // MIB):
             fh.write(os.urandom(MIB))
+    return work, blob
+
+
+def trees(args) -> None:
+    size = parse_size(args.size, "--size")
+    work, blob = random_blob("content-cpu-", size)
     pairs: list[dict] = []
     env = os.environ.get("PYTHONPATH")
     try:
@@ -128,11 +134,7 @@ def four(args) -> None:
     from content import get
 
     size = parse_size(args.size, "--size")
-    work = Path(tempfile.mkdtemp(prefix="content-four-"))
-    blob = work / "blob"
-    with open(blob, "wb") as fh:
-        for _ in range(size // MIB):
-            fh.write(os.urandom(MIB))
+    work, blob = random_blob("content-four-", size)
     providers: list = []
     fetcher = None
     try:

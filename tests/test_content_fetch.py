@@ -91,17 +91,25 @@ async def test_a_get_limited_to_the_named_providers_asks_no_one_else(tmp_path, n
     assert a.content.counters["chunks_served"] == 4 and b.content.counters["chunks_served"] == 0
 
 
-async def test_a_long_get_from_named_providers_only_never_adds_the_dhts(tmp_path, nursery):
-    """``discover=False`` holds for the whole fetch, not only its start (the periodic discovery
-    once added the DHT's providers after ``discover_interval``)."""
-    config = ContentConfig(serve_peer_rate=256 << 10, fetch=FetchLimits(discover_interval=0.05))
+async def two_slow_providers(tmp_path, nursery, discover_interval: float):
+    """Nodes a and b provide the same 8 chunks, served at 256 KiB/s per peer, and c's DHT names
+    both; c fetches with ``discover_interval``. Returns (a, b, c, cid, data)."""
+    config = ContentConfig(serve_peer_rate=256 << 10, fetch=FetchLimits(discover_interval=discover_interval))
     a, b, c = await start_nodes(tmp_path, nursery, 3, services=lambda i: all_services(config))
-    data = os.urandom(8 * CHUNK)  # 512 KiB at 256 KiB/s from a: ~2 s, 40 discovery intervals
+    data = os.urandom(8 * CHUNK)
     cid = await a.content.add(data, chunk_size=CHUNK)
     assert await b.content.add(data, chunk_size=CHUNK) == cid
     with trio.fail_after(10):
         while len(await c.dht.find_providers(b"/lattice/content/" + cid.to_bytes())) < 2:
             await trio.sleep(0.05)
+    return a, b, c, cid, data
+
+
+async def test_a_long_get_from_named_providers_only_never_adds_the_dhts(tmp_path, nursery):
+    """``discover=False`` holds for the whole fetch, not only its start (the periodic discovery
+    once added the DHT's providers after ``discover_interval``)."""
+    # 512 KiB at 256 KiB/s from a: ~2 s, 40 discovery intervals
+    a, b, c, cid, data = await two_slow_providers(tmp_path, nursery, discover_interval=0.05)
     with trio.fail_after(20):
         path = await c.content.get(cid, providers=[a.addrs[0]], discover=False, pin=False)
     assert path.read_bytes() == data
@@ -112,14 +120,7 @@ async def test_named_providers_start_at_once_and_the_dhts_join_as_found(tmp_path
     """With providers named and discovery on, the fetch does not wait for the DHT lookup: it starts
     with the named one and adds the DHT's as soon as the lookup answers (not a discovery interval
     later)."""
-    config = ContentConfig(serve_peer_rate=256 << 10, fetch=FetchLimits(discover_interval=600))
-    a, b, c = await start_nodes(tmp_path, nursery, 3, services=lambda i: all_services(config))
-    data = os.urandom(8 * CHUNK)
-    cid = await a.content.add(data, chunk_size=CHUNK)
-    assert await b.content.add(data, chunk_size=CHUNK) == cid
-    with trio.fail_after(10):
-        while len(await c.dht.find_providers(b"/lattice/content/" + cid.to_bytes())) < 2:
-            await trio.sleep(0.05)
+    a, b, c, cid, data = await two_slow_providers(tmp_path, nursery, discover_interval=600)
     with trio.fail_after(20):
         path = await c.content.get(cid, providers=[a.addrs[0]], pin=False)
     assert path.read_bytes() == data
