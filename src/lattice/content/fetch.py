@@ -388,8 +388,9 @@ class Fetch:
             if self.hash_on_loop:  # a few chunks (write_batch) at a time: ~0.25 ms of the loop each
                 stored = [self.partial.verify(index, data) for index, data, _ in items]
                 good = [(index, data) for (index, data, _), ok in zip(items, stored, strict=True) if ok]
-                with trio.CancelScope(shield=True):
-                    await trio.to_thread.run_sync(self.partial.write_verified, good, limiter=self._disk)
+                if good:  # (all bad: the provider is dropped below, nothing to write)
+                    with trio.CancelScope(shield=True):
+                        await trio.to_thread.run_sync(self.partial.write_verified, good, limiter=self._disk)
             else:
                 with trio.CancelScope(shield=True):
                     stored = await trio.to_thread.run_sync(self._store, items, limiter=self._disk)
