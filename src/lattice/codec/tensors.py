@@ -11,6 +11,7 @@ Torch is optional and never imported unless a torch tensor is sent or requested.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -182,7 +183,7 @@ def parse(doc: bytes, max_payload: int) -> tuple[Any, list[TensorSpec]]:
         raise
     except Exception as exc:
         raise PayloadError(f"malformed message document: {exc}") from None
-    total = sum([s.nbytes for s in specs]) if specs else 0
+    total = total_nbytes(specs)
     if total > max_payload:
         raise PayloadError(f"tensors total {total} bytes, over the limit of {max_payload}")
     return value, specs
@@ -245,6 +246,12 @@ def finish(value: Any, as_torch: bool | None = None, max_bytes: int | None = Non
         return arr
 
     return _map(value, lambda obj: build(obj) if isinstance(obj, TensorSpec) else obj)
+
+
+def total_nbytes(items: Sequence[Any]) -> int:
+    """Bytes of a message's buffers or tensor specs (``nbytes`` each; no generator for the empty
+    list of a small call)."""
+    return sum([item.nbytes for item in items]) if items else 0
 
 
 def message_bytes(specs: list[TensorSpec]) -> int:

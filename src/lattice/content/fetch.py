@@ -386,8 +386,7 @@ class Fetch:
         self.write_calls += 1
         try:
             if self.hash_on_loop:  # a few chunks (write_batch) at a time: ~0.25 ms of the loop each
-                stored = [self.partial.verify(index, data) for index, data, _ in items]
-                good = [(index, data) for (index, data, _), ok in zip(items, stored, strict=True) if ok]
+                stored, good = self._verify(items)
                 if good:  # (all bad: the provider is dropped below, nothing to write)
                     with trio.CancelScope(shield=True):
                         await trio.to_thread.run_sync(self.partial.write_verified, good, limiter=self._disk)
@@ -416,11 +415,14 @@ class Fetch:
     def _store(self, items: list[Item]) -> list[bool]:
         """Verify and write chunks (in a worker thread: hashing and disk writes overlap the
         network); False for each that is not the chunk it claims to be."""
-        out = [self.partial.verify(index, data) for index, data, _ in items]
-        self.partial.write_verified(
-            [(index, data) for (index, data, _), ok in zip(items, out, strict=True) if ok]
-        )
+        out, good = self._verify(items)
+        self.partial.write_verified(good)
         return out
+
+    def _verify(self, items: list[Item]) -> tuple[list[bool], list[tuple[int, Any]]]:
+        """Whether each chunk is the one it claims to be, and the (index, bytes) of those that are."""
+        oks = [self.partial.verify(index, data) for index, data, _ in items]
+        return oks, [(index, data) for (index, data, _), ok in zip(items, oks, strict=True) if ok]
 
     def _bad(self, peer: str, reason: str) -> None:
         """Drop a provider that sent what it should not have; reported once (more of its chunks may

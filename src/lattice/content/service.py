@@ -382,7 +382,7 @@ class Content:
                 # named providers start at once and the DHT's join as they are found (a lookup
                 # takes a few RTTs); with none named the lookup is all there is
                 named_first = bool(providers) and discover
-                candidates = await self._providers(cid, providers, discover and not named_first)
+                candidates = await self._providers(cid, providers, discover=discover and not providers)
                 raw = store.manifest_bytes(cid)
                 if raw is None:
                     try:

@@ -116,7 +116,7 @@ async def send(
 def encoded_size(encoded: tuple[bytes, list]) -> int:
     """Bytes of a value encoded by ``tensors.encode``: its document and its tensors."""
     doc, buffers = encoded
-    return len(doc) + (sum([b.nbytes for b in buffers]) if buffers else 0)
+    return len(doc) + tensors.total_nbytes(buffers)
 
 
 def small_message(
@@ -129,7 +129,7 @@ def small_message(
 ) -> bytes:
     """One whole message (payload of at most ``SMALL`` bytes) as bytes, for a single write."""
     doc, buffers = encoded
-    n = sum([b.nbytes for b in buffers]) if buffers else 0
+    n = tensors.total_nbytes(buffers)
     head = encode_header(kind, doc, n, method=method, last=last, call_id=call_id)
     if not n:  # no payload, no checksum
         return head
@@ -141,7 +141,7 @@ def small_message(
 
 async def _send(stream, kind, encoded, prefix, last, fin, method, call_id) -> None:
     doc, buffers = encoded
-    n = sum([b.nbytes for b in buffers]) if buffers else 0
+    n = tensors.total_nbytes(buffers)
     if n <= SMALL:  # one write: atomic with respect to other writers of the stream (fast lane)
         data = small_message(kind, encoded, method=method, last=last, call_id=call_id)
         if prefix:
@@ -275,7 +275,7 @@ def _check_header(header: Any, max_payload: int) -> Message | tuple:
     if not isinstance(doc, bytes):
         raise PayloadError("value document must be bytes")
     value, specs = tensors.parse(doc, max_payload)
-    if (sum([s.nbytes for s in specs]) if specs else 0) != n:
+    if tensors.total_nbytes(specs) != n:
         raise PayloadError("declared payload size does not match the tensors")
     return kind, call_id, n, method, value, specs, last
 
