@@ -246,6 +246,24 @@ def test_a_partial_writes_a_run_of_aligned_chunks_in_one_call_and_the_rest_one_b
     store.close()
 
 
+@pytest.mark.parametrize(("chunk", "slots"), [(4 << 20, 8), (1 << 20, 32), (64 << 10, 32)])
+def test_the_write_queue_holds_at_most_as_many_mib_as_chunks(tmp_path, chunk, slots):
+    """32 waiting chunks of 4 MiB would be 128 MiB of receiver memory: large chunks get fewer slots."""
+    from lattice.content import FetchLimits
+    from lattice.content.fetch import Fetch
+    from lattice.content.store import Store
+
+    store = Store(tmp_path / "store", 1 << 30)
+    store.open()
+    cid = store.add_file(_write(tmp_path / "f", os.urandom(chunk + 1)), chunk)
+    raw = store.manifest_bytes(cid)
+    store.remove(cid)
+    partial = store.begin(cid, raw)
+    assert Fetch(None, partial, FetchLimits(write_queue=32)).write_slots == slots
+    store.release(partial)
+    store.close()
+
+
 def _write(path: Path, data: bytes) -> Path:
     path.write_bytes(data)
     return path

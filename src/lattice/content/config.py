@@ -25,7 +25,8 @@ class FetchLimits:
     request_ahead: int = 2
     max_requests: int = 16  # ... and to all of them (receiver memory: about this many chunks + windows)
     max_batch: int = 16  # chunks one request asks for, at most (fewer from slow providers)
-    # chunks received and waiting to be verified and written (receiver memory). 32, not 8: with 8 a
+    # chunks received and waiting to be verified and written, and at most as many MiB (receiver
+    # memory: chunks larger than 1 MiB get fewer slots). 32, not 8: with 8 a
     # hiccup of the two disk workers filled it, stopped the reader and made batches small (twice the
     # thread hops); 32 took a 1 GiB get from 512 to 594 MiB/s and -15 % fetcher CPU (bench/content_cpu.py)
     write_queue: int = 32

@@ -158,7 +158,10 @@ class Fetch:
         self._last_progress = 0.0
         self._disk = trio.CapacityLimiter(2)  # worker threads hashing and writing chunks
         self.hash_on_loop = usable_cpus() <= limits.hash_on_loop_cpus  # else hashed by the workers
-        self._write_queue = trio.Semaphore(limits.write_queue)  # chunks received, not yet written
+        # chunks received, not yet written: at most write_queue of them and write_queue MiB (32 chunks
+        # of 4 MiB would hold 128 MiB)
+        self.write_slots = max(1, min(limits.write_queue, (limits.write_queue << 20) // m.chunk_size))
+        self._write_queue = trio.Semaphore(self.write_slots)
         self._batches: set[WriteBatch] = set()  # of the requests in flight
         self._reported: set[str] = set()  # providers found bad
 
