@@ -19,6 +19,7 @@ import msgpack
 
 from lattice._lazy import lazy_module
 from lattice.codec.buffers import recycled
+from lattice.codec.packing import pack_plain
 from lattice.codec.shapes import MAX_DIMS, checked_nbytes
 from lattice.errors import PayloadError
 
@@ -130,6 +131,10 @@ def encode(value: Any, codec: str | None = None) -> tuple[bytes, list[memoryview
         )
 
     try:
+        try:
+            return pack_plain(value), buffers  # plain values: no arrays, no tensors
+        except TypeError:
+            pass
         doc = msgpack.packb(value, default=default, use_bin_type=True, strict_types=False)
     except (TypeError, ValueError, OverflowError) as exc:
         if isinstance(exc, PayloadError):

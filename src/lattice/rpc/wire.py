@@ -21,6 +21,7 @@ from typing import Any
 import msgpack
 
 from lattice.codec import tensors
+from lattice.codec.packing import pack_plain
 from lattice.errors import PayloadError, StreamError
 from lattice.transport.stream import Stream
 
@@ -78,7 +79,7 @@ def encode_header(
         header["t"] = error_type
     if error_message is not None:
         header["e"] = error_message
-    body = msgpack.packb(header, use_bin_type=True)
+    body = pack_plain(header)
     return _U32.pack(len(body)) + body
 
 

@@ -103,12 +103,10 @@ def _hkdf2(chaining_key: bytes, ikm: bytes) -> tuple[bytes, bytes]:
     return out1, out2
 
 
-def _nonce(n: int) -> bytes:
-    return b"\0\0\0\0" + n.to_bytes(8, "little")
-
-
-def _nonce_be(n: int) -> bytes:
-    return b"\0\0\0\0" + n.to_bytes(8, "big")  # Noise's AESGCM nonce: a big-endian counter
+# Nonces: 4 zero bytes and the 64-bit counter, little-endian for ChaCha20-Poly1305 and big-endian for
+# AES-GCM (Noise's rule); one struct call per message, no Python function around it.
+_nonce = struct.Struct("<4xQ").pack
+_nonce_be = struct.Struct(">4xQ").pack
 
 
 class CipherState:
