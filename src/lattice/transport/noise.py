@@ -151,7 +151,7 @@ class CipherState:
         if self.n >= self._next_rekey:
             self._rekey()
 
-    def decrypt_into(self, ciphertext: memoryview, out: memoryview) -> None:
+    def decrypt_into(self, ciphertext: memoryview, out: bytearray | memoryview) -> None:
         if self.n >= _MAX_NONCE:
             raise ProtocolError("noise nonce exhausted")
         try:
@@ -592,7 +592,8 @@ class SecureStream:
     async def _wait_readable(self, fd: socket.socket, sure: int = 0) -> None:
         self._release()  # no pooled buffer is held while waiting
         self.read_waits += 1
-        if self.read_lowat_max or self._lowat != 1:
+        if self._lowat != 1 or (self.read_lowat_max and (sure or self._rend - self._rstart >= 2)):
+            # (at a frame boundary with nothing sure, the mark is 1: no call for the common wait)
             lowat = read_lowat(self._rbuf, self._rstart, self._rend, sure, self.read_lowat_max)
             if lowat != self._lowat:
                 try:
@@ -669,6 +670,17 @@ class SecureStream:
         so a partial frame is not copied out and back in on every read."""
         buf = self._rbuf
         pos, end = self._rstart, self._rend
+        if end - pos >= 2:  # the common small message: exactly one whole frame, nothing to place
+            length = (buf[pos] << 8) | buf[pos + 1]
+            if end - pos == 2 + length and TAG_LEN <= length < _PLACE_MIN:
+                out = bytearray(length - TAG_LEN)
+                with memoryview(buf) as src:
+                    self._recv.decrypt_into(src[pos + 2 : end], out)
+                feed(out)
+                self._rstart = self._rend = 0
+                if not keep:
+                    self._release()
+                return True
         first = pos
         dec = self._recv
         batch: list[tuple[int, int]] = []  # frames decrypted together into one fed buffer

@@ -453,21 +453,23 @@ class YamuxStream:
     def _on_data(self, data: memoryview) -> None:
         if self._error is not None:
             return
-        if len(data) > self._recv_window:
-            raise ProtocolError(f"peer overran the stream window ({len(data)} > {self._recv_window})")
+        size = len(data)
+        if size > self._recv_window:
+            raise ProtocolError(f"peer overran the stream window ({size} > {self._recv_window})")
         sink = self._sink
         if sink is not None and not self._buf:  # a piece not in whole Noise frames: copy it
-            take = min(len(data), len(sink) - self._sink_pos)
+            take = min(size, len(sink) - self._sink_pos)
             sink[self._sink_pos : self._sink_pos + take] = data[:take]
             self._on_placed(take)
-            if take == len(data):
+            if take == size:
                 return
             data = data[take:]
-        self._recv_window -= len(data)
-        self.received += len(data)
-        self.session.traffic_in[self.protocol] += len(data)
+            size -= take
+        self._recv_window -= size
+        self.received += size
+        self.session.traffic_in[self.protocol] += size
         self._buf.append(data)
-        self._buf_len += len(data)
+        self._buf_len += size
         hook = self.on_data
         if hook is not None and hook():
             return
@@ -867,9 +869,17 @@ class YamuxSession:
 
     def _feed(self, chunk: bytes | bytearray) -> None:
         """Parse frames from ``chunk``; large data frames are delivered (as views) as they arrive."""
+        n = len(chunk)
+        if n > HEADER_LEN and not self._data_left and not self._hdr_buf:
+            # the common small message: the chunk is one whole data frame, no flags, for an open stream
+            version, ftype, flags, stream_id, length = _HDR.unpack_from(chunk, 0)
+            if n == HEADER_LEN + length and ftype == TYPE_DATA and not flags and not version:
+                stream = self._streams.get(stream_id)
+                if stream is not None and length <= self.window:
+                    stream._on_data(memoryview(chunk)[HEADER_LEN:])  # the chunk holds this frame only
+                    return
         view = memoryview(chunk)
         pos = 0
-        n = len(view)
         while pos < n:
             if self._data_left:
                 take = min(self._data_left, n - pos)
