@@ -53,3 +53,15 @@ def test_threads_never_share_a_packer() -> None:
     for t in threads:
         t.join()
     assert errors == []
+
+
+def test_packing_again_from_inside_a_pack_uses_another_packer() -> None:
+    class Items(dict):  # a dict subclass whose items() runs Python code that packs
+        def items(self):  # type: ignore[override]
+            inner.append(pack_plain({"inner": [1, 2, 3]}))
+            return super().items()
+
+    inner: list[bytes] = []
+    value = {"outer": Items(a=1, b="x")}
+    assert pack_plain(value) == msgpack.packb({"outer": {"a": 1, "b": "x"}}, use_bin_type=True)
+    assert inner == [msgpack.packb({"inner": [1, 2, 3]}, use_bin_type=True)]

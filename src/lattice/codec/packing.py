@@ -25,8 +25,14 @@ _spare = _Spare()
 def pack_plain(value: Any) -> bytes:
     """``value`` packed as ``msgpack.packb(value, use_bin_type=True)`` would (tuples as arrays);
     TypeError for anything msgpack cannot pack by itself (arrays, tensors: the caller's
-    ``default`` path). No Python code runs inside, so one packer per thread is never re-entered."""
-    packer = _spare.packer
+    ``default`` path). The packer is taken while it packs: Python code run from inside (a dict
+    subclass's ``items``) that packs again gets a packer of its own."""
+    spare = _spare
+    packer = spare.packer
     if packer is None:
-        packer = _spare.packer = msgpack.Packer(use_bin_type=True, autoreset=True)
-    return packer.pack(value)
+        packer = msgpack.Packer(use_bin_type=True, autoreset=True)
+    spare.packer = None
+    try:
+        return packer.pack(value)
+    finally:
+        spare.packer = packer
