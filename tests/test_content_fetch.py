@@ -60,7 +60,9 @@ async def test_get_finds_providers_in_the_dht_and_then_provides_itself(tmp_path,
             await trio.sleep(0.05)
     path = await b.content.get(cid)  # no provider named: the DHT says who has it
     assert path.read_bytes() == data
-    assert a.content.counters["chunks_served"] == 4 and b.content.counters["chunks_fetched"] == 4
+    # (split, with the counters in the message: a rare "5 == 4" here was seen once in a full run)
+    assert b.content.counters["chunks_fetched"] == 4, b.content.counters
+    assert a.content.counters["chunks_served"] == 4, (a.content.counters, b.content.counters)
     await a.content.unpin(str(cid))
     await a.content.gc()  # a no longer has it; b announced it after its get
     assert a.content.store.state(cid) is None
@@ -72,7 +74,8 @@ async def test_get_finds_providers_in_the_dht_and_then_provides_itself(tmp_path,
                 break
             except ContentNotFound:  # b's announcement may still be on its way
                 await trio.sleep(0.1)
-    assert out.read_bytes() == data and b.content.counters["chunks_served"] == 4
+    assert out.read_bytes() == data
+    assert b.content.counters["chunks_served"] == 4, (b.content.counters, c.content.counters)
     status = await c.content.status()
     assert status["store"]["objects"] == 1 and status["objects"][0]["pinned"]
 
