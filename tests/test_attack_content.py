@@ -19,9 +19,23 @@ MIB = 1 << 20
 @pytest.fixture
 def daemons(tmp_path):
     """A provider holding a 16 MiB blob (1 MiB chunks), and a fetcher connected to it."""
+    yield from _pair(tmp_path, LOOPBACK)
+
+
+@pytest.fixture
+def slow_provider_daemons(tmp_path):
+    """The same with the provider serving 4 MiB/s per peer: a rogue beside it delivers its chunks
+    first, so the fetcher checks them (a bad copy that loses the race to a good one is never
+    checked, and its sender never caught: nothing of it is kept either way)."""
+    config = tmp_path / "slow.toml"
+    config.write_text("[node.content]\nserve_peer_rate = 4194304\n")
+    yield from _pair(tmp_path, [*LOOPBACK, "--config", str(config)])
+
+
+def _pair(tmp_path, provider_args: list[str]):
     started = []
     try:
-        provider = start_daemon(tmp_path, "provider", LOOPBACK)
+        provider = start_daemon(tmp_path, "provider", provider_args)
         started.append(provider)
         fetcher = start_daemon(tmp_path, "fetcher", [*LOOPBACK, "--bootstrap", provider.info["addrs"][0]])
         started.append(fetcher)
@@ -40,8 +54,10 @@ def fetch(daemon, cid: str, output, providers: list[str]) -> dict:
 
 
 @pytest.mark.parametrize("mode", ["corrupt", "oversized", "unasked"])
-async def test_a_rogue_provider_is_dropped_and_the_fetch_is_bitwise_right(tmp_path, daemons, mode):
-    provider, fetcher, cid, data = daemons
+async def test_a_rogue_provider_is_dropped_and_the_fetch_is_bitwise_right(
+    tmp_path, slow_provider_daemons, mode
+):
+    provider, fetcher, cid, data = slow_provider_daemons
     out = tmp_path / "out.bin"
     got = await attack.rogue_provider(
         fetcher.info["control"], provider.info["addrs"][0], cid, mode, str(out), tmp_path / "rogue"
