@@ -78,7 +78,8 @@ def _name(preset: str | Preset) -> str:
     return preset if isinstance(preset, str) else preset.name
 
 
-def _start(tb: WanTestbed, work: Path, host: str, *extra: str) -> Daemon:
+def start_host(tb: WanTestbed, work: Path, host: str, *extra: str) -> Daemon:
+    """A daemon listening on testbed host ``host`` (its own namespace), started with ``extra`` flags."""
     args = ["--listen", f"/ip4/{tb.ip(host)}/tcp/{PORT}", "--log-level", "warning", *extra]
     return start_daemon(work, host, args, testbed=tb, host=host, timeout=60)
 
@@ -138,8 +139,8 @@ def _rpc(tb: WanTestbed, work: Path, src: str, dst: str, runs: int, gib: bool, w
          flags: tuple[str, ...]) -> None:  # fmt: skip
     """Our figures between daemons in ``src`` and ``dst`` started with ``flags``, as ``system``."""
     rate, rtt = where["rate_mbit"], where["rtt_ms"]
-    a = _start(tb, work, src, "--enable-bench", *flags)
-    b = _start(tb, work, dst, "--enable-bench", *flags)
+    a = start_host(tb, work, src, "--enable-bench", *flags)
+    b = start_host(tb, work, dst, "--enable-bench", *flags)
     try:
         with Client(a.info["control"], timeout=1800) as client:  # long transfers on slow links
             peer = b.info["addrs"][0]
@@ -215,12 +216,12 @@ def bench_dht(preset: str | Preset, nodes: int, ops: int, seed: int, system: str
         exempt = json.dumps(["127.0.0.1", "::1", *(tb.ip(h) for h in hosts)])
         config.write_text(f"[node]\n{node_keys}\n[node.resources]\nexempt_ips = {exempt}\n")
         flags = ("--config", str(config))
-        daemons = [_start(tb, Path(tmp), hosts[0], *flags)]
+        daemons = [start_host(tb, Path(tmp), hosts[0], *flags)]
         boot = daemons[0].info["addrs"][0]
         try:
             with ThreadPoolExecutor(4) as pool:
                 daemons += pool.map(
-                    lambda h: _start(tb, Path(tmp), h, "--bootstrap", boot, *flags), hosts[1:]
+                    lambda h: start_host(tb, Path(tmp), h, "--bootstrap", boot, *flags), hosts[1:]
                 )
             clients = [Client(d.info["control"], timeout=120) for d in daemons]
             want = min(nodes - 1, 20)

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from wan import _start
+from wan import start_host
 
 from lattice import Client
 from lattice.testing.wan import WanTestbed
@@ -39,8 +39,8 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp, WanTestbed(["a", "b"], args.preset) as tb:
         rtt = tb.rtt_ms("a", "b")
-        a = _start(tb, Path(tmp), "a", "--enable-bench")
-        b = _start(tb, Path(tmp), "b", "--enable-bench")
+        a = start_host(tb, Path(tmp), "a", "--enable-bench")
+        b = start_host(tb, Path(tmp), "b", "--enable-bench")
         try:
             peer = b.info["addrs"][0]
             with Client(a.info["control"], timeout=1800) as client:

@@ -12,7 +12,8 @@ SRC = Path(__file__).resolve().parent.parent / "src" / "lattice"
 # Lowest first; a module may import its own layer and the ones below. The first matching prefix wins.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("base", ("lattice._version", "lattice.errors", "lattice._proto", "lattice._files", "lattice._lazy",
-              "lattice._allocator", "lattice.identity", "lattice.multiaddr", "lattice.codec")),
+              "lattice._allocator", "lattice.cpus", "lattice.identity", "lattice.multiaddr",
+              "lattice.codec")),
     ("transport", ("lattice.transport",)),
     ("nat", ("lattice.nat",)),
     ("services", ("lattice.service", "lattice.rpc", "lattice.dht", "lattice.pubsub", "lattice.crdt",

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -29,6 +28,7 @@ from lattice.content.config import FetchLimits
 from lattice.content.errors import ContentNotFound, PayloadError
 from lattice.content.schedule import DUPLICATE, UNEXPECTED, Scheduler
 from lattice.content.store import Partial
+from lattice.cpus import usable_cpus
 from lattice.errors import LatticeError
 from lattice.rpc.errors import RemoteError
 
@@ -40,12 +40,6 @@ Discover = Callable[[], Awaitable[list[tuple[str, str]]]]
 
 
 Item = tuple[int, Any, float]  # a chunk received: (index, bytes, when it arrived)
-
-
-def usable_cpus() -> int:
-    """CPUs this process may run on (its affinity mask where the OS has one)."""
-    getaffinity = getattr(os, "sched_getaffinity", None)
-    return len(getaffinity(0)) if getaffinity is not None else os.cpu_count() or 1
 
 
 class WriteBatch:

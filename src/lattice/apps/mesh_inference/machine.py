@@ -13,15 +13,12 @@ import os
 import tempfile
 from pathlib import Path
 
+from lattice.cpus import usable_cpus
+
 ENV_DIR = "LATTICE_MESH_RUNTIME_DIR"  # where the servers of this machine register (tests isolate it)
 
 
-def cores() -> int:
-    """The cores this process may run on (CPU affinity, e.g. a container's or taskset's)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
+cores = usable_cpus  # the cores this process may run on (CPU affinity, e.g. a container's)
 
 
 def threads_for(cores: int, servers: int) -> int:
